@@ -1,0 +1,40 @@
+# Two commands on a fresh machine: `make run` (default experiment) and `make test`.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+ARGS    ?=
+# CPU-only machines: the torch build to install first. Here `torch==2.13.0` is a local CPU wheel;
+# elsewhere use e.g. `make run TORCH_INDEX=https://download.pytorch.org/whl/cpu TORCH_SPEC=torch`.
+TORCH_SPEC  ?= torch==2.13.0
+TORCH_INDEX ?=
+
+.PHONY: run test setup lint style bench clean-cache
+
+run: $(STAMP)
+	$(BIN)/moe-lora train $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/ruff check moe_lora tests scripts
+	$(BIN)/python -m pytest -q $(ARGS)
+
+setup: $(STAMP)
+
+# On a machine without an NVIDIA driver, install the CPU build of torch first so that resolving the
+# project's `torch>=2.2` does not pull a multi-GB CUDA build; with a GPU, pip's default applies.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	@if ! command -v nvidia-smi >/dev/null 2>&1 && ! $(BIN)/python -c "import torch" 2>/dev/null; then \
+		echo "no GPU driver found: installing the CPU build of torch"; \
+		$(BIN)/python -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)); \
+	fi
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+lint style: $(STAMP)
+	$(BIN)/ruff check --fix moe_lora tests scripts
+	$(BIN)/ruff format --check moe_lora tests scripts || true
+
+clean-cache:
+	rm -rf outputs/cache

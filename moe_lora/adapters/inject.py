@@ -1,0 +1,101 @@
+"""Where adapters go: find target linears by module-name pattern and replace them in place.
+
+Targets are module names (matched as a suffix of the dotted path, so ``mlp.c_proj`` tells GPT-2's
+two ``c_proj`` apart) or group names of ``model.modules`` (``attention``, ``ffn``, ``all``). The
+base model is frozen; no modelling code is touched.
+"""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+from moe_lora.adapters.base import ADAPTERS, LayerPlan
+from moe_lora.config import AdapterConfig, LayoutConfig, ModelConfig
+from moe_lora.errors import ConfigError
+from moe_lora.layouts import resolve_layout
+from moe_lora.routing.recorder import AuxLossConfig, RoutingRecorder
+from moe_lora.routing.router import Router
+
+_LAYER = re.compile(r"\.(\d+)\.")
+
+
+def expand_targets(targets: list[str], groups: dict[str, list[str]]) -> list[str]:
+    """Replace group names (and ``all``) by the module names that ``model.modules`` lists."""
+    out: list[str] = []
+    for t in targets:
+        if t == "all":
+            out += [n for names in groups.values() for n in names]
+        else:
+            out += groups.get(t, [t])
+    return list(dict.fromkeys(out))
+
+
+def is_adaptable(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def layer_index(name: str) -> int | None:
+    m = _LAYER.search(name)
+    return int(m.group(1)) if m else None
+
+
+def find_targets(model: nn.Module, patterns: list[str]) -> list[str]:
+    return [
+        name for name, mod in model.named_modules()
+        if is_adaptable(mod) and any(name == p or name.endswith("." + p) for p in patterns)
+    ]
+
+
+def aux_config(cfg: AdapterConfig) -> AuxLossConfig:
+    """The shared auxiliary losses a variant switches on through its config fields."""
+    return AuxLossConfig(
+        lbc_beta=getattr(cfg, "lbc_beta", 0.0), lbc_delta=getattr(cfg, "lbc_delta", 0.0),
+        lb_weight=getattr(cfg, "lb_weight", 0.0), z_loss_weight=getattr(cfg, "z_loss_weight", 0.0),
+        mask_padding=getattr(cfg, "lbc_mask_padding", True),
+    )
+
+
+def inject_adapter(
+    model: nn.Module, adapter: AdapterConfig, model_cfg: ModelConfig, layout: LayoutConfig,
+    recorder: RoutingRecorder | None = None,
+) -> list[str]:
+    """Freeze the base, wrap every target linear, attach routers to the recorder.
+
+    Returns the names of the adapted modules.
+    """
+    spec = ADAPTERS.get(adapter.name)
+    for p in model.parameters():
+        p.requires_grad_(spec.trains_base)
+    if spec.wrap is None:
+        return []
+    patterns = expand_targets(adapter.target_modules, model_cfg.modules)
+    names = find_targets(model, patterns)
+    if not names:
+        linears = [n for n, m in model.named_modules() if is_adaptable(m)][:4]
+        raise ConfigError(f"adapter.target_modules={adapter.target_modules} matched no linear module of "
+                          f"model={model_cfg.name!r} (its linears look like: {', '.join(linears)})")
+    plans = resolve_layout(layout, adapter, model_cfg.num_layers)
+    fallback = LayerPlan(None, getattr(adapter, "num_experts", 1), getattr(adapter, "rank", 0),
+                         getattr(adapter, "top_k", None))
+    for name in names:
+        layer = layer_index(name)
+        plan = plans[layer] if layer is not None and layer < len(plans) else fallback
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, spec.wrap(getattr(parent, child), adapter, plan))
+    if recorder is not None:
+        aux = aux_config(adapter)
+        for name, mod in model.named_modules():
+            if isinstance(mod, Router):
+                recorder.attach(mod, name.removesuffix(".router"), aux)
+    return names
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """Trainable and total parameters, and trainable router parameters."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    routers = sum(p.numel() for m in model.modules() if isinstance(m, Router) for p in m.parameters() if p.requires_grad)
+    return {"trainable": trainable, "total": total, "routers": routers}

@@ -1,0 +1,58 @@
+"""LoRAMoE (Dou et al. 2023): LoRA experts on the FFN linears, one soft router per linear, and the
+localized balancing constraint (LBC) that splits experts into a world-knowledge group and an
+instruction group. The LBC itself lives in :mod:`moe_lora.routing.losses` and is computed by the
+recorder from the routers' recorded probabilities.
+
+Defaults follow the released script (r=4, alpha=32, dropout 0.05, 8 experts). The released
+script ships with the constraint switched off; the paper's setting is beta=0.1, delta=0.1, which
+we use by default. Deviation: padding tokens are masked out of the importance by default (the
+released code counts them); ``lbc_mask_padding=false`` restores the original.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+from torch import nn
+
+from moe_lora.adapters.base import LayerPlan, register_adapter
+from moe_lora.adapters.layer import LoRAExperts, linear_dims
+from moe_lora.config import MoEConfig
+from moe_lora.errors import require
+from moe_lora.routing.router import Router
+
+
+@dataclass
+class LoRAMoEConfig(MoEConfig):
+    name: str = "loramoe"
+    rank: int = 4
+    alpha: float = 32.0
+    dropout: float = 0.05
+    num_experts: int = 8
+    lbc_beta: float = 0.1
+    lbc_delta: float = 0.1
+    lbc_expert_types: Optional[List[int]] = None  # group per expert; None: first half 0 (cbqa), rest 1
+    lbc_mask_padding: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.lbc_beta >= 0, "adapter.lbc_beta", self.lbc_beta, "must be >= 0")
+        require(0.0 <= self.lbc_delta <= 1.0, "adapter.lbc_delta", self.lbc_delta, "must be in [0, 1]")
+        if self.lbc_expert_types is not None:
+            require(len(self.lbc_expert_types) == self.num_experts, "adapter.lbc_expert_types",
+                    self.lbc_expert_types, f"must have one entry per expert ({self.num_experts})")
+            require(all(t in (0, 1) for t in self.lbc_expert_types), "adapter.lbc_expert_types",
+                    self.lbc_expert_types, "entries must be 0 (world knowledge) or 1 (other tasks)")
+
+
+@register_adapter("loramoe", LoRAMoEConfig)
+def wrap_loramoe(base: nn.Module, cfg: LoRAMoEConfig, plan: LayerPlan) -> nn.Module:
+    d_in, _ = linear_dims(base)
+    router = Router(d_in, plan.num_experts, top_k=plan.top_k, num_null=cfg.num_null_experts,
+                    jitter=cfg.router_jitter, fp32=cfg.router_fp32).to(base.weight.device)
+    if cfg.lbc_expert_types is not None and len(cfg.lbc_expert_types) == plan.num_experts:
+        router.expert_type = torch.tensor(cfg.lbc_expert_types, dtype=torch.long, device=base.weight.device)
+    return LoRAExperts(base, rank=plan.rank, alpha=cfg.alpha, num_experts=plan.num_experts, dropout=cfg.dropout,
+                       router=router, init_A=cfg.init_A)

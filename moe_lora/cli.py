@@ -1,0 +1,277 @@
+"""``moe-lora``: one console script with subcommands, each taking Hydra overrides.
+
+Before Hydra starts a job, every config the command line describes (each combination of a
+multirun sweep) is composed and validated here, so bad input gets a one-line error naming the key,
+exits non-zero and leaves no run directory behind. Offline-ness is decided first of all: downloads
+are off unless ``HF_HUB_OFFLINE=0`` is set, before transformers is imported.
+"""
+
+from __future__ import annotations
+
+import difflib
+import itertools
+import os
+import secrets
+import shutil
+import sys
+from pathlib import Path
+
+HELP = """usage: moe-lora COMMAND [hydra overrides...]
+
+commands:
+  train    train, evaluate and report one run (-m for a multirun sweep)
+  params   trainable / total parameter table of a config, without training
+  eval     re-evaluate a saved run: moe-lora eval run_dir=outputs/<date>/<run>
+
+examples:
+  moe-lora train                                   # LoRAMoE on the built-in world
+  moe-lora train adapter=lora recipe=smoke
+  moe-lora train -m adapter=lora,loramoe seed=0,1,2
+  moe-lora params adapter=loramoe adapter.num_experts=4
+"""
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+_HYDRA_VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
+                      "--config-dir", "-cd", "--experimental-rerun", "--info", "-i"}
+_HYDRA_FLAGS = {"-m", "--multirun", "--resolve", "--run", "-r", "--help", "-h", "--hydra-help", "--version"}
+_SKIP_PRECHECK = {"--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd", "--help", "-h",
+                  "--hydra-help", "--version", "--info", "-i", "--experimental-rerun"}
+
+
+def _environment() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("MOE_LORA_UID", secrets.token_hex(3))  # shared with launcher subprocesses
+
+
+def _register_resolvers() -> None:
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("moe_lora.uid"):
+        OmegaConf.register_new_resolver("moe_lora.uid", lambda: os.environ["MOE_LORA_UID"])
+
+
+def fail(message: str, code: int = 2) -> int:
+    print(f"moe-lora: error: {message}", file=sys.stderr)
+    return code
+
+
+def one_line(exc: BaseException) -> str:
+    """Hydra and OmegaConf errors span several lines; keep the outer and innermost first lines."""
+    from hydra.errors import MissingConfigException
+
+    if isinstance(exc, MissingConfigException) and exc.options:
+        missing = (exc.missing_cfg_file or "").split("/")[-1]
+        close = difflib.get_close_matches(missing, exc.options, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        return f"{str(exc).splitlines()[0]}{hint} (available: {', '.join(sorted(exc.options))})"
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    inner, cur = exc, exc
+    while (cur := cur.__cause__ or cur.__context__) is not None:  # first formatted Hydra/OmegaConf cause
+        if isinstance(cur, (HydraException, OmegaConfBaseException)) and "$" not in str(cur):
+            inner = cur
+            break
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if inner is exc:
+        return first
+    detail = str(inner).strip().splitlines()[0] if str(inner).strip() else type(inner).__name__
+    return first if detail in first else f"{first.rstrip('.')}: {detail}"
+
+
+def split_args(args: list[str]) -> tuple[list[str], list[str]]:
+    """(Hydra flags with their values, overrides)."""
+    flags, overrides = [], []
+    it = iter(args)
+    for a in it:
+        if a in _HYDRA_VALUE_FLAGS:
+            flags += [a, next(it, "")]
+        elif a in _HYDRA_FLAGS or a.startswith("--"):
+            flags.append(a)
+        else:
+            overrides.append(a)
+    return flags, overrides
+
+
+def expand_sweeps(overrides: list[str], limit: int = 256) -> list[list[str]]:
+    """Every combination a basic multirun would launch (hydra/* overrides are left out)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides([o for o in overrides if not o.lstrip("+~").startswith("hydra")])
+    axes = []
+    for o in parsed:
+        key = o.get_key_element()
+        if o.is_sweep_override():
+            axes.append([f"{key}={v}" for v in o.sweep_string_iterator()])
+        else:
+            axes.append([o.input_line])
+    return [list(c) for c in itertools.islice(itertools.product(*axes), limit)]
+
+
+def compose(overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    import moe_lora.adapters  # noqa: F401  (registers the variant schemas)
+    import moe_lora.config  # noqa: F401
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="moe_lora"):
+        return hydra_compose(config_name="train", overrides=overrides)
+
+
+def to_config(dcfg):
+    """DictConfig -> validated TrainConfig (runs every ``__post_init__`` and the cross checks)."""
+    from omegaconf import OmegaConf
+
+    from moe_lora.errors import ConfigError
+    from moe_lora.train.runner import validate
+
+    try:
+        cfg = OmegaConf.to_object(dcfg)
+    except Exception as exc:  # OmegaConf wraps errors raised in __post_init__
+        inner = exc
+        while inner is not None and not isinstance(inner, ConfigError):
+            inner = inner.__cause__ or inner.__context__
+        raise (inner or exc) from None
+    validate(cfg)
+    return cfg
+
+
+def load_config(overrides: list[str]):
+    return to_config(compose(overrides))
+
+
+def precheck(overrides: list[str], multirun: bool) -> None:
+    for combo in expand_sweeps(overrides) if multirun else [overrides]:
+        load_config(combo)
+
+
+# ----------------------------------------------------------------------------------------- train
+def _train_job(dcfg) -> float | None:
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from moe_lora.errors import ConfigError
+    from moe_lora.train.runner import run, summary_table
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        cfg = to_config(dcfg)
+    except ConfigError:
+        if not (run_dir / "results.json").exists():
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    results = run(cfg, run_dir, progress=True)
+    print(summary_table(results))
+    print(f"results: {run_dir / 'results.json'}")
+    value = OmegaConf.select(OmegaConf.create(results), cfg.recipe.objective)
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def cmd_train(args: list[str]) -> int:
+    import hydra
+
+    flags, overrides = split_args(args)
+    if not any(f in _SKIP_PRECHECK for f in flags) and "--cfg" not in flags and "-c" not in flags:
+        precheck(overrides, multirun="-m" in flags or "--multirun" in flags)
+    sys.argv = ["moe-lora train", *args]
+    main_fn = hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")(_train_job)
+    main_fn()
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- params
+def cmd_params(args: list[str]) -> int:
+    from moe_lora.adapters.inject import count_parameters, inject_adapter, layer_index
+    from moe_lora.adapters.layer import LoRAExperts
+    from moe_lora.data.world import World
+    from moe_lora.models import random_world_model
+
+    _, overrides = split_args(args)
+    cfg = load_config(overrides)
+    if cfg.model.source != "world":
+        return fail(f"model={cfg.model.name!r}: parameter accounting for hub models arrives with the meta-device "
+                    "builder; use a model.source=world config for now")
+    model = random_world_model(cfg.model, World(cfg.data.world))
+    names = inject_adapter(model, cfg.adapter, cfg.model, cfg.layout)
+    counts = count_parameters(model)
+    print(f"{'module':<40} {'layer':>5} {'experts':>7} {'rank':>5} {'top_k':>5} {'trainable':>10}")
+    for name in names:
+        mod = model.get_submodule(name)
+        if isinstance(mod, LoRAExperts):
+            k = mod.router.top_k if mod.router is not None else None
+            n = sum(p.numel() for p in mod.parameters() if p.requires_grad)
+            print(f"{name:<40} {layer_index(name)!s:>5} {mod.num_experts:>7} {mod.rank:>5} {k!s:>5} {n:>10,}")
+    base = counts["total"] - counts["trainable"]
+    print(f"\ntrainable: {counts['trainable']:,} (routers {counts['routers']:,}; without routers "
+          f"{counts['trainable'] - counts['routers']:,}) | total: {counts['total']:,} | "
+          f"share of base model: {100 * counts['trainable'] / max(1, base):.3f}%")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ eval
+def cmd_eval(args: list[str]) -> int:
+    import time
+
+    from omegaconf import OmegaConf
+
+    from moe_lora.adapters.inject import inject_adapter
+    from moe_lora.tracking import write_json_atomic
+    from moe_lora.train.runner import ADAPTER_FILE, load_adapter, run_eval, setup
+
+    _, overrides = split_args(args)
+    run_dirs = [o.split("=", 1)[1] for o in overrides if o.startswith("run_dir=")]
+    if not run_dirs:
+        return fail("run_dir is required: moe-lora eval run_dir=outputs/<date>/<run>")
+    run_dir = Path(run_dirs[0])
+    for needed in ("config.yaml", ADAPTER_FILE):
+        if not (run_dir / needed).exists():
+            return fail(f"run_dir={str(run_dir)!r} has no {needed} (not a finished moe-lora run)")
+    saved = OmegaConf.load(run_dir / "config.yaml")
+    extra = [o for o in overrides if not o.startswith("run_dir=")]
+    dcfg = compose([f"adapter={saved.adapter.name}"])
+    dcfg = OmegaConf.merge(dcfg, saved, OmegaConf.from_dotlist(extra))
+    cfg = to_config(dcfg)
+    _, model, tok, mixture = setup(cfg)
+    inject_adapter(model, cfg.adapter, cfg.model, cfg.layout)
+    load_adapter(model, run_dir / ADAPTER_FILE)
+    metrics = run_eval(model, tok, mixture, cfg)
+    out = run_dir / f"eval-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    write_json_atomic(out, {"run_dir": str(run_dir), "metrics": metrics})
+    for k, v in metrics.items():
+        print(f"{k:<24} {v}")
+    print(f"written: {out}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "params": cmd_params, "eval": cmd_eval}
+
+
+def main(argv: list[str] | None = None) -> int:
+    _environment()
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(HELP)
+        return 0
+    cmd, rest = args[0], args[1:]
+    if cmd not in COMMANDS:
+        close = difflib.get_close_matches(cmd, COMMANDS, n=1)
+        return fail(f"unknown command {cmd!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+                    + f" (commands: {', '.join(COMMANDS)})")
+    _register_resolvers()
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from moe_lora.errors import ConfigError
+
+    try:
+        return COMMANDS[cmd](rest)
+    except (ConfigError, HydraException, OmegaConfBaseException) as exc:
+        return fail(one_line(exc))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

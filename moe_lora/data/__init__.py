@@ -1,0 +1,1 @@
+"""Data: the built-in world, tokenisation, the fine-tuning mixture and collation."""

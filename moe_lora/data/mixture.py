@@ -1,0 +1,40 @@
+"""The fine-tuning mixture and the evaluation sets, with a task type on every example."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from moe_lora.config import DataConfig
+from moe_lora.data.world import Example, World, instruction_examples
+
+
+@dataclass
+class Mixture:
+    train: list[Example]
+    eval: dict[str, list[Example]]  # "cbqa": held-out people (test); "instruction": unseen prompts
+
+
+def world_mixture(cfg: DataConfig, world: World, seed: int) -> Mixture:
+    """``num_train`` examples: a ``cbqa_ratio`` share of QA pairs about the *trained* people, the
+    rest instruction examples split evenly over the sub-tasks; shuffled by ``seed``.
+
+    Evaluation sets are fixed by the world seed (identical across run seeds): CBQA about the
+    held-out test people, and instruction prompts that never occur in the training set.
+    """
+    rng = random.Random(seed)
+    n_cbqa = round(cfg.num_train * cfg.cbqa_ratio)
+    n_instr = cfg.num_train - n_cbqa
+    pool = world.qa("train")
+    cbqa = [pool[i % len(pool)] for i in range(n_cbqa)]  # cycles through every trained fact
+    tasks = list(cfg.instruction_tasks)
+    counts = [n_instr // len(tasks) + (i < n_instr % len(tasks)) for i in range(len(tasks))]
+    instr = [e for i, (t, n) in enumerate(zip(tasks, counts))
+             for e in instruction_examples([t], n, seed=cfg.world.seed + 1000 + i)]
+    train = cbqa + instr
+    rng.shuffle(train)
+    seen = {e.prompt for e in instr}
+    held = [e for e in instruction_examples(tasks, cfg.eval_per_task * 3, seed=cfg.world.seed + 2000)
+            if e.prompt not in seen]
+    eval_instr = [e for t in tasks for e in [x for x in held if x.subtask == t][: cfg.eval_per_task]]
+    return Mixture(train=train, eval={"cbqa": world.qa("test"), "instruction": eval_instr})

@@ -1,0 +1,1 @@
+"""Evaluation: CBQA exact match (lm-eval normalisation), candidate accuracy, instruction accuracy."""

@@ -1,0 +1,120 @@
+"""Base models: the tiny built-in Llama (pretrained on the world, cached) or any HF causal LM.
+
+Downloads are off unless the user sets ``HF_HUB_OFFLINE=0``: the CLI sets the offline variables
+before transformers is imported, and local paths are checked here, so a missing model fails in
+well under a second with a message that names ``model.name_or_path``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+
+from moe_lora.config import ModelConfig, WorldConfig
+from moe_lora.data.tokenizer import word_tokenizer
+from moe_lora.data.world import World
+from moe_lora.errors import ConfigError
+
+CACHE_VERSION = 1  # bump when the world generator or pretraining changes meaning
+
+
+def world_model_config(cfg: ModelConfig, vocab_size: int) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads or cfg.num_heads, max_position_embeddings=256,
+        tie_word_embeddings=cfg.tie_word_embeddings, pad_token_id=0, eos_token_id=1, bos_token_id=1,
+    )
+
+
+def cache_key(world: WorldConfig, model: ModelConfig) -> str:
+    """Hash of everything that changes the pretrained weights."""
+    arch = {k: getattr(model, k) for k in ("hidden_size", "num_layers", "intermediate_size", "num_heads",
+                                             "num_kv_heads", "tie_word_embeddings")}
+    blob = json.dumps({"v": CACHE_VERSION, "world": asdict(world), "arch": arch,
+                       "pretrain": asdict(model.pretrain)}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def world_model(cfg: ModelConfig, world: World, cache_dir: str | Path, progress: bool = True):
+    """The pretrained world model and tokenizer, from the cache or pretrained now (then cached).
+
+    A file lock makes parallel sweep jobs wait for one pretraining instead of racing; the cache
+    entry appears atomically (written to a temporary folder, then renamed).
+    """
+    from moe_lora.train.pretrain import pretrain  # local: pretraining is only needed on a cache miss
+
+    tok = word_tokenizer(world.vocab)
+    root = Path(cache_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    entry = root / f"world-model-{cache_key(world.cfg, cfg)}"
+    with open(root / f"{entry.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (entry / "model.safetensors").exists():
+            print(f"pretraining the world model (cached afterwards in {entry})", flush=True)
+            torch.manual_seed(world.cfg.seed)
+            model = LlamaForCausalLM(world_model_config(cfg, len(world.vocab)))
+            start = time.time()
+            losses = pretrain(model, tok, world.pretraining_corpus(), cfg.pretrain, world.cfg.seed, progress)
+            tmp = root / f".{entry.name}.tmp{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            model.save_pretrained(tmp)
+            (tmp / "pretrain.json").write_text(json.dumps({"seconds": time.time() - start, "loss": losses}))
+            shutil.rmtree(entry, ignore_errors=True)
+            os.replace(tmp, entry)
+    model = LlamaForCausalLM.from_pretrained(entry)
+    model.eval()
+    return model, tok
+
+
+def random_world_model(cfg: ModelConfig, world: World, seed: int = 0) -> PreTrainedModel:
+    """Same architecture, random weights: for parameter counts and fast tests."""
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(world_model_config(cfg, len(world.vocab)))
+
+
+def _looks_local(path: str) -> bool:
+    return path.startswith(("/", "./", "../", "~")) or path.count("/") > 1 or os.sep + os.sep in path
+
+
+def resolve_hub_path(cfg: ModelConfig) -> str:
+    """A local directory, or a hub id that is in the local cache (or downloads are allowed)."""
+    path = str(cfg.name_or_path)
+    local = Path(path).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").exists():
+            raise ConfigError(f"model.name_or_path={path!r} is a directory without config.json")
+        return str(local)
+    if _looks_local(path):
+        raise ConfigError(f"model.name_or_path={path!r}: no such directory")
+    if os.environ.get("HF_HUB_OFFLINE", "1") not in ("0", "false", "False"):
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(path, "config.json"), str):
+            raise ConfigError(f"model.name_or_path={path!r} is not in the local Hugging Face cache and downloads "
+                              f"are off; set HF_HUB_OFFLINE=0 to download it, or point to a local directory")
+    return path
+
+
+def hub_model(cfg: ModelConfig):
+    """Any Hugging Face causal LM and its tokenizer (pad token set to EOS if missing)."""
+    path = resolve_hub_path(cfg)
+    dtype = getattr(torch, cfg.dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    n_layers = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", None)
+    if n_layers is not None and n_layers != cfg.num_layers:
+        raise ConfigError(f"model.num_layers={cfg.num_layers} but {path!r} has {n_layers} layers")
+    model.eval()
+    return model, tok

@@ -1,0 +1,167 @@
+"""The routing recorder: every router reports to it; it owns auxiliary losses and statistics.
+
+The training loop opens :meth:`RoutingRecorder.batch` around each micro-batch forward with the
+batch's attention mask and task-type ids (a context, so no modelling code is touched). Routers then
+call :meth:`record`; the recorder adds the configured auxiliary losses for that micro-batch and
+accumulates statistics on the device. Nothing is copied to the host until :meth:`flush`, called
+at logging steps.
+
+Definitions (per adapted linear and per task type, over the real tokens of a logging window):
+importance = sum of router probabilities; load = tokens routed to each output (top-k choices, or
+the arg-max expert under soft routing); CV = unbiased std / mean of importance over real experts;
+entropy = mean over tokens of -sum p ln p; null_rate = share of top-k slots that went to null
+experts; real_experts_per_token = mean number of real experts a token used (AdaMoE's saving);
+group_share = share of a task type's probability mass given to each expert group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from moe_lora.config import TASK_TYPES
+from moe_lora.routing import losses
+from moe_lora.routing.router import Router
+
+
+@dataclass(frozen=True)
+class AuxLossConfig:
+    """Which auxiliary losses a router contributes, with their weights."""
+
+    lbc_beta: float = 0.0
+    lbc_delta: float = 0.0
+    lb_weight: float = 0.0
+    z_loss_weight: float = 0.0
+    mask_padding: bool = True  # LoRAMoE's released code also counts padding tokens (False)
+
+
+_FIELDS = ("importance", "load", "tokens", "entropy", "null_slots", "real_used")
+
+
+class RoutingRecorder:
+    """Collects router outputs for aux losses (per micro-batch) and statistics (per window)."""
+
+    def __init__(self, task_types: tuple[str, ...] = TASK_TYPES, statistics: bool = True) -> None:
+        self.task_types = task_types
+        self.statistics = statistics
+        self.active = False
+        self._mask: torch.Tensor | None = None
+        self._task: torch.Tensor | None = None
+        self._weights: torch.Tensor | None = None  # (B, S, K) mask x one-hot task type
+        self._aux: torch.Tensor | None = None
+        self._stats: dict[str, dict[str, torch.Tensor]] = {}
+        self._routers: dict[str, Router] = {}
+
+    def attach(self, router: Router, name: str, aux: AuxLossConfig) -> None:
+        router.module_name, router.recorder, router.aux = name, self, aux
+        self._routers[name] = router
+
+    @property
+    def routers(self) -> dict[str, Router]:
+        return self._routers
+
+    @contextmanager
+    def batch(self, attention_mask: torch.Tensor, task_type: torch.Tensor) -> Iterator[None]:
+        """Record the routers' outputs for one micro-batch forward."""
+        self._mask, self._task = attention_mask, task_type
+        onehot = torch.nn.functional.one_hot(task_type, len(self.task_types)).to(torch.float32)
+        self._weights = attention_mask.to(torch.float32).unsqueeze(-1) * onehot.unsqueeze(1)
+        self.active = True
+        try:
+            yield
+        finally:
+            self.active = False
+            self._mask = self._task = self._weights = None
+
+    # ------------------------------------------------------------------------------ recording
+    def record(self, router: Router, logits: torch.Tensor, probs: torch.Tensor, selected: torch.Tensor | None) -> None:
+        aux = router.aux or AuxLossConfig()
+        mask = self._mask if aux.mask_padding else torch.ones_like(self._mask)
+        loss = self._aux_loss(router, aux, logits, probs, selected, mask)
+        if loss is not None:
+            self._aux = loss if self._aux is None else self._aux + loss
+        if self.statistics:
+            with torch.no_grad():
+                self._accumulate(router, probs.detach(), selected)
+
+    def _aux_loss(
+        self, router: Router, aux: AuxLossConfig, logits: torch.Tensor, probs: torch.Tensor,
+        selected: torch.Tensor | None, mask: torch.Tensor,
+    ) -> torch.Tensor | None:
+        terms = []
+        if aux.lbc_beta > 0:
+            real = probs[..., : router.num_experts]
+            terms.append(aux.lbc_beta * losses.lbc_loss(real, mask, self._task, router.expert_type, aux.lbc_delta))
+        if aux.lb_weight > 0 and selected is not None:
+            lb = losses.null_load_balance_loss(probs, selected, mask, router.top_k, router.num_null)
+            terms.append(aux.lb_weight * lb)
+        if aux.z_loss_weight > 0:
+            terms.append(aux.z_loss_weight * losses.z_loss(logits, mask))
+        return torch.stack(terms).sum() if terms else None
+
+    def _accumulate(self, router: Router, probs: torch.Tensor, selected: torch.Tensor | None) -> None:
+        w = self._weights.to(probs.device)
+        e = router.num_experts
+        if selected is None:  # soft routing: every expert is used; load counts the arg-max expert
+            used = probs.new_full(probs.shape[:-1], float(e))
+            selected = torch.zeros_like(probs).scatter_(-1, probs.argmax(-1, keepdim=True), 1.0)
+        else:
+            used = selected[..., :e].sum(-1)
+        new = {
+            "importance": torch.einsum("bse,bsk->ke", probs, w),
+            "load": torch.einsum("bse,bsk->ke", selected, w),
+            "tokens": w.sum((0, 1)),
+            "entropy": torch.einsum("bs,bsk->k", losses.entropy(probs), w),
+            "null_slots": torch.einsum("bs,bsk->k", selected[..., e:].sum(-1), w),
+            "real_used": torch.einsum("bs,bsk->k", used, w),
+        }
+        acc = self._stats.get(router.module_name)
+        if acc is None:
+            self._stats[router.module_name] = new
+        else:
+            for key in _FIELDS:
+                acc[key] += new[key]
+
+    def pop_aux_loss(self) -> torch.Tensor | None:
+        """The summed auxiliary loss of the micro-batch just recorded (then cleared)."""
+        loss, self._aux = self._aux, None
+        return loss
+
+    # ------------------------------------------------------------------------------ statistics
+    def flush(self, step: int) -> list[dict]:
+        """Statistics of the window since the last flush, one row per (module, task type), plus
+        a task type ``all``; the window is then reset. The only host sync of the recorder."""
+        rows = []
+        for name, acc in self._stats.items():
+            router = self._routers[name]
+            cpu = {k: v.double().cpu() for k, v in acc.items()}
+            groups = router.expert_type.cpu()
+            per_task = [(t, {k: v[i] for k, v in cpu.items()}) for i, t in enumerate(self.task_types)]
+            per_task.append(("all", {k: v.sum(0) for k, v in cpu.items()}))
+            for task, s in per_task:
+                if float(s["tokens"]) > 0:
+                    rows.append({"step": step, "module": name, "task_type": task,
+                                 **window_statistics(s, router.num_experts, router.top_k or 1, groups)})
+        self._stats = {}
+        return rows
+
+
+def window_statistics(s: dict[str, torch.Tensor], num_experts: int, k: int, groups: torch.Tensor) -> dict:
+    """Derived statistics of one (module, task type) window from the accumulated sums."""
+    tokens = float(s["tokens"])
+    imp = s["importance"][:num_experts]
+    n_groups = int(groups.max()) + 1 if groups.numel() else 0
+    group_mass = torch.zeros(n_groups, dtype=imp.dtype).index_add_(0, groups, imp)
+    return {
+        "tokens": int(round(tokens)),
+        "importance": imp.tolist(),
+        "load": s["load"][:num_experts].round().long().tolist(),
+        "cv": float(losses.coefficient_of_variation(imp)) if num_experts > 1 else 0.0,
+        "entropy": float(s["entropy"]) / tokens,
+        "null_rate": float(s["null_slots"]) / (tokens * k),
+        "real_experts_per_token": float(s["real_used"]) / tokens,
+        "group_share": (group_mass / imp.sum().clamp_min(1e-30)).tolist(),
+    }

@@ -1,0 +1,72 @@
+"""The router: a bias-free linear over the adapted layer's input, softmax, then soft or top-k gates.
+
+It returns dense gates over the real experts (zeros for unselected ones), so the expert compute
+stays one batched matmul for soft, top-k and null-expert routing alike, with no host sync. It
+reports logits, probabilities and choices to the :class:`RoutingRecorder` (when one is active),
+which owns auxiliary losses and statistics.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+if TYPE_CHECKING:
+    from moe_lora.routing.recorder import AuxLossConfig, RoutingRecorder
+
+
+def route(probs: torch.Tensor, top_k: int | None, num_real: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Gates over the real experts and the 0/1 choice mask over all router outputs.
+
+    Soft routing (``top_k=None``) returns the probabilities. Top-k keeps the k most probable
+    outputs (real or null) and renormalises the chosen *real* experts' weights among themselves
+    (MoLA; AdaMoE), so a token that picks only null experts gets an all-zero gate: no update.
+    """
+    if top_k is None:
+        return probs[..., :num_real], None
+    idx = probs.topk(top_k, dim=-1).indices
+    selected = torch.zeros_like(probs).scatter_(-1, idx, 1.0)
+    real = probs[..., :num_real] * selected[..., :num_real]
+    return real / real.sum(-1, keepdim=True).clamp_min(1e-12), selected
+
+
+class Router(nn.Module):
+    """``p = softmax(W_r x)`` over ``num_experts + num_null`` outputs (the weight is ``W_r``)."""
+
+    def __init__(
+        self, d_in: int, num_experts: int, *, top_k: int | None = None, num_null: int = 0,
+        jitter: float = 0.0, fp32: bool = True,
+    ) -> None:
+        super().__init__()
+        self.num_experts, self.top_k, self.num_null = num_experts, top_k, num_null
+        self.jitter, self.fp32 = jitter, fp32
+        self.weight = nn.Parameter(torch.empty(num_experts + num_null, d_in))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's default, as in LoRAMoE
+        # Expert group of each real expert (LoRAMoE: first half world knowledge, second half the rest).
+        self.register_buffer("expert_type", (torch.arange(num_experts) >= num_experts / 2).long(), persistent=False)
+        self.module_name = ""
+        self.recorder: RoutingRecorder | None = None
+        self.aux: AuxLossConfig | None = None
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fp32:
+            x = x.float()
+        if self.training and self.jitter > 0:
+            x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+        return F.linear(x, self.weight.to(x.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.logits(x)
+        probs = logits.softmax(-1)
+        gate, selected = route(probs, self.top_k, self.num_experts)
+        if self.recorder is not None and self.recorder.active:
+            self.recorder.record(self, logits, probs, selected)
+        return gate.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        k = "soft" if self.top_k is None else f"top_k={self.top_k}"
+        return f"experts={self.num_experts}, null={self.num_null}, {k}"

@@ -1,0 +1,1 @@
+"""Training: the plain fine-tuning loop and the built-in world's pretraining."""

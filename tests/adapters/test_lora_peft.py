@@ -1,0 +1,85 @@
+"""Our LoRA equals peft's LoRA for equal weights; LoRAMoE wiring and save/load."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import get_peft_model
+from safetensors.torch import load_file, save_file
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from moe_lora.adapters.inject import inject_adapter
+from moe_lora.adapters.layer import LoRAExperts
+from moe_lora.adapters.lora import LoRAConfig
+from moe_lora.adapters.loramoe import LoRAMoEConfig
+from moe_lora.config import LayoutConfig, ModelConfig
+from moe_lora.routing.recorder import RoutingRecorder
+from moe_lora.train.runner import adapter_state, load_adapter
+
+MODULES = {"attention": ["q_proj", "k_proj", "v_proj", "o_proj"], "ffn": ["gate_proj", "up_proj", "down_proj"]}
+MODEL_CFG = ModelConfig(name="t", source="world", modules=MODULES, num_layers=2)
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("targets", [["ffn"], ["all"], ["q_proj", "v_proj"]])
+def test_lora_matches_peft(targets: list[str]) -> None:
+    names = [n for t in targets for n in MODULES.get(t, [t])] if targets != ["all"] else sum(MODULES.values(), [])
+    peft_model = get_peft_model(tiny_llama(), PeftLoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+                                                             target_modules=names)).eval()
+    ours = tiny_llama()
+    adapted = inject_adapter(ours, LoRAConfig(target_modules=targets, rank=8, alpha=16.0), MODEL_CFG, LayoutConfig())
+    assert len(adapted) == 2 * len(names)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name in adapted:
+            mine: LoRAExperts = ours.get_submodule(name)
+            theirs = peft_model.base_model.model.get_submodule(name)
+            theirs.lora_B["default"].weight.normal_()
+            mine.lora_A.copy_(theirs.lora_A["default"].weight.T)
+            mine.lora_B.copy_(theirs.lora_B["default"].weight.T)
+    x = torch.randint(0, 50, (3, 11))
+    with torch.no_grad():
+        assert torch.allclose(ours(x).logits, peft_model(x).logits, atol=1e-5)
+    trainable = {n for n, p in ours.named_parameters() if p.requires_grad}
+    assert all(n.endswith(("lora_A", "lora_B")) for n in trainable) and len(trainable) == 2 * len(adapted)
+
+
+def test_lora_is_identity_at_init() -> None:
+    base, ours = tiny_llama(), tiny_llama()
+    inject_adapter(ours, LoRAConfig(target_modules=["all"]), MODEL_CFG, LayoutConfig())
+    x = torch.randint(0, 50, (2, 7))
+    with torch.no_grad():
+        assert torch.equal(base(x).logits, ours(x).logits)
+
+
+def test_loramoe_gradients_reach_router_and_experts_and_state_round_trips(tmp_path) -> None:
+    model, rec = tiny_llama(), RoutingRecorder()
+    cfg = LoRAMoEConfig(num_experts=4, dropout=0.0)
+    adapted = inject_adapter(model, cfg, MODEL_CFG, LayoutConfig(), rec)
+    assert len(adapted) == 6 and set(rec.routers) == set(adapted)
+    with torch.no_grad():
+        for name in adapted:
+            model.get_submodule(name).lora_B.normal_(0, 0.1)  # B=0 at init would block A's gradient
+    x = torch.randint(0, 50, (2, 7))
+    with rec.batch(torch.ones(2, 7), torch.tensor([0, 1])):
+        loss = model(x, labels=x).loss
+    aux = rec.pop_aux_loss()
+    assert aux is not None and aux.item() > 0
+    (loss + aux).backward()
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.abs().sum() > 0, n
+    save_file(adapter_state(model), str(tmp_path / "a.safetensors"))
+    fresh = tiny_llama()
+    inject_adapter(fresh, cfg, MODEL_CFG, LayoutConfig())
+    load_adapter(fresh, tmp_path / "a.safetensors")
+    with torch.no_grad():
+        assert torch.equal(fresh(x).logits, model(x).logits)
+    assert set(load_file(str(tmp_path / "a.safetensors"))) == {n for n, p in model.named_parameters() if p.requires_grad}

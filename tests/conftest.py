@@ -1,0 +1,46 @@
+"""Shared fixtures: offline environment, a tiny pretrained world model, a CLI runner."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["WANDB_MODE"] = "offline"
+os.environ["WANDB_SILENT"] = "true"
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+# A world small enough to pretrain in seconds; shared by every end-to-end test through one cache.
+TINY = [
+    "data.world.num_people=40", "data.world.bios_per_person=3", "model.hidden_size=64", "model.num_layers=2",
+    "model.intermediate_size=128", "model.num_heads=2", "model.num_kv_heads=2", "model.pretrain.steps=60",
+    "model.pretrain.batch_size=32", "data.num_train=200", "data.eval_per_task=8", "recipe=smoke",
+]
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture
+def run_cli(cache_dir, tmp_path, capsys):
+    """Run ``moe-lora`` in-process; returns (exit code, stdout, stderr)."""
+    from moe_lora.cli import main
+
+    def _run(*args: str, tiny: bool = True) -> tuple[int, str, str]:
+        extra = [*TINY, f"cache_dir={cache_dir}"] if tiny else []
+        code = main([*args, *extra])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return _run
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,48 @@
+"""Bad input: a one-line error naming the key, non-zero exit, no run directory left behind."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+CASES = [
+    (["adapter.num_experts=4", "adapter.top_k=9"], "adapter.top_k=9"),
+    (["adapter.lbc_delta=2"], "adapter.lbc_delta"),
+    (["adapter=mola_typo"], "adapter/mola_typo"),
+    (["adapter=lorra"], "did you mean 'lora'"),
+    (["adapter.lbc_deltaa=0.1"], "lbc_deltaa"),
+    (["adapter.rank=abc"], "adapter.rank"),
+    (["adapter=lora", "adapter.num_experts=4"], "num_experts"),
+    (["recipe.max_steps=0"], "recipe.max_steps"),
+    (["data.cbqa_ratio=1.5"], "data.cbqa_ratio"),
+    (["layout.experts=[2,4,6,8,10]", "model.num_layers=4"], "layout.experts"),
+    (["data.instruction_tasks=[reverse,dance]"], "data.instruction_tasks"),
+    (["model.source=hub", "model.name_or_path=./no/such/dir"], "model.name_or_path"),
+    (["-m", "adapter=lora,loramoe", "adapter.dropout=2"], "adapter.dropout"),
+]
+
+
+@pytest.mark.parametrize(("args", "needle"), CASES, ids=[" ".join(a) for a, _ in CASES])
+def test_bad_config_fails_with_one_line(run_cli, tmp_path, args, needle) -> None:
+    run_dir = tmp_path / "run"
+    code, out, err = run_cli("train", *args, f"hydra.run.dir={run_dir}", f"hydra.sweep.dir={run_dir}", tiny=False)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("moe-lora: error:") and needle in lines[0], err
+    assert not run_dir.exists()
+
+
+def test_uncached_hub_id_fails_fast_offline(run_cli, tmp_path) -> None:
+    start = time.time()
+    code, _, err = run_cli("train", "model.source=hub", "model.name_or_path=nobody/no-such-model",
+                           f"hydra.run.dir={tmp_path / 'r'}", tiny=False)
+    assert code == 2 and "HF_HUB_OFFLINE=0" in err and "model.name_or_path" in err
+    assert time.time() - start < 10
+
+
+def test_unknown_command_and_help(run_cli) -> None:
+    code, _, err = run_cli("trian", tiny=False)
+    assert code == 2 and "did you mean 'train'" in err
+    code, out, _ = run_cli("--help", tiny=False)
+    assert code == 0 and all(c in out for c in ("train", "params", "eval"))

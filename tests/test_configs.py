@@ -1,0 +1,31 @@
+"""Every YAML file under conf/ composes and validates (torchtune's test_configs idea)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from moe_lora.adapters import ADAPTERS
+from moe_lora.cli import CONF_DIR, load_config
+
+GROUPS = ["model", "adapter", "layout", "data", "recipe", "logger"]
+CASES = [(g, p.stem) for g in GROUPS for p in sorted((CONF_DIR / g).glob("*.yaml"))]
+
+
+@pytest.mark.parametrize(("group", "name"), CASES, ids=[f"{g}={n}" for g, n in CASES])
+def test_every_yaml_composes_and_validates(group: str, name: str) -> None:
+    cfg = load_config([f"{group}={name}"])
+    assert getattr(cfg, group).name == name
+
+
+def test_every_registered_adapter_has_a_yaml() -> None:
+    yamls = {p.stem for p in (CONF_DIR / "adapter").glob("*.yaml")}
+    assert set(ADAPTERS) <= yamls
+
+
+def test_schemas_are_not_group_choices() -> None:
+    """Schemas live under schema/<group>, so `adapter=` lists only real variants."""
+    assert not any(Path(CONF_DIR, "adapter").glob("*schema*"))
+    cfg = load_config([])
+    assert cfg.adapter.name == "loramoe" and cfg.model.name == "tiny_world"

@@ -1,0 +1,87 @@
+"""A tiny world, a few steps: every run writes a valid results.json and consistent logs."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import read_jsonl
+
+REQUIRED = ["cbqa_em_base", "cbqa_em", "cbqa_candidate_acc", "instruction_em", "knowledge_retained"]
+
+
+def train(run_cli, run_dir: Path, *args: str) -> dict:
+    code, out, err = run_cli("train", *args, f"hydra.run.dir={run_dir}")
+    assert code == 0, err
+    assert "knowledge retained" in out  # the summary table
+    return json.loads((run_dir / "results.json").read_text())
+
+
+@pytest.mark.parametrize("adapter", ["lora", "loramoe"])
+def test_train_writes_valid_results(run_cli, tmp_path, adapter) -> None:
+    res = train(run_cli, tmp_path / adapter, f"adapter={adapter}")
+    assert res["adapter"] == adapter and res["model"] == "tiny_world" and res["seed"] == 0
+    assert all(isinstance(res["metrics"][k], float) for k in REQUIRED)
+    assert 0 < res["params"]["trainable"] < res["params"]["total"]
+    assert res["config"]["adapter"]["name"] == adapter and res["wall_s"] > 0
+    rows = read_jsonl(tmp_path / adapter / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [2, 4, 6] and all(math.isfinite(r["loss"]) for r in rows)
+    assert (tmp_path / adapter / "adapter_model.safetensors").exists()
+    if adapter == "loramoe":
+        assert res["params"]["adapted_modules"] == 6 and len(res["routing"]) == 6
+        assert all(r["aux_loss"] > 0 for r in rows)
+        routing = read_jsonl(tmp_path / adapter / "routing.jsonl")
+        for module, stats in res["routing"].items():
+            assert stats["cv"] > 0
+            last = [r for r in routing if r["module"] == module and r["task_type"] == "all"][-1]
+            imp = last["importance"]
+            mean = sum(imp) / len(imp)
+            std = math.sqrt(sum((x - mean) ** 2 for x in imp) / (len(imp) - 1))
+            assert stats["cv"] == pytest.approx(std / mean, rel=1e-9)
+        assert {r["task_type"] for r in routing} == {"cbqa", "instruction", "all"}
+    else:
+        assert res["routing"] == {} and all(r["aux_loss"] == 0 for r in rows)
+
+
+def test_same_seed_same_metrics_and_lbc_changes_cv(run_cli, tmp_path) -> None:
+    a = train(run_cli, tmp_path / "a")
+    b = train(run_cli, tmp_path / "b")
+    assert a["metrics"] == b["metrics"] and a["routing"] == b["routing"]
+    assert read_jsonl(tmp_path / "a" / "metrics.jsonl") == read_jsonl(tmp_path / "b" / "metrics.jsonl")
+    c = train(run_cli, tmp_path / "c", "adapter.lbc_beta=0")
+    module = next(iter(a["routing"]))
+    assert c["routing"][module]["cv"] != a["routing"][module]["cv"]
+    assert all(r["aux_loss"] == 0 for r in read_jsonl(tmp_path / "c" / "metrics.jsonl"))
+
+
+def test_eval_reevaluates_a_saved_run(run_cli, tmp_path) -> None:
+    res = train(run_cli, tmp_path / "run", "adapter=loramoe")
+    code, out, err = run_cli("eval", f"run_dir={tmp_path / 'run'}", tiny=False)
+    assert code == 0, err
+    evals = list((tmp_path / "run").glob("eval-*.json"))
+    assert len(evals) == 1
+    metrics = json.loads(evals[0].read_text())["metrics"]
+    assert metrics["cbqa_em"] == res["metrics"]["cbqa_em"]
+    assert metrics["instruction_em"] == res["metrics"]["instruction_em"]
+    code, _, err = run_cli("eval", f"run_dir={tmp_path / 'nope'}", tiny=False)
+    assert code == 2 and "run_dir" in err
+
+
+def test_multirun_sweep(run_cli, tmp_path) -> None:
+    code, _, err = run_cli("train", "-m", "adapter=lora,loramoe", f"hydra.sweep.dir={tmp_path}",
+                           "hydra.sweep.subdir=${adapter.name}")
+    assert code == 0, err
+    assert {p.parent.name for p in tmp_path.glob("*/results.json")} == {"lora", "loramoe"}
+
+
+def test_wandb_offline_never_blocks(run_cli, tmp_path) -> None:
+    train(run_cli, tmp_path / "w", "adapter=lora", "logger=wandb")
+    assert any((tmp_path / "w" / "wandb").glob("offline-run-*"))
+
+
+def test_params_command(run_cli) -> None:
+    code, out, _ = run_cli("params", "adapter=loramoe", "adapter.num_experts=4")
+    assert code == 0 and "trainable:" in out and "routers" in out and out.count("mlp.") == 6
