@@ -115,14 +115,14 @@ def compose(overrides: list[str]):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    import moe_lora.adapters  # noqa: F401  (registers the variant schemas)
+    import moe_lora.adapters
     import moe_lora.config  # noqa: F401
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="moe_lora"):
         return hydra_compose(config_name="train", overrides=overrides)
 
 
-def to_config(dcfg):
+def to_config(dcfg, check_files: bool = True):
     """DictConfig -> validated TrainConfig (runs every ``__post_init__`` and the cross checks)."""
     from omegaconf import OmegaConf
 
@@ -136,12 +136,12 @@ def to_config(dcfg):
         while inner is not None and not isinstance(inner, ConfigError):
             inner = inner.__cause__ or inner.__context__
         raise (inner or exc) from None
-    validate(cfg)
+    validate(cfg, check_files)
     return cfg
 
 
-def load_config(overrides: list[str]):
-    return to_config(compose(overrides))
+def load_config(overrides: list[str], check_files: bool = True):
+    return to_config(compose(overrides), check_files)
 
 
 def precheck(overrides: list[str], multirun: bool) -> None:
@@ -185,30 +185,32 @@ def cmd_train(args: list[str]) -> int:
 
 # ---------------------------------------------------------------------------------------- params
 def cmd_params(args: list[str]) -> int:
+    """Parameter table on the meta device: no weights are allocated, no download happens."""
     from moe_lora.adapters.inject import count_parameters, inject_adapter, layer_index
-    from moe_lora.adapters.layer import LoRAExperts
     from moe_lora.data.world import World
-    from moe_lora.models import random_world_model
+    from moe_lora.models import meta_model
+    from moe_lora.routing.router import Router
 
     _, overrides = split_args(args)
-    cfg = load_config(overrides)
-    if cfg.model.source != "world":
-        return fail(f"model={cfg.model.name!r}: parameter accounting for hub models arrives with the meta-device "
-                    "builder; use a model.source=world config for now")
-    model = random_world_model(cfg.model, World(cfg.data.world))
+    cfg = load_config(overrides, check_files=False)
+    vocab = len(World(cfg.data.world).vocab) if cfg.model.source == "world" else None
+    model = meta_model(cfg.model, vocab)
+    base_total = sum(p.numel() for p in model.parameters())
     names = inject_adapter(model, cfg.adapter, cfg.model, cfg.layout)
     counts = count_parameters(model)
-    print(f"{'module':<40} {'layer':>5} {'experts':>7} {'rank':>5} {'top_k':>5} {'trainable':>10}")
+    if names:
+        print(f"{'module':<44} {'layer':>5} {'experts':>7} {'rank':>5} {'top_k':>5} {'trainable':>12}")
     for name in names:
         mod = model.get_submodule(name)
-        if isinstance(mod, LoRAExperts):
-            k = mod.router.top_k if mod.router is not None else None
-            n = sum(p.numel() for p in mod.parameters() if p.requires_grad)
-            print(f"{name:<40} {layer_index(name)!s:>5} {mod.num_experts:>7} {mod.rank:>5} {k!s:>5} {n:>10,}")
-    base = counts["total"] - counts["trainable"]
-    print(f"\ntrainable: {counts['trainable']:,} (routers {counts['routers']:,}; without routers "
-          f"{counts['trainable'] - counts['routers']:,}) | total: {counts['total']:,} | "
-          f"share of base model: {100 * counts['trainable'] / max(1, base):.3f}%")
+        router = next((m for m in mod.modules() if isinstance(m, Router)), None)
+        experts = router.num_experts if router is not None else getattr(mod, "num_experts", 1)
+        k = router.top_k if router is not None else None
+        n = sum(p.numel() for p in mod.parameters() if p.requires_grad)
+        print(f"{name:<44} {layer_index(name)!s:>5} {experts:>7} {getattr(mod, 'rank', '-')!s:>5} {k!s:>5} {n:>12,}")
+    t, r = counts["trainable"], counts["routers"]
+    print(f"\nmodel {cfg.model.name}: {base_total:,} base parameters; adapter {cfg.adapter.name}, layout {cfg.layout.name}")
+    print(f"trainable: {t:,} ({100 * t / base_total:.4f}% of base) | without routers: {t - r:,} "
+          f"({100 * (t - r) / base_total:.4f}%) | routers: {r:,} | total: {counts['total']:,}")
     return 0
 
 

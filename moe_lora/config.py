@@ -180,6 +180,8 @@ class DataConfig:
     num_train: int = 2000
     cbqa_ratio: float = 0.1
     instruction_tasks: List[str] = field(default_factory=lambda: ["reverse", "sort", "upper"])
+    min_items: int = 2  # list length of instruction examples
+    max_items: int = 3
     eval_per_task: int = 100
     max_length: int = 64
 
@@ -188,6 +190,8 @@ class DataConfig:
         require(0.0 <= self.cbqa_ratio <= 1.0, "data.cbqa_ratio", self.cbqa_ratio, "must be in [0, 1]")
         require(self.num_train >= 1, "data.num_train", self.num_train, "must be >= 1")
         require(self.eval_per_task >= 1, "data.eval_per_task", self.eval_per_task, "must be >= 1")
+        require(1 <= self.min_items <= self.max_items <= 10, "data.max_items", self.max_items,
+                f"must be in [data.min_items={self.min_items}, 10]")
 
 
 # ---------------------------------------------------------------------------------------------- recipe
@@ -196,7 +200,7 @@ class RecipeConfig:
     """Optimisation: AdamW with a warmup + decay schedule, gradient accumulation, clipping."""
 
     name: str = "quick"
-    max_steps: int = 300
+    max_steps: int = 600
     lr: float = 1e-3
     batch_size: int = 16
     grad_accum: int = 1
@@ -208,6 +212,9 @@ class RecipeConfig:
     eval_limit: Optional[int] = None  # cap on evaluation examples per split (smoke runs)
     threads: Optional[int] = None  # torch intra-op threads; None = all cores
     objective: str = "metrics.cbqa_em"  # what a sweeper optimises
+    realloc_every: Optional[int] = None  # rank reallocation period (ALoRA); None = max_steps // 4
+    realloc_prune: int = 4  # components moved per reallocation
+    realloc_val_examples: int = 64  # validation examples that score components
 
     def __post_init__(self) -> None:
         require(self.max_steps >= 1, "recipe.max_steps", self.max_steps, "must be >= 1")
@@ -220,6 +227,9 @@ class RecipeConfig:
         require(self.log_every >= 1, "recipe.log_every", self.log_every, "must be >= 1")
         require(self.eval_limit is None or self.eval_limit >= 1, "recipe.eval_limit", self.eval_limit,
                 "must be >= 1 or null")
+        require(self.realloc_every is None or self.realloc_every >= 1, "recipe.realloc_every", self.realloc_every,
+                "must be >= 1 or null")
+        require(self.realloc_prune >= 0, "recipe.realloc_prune", self.realloc_prune, "must be >= 0")
 
 
 # ---------------------------------------------------------------------------------------------- logger

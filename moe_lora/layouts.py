@@ -31,7 +31,7 @@ def resolve_layout(layout: LayoutConfig, adapter: AdapterConfig, num_layers: int
     top_ks = _per_layer(layout.top_k, getattr(adapter, "top_k", None), num_layers, "layout.top_k")
     null = getattr(adapter, "num_null_experts", 0)
     plans = []
-    for layer, (e, r, k) in enumerate(zip(experts, ranks, top_ks)):
+    for layer, (e, r, k) in enumerate(zip(experts, ranks, top_ks, strict=False)):
         if k is not None and k > e + null:
             key = "layout.top_k" if layout.top_k is not None else "adapter.top_k"
             raise ConfigError(f"{key}={k} exceeds the {e} experts of layer {layer} (layout={layout.name!r})")

@@ -24,7 +24,7 @@ from moe_lora.data.tokenizer import word_tokenizer
 from moe_lora.data.world import World
 from moe_lora.errors import ConfigError
 
-CACHE_VERSION = 1  # bump when the world generator or pretraining changes meaning
+CACHE_VERSION = 2  # bump when the world generator or pretraining changes meaning
 
 
 def world_model_config(cfg: ModelConfig, vocab_size: int) -> LlamaConfig:
@@ -80,6 +80,36 @@ def random_world_model(cfg: ModelConfig, world: World, seed: int = 0) -> PreTrai
     """Same architecture, random weights: for parameter counts and fast tests."""
     torch.manual_seed(seed)
     return LlamaForCausalLM(world_model_config(cfg, len(world.vocab)))
+
+
+def arch_config(cfg: ModelConfig, vocab_size: int | None = None, **overrides):
+    """A transformers config from the architecture fields of ``conf/model/*`` (no download)."""
+    from transformers import AutoConfig
+
+    vocab = vocab_size or cfg.vocab_size
+    if vocab is None:
+        raise ConfigError(f"model.vocab_size is required to build {cfg.name!r} without downloading it")
+    fields = {**{k: getattr(cfg, k) for k in ("hidden_size", "num_layers", "intermediate_size", "num_heads",
+                                              "num_kv_heads")}, **overrides}
+    if cfg.family == "gpt2":
+        kw = dict(n_embd=fields["hidden_size"], n_layer=fields["num_layers"], n_head=fields["num_heads"],
+                  n_inner=fields["intermediate_size"], vocab_size=vocab, tie_word_embeddings=cfg.tie_word_embeddings)
+    else:
+        kw = dict(hidden_size=fields["hidden_size"], num_hidden_layers=fields["num_layers"],
+                  intermediate_size=fields["intermediate_size"], num_attention_heads=fields["num_heads"],
+                  num_key_value_heads=fields["num_kv_heads"] or fields["num_heads"], vocab_size=vocab,
+                  tie_word_embeddings=cfg.tie_word_embeddings)
+    try:
+        return AutoConfig.for_model(cfg.family, **kw)
+    except ValueError as exc:
+        raise ConfigError(f"model.family={cfg.family!r} is not a transformers model type ({exc})") from None
+
+
+def meta_model(cfg: ModelConfig, vocab_size: int | None = None, **overrides) -> PreTrainedModel:
+    """The architecture with no allocated weights (meta device): parameter accounting in seconds."""
+    config = arch_config(cfg, vocab_size, **overrides)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
 
 
 def _looks_local(path: str) -> bool:

@@ -35,8 +35,8 @@ class Tracker:
     def __init__(self, run_dir: Path, cfg: LoggerConfig, config: dict, name: str) -> None:
         self.run_dir = run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
-        self._metrics = open(run_dir / "metrics.jsonl", "a")
-        self._routing = open(run_dir / "routing.jsonl", "a")
+        self._metrics = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115 (open for the run, closed in finish)
+        self._routing = open(run_dir / "routing.jsonl", "a")  # noqa: SIM115
         self._wandb = None
         if cfg.wandb.enabled and cfg.wandb.mode != "disabled":
             os.environ.setdefault("WANDB_SILENT", "true")

@@ -26,7 +26,7 @@ CASES = [
 @pytest.mark.parametrize(("args", "needle"), CASES, ids=[" ".join(a) for a, _ in CASES])
 def test_bad_config_fails_with_one_line(run_cli, tmp_path, args, needle) -> None:
     run_dir = tmp_path / "run"
-    code, out, err = run_cli("train", *args, f"hydra.run.dir={run_dir}", f"hydra.sweep.dir={run_dir}", tiny=False)
+    code, _out, err = run_cli("train", *args, f"hydra.run.dir={run_dir}", f"hydra.sweep.dir={run_dir}", tiny=False)
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("moe-lora: error:") and needle in lines[0], err

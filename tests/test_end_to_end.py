@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from moe_lora.adapters import ADAPTERS
 from tests.conftest import read_jsonl
 
 REQUIRED = ["cbqa_em_base", "cbqa_em", "cbqa_candidate_acc", "instruction_em", "knowledge_retained"]
@@ -59,7 +60,7 @@ def test_same_seed_same_metrics_and_lbc_changes_cv(run_cli, tmp_path) -> None:
 
 def test_eval_reevaluates_a_saved_run(run_cli, tmp_path) -> None:
     res = train(run_cli, tmp_path / "run", "adapter=loramoe")
-    code, out, err = run_cli("eval", f"run_dir={tmp_path / 'run'}", tiny=False)
+    code, _out, err = run_cli("eval", f"run_dir={tmp_path / 'run'}", tiny=False)
     assert code == 0, err
     evals = list((tmp_path / "run").glob("eval-*.json"))
     assert len(evals) == 1
@@ -85,3 +86,21 @@ def test_wandb_offline_never_blocks(run_cli, tmp_path) -> None:
 def test_params_command(run_cli) -> None:
     code, out, _ = run_cli("params", "adapter=loramoe", "adapter.num_experts=4")
     assert code == 0 and "trainable:" in out and "routers" in out and out.count("mlp.") == 6
+
+
+@pytest.mark.parametrize("adapter", sorted(ADAPTERS))
+def test_every_variant_runs_end_to_end(run_cli, tmp_path, adapter) -> None:
+    res = train(run_cli, tmp_path / adapter, f"adapter={adapter}", "recipe.realloc_every=2")
+    assert res["adapter"] == adapter and all(res["metrics"][k] is not None for k in ("cbqa_em", "instruction_em"))
+    trainable = res["params"]["trainable"]
+    assert (trainable == 0) == (adapter == "none")
+    if adapter == "none":
+        assert res["metrics"]["cbqa_em"] == res["metrics"]["cbqa_em_base"]
+    if adapter == "alora":
+        ranks = res["adapter_report"]["alora_ranks"]
+        assert sum(ranks.values()) == 8 * len(ranks) and len(ranks) == 14
+        moves = [r for r in read_jsonl(tmp_path / adapter / "metrics.jsonl") if "alora_pruned" in r]
+        assert [r["step"] for r in moves] == [2, 4]
+    if adapter == "adamoe":
+        per_token = [r["real_experts_per_token"] for r in res["routing"].values()]
+        assert all(0 <= x <= 4 for x in per_token)

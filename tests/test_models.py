@@ -21,7 +21,7 @@ def test_train_on_a_local_hub_style_model(run_cli, tmp_path) -> None:
                                          eos_token_id=1))
     model.save_pretrained(tmp_path / "llama")
     tok.save_pretrained(tmp_path / "llama")
-    code, out, err = run_cli("train", "model.source=hub", f"model.name_or_path={tmp_path / 'llama'}",
+    code, _out, err = run_cli("train", "model.source=hub", f"model.name_or_path={tmp_path / 'llama'}",
                              "model.name=local_llama", "adapter=loramoe", f"hydra.run.dir={tmp_path / 'run'}")
     assert code == 0, err
     res = json.loads((tmp_path / "run" / "results.json").read_text())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from torch import nn
@@ -20,10 +21,23 @@ class LayerPlan:
     num_experts: int
     rank: int
     top_k: int | None
+    group: str | None = None  # the model.modules group of the linear (attention, ffn, ...)
+    head_dim: int = 0  # hidden_size // num_heads, for per-head routing (MoV)
+
+
+@dataclass
+class HookContext:
+    """What a training hook may use besides the training state."""
+
+    val_loss: Callable[[], float]  # loss on a fixed validation batch, model in eval mode
+    recipe: Any
+    log: Callable[[dict], None]
 
 
 # (base linear, adapter config, plan) -> the module that replaces the base linear
 WrapFn = Callable[[nn.Module, AdapterConfig, LayerPlan], nn.Module]
+# (model, adapter config, context) -> called with the TrainState after every optimiser step
+HookFn = Callable[[nn.Module, AdapterConfig, HookContext], Callable[[Any], None]]
 
 
 @dataclass(frozen=True)
@@ -32,17 +46,22 @@ class AdapterSpec:
     config_cls: type[AdapterConfig]
     wrap: WrapFn | None  # None: no module is replaced (full fine-tuning, frozen base)
     trains_base: bool = False
+    make_hook: HookFn | None = None  # e.g. ALoRA's rank reallocation
+    report: Callable[[nn.Module], dict] | None = None  # extra entries for results.json
 
 
 ADAPTERS: Registry[AdapterSpec] = Registry("adapter", "adapter")
 
 
-def register_adapter(name: str, config_cls: type[AdapterConfig], *, trains_base: bool = False):
+def register_adapter(
+    name: str, config_cls: type[AdapterConfig], *, trains_base: bool = False, make_hook: HookFn | None = None,
+    report: Callable[[nn.Module], dict] | None = None,
+):
     """Decorator for a variant's wrap function: registers it and stores its config schema as
     ``schema/adapter/<name>`` (the schema of ``conf/adapter/<name>.yaml``)."""
 
     def deco(wrap: WrapFn | None) -> WrapFn | None:
-        ADAPTERS.register(name, AdapterSpec(name, config_cls, wrap, trains_base))
+        ADAPTERS.register(name, AdapterSpec(name, config_cls, wrap, trains_base, make_hook, report))
         ConfigStore.instance().store(group="schema/adapter", name=name, node=config_cls)
         return wrap
 

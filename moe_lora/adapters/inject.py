@@ -8,6 +8,7 @@ base model is frozen; no modelling code is touched.
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 from torch import nn
 
@@ -41,11 +42,16 @@ def layer_index(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def name_matches(name: str, patterns: list[str]) -> bool:
+    return any(name == p or name.endswith("." + p) for p in patterns)
+
+
 def find_targets(model: nn.Module, patterns: list[str]) -> list[str]:
-    return [
-        name for name, mod in model.named_modules()
-        if is_adaptable(mod) and any(name == p or name.endswith("." + p) for p in patterns)
-    ]
+    return [name for name, mod in model.named_modules() if is_adaptable(mod) and name_matches(name, patterns)]
+
+
+def module_group(name: str, groups: dict[str, list[str]]) -> str | None:
+    return next((g for g, names in groups.items() if name_matches(name, names)), None)
 
 
 def aux_config(cfg: AdapterConfig) -> AuxLossConfig:
@@ -79,12 +85,14 @@ def inject_adapter(
     plans = resolve_layout(layout, adapter, model_cfg.num_layers)
     fallback = LayerPlan(None, getattr(adapter, "num_experts", 1), getattr(adapter, "rank", 0),
                          getattr(adapter, "top_k", None))
+    head_dim = model_cfg.hidden_size // model_cfg.num_heads
     for name in names:
         layer = layer_index(name)
         plan = plans[layer] if layer is not None and layer < len(plans) else fallback
+        plan = replace(plan, group=module_group(name, model_cfg.modules), head_dim=head_dim)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, spec.wrap(getattr(parent, child), adapter, plan))
+        setattr(parent, child, spec.wrap(getattr(parent, child), adapter, plan).train(model.training))
     if recorder is not None:
         aux = aux_config(adapter)
         for name, mod in model.named_modules():

@@ -5,6 +5,10 @@ router weight: three trainable tensors per adapted linear. The gate (with the al
 folded in) scales the small ``T x E*r`` hidden, never a ``T x d`` tensor, and the update is added
 into the base output with one ``addmm``. There is no Python loop over experts. This layout is also
 the saved format. Plain LoRA is the case E=1 without a router.
+
+Parametrisations plug in here rather than forking the layer: ``shared_A`` (HydraLoRA: one A,
+N heads B_i; ``A x`` is computed once and the gate expands it to ``T x N*r``) and
+:meth:`LoRAExperts.scale_hidden` (ALoRA's diagonal gate overrides it).
 """
 
 from __future__ import annotations
@@ -27,12 +31,28 @@ def linear_dims(base: nn.Module) -> tuple[int, int]:
     raise TypeError(f"cannot adapt a {type(base).__name__}; only nn.Linear and Conv1D")
 
 
+def kaiming_uniform_(t: torch.Tensor, fan_in: int) -> None:
+    """peft's kaiming-uniform(a=sqrt 5) on an (r, fan_in) matrix is U(-1/sqrt fan_in, 1/sqrt fan_in)."""
+    if t.device.type != "meta":
+        bound = 1.0 / math.sqrt(fan_in)
+        with torch.no_grad():
+            t.uniform_(-bound, bound)
+
+
+def make_router(base: nn.Module, cfg, num_experts: int, top_k: int | None) -> Router:
+    """A router on the adapted layer's input, configured by a :class:`MoEConfig`-like config."""
+    d_in, _ = linear_dims(base)
+    router = Router(d_in, num_experts, top_k=top_k, num_null=getattr(cfg, "num_null_experts", 0),
+                    jitter=cfg.router_jitter, fp32=cfg.router_fp32, device=base.weight.device)
+    return router
+
+
 class LoRAExperts(nn.Module):
     """``y = W0 x + s * sum_e g_e(x) B_e A_e dropout(x)`` with ``s = alpha / r``."""
 
     def __init__(
         self, base: nn.Module, *, rank: int, alpha: float, num_experts: int = 1, dropout: float = 0.0,
-        router: Router | None = None, init_A: str = "kaiming",
+        router: Router | None = None, init_A: str = "kaiming", shared_A: bool = False,
     ) -> None:
         super().__init__()
         if router is None and num_experts != 1:
@@ -40,35 +60,37 @@ class LoRAExperts(nn.Module):
         self.base = base
         self.d_in, self.d_out = linear_dims(base)
         self.rank, self.num_experts, self.scaling = rank, num_experts, alpha / rank
-        weight = base.weight
-        self.lora_A = nn.Parameter(torch.empty(self.d_in, num_experts * rank, dtype=weight.dtype, device=weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(num_experts * rank, self.d_out, dtype=weight.dtype, device=weight.device))
+        self.shared_A = shared_A
+        w = base.weight
+        a_cols = rank if shared_A else num_experts * rank
+        self.lora_A = nn.Parameter(torch.empty(self.d_in, a_cols, dtype=w.dtype, device=w.device))
+        self.lora_B = nn.Parameter(torch.zeros(num_experts * rank, self.d_out, dtype=w.dtype, device=w.device))
         self.router = router
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.reset_A(init_A)
-
-    @torch.no_grad()
-    def reset_A(self, init: str) -> None:
-        """peft's kaiming-uniform(a=sqrt 5) on each (r, d_in) expert is U(-1/sqrt d_in, 1/sqrt d_in)."""
-        if self.lora_A.device.type == "meta":
-            return
-        if init == "normal":
-            self.lora_A.normal_(0.0, 0.02)
+        if init_A == "normal":
+            if w.device.type != "meta":
+                nn.init.normal_(self.lora_A, 0.0, 0.02)
         else:
-            bound = 1.0 / math.sqrt(self.d_in)
-            self.lora_A.uniform_(-bound, bound)
+            kaiming_uniform_(self.lora_A, self.d_in)
+
+    def scale_hidden(self, h: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """Apply the gate (times alpha/r) to the ``(..., E*r)`` hidden; returns it and the addmm
+        factor still to apply."""
+        if self.router is None:
+            return h, self.scaling
+        gate = self.router(x).to(h.dtype) * self.scaling
+        if self.shared_A:  # HydraLoRA: one A x, expanded to the N heads by the gate
+            return (h.unsqueeze(-2) * gate.unsqueeze(-1)).flatten(-2), 1.0
+        return (h.unflatten(-1, (self.num_experts, self.rank)) * gate.unsqueeze(-1)).flatten(-2), 1.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         h = self.lora_dropout(x).to(self.lora_A.dtype) @ self.lora_A
-        scale = self.scaling
-        if self.router is not None:
-            gate = self.router(x).to(h.dtype) * self.scaling
-            h = (h.unflatten(-1, (self.num_experts, self.rank)) * gate.unsqueeze(-1)).flatten(-2)
-            scale = 1.0
+        h, alpha = self.scale_hidden(h, x)
         flat = torch.addmm(out.reshape(-1, self.d_out), h.reshape(-1, h.shape[-1]).to(out.dtype),
-                           self.lora_B.to(out.dtype), alpha=scale)
+                           self.lora_B.to(out.dtype), alpha=alpha)
         return flat.view_as(out)
 
     def extra_repr(self) -> str:
-        return f"d_in={self.d_in}, d_out={self.d_out}, rank={self.rank}, experts={self.num_experts}"
+        shared = ", shared_A" if self.shared_A else ""
+        return f"d_in={self.d_in}, d_out={self.d_out}, rank={self.rank}, experts={self.num_experts}{shared}"

@@ -18,10 +18,9 @@ import torch
 from torch import nn
 
 from moe_lora.adapters.base import LayerPlan, register_adapter
-from moe_lora.adapters.layer import LoRAExperts, linear_dims
+from moe_lora.adapters.layer import LoRAExperts, make_router
 from moe_lora.config import MoEConfig
 from moe_lora.errors import require
-from moe_lora.routing.router import Router
 
 
 @dataclass
@@ -49,9 +48,7 @@ class LoRAMoEConfig(MoEConfig):
 
 @register_adapter("loramoe", LoRAMoEConfig)
 def wrap_loramoe(base: nn.Module, cfg: LoRAMoEConfig, plan: LayerPlan) -> nn.Module:
-    d_in, _ = linear_dims(base)
-    router = Router(d_in, plan.num_experts, top_k=plan.top_k, num_null=cfg.num_null_experts,
-                    jitter=cfg.router_jitter, fp32=cfg.router_fp32).to(base.weight.device)
+    router = make_router(base, cfg, plan.num_experts, plan.top_k)
     if cfg.lbc_expert_types is not None and len(cfg.lbc_expert_types) == plan.num_experts:
         router.expert_type = torch.tensor(cfg.lbc_expert_types, dtype=torch.long, device=base.weight.device)
     return LoRAExperts(base, rank=plan.rank, alpha=cfg.alpha, num_experts=plan.num_experts, dropout=cfg.dropout,

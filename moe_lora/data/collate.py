@@ -45,7 +45,7 @@ def collate(
 
 def collate_text(texts: Sequence[str], tok: PreTrainedTokenizerBase, max_length: int) -> dict[str, torch.Tensor]:
     """Right-padded language-modelling batch over whole documents (pretraining)."""
-    ids = [tok(t, add_special_tokens=False)["input_ids"][: max_length - 1] + [tok.eos_token_id] for t in texts]
+    ids = [[*tok(t, add_special_tokens=False)["input_ids"][:max_length - 1], tok.eos_token_id] for t in texts]
     width = max(len(x) for x in ids)
     input_ids = torch.full((len(ids), width), tok.pad_token_id, dtype=torch.long)
     mask = torch.zeros_like(input_ids)

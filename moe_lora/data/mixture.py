@@ -13,6 +13,7 @@ from moe_lora.data.world import Example, World, instruction_examples
 class Mixture:
     train: list[Example]
     eval: dict[str, list[Example]]  # "cbqa": held-out people (test); "instruction": unseen prompts
+    validation: list[Example]  # validation people + other unseen prompts (model selection, ALoRA)
 
 
 def world_mixture(cfg: DataConfig, world: World, seed: int) -> Mixture:
@@ -28,13 +29,16 @@ def world_mixture(cfg: DataConfig, world: World, seed: int) -> Mixture:
     pool = world.qa("train")
     cbqa = [pool[i % len(pool)] for i in range(n_cbqa)]  # cycles through every trained fact
     tasks = list(cfg.instruction_tasks)
+    items = (cfg.min_items, cfg.max_items)
     counts = [n_instr // len(tasks) + (i < n_instr % len(tasks)) for i in range(len(tasks))]
-    instr = [e for i, (t, n) in enumerate(zip(tasks, counts))
-             for e in instruction_examples([t], n, seed=cfg.world.seed + 1000 + i)]
+    instr = [e for i, (t, n) in enumerate(zip(tasks, counts, strict=False))
+             for e in instruction_examples([t], n, seed=cfg.world.seed + 1000 + i, items=items)]
     train = cbqa + instr
     rng.shuffle(train)
     seen = {e.prompt for e in instr}
-    held = [e for e in instruction_examples(tasks, cfg.eval_per_task * 3, seed=cfg.world.seed + 2000)
+    held = [e for e in instruction_examples(tasks, cfg.eval_per_task * 3, seed=cfg.world.seed + 2000, items=items)
             if e.prompt not in seen]
     eval_instr = [e for t in tasks for e in [x for x in held if x.subtask == t][: cfg.eval_per_task]]
-    return Mixture(train=train, eval={"cbqa": world.qa("test"), "instruction": eval_instr})
+    val_instr = [e for t in tasks for e in [x for x in held if x.subtask == t][cfg.eval_per_task:][: cfg.eval_per_task]]
+    validation = [e for pair in zip(world.qa("validation"), val_instr, strict=False) for e in pair]  # interleaved types
+    return Mixture(train=train, eval={"cbqa": world.qa("test"), "instruction": eval_instr}, validation=validation)

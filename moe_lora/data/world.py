@@ -150,15 +150,21 @@ class World:
         ]
 
     def vocabulary_text(self, n: int = 300) -> list[str]:
-        """Filler lines that put every instruction word into the pretraining text without teaching
-        any of the tasks (no task keyword is followed by its answer)."""
+        """Lines that put every instruction word into the pretraining text, plus the general skills
+        a real pretrained model brings (copying a sequence, the capital form of a word, the order of
+        numbers), without teaching any task format: no task keyword is followed by its answer."""
         rng = random.Random(self.cfg.seed + 2)
-        words = SYMBOLS + list(UPPER.values()) + NUMBERS + list(INSTRUCTION_TASKS) + ["=>", ":"]
+        words = SYMBOLS + list(UPPER.values()) + NUMBERS + list(INSTRUCTION_TASKS) + ["=>"]
         lines = []
-        for i in range(n):
-            k = rng.randint(4, 10)
-            seq = [words[(i + j) % len(words)] if j == 0 else rng.choice(words) for j in range(k)]
-            lines.append("words : " + " ".join(seq) + " .")
+        for i in range(n):  # copying: the skill behind induction heads
+            seq = [words[i % len(words)]] + [rng.choice(words) for _ in range(rng.randint(1, 5))]
+            rng.shuffle(seq)
+            lines.append(f"words : {' '.join(seq)} . again : {' '.join(seq)} .")
+        for s in SYMBOLS * 3:
+            lines.append(f"the capital form of {s} is {UPPER[s]} .")
+        lines += ["numbers : " + " ".join(NUMBERS) + " ."] * 5
+        for _ in range(n // 3):
+            lines.append("counting : " + " ".join(sorted(rng.sample(NUMBERS, rng.randint(2, 5)), key=int)) + " .")
         return lines
 
     def pretraining_corpus(self) -> list[str]:
@@ -180,9 +186,9 @@ class World:
         return list(words)
 
 
-def instruction_example(task: str, rng: random.Random) -> Example:
-    """One instruction example of a sub-task; answers are exact."""
-    k = rng.randint(2, 5)
+def instruction_example(task: str, rng: random.Random, items: tuple[int, int] = (2, 5)) -> Example:
+    """One instruction example of a sub-task with ``items`` (min, max) list items; exact answers."""
+    k = rng.randint(*items)
     if task == "reverse":
         items = [rng.choice(SYMBOLS) for _ in range(k)]
         answer = list(reversed(items))
@@ -197,6 +203,8 @@ def instruction_example(task: str, rng: random.Random) -> Example:
     return Example(f"{task} : {' '.join(items)} =>", " ".join(answer), "instruction", task)
 
 
-def instruction_examples(tasks: list[str], n_per_task: int, seed: int) -> list[Example]:
+def instruction_examples(
+    tasks: list[str], n_per_task: int, seed: int, items: tuple[int, int] = (2, 5)
+) -> list[Example]:
     rng = random.Random(seed)
-    return [instruction_example(t, rng) for t in tasks for _ in range(n_per_task)]
+    return [instruction_example(t, rng, items) for t in tasks for _ in range(n_per_task)]

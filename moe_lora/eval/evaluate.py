@@ -35,7 +35,7 @@ def evaluate(
     if not fast_em:
         em_c, em_i = greedy_em(model, tok, cbqa), greedy_em(model, tok, instr, exact=True)
     per_task = defaultdict(list)
-    for e, ok in zip(instr, em_i):
+    for e, ok in zip(instr, em_i, strict=False):
         per_task[e.subtask].append(ok)
     return {
         "cbqa_em": _mean(em_c),

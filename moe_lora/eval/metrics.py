@@ -81,7 +81,7 @@ def greedy_em(
                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
             )
             texts = tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-            for text, e in zip(texts, chunk):
+            for text, e in zip(texts, chunk, strict=False):
                 text = text.split("\n")[0].strip()
                 out.append(text in (e.answer, *e.aliases) if exact else exact_match(text, [e.answer, *e.aliases]))
     finally:

@@ -78,14 +78,21 @@ class RoutingRecorder:
 
     # ------------------------------------------------------------------------------ recording
     def record(self, router: Router, logits: torch.Tensor, probs: torch.Tensor, selected: torch.Tensor | None) -> None:
+        """Called by a router inside :meth:`batch`. Tensors are (B, S, E) or (B, S, H, E) for
+        routers that route each head separately (MoV); heads then count as extra tokens."""
+        if probs.dim() > 3:
+            logits, probs = logits.flatten(1, -2), probs.flatten(1, -2)
+            selected = selected.flatten(1, -2) if selected is not None else None
+        per_token = probs.shape[1] // self._mask.shape[1]
         aux = router.aux or AuxLossConfig()
-        mask = self._mask if aux.mask_padding else torch.ones_like(self._mask)
+        mask = self._mask.repeat_interleave(per_token, 1) if per_token > 1 else self._mask
+        mask = mask if aux.mask_padding else torch.ones_like(mask)
         loss = self._aux_loss(router, aux, logits, probs, selected, mask)
         if loss is not None:
             self._aux = loss if self._aux is None else self._aux + loss
         if self.statistics:
             with torch.no_grad():
-                self._accumulate(router, probs.detach(), selected)
+                self._accumulate(router, probs.detach(), selected, per_token)
 
     def _aux_loss(
         self, router: Router, aux: AuxLossConfig, logits: torch.Tensor, probs: torch.Tensor,
@@ -102,8 +109,9 @@ class RoutingRecorder:
             terms.append(aux.z_loss_weight * losses.z_loss(logits, mask))
         return torch.stack(terms).sum() if terms else None
 
-    def _accumulate(self, router: Router, probs: torch.Tensor, selected: torch.Tensor | None) -> None:
+    def _accumulate(self, router: Router, probs: torch.Tensor, selected: torch.Tensor | None, per_token: int) -> None:
         w = self._weights.to(probs.device)
+        w = w.repeat_interleave(per_token, 1) if per_token > 1 else w
         e = router.num_experts
         if selected is None:  # soft routing: every expert is used; load counts the arg-max expert
             used = probs.new_full(probs.shape[:-1], float(e))
@@ -156,7 +164,7 @@ def window_statistics(s: dict[str, torch.Tensor], num_experts: int, k: int, grou
     n_groups = int(groups.max()) + 1 if groups.numel() else 0
     group_mass = torch.zeros(n_groups, dtype=imp.dtype).index_add_(0, groups, imp)
     return {
-        "tokens": int(round(tokens)),
+        "tokens": round(tokens),
         "importance": imp.tolist(),
         "load": s["load"][:num_experts].round().long().tolist(),
         "cv": float(losses.coefficient_of_variation(imp)) if num_experts > 1 else 0.0,

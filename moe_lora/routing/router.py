@@ -39,15 +39,17 @@ class Router(nn.Module):
 
     def __init__(
         self, d_in: int, num_experts: int, *, top_k: int | None = None, num_null: int = 0,
-        jitter: float = 0.0, fp32: bool = True,
+        jitter: float = 0.0, fp32: bool = True, device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
         self.num_experts, self.top_k, self.num_null = num_experts, top_k, num_null
         self.jitter, self.fp32 = jitter, fp32
-        self.weight = nn.Parameter(torch.empty(num_experts + num_null, d_in))
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's default, as in LoRAMoE
+        self.weight = nn.Parameter(torch.empty(num_experts + num_null, d_in, device=device))
+        if self.weight.device.type != "meta":
+            nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's default, as in LoRAMoE
         # Expert group of each real expert (LoRAMoE: first half world knowledge, second half the rest).
-        self.register_buffer("expert_type", (torch.arange(num_experts) >= num_experts / 2).long(), persistent=False)
+        groups = (torch.arange(num_experts, device=device) >= num_experts / 2).long()
+        self.register_buffer("expert_type", groups, persistent=False)
         self.module_name = ""
         self.recorder: RoutingRecorder | None = None
         self.aux: AuxLossConfig | None = None

@@ -49,9 +49,10 @@ def init_state(model: PreTrainedModel, recipe: RecipeConfig, seed: int) -> Train
 def train(
     state: TrainState, tok: PreTrainedTokenizerBase, recorder: RoutingRecorder, examples: Sequence[Example],
     recipe: RecipeConfig, max_length: int, log: Callable[[dict], None], log_routing: Callable[[list[dict]], None],
-    progress: bool = True,
+    progress: bool = True, hooks: Sequence[Callable[[TrainState], None]] = (),
 ) -> None:
-    """Train until ``recipe.max_steps``; CE + auxiliary routing losses per micro-batch."""
+    """Train until ``recipe.max_steps``; CE + auxiliary routing losses per micro-batch. ``hooks``
+    run after every optimiser step (ALoRA's rank reallocation)."""
     model = state.model
     params = [p for p in model.parameters() if p.requires_grad]
     device = next(model.parameters()).device
@@ -75,6 +76,9 @@ def train(
         state.scheduler.step()
         state.optimizer.zero_grad(set_to_none=True)
         state.step += 1
+        for hook in hooks:
+            hook(state)
+            model.train()
         bar.update(1)
         if state.step % recipe.log_every == 0 or state.step == recipe.max_steps:
             ce_sum, aux_sum, n = window.tolist()

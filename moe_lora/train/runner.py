@@ -18,14 +18,16 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from moe_lora.adapters import ADAPTERS
+from moe_lora.adapters.base import HookContext
 from moe_lora.adapters.inject import count_parameters, expand_targets, inject_adapter
 from moe_lora.config import TrainConfig
+from moe_lora.data.collate import collate
 from moe_lora.data.mixture import Mixture, world_mixture
 from moe_lora.data.world import INSTRUCTION_TASKS, World
 from moe_lora.errors import ConfigError
 from moe_lora.eval.evaluate import evaluate
 from moe_lora.layouts import resolve_layout
-from moe_lora.models import hub_model, world_model
+from moe_lora.models import hub_model, resolve_hub_path, world_model
 from moe_lora.routing.recorder import RoutingRecorder
 from moe_lora.tracking import Tracker, write_json_atomic
 from moe_lora.train.loop import init_state, train
@@ -33,8 +35,9 @@ from moe_lora.train.loop import init_state, train
 ADAPTER_FILE = "adapter_model.safetensors"
 
 
-def validate(cfg: TrainConfig) -> None:
-    """Checks across groups, before any model is built; each error names the key."""
+def validate(cfg: TrainConfig, check_files: bool = True) -> None:
+    """Checks across groups, before any model is built; each error names the key. ``check_files``
+    also checks that a hub model is available locally (off for parameter accounting)."""
     spec = ADAPTERS.get(cfg.adapter.name)
     if not isinstance(cfg.adapter, spec.config_cls):
         raise ConfigError(f"adapter.name={cfg.adapter.name!r} but conf/adapter uses the schema of "
@@ -46,6 +49,8 @@ def validate(cfg: TrainConfig) -> None:
     if spec.wrap is not None:
         resolve_layout(cfg.layout, cfg.adapter, cfg.model.num_layers)
         expand_targets(cfg.adapter.target_modules, cfg.model.modules)
+    if check_files and cfg.model.source == "hub":
+        resolve_hub_path(cfg.model)  # a missing model fails here, in well under a second
 
 
 def load_base(cfg: TrainConfig, world: World, progress: bool = True):
@@ -55,12 +60,15 @@ def load_base(cfg: TrainConfig, world: World, progress: bool = True):
 
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    """Trainable parameters plus adapter buffers (named ``adapter_*``, e.g. ALoRA's active mask)."""
+    state = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    state |= {n: b for n, b in model.named_buffers() if n.rsplit(".", 1)[-1].startswith("adapter_")}
+    return {n: t.detach().cpu().contiguous() for n, t in state.items()}
 
 
 def load_adapter(model: nn.Module, path: Path) -> None:
     state = load_file(str(path))
-    expected = {n for n, p in model.named_parameters() if p.requires_grad}
+    expected = set(adapter_state(model))
     if set(state) != expected:
         missing, extra = sorted(expected - set(state))[:3], sorted(set(state) - expected)[:3]
         raise ConfigError(f"{path} does not fit this config (missing {missing}, unexpected {extra})")
@@ -77,6 +85,16 @@ def setup(cfg: TrainConfig, progress: bool = True):
     return world, model, tok, mixture
 
 
+@torch.no_grad()
+def validation_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> float:
+    """Cross-entropy on a fixed batch in eval mode (dropout off, routers not recorded)."""
+    was_training = model.training
+    model.eval()
+    loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    model.train(was_training)
+    return float(loss)
+
+
 def run_eval(model, tok, mixture: Mixture, cfg: TrainConfig) -> dict:
     return evaluate(model, tok, mixture, fast_em=cfg.model.source == "world", limit=cfg.recipe.eval_limit,
                     max_length=cfg.data.max_length)
@@ -84,7 +102,6 @@ def run_eval(model, tok, mixture: Mixture, cfg: TrainConfig) -> dict:
 
 def run(cfg: TrainConfig, run_dir: Path, progress: bool = True) -> dict[str, Any]:
     start = time.time()
-    validate(cfg)
     resolved = OmegaConf.to_container(OmegaConf.structured(cfg))
     OmegaConf.save(OmegaConf.create(resolved), run_dir / "config.yaml")
     _, model, tok, mixture = setup(cfg, progress)
@@ -103,13 +120,21 @@ def run(cfg: TrainConfig, run_dir: Path, progress: bool = True) -> dict[str, Any
             for r in rows:
                 final_routing.setdefault(r["module"], {})[r["task_type"]] = r
 
+        spec = ADAPTERS.get(cfg.adapter.name)
         if params["trainable"] > 0:
             state = init_state(model, cfg.recipe, cfg.seed)
+            hooks = []
+            if spec.make_hook is not None:
+                val = collate(mixture.validation[: cfg.recipe.realloc_val_examples], tok, cfg.data.max_length)
+                ctx = HookContext(val_loss=lambda: validation_loss(model, val), recipe=cfg.recipe, log=tracker.log)
+                hooks.append(spec.make_hook(model, cfg.adapter, ctx))
             train(state, tok, recorder, mixture.train, cfg.recipe, cfg.data.max_length, tracker.log, log_routing,
-                  progress)
+                  progress, hooks)
         tuned = run_eval(model, tok, mixture, cfg)
         save_file(adapter_state(model), str(run_dir / ADAPTER_FILE))
         results = build_results(cfg, resolved, base, tuned, params, adapted, final_routing, time.time() - start)
+        if spec.report is not None:
+            results["adapter_report"] = spec.report(model)
         write_json_atomic(run_dir / "results.json", results)
     finally:
         tracker.finish(results)

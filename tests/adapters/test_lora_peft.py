@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import operator
+
 import pytest
 import torch
 from peft import LoraConfig as PeftLoraConfig
@@ -18,19 +21,20 @@ from moe_lora.routing.recorder import RoutingRecorder
 from moe_lora.train.runner import adapter_state, load_adapter
 
 MODULES = {"attention": ["q_proj", "k_proj", "v_proj", "o_proj"], "ffn": ["gate_proj", "up_proj", "down_proj"]}
-MODEL_CFG = ModelConfig(name="t", source="world", modules=MODULES, num_layers=2)
+MODEL_CFG = ModelConfig(name="t", source="world", modules=MODULES, num_layers=2, hidden_size=32, intermediate_size=64,
+                        num_heads=4, num_kv_heads=4)
 
 
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+def tiny_llama(seed: int = 0, layers: int = 2) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    cfg = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
     return LlamaForCausalLM(cfg).eval()
 
 
 @pytest.mark.parametrize("targets", [["ffn"], ["all"], ["q_proj", "v_proj"]])
 def test_lora_matches_peft(targets: list[str]) -> None:
-    names = [n for t in targets for n in MODULES.get(t, [t])] if targets != ["all"] else sum(MODULES.values(), [])
+    names = [n for t in targets for n in MODULES.get(t, [t])] if targets != ["all"] else functools.reduce(operator.iadd, MODULES.values(), [])
     peft_model = get_peft_model(tiny_llama(), PeftLoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
                                                              target_modules=names)).eval()
     ours = tiny_llama()

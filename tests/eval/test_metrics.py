@@ -40,4 +40,4 @@ def test_candidate_accuracy_is_at_least_exact_match(trained) -> None:
     model, tok, _, world = trained
     em, cand = teacher_forced(model, tok, world.qa("train"))
     assert all(c is not None for c in cand)
-    assert all(c for e, c in zip(em, cand) if e)  # a correct answer is also the top candidate
+    assert all(c for e, c in zip(em, cand, strict=False) if e)  # a correct answer is also the top candidate

@@ -1,0 +1,44 @@
+"""AdaMoE (Zeng et al. 2024): null experts (output zero) join the router; one softmax over real
+and null experts, top-k, the chosen real experts' weights renormalised among themselves; a token
+that picks only null experts gets no update. The routing itself is shared
+(:func:`moe_lora.routing.router.route`); the recorder reports ``real_experts_per_token``.
+
+Our defaults: 8 real LoRA experts (r=8, alpha=16) on all linears, 4 null experts, top-4 (the
+survey's top-4 over real and null experts), and AdaMoE's load-balance loss with the null experts'
+load replaced by their mean, weight 1e-2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from torch import nn
+
+from moe_lora.adapters.base import LayerPlan, register_adapter
+from moe_lora.adapters.layer import LoRAExperts, make_router
+from moe_lora.config import MoEConfig
+from moe_lora.errors import require
+
+
+@dataclass
+class AdaMoEConfig(MoEConfig):
+    name: str = "adamoe"
+    target_modules: List[str] = field(default_factory=lambda: ["all"])
+    rank: int = 8
+    alpha: float = 16.0
+    num_experts: int = 8
+    num_null_experts: int = 4
+    top_k: Optional[int] = 4
+    lb_weight: float = 0.01
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.num_null_experts >= 1, "adapter.num_null_experts", self.num_null_experts,
+                "must be >= 1 for AdaMoE (use adapter=mola for plain top-k)")
+
+
+@register_adapter("adamoe", AdaMoEConfig)
+def wrap_adamoe(base: nn.Module, cfg: AdaMoEConfig, plan: LayerPlan) -> nn.Module:
+    return LoRAExperts(base, rank=plan.rank, alpha=cfg.alpha, num_experts=plan.num_experts, dropout=cfg.dropout,
+                       router=make_router(base, cfg, plan.num_experts, plan.top_k), init_A=cfg.init_A)

@@ -1,0 +1,30 @@
+"""HydraLoRA (Tian et al. 2024): one shared A per adapted linear, N heads B_i (zero init), a soft
+router: ``y = W0 x + s * sum_i p_i B_i A x``. ``A x`` is computed once per token
+(``LoRAExperts(shared_A=True)``). Defaults from the released code: r=4, alpha=32, N=4 on
+gate/up/down. The paper's parameter percentages exclude the router (`moe-lora params` shows both).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from moe_lora.adapters.base import LayerPlan, register_adapter
+from moe_lora.adapters.layer import LoRAExperts, make_router
+from moe_lora.config import MoEConfig
+
+
+@dataclass
+class HydraLoRAConfig(MoEConfig):
+    name: str = "hydralora"
+    rank: int = 4
+    alpha: float = 32.0
+    num_experts: int = 4
+
+
+@register_adapter("hydralora", HydraLoRAConfig)
+def wrap_hydralora(base: nn.Module, cfg: HydraLoRAConfig, plan: LayerPlan) -> nn.Module:
+    return LoRAExperts(base, rank=plan.rank, alpha=cfg.alpha, num_experts=plan.num_experts, dropout=cfg.dropout,
+                       router=make_router(base, cfg, plan.num_experts, plan.top_k), init_A=cfg.init_A,
+                       shared_A=True)

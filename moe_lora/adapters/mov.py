@@ -1,0 +1,64 @@
+"""MoV (Zadouri et al. 2023): IA3 experts with soft merging, ``h' = h * sum_e p_e(h) v_e``.
+
+Every ``v_e`` starts at 1 (identity at init). The router's input is the activation it rescales:
+for k/v outputs it routes each head separately with one router shared across heads (its input is
+one head's slice, so ``router.weight`` is (E, head_dim)); for the FFN it routes on the intermediate
+activation that enters down_proj. Defaults: E=10, soft routing, router in fp32, sites k_proj and
+v_proj outputs and down_proj input. Deviation: the paper trains with Adafactor at a constant 3e-4;
+the optimiser comes from the recipe here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List
+
+import torch
+from torch import nn
+
+from moe_lora.adapters.base import LayerPlan, register_adapter
+from moe_lora.adapters.layer import linear_dims
+from moe_lora.config import MoEConfig
+from moe_lora.routing.router import Router
+
+
+@dataclass
+class MoVConfig(MoEConfig):
+    name: str = "mov"
+    target_modules: List[str] = field(default_factory=lambda: ["k_proj", "v_proj", "down_proj"])
+    num_experts: int = 10
+
+
+class MoVLinear(nn.Module):
+    """IA3 experts ``ia3_v`` (E, d) merged by a router on the rescaled activation."""
+
+    def __init__(self, base: nn.Module, router: Router, scale_input: bool, head_dim: int) -> None:
+        super().__init__()
+        self.base, self.router, self.scale_input = base, router, scale_input
+        d_in, d_out = linear_dims(base)
+        self.dim = d_in if scale_input else d_out
+        self.head_dim = self.dim if scale_input else head_dim
+        w = base.weight
+        self.ia3_v = nn.Parameter(torch.ones(router.num_experts, self.dim, dtype=w.dtype, device=w.device))
+
+    def _rescale(self, h: torch.Tensor) -> torch.Tensor:
+        heads = h.unflatten(-1, (self.dim // self.head_dim, self.head_dim))  # (..., H, hd)
+        gate = self.router(heads).to(h.dtype)  # (..., H, E): one router shared by the heads
+        vectors = self.ia3_v.unflatten(-1, (self.dim // self.head_dim, self.head_dim))  # (E, H, hd)
+        scale = torch.einsum("...he,ehd->...hd", gate, vectors)
+        return (heads * scale).flatten(-2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.scale_input:
+            return self.base(self._rescale(x))
+        return self._rescale(self.base(x))
+
+
+@register_adapter("mov", MoVConfig)
+def wrap_mov(base: nn.Module, cfg: MoVConfig, plan: LayerPlan) -> nn.Module:
+    d_in, _d_out = linear_dims(base)
+    scale_input = plan.group == "ffn"
+    router_dim = d_in if scale_input else plan.head_dim
+    router = Router(router_dim, plan.num_experts, top_k=plan.top_k, jitter=cfg.router_jitter, fp32=cfg.router_fp32,
+                    device=base.weight.device)
+    return MoVLinear(base, router, scale_input, plan.head_dim)
