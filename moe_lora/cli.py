@@ -14,6 +14,7 @@ import os
 import secrets
 import shutil
 import sys
+import traceback
 from pathlib import Path
 
 HELP = """usage: moe-lora COMMAND [hydra overrides...]
@@ -22,6 +23,8 @@ commands:
   train    train, evaluate and report one run (-m for a multirun sweep)
   params   trainable / total parameter table of a config, without training
   eval     re-evaluate a saved run: moe-lora eval run_dir=outputs/<date>/<run>
+  report   tables and plots from run folders: moe-lora report multirun/<date>/<time> [--out DIR]
+  bench    step time and memory of every variant against peft LoRA (--help for options)
 
 examples:
   moe-lora train                                   # LoRAMoE on the built-in world
@@ -50,7 +53,10 @@ def _register_resolvers() -> None:
     from omegaconf import OmegaConf
 
     if not OmegaConf.has_resolver("moe_lora.uid"):
-        OmegaConf.register_new_resolver("moe_lora.uid", lambda: os.environ["MOE_LORA_UID"])
+        OmegaConf.register_new_resolver("moe_lora.uid", lambda: os.environ.setdefault("MOE_LORA_UID", secrets.token_hex(3)))
+
+
+_register_resolvers()
 
 
 def fail(message: str, code: int = 2) -> int:
@@ -155,16 +161,26 @@ def _train_job(dcfg) -> float | None:
     from omegaconf import OmegaConf
 
     from moe_lora.errors import ConfigError
+    from moe_lora.tracking import write_json_atomic
     from moe_lora.train.runner import run, summary_table
 
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    n_jobs = OmegaConf.select(hydra_cfg, "launcher.n_jobs") if "joblib" in str(hydra_cfg.launcher.get("_target_")) else 1
     try:
         cfg = to_config(dcfg)
+        if cfg.recipe.threads is None and n_jobs and n_jobs > 1:  # parallel local jobs share the cores
+            cfg.recipe.threads = max(1, (os.cpu_count() or 1) // n_jobs)
     except ConfigError:
         if not (run_dir / "results.json").exists():
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
-    results = run(cfg, run_dir, progress=True)
+    try:
+        results = run(cfg, run_dir, progress=True)
+    except Exception as exc:  # recorded for `moe-lora report`; the sweep's other jobs go on
+        write_json_atomic(run_dir / "failure.json", {"error": f"{type(exc).__name__}: {exc}",
+                                                      "traceback": traceback.format_exc()})
+        raise
     print(summary_table(results))
     print(f"results: {run_dir / 'results.json'}")
     value = OmegaConf.select(OmegaConf.create(results), cfg.recipe.objective)
@@ -249,7 +265,19 @@ def cmd_eval(args: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "params": cmd_params, "eval": cmd_eval}
+def cmd_report(args: list[str]) -> int:
+    from moe_lora.report.build import main as report_main
+
+    return report_main(args)
+
+
+def cmd_bench(args: list[str]) -> int:
+    from moe_lora.bench.run import main as bench_main
+
+    return bench_main(args)
+
+
+COMMANDS = {"train": cmd_train, "params": cmd_params, "eval": cmd_eval, "report": cmd_report, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -266,6 +266,7 @@ class TrainConfig:
     recipe: RecipeConfig = MISSING
     logger: LoggerConfig = MISSING
     seed: int = 0
+    label: Optional[str] = None  # the report row this run belongs to (default: adapter + layout)
     cache_dir: str = "outputs/cache"
     run_dir: Optional[str] = None  # only for `moe-lora eval`
 

@@ -29,3 +29,28 @@ def test_schemas_are_not_group_choices() -> None:
     assert not any(Path(CONF_DIR, "adapter").glob("*schema*"))
     cfg = load_config([])
     assert cfg.adapter.name == "loramoe" and cfg.model.name == "tiny_world"
+
+
+PRESETS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_experiment_preset_and_each_of_its_jobs_composes(preset: str) -> None:
+    """Every job a preset's sweep would launch composes and validates (paper-scale twins too)."""
+    from hydra import compose, initialize_config_dir
+
+    from moe_lora.cli import expand_sweeps
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=[f"experiment={preset}"], return_hydra_config=True)
+    params = cfg.hydra.sweeper.get("params") or {}
+    jobs = expand_sweeps([f"{k}={v}" for k, v in params.items()])
+    assert len(jobs) >= 1
+    for job in jobs:
+        load_config([f"experiment={preset}", *job], check_files=False)
+
+
+@pytest.mark.parametrize("arm", sorted(p.stem for p in (CONF_DIR / "arm").glob("*.yaml")))
+def test_every_arm_composes(arm: str) -> None:
+    cfg = load_config([f"+arm={arm}"], check_files=False)
+    assert cfg.label

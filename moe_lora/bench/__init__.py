@@ -1,0 +1,1 @@
+"""Benchmarks: the loop reference the research code uses, and `moe-lora bench`."""

@@ -1,0 +1,57 @@
+"""A naive MoE-LoRA layer written the way released research code does it: a Python loop over
+per-expert ``nn.Linear`` A/B pairs, the gate applied to each expert's full ``T x d_out`` output,
+and a host sync to skip unused experts. Kept in the package so that tests can check our
+vectorised layer against it and the benchmark can measure the difference.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moe_lora.adapters.layer import LoRAExperts, linear_dims
+from moe_lora.routing.router import route
+
+
+class LoopMoELoRA(nn.Module):
+    """``y = W0 x + sum_e g_e(x) * (s * B_e A_e x)`` with one Python iteration per expert."""
+
+    def __init__(
+        self, base: nn.Module, num_experts: int, rank: int, alpha: float, top_k: int | None = None,
+        num_null: int = 0, shared_A: bool = False,
+    ) -> None:
+        super().__init__()
+        d_in, d_out = linear_dims(base)
+        self.base, self.num_experts, self.top_k, self.num_null = base, num_experts, top_k, num_null
+        self.scaling, self.shared_A = alpha / rank, shared_A
+        n_a = 1 if shared_A else num_experts
+        self.experts_A = nn.ModuleList(nn.Linear(d_in, rank, bias=False) for _ in range(n_a))
+        self.experts_B = nn.ModuleList(nn.Linear(rank, d_out, bias=False) for _ in range(num_experts))
+        self.router = nn.Linear(d_in, num_experts + num_null, bias=False)
+
+    @classmethod
+    def from_ours(cls, layer: LoRAExperts) -> LoopMoELoRA:
+        """The same weights as one of our expert layers."""
+        r, router = layer.rank, layer.router
+        ref = cls(layer.base, layer.num_experts, r, layer.scaling * r, router.top_k, router.num_null, layer.shared_A)
+        with torch.no_grad():
+            for e, lin in enumerate(ref.experts_A):
+                lin.weight.copy_(layer.lora_A[:, e * r:(e + 1) * r].T)
+            for e, lin in enumerate(ref.experts_B):
+                lin.weight.copy_(layer.lora_B[e * r:(e + 1) * r].T)
+            ref.router.weight.copy_(router.weight)
+        return ref
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        probs = F.softmax(self.router(x).float(), dim=-1)
+        gate, _ = route(probs, self.top_k, self.num_experts)
+        used = (gate.reshape(-1, self.num_experts) > 0).any(0).tolist()  # host sync, as released code does
+        shared = self.experts_A[0](x) if self.shared_A else None
+        for e in range(self.num_experts):
+            if not used[e]:
+                continue
+            h = shared if self.shared_A else self.experts_A[e](x)
+            out = out + gate[..., e:e + 1].to(x.dtype) * (self.experts_B[e](h) * self.scaling)
+        return out

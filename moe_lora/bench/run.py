@@ -1,0 +1,260 @@
+"""`moe-lora bench`: training-step time and memory of every variant against peft's LoRA.
+
+All variants live in one process and are interleaved over the rounds, so that drift of the
+machine (other load, frequency) hits them alike; the figure is the median step (forward, backward,
+AdamW step). Memory on CPU is the bytes saved for backward (saved-tensor hooks) plus parameters,
+gradients and optimiser state; on a GPU it is the peak allocated memory of a step. Ratios are
+against peft LoRA measured in the same run; nothing is compared with numbers from elsewhere.
+
+GPU sizes: ``--hidden 896 --layers 24 --heads 14 --ffn 4864 --vocab 151936 --seq 512 --batch 8``
+is Qwen2.5-0.5B-shaped with random weights; ``--hidden 4096 --layers 32 --heads 32 --ffn 11008
+--vocab 32000 --dtype bfloat16`` is LLaMA-2-7B-shaped (about 14 GB of bf16 weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+import torch
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+from torch import nn
+
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+MOE = ["loramoe", "molora", "mola", "hydralora", "adamoe", "mov"]
+LOOPS = {"loop_loramoe": "loramoe", "loop_mola": "mola", "loop_hydralora": "hydralora", "loop_adamoe": "adamoe"}
+
+
+@dataclass
+class Case:
+    model: nn.Module
+    optimizer: torch.optim.Optimizer | None
+    recorder: object | None
+    telemetry: bool
+    steps: int = 0
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="moe-lora bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--ffn", type=int, default=688)
+    p.add_argument("--vocab", type=int, default=2000)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--modules", default="all", help="'all', 'ffn', 'attention' or comma-separated names")
+    p.add_argument("--variants", default="", help="comma-separated subset (default: all)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--compile", action="store_true", help="torch.compile every model (whole model)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    return p.parse_args(argv)
+
+
+def target_modules(spec: str) -> list[str]:
+    groups = {"all": ALL, "attention": ALL[:4], "ffn": ALL[4:]}
+    return groups.get(spec, spec.split(","))
+
+
+def base_model(a: argparse.Namespace) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.ffn, num_hidden_layers=a.layers,
+                      num_attention_heads=a.heads, num_key_value_heads=a.heads, max_position_embeddings=max(a.seq, 256))
+    model = LlamaForCausalLM(cfg).to(device=a.device, dtype=getattr(torch, a.dtype))
+    model.requires_grad_(False)
+    return model
+
+
+def adapter_config(name: str, a: argparse.Namespace):
+    """The variant's defaults with the benchmark's E, r, targets and dropout 0."""
+    node = ConfigStore.instance().load(f"schema/adapter/{name}.yaml").node
+    cfg = OmegaConf.to_object(OmegaConf.merge(node, {"name": name}))
+    names = {f.name for f in fields(cfg)}
+    over = {"target_modules": target_modules(a.modules), "dropout": 0.0, "rank": a.rank}
+    if name != "adamoe":
+        over["num_experts"] = a.experts
+    return replace(cfg, **{k: v for k, v in over.items() if k in names})
+
+
+def model_config(a: argparse.Namespace):
+    from moe_lora.config import ModelConfig
+
+    return ModelConfig(name="bench", source="world", modules={"attention": ALL[:4], "ffn": ALL[4:]},
+                       hidden_size=a.hidden, num_layers=a.layers, intermediate_size=a.ffn, num_heads=a.heads)
+
+
+def build(variant: str, a: argparse.Namespace) -> Case:
+    import moe_lora.adapters  # noqa: F401  (registers the variants)
+    from moe_lora.adapters.inject import inject_adapter
+    from moe_lora.adapters.layer import LoRAExperts
+    from moe_lora.bench.reference import LoopMoELoRA
+    from moe_lora.config import LayoutConfig
+    from moe_lora.routing.recorder import RoutingRecorder
+
+    model = base_model(a)
+    recorder = RoutingRecorder()
+    telemetry = True
+    if variant == "base":  # frozen: backward runs through the activations into the embeddings only
+        recorder = None
+        model.get_input_embeddings().weight.requires_grad_(True)
+    elif variant == "peft_lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=a.rank, lora_alpha=a.rank, lora_dropout=0.0,
+                                                 target_modules=target_modules(a.modules)))
+        recorder = None
+    else:
+        name = LOOPS.get(variant, variant.removesuffix("_no_telemetry"))
+        telemetry = not variant.endswith("_no_telemetry")
+        inject_adapter(model, adapter_config(name, a), model_config(a), LayoutConfig(), recorder)
+        if variant in LOOPS:
+            for n, m in list(model.named_modules()):
+                if isinstance(m, LoRAExperts):
+                    parent, _, child = n.rpartition(".")
+                    setattr(model.get_submodule(parent), child, LoopMoELoRA.from_ours(m))
+            recorder = None
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4) if params and variant != "base" else None
+    if a.compile:
+        model = torch.compile(model)
+    return Case(model, opt, recorder, telemetry)
+
+
+def make_batch(a: argparse.Namespace) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, a.vocab, (a.batch, a.seq), generator=g).to(a.device)
+    task = (torch.arange(a.batch) % 2).to(a.device)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "task_type": task}
+
+
+def train_step(case: Case, batch: dict[str, torch.Tensor]) -> None:
+    rec = case.recorder
+    ctx = rec.batch(batch["attention_mask"], batch["task_type"]) if rec and case.telemetry else contextlib.nullcontext()
+    with ctx:
+        loss = case.model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
+    aux = rec.pop_aux_loss() if rec else None
+    if aux is not None:
+        loss = loss + aux
+    loss.backward()
+    if case.optimizer is not None:
+        case.optimizer.step()
+        case.optimizer.zero_grad(set_to_none=True)
+    else:
+        case.model.get_input_embeddings().weight.grad = None
+    case.steps += 1
+    if rec is not None and case.telemetry and case.steps % 10 == 0:
+        rec.flush(case.steps)  # statistics are read at logging steps: every 10th step here
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def memory_bytes(case: Case, batch: dict[str, torch.Tensor], device: str) -> int:
+    """Peak allocated (GPU), or saved-for-backward + parameters + gradients + AdamW state (CPU)."""
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        train_step(case, batch)
+        sync(device)
+        return torch.cuda.max_memory_allocated()
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        train_step(case, batch)
+    params = list(case.model.parameters())
+    weights = sum(p.numel() * p.element_size() for p in params)
+    trainable = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
+    return sum(seen.values()) + weights + (trainable * 3 if case.optimizer else 0)  # grads + two AdamW moments
+
+
+def measure(variants: list[str], a: argparse.Namespace, progress: Callable[[str], None] = print) -> dict:
+    batch = make_batch(a)
+    cases = {v: build(v, a) for v in variants}
+    for v, case in cases.items():  # warm-up (and compile)
+        for _ in range(2):
+            train_step(case, batch)
+        progress(f"built {v}")
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    for _ in range(a.rounds):
+        for v, case in cases.items():
+            sync(a.device)
+            t0 = time.perf_counter()
+            train_step(case, batch)
+            sync(a.device)
+            times[v].append(time.perf_counter() - t0)
+    memory = {v: memory_bytes(case, batch, a.device) for v, case in cases.items()}
+    return {"median_s": {v: statistics.median(t) for v, t in times.items()}, "memory_bytes": memory}
+
+
+def report(raw: dict, a: argparse.Namespace) -> dict:
+    t, mem = raw["median_s"], raw["memory_bytes"]
+    ref_t, ref_m = t["peft_lora"], mem["peft_lora"]
+    ours = [v for v in t if v not in LOOPS and v not in ("peft_lora",) and not v.endswith("_no_telemetry")]
+    versions = {"torch": torch.__version__, "python": platform.python_version()}
+    for mod in ("transformers", "peft"):
+        versions[mod] = __import__(mod).__version__
+    out = {
+        "ratio_vs_peft_lora": {v: t[v] / ref_t for v in ours},
+        "memory_ratio_vs_peft_lora": {v: mem[v] / ref_m for v in ours},
+        "loop_reference_over_ours": {LOOPS[v]: t[v] / t[LOOPS[v]] for v in LOOPS if v in t and LOOPS[v] in t},
+        "median_step_ms": {v: 1000 * s for v, s in t.items()},
+        "memory_mb": {v: b / 2**20 for v, b in mem.items()},
+        "settings": {**vars(a), "out": str(a.out) if a.out else None, "threads": torch.get_num_threads(),
+                     "machine": platform.machine(), "processor": platform.processor()},
+        "versions": versions,
+    }
+    if "loramoe_no_telemetry" in t and "loramoe" in t:
+        out["telemetry_overhead"] = t["loramoe"] / t["loramoe_no_telemetry"]
+    return out
+
+
+def table(res: dict) -> str:
+    ms, mb = res["median_step_ms"], res["memory_mb"]
+    rows = [f"{'variant':<22} {'step ms':>9} {'x peft':>7} {'memory MB':>10} {'x peft':>7}"]
+    for v in ms:
+        ratio = res["ratio_vs_peft_lora"].get(v, ms[v] / ms["peft_lora"])
+        mratio = res["memory_ratio_vs_peft_lora"].get(v, mb[v] / mb["peft_lora"])
+        rows.append(f"{v:<22} {ms[v]:>9.1f} {ratio:>7.2f} {mb[v]:>10.1f} {mratio:>7.2f}")
+    rows.append("")
+    rows += [f"loop reference / ours ({k}): {r:.2f}x" for k, r in res["loop_reference_over_ours"].items()]
+    if "telemetry_overhead" in res:
+        rows.append(f"routing statistics + aux losses on / off (loramoe): {res['telemetry_overhead']:.3f}x")
+    return "\n".join(rows)
+
+
+def main(argv: list[str]) -> int:
+    a = parse(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    default = ["base", "peft_lora", "lora", *MOE, "loramoe_no_telemetry", "melora", "alora", *LOOPS]
+    variants = [v for v in a.variants.split(",") if v] or default
+    for needed in ("peft_lora",):
+        if needed not in variants:
+            variants.insert(0, needed)
+    res = report(measure(variants, a), a)
+    print(table(res))
+    if a.out:
+        from moe_lora.tracking import write_json_atomic
+
+        write_json_atomic(a.out, res)
+        print(f"written: {a.out}")
+    return 0

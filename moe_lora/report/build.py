@@ -1,0 +1,83 @@
+"""`moe-lora report PATH... [--out DIR]`: tables and plots side by side, written atomically."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from moe_lora.report import plots
+from moe_lora.report.collect import Run, collect
+from moe_lora.report.tables import aggregate, latex, markdown, to_csv
+
+
+def _slug(label: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in label)
+
+
+def write_report(runs: list[Run], folder: Path) -> None:
+    rows = aggregate(runs)
+    (folder / "results.md").write_text(markdown(rows))
+    (folder / "results.csv").write_text(to_csv(rows))
+    (folder / "results.tex").write_text(latex(rows))
+    figures = []
+    if plots.cv_over_training(runs, folder / "cv_over_training.png"):
+        figures.append(("CV of expert importance over training", "cv_over_training.png"))
+    if plots.knowledge_vs_instruction(rows, folder / "knowledge_vs_instruction.png"):
+        figures.append(("Knowledge retained versus instruction accuracy", "knowledge_vs_instruction.png"))
+    if len({r.results.get("layout") for r in runs if r.results}) > 1 and plots.metric_bars(
+            rows, folder / "layout_comparison.png", "Layouts compared"):
+        figures.append(("Layout comparison", "layout_comparison.png"))
+    for row in rows:
+        name = f"expert_load_{_slug(row['label'])}.png"
+        if plots.load_heatmap(runs, row["label"], folder / name):
+            figures.append((f"Expert load by task type: {row['label']}", name))
+    failed = [r for r in runs if r.results is None]
+    lines = ["# moe_lora report", "", f"{len(runs) - len(failed)} finished runs, {len(failed)} failed.", "",
+             "## Results (mean ± std over seeds)", "", markdown(rows),
+             "Also as [CSV](results.csv) and [LaTeX](results.tex).", ""]
+    if failed:
+        lines += ["## Failed runs", ""] + [f"- `{r.path}`: {r.error}" for r in failed] + [""]
+    if figures:
+        lines += ["## Plots", ""] + [f"### {t}\n\n![{t}]({f})\n" for t, f in figures]
+    (folder / "index.md").write_text("\n".join(lines))
+
+
+def build_report(paths: list[Path], out: Path | None = None) -> Path:
+    """Collect runs below ``paths`` and (re)write the report folder ``out`` as a whole: it is
+    built in a temporary folder beside it and swapped in, so readers never see half a report and
+    nothing outside ``out`` is touched."""
+    runs = collect(paths)
+    if not runs:
+        raise FileNotFoundError(f"no moe-lora runs (results.json) below {', '.join(map(str, paths))}")
+    out = out or (paths[0] if paths[0].is_dir() else paths[0].parent) / "report"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        write_report(runs, tmp)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="moe-lora report", description=__doc__)
+    p.add_argument("paths", nargs="+", type=Path, help="run or sweep folders (searched recursively)")
+    p.add_argument("--out", type=Path, default=None, help="report folder (default: <first path>/report)")
+    a = p.parse_args(argv)
+    try:
+        out = build_report(a.paths, a.out)
+    except FileNotFoundError as exc:
+        print(f"moe-lora: error: {exc}")
+        return 2
+    print(f"report: {out / 'index.md'}")
+    return 0

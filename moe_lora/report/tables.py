@@ -1,0 +1,81 @@
+"""Aggregate runs into rows (mean +- std over seeds) and render markdown, CSV and LaTeX."""
+
+from __future__ import annotations
+
+import csv
+import io
+import statistics
+from collections import defaultdict
+
+from moe_lora.report.collect import Run
+
+COLUMNS = [  # (header, key in results["metrics"] or a function of the results)
+    ("CBQA EM", "cbqa_em"),
+    ("CBQA cand. acc", "cbqa_candidate_acc"),
+    ("knowledge retained", "knowledge_retained"),
+    ("instruction EM", "instruction_em"),
+]
+
+
+def mean_cv(results: dict) -> float | None:
+    cvs = [r["cv"] for r in results.get("routing", {}).values()]
+    return sum(cvs) / len(cvs) if cvs else None
+
+
+def aggregate(runs: list[Run]) -> list[dict]:
+    """One row per label, in first-seen order, with mean and std of every column over seeds."""
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for run in runs:
+        if run.results is not None:
+            groups[run.label].append(run.results)
+    rows = []
+    for label, results in groups.items():
+        row = {"label": label, "seeds": sorted({r["seed"] for r in results}), "n": len(results),
+               "trainable": results[0]["params"]["trainable"]}
+        values = {h: [r["metrics"].get(k) for r in results] for h, k in COLUMNS}
+        values["routing CV"] = [mean_cv(r) for r in results]
+        values["wall s"] = [r["wall_s"] for r in results]
+        for h, vs in values.items():
+            vs = [v for v in vs if v is not None]
+            row[h] = (statistics.fmean(vs), statistics.stdev(vs) if len(vs) > 1 else 0.0) if vs else None
+        rows.append(row)
+    return rows
+
+
+HEADERS = [h for h, _ in COLUMNS] + ["routing CV", "wall s"]
+
+
+def _pm(v: tuple[float, float] | None, digits: int = 3) -> str:
+    return "-" if v is None else f"{v[0]:.{digits}f} ± {v[1]:.{digits}f}"
+
+
+def markdown(rows: list[dict]) -> str:
+    head = ["variant", "seeds", "trainable params", *HEADERS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["label"], str(r["n"]), f"{r['trainable']:,}",
+                 *(_pm(r[h], 1 if h == "wall s" else 3) for h in HEADERS)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["variant", "seeds", "trainable_params",
+                *(f"{h.replace(' ', '_')}_{s}" for h in HEADERS for s in ("mean", "std"))])
+    for r in rows:
+        w.writerow([r["label"], r["n"], r["trainable"],
+                    *(x for h in HEADERS for x in ((r[h][0], r[h][1]) if r[h] else ("", "")))])
+    return buf.getvalue()
+
+
+def latex(rows: list[dict]) -> str:
+    head = ["variant", "params", *HEADERS[:4]]
+    lines = [r"\begin{tabular}{l" + "r" * (len(head) - 1) + "}", r"\toprule", " & ".join(head) + r" \\", r"\midrule"]
+    for r in rows:
+        cells = [r["label"].replace("_", r"\_"), f"{r['trainable']:,}".replace(",", "{,}"),
+                 *(("-" if r[h] is None else f"{r[h][0]:.3f} $\\pm$ {r[h][1]:.3f}") for h in HEADERS[:4])]
+        lines.append(" & ".join(cells) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,81 @@
+"""`moe-lora report` on small fabricated results folders: values checked, not just existence."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from moe_lora.report.build import build_report
+from moe_lora.report.collect import collect
+from moe_lora.report.tables import aggregate
+
+
+def fake_run(path: Path, adapter: str, seed: int, cbqa: float, instr: float, cv: float, layout: str = "uniform",
+             label: str | None = None) -> None:
+    path.mkdir(parents=True)
+    routing = {f"model.layers.{i}.mlp.up_proj": {
+        "cv": cv, "load": [3, 1], "by_task_type": {"cbqa": {"load": [3, 1]}, "instruction": {"load": [1, 3]}}}
+        for i in range(2)}
+    results = {"adapter": adapter, "layout": layout, "seed": seed, "wall_s": 10.0 + seed,
+               "params": {"trainable": 1000}, "config": {"label": label},
+               "metrics": {"cbqa_em": cbqa, "cbqa_em_base": 0.9, "cbqa_candidate_acc": cbqa,
+                           "knowledge_retained": cbqa / 0.9, "instruction_em": instr},
+               "routing": routing}
+    (path / "results.json").write_text(json.dumps(results))
+    rows = [{"step": s, "module": m, "task_type": "all", "cv": cv * s / 10} for s in (5, 10) for m in routing]
+    (path / "routing.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.fixture
+def sweep(tmp_path) -> Path:
+    fake_run(tmp_path / "0", "lora", 0, 0.6, 0.5, 0.0)
+    fake_run(tmp_path / "1", "lora", 1, 0.8, 0.7, 0.0)
+    fake_run(tmp_path / "2", "loramoe", 0, 0.9, 0.4, 0.2, label="loramoe+lbc")
+    fake_run(tmp_path / "3", "mola", 0, 0.5, 0.5, 0.4, layout="triangle")
+    (tmp_path / "4").mkdir()
+    (tmp_path / "4" / "failure.json").write_text(json.dumps({"error": "RuntimeError: boom"}))
+    return tmp_path
+
+
+def test_aggregate_mean_and_std_over_seeds(sweep) -> None:
+    rows = {r["label"]: r for r in aggregate(collect([sweep]))}
+    assert set(rows) == {"lora", "loramoe+lbc", "mola/triangle"}
+    lora = rows["lora"]
+    assert lora["n"] == 2 and lora["seeds"] == [0, 1]
+    assert lora["CBQA EM"] == pytest.approx((0.7, 0.1414213562), rel=1e-6)  # mean, sample std
+    assert lora["instruction EM"][0] == pytest.approx(0.6)
+    assert rows["loramoe+lbc"]["routing CV"] == (pytest.approx(0.2), 0.0)
+    assert rows["lora"]["wall s"][0] == pytest.approx(10.5)
+
+
+def test_report_folder_tables_plots_and_failures(sweep) -> None:
+    out = build_report([sweep])
+    assert out == sweep / "report"
+    md = (out / "results.md").read_text()
+    assert "| lora | 2 | 1,000 | 0.700 ± 0.141 |" in md
+    csv = (out / "results.csv").read_text().splitlines()
+    assert csv[0].startswith("variant,seeds,trainable_params,CBQA_EM_mean,CBQA_EM_std")
+    assert csv[1].startswith("lora,2,1000,0.7")
+    index = (out / "index.md").read_text()
+    assert "4 finished runs, 1 failed" in index and "RuntimeError: boom" in index
+    for png in ("cv_over_training.png", "knowledge_vs_instruction.png", "layout_comparison.png",
+                "expert_load_loramoe_lbc.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG" and f"]({png})" in index
+    assert "\\begin{tabular}" in (out / "results.tex").read_text()
+
+
+def test_report_replaces_only_its_own_folder(sweep, tmp_path) -> None:
+    out = tmp_path / "elsewhere" / "rep"
+    build_report([sweep], out)
+    (out / "stale.txt").write_text("old")
+    (out.parent / "keep.txt").write_text("mine")
+    build_report([sweep], out)
+    assert not (out / "stale.txt").exists() and (out.parent / "keep.txt").read_text() == "mine"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["keep.txt", "rep"]  # no temporary leftovers
+
+
+def test_report_without_runs_is_an_error(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="no moe-lora runs"):
+        build_report([tmp_path])
