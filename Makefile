@@ -9,13 +9,15 @@ ARGS    ?=
 TORCH_SPEC  ?= torch==2.13.0
 TORCH_INDEX ?=
 
-.PHONY: run test setup lint style bench clean-cache
+PRESETS ?= loramoe_forgetting mola_layouts mov_molora melora alora adamoe hydralora_matched
+
+.PHONY: run test setup lint style bench tables clean-cache
 
 run: $(STAMP)
 	$(BIN)/moe-lora train $(ARGS)
 
 test: $(STAMP)
-	$(BIN)/ruff check moe_lora tests scripts
+	$(BIN)/ruff check moe_lora tests
 	$(BIN)/python -m pytest -q $(ARGS)
 
 setup: $(STAMP)
@@ -33,8 +35,19 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 lint style: $(STAMP)
-	$(BIN)/ruff check --fix moe_lora tests scripts
-	$(BIN)/ruff format --check moe_lora tests scripts || true
+	$(BIN)/ruff check --fix moe_lora tests
+
+bench: $(STAMP)
+	$(BIN)/moe-lora bench --out outputs/bench.json $(ARGS)
+
+# Toy-scale paper presets (3 seeds each), then one report per preset in its newest sweep folder.
+# A failed job does not stop the others; it is listed in the report.
+tables: $(STAMP)
+	@status=0; for p in $(PRESETS); do \
+		$(BIN)/moe-lora train -m experiment=$$p $(ARGS) || status=1; \
+		latest=$$(ls -td multirun/$$p/*/ | head -n 1); \
+		$(BIN)/moe-lora report $$latest || status=1; \
+	done; exit $$status
 
 clean-cache:
 	rm -rf outputs/cache

@@ -211,6 +211,7 @@ class RecipeConfig:
     log_every: int = 10
     eval_limit: Optional[int] = None  # cap on evaluation examples per split (smoke runs)
     threads: Optional[int] = None  # torch intra-op threads; None = all cores
+    compile: bool = False  # whole-model torch.compile for the training forward
     objective: str = "metrics.cbqa_em"  # what a sweeper optimises
     realloc_every: Optional[int] = None  # rank reallocation period (ALoRA); None = max_steps // 4
     realloc_prune: int = 4  # components moved per reallocation

@@ -52,7 +52,7 @@ class ALoRALinear(LoRAExperts):
         active[:rank] = 1.0
         self.register_buffer("adapter_active", active)
 
-    def scale_hidden(self, h: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+    def scale_hidden(self, h: torch.Tensor, gate: torch.Tensor | None) -> tuple[torch.Tensor, float]:
         return h * (self.alora_gate * self.adapter_active), self.scaling
 
     @property

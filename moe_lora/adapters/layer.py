@@ -73,20 +73,32 @@ class LoRAExperts(nn.Module):
         else:
             kaiming_uniform_(self.lora_A, self.d_in)
 
-    def scale_hidden(self, h: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+    def hidden_and_gate(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``dropout(x) @ A`` and the router's gate. Without dropout, the router's logits come out
+        of the same matmul, ``x @ [A | W_r^T]``: one read of x and one GEMM fewer, forward and
+        backward."""
+        router = self.router
+        if router is not None and isinstance(self.lora_dropout, nn.Identity) and router.fusable(x):
+            width = self.lora_A.shape[1]
+            fused = x.to(self.lora_A.dtype) @ torch.cat([self.lora_A, router.weight.t().to(self.lora_A.dtype)], 1)
+            return fused[..., :width], router.gate(fused[..., width:], self.lora_A.dtype)
+        h = self.lora_dropout(x).to(self.lora_A.dtype) @ self.lora_A
+        return h, (router(x) if router is not None else None)
+
+    def scale_hidden(self, h: torch.Tensor, gate: torch.Tensor | None) -> tuple[torch.Tensor, float]:
         """Apply the gate (times alpha/r) to the ``(..., E*r)`` hidden; returns it and the addmm
         factor still to apply."""
-        if self.router is None:
+        if gate is None:
             return h, self.scaling
-        gate = self.router(x).to(h.dtype) * self.scaling
+        gate = gate.to(h.dtype) * self.scaling
         if self.shared_A:  # HydraLoRA: one A x, expanded to the N heads by the gate
             return (h.unsqueeze(-2) * gate.unsqueeze(-1)).flatten(-2), 1.0
         return (h.unflatten(-1, (self.num_experts, self.rank)) * gate.unsqueeze(-1)).flatten(-2), 1.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
-        h = self.lora_dropout(x).to(self.lora_A.dtype) @ self.lora_A
-        h, alpha = self.scale_hidden(h, x)
+        h, gate = self.hidden_and_gate(x)
+        h, alpha = self.scale_hidden(h, gate)
         flat = torch.addmm(out.reshape(-1, self.d_out), h.reshape(-1, h.shape[-1]).to(out.dtype),
                            self.lora_B.to(out.dtype), alpha=alpha)
         return flat.view_as(out)

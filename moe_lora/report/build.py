@@ -10,7 +10,7 @@ from pathlib import Path
 
 from moe_lora.report import plots
 from moe_lora.report.collect import Run, collect
-from moe_lora.report.tables import aggregate, latex, markdown, to_csv
+from moe_lora.report.tables import aggregate, latex, markdown, row_labels, to_csv
 
 
 def _slug(label: str) -> str:
@@ -18,12 +18,12 @@ def _slug(label: str) -> str:
 
 
 def write_report(runs: list[Run], folder: Path) -> None:
-    rows = aggregate(runs)
+    rows, names = aggregate(runs), row_labels(runs)
     (folder / "results.md").write_text(markdown(rows))
     (folder / "results.csv").write_text(to_csv(rows))
     (folder / "results.tex").write_text(latex(rows))
     figures = []
-    if plots.cv_over_training(runs, folder / "cv_over_training.png"):
+    if plots.cv_over_training(runs, folder / "cv_over_training.png", names):
         figures.append(("CV of expert importance over training", "cv_over_training.png"))
     if plots.knowledge_vs_instruction(rows, folder / "knowledge_vs_instruction.png"):
         figures.append(("Knowledge retained versus instruction accuracy", "knowledge_vs_instruction.png"))
@@ -32,7 +32,7 @@ def write_report(runs: list[Run], folder: Path) -> None:
         figures.append(("Layout comparison", "layout_comparison.png"))
     for row in rows:
         name = f"expert_load_{_slug(row['label'])}.png"
-        if plots.load_heatmap(runs, row["label"], folder / name):
+        if plots.load_heatmap(runs, row["label"], folder / name, names):
             figures.append((f"Expert load by task type: {row['label']}", name))
     failed = [r for r in runs if r.results is None]
     lines = ["# moe_lora report", "", f"{len(runs) - len(failed)} finished runs, {len(failed)} failed.", "",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +32,11 @@ def _is_run_dir(path: Path) -> bool:
     return any((path / f).exists() for f in ("results.json", "failure.json", "config.yaml"))
 
 
+def _natural(path: Path) -> list:
+    """Sort ``2_x`` before ``10_x`` (Hydra numbers its jobs)."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(path))]
+
+
 def collect(paths: list[Path]) -> list[Run]:
     """Every run directory below ``paths`` (the report folder itself is skipped)."""
     dirs: set[Path] = set()
@@ -41,7 +47,7 @@ def collect(paths: list[Path]) -> list[Run]:
         dirs |= {d for d in candidates if d.is_dir() and _is_run_dir(d)
                  and not any(p == "report" or p.startswith(".") for p in d.parts[len(root.parts):])}
     runs = []
-    for d in sorted(dirs):
+    for d in sorted(dirs, key=_natural):
         if (d / "results.json").exists():
             routing = [json.loads(x) for x in (d / "routing.jsonl").read_text().splitlines()
                        if x.strip()] if (d / "routing.jsonl").exists() else []

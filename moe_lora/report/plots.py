@@ -17,7 +17,7 @@ from moe_lora.report.collect import Run
 _LAYER = re.compile(r"\.(\d+)\.")
 
 
-def cv_over_training(runs: list[Run], path: Path) -> bool:
+def cv_over_training(runs: list[Run], path: Path, names: dict[Path, str]) -> bool:
     """Mean CV of expert importance over adapted linears, per step, one line per label (mean over
     seeds): LoRAMoE's figure, constrained versus unconstrained."""
     series: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
@@ -27,7 +27,7 @@ def cv_over_training(runs: list[Run], path: Path) -> bool:
             if row["task_type"] == "all":
                 per_step[row["step"]].append(row["cv"])
         for step, cvs in per_step.items():
-            series[run.label][step].append(sum(cvs) / len(cvs))
+            series[names.get(run.path, run.label)][step].append(sum(cvs) / len(cvs))
     if not series:
         return False
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -42,12 +42,12 @@ def cv_over_training(runs: list[Run], path: Path) -> bool:
     return True
 
 
-def load_heatmap(runs: list[Run], label: str, path: Path) -> bool:
+def load_heatmap(runs: list[Run], label: str, path: Path, names: dict[Path, str]) -> bool:
     """Expert load share (layer x expert), one panel per task type, averaged over the linears of a
     layer and over seeds; empty cells where a layer has fewer experts (MoLA layouts)."""
     acc: dict[str, dict[int, list[np.ndarray]]] = defaultdict(lambda: defaultdict(list))
     for run in runs:
-        if run.label != label or run.results is None:
+        if run.results is None or names.get(run.path) != label:
             continue
         for module, stats in run.results.get("routing", {}).items():
             m = _LAYER.search(module)

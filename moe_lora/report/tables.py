@@ -6,6 +6,7 @@ import csv
 import io
 import statistics
 from collections import defaultdict
+from pathlib import Path
 
 from moe_lora.report.collect import Run
 
@@ -22,12 +23,44 @@ def mean_cv(results: dict) -> float | None:
     return sum(cvs) / len(cvs) if cvs else None
 
 
+_NOT_A_SETTING = {"seed", "label", "run_dir", "cache_dir"}
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out |= _flatten(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = repr(v)
+    return out
+
+
+def row_labels(runs: list[Run]) -> dict[Path, str]:
+    """A run's row: its label, plus every setting that varies between runs of that label (other
+    than the seed), e.g. ``loramoe (recipe.max_steps=150)``; runs differing only by seed share it."""
+    by_label: dict[str, list[Run]] = defaultdict(list)
+    for run in runs:
+        if run.results is not None:
+            by_label[run.label].append(run)
+    names = {}
+    for label, group in by_label.items():
+        flat = {r.path: _flatten(r.results.get("config", {})) for r in group}
+        keys = sorted({k for f in flat.values() for k in f} - _NOT_A_SETTING)
+        varying = [k for k in keys if len({f.get(k) for f in flat.values()}) > 1]
+        for r in group:
+            extra = ", ".join(f"{k}={flat[r.path].get(k, '-')}" for k in varying)
+            names[r.path] = f"{label} ({extra})" if extra else label
+    return names
+
+
 def aggregate(runs: list[Run]) -> list[dict]:
-    """One row per label, in first-seen order, with mean and std of every column over seeds."""
+    """One row per label (and varying setting), in first-seen order, mean and std over seeds."""
+    names = row_labels(runs)
     groups: dict[str, list[dict]] = defaultdict(list)
     for run in runs:
         if run.results is not None:
-            groups[run.label].append(run.results)
+            groups[names[run.path]].append(run.results)
     rows = []
     for label, results in groups.items():
         row = {"label": label, "seeds": sorted({r["seed"] for r in results}), "n": len(results),

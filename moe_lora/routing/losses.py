@@ -1,8 +1,10 @@
 """Auxiliary routing losses: pure functions of router tensors, tested against hand-computed values.
 
-Shapes: ``probs`` (B, S, E) router probabilities over real experts, ``mask`` (B, S) 1 for real
-(non-pad) tokens, ``sample_type`` (B,) the expert-group index that each sample's task type belongs
-to, ``expert_type`` (E,) the group of each expert.
+Shapes: ``probs`` (..., B, S, E) router probabilities over real experts, ``mask`` (B, S) 1 for
+real (non-pad) tokens, ``sample_type`` (B,) the expert-group index that each sample's task type
+belongs to, ``expert_type`` (..., E) the group of each expert. Leading dimensions (``...``) stack
+several routers of the same shape, so the recorder computes a layer-stack's losses in one go; each
+function then returns one value per router.
 """
 
 from __future__ import annotations
@@ -11,8 +13,8 @@ import torch
 
 
 def importance_per_sample(probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Q[n, m]: sum over the real tokens of sample m of p[m, t, n]; shape (E, B)."""
-    return torch.einsum("bse,bs->eb", probs, mask.to(probs.dtype))
+    """Q[n, m]: sum over the real tokens of sample m of p[m, t, n]; shape (..., E, B)."""
+    return torch.einsum("...bse,bs->...eb", probs, mask.to(probs.dtype))
 
 
 def lbc_loss(
@@ -24,9 +26,9 @@ def lbc_loss(
     Unbiased variance over all (E x B) entries, as the released code does.
     """
     q = importance_per_sample(probs, mask)
-    same = expert_type[:, None] == sample_type[None, :]
-    z = q * torch.where(same, 1.0 + delta, 1.0 - delta).to(q.dtype)
-    return z.var() / z.mean().pow(2)
+    same = expert_type.unsqueeze(-1) == sample_type
+    z = (q * torch.where(same, 1.0 + delta, 1.0 - delta).to(q.dtype)).flatten(-2)
+    return z.var(-1) / z.mean(-1).pow(2)
 
 
 def load_balance_loss(probs: torch.Tensor, selected: torch.Tensor, mask: torch.Tensor, k: int) -> torch.Tensor:
@@ -38,9 +40,9 @@ def load_balance_loss(probs: torch.Tensor, selected: torch.Tensor, mask: torch.T
     """
     m = mask.to(probs.dtype).unsqueeze(-1)
     tokens = m.sum().clamp_min(1.0)
-    f = (selected.to(probs.dtype) * m).sum((0, 1)) / (tokens * k)
-    p = (probs * m).sum((0, 1)) / tokens
-    return probs.shape[-1] * (f * p).sum()
+    f = (selected.to(probs.dtype) * m).sum((-3, -2)) / (tokens * k)
+    p = (probs * m).sum((-3, -2)) / tokens
+    return probs.shape[-1] * (f * p).sum(-1)
 
 
 def null_load_balance_loss(
@@ -50,19 +52,22 @@ def null_load_balance_loss(
     replaced by their mean, so the loss does not push tokens away from null experts one by one."""
     m = mask.to(probs.dtype).unsqueeze(-1)
     tokens = m.sum().clamp_min(1.0)
-    f = (selected.to(probs.dtype) * m).sum((0, 1)) / (tokens * k)
-    p = (probs * m).sum((0, 1)) / tokens
+    f = (selected.to(probs.dtype) * m).sum((-3, -2)) / (tokens * k)
+    p = (probs * m).sum((-3, -2)) / tokens
     if num_null > 0:
         n_real = probs.shape[-1] - num_null
-        f = torch.cat([f[:n_real], f[n_real:].mean().expand(num_null)])
-        p = torch.cat([p[:n_real], p[n_real:].mean().expand(num_null)])
-    return probs.shape[-1] * (f * p).sum()
+
+        def average_nulls(x: torch.Tensor) -> torch.Tensor:
+            return torch.cat([x[..., :n_real], x[..., n_real:].mean(-1, keepdim=True).expand(*x.shape[:-1], num_null)], -1)
+
+        f, p = average_nulls(f), average_nulls(p)
+    return probs.shape[-1] * (f * p).sum(-1)
 
 
 def z_loss(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Router z-loss: mean over real tokens of logsumexp(logits)^2."""
     m = mask.to(logits.dtype)
-    return (torch.logsumexp(logits, -1).pow(2) * m).sum() / m.sum().clamp_min(1.0)
+    return (torch.logsumexp(logits, -1).pow(2) * m).sum((-2, -1)) / m.sum().clamp_min(1.0)
 
 
 def coefficient_of_variation(x: torch.Tensor) -> torch.Tensor:

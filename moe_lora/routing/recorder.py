@@ -38,9 +38,6 @@ class AuxLossConfig:
     mask_padding: bool = True  # LoRAMoE's released code also counts padding tokens (False)
 
 
-_FIELDS = ("importance", "load", "tokens", "entropy", "null_slots", "real_used")
-
-
 class RoutingRecorder:
     """Collects router outputs for aux losses (per micro-batch) and statistics (per window)."""
 
@@ -52,7 +49,8 @@ class RoutingRecorder:
         self._task: torch.Tensor | None = None
         self._weights: torch.Tensor | None = None  # (B, S, K) mask x one-hot task type
         self._aux: torch.Tensor | None = None
-        self._stats: dict[str, dict[str, torch.Tensor]] = {}
+        self._pending: list[tuple] = []
+        self._stats: dict[tuple[str, ...], dict] = {}
         self._routers: dict[str, Router] = {}
 
     def attach(self, router: Router, name: str, aux: AuxLossConfig) -> None:
@@ -72,66 +70,81 @@ class RoutingRecorder:
         self.active = True
         try:
             yield
+            self._process()
         finally:
             self.active = False
+            self._pending = []
             self._mask = self._task = self._weights = None
 
     # ------------------------------------------------------------------------------ recording
     def record(self, router: Router, logits: torch.Tensor, probs: torch.Tensor, selected: torch.Tensor | None) -> None:
         """Called by a router inside :meth:`batch`. Tensors are (B, S, E) or (B, S, H, E) for
-        routers that route each head separately (MoV); heads then count as extra tokens."""
+        routers that route each head separately (MoV); heads then count as extra tokens. The work
+        is deferred to the end of the micro-batch, where routers of one shape are stacked and their
+        losses and statistics computed together: a few ops per layer stack instead of per router."""
         if probs.dim() > 3:
             logits, probs = logits.flatten(1, -2), probs.flatten(1, -2)
             selected = selected.flatten(1, -2) if selected is not None else None
-        per_token = probs.shape[1] // self._mask.shape[1]
-        aux = router.aux or AuxLossConfig()
-        mask = self._mask.repeat_interleave(per_token, 1) if per_token > 1 else self._mask
-        mask = mask if aux.mask_padding else torch.ones_like(mask)
-        loss = self._aux_loss(router, aux, logits, probs, selected, mask)
-        if loss is not None:
-            self._aux = loss if self._aux is None else self._aux + loss
-        if self.statistics:
-            with torch.no_grad():
-                self._accumulate(router, probs.detach(), selected, per_token)
+        self._pending.append((router, logits, probs, selected))
+
+    def _process(self) -> None:
+        groups: dict[tuple, list] = {}
+        for item in self._pending:
+            router, _, probs, selected = item
+            key = (tuple(probs.shape), router.num_experts, router.top_k, router.num_null, selected is None,
+                   router.aux or AuxLossConfig())
+            groups.setdefault(key, []).append(item)
+        self._pending = []
+        for (_, e, top_k, num_null, _, aux), items in groups.items():
+            routers = [it[0] for it in items]
+            logits, probs = torch.stack([it[1] for it in items]), torch.stack([it[2] for it in items])
+            selected = None if items[0][3] is None else torch.stack([it[3] for it in items])
+            per_token = probs.shape[2] // self._mask.shape[1]
+            mask = self._mask.repeat_interleave(per_token, 1) if per_token > 1 else self._mask
+            loss = self._aux_loss(routers, aux, e, top_k, num_null, logits, probs, selected,
+                                  mask if aux.mask_padding else torch.ones_like(mask))
+            if loss is not None:
+                self._aux = loss if self._aux is None else self._aux + loss
+            if self.statistics:
+                with torch.no_grad():
+                    self._accumulate(routers, e, probs.detach(), selected, per_token)
 
     def _aux_loss(
-        self, router: Router, aux: AuxLossConfig, logits: torch.Tensor, probs: torch.Tensor,
-        selected: torch.Tensor | None, mask: torch.Tensor,
+        self, routers: list[Router], aux: AuxLossConfig, e: int, top_k: int | None, num_null: int,
+        logits: torch.Tensor, probs: torch.Tensor, selected: torch.Tensor | None, mask: torch.Tensor,
     ) -> torch.Tensor | None:
+        """Sum over the stacked routers of the auxiliary losses their config switches on."""
         terms = []
         if aux.lbc_beta > 0:
-            real = probs[..., : router.num_experts]
-            terms.append(aux.lbc_beta * losses.lbc_loss(real, mask, self._task, router.expert_type, aux.lbc_delta))
+            types = torch.stack([r.expert_type for r in routers])
+            terms.append(aux.lbc_beta * losses.lbc_loss(probs[..., :e], mask, self._task, types, aux.lbc_delta).sum())
         if aux.lb_weight > 0 and selected is not None:
-            lb = losses.null_load_balance_loss(probs, selected, mask, router.top_k, router.num_null)
-            terms.append(aux.lb_weight * lb)
+            lb = losses.null_load_balance_loss(probs, selected, mask, top_k, num_null)
+            terms.append(aux.lb_weight * lb.sum())
         if aux.z_loss_weight > 0:
-            terms.append(aux.z_loss_weight * losses.z_loss(logits, mask))
+            terms.append(aux.z_loss_weight * losses.z_loss(logits, mask).sum())
         return torch.stack(terms).sum() if terms else None
 
-    def _accumulate(self, router: Router, probs: torch.Tensor, selected: torch.Tensor | None, per_token: int) -> None:
-        w = self._weights.to(probs.device)
-        w = w.repeat_interleave(per_token, 1) if per_token > 1 else w
-        e = router.num_experts
+    def _accumulate(
+        self, routers: list[Router], e: int, probs: torch.Tensor, selected: torch.Tensor | None, per_token: int
+    ) -> None:
+        """Add this micro-batch's sums: one einsum over [probs | load | entropy | experts used]."""
+        w = self._weights.repeat_interleave(per_token, 1) if per_token > 1 else self._weights
+        n = probs.shape[-1]
         if selected is None:  # soft routing: every expert is used; load counts the arg-max expert
-            used = probs.new_full(probs.shape[:-1], float(e))
             selected = torch.zeros_like(probs).scatter_(-1, probs.argmax(-1, keepdim=True), 1.0)
+            used = probs.new_full((*probs.shape[:-1], 1), float(e))
         else:
-            used = selected[..., :e].sum(-1)
-        new = {
-            "importance": torch.einsum("bse,bsk->ke", probs, w),
-            "load": torch.einsum("bse,bsk->ke", selected, w),
-            "tokens": w.sum((0, 1)),
-            "entropy": torch.einsum("bs,bsk->k", losses.entropy(probs), w),
-            "null_slots": torch.einsum("bs,bsk->k", selected[..., e:].sum(-1), w),
-            "real_used": torch.einsum("bs,bsk->k", used, w),
-        }
-        acc = self._stats.get(router.module_name)
+            used = selected[..., :e].sum(-1, keepdim=True)
+        feats = torch.cat([probs, selected, losses.entropy(probs).unsqueeze(-1), used], -1)
+        sums = torch.einsum("rbsf,bsk->rkf", feats, w.to(feats.dtype))
+        key = tuple(r.module_name for r in routers)
+        acc = self._stats.get(key)
         if acc is None:
-            self._stats[router.module_name] = new
+            self._stats[key] = {"sums": sums, "tokens": w.sum((0, 1)), "width": n}
         else:
-            for key in _FIELDS:
-                acc[key] += new[key]
+            acc["sums"] += sums
+            acc["tokens"] += w.sum((0, 1))
 
     def pop_aux_loss(self) -> torch.Tensor | None:
         """The summed auxiliary loss of the micro-batch just recorded (then cleared)."""
@@ -143,18 +156,24 @@ class RoutingRecorder:
         """Statistics of the window since the last flush, one row per (module, task type), plus
         a task type ``all``; the window is then reset. The only host sync of the recorder."""
         rows = []
-        for name, acc in self._stats.items():
-            router = self._routers[name]
-            cpu = {k: v.double().cpu() for k, v in acc.items()}
-            groups = router.expert_type.cpu()
-            per_task = [(t, {k: v[i] for k, v in cpu.items()}) for i, t in enumerate(self.task_types)]
-            per_task.append(("all", {k: v.sum(0) for k, v in cpu.items()}))
-            for task, s in per_task:
-                if float(s["tokens"]) > 0:
-                    rows.append({"step": step, "module": name, "task_type": task,
-                                 **window_statistics(s, router.num_experts, router.top_k or 1, groups)})
+        for names, acc in self._stats.items():
+            stacked, tokens, n = acc["sums"].double().cpu(), acc["tokens"].double().cpu(), acc["width"]
+            for name, sums in zip(names, stacked, strict=True):
+                rows += self._rows(step, name, sums, tokens, n)
         self._stats = {}
         return rows
+
+    def _rows(self, step: int, name: str, sums: torch.Tensor, tokens: torch.Tensor, n: int) -> list[dict]:
+        router = self._routers[name]
+        e = router.num_experts
+        cpu = {"importance": sums[:, :n], "load": sums[:, n:2 * n], "entropy": sums[:, 2 * n],
+               "null_slots": sums[:, n + e:2 * n].sum(-1), "real_used": sums[:, 2 * n + 1], "tokens": tokens}
+        groups = router.expert_type.cpu()
+        per_task = [(t, {k: v[i] for k, v in cpu.items()}) for i, t in enumerate(self.task_types)]
+        per_task.append(("all", {k: v.sum(0) for k, v in cpu.items()}))
+        return [{"step": step, "module": name, "task_type": task,
+                 **window_statistics(s, e, router.top_k or 1, groups)}
+                for task, s in per_task if float(s["tokens"]) > 0]
 
 
 def window_statistics(s: dict[str, torch.Tensor], num_experts: int, k: int, groups: torch.Tensor) -> dict:

@@ -61,13 +61,20 @@ class Router(nn.Module):
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
         return F.linear(x, self.weight.to(x.dtype))
 
+    def fusable(self, x: torch.Tensor) -> bool:
+        """Whether ``W_r x`` may be computed inside the expert layer's ``x @ [A | W_r^T]`` matmul."""
+        return not (self.training and self.jitter > 0) and (not self.fp32 or x.dtype == torch.float32)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.logits(x)
-        probs = logits.softmax(-1)
+        return self.gate(self.logits(x), x.dtype)
+
+    def gate(self, logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Gates from router logits (softmax, routing, recording); the second half of forward."""
+        probs = logits.float().softmax(-1) if self.fp32 else logits.softmax(-1)
         gate, selected = route(probs, self.top_k, self.num_experts)
         if self.recorder is not None and self.recorder.active:
             self.recorder.record(self, logits, probs, selected)
-        return gate.to(x.dtype)
+        return gate.to(dtype)
 
     def extra_repr(self) -> str:
         k = "soft" if self.top_k is None else f"top_k={self.top_k}"

@@ -54,6 +54,7 @@ def train(
     """Train until ``recipe.max_steps``; CE + auxiliary routing losses per micro-batch. ``hooks``
     run after every optimiser step (ALoRA's rank reallocation)."""
     model = state.model
+    forward = torch.compile(model) if recipe.compile else model  # opt-in; same parameters
     params = [p for p in model.parameters() if p.requires_grad]
     device = next(model.parameters()).device
     model.train()
@@ -64,8 +65,8 @@ def train(
             batch = collate([examples[i] for i in state.next_indices(recipe.batch_size, len(examples))], tok, max_length)
             batch = {k: v.to(device) for k, v in batch.items()}
             with recorder.batch(batch["attention_mask"], batch["task_type"]):
-                ce = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           labels=batch["labels"]).loss
+                ce = forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             labels=batch["labels"]).loss
             aux = recorder.pop_aux_loss()
             aux = aux if aux is not None else ce.new_zeros(())
             ((ce + aux) / recipe.grad_accum).backward()

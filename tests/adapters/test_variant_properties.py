@@ -111,7 +111,8 @@ def test_adamoe_null_experts_add_nothing() -> None:
     x = torch.randn(7, layer.d_in)
     null_only = torch.full((7, 6), -1e4)
     null_only[:, 4:] = 0.0  # every token's top-2 are the two null experts
-    layer.router.logits = lambda _x: null_only.expand(*_x.shape[:-1], 6)
+    gate = layer.router.gate
+    layer.router.gate = lambda logits, dtype: gate(null_only.expand(*logits.shape[:-1], 6), dtype)
     assert torch.allclose(layer(x), layer.base(x))
     with rec.batch(torch.ones(1, 7), torch.tensor([0])):
         layer(x.unsqueeze(0))

@@ -79,3 +79,15 @@ def test_report_replaces_only_its_own_folder(sweep, tmp_path) -> None:
 def test_report_without_runs_is_an_error(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="no moe-lora runs"):
         build_report([tmp_path])
+
+
+def test_rows_split_by_settings_that_vary_within_a_label(tmp_path) -> None:
+    for i, (steps, seed, em) in enumerate([(150, 0, 0.9), (150, 1, 0.8), (450, 0, 0.5), (450, 1, 0.7)]):
+        fake_run(tmp_path / str(i), "lora", seed, em, 0.1, 0.0)
+        res = json.loads((tmp_path / str(i) / "results.json").read_text())
+        res["config"] = {"label": "lora", "seed": seed, "recipe": {"max_steps": steps}}
+        (tmp_path / str(i) / "results.json").write_text(json.dumps(res))
+    rows = {r["label"]: r for r in aggregate(collect([tmp_path]))}
+    assert set(rows) == {"lora (recipe.max_steps=150)", "lora (recipe.max_steps=450)"}
+    assert rows["lora (recipe.max_steps=450)"]["CBQA EM"][0] == pytest.approx(0.6)
+    assert rows["lora (recipe.max_steps=150)"]["n"] == 2
