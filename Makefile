@@ -9,7 +9,7 @@ ARGS    ?=
 TORCH_SPEC  ?= torch==2.13.0
 TORCH_INDEX ?=
 
-PRESETS ?= loramoe_forgetting mola_layouts mov_molora melora alora adamoe hydralora_matched
+PRESETS ?= loramoe_forgetting mola_layouts mov_molora melora alora adamoe hydralora_matched hydralora_asymmetry
 
 .PHONY: run test setup lint style bench tables clean-cache
 

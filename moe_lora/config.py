@@ -216,6 +216,7 @@ class RecipeConfig:
     realloc_every: Optional[int] = None  # rank reallocation period (ALoRA); None = max_steps // 4
     realloc_prune: int = 4  # components moved per reallocation
     realloc_val_examples: int = 64  # validation examples that score components
+    save_init_adapter: bool = False  # also save the adapter at initialisation (asymmetry analysis)
 
     def __post_init__(self) -> None:
         require(self.max_steps >= 1, "recipe.max_steps", self.max_steps, "must be >= 1")

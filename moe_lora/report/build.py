@@ -8,7 +8,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from moe_lora.report import plots
+from moe_lora.report import asymmetry, plots
 from moe_lora.report.collect import Run, collect
 from moe_lora.report.tables import aggregate, latex, markdown, row_labels, to_csv
 
@@ -34,10 +34,18 @@ def write_report(runs: list[Run], folder: Path) -> None:
         name = f"expert_load_{_slug(row['label'])}.png"
         if plots.load_heatmap(runs, row["label"], folder / name, names):
             figures.append((f"Expert load by task type: {row['label']}", name))
+    groups = asymmetry.task_loras(runs)
+    sims = asymmetry.similarities(groups) if groups else []
+    if sims:
+        (folder / "asymmetry.md").write_text(asymmetry.markdown(sims))
+        if asymmetry.projection_plot(groups, folder / "asymmetry_pca.png"):
+            figures.append(("Per-task LoRA matrices, 2-D projection", "asymmetry_pca.png"))
     failed = [r for r in runs if r.results is None]
     lines = ["# moe_lora report", "", f"{len(runs) - len(failed)} finished runs, {len(failed)} failed.", "",
              "## Results (mean ± std over seeds)", "", markdown(rows),
              "Also as [CSV](results.csv) and [LaTeX](results.tex).", ""]
+    if sims:
+        lines += ["## A/B asymmetry of per-task LoRAs (HydraLoRA's analysis)", "", asymmetry.markdown(sims)]
     if failed:
         lines += ["## Failed runs", ""] + [f"- `{r.path}`: {r.error}" for r in failed] + [""]
     if figures:

@@ -33,6 +33,7 @@ from moe_lora.tracking import Tracker, write_json_atomic
 from moe_lora.train.loop import init_state, train
 
 ADAPTER_FILE = "adapter_model.safetensors"
+INIT_ADAPTER_FILE = "adapter_init.safetensors"
 
 
 def validate(cfg: TrainConfig, check_files: bool = True) -> None:
@@ -110,6 +111,8 @@ def run(cfg: TrainConfig, run_dir: Path, progress: bool = True) -> dict[str, Any
     recorder = RoutingRecorder()
     adapted = inject_adapter(model, cfg.adapter, cfg.model, cfg.layout, recorder)
     params = count_parameters(model)
+    if cfg.recipe.save_init_adapter:
+        save_file(adapter_state(model), str(run_dir / INIT_ADAPTER_FILE))
     tracker = Tracker(run_dir, cfg.logger, resolved, name=run_dir.name)
     results: dict[str, Any] | None = None
     try:

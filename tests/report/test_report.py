@@ -91,3 +91,28 @@ def test_rows_split_by_settings_that_vary_within_a_label(tmp_path) -> None:
     assert set(rows) == {"lora (recipe.max_steps=150)", "lora (recipe.max_steps=450)"}
     assert rows["lora (recipe.max_steps=450)"]["CBQA EM"][0] == pytest.approx(0.6)
     assert rows["lora (recipe.max_steps=150)"]["n"] == 2
+
+
+def test_asymmetry_of_per_task_loras(tmp_path) -> None:
+    """Same A for every task, orthogonal B per task: cos(A) = 1, cos(B) = 0; init subtracted."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    a = np.arange(1, 7, dtype=np.float32).reshape(3, 2)
+    for i, task in enumerate(["reverse", "sort"]):
+        run = tmp_path / task
+        fake_run(run, "lora", 0, 0.5, 0.5, 0.0)
+        res = json.loads((run / "results.json").read_text())
+        res["config"] = {"data": {"instruction_tasks": [task]}}
+        (run / "results.json").write_text(json.dumps(res))
+        b = np.zeros((2, 4), dtype=np.float32)
+        b[0, i] = 1.0
+        save_file({"m.lora_A": a + i, "m.lora_B": b}, str(run / "adapter_model.safetensors"))
+        save_file({"m.lora_A": np.full_like(a, float(i)), "m.lora_B": np.zeros_like(b)},
+                  str(run / "adapter_init.safetensors"))
+    out = build_report([tmp_path])
+    table = (out / "asymmetry.md").read_text()
+    assert "| 0 | change since init | reverse, sort | 1.000 | 0.000 |" in table
+    raw_cos = float((a.ravel() @ (a + 1).ravel()) / (np.linalg.norm(a) * np.linalg.norm(a + 1)))
+    assert f"| 0 | raw | reverse, sort | {raw_cos:.3f} | 0.000 |" in table
+    assert "A/B asymmetry" in (out / "index.md").read_text()
