@@ -16,7 +16,7 @@ from typing import List, Optional
 from torch import nn
 
 from moe_lora.adapters.base import LayerPlan, register_adapter
-from moe_lora.adapters.layer import LoRAExperts, make_router
+from moe_lora.adapters.layer import routed_lora
 from moe_lora.config import MoEConfig
 from moe_lora.errors import require
 
@@ -40,5 +40,4 @@ class AdaMoEConfig(MoEConfig):
 
 @register_adapter("adamoe", AdaMoEConfig)
 def wrap_adamoe(base: nn.Module, cfg: AdaMoEConfig, plan: LayerPlan) -> nn.Module:
-    return LoRAExperts(base, rank=plan.rank, alpha=cfg.alpha, num_experts=plan.num_experts, dropout=cfg.dropout,
-                       router=make_router(base, cfg, plan.num_experts, plan.top_k), init_A=cfg.init_A)
+    return routed_lora(base, cfg, plan)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from moe_lora.adapters.base import LayerPlan, register_adapter
-from moe_lora.adapters.layer import LoRAExperts, make_router
+from moe_lora.adapters.layer import routed_lora
 from moe_lora.config import MoEConfig
 
 
@@ -25,6 +25,4 @@ class HydraLoRAConfig(MoEConfig):
 
 @register_adapter("hydralora", HydraLoRAConfig)
 def wrap_hydralora(base: nn.Module, cfg: HydraLoRAConfig, plan: LayerPlan) -> nn.Module:
-    return LoRAExperts(base, rank=plan.rank, alpha=cfg.alpha, num_experts=plan.num_experts, dropout=cfg.dropout,
-                       router=make_router(base, cfg, plan.num_experts, plan.top_k), init_A=cfg.init_A,
-                       shared_A=True)
+    return routed_lora(base, cfg, plan, shared_A=True)

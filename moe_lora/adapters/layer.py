@@ -106,3 +106,11 @@ class LoRAExperts(nn.Module):
     def extra_repr(self) -> str:
         shared = ", shared_A" if self.shared_A else ""
         return f"d_in={self.d_in}, d_out={self.d_out}, rank={self.rank}, experts={self.num_experts}{shared}"
+
+
+def routed_lora(base: nn.Module, cfg, plan, *, shared_A: bool = False) -> LoRAExperts:
+    """The routed LoRA-expert layer most MoE variants build: experts, rank and top-k from the
+    layer's plan (the layout), the rest from the variant's :class:`MoEConfig`."""
+    return LoRAExperts(base, rank=plan.rank, alpha=cfg.alpha, num_experts=plan.num_experts, dropout=cfg.dropout,
+                       router=make_router(base, cfg, plan.num_experts, plan.top_k), init_A=cfg.init_A,
+                       shared_A=shared_A)

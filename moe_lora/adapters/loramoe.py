@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from moe_lora.adapters.base import LayerPlan, register_adapter
-from moe_lora.adapters.layer import LoRAExperts, make_router
+from moe_lora.adapters.layer import routed_lora
 from moe_lora.config import MoEConfig
 from moe_lora.errors import require
 
@@ -54,8 +54,7 @@ class LoRAMoEConfig(MoEConfig):
 
 @register_adapter("loramoe", LoRAMoEConfig)
 def wrap_loramoe(base: nn.Module, cfg: LoRAMoEConfig, plan: LayerPlan) -> nn.Module:
-    router = make_router(base, cfg, plan.num_experts, plan.top_k)
+    layer = routed_lora(base, cfg, plan)
     if cfg.lbc_expert_types is not None and len(cfg.lbc_expert_types) == plan.num_experts:
-        router.expert_type = torch.tensor(cfg.lbc_expert_types, dtype=torch.long, device=base.weight.device)
-    return LoRAExperts(base, rank=plan.rank, alpha=cfg.alpha, num_experts=plan.num_experts, dropout=cfg.dropout,
-                       router=router, init_A=cfg.init_A)
+        layer.router.expert_type = torch.tensor(cfg.lbc_expert_types, dtype=torch.long, device=base.weight.device)
+    return layer

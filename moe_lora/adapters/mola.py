@@ -14,7 +14,7 @@ from typing import List, Optional
 from torch import nn
 
 from moe_lora.adapters.base import LayerPlan, register_adapter
-from moe_lora.adapters.layer import LoRAExperts, make_router
+from moe_lora.adapters.layer import routed_lora
 from moe_lora.config import MoEConfig
 
 
@@ -31,5 +31,4 @@ class MoLAConfig(MoEConfig):
 
 @register_adapter("mola", MoLAConfig)
 def wrap_mola(base: nn.Module, cfg: MoLAConfig, plan: LayerPlan) -> nn.Module:
-    return LoRAExperts(base, rank=plan.rank, alpha=cfg.alpha, num_experts=plan.num_experts, dropout=cfg.dropout,
-                       router=make_router(base, cfg, plan.num_experts, plan.top_k), init_A=cfg.init_A)
+    return routed_lora(base, cfg, plan)

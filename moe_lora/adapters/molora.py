@@ -12,7 +12,7 @@ from typing import List
 from torch import nn
 
 from moe_lora.adapters.base import LayerPlan, register_adapter
-from moe_lora.adapters.layer import LoRAExperts, make_router
+from moe_lora.adapters.layer import routed_lora
 from moe_lora.config import MoEConfig
 
 
@@ -28,5 +28,4 @@ class MoLoRAConfig(MoEConfig):
 
 @register_adapter("molora", MoLoRAConfig)
 def wrap_molora(base: nn.Module, cfg: MoLoRAConfig, plan: LayerPlan) -> nn.Module:
-    return LoRAExperts(base, rank=plan.rank, alpha=cfg.alpha, num_experts=plan.num_experts, dropout=cfg.dropout,
-                       router=make_router(base, cfg, plan.num_experts, plan.top_k), init_A=cfg.init_A)
+    return routed_lora(base, cfg, plan)
