@@ -7,6 +7,7 @@ base model is frozen; no modelling code is touched.
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import replace
 
@@ -20,6 +21,7 @@ from moe_lora.routing.recorder import AuxLossConfig, RoutingRecorder
 from moe_lora.routing.router import Router
 
 _LAYER = re.compile(r"\.(\d+)\.")
+log = logging.getLogger(__name__)
 
 
 def expand_targets(targets: list[str], groups: dict[str, list[str]]) -> list[str]:
@@ -83,6 +85,9 @@ def inject_adapter(
         raise ConfigError(f"adapter.target_modules={adapter.target_modules} matched no linear module of "
                           f"model={model_cfg.name!r} (its linears look like: {', '.join(linears)})")
     plans = resolve_layout(layout, adapter, model_cfg.num_layers)
+    if layout.experts is not None and hasattr(adapter, "num_experts"):
+        log.info("layout=%s sets experts per layer %s; adapter.num_experts=%s is not used", layout.name,
+                 [p.num_experts for p in plans], adapter.num_experts)
     fallback = LayerPlan(None, getattr(adapter, "num_experts", 1), getattr(adapter, "rank", 0),
                          getattr(adapter, "top_k", None))
     head_dim = model_cfg.hidden_size // model_cfg.num_heads
