@@ -8,6 +8,7 @@ are off unless ``HF_HUB_OFFLINE=0`` is set, before transformers is imported.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import itertools
 import os
@@ -156,6 +157,15 @@ def precheck(overrides: list[str], multirun: bool) -> None:
 
 
 # ----------------------------------------------------------------------------------------- train
+def _remove_fresh_run_dir(run_dir: Path) -> None:
+    """Undo what Hydra created for a job that never started; never touch anything else."""
+    shutil.rmtree(run_dir / ".hydra", ignore_errors=True)
+    for name in ("train.log", "moe_lora.log"):
+        (run_dir / name).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        run_dir.rmdir()  # only if now empty
+
+
 def _train_job(dcfg) -> float | None:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
@@ -172,8 +182,7 @@ def _train_job(dcfg) -> float | None:
         if cfg.recipe.threads is None and n_jobs and n_jobs > 1:  # parallel local jobs share the cores
             cfg.recipe.threads = max(1, (os.cpu_count() or 1) // n_jobs)
     except ConfigError:
-        if not (run_dir / "results.json").exists():
-            shutil.rmtree(run_dir, ignore_errors=True)
+        _remove_fresh_run_dir(run_dir)
         raise
     try:
         results = run(cfg, run_dir, progress=True)

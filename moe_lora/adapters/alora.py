@@ -114,7 +114,7 @@ def make_alora_hook(model: nn.Module, cfg: ALoRAConfig, ctx: HookContext):
     every = ctx.recipe.realloc_every or max(1, ctx.recipe.max_steps // 4)
 
     def hook(state: Any) -> None:
-        if state.step % every == 0 and state.step < ctx.recipe.max_steps:
+        if ctx.recipe.realloc_prune > 0 and state.step % every == 0 and state.step < ctx.recipe.max_steps:
             moved = reallocate(layers, ctx.val_loss, ctx.recipe.realloc_prune)
             ctx.log({"step": state.step, "alora_pruned": moved["pruned"], "alora_granted": moved["granted"]})
 
