@@ -9,7 +9,6 @@ import pytest
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
-from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from moe_lora.adapters.inject import inject_adapter
@@ -18,7 +17,6 @@ from moe_lora.adapters.lora import LoRAConfig
 from moe_lora.adapters.loramoe import LoRAMoEConfig
 from moe_lora.config import LayoutConfig, ModelConfig
 from moe_lora.routing.recorder import RoutingRecorder
-from moe_lora.train.runner import adapter_state, load_adapter
 
 MODULES = {"attention": ["q_proj", "k_proj", "v_proj", "o_proj"], "ffn": ["gate_proj", "up_proj", "down_proj"]}
 MODEL_CFG = ModelConfig(name="t", source="world", modules=MODULES, num_layers=2, hidden_size=32, intermediate_size=64,
@@ -63,27 +61,14 @@ def test_lora_is_identity_at_init() -> None:
         assert torch.equal(base(x).logits, ours(x).logits)
 
 
-def test_loramoe_gradients_reach_router_and_experts_and_state_round_trips(tmp_path) -> None:
+def test_loramoe_routers_report_to_the_recorder_and_add_the_lbc() -> None:
+    """Every adapted linear's router is attached; the LBC reaches the loss (save/load, gradients
+    and the rest are in the registry matrix of test_variants.py)."""
     model, rec = tiny_llama(), RoutingRecorder()
-    cfg = LoRAMoEConfig(num_experts=4, dropout=0.0)
-    adapted = inject_adapter(model, cfg, MODEL_CFG, LayoutConfig(), rec)
+    adapted = inject_adapter(model, LoRAMoEConfig(num_experts=4, dropout=0.0), MODEL_CFG, LayoutConfig(), rec)
     assert len(adapted) == 6 and set(rec.routers) == set(adapted)
-    with torch.no_grad():
-        for name in adapted:
-            model.get_submodule(name).lora_B.normal_(0, 0.1)  # B=0 at init would block A's gradient
     x = torch.randint(0, 50, (2, 7))
     with rec.batch(torch.ones(2, 7), torch.tensor([0, 1])):
-        loss = model(x, labels=x).loss
+        model(x, labels=x)
     aux = rec.pop_aux_loss()
-    assert aux is not None and aux.item() > 0
-    (loss + aux).backward()
-    for n, p in model.named_parameters():
-        if p.requires_grad:
-            assert p.grad is not None and p.grad.abs().sum() > 0, n
-    save_file(adapter_state(model), str(tmp_path / "a.safetensors"))
-    fresh = tiny_llama()
-    inject_adapter(fresh, cfg, MODEL_CFG, LayoutConfig())
-    load_adapter(fresh, tmp_path / "a.safetensors")
-    with torch.no_grad():
-        assert torch.equal(fresh(x).logits, model(x).logits)
-    assert set(load_file(str(tmp_path / "a.safetensors"))) == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert aux is not None and aux.item() > 0 and aux.requires_grad
