@@ -175,7 +175,8 @@ class DataConfig:
     trained people; every example carries its task type (``cbqa`` or ``instruction``)."""
 
     name: str = "world_mix"
-    source: str = "world"
+    source: str = "world"  # world | hub (TriviaQA / NQ + instruction sets; loaders arrive later)
+    hub_datasets: List[str] = field(default_factory=list)  # for source=hub, e.g. [trivia_qa, nq_open]
     world: WorldConfig = field(default_factory=WorldConfig)
     num_train: int = 2000
     cbqa_ratio: float = 0.1
@@ -186,7 +187,9 @@ class DataConfig:
     max_length: int = 64
 
     def __post_init__(self) -> None:
-        require(self.source == "world", "data.source", self.source, "must be 'world' (hub datasets come later)")
+        require(self.source in ("world", "hub"), "data.source", self.source, "must be 'world' or 'hub'")
+        require(self.source == "world" or bool(self.hub_datasets), "data.hub_datasets", self.hub_datasets,
+                "must name the datasets for data.source=hub")
         require(0.0 <= self.cbqa_ratio <= 1.0, "data.cbqa_ratio", self.cbqa_ratio, "must be in [0, 1]")
         require(self.num_train >= 1, "data.num_train", self.num_train, "must be >= 1")
         require(self.eval_per_task >= 1, "data.eval_per_task", self.eval_per_task, "must be >= 1")

@@ -20,6 +20,8 @@ CASES = [
     (["data.instruction_tasks=[reverse,dance]"], "data.instruction_tasks"),
     (["model.source=hub", "model.name_or_path=./no/such/dir"], "model.name_or_path"),
     (["-m", "adapter=lora,loramoe", "adapter.dropout=2"], "adapter.dropout"),
+    (["data=cbqa_instruct_hub"], "data.source"),
+    (["experiment=loramoe_forgetting_paper"], "model.name_or_path"),
 ]
 
 

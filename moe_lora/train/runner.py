@@ -52,6 +52,9 @@ def validate(cfg: TrainConfig, check_files: bool = True) -> None:
         expand_targets(cfg.adapter.target_modules, cfg.model.modules)
     if check_files and cfg.model.source == "hub":
         resolve_hub_path(cfg.model)  # a missing model fails here, in well under a second
+    if check_files and cfg.data.source == "hub":
+        raise ConfigError(f"data.source='hub' (data.hub_datasets={list(cfg.data.hub_datasets)}) needs the hub dataset "
+                          "loaders, which are not implemented yet; use data=world_mix")
 
 
 def load_base(cfg: TrainConfig, world: World, progress: bool = True):
