@@ -111,7 +111,9 @@ def expand_sweeps(overrides: list[str], limit: int = 256) -> list[list[str]]:
     axes = []
     for o in parsed:
         key = o.get_key_element()
-        if o.is_sweep_override():
+        if o.is_interval_sweep():  # a search space (Optuna): check both of its ends
+            axes.append([f"{key}={o.value().start}", f"{key}={o.value().end}"])
+        elif o.is_sweep_override():
             axes.append([f"{key}={v}" for v in o.sweep_string_iterator()])
         else:
             axes.append([o.input_line])

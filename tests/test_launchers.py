@@ -41,3 +41,15 @@ def test_failed_job_does_not_stop_the_sweep_and_is_reported(run_cli, tmp_path) -
 
     index = (build_report([tmp_path]) / "index.md").read_text()
     assert "1 finished runs, 1 failed" in index and "minis3" in index, index
+
+
+def test_optuna_sweeper_optimises_the_returned_metric(run_cli, tmp_path) -> None:
+    import yaml
+
+    code, _, err = run_cli("train", "-m", "experiment=optuna_lr", "hydra.sweeper.n_trials=2",
+                           f"hydra.sweep.dir={tmp_path}", "recipe.max_steps=4", "recipe.eval_limit=8")
+    assert code == 0, err
+    best = yaml.safe_load((tmp_path / "optimization_results.yaml").read_text())
+    values = [json.loads(p.read_text())["metrics"]["instruction_em"] for p in tmp_path.glob("*/results.json")]
+    assert len(values) == 2 and best["best_value"] == max(values)
+    assert set(best["best_params"]) == {"recipe.lr", "adapter.lbc_beta"}
