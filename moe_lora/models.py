@@ -76,12 +76,6 @@ def world_model(cfg: ModelConfig, world: World, cache_dir: str | Path, progress:
     return model, tok
 
 
-def random_world_model(cfg: ModelConfig, world: World, seed: int = 0) -> PreTrainedModel:
-    """Same architecture, random weights: for parameter counts and fast tests."""
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(world_model_config(cfg, len(world.vocab)))
-
-
 def arch_config(cfg: ModelConfig, vocab_size: int | None = None, **overrides):
     """A transformers config from the architecture fields of ``conf/model/*`` (no download)."""
     from transformers import AutoConfig

@@ -42,9 +42,8 @@ def kaiming_uniform_(t: torch.Tensor, fan_in: int) -> None:
 def make_router(base: nn.Module, cfg, num_experts: int, top_k: int | None) -> Router:
     """A router on the adapted layer's input, configured by a :class:`MoEConfig`-like config."""
     d_in, _ = linear_dims(base)
-    router = Router(d_in, num_experts, top_k=top_k, num_null=getattr(cfg, "num_null_experts", 0),
-                    jitter=cfg.router_jitter, fp32=cfg.router_fp32, device=base.weight.device)
-    return router
+    return Router(d_in, num_experts, top_k=top_k, num_null=getattr(cfg, "num_null_experts", 0),
+                  jitter=cfg.router_jitter, fp32=cfg.router_fp32, device=base.weight.device)
 
 
 class LoRAExperts(nn.Module):

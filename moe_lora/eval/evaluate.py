@@ -30,9 +30,10 @@ def evaluate(
         if limit is None or len(by_task[e.subtask]) < limit:
             by_task[e.subtask].append(e)
     instr = [e for es in by_task.values() for e in es]
-    em_c, cand = teacher_forced(model, tok, cbqa, max_length)
-    em_i, _ = teacher_forced(model, tok, instr, max_length)
-    if not fast_em:
+    em_c, cand = teacher_forced(model, tok, cbqa, max_length)  # candidate accuracy needs this pass anyway
+    if fast_em:
+        em_i, _ = teacher_forced(model, tok, instr, max_length)
+    else:
         em_c, em_i = greedy_em(model, tok, cbqa), greedy_em(model, tok, instr, exact=True)
     per_task = defaultdict(list)
     for e, ok in zip(instr, em_i, strict=False):
