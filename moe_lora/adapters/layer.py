@@ -14,6 +14,7 @@ N heads B_i; ``A x`` is computed once and the gate expands it to ``T x N*r``) an
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -46,6 +47,18 @@ def make_router(base: nn.Module, cfg, num_experts: int, top_k: int | None) -> Ro
                   jitter=cfg.router_jitter, fp32=cfg.router_fp32, device=base.weight.device)
 
 
+def base_and_update(base: nn.Module, x: torch.Tensor, update: Callable[[torch.Tensor], None]) -> torch.Tensor:
+    """``base(x)`` with ``update`` adding the adapter's term into it in place.
+
+    The base layer runs on the flattened ``(T, d_in)`` input, so its output is a fresh 2-D tensor
+    that its own backward does not need. Adding in place saves the ``T x d_out`` copy an
+    out-of-place ``addmm`` (or ``out + delta``) makes, the largest non-GEMM cost of the layer;
+    adding into a 3-D view instead would make autograd clone the gradient (``CopySlices``)."""
+    out = base(x.reshape(-1, x.shape[-1]))
+    update(out)
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
 class LoRAExperts(nn.Module):
     """``y = W0 x + s * sum_e g_e(x) B_e A_e dropout(x)`` with ``s = alpha / r``."""
 
@@ -65,6 +78,9 @@ class LoRAExperts(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(self.d_in, a_cols, dtype=w.dtype, device=w.device))
         self.lora_B = nn.Parameter(torch.zeros(num_experts * rank, self.d_out, dtype=w.dtype, device=w.device))
         self.router = router
+        # (E, E*r): repeats expert e's gate over its r hidden columns, times alpha/r (see scale_hidden)
+        expand = torch.eye(num_experts, device=w.device).repeat_interleave(rank, dim=1) * self.scaling
+        self.register_buffer("gate_expand", expand, persistent=False)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         if init_A == "normal":
             if w.device.type != "meta":
@@ -78,9 +94,10 @@ class LoRAExperts(nn.Module):
         backward."""
         router = self.router
         if router is not None and isinstance(self.lora_dropout, nn.Identity) and router.fusable(x):
-            width = self.lora_A.shape[1]
-            fused = x.to(self.lora_A.dtype) @ torch.cat([self.lora_A, router.weight.t().to(self.lora_A.dtype)], 1)
-            return fused[..., :width], router.gate(fused[..., width:], self.lora_A.dtype)
+            weight = torch.cat([self.lora_A, router.weight.t().to(self.lora_A.dtype)], 1)
+            # split, not two slices: its backward is one cat instead of two zero-filled copies and an add
+            h, logits = (x.to(self.lora_A.dtype) @ weight).split([self.lora_A.shape[1], router.weight.shape[0]], -1)
+            return h, router.gate(logits, self.lora_A.dtype)
         h = self.lora_dropout(x).to(self.lora_A.dtype) @ self.lora_A
         return h, (router(x) if router is not None else None)
 
@@ -89,18 +106,19 @@ class LoRAExperts(nn.Module):
         factor still to apply."""
         if gate is None:
             return h, self.scaling
-        gate = gate.to(h.dtype) * self.scaling
         if self.shared_A:  # HydraLoRA: one A x, expanded to the N heads by the gate
+            gate = gate.to(h.dtype) * self.scaling
             return (h.unsqueeze(-2) * gate.unsqueeze(-1)).flatten(-2), 1.0
-        return (h.unflatten(-1, (self.num_experts, self.rank)) * gate.unsqueeze(-1)).flatten(-2), 1.0
+        # gate (.., E) @ expand (E, E*r) repeats each expert's gate over its r columns, times alpha/r;
+        # as a matmul its backward is a small GEMM rather than a strided sum over r
+        return h * (gate.to(h.dtype) @ self.gate_expand.to(h.dtype)), 1.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
         h, gate = self.hidden_and_gate(x)
         h, alpha = self.scale_hidden(h, gate)
-        flat = torch.addmm(out.reshape(-1, self.d_out), h.reshape(-1, h.shape[-1]).to(out.dtype),
-                           self.lora_B.to(out.dtype), alpha=alpha)
-        return flat.view_as(out)
+        h = h.reshape(-1, h.shape[-1])
+        return base_and_update(self.base, x, lambda out: out.addmm_(h.to(out.dtype), self.lora_B.to(out.dtype),
+                                                                     alpha=alpha))
 
     def extra_repr(self) -> str:
         shared = ", shared_A" if self.shared_A else ""
