@@ -116,10 +116,23 @@ class MoEConfig(LowRankConfig):
     z_loss_weight: float = 0.0
     router_jitter: float = 0.0
     router_fp32: bool = True
+    # "dense": every expert on every token, unselected ones gated by zero (fastest for E <= 16 on
+    # CPU); "grouped": top-k (token, expert) pairs sorted by expert and computed with grouped GEMMs
+    # (``torch._grouped_mm``), E/k times fewer expert FLOPs, for large E*r and GPUs. Same results.
+    expert_compute: str = "dense"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         require(self.num_experts >= 1, "adapter.num_experts", self.num_experts, "must be >= 1")
+        require(self.expert_compute in ("dense", "grouped"), "adapter.expert_compute", self.expert_compute,
+                "must be 'dense' or 'grouped'")
+        if self.expert_compute == "grouped":
+            import torch
+
+            require(self.top_k is not None, "adapter.expert_compute", self.expert_compute,
+                    "needs top-k routing (set adapter.top_k); soft routing uses every expert")
+            require(hasattr(torch, "_grouped_mm"), "adapter.expert_compute", self.expert_compute,
+                    f"needs torch._grouped_mm (torch >= 2.8; this is {torch.__version__})")
         if self.top_k is not None:
             require(self.top_k >= 1, "adapter.top_k", self.top_k, "must be >= 1 (or null for soft routing)")
             total = self.num_experts + self.num_null_experts

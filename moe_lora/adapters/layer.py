@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from moe_lora.errors import ConfigError
 from moe_lora.routing.router import Router
 
 
@@ -59,12 +60,36 @@ def base_and_update(base: nn.Module, x: torch.Tensor, update: Callable[[torch.Te
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
+def grouped_update_(
+    out: torch.Tensor, x: torch.Tensor, gate: torch.Tensor, A: torch.Tensor, B: torch.Tensor, k: int, scaling: float
+) -> None:
+    """``out += scaling * sum_e gate_e B_e A_e x`` over each token's k chosen experts only.
+
+    The (token, expert) pairs are sorted by expert and each expert's rows go through one grouped
+    GEMM (``torch._grouped_mm`` with device-side offsets: no host sync), then are added back with
+    ``index_add_``. ``out`` (T, d_out), ``x`` (T, d_in), ``gate`` (T, E) dense with zeros for
+    unselected experts (a token that chose null experts has fewer than k non-zero gates: those pairs
+    carry weight 0, as in the dense path, whose gradients they match)."""
+    num_experts, rank = gate.shape[-1], A.shape[1] // gate.shape[-1]
+    weight, expert = gate.topk(k, dim=-1)  # (T, k)
+    expert = expert.flatten()
+    order = expert.argsort(stable=True)
+    token = order // k
+    counts = torch.zeros(num_experts, dtype=torch.long, device=x.device).scatter_add_(0, expert, torch.ones_like(expert))
+    offsets = counts.cumsum(0).to(torch.int32)
+    A3 = A.view(A.shape[0], num_experts, rank).transpose(0, 1)  # (E, d_in, r)
+    h = torch._grouped_mm(x[token], A3, offs=offsets)  # (T*k, r)
+    h = h * (weight.flatten()[order] * scaling).unsqueeze(-1).to(h.dtype)
+    y = torch._grouped_mm(h, B.view(num_experts, rank, B.shape[1]), offs=offsets)  # (T*k, d_out)
+    out.index_add_(0, token, y.to(out.dtype))
+
+
 class LoRAExperts(nn.Module):
     """``y = W0 x + s * sum_e g_e(x) B_e A_e dropout(x)`` with ``s = alpha / r``."""
 
     def __init__(
         self, base: nn.Module, *, rank: int, alpha: float, num_experts: int = 1, dropout: float = 0.0,
-        router: Router | None = None, init_A: str = "kaiming", shared_A: bool = False,
+        router: Router | None = None, init_A: str = "kaiming", shared_A: bool = False, grouped: bool = False,
     ) -> None:
         super().__init__()
         if router is None and num_experts != 1:
@@ -73,7 +98,11 @@ class LoRAExperts(nn.Module):
         self.d_in, self.d_out = linear_dims(base)
         self.rank, self.num_experts, self.scaling = rank, num_experts, alpha / rank
         self.shared_A = shared_A
+        self.grouped = grouped and router is not None and router.top_k is not None and not shared_A
         w = base.weight
+        if self.grouped and any(n * w.element_size() % 16 for n in (self.d_in, self.d_out, rank)):
+            raise ConfigError(f"adapter.expert_compute=grouped needs rank ({rank}) and layer widths ({self.d_in}, "
+                              f"{self.d_out}) whose rows are multiples of 16 bytes in {w.dtype}; use dense")
         a_cols = rank if shared_A else num_experts * rank
         self.lora_A = nn.Parameter(torch.empty(self.d_in, a_cols, dtype=w.dtype, device=w.device))
         self.lora_B = nn.Parameter(torch.zeros(num_experts * rank, self.d_out, dtype=w.dtype, device=w.device))
@@ -114,6 +143,12 @@ class LoRAExperts(nn.Module):
         return h * (gate.to(h.dtype) @ self.gate_expand.to(h.dtype)), 1.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.grouped:
+            gate = self.router(x)
+            xd = self.lora_dropout(x).to(self.lora_A.dtype)
+            return base_and_update(self.base, x, lambda out: grouped_update_(
+                out, xd.reshape(-1, self.d_in), gate.reshape(-1, self.num_experts), self.lora_A, self.lora_B,
+                self.router.top_k, self.scaling))
         h, gate = self.hidden_and_gate(x)
         h, alpha = self.scale_hidden(h, gate)
         h = h.reshape(-1, h.shape[-1])
@@ -130,4 +165,4 @@ def routed_lora(base: nn.Module, cfg, plan, *, shared_A: bool = False) -> LoRAEx
     layer's plan (the layout), the rest from the variant's :class:`MoEConfig`."""
     return LoRAExperts(base, rank=plan.rank, alpha=cfg.alpha, num_experts=plan.num_experts, dropout=cfg.dropout,
                        router=make_router(base, cfg, plan.num_experts, plan.top_k), init_A=cfg.init_A,
-                       shared_A=shared_A)
+                       shared_A=shared_A, grouped=getattr(cfg, "expert_compute", "dense") == "grouped")

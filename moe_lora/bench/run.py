@@ -118,9 +118,12 @@ def build(variant: str, a: argparse.Namespace) -> Case:
                                                  target_modules=target_modules(a.modules)))
         recorder = None
     else:
-        name = LOOPS.get(variant, variant.removesuffix("_no_telemetry"))
+        name = LOOPS.get(variant, variant.removesuffix("_no_telemetry").removesuffix("_grouped"))
         telemetry = not variant.endswith("_no_telemetry")
-        inject_adapter(model, adapter_config(name, a), model_config(a), LayoutConfig(), recorder)
+        cfg = adapter_config(name, a)
+        if variant.endswith("_grouped"):  # top-k through grouped GEMMs instead of the dense masked gate
+            cfg = replace(cfg, expert_compute="grouped")
+        inject_adapter(model, cfg, model_config(a), LayoutConfig(), recorder)
         if variant in LOOPS:
             for n, m in list(model.named_modules()):
                 if isinstance(m, LoRAExperts):
@@ -222,6 +225,10 @@ def report(raw: dict, a: argparse.Namespace) -> dict:
                      "machine": platform.machine(), "processor": platform.processor()},
         "versions": versions,
     }
+    grouped = {v.removesuffix("_grouped"): t[v] / t[v.removesuffix("_grouped")]
+               for v in t if v.endswith("_grouped") and v.removesuffix("_grouped") in t}
+    if grouped:
+        out["grouped_over_dense"] = grouped
     if "loramoe_no_telemetry" in t and "loramoe" in t:
         out["telemetry_overhead"] = t["loramoe"] / t["loramoe_no_telemetry"]
     return out
@@ -236,6 +243,8 @@ def table(res: dict) -> str:
         rows.append(f"{v:<22} {ms[v]:>9.1f} {ratio:>7.2f} {mb[v]:>10.1f} {mratio:>7.2f}")
     rows.append("")
     rows += [f"loop reference / ours ({k}): {r:.2f}x" for k, r in res["loop_reference_over_ours"].items()]
+    rows += [f"top-k through grouped GEMMs / dense masked gate ({k}): {r:.2f}x"
+             for k, r in res.get("grouped_over_dense", {}).items()]
     if "telemetry_overhead" in res:
         rows.append(f"routing statistics + aux losses on / off (loramoe): {res['telemetry_overhead']:.3f}x")
     return "\n".join(rows)
@@ -245,7 +254,8 @@ def main(argv: list[str]) -> int:
     a = parse(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    default = ["base", "peft_lora", "lora", *MOE, "loramoe_no_telemetry", "melora", "alora", *LOOPS]
+    grouped = ["mola_grouped"] if hasattr(torch, "_grouped_mm") else []  # torch >= 2.8
+    default = ["base", "peft_lora", "lora", *MOE, "loramoe_no_telemetry", *grouped, "melora", "alora", *LOOPS]
     variants = [v for v in a.variants.split(",") if v] or default
     for needed in ("peft_lora",):
         if needed not in variants:

@@ -1,5 +1,5 @@
-"""The vectorised expert layer equals the loop reference (output and gradients) for soft, top-k,
-null-expert and shared-A routing; the benchmark runs end to end on a tiny model."""
+"""The vectorised expert layer (dense, and grouped for top-k) equals the loop reference (output and
+gradients) for soft, top-k, null-expert and shared-A routing; the benchmark runs end to end."""
 
 from __future__ import annotations
 
@@ -21,23 +21,26 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_vectorised_equals_loop_reference(case: str) -> None:
+@pytest.mark.parametrize("case,grouped", [(c, False) for c in CASES] + [("top2", True), ("null", True)])
+def test_vectorised_equals_loop_reference(case: str, grouped: bool) -> None:
     c = CASES[case]
     torch.manual_seed(0)
-    base = torch.nn.Linear(12, 10).requires_grad_(False)
-    ours = LoRAExperts(base, rank=3, alpha=6.0, num_experts=5, shared_A=c["shared_A"],
+    base = torch.nn.Linear(12, 8).requires_grad_(False)  # grouped GEMMs need 16-byte rows
+    ours = LoRAExperts(base, rank=4, alpha=6.0, num_experts=5, shared_A=c["shared_A"], grouped=grouped,
                        router=Router(12, 5, top_k=c["top_k"], num_null=c["num_null"]))
+    assert ours.grouped == grouped
     with torch.no_grad():
         ours.lora_B.normal_()
     ref = LoopMoELoRA.from_ours(ours)
-    x = torch.randn(2, 7, 12)
-    out, out_ref = ours(x), ref(x)
+    x = torch.randn(2, 7, 12, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    out, out_ref = ours(x), ref(x_ref)
     assert torch.allclose(out, out_ref, atol=1e-5)
     g = torch.randn_like(out)
     (out * g).sum().backward()
     (out_ref * g).sum().backward()
-    r = 3
+    assert torch.allclose(x.grad, x_ref.grad, atol=1e-5)
+    r = 4
     grad_A = torch.cat([lin.weight.grad.T for lin in ref.experts_A], dim=1)
     grad_B = torch.cat([lin.weight.grad.T for lin in ref.experts_B], dim=0)
     assert torch.allclose(ours.lora_A.grad, grad_A, atol=1e-5)
