@@ -22,6 +22,10 @@ CASES = [
     (["-m", "adapter=lora,loramoe", "adapter.dropout=2"], "adapter.dropout"),
     (["data=cbqa_instruct_hub"], "data.source"),
     (["experiment=loramoe_forgetting_paper"], "model.name_or_path"),
+    (["adapter=loramoe", "adapter.expert_compute=grouped"], "needs top-k routing"),
+    (["adapter=mola", "adapter.expert_compute=sparse"], "adapter.expert_compute"),
+    (["adapter=mola", "adapter.expert_compute=grouped", "adapter.rank=6"], "adapter.rank=6"),
+    (["adapter=mola", "adapter.expert_compute=grouped", "recipe.compile=true"], "model.dtype=bfloat16"),
 ]
 
 

@@ -97,6 +97,20 @@ def model_config(a: argparse.Namespace):
                        hidden_size=a.hidden, num_layers=a.layers, intermediate_size=a.ffn, num_heads=a.heads)
 
 
+SUFFIXES = ("_compiled", "_grouped", "_no_telemetry")
+
+
+def split_variant(variant: str) -> tuple[str, set[str]]:
+    """``'loramoe_no_telemetry_compiled'`` -> ``('loramoe', {'_no_telemetry', '_compiled'})``:
+    ``_compiled`` compiles that model only, ``_grouped`` computes top-k with grouped GEMMs,
+    ``_no_telemetry`` switches routing statistics and auxiliary losses off."""
+    flags: set[str] = set()
+    while suffix := next((x for x in SUFFIXES if variant.endswith(x)), None):
+        flags.add(suffix)
+        variant = variant.removesuffix(suffix)
+    return variant, flags
+
+
 def build(variant: str, a: argparse.Namespace) -> Case:
     import moe_lora.adapters  # noqa: F401  (registers the variants)
     from moe_lora.adapters.inject import inject_adapter
@@ -107,7 +121,8 @@ def build(variant: str, a: argparse.Namespace) -> Case:
 
     model = base_model(a)
     recorder = RoutingRecorder()
-    telemetry = True
+    variant, flags = split_variant(variant)
+    telemetry = "_no_telemetry" not in flags
     if variant == "base":  # frozen: backward runs through the activations into the embeddings only
         recorder = None
         model.get_input_embeddings().weight.requires_grad_(True)
@@ -118,10 +133,8 @@ def build(variant: str, a: argparse.Namespace) -> Case:
                                                  target_modules=target_modules(a.modules)))
         recorder = None
     else:
-        name = LOOPS.get(variant, variant.removesuffix("_no_telemetry").removesuffix("_grouped"))
-        telemetry = not variant.endswith("_no_telemetry")
-        cfg = adapter_config(name, a)
-        if variant.endswith("_grouped"):  # top-k through grouped GEMMs instead of the dense masked gate
+        cfg = adapter_config(LOOPS.get(variant, variant), a)
+        if "_grouped" in flags:  # top-k through grouped GEMMs instead of the dense masked gate
             cfg = replace(cfg, expert_compute="grouped")
         inject_adapter(model, cfg, model_config(a), LayoutConfig(), recorder)
         if variant in LOOPS:
@@ -132,7 +145,7 @@ def build(variant: str, a: argparse.Namespace) -> Case:
             recorder = None
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4) if params and variant != "base" else None
-    if a.compile:
+    if a.compile or "_compiled" in flags:
         model = torch.compile(model)
     return Case(model, opt, recorder, telemetry)
 
@@ -189,6 +202,24 @@ def memory_bytes(case: Case, batch: dict[str, torch.Tensor], device: str) -> int
     return sum(seen.values()) + weights + (trainable * 3 if case.optimizer else 0)  # grads + two AdamW moments
 
 
+def flop_count(case: Case, batch: dict[str, torch.Tensor]) -> int:
+    """Matmul FLOPs of one training step (forward and backward), torch's FLOP counter plus the
+    in-place ``addmm_`` and the grouped GEMM it does not know: the arithmetic a variant asks for."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def addmm_flop(out, a, b, *args, out_shape=None, **kwargs) -> int:  # out (M,N) += a (M,K) @ b (K,N)
+        return 2 * a[0] * a[1] * b[1]
+
+    def grouped_flop(a, b, *args, out_shape=None, **kwargs) -> int:  # (M,K)x(E,K,N) or (K,M)x(M,N)->(E,K,N)
+        return 2 * out_shape[-2] * out_shape[-1] * a[-1]
+
+    aten = torch.ops.aten
+    mapping = {aten.addmm_: addmm_flop, **({aten._grouped_mm: grouped_flop} if hasattr(aten, "_grouped_mm") else {})}
+    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        train_step(case, batch)
+    return counter.get_total_flops()
+
+
 def measure(variants: list[str], a: argparse.Namespace, progress: Callable[[str], None] = print) -> dict:
     batch = make_batch(a)
     cases = {v: build(v, a) for v in variants}
@@ -205,7 +236,8 @@ def measure(variants: list[str], a: argparse.Namespace, progress: Callable[[str]
             sync(a.device)
             times[v].append(time.perf_counter() - t0)
     memory = {v: memory_bytes(case, batch, a.device) for v, case in cases.items()}
-    return {"median_s": {v: statistics.median(t) for v, t in times.items()}, "memory_bytes": memory}
+    flops = {v: flop_count(case, batch) for v, case in cases.items() if "_compiled" not in split_variant(v)[1]}
+    return {"median_s": {v: statistics.median(t) for v, t in times.items()}, "memory_bytes": memory, "flops": flops}
 
 
 def report(raw: dict, a: argparse.Namespace) -> dict:
@@ -218,6 +250,9 @@ def report(raw: dict, a: argparse.Namespace) -> dict:
     out = {
         "ratio_vs_peft_lora": {v: t[v] / ref_t for v in ours},
         "memory_ratio_vs_peft_lora": {v: mem[v] / ref_m for v in ours},
+        # matmul FLOPs of a step against peft LoRA's: what the arithmetic alone would cost
+        "flop_ratio_vs_peft_lora": {v: f / raw["flops"]["peft_lora"] for v, f in raw["flops"].items() if v in ours},
+        "gflops_per_step": {v: f / 1e9 for v, f in raw["flops"].items()},
         "loop_reference_over_ours": {LOOPS[v]: t[v] / t[LOOPS[v]] for v in LOOPS if v in t and LOOPS[v] in t},
         "median_step_ms": {v: 1000 * s for v, s in t.items()},
         "memory_mb": {v: b / 2**20 for v, b in mem.items()},
@@ -225,6 +260,9 @@ def report(raw: dict, a: argparse.Namespace) -> dict:
                      "machine": platform.machine(), "processor": platform.processor()},
         "versions": versions,
     }
+    compiled = {v: t[v] / ref_t for v in t if v.endswith("_compiled")}
+    if compiled:  # the target: compiled MoE against *eager* peft LoRA
+        out["compiled_vs_eager_peft_lora"] = compiled
     grouped = {v.removesuffix("_grouped"): t[v] / t[v.removesuffix("_grouped")]
                for v in t if v.endswith("_grouped") and v.removesuffix("_grouped") in t}
     if grouped:
@@ -236,13 +274,17 @@ def report(raw: dict, a: argparse.Namespace) -> dict:
 
 def table(res: dict) -> str:
     ms, mb = res["median_step_ms"], res["memory_mb"]
-    rows = [f"{'variant':<22} {'step ms':>9} {'x peft':>7} {'memory MB':>10} {'x peft':>7}"]
+    gf = res["gflops_per_step"]
+    rows = [f"{'variant':<30} {'step ms':>8} {'x peft':>7} {'memory MB':>10} {'x peft':>7} {'GFLOP':>7} {'x peft':>7}"]
     for v in ms:
         ratio = res["ratio_vs_peft_lora"].get(v, ms[v] / ms["peft_lora"])
         mratio = res["memory_ratio_vs_peft_lora"].get(v, mb[v] / mb["peft_lora"])
-        rows.append(f"{v:<22} {ms[v]:>9.1f} {ratio:>7.2f} {mb[v]:>10.1f} {mratio:>7.2f}")
+        flops = f"{gf[v]:>7.1f} {gf[v] / gf['peft_lora']:>7.2f}" if v in gf else f"{'-':>7} {'-':>7}"
+        rows.append(f"{v:<30} {ms[v]:>8.1f} {ratio:>7.2f} {mb[v]:>10.1f} {mratio:>7.2f} {flops}")
     rows.append("")
     rows += [f"loop reference / ours ({k}): {r:.2f}x" for k, r in res["loop_reference_over_ours"].items()]
+    rows += [f"compiled {k.removesuffix('_compiled')} / eager peft LoRA: {r:.2f}x"
+             for k, r in res.get("compiled_vs_eager_peft_lora", {}).items()]
     rows += [f"top-k through grouped GEMMs / dense masked gate ({k}): {r:.2f}x"
              for k, r in res.get("grouped_over_dense", {}).items()]
     if "telemetry_overhead" in res:
@@ -255,7 +297,8 @@ def main(argv: list[str]) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     grouped = ["mola_grouped"] if hasattr(torch, "_grouped_mm") else []  # torch >= 2.8
-    default = ["base", "peft_lora", "lora", *MOE, "loramoe_no_telemetry", *grouped, "melora", "alora", *LOOPS]
+    default = ["base", "peft_lora", "lora", *MOE, "loramoe_no_telemetry", *grouped, "loramoe_compiled", "melora",
+               "alora", *LOOPS]
     variants = [v for v in a.variants.split(",") if v] or default
     for needed in ("peft_lora",):
         if needed not in variants:

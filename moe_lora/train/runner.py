@@ -50,11 +50,24 @@ def validate(cfg: TrainConfig, check_files: bool = True) -> None:
     if spec.wrap is not None:
         resolve_layout(cfg.layout, cfg.adapter, cfg.model.num_layers)
         expand_targets(cfg.adapter.target_modules, cfg.model.modules)
+    if getattr(cfg.adapter, "expert_compute", "dense") == "grouped":
+        check_grouped(cfg)
     if check_files and cfg.model.source == "hub":
         resolve_hub_path(cfg.model)  # a missing model fails here, in well under a second
     if check_files and cfg.data.source == "hub":
         raise ConfigError(f"data.source='hub' (data.hub_datasets={list(cfg.data.hub_datasets)}) needs the hub dataset "
                           "loaders, which are not implemented yet; use data=world_mix")
+
+
+def check_grouped(cfg: TrainConfig) -> None:
+    """Grouped GEMMs need 16-byte rows, and compiled they exist in bfloat16 only (torch 2.13)."""
+    width = 4 if cfg.model.dtype == "float32" else 2
+    if cfg.adapter.rank * width % 16:
+        raise ConfigError(f"adapter.rank={cfg.adapter.rank} with adapter.expert_compute=grouped must be a multiple of "
+                          f"{16 // width} in model.dtype={cfg.model.dtype} (16-byte rows); use expert_compute=dense")
+    if cfg.recipe.compile and cfg.model.dtype != "bfloat16":
+        raise ConfigError(f"adapter.expert_compute=grouped with recipe.compile=true needs model.dtype=bfloat16 "
+                          f"(compiled grouped GEMMs are bfloat16 only; model.dtype={cfg.model.dtype})")
 
 
 def load_base(cfg: TrainConfig, world: World, progress: bool = True):
