@@ -29,7 +29,7 @@ def route(probs: torch.Tensor, top_k: int | None, num_real: int) -> tuple[torch.
     has_null = probs.shape[-1] > num_real  # slicing only then: a slice's backward zero-fills a copy
     if top_k is None:
         return (probs[..., :num_real] if has_null else probs), None
-    idx = probs.topk(top_k, dim=-1).indices
+    idx = probs.detach().topk(top_k, dim=-1, sorted=False).indices  # selection only: no autograd node
     selected = torch.zeros_like(probs).scatter_(-1, idx, 1.0)
     real = (probs[..., :num_real] * selected[..., :num_real]) if has_null else probs * selected
     return real / real.sum(-1, keepdim=True).clamp_min(1e-12), selected
