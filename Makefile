@@ -38,7 +38,7 @@ lint style: $(STAMP)
 	$(BIN)/ruff check --fix moe_lora tests
 
 bench: $(STAMP)
-	$(BIN)/moe-lora bench --out outputs/bench.json $(ARGS)
+	$(BIN)/moe-lora bench --out outputs/bench/$(shell date +%Y-%m-%d_%H-%M-%S).json $(ARGS)
 
 # Toy-scale paper presets (3 seeds each), then one report per preset in its newest sweep folder.
 # A failed job does not stop the others; it is listed in the report.

@@ -27,6 +27,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 from torch import nn
 
+from moe_lora.errors import ConfigError
+
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MOE = ["loramoe", "molora", "mola", "hydralora", "adamoe", "mov"]
 LOOPS = {"loop_loramoe": "loramoe", "loop_mola": "mola", "loop_hydralora": "hydralora", "loop_adamoe": "adamoe"}
@@ -59,7 +61,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--compile", action="store_true", help="torch.compile every model (whole model)")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    p.add_argument("--out", type=Path, default=None, help="write the results as JSON here (a new file)")
+    p.add_argument("--overwrite", action="store_true", help="let --out replace an existing file")
     return p.parse_args(argv)
 
 
@@ -294,6 +297,8 @@ def table(res: dict) -> str:
 
 def main(argv: list[str]) -> int:
     a = parse(argv)
+    if a.out and a.out.exists() and not a.overwrite:
+        raise ConfigError(f"--out {a.out} exists; pass --overwrite to replace it, or choose a new file")
     if a.threads:
         torch.set_num_threads(a.threads)
     grouped = ["mola_grouped"] if hasattr(torch, "_grouped_mm") else []  # torch >= 2.8

@@ -11,6 +11,7 @@ import torch
 from moe_lora.adapters.layer import LoRAExperts
 from moe_lora.bench.reference import LoopMoELoRA
 from moe_lora.bench.run import main as bench_main
+from moe_lora.errors import ConfigError
 from moe_lora.routing.router import Router
 
 CASES = {
@@ -53,10 +54,16 @@ def test_bench_runs_and_writes_ratios(tmp_path, capsys) -> None:
     out = tmp_path / "bench.json"
     code = bench_main(["--hidden", "32", "--layers", "1", "--heads", "2", "--ffn", "64", "--vocab", "50",
                        "--seq", "8", "--batch", "2", "--rounds", "2", "--out", str(out),
-                       "--variants", "lora,loramoe,loramoe_no_telemetry,mola,loop_loramoe"])
+                       "--variants", "lora,loramoe,loramoe_no_telemetry,mola,mola_grouped,loop_loramoe"])
     assert code == 0
     res = json.loads(out.read_text())
-    assert set(res["ratio_vs_peft_lora"]) == {"lora", "loramoe", "mola"}
+    assert set(res["ratio_vs_peft_lora"]) == {"lora", "loramoe", "mola", "mola_grouped"}
     assert res["loop_reference_over_ours"].keys() == {"loramoe"}
+    assert res["grouped_over_dense"].keys() == {"mola"}
     assert res["telemetry_overhead"] > 0 and all(v > 0 for v in res["memory_mb"].values())
+    flops = res["flop_ratio_vs_peft_lora"]
+    assert flops["lora"] == pytest.approx(1.0) and flops["mola"] > flops["mola_grouped"] > 1.0  # top-2 of 8
+    assert flops["loramoe"] == pytest.approx(flops["mola"], rel=0.01)  # dense top-k: every expert computed
     assert "loop reference / ours" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="exists"):  # an earlier result is never replaced silently
+        bench_main(["--out", str(out)])
