@@ -3,8 +3,11 @@
 Experts are stored concatenated, ``lora_A`` (d_in, E*r) and ``lora_B`` (E*r, d_out), next to the
 router weight: three trainable tensors per adapted linear. The gate (with the alpha/r scaling
 folded in) scales the small ``T x E*r`` hidden, never a ``T x d`` tensor, and the update is added
-into the base output with one ``addmm``. There is no Python loop over experts. This layout is also
-the saved format. Plain LoRA is the case E=1 without a router.
+into the base output with one in-place ``addmm_``. There is no Python loop over experts and no host
+sync. Top-k is a dense masked gate (unselected experts get weight 0): for E <= 16 on CPU it beats
+gathering; ``grouped=True`` (``adapter.expert_compute=grouped``) computes only the chosen pairs
+with grouped GEMMs, for GPUs and large E*r. This layout is also the saved format. Plain LoRA is the
+case E=1 without a router.
 
 Parametrisations plug in here rather than forking the layer: ``shared_A`` (HydraLoRA: one A,
 N heads B_i; ``A x`` is computed once and the gate expands it to ``T x N*r``) and
