@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from moe_lora.adapters.base import LayerPlan, register_adapter
-from moe_lora.adapters.layer import kaiming_uniform_, linear_dims
+from moe_lora.adapters.layer import base_and_update, kaiming_uniform_, linear_dims
 from moe_lora.config import LowRankConfig
 from moe_lora.errors import ConfigError, require
 
@@ -52,11 +52,10 @@ class MELoRALinear(nn.Module):
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
         xs = self.lora_dropout(x).to(self.lora_A.dtype).unflatten(-1, (self.n, -1))  # (..., n, d_in/n)
         h = torch.einsum("...ni,nir->...nr", xs, self.lora_A)
-        delta = torch.einsum("...nr,nro->...no", h, self.lora_B).flatten(-2)
-        return out + (self.scaling * delta).to(out.dtype)
+        delta = torch.einsum("...nr,nro->...no", h, self.lora_B).reshape(-1, self.d_out)
+        return base_and_update(self.base, x, lambda out: out.add_(delta.to(out.dtype), alpha=self.scaling))
 
     def delta_weight(self) -> torch.Tensor:
         """The dense (d_out, d_in) update, for tests and merging."""
