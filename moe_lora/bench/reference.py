@@ -41,11 +41,15 @@ class LoopMoELoRA(nn.Module):
             for e, lin in enumerate(ref.experts_B):
                 lin.weight.copy_(layer.lora_B[e * r:(e + 1) * r].T)
             ref.router.weight.copy_(router.weight)
+        # the layer's device; experts in its dtype, the router in the router's (float32 by default)
+        ref.experts_A.to(device=layer.lora_A.device, dtype=layer.lora_A.dtype)
+        ref.experts_B.to(device=layer.lora_B.device, dtype=layer.lora_B.dtype)
+        ref.router.to(device=router.weight.device, dtype=router.weight.dtype)
         return ref
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
-        probs = F.softmax(self.router(x).float(), dim=-1)
+        probs = F.softmax(self.router(x.to(self.router.weight.dtype)).float(), dim=-1)
         gate, _ = route(probs, self.top_k, self.num_experts)
         used = (gate.reshape(-1, self.num_experts) > 0).any(0).tolist()  # host sync, as released code does
         shared = self.experts_A[0](x) if self.shared_A else None

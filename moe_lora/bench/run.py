@@ -6,9 +6,12 @@ AdamW step). Memory on CPU is the bytes saved for backward (saved-tensor hooks) 
 gradients and optimiser state; on a GPU it is the peak allocated memory of a step. Ratios are
 against peft LoRA measured in the same run; nothing is compared with numbers from elsewhere.
 
-GPU sizes: ``--hidden 896 --layers 24 --heads 14 --ffn 4864 --vocab 151936 --seq 512 --batch 8``
-is Qwen2.5-0.5B-shaped with random weights; ``--hidden 4096 --layers 32 --heads 32 --ffn 11008
---vocab 32000 --dtype bfloat16`` is LLaMA-2-7B-shaped (about 14 GB of bf16 weights).
+Sizes (``--size``): ``tiny`` (default; hidden 256, 4 layers, FFN 688, vocab 2000), ``0.5b``
+(Qwen2.5-0.5B-shaped: hidden 896, 24 layers, 14 heads, FFN 4864, vocab 151936) and ``7b``
+(LLaMA-2-7B-shaped: hidden 4096, 32 layers, 32 heads, FFN 11008, vocab 32000; about 14 GB in
+bf16), all with random weights; ``--hidden`` etc. override single fields. On a GPU the default run
+also measures the ``0.5b`` shape in bfloat16 at sequence 512 for the core variants (``--large
+none`` skips it, ``--large 7b`` picks the bigger one); its results are under ``"large"`` in the JSON.
 """
 
 from __future__ import annotations
@@ -34,6 +37,14 @@ MOE = ["loramoe", "molora", "mola", "hydralora", "adamoe", "mov"]
 LOOPS = {"loop_loramoe": "loramoe", "loop_mola": "mola", "loop_hydralora": "hydralora", "loop_adamoe": "adamoe"}
 
 
+SIZES = {
+    "tiny": {"hidden": 256, "layers": 4, "heads": 4, "ffn": 688, "vocab": 2000},
+    "0.5b": {"hidden": 896, "layers": 24, "heads": 14, "ffn": 4864, "vocab": 151936},
+    "7b": {"hidden": 4096, "layers": 32, "heads": 32, "ffn": 11008, "vocab": 32000},
+}
+LARGE_VARIANTS = ["peft_lora", "lora", "loramoe", "mola", "mola_grouped", "hydralora", "loop_loramoe"]
+
+
 @dataclass
 class Case:
     model: nn.Module
@@ -45,11 +56,9 @@ class Case:
 
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="moe-lora bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--ffn", type=int, default=688)
-    p.add_argument("--vocab", type=int, default=2000)
+    p.add_argument("--size", default="tiny", choices=list(SIZES), help="model shape (random weights)")
+    for key in ("hidden", "layers", "heads", "ffn", "vocab"):
+        p.add_argument(f"--{key}", type=int, default=None, help=f"override the size's {key}")
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--experts", type=int, default=8)
@@ -63,7 +72,20 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here (a new file)")
     p.add_argument("--overwrite", action="store_true", help="let --out replace an existing file")
-    return p.parse_args(argv)
+    p.add_argument("--large", default=None, choices=[*SIZES, "none"],
+                   help="also measure this size in bfloat16 at sequence 512 (default: 0.5b on a GPU, none on CPU)")
+    a = p.parse_args(argv)
+    for key, value in SIZES[a.size].items():
+        if getattr(a, key) is None:
+            setattr(a, key, value)
+    if a.large is None:
+        a.large = "0.5b" if a.device.startswith("cuda") else "none"
+    return a
+
+
+def large_args(a: argparse.Namespace) -> argparse.Namespace:
+    """The same settings at the ``--large`` shape, bfloat16, sequence 512."""
+    return argparse.Namespace(**{**vars(a), **SIZES[a.large], "size": a.large, "dtype": "bfloat16", "seq": 512})
 
 
 def target_modules(spec: str) -> list[str]:
@@ -77,7 +99,8 @@ def base_model(a: argparse.Namespace) -> nn.Module:
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.ffn, num_hidden_layers=a.layers,
                       num_attention_heads=a.heads, num_key_value_heads=a.heads, max_position_embeddings=max(a.seq, 256))
-    model = LlamaForCausalLM(cfg).to(device=a.device, dtype=getattr(torch, a.dtype))
+    with torch.device(a.device):  # random init where it runs: seconds, not minutes, for a 7B shape on a GPU
+        model = LlamaForCausalLM(cfg).to(dtype=getattr(torch, a.dtype))
     model.requires_grad_(False)
     return model
 
@@ -310,6 +333,11 @@ def main(argv: list[str]) -> int:
             variants.insert(0, needed)
     res = report(measure(variants, a), a)
     print(table(res))
+    if a.large != "none":
+        big = large_args(a)
+        print(f"\n{a.large}-shaped model, bfloat16, sequence {big.seq} (every variant holds its own copy):")
+        res["large"] = report(measure([v for v in LARGE_VARIANTS if v != "mola_grouped" or grouped], big), big)
+        print(table(res["large"]))
     if a.out:
         from moe_lora.tracking import write_json_atomic
 

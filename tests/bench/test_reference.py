@@ -10,6 +10,7 @@ import torch
 
 from moe_lora.adapters.layer import LoRAExperts
 from moe_lora.bench.reference import LoopMoELoRA
+from moe_lora.bench.run import large_args, parse
 from moe_lora.bench.run import main as bench_main
 from moe_lora.errors import ConfigError
 from moe_lora.routing.router import Router
@@ -67,3 +68,25 @@ def test_bench_runs_and_writes_ratios(tmp_path, capsys) -> None:
     assert "loop reference / ours" in capsys.readouterr().out
     with pytest.raises(ConfigError, match="exists"):  # an earlier result is never replaced silently
         bench_main(["--out", str(out)])
+
+
+def test_bench_sizes() -> None:
+    assert parse([]).hidden == 256 and parse(["--size", "0.5b"]).vocab == 151936
+    assert parse(["--size", "0.5b", "--hidden", "64"]).hidden == 64  # a flag overrides the size's field
+    cpu = parse(["--device", "cpu"])
+    assert cpu.large == "none"  # the large shape runs by default on a GPU only
+    big = large_args(parse(["--device", "cpu", "--large", "7b"]))
+    assert (big.hidden, big.layers, big.dtype, big.seq) == (4096, 32, "bfloat16", 512)
+
+
+def test_loop_reference_follows_the_layer_dtype() -> None:
+    """bfloat16 experts, float32 router, as in the large-shape GPU run of the benchmark."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(16, 8, bias=False).to(torch.bfloat16).requires_grad_(False)
+    ours = LoRAExperts(base, rank=4, alpha=8.0, num_experts=4, router=Router(16, 4, top_k=2))
+    with torch.no_grad():
+        ours.lora_B.normal_()
+    ref = LoopMoELoRA.from_ours(ours)
+    x = torch.randn(2, 3, 16, dtype=torch.bfloat16)
+    assert ref.experts_A[0].weight.dtype == torch.bfloat16 and ref.router.weight.dtype == torch.float32
+    assert torch.allclose(ours(x).float(), ref(x).float(), atol=0.1)
