@@ -19,6 +19,13 @@ if TYPE_CHECKING:
     from moe_lora.routing.recorder import AuxLossConfig, RoutingRecorder
 
 
+def softmax_experts(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last (expert) dimension, run as a softmax over the second-to-last
+    dimension of the transposed view: torch's kernel for an inner dimension vectorises across
+    tokens, about twice as fast forward and backward as the last-dim kernel when E is a handful."""
+    return logits.transpose(-1, -2).softmax(-2).transpose(-1, -2)
+
+
 def route(probs: torch.Tensor, top_k: int | None, num_real: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Gates over the real experts and the 0/1 choice mask over all router outputs.
 
@@ -71,7 +78,7 @@ class Router(nn.Module):
 
     def gate(self, logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Gates from router logits (softmax, routing, recording); the second half of forward."""
-        probs = logits.float().softmax(-1) if self.fp32 else logits.softmax(-1)
+        probs = softmax_experts(logits.float() if self.fp32 else logits)
         gate, selected = route(probs, self.top_k, self.num_experts)
         if self.recorder is not None and self.recorder.active:
             self.recorder.record(self, logits, probs, selected)
