@@ -254,8 +254,10 @@ def measure(variants: list[str], a: argparse.Namespace, progress: Callable[[str]
             train_step(case, batch)
         progress(f"built {v}")
     times: dict[str, list[float]] = {v: [] for v in variants}
-    for _ in range(a.rounds):
-        for v, case in cases.items():
+    names = list(cases)
+    for i in range(a.rounds):  # the order rotates each round, so no variant always runs first or last
+        for v in names[i % len(names):] + names[:i % len(names)]:
+            case = cases[v]
             sync(a.device)
             t0 = time.perf_counter()
             train_step(case, batch)
@@ -263,7 +265,16 @@ def measure(variants: list[str], a: argparse.Namespace, progress: Callable[[str]
             times[v].append(time.perf_counter() - t0)
     memory = {v: memory_bytes(case, batch, a.device) for v, case in cases.items()}
     flops = {v: flop_count(case, batch) for v, case in cases.items() if "_compiled" not in split_variant(v)[1]}
-    return {"median_s": {v: statistics.median(t) for v, t in times.items()}, "memory_bytes": memory, "flops": flops}
+    return {"median_s": {v: statistics.median(t) for v, t in times.items()}, "memory_bytes": memory, "flops": flops,
+            "spread": {v: iqr(t) / statistics.median(t) for v, t in times.items()}}
+
+
+def iqr(values: list[float]) -> float:
+    """Interquartile range: how much a variant's step time moved over the rounds."""
+    if len(values) < 2:
+        return 0.0
+    q = statistics.quantiles(values, n=4)
+    return q[2] - q[0]
 
 
 def report(raw: dict, a: argparse.Namespace) -> dict:
@@ -281,6 +292,7 @@ def report(raw: dict, a: argparse.Namespace) -> dict:
         "gflops_per_step": {v: f / 1e9 for v, f in raw["flops"].items()},
         "loop_reference_over_ours": {LOOPS[v]: t[v] / t[LOOPS[v]] for v in LOOPS if v in t and LOOPS[v] in t},
         "median_step_ms": {v: 1000 * s for v, s in t.items()},
+        "step_time_iqr_over_median": raw["spread"],  # the noise to read the ratios against
         "memory_mb": {v: b / 2**20 for v, b in mem.items()},
         "settings": {**vars(a), "out": str(a.out) if a.out else None, "threads": torch.get_num_threads(),
                      "machine": platform.machine(), "processor": platform.processor()},
@@ -308,6 +320,8 @@ def table(res: dict) -> str:
         flops = f"{gf[v]:>7.1f} {gf[v] / gf['peft_lora']:>7.2f}" if v in gf else f"{'-':>7} {'-':>7}"
         rows.append(f"{v:<30} {ms[v]:>8.1f} {ratio:>7.2f} {mb[v]:>10.1f} {mratio:>7.2f} {flops}")
     rows.append("")
+    spread = res["step_time_iqr_over_median"]
+    rows.append(f"step-time spread over rounds (IQR / median): {min(spread.values()):.1%} to {max(spread.values()):.1%}")
     rows += [f"loop reference / ours ({k}): {r:.2f}x" for k, r in res["loop_reference_over_ours"].items()]
     rows += [f"compiled {k.removesuffix('_compiled')} / eager peft LoRA: {r:.2f}x"
              for k, r in res.get("compiled_vs_eager_peft_lora", {}).items()]
