@@ -7,11 +7,10 @@ vectorised layer against it and the benchmark can measure the difference.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from moe_lora.adapters.layer import LoRAExperts, linear_dims
-from moe_lora.routing.router import route
+from moe_lora.routing.router import Router
 
 
 class LoopMoELoRA(nn.Module):
@@ -23,12 +22,14 @@ class LoopMoELoRA(nn.Module):
     ) -> None:
         super().__init__()
         d_in, d_out = linear_dims(base)
-        self.base, self.num_experts, self.top_k, self.num_null = base, num_experts, top_k, num_null
+        self.base, self.num_experts = base, num_experts
         self.scaling, self.shared_A = alpha / rank, shared_A
         n_a = 1 if shared_A else num_experts
         self.experts_A = nn.ModuleList(nn.Linear(d_in, rank, bias=False) for _ in range(n_a))
         self.experts_B = nn.ModuleList(nn.Linear(rank, d_out, bias=False) for _ in range(num_experts))
-        self.router = nn.Linear(d_in, num_experts + num_null, bias=False)
+        # the shared router (softmax, top-k, null experts, reporting to a recorder when attached):
+        # what is naive here is the expert compute, so that is all the comparison measures
+        self.router = Router(d_in, num_experts, top_k=top_k, num_null=num_null)
 
     @classmethod
     def from_ours(cls, layer: LoRAExperts) -> LoopMoELoRA:
@@ -45,12 +46,12 @@ class LoopMoELoRA(nn.Module):
         ref.experts_A.to(device=layer.lora_A.device, dtype=layer.lora_A.dtype)
         ref.experts_B.to(device=layer.lora_B.device, dtype=layer.lora_B.dtype)
         ref.router.to(device=router.weight.device, dtype=router.weight.dtype)
+        ref.router.fp32, ref.router.jitter = router.fp32, router.jitter
         return ref
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
-        probs = F.softmax(self.router(x.to(self.router.weight.dtype)).float(), dim=-1)
-        gate, _ = route(probs, self.top_k, self.num_experts)
+        gate = self.router(x)
         used = (gate.reshape(-1, self.num_experts) > 0).any(0).tolist()  # host sync, as released code does
         shared = self.experts_A[0](x) if self.shared_A else None
         for e in range(self.num_experts):

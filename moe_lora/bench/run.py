@@ -163,12 +163,13 @@ def build(variant: str, a: argparse.Namespace) -> Case:
         if "_grouped" in flags:  # top-k through grouped GEMMs instead of the dense masked gate
             cfg = replace(cfg, expert_compute="grouped")
         inject_adapter(model, cfg, model_config(a), LayoutConfig(), recorder)
-        if variant in LOOPS:
+        if variant in LOOPS:  # same routing, statistics and aux losses; experts looped as research code does
             for n, m in list(model.named_modules()):
                 if isinstance(m, LoRAExperts):
                     parent, _, child = n.rpartition(".")
-                    setattr(model.get_submodule(parent), child, LoopMoELoRA.from_ours(m))
-            recorder = None
+                    loop = LoopMoELoRA.from_ours(m)
+                    recorder.attach(loop.router, m.router.module_name, m.router.aux)
+                    setattr(model.get_submodule(parent), child, loop)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4) if params and variant != "base" else None
     if a.compile or "_compiled" in flags:
