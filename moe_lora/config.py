@@ -118,7 +118,9 @@ class MoEConfig(LowRankConfig):
     router_fp32: bool = True
     # "dense": every expert on every token, unselected ones gated by zero (fastest for E <= 16 on
     # CPU); "grouped": top-k (token, expert) pairs sorted by expert and computed with grouped GEMMs
-    # (``torch._grouped_mm``), E/k times fewer expert FLOPs, for large E*r and GPUs. Same results.
+    # (``torch._grouped_mm``), E/k times fewer expert FLOPs, for large E*r and GPUs. Same results up
+    # to summation order; on CUDA its index_add_ uses atomics, so runs are bitwise reproducible only
+    # under torch.use_deterministic_algorithms(True).
     expert_compute: str = "dense"
 
     def __post_init__(self) -> None:

@@ -59,6 +59,8 @@ def base_and_update(base: nn.Module, x: torch.Tensor, update: Callable[[torch.Te
     out-of-place ``addmm`` (or ``out + delta``) makes, the largest non-GEMM cost of the layer;
     adding into a 3-D view instead would make autograd clone the gradient (``CopySlices``)."""
     out = base(x.reshape(-1, x.shape[-1]))
+    if out._base is not None and out._base.shape == out.shape:  # GPT-2's Conv1D returns a same-shape view
+        out = out._base
     update(out)
     return out.view(*x.shape[:-1], out.shape[-1])
 
@@ -74,6 +76,7 @@ def grouped_update_(
     unselected experts (a token that chose null experts has fewer than k non-zero gates: those pairs
     carry weight 0, as in the dense path, whose gradients they match)."""
     num_experts, rank = gate.shape[-1], A.shape[1] // gate.shape[-1]
+    k = min(k, num_experts)  # top-k may count null experts; picks beyond the real ones have weight 0
     weight, expert = gate.topk(k, dim=-1)  # (T, k)
     expert = expert.flatten()
     order = expert.argsort(stable=True)
@@ -110,8 +113,8 @@ class LoRAExperts(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(self.d_in, a_cols, dtype=w.dtype, device=w.device))
         self.lora_B = nn.Parameter(torch.zeros(num_experts * rank, self.d_out, dtype=w.dtype, device=w.device))
         self.router = router
-        # (E, E*r): repeats expert e's gate over its r hidden columns, times alpha/r (see scale_hidden)
-        expand = torch.eye(num_experts, device=w.device).repeat_interleave(rank, dim=1) * self.scaling
+        # (E, E*r) of 0/1: repeats expert e's gate over its r hidden columns (see scale_hidden)
+        expand = torch.eye(num_experts, device=w.device).repeat_interleave(rank, dim=1)
         self.register_buffer("gate_expand", expand, persistent=False)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         if init_A == "normal":
@@ -141,9 +144,9 @@ class LoRAExperts(nn.Module):
         if self.shared_A:  # HydraLoRA: one A x, expanded to the N heads by the gate
             gate = gate.to(h.dtype) * self.scaling
             return (h.unsqueeze(-2) * gate.unsqueeze(-1)).flatten(-2), 1.0
-        # gate (.., E) @ expand (E, E*r) repeats each expert's gate over its r columns, times alpha/r;
+        # (gate * alpha/r) (.., E) @ expand (E, E*r) repeats each expert's gate over its r columns;
         # as a matmul its backward is a small GEMM rather than a strided sum over r
-        return h * (gate.to(h.dtype) @ self.gate_expand.to(h.dtype)), 1.0
+        return h * ((gate.to(h.dtype) * self.scaling) @ self.gate_expand.to(h.dtype)), 1.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.grouped:

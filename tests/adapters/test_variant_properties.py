@@ -140,3 +140,26 @@ def test_alora_reallocation_keeps_budget_and_prunes_cheapest() -> None:
     assert moved["granted"] == [best] and layers[best].active_rank == 3
     layer: ALoRALinear = layers[best]
     assert torch.equal(layer.lora_B[2], torch.zeros_like(layer.lora_B[2]))  # granted: function unchanged
+
+
+def test_in_place_update_on_gpt2_conv1d_matches_out_of_place() -> None:
+    """GPT-2's Conv1D returns a view of its addmm; the update goes into the viewed tensor, and
+    outputs and gradients equal base(x) + the low-rank term computed out of place."""
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    base = Conv1D(12, 16).requires_grad_(False)  # nf=12 outputs, nx=16 inputs
+    layer = LoRAExperts(base, rank=4, alpha=8.0)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    out = layer(x)
+    ref = base(x_ref) + layer.scaling * (x_ref @ layer.lora_A.detach()) @ layer.lora_B.detach()
+    assert torch.allclose(out, ref, atol=1e-5)
+    g = torch.randn_like(out)
+    out.backward(g)
+    ref.backward(g)
+    assert torch.allclose(x.grad, x_ref.grad, atol=1e-5)
+    added = out.grad_fn.next_functions[0][0]  # out is a view of the tensor the update was added into
+    assert type(added).__name__.startswith("Addmm"), type(added).__name__  # not CopySlices

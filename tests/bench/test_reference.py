@@ -90,3 +90,18 @@ def test_loop_reference_follows_the_layer_dtype() -> None:
     x = torch.randn(2, 3, 16, dtype=torch.bfloat16)
     assert ref.experts_A[0].weight.dtype == torch.bfloat16 and ref.router.weight.dtype == torch.float32
     assert torch.allclose(ours(x).float(), ref(x).float(), atol=0.1)
+
+
+def test_grouped_top_k_may_exceed_the_real_experts() -> None:
+    """AdaMoE-style top-4 over 2 real + 4 null experts: the grouped path equals the dense one."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(16, 8).requires_grad_(False)
+    layers = [LoRAExperts(base, rank=4, alpha=8.0, num_experts=2, grouped=g, router=Router(16, 2, top_k=4, num_null=4))
+              for g in (False, True)]
+    layers[1].load_state_dict(layers[0].state_dict())
+    with torch.no_grad():
+        for layer in layers:
+            layer.lora_B.copy_(torch.linspace(-1, 1, layer.lora_B.numel()).view_as(layer.lora_B))
+    x = torch.randn(2, 5, 16)
+    dense, grouped = (layer(x) for layer in layers)
+    assert torch.allclose(dense, grouped, atol=1e-6)
