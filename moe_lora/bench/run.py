@@ -281,7 +281,11 @@ def iqr(values: list[float]) -> float:
 def report(raw: dict, a: argparse.Namespace) -> dict:
     t, mem = raw["median_s"], raw["memory_bytes"]
     ref_t, ref_m = t["peft_lora"], mem["peft_lora"]
-    ours = [v for v in t if v not in LOOPS and v not in ("peft_lora",) and not v.endswith("_no_telemetry")]
+    def is_ours(variant: str) -> bool:  # our layers as users run them: not peft, not the loop, telemetry on
+        name, flags = split_variant(variant)
+        return name not in (*LOOPS, "peft_lora") and "_no_telemetry" not in flags
+
+    ours = [v for v in t if is_ours(v)]
     versions = {"torch": torch.__version__, "python": platform.python_version()}
     for mod in ("transformers", "peft"):
         versions[mod] = __import__(mod).__version__
@@ -302,8 +306,8 @@ def report(raw: dict, a: argparse.Namespace) -> dict:
     compiled = {v: t[v] / ref_t for v in t if v.endswith("_compiled")}
     if compiled:  # the target: compiled MoE against *eager* peft LoRA
         out["compiled_vs_eager_peft_lora"] = compiled
-    grouped = {v.removesuffix("_grouped"): t[v] / t[v.removesuffix("_grouped")]
-               for v in t if v.endswith("_grouped") and v.removesuffix("_grouped") in t}
+    grouped = {split_variant(v)[0]: t[v] / t[split_variant(v)[0]]
+               for v in t if split_variant(v)[1] == {"_grouped"} and split_variant(v)[0] in t}
     if grouped:
         out["grouped_over_dense"] = grouped
     if "loramoe_no_telemetry" in t and "loramoe" in t:
