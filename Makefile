@@ -31,7 +31,7 @@ $(STAMP): pyproject.toml
 		echo "no GPU driver found: installing the CPU build of torch"; \
 		$(BIN)/python -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)); \
 	fi
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -e ".[dev,eval]"
 	touch $(STAMP)
 
 lint style: $(STAMP)

@@ -21,6 +21,7 @@ from omegaconf import MISSING
 from moe_lora.errors import require
 
 TASK_TYPES = ("cbqa", "instruction")
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 # --------------------------------------------------------------------------------------------- model
@@ -54,15 +55,21 @@ class ModelConfig:
     name_or_path: Optional[str] = None
     family: str = "llama"
     modules: Dict[str, List[str]] = field(default_factory=dict)
+    # Architecture fields: for source=world they define the model; for source=hub they are only a
+    # fallback for meta-device accounting of a model that is not on disk (a readable config.json
+    # always wins, see models.read_architecture).
     hidden_size: int = 128
     num_layers: int = 4
     intermediate_size: int = 512
     num_heads: int = 4
     num_kv_heads: Optional[int] = None
+    head_dim: Optional[int] = None  # None: hidden_size // num_heads
     vocab_size: Optional[int] = None
     tie_word_embeddings: bool = False
-    dtype: str = "float32"
+    dtype: str = "float32"  # the frozen base weights; adapters have their own adapter.dtype
     trust_remote_code: bool = False
+    attn_implementation: str = "sdpa"
+    gradient_checkpointing: bool = False  # non-reentrant activation checkpointing of the decoder layers
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
     def __post_init__(self) -> None:
@@ -71,8 +78,10 @@ class ModelConfig:
             require(bool(self.name_or_path), "model.name_or_path", self.name_or_path, "is required for model.source=hub")
         require(bool(self.modules), "model.modules", self.modules, "must map group names (attention, ffn) to module names")
         require(self.num_layers >= 1, "model.num_layers", self.num_layers, "must be >= 1")
-        require(self.dtype in ("float32", "bfloat16", "float16"), "model.dtype", self.dtype,
-                "must be float32, bfloat16 or float16")
+        require(self.dtype in DTYPES, "model.dtype", self.dtype, "must be float32, bfloat16 or float16")
+        require(self.attn_implementation in ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"),
+                "model.attn_implementation", self.attn_implementation,
+                "must be eager, sdpa, flash_attention_2, flash_attention_3 or flex_attention")
 
 
 # ------------------------------------------------------------------------------------------ adapters
@@ -83,9 +92,13 @@ class AdapterConfig:
 
     name: str = MISSING
     target_modules: List[str] = field(default_factory=lambda: ["ffn"])
+    # Adapter weights, routers, adapter buffers (and so the optimizer state) are kept in this dtype
+    # whatever model.dtype is: pure-bf16 AdamW loses small updates (PEFT's autocast_adapter_dtype).
+    dtype: str = "float32"
 
     def __post_init__(self) -> None:
         require(len(self.target_modules) > 0, "adapter.target_modules", self.target_modules, "must not be empty")
+        require(self.dtype in DTYPES, "adapter.dtype", self.dtype, "must be float32, bfloat16 or float16")
 
 
 @dataclass
@@ -185,13 +198,59 @@ class WorldConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One real dataset of the mix, read through ``datasets`` (see ``moe_lora/data/sources.py``).
+
+    ``path`` is a hub id (looked up under ``data.root/<name>`` first, then the local ``datasets``
+    cache; downloads only with ``HF_DATASETS_OFFLINE=0``), a local folder written by
+    ``save_to_disk``, or JSON / JSONL / parquet files (a file, a glob or a folder of them).
+    ``fields`` maps roles to columns (dotted paths reach nested columns, e.g. ``answer.aliases``):
+    CBQA sources use ``question`` and ``answers`` (a string or a list; the first one is the training
+    target); instruction sources use ``instruction``, ``input`` (optional), ``output``.
+    ``template`` is a prompt template name of ``data/templates.py`` or a format string over the
+    roles. CBQA sources with an ``eval_split`` are evaluated by greedy generation cut at ``stop``
+    and matched by ``match`` (lm-eval's ``triviaqa`` or ``nq_open`` rules); instruction sources by
+    held-out response loss.
+    """
+
+    path: str = MISSING
+    config: Optional[str] = None
+    split: Optional[str] = "train"  # training split (null: evaluation only)
+    eval_split: Optional[str] = None  # held-out split for evaluation (null: not evaluated)
+    task_type: str = "cbqa"
+    num_examples: Optional[int] = None  # training examples taken; null: weight x data.num_train
+    weight: float = 1.0  # share of data.num_train when num_examples is null (normalised over sources)
+    eval_examples: Optional[int] = None  # cap on evaluation examples (recipe.eval_limit also applies)
+    fields: Dict[str, str] = field(default_factory=dict)
+    template: str = "triviaqa"
+    description: str = ""  # text before the (few-shot) prompt, e.g. nq_open's "Answer these questions:"
+    match: str = "triviaqa"
+    stop: List[str] = field(default_factory=lambda: ["\n", ".", ","])
+
+    def __post_init__(self) -> None:
+        require(self.task_type in TASK_TYPES, "data.sources.<name>.task_type", self.task_type,
+                f"must be one of {', '.join(TASK_TYPES)}")
+        require(self.match in ("triviaqa", "nq_open", "exact"), "data.sources.<name>.match", self.match,
+                "must be triviaqa, nq_open or exact")
+        require(self.num_examples is None or self.num_examples >= 0, "data.sources.<name>.num_examples",
+                self.num_examples, "must be >= 0 or null")
+        require(self.weight >= 0, "data.sources.<name>.weight", self.weight, "must be >= 0")
+        require(self.split is not None or self.eval_split is not None, "data.sources.<name>.split", self.split,
+                "and eval_split are both null: the source would not be used")
+
+
+@dataclass
 class DataConfig:
-    """The fine-tuning mix: instruction examples plus a ``cbqa_ratio`` share of CBQA pairs about
-    trained people; every example carries its task type (``cbqa`` or ``instruction``)."""
+    """The fine-tuning mix. With ``sources`` empty it is the built-in world: instruction examples
+    plus a ``cbqa_ratio`` share of CBQA pairs about trained people. With ``sources`` it is real
+    datasets (``data/sources.py``). Every example carries its task type (``cbqa`` or
+    ``instruction``)."""
 
     name: str = "world_mix"
-    source: str = "world"  # world | hub (TriviaQA / NQ + instruction sets; loaders arrive later)
-    hub_datasets: List[str] = field(default_factory=list)  # for source=hub, e.g. [trivia_qa, nq_open]
+    sources: Dict[str, SourceConfig] = field(default_factory=dict)
+    root: Optional[str] = None  # folder of prepared datasets (<root>/<source name>), checked first
+    chat_template: bool = False  # wrap prompts in the tokenizer's chat template
+    num_proc: Optional[int] = None  # datasets.map workers for tokenisation
     world: WorldConfig = field(default_factory=WorldConfig)
     num_train: int = 2000
     cbqa_ratio: float = 0.1
@@ -201,15 +260,19 @@ class DataConfig:
     eval_per_task: int = 100
     max_length: int = 64
 
+    @property
+    def source(self) -> str:
+        """``world`` (built-in) or ``hub`` (real datasets through ``datasets``)."""
+        return "hub" if self.sources else "world"
+
     def __post_init__(self) -> None:
-        require(self.source in ("world", "hub"), "data.source", self.source, "must be 'world' or 'hub'")
-        require(self.source == "world" or bool(self.hub_datasets), "data.hub_datasets", self.hub_datasets,
-                "must name the datasets for data.source=hub")
         require(0.0 <= self.cbqa_ratio <= 1.0, "data.cbqa_ratio", self.cbqa_ratio, "must be in [0, 1]")
         require(self.num_train >= 1, "data.num_train", self.num_train, "must be >= 1")
         require(self.eval_per_task >= 1, "data.eval_per_task", self.eval_per_task, "must be >= 1")
         require(1 <= self.min_items <= self.max_items <= 10, "data.max_items", self.max_items,
                 f"must be in [data.min_items={self.min_items}, 10]")
+        require(self.max_length >= 8, "data.max_length", self.max_length, "must be >= 8")
+        require(self.num_proc is None or self.num_proc >= 1, "data.num_proc", self.num_proc, "must be >= 1 or null")
 
 
 # ---------------------------------------------------------------------------------------------- recipe
@@ -218,6 +281,8 @@ class RecipeConfig:
     """Optimisation: AdamW with a warmup + decay schedule, gradient accumulation, clipping."""
 
     name: str = "quick"
+    device: str = "auto"  # auto (cuda if available, else cpu), cpu, cuda, cuda:N, mps
+    precision: str = "auto"  # auto (follows model.dtype), fp32, bf16 (autocast), fp16 (autocast + GradScaler)
     max_steps: int = 600
     lr: float = 1e-3
     batch_size: int = 16
@@ -238,6 +303,8 @@ class RecipeConfig:
 
     def __post_init__(self) -> None:
         require(self.max_steps >= 1, "recipe.max_steps", self.max_steps, "must be >= 1")
+        require(self.precision in ("auto", "fp32", "bf16", "fp16"), "recipe.precision", self.precision,
+                "must be auto, fp32, bf16 or fp16")
         require(self.lr > 0, "recipe.lr", self.lr, "must be > 0")
         require(self.batch_size >= 1, "recipe.batch_size", self.batch_size, "must be >= 1")
         require(self.grad_accum >= 1, "recipe.grad_accum", self.grad_accum, "must be >= 1")
@@ -250,6 +317,41 @@ class RecipeConfig:
         require(self.realloc_every is None or self.realloc_every >= 1, "recipe.realloc_every", self.realloc_every,
                 "must be >= 1 or null")
         require(self.realloc_prune >= 0, "recipe.realloc_prune", self.realloc_prune, "must be >= 0")
+
+
+# ------------------------------------------------------------------------------------------------ eval
+@dataclass
+class HarnessConfig:
+    """lm-evaluation-harness on the in-memory adapted model (optional extra ``.[eval]``)."""
+
+    tasks: List[str] = field(default_factory=list)  # e.g. [arc_easy, boolq, mmlu, gsm8k]; empty: off
+    limit: Optional[float] = None  # examples per task (or a fraction below 1)
+    num_fewshot: Optional[int] = None  # null: each task's own default
+    batch_size: int = 8
+    include_path: Optional[str] = None  # folder of custom task YAMLs (TaskManager(include_path=...))
+
+    def __post_init__(self) -> None:
+        require(self.limit is None or self.limit > 0, "eval.harness.limit", self.limit, "must be > 0 or null")
+        require(self.num_fewshot is None or self.num_fewshot >= 0, "eval.harness.num_fewshot", self.num_fewshot,
+                "must be >= 0 or null")
+        require(self.batch_size >= 1, "eval.harness.batch_size", self.batch_size, "must be >= 1")
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation of the base and the tuned model: CBQA by greedy generation (k-shot from the train
+    split), held-out response loss, and optionally lm-evaluation-harness tasks."""
+
+    name: str = "default"
+    num_fewshot: int = 0  # CBQA shots taken from each source's train split
+    max_new_tokens: int = 32
+    batch_size: int = 32
+    harness: HarnessConfig = field(default_factory=HarnessConfig)
+
+    def __post_init__(self) -> None:
+        require(self.num_fewshot >= 0, "eval.num_fewshot", self.num_fewshot, "must be >= 0")
+        require(self.max_new_tokens >= 1, "eval.max_new_tokens", self.max_new_tokens, "must be >= 1")
+        require(self.batch_size >= 1, "eval.batch_size", self.batch_size, "must be >= 1")
 
 
 # ---------------------------------------------------------------------------------------------- logger
@@ -284,6 +386,7 @@ class TrainConfig:
     layout: LayoutConfig = MISSING
     data: DataConfig = MISSING
     recipe: RecipeConfig = MISSING
+    eval: EvalConfig = MISSING
     logger: LoggerConfig = MISSING
     seed: int = 0
     label: Optional[str] = None  # the report row this run belongs to (default: adapter + layout)
@@ -300,7 +403,9 @@ def store_schemas() -> None:
         ("layout", LayoutConfig),
         ("data", DataConfig),
         ("recipe", RecipeConfig),
+        ("eval", EvalConfig),
         ("logger", LoggerConfig),
+        ("source", SourceConfig),
     ):
         cs.store(group=f"schema/{group}", name="base", node=node)
 

@@ -42,5 +42,15 @@ def run_cli(cache_dir, tmp_path, capsys):
     return _run
 
 
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """Tiny random checkpoints of the llama, qwen2 and gpt2 families (2 layers, hidden 32), each with
+    a tokenizer trained by ``tokenizers``, saved with ``save_pretrained`` (see tests/fixtures)."""
+    from tests.fixtures.checkpoints import make_checkpoint
+
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {family: make_checkpoint(family, root / family) for family in ("llama", "qwen2", "gpt2")}
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -8,9 +8,37 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from moe_lora.config import TASK_TYPES
-from moe_lora.data.world import Example
+from moe_lora.data.example import Example
 
 IGNORE = -100
+
+
+def adds_bos(tok: PreTrainedTokenizerBase) -> bool:
+    """Whether the tokenizer starts a sequence with BOS by default (Llama: yes; GPT-2, Qwen2: no).
+
+    Prompts are tokenised without special tokens (so nothing is appended at the end) and BOS is
+    put in front by hand where the model family expects it."""
+    cached = getattr(tok, "_moe_lora_adds_bos", None)
+    if cached is None:
+        bos = tok.bos_token_id
+        cached = bos is not None and tok("a", add_special_tokens=True)["input_ids"][:1] == [bos]
+        tok._moe_lora_adds_bos = cached
+    return cached
+
+
+def format_prompt(tok: PreTrainedTokenizerBase, prompt: str, chat_template: bool = False) -> str:
+    """The prompt as the model sees it: raw, or wrapped in the tokenizer's chat template (one user
+    turn plus the generation prompt)."""
+    if not chat_template:
+        return prompt
+    return tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+
+
+def prompt_ids(tok: PreTrainedTokenizerBase, prompt: str, chat_template: bool = False) -> list[int]:
+    """Token ids of a prompt at the start of a sequence: BOS where the tokenizer adds one (a chat
+    template writes its own), then the prompt without any appended special token."""
+    ids = tok(format_prompt(tok, prompt, chat_template), add_special_tokens=False)["input_ids"]
+    return [tok.bos_token_id, *ids] if adds_bos(tok) and not chat_template else ids
 
 
 def encode(ex: Example, tok: PreTrainedTokenizerBase, max_length: int) -> tuple[list[int], int]:
@@ -19,7 +47,7 @@ def encode(ex: Example, tok: PreTrainedTokenizerBase, max_length: int) -> tuple[
     Prompt and answer are tokenised separately (answer with a leading space) so that the answer
     boundary is exact for any tokenizer; the prompt is cut from the left if the pair is too long.
     """
-    prompt = tok(ex.prompt, add_special_tokens=False)["input_ids"]
+    prompt = prompt_ids(tok, ex.prompt)
     answer = tok(" " + ex.answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     prompt = prompt[-max(1, max_length - len(answer)):]
     return prompt + answer, len(prompt)

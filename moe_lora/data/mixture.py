@@ -3,17 +3,11 @@
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import replace
 
 from moe_lora.config import DataConfig
-from moe_lora.data.world import Example, World, instruction_examples
-
-
-@dataclass
-class Mixture:
-    train: list[Example]
-    eval: dict[str, list[Example]]  # "cbqa": held-out people (test); "instruction": unseen prompts
-    validation: list[Example]  # validation people + other unseen prompts (model selection, ALoRA)
+from moe_lora.data.example import EvalSet, Mixture
+from moe_lora.data.world import World, instruction_examples
 
 
 def world_mixture(cfg: DataConfig, world: World, seed: int) -> Mixture:
@@ -41,4 +35,11 @@ def world_mixture(cfg: DataConfig, world: World, seed: int) -> Mixture:
     eval_instr = [e for t in tasks for e in [x for x in held if x.subtask == t][: cfg.eval_per_task]]
     val_instr = [e for t in tasks for e in [x for x in held if x.subtask == t][cfg.eval_per_task:][: cfg.eval_per_task]]
     validation = [e for pair in zip(world.qa("validation"), val_instr, strict=False) for e in pair]  # interleaved types
-    return Mixture(train=train, eval={"cbqa": world.qa("test"), "instruction": eval_instr}, validation=validation)
+    test = [replace(e, id=f"cbqa-{i}") for i, e in enumerate(world.qa("test"))]
+    eval_instr = [replace(e, id=f"instruction-{i}") for i, e in enumerate(eval_instr)]
+    sets = {  # world answers are single words or symbol lists: nq_open's rules == exact for CBQA here
+        "cbqa": EvalSet("cbqa", "cbqa", test, metric="teacher_forced", match="nq_open"),
+        "instruction": EvalSet("instruction", "instruction", eval_instr, metric="teacher_forced", match="exact"),
+    }
+    return Mixture(train=train, eval=sets, validation=validation,
+                   info={"train": {"cbqa": n_cbqa, "instruction": n_instr}})

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from moe_lora.config import WorldConfig
+from moe_lora.data.example import Example
 
 FIRST_NAMES = (
     "alba bram cato dara elio fenna gil hana ivo jana kees lien milo nora otto pia quin rosa sven "
@@ -89,18 +90,6 @@ UPPER = {s: s.upper() for s in SYMBOLS}
 NUMBERS = [str(i) for i in range(30)]
 INSTRUCTION_TASKS = ("reverse", "sort", "upper")
 SPECIAL_TOKENS = ("<pad>", "<eos>", "<unk>")
-
-
-@dataclass(frozen=True)
-class Example:
-    """One prompt/answer pair; ``task_type`` routes the LBC and the routing statistics."""
-
-    prompt: str
-    answer: str
-    task_type: str  # "cbqa" | "instruction"
-    subtask: str  # attribute name for cbqa, task name for instructions
-    candidates: tuple[str, ...] = ()  # possible answers (cbqa: every value of the attribute)
-    aliases: tuple[str, ...] = ()  # other accepted answers (TriviaQA-style)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from moe_lora.data.collate import IGNORE, collate
-from moe_lora.data.world import Example
+from moe_lora.data.example import Example
 from moe_lora.eval.normalize import exact_match
 
 

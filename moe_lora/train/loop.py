@@ -17,7 +17,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from moe_lora.config import RecipeConfig
 from moe_lora.data.collate import collate
-from moe_lora.data.world import Example
+from moe_lora.data.example import Example
 from moe_lora.routing.recorder import RoutingRecorder
 from moe_lora.train.schedule import adamw_with_schedule
 
