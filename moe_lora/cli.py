@@ -214,14 +214,12 @@ def cmd_train(args: list[str]) -> int:
 def cmd_params(args: list[str]) -> int:
     """Parameter table on the meta device: no weights are allocated, no download happens."""
     from moe_lora.adapters.inject import count_parameters, inject_adapter, layer_index
-    from moe_lora.data.world import World
-    from moe_lora.models import meta_model
     from moe_lora.routing.router import Router
+    from moe_lora.train.runner import base_meta_model
 
     _, overrides = split_args(args)
-    cfg = load_config(overrides, check_files=False)
-    vocab = len(World(cfg.data.world).vocab) if cfg.model.source == "world" else None
-    model = meta_model(cfg.model, vocab)
+    cfg = load_config(overrides, check_files=False)  # reads a checkpoint's config.json where there is one
+    model = base_meta_model(cfg)
     base_total = sum(p.numel() for p in model.parameters())
     names = inject_adapter(model, cfg.adapter, cfg.model, cfg.layout)
     counts = count_parameters(model)
@@ -248,7 +246,7 @@ def cmd_eval(args: list[str]) -> int:
     from omegaconf import OmegaConf
 
     from moe_lora.adapters.inject import inject_adapter
-    from moe_lora.tracking import write_json_atomic
+    from moe_lora.tracking import write_json_atomic, write_jsonl_atomic
     from moe_lora.train.runner import ADAPTER_FILE, load_adapter, run_eval, setup
 
     _, overrides = split_args(args)
@@ -264,11 +262,13 @@ def cmd_eval(args: list[str]) -> int:
     dcfg = compose([f"adapter={saved.adapter.name}"])
     dcfg = OmegaConf.merge(dcfg, saved, OmegaConf.from_dotlist(extra))
     cfg = to_config(dcfg)
-    _, model, tok, mixture = setup(cfg)
+    precision, model, tok, mixture = setup(cfg)
     inject_adapter(model, cfg.adapter, cfg.model, cfg.layout)
     load_adapter(model, run_dir / ADAPTER_FILE)
-    metrics = run_eval(model, tok, mixture, cfg)
-    out = run_dir / f"eval-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    metrics, predictions = run_eval(model, tok, mixture, cfg, precision, progress=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = run_dir / f"eval-{stamp}.json"
+    write_jsonl_atomic(run_dir / f"eval-{stamp}-predictions.jsonl", [{"model": "tuned", **r} for r in predictions])
     write_json_atomic(out, {"run_dir": str(run_dir), "metrics": metrics})
     for k, v in metrics.items():
         print(f"{k:<24} {v}")

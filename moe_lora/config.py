@@ -206,7 +206,10 @@ class SourceConfig:
     ``save_to_disk``, or JSON / JSONL / parquet files (a file, a glob or a folder of them).
     ``fields`` maps roles to columns (dotted paths reach nested columns, e.g. ``answer.aliases``):
     CBQA sources use ``question`` and ``answers`` (a string or a list; the first one is the training
-    target); instruction sources use ``instruction``, ``input`` (optional), ``output``.
+    target) and optionally ``aliases`` (accepted answers; default ``answers``); instruction sources
+    use ``output`` plus the roles their template reads (``instruction``, ``input`` (optional), or
+    ``question`` for GSM8K); any source may map ``id``. An unmapped role reads the column of the same
+    name. An empty ``description`` uses the template's own (nq_open's ``Answer these questions:``).
     ``template`` is a prompt template name of ``data/templates.py`` or a format string over the
     roles. CBQA sources with an ``eval_split`` are evaluated by greedy generation cut at ``stop``
     and matched by ``match`` (lm-eval's ``triviaqa`` or ``nq_open`` rules); instruction sources by

@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -71,9 +71,57 @@ def world_model(cfg: ModelConfig, world: World, cache_dir: str | Path, progress:
             (tmp / "pretrain.json").write_text(json.dumps({"seconds": time.time() - start, "loss": losses}))
             shutil.rmtree(entry, ignore_errors=True)
             os.replace(tmp, entry)
-    model = LlamaForCausalLM.from_pretrained(entry)
+    model = LlamaForCausalLM.from_pretrained(entry, dtype=getattr(torch, cfg.dtype),
+                                             attn_implementation=cfg.attn_implementation)
     model.eval()
     return model, tok
+
+
+def checkpoint_config(cfg: ModelConfig):
+    """The transformers config of a hub model when its ``config.json`` is readable here (a local
+    directory, or a hub id in the local Hugging Face cache), else None. Reads one small file."""
+    if cfg.source != "hub" or not cfg.name_or_path:
+        return None
+    from transformers import AutoConfig
+
+    path = Path(str(cfg.name_or_path)).expanduser()
+    if not (path / "config.json").is_file():
+        if _looks_local(str(cfg.name_or_path)) or path.exists():
+            return None  # a local path without config.json: not a hub id to look up in the cache
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(str(cfg.name_or_path), "config.json"), str):
+            return None
+        path = cfg.name_or_path
+    try:
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"model.name_or_path={cfg.name_or_path!r}: config.json cannot be read "
+                          f"({str(exc).splitlines()[0]})") from None
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def read_architecture(cfg: ModelConfig) -> ModelConfig:
+    """``cfg`` with the architecture fields taken from the checkpoint's own config.json.
+
+    The YAML's values are only a fallback for meta-device accounting of models that are not on
+    disk: a 2-layer checkpoint under ``model=gpt2`` is a 2-layer GPT-2. A hub model run under the
+    built-in model's config (``model.source=hub`` without ``model=...``) is labelled by its folder
+    or hub id rather than ``tiny_world``."""
+    config = checkpoint_config(cfg)
+    if config is None:
+        return cfg
+    hidden, heads = config.hidden_size, config.num_attention_heads
+    fields = dict(
+        family=config.model_type, num_layers=config.num_hidden_layers, hidden_size=hidden, num_heads=heads,
+        num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+        head_dim=getattr(config, "head_dim", None) or hidden // heads,
+        intermediate_size=getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden,
+        vocab_size=config.vocab_size, tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+    )
+    if cfg.name == "tiny_world":
+        fields["name"] = Path(str(cfg.name_or_path).rstrip("/")).name or str(cfg.name_or_path)
+    return replace(cfg, **fields)
 
 
 def arch_config(cfg: ModelConfig, vocab_size: int | None = None, **overrides):
@@ -82,9 +130,10 @@ def arch_config(cfg: ModelConfig, vocab_size: int | None = None, **overrides):
 
     vocab = vocab_size or cfg.vocab_size
     if vocab is None:
-        raise ConfigError(f"model.vocab_size is required to build {cfg.name!r} without downloading it")
+        raise ConfigError(f"model.vocab_size is required to build {cfg.name!r} without its config.json "
+                          f"(model.name_or_path={cfg.name_or_path!r} is not readable here)")
     fields = {**{k: getattr(cfg, k) for k in ("hidden_size", "num_layers", "intermediate_size", "num_heads",
-                                              "num_kv_heads")}, **overrides}
+                                              "num_kv_heads", "head_dim")}, **overrides}
     if cfg.family == "gpt2":
         kw = dict(n_embd=fields["hidden_size"], n_layer=fields["num_layers"], n_head=fields["num_heads"],
                   n_inner=fields["intermediate_size"], vocab_size=vocab, tie_word_embeddings=cfg.tie_word_embeddings)
@@ -93,6 +142,8 @@ def arch_config(cfg: ModelConfig, vocab_size: int | None = None, **overrides):
                   intermediate_size=fields["intermediate_size"], num_attention_heads=fields["num_heads"],
                   num_key_value_heads=fields["num_kv_heads"] or fields["num_heads"], vocab_size=vocab,
                   tie_word_embeddings=cfg.tie_word_embeddings)
+        if fields["head_dim"] is not None and "hidden_size" not in overrides:
+            kw["head_dim"] = fields["head_dim"]
     try:
         return AutoConfig.for_model(cfg.family, **kw)
     except ValueError as exc:
@@ -100,10 +151,15 @@ def arch_config(cfg: ModelConfig, vocab_size: int | None = None, **overrides):
 
 
 def meta_model(cfg: ModelConfig, vocab_size: int | None = None, **overrides) -> PreTrainedModel:
-    """The architecture with no allocated weights (meta device): parameter accounting in seconds."""
-    config = arch_config(cfg, vocab_size, **overrides)
+    """The architecture with no allocated weights (meta device): parameter accounting in seconds.
+
+    A readable checkpoint builds from its own config.json (its real parameter count); otherwise the
+    YAML's architecture fields are used."""
+    config = None if overrides or cfg.source == "world" else checkpoint_config(cfg)
+    if config is None:
+        config = arch_config(cfg, vocab_size, **overrides)
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
 
 
 def _looks_local(path: str) -> bool:
@@ -118,7 +174,7 @@ def resolve_hub_path(cfg: ModelConfig) -> str:
         if not (local / "config.json").exists():
             raise ConfigError(f"model.name_or_path={path!r} is a directory without config.json")
         return str(local)
-    if _looks_local(path):
+    if _looks_local(path) or local.exists():
         raise ConfigError(f"model.name_or_path={path!r}: no such directory")
     if os.environ.get("HF_HUB_OFFLINE", "1") not in ("0", "false", "False"):
         from huggingface_hub import try_to_load_from_cache
@@ -130,15 +186,14 @@ def resolve_hub_path(cfg: ModelConfig) -> str:
 
 
 def hub_model(cfg: ModelConfig):
-    """Any Hugging Face causal LM and its tokenizer (pad token set to EOS if missing)."""
+    """Any Hugging Face causal LM (weights in ``model.dtype``) and its tokenizer (pad token set to
+    EOS if missing). The architecture was read from the same config.json in ``validate``."""
     path = resolve_hub_path(cfg)
-    dtype = getattr(torch, cfg.dtype)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, cfg.dtype),
+                                                 attn_implementation=cfg.attn_implementation,
+                                                 trust_remote_code=cfg.trust_remote_code)
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    n_layers = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", None)
-    if n_layers is not None and n_layers != cfg.num_layers:
-        raise ConfigError(f"model.num_layers={cfg.num_layers} but {path!r} has {n_layers} layers")
     model.eval()
     return model, tok

@@ -9,24 +9,33 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from moe_lora.config import LoggerConfig
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
+def _write_atomic(path: Path, write: Callable[[TextIO], None]) -> None:
     """Write to a temporary file in the same folder, then rename: readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
+            write(f)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    _write_atomic(path, lambda f: f.write(json.dumps(obj, indent=2) + "\n"))
+
+
+def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
+    """One JSON object per line (predictions.jsonl), written atomically."""
+    _write_atomic(path, lambda f: f.writelines(json.dumps(row) + "\n" for row in rows))
 
 
 class Tracker:

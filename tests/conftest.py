@@ -52,5 +52,13 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
     return {family: make_checkpoint(family, root / family) for family in ("llama", "qwen2", "gpt2")}
 
 
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory) -> Path:
+    """A ``data.root`` holding every built-in source in its hub schema (tests/fixtures/datasets.py)."""
+    from tests.fixtures.datasets import write_fixture_sources
+
+    return write_fixture_sources(tmp_path_factory.mktemp("data_root"))
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

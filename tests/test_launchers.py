@@ -26,21 +26,25 @@ def test_submitit_local_runs_two_jobs(run_cli, tmp_path) -> None:
     assert [r["seed"] for r in results] == [0, 1]
 
 
-def test_failed_job_does_not_stop_the_sweep_and_is_reported(run_cli, tmp_path) -> None:
-    # num_minis=3 does not divide the tiny model's width: that job fails when the model is built.
+def test_failed_job_does_not_stop_the_sweep_and_is_reported(run_cli, cache_dir, tmp_path) -> None:
+    # Config errors stop a sweep before any job starts; a job that fails at run time (here: its
+    # cache folder cannot be created) leaves failure.json and the other job goes on.
     import pytest
 
+    from tests.conftest import TINY
+
     with pytest.raises(SystemExit) as exit_info:
-        run_cli("train", "-m", "adapter=melora", "adapter.num_minis=3,4", f"hydra.sweep.dir={tmp_path}",
-                "hydra.sweep.subdir=minis${adapter.num_minis}")
+        run_cli("train", "-m", "adapter=melora", "adapter.num_minis=4", *TINY,
+                f"cache_dir={cache_dir},/proc/moe_lora_no_cache", f"hydra.sweep.dir={tmp_path}",
+                "hydra.sweep.subdir=job${hydra.job.num}", tiny=False)
     assert exit_info.value.code != 0  # the sweep reports the failure...
-    assert (tmp_path / "minis4" / "results.json").exists()  # ...after the other job ran
-    failure = json.loads((tmp_path / "minis3" / "failure.json").read_text())
-    assert "adapter.num_minis=3" in failure["error"]
+    assert (tmp_path / "job0" / "results.json").exists()  # ...after the other job ran
+    failure = json.loads((tmp_path / "job1" / "failure.json").read_text())
+    assert "/proc/moe_lora_no_cache" in failure["error"]
     from moe_lora.report.build import build_report
 
     index = (build_report([tmp_path]) / "index.md").read_text()
-    assert "1 finished runs, 1 failed" in index and "minis3" in index, index
+    assert "1 finished runs, 1 failed" in index and "job1" in index, index
 
 
 def test_optuna_sweeper_optimises_the_returned_metric(run_cli, tmp_path) -> None:

@@ -37,6 +37,7 @@ def test_mixture_ratio_and_eval_sets() -> None:
     world = World(WorldConfig())
     mix = world_mixture(DataConfig(num_train=1000, cbqa_ratio=0.2, eval_per_task=50), world, seed=1)
     assert len(mix.train) == 1000 and sum(e.task_type == "cbqa" for e in mix.train) == 200
-    assert len(mix.eval["instruction"]) == 150 and not {e.prompt for e in mix.eval["instruction"]} & {
-        e.prompt for e in mix.train}
-    assert mix.eval["cbqa"] == world.qa("test")
+    instruction = mix.eval["instruction"].examples
+    assert len(instruction) == 150 and not {e.prompt for e in instruction} & {e.prompt for e in mix.train}
+    assert [(e.prompt, e.answer) for e in mix.eval["cbqa"].examples] == [(e.prompt, e.answer) for e in world.qa("test")]
+    assert len({e.id for e in instruction}) == len(instruction)  # ids for predictions.jsonl

@@ -44,8 +44,9 @@ class ALoRAConfig(LowRankConfig):
 class ALoRALinear(LoRAExperts):
     """A LoRA of capacity ``max_rank`` whose components are switched by ``adapter_active``."""
 
-    def __init__(self, base: nn.Module, rank: int, max_rank: int, alpha: float, dropout: float) -> None:
-        super().__init__(base, rank=max_rank, alpha=alpha, dropout=dropout)
+    def __init__(self, base: nn.Module, rank: int, max_rank: int, alpha: float, dropout: float,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__(base, rank=max_rank, alpha=alpha, dropout=dropout, dtype=dtype)
         self.scaling = alpha / rank  # the scaling of the initial rank, kept when ranks move
         self.alora_gate = nn.Parameter(torch.ones(max_rank, dtype=self.lora_A.dtype, device=self.lora_A.device))
         active = torch.zeros(max_rank, dtype=self.lora_A.dtype, device=self.lora_A.device)
@@ -128,4 +129,4 @@ def alora_report(model: nn.Module) -> dict:
 @register_adapter("alora", ALoRAConfig, make_hook=make_alora_hook, report=alora_report)
 def wrap_alora(base: nn.Module, cfg: ALoRAConfig, plan: LayerPlan) -> nn.Module:
     return ALoRALinear(base, rank=plan.rank, max_rank=max(cfg.max_rank, plan.rank), alpha=cfg.alpha,
-                       dropout=cfg.dropout)
+                       dropout=cfg.dropout, dtype=plan.dtype)

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from hydra.core.config_store import ConfigStore
 from torch import nn
 
@@ -22,7 +23,8 @@ class LayerPlan:
     rank: int
     top_k: int | None
     group: str | None = None  # the model.modules group of the linear (attention, ffn, ...)
-    head_dim: int = 0  # hidden_size // num_heads, for per-head routing (MoV)
+    head_dim: int = 0  # the model's head size (config.json's head_dim, else hidden // heads), for MoV
+    dtype: torch.dtype = torch.float32  # adapter weights, routers and buffers (adapter.dtype)
 
 
 @dataclass

@@ -11,6 +11,7 @@ import logging
 import re
 from dataclasses import replace
 
+import torch
 from torch import nn
 
 from moe_lora.adapters.base import ADAPTERS, LayerPlan
@@ -25,7 +26,13 @@ log = logging.getLogger(__name__)
 
 
 def expand_targets(targets: list[str], groups: dict[str, list[str]]) -> list[str]:
-    """Replace group names (and ``all``) by the module names that ``model.modules`` lists."""
+    """Replace group names (and ``all``) by the module names that ``model.modules`` lists.
+
+    Besides the blocks ``attention`` and ``ffn``, ``model.modules`` names roles (``query``, ``key``,
+    ``value``, ``output``, ``ffn_out``), so that a variant's default targets fit every family. The
+    rule for fused projections: a role that a family computes inside one fused linear maps to that
+    linear (GPT-2's ``query``, ``key`` and ``value`` are all ``attn.c_attn``), and the adapter then acts
+    on the whole fused output, as peft does when it targets ``c_attn``."""
     out: list[str] = []
     for t in targets:
         if t == "all":
@@ -53,7 +60,10 @@ def find_targets(model: nn.Module, patterns: list[str]) -> list[str]:
 
 
 def module_group(name: str, groups: dict[str, list[str]]) -> str | None:
-    return next((g for g, names in groups.items() if name_matches(name, names)), None)
+    """The block a linear belongs to: ``attention`` or ``ffn`` first; role groups (``query``,
+    ``ffn_out``, ...) only name subsets of those two."""
+    ordered = [g for g in ("attention", "ffn") if g in groups] + [g for g in groups if g not in ("attention", "ffn")]
+    return next((g for g in ordered if name_matches(name, groups[g])), None)
 
 
 def aux_config(cfg: AdapterConfig) -> AuxLossConfig:
@@ -90,11 +100,12 @@ def inject_adapter(
                  [p.num_experts for p in plans], adapter.num_experts)
     fallback = LayerPlan(None, getattr(adapter, "num_experts", 1), getattr(adapter, "rank", 0),
                          getattr(adapter, "top_k", None))
-    head_dim = model_cfg.hidden_size // model_cfg.num_heads
+    head_dim = model_cfg.head_dim or model_cfg.hidden_size // model_cfg.num_heads
+    dtype = getattr(torch, adapter.dtype)
     for name in names:
         layer = layer_index(name)
         plan = plans[layer] if layer is not None and layer < len(plans) else fallback
-        plan = replace(plan, group=module_group(name, model_cfg.modules), head_dim=head_dim)
+        plan = replace(plan, group=module_group(name, model_cfg.modules), head_dim=head_dim, dtype=dtype)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, spec.wrap(getattr(parent, child), adapter, plan).train(model.training))

@@ -44,11 +44,11 @@ def kaiming_uniform_(t: torch.Tensor, fan_in: int) -> None:
             t.uniform_(-bound, bound)
 
 
-def make_router(base: nn.Module, cfg, num_experts: int, top_k: int | None) -> Router:
+def make_router(base: nn.Module, cfg, num_experts: int, top_k: int | None, dtype: torch.dtype | None = None) -> Router:
     """A router on the adapted layer's input, configured by a :class:`MoEConfig`-like config."""
     d_in, _ = linear_dims(base)
     return Router(d_in, num_experts, top_k=top_k, num_null=getattr(cfg, "num_null_experts", 0),
-                  jitter=cfg.router_jitter, fp32=cfg.router_fp32, device=base.weight.device)
+                  jitter=cfg.router_jitter, fp32=cfg.router_fp32, device=base.weight.device, dtype=dtype)
 
 
 def base_and_update(base: nn.Module, x: torch.Tensor, update: Callable[[torch.Tensor], None]) -> torch.Tensor:
@@ -96,6 +96,7 @@ class LoRAExperts(nn.Module):
     def __init__(
         self, base: nn.Module, *, rank: int, alpha: float, num_experts: int = 1, dropout: float = 0.0,
         router: Router | None = None, init_A: str = "kaiming", shared_A: bool = False, grouped: bool = False,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         if router is None and num_experts != 1:
@@ -106,12 +107,13 @@ class LoRAExperts(nn.Module):
         self.shared_A = shared_A
         self.grouped = grouped and router is not None and router.top_k is not None and not shared_A
         w = base.weight
-        if self.grouped and any(n * w.element_size() % 16 for n in (self.d_in, self.d_out, rank)):
+        dtype = dtype or w.dtype  # adapter.dtype (float32) when injected; the base's dtype otherwise
+        if self.grouped and any(n * dtype.itemsize % 16 for n in (self.d_in, self.d_out, rank)):
             raise ConfigError(f"adapter.expert_compute=grouped needs rank ({rank}) and layer widths ({self.d_in}, "
-                              f"{self.d_out}) whose rows are multiples of 16 bytes in {w.dtype}; use dense")
+                              f"{self.d_out}) whose rows are multiples of 16 bytes in {dtype}; use dense")
         a_cols = rank if shared_A else num_experts * rank
-        self.lora_A = nn.Parameter(torch.empty(self.d_in, a_cols, dtype=w.dtype, device=w.device))
-        self.lora_B = nn.Parameter(torch.zeros(num_experts * rank, self.d_out, dtype=w.dtype, device=w.device))
+        self.lora_A = nn.Parameter(torch.empty(self.d_in, a_cols, dtype=dtype, device=w.device))
+        self.lora_B = nn.Parameter(torch.zeros(num_experts * rank, self.d_out, dtype=dtype, device=w.device))
         self.router = router
         # (E, E*r) of 0/1: repeats expert e's gate over its r hidden columns (see scale_hidden)
         expand = torch.eye(num_experts, device=w.device).repeat_interleave(rank, dim=1)
@@ -151,10 +153,14 @@ class LoRAExperts(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.grouped:
             gate = self.router(x)
-            xd = self.lora_dropout(x).to(self.lora_A.dtype)
+            # grouped GEMMs are not autocast ops: run them in the autocast dtype by hand (CUDA's
+            # kernel is bfloat16-only), in the adapter's dtype otherwise
+            on = torch.is_autocast_enabled(x.device.type)
+            dt = torch.get_autocast_dtype(x.device.type) if on else self.lora_A.dtype
+            xd = self.lora_dropout(x).to(dt)
             return base_and_update(self.base, x, lambda out: grouped_update_(
-                out, xd.reshape(-1, self.d_in), gate.reshape(-1, self.num_experts), self.lora_A, self.lora_B,
-                self.router.top_k, self.scaling))
+                out, xd.reshape(-1, self.d_in), gate.reshape(-1, self.num_experts), self.lora_A.to(dt),
+                self.lora_B.to(dt), self.router.top_k, self.scaling))
         h, gate = self.hidden_and_gate(x)
         h, alpha = self.scale_hidden(h, gate)
         h = h.reshape(-1, h.shape[-1])
@@ -170,5 +176,6 @@ def routed_lora(base: nn.Module, cfg, plan, *, shared_A: bool = False) -> LoRAEx
     """The routed LoRA-expert layer most MoE variants build: experts, rank and top-k from the
     layer's plan (the layout), the rest from the variant's :class:`MoEConfig`."""
     return LoRAExperts(base, rank=plan.rank, alpha=cfg.alpha, num_experts=plan.num_experts, dropout=cfg.dropout,
-                       router=make_router(base, cfg, plan.num_experts, plan.top_k), init_A=cfg.init_A,
-                       shared_A=shared_A, grouped=getattr(cfg, "expert_compute", "dense") == "grouped")
+                       router=make_router(base, cfg, plan.num_experts, plan.top_k, plan.dtype), init_A=cfg.init_A,
+                       shared_A=shared_A, grouped=getattr(cfg, "expert_compute", "dense") == "grouped",
+                       dtype=plan.dtype)

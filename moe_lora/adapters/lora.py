@@ -21,4 +21,4 @@ class LoRAConfig(LowRankConfig):
 
 @register_adapter("lora", LoRAConfig)
 def wrap_lora(base: nn.Module, cfg: LoRAConfig, plan: LayerPlan) -> nn.Module:
-    return LoRAExperts(base, rank=plan.rank, alpha=cfg.alpha, dropout=cfg.dropout, init_A=cfg.init_A)
+    return LoRAExperts(base, rank=plan.rank, alpha=cfg.alpha, dropout=cfg.dropout, init_A=cfg.init_A, dtype=plan.dtype)

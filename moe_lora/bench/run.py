@@ -33,6 +33,7 @@ from torch import nn
 from moe_lora.errors import ConfigError
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ROLES = {"query": ["q_proj"], "key": ["k_proj"], "value": ["v_proj"], "output": ["o_proj"], "ffn_out": ["down_proj"]}
 MOE = ["loramoe", "molora", "mola", "hydralora", "adamoe", "mov"]
 LOOPS = {"loop_loramoe": "loramoe", "loop_mola": "mola", "loop_hydralora": "hydralora", "loop_adamoe": "adamoe"}
 
@@ -52,6 +53,7 @@ class Case:
     recorder: object | None
     telemetry: bool
     steps: int = 0
+    autocast: torch.dtype | None = None  # 16-bit base: the forward runs under autocast, adapters stay fp32
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -119,7 +121,7 @@ def adapter_config(name: str, a: argparse.Namespace):
 def model_config(a: argparse.Namespace):
     from moe_lora.config import ModelConfig
 
-    return ModelConfig(name="bench", source="world", modules={"attention": ALL[:4], "ffn": ALL[4:]},
+    return ModelConfig(name="bench", source="world", modules={"attention": ALL[:4], "ffn": ALL[4:], **ROLES},
                        hidden_size=a.hidden, num_layers=a.layers, intermediate_size=a.ffn, num_heads=a.heads)
 
 
@@ -174,7 +176,8 @@ def build(variant: str, a: argparse.Namespace) -> Case:
     opt = torch.optim.AdamW(params, lr=1e-4) if params and variant != "base" else None
     if a.compile or "_compiled" in flags:
         model = torch.compile(model)
-    return Case(model, opt, recorder, telemetry)
+    half = a.dtype != "float32"  # as in training: peft and our adapters keep float32 weights under autocast
+    return Case(model, opt, recorder, telemetry, autocast=getattr(torch, a.dtype) if half else None)
 
 
 def make_batch(a: argparse.Namespace) -> dict[str, torch.Tensor]:
@@ -187,7 +190,8 @@ def make_batch(a: argparse.Namespace) -> dict[str, torch.Tensor]:
 def train_step(case: Case, batch: dict[str, torch.Tensor]) -> None:
     rec = case.recorder
     ctx = rec.batch(batch["attention_mask"], batch["task_type"]) if rec and case.telemetry else contextlib.nullcontext()
-    with ctx:
+    device = batch["input_ids"].device.type
+    with ctx, torch.autocast(device, dtype=case.autocast or torch.bfloat16, enabled=case.autocast is not None):
         loss = case.model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
     aux = rec.pop_aux_loss() if rec else None
     if aux is not None:

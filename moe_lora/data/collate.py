@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -41,34 +45,80 @@ def prompt_ids(tok: PreTrainedTokenizerBase, prompt: str, chat_template: bool = 
     return [tok.bos_token_id, *ids] if adds_bos(tok) and not chat_template else ids
 
 
+@dataclass(frozen=True)
+class Encoded:
+    """One example's tokens: ``ids[start:]`` is the answer (+ EOS unless the answer was cut)."""
+
+    ids: list[int]
+    start: int
+    truncated: bool  # anything was cut (prompt from the left, or the answer from the right)
+    answer_cut: bool  # the answer alone did not fit
+
+
+def answer_ids(tok: PreTrainedTokenizerBase, prompt: str, answer: str, chat_template: bool = False) -> list[int]:
+    """Answer tokens + EOS. A space joins prompt and answer unless the boundary already has
+    whitespace or a chat template ends the prompt (lm-eval's ``target_delimiter`` rule): ``Answer:``
+    + `` Paris``, but Alpaca's ``### Response:\n`` + ``Eat well``."""
+    joined = chat_template or not answer or prompt[-1:].isspace() or answer[:1].isspace()
+    return [*tok(answer if joined else " " + answer, add_special_tokens=False)["input_ids"], tok.eos_token_id]
+
+
+def fit(prompt: list[int], answer: list[int], max_length: int, bos: int | None) -> Encoded:
+    """Cut to ``max_length``: the prompt from the left keeping a leading BOS (the model never saw a
+    sequence without one), the whole answer when it fits beside BOS or one prompt token; otherwise
+    the answer from the right."""
+    if len(prompt) + len(answer) <= max_length:
+        return Encoded(prompt + answer, len(prompt), False, False)
+    head = prompt[:1] if bos is not None and prompt[:1] == [bos] else []
+    rest = prompt[len(head):]
+    keep = max(max_length - len(answer) - len(head), 0 if head else 1)
+    prompt = head + (rest[len(rest) - keep:] if keep else [])
+    cut = len(prompt) + len(answer) > max_length
+    return Encoded(prompt + answer[: max_length - len(prompt)], len(prompt), True, cut)
+
+
+def encode_example(tok: PreTrainedTokenizerBase, prompt: str, answer: str, max_length: int,
+                   chat_template: bool = False) -> Encoded:
+    """The one encoding rule of training, response loss and ``encode_examples``: prompt and answer
+    are tokenised separately so the answer boundary is exact for any tokenizer."""
+    bos = tok.bos_token_id if adds_bos(tok) and not chat_template else None
+    return fit(prompt_ids(tok, prompt, chat_template), answer_ids(tok, prompt, answer, chat_template), max_length, bos)
+
+
 def encode(ex: Example, tok: PreTrainedTokenizerBase, max_length: int) -> tuple[list[int], int]:
-    """Token ids of ``prompt answer <eos>`` and the index where the answer starts.
-
-    Prompt and answer are tokenised separately (answer with a leading space) so that the answer
-    boundary is exact for any tokenizer; the prompt is cut from the left if the pair is too long.
-    """
-    prompt = prompt_ids(tok, ex.prompt)
-    answer = tok(" " + ex.answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    prompt = prompt[-max(1, max_length - len(answer)):]
-    return prompt + answer, len(prompt)
+    """Token ids of ``prompt answer <eos>`` and the index where the answer starts."""
+    enc = encode_example(tok, ex.prompt, ex.answer, max_length)
+    return enc.ids, enc.start
 
 
-def collate(
-    examples: Sequence[Example], tok: PreTrainedTokenizerBase, max_length: int, train_on_prompt: bool = False
-) -> dict[str, torch.Tensor]:
-    """Right-padded batch with ``labels`` on answer tokens only and a ``task_type`` id per example."""
-    encoded = [encode(e, tok, max_length) for e in examples]
+def pad_id(tok: PreTrainedTokenizerBase) -> int:
+    return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+
+def pad_batch(encoded: Sequence[tuple[list[int], int]], task_types: Sequence[int], pad: int,
+              train_on_prompt: bool = False) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids`` / ``attention_mask``, ``labels`` from each answer start on."""
     width = max(len(ids) for ids, _ in encoded)
-    input_ids = torch.full((len(encoded), width), tok.pad_token_id, dtype=torch.long)
+    input_ids = torch.full((len(encoded), width), pad, dtype=torch.long)
     labels = torch.full_like(input_ids, IGNORE)
     mask = torch.zeros_like(input_ids)
     for i, (ids, start) in enumerate(encoded):
-        input_ids[i, : len(ids)] = torch.tensor(ids)
+        input_ids[i, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
         mask[i, : len(ids)] = 1
         first = 0 if train_on_prompt else start
         labels[i, first: len(ids)] = input_ids[i, first: len(ids)]
-    task = torch.tensor([TASK_TYPES.index(e.task_type) for e in examples], dtype=torch.long)
+    task = torch.as_tensor(list(task_types), dtype=torch.long)
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels, "task_type": task}
+
+
+def collate(
+    examples: Sequence[Example], tok: PreTrainedTokenizerBase, max_length: int, train_on_prompt: bool = False,
+    chat_template: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Right-padded batch with ``labels`` on answer tokens only and a ``task_type`` id per example."""
+    encoded = [encode_example(tok, e.prompt, e.answer, max_length, chat_template) for e in examples]
+    return pad_batch([(e.ids, e.start) for e in encoded], [TASK_TYPES.index(e.task_type) for e in examples],
+                     pad_id(tok), train_on_prompt)
 
 
 def collate_text(texts: Sequence[str], tok: PreTrainedTokenizerBase, max_length: int) -> dict[str, torch.Tensor]:
@@ -82,3 +132,84 @@ def collate_text(texts: Sequence[str], tok: PreTrainedTokenizerBase, max_length:
         mask[i, : len(x)] = 1
     labels = input_ids.masked_fill(mask == 0, IGNORE)
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+# ------------------------------------------------------------------------------ whole sets, cached
+@dataclass
+class EncodedSet:
+    """Encoded examples as flat tensors, so that a training step's batch is a few slices, not a
+    ``datasets`` lookup. ``truncated`` counts every example that was cut (reported in results),
+    ``answer_cut`` those whose answer itself was cut."""
+
+    flat: torch.Tensor  # every example's ids, concatenated
+    offsets: torch.Tensor  # example i is flat[offsets[i]:offsets[i + 1]]
+    starts: torch.Tensor  # answer start within each example
+    task_type: torch.Tensor
+    pad: int
+    truncated: int
+    answer_cut: int
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def batch(self, indices: Sequence[int], train_on_prompt: bool = False) -> dict[str, torch.Tensor]:
+        """Exactly what :func:`collate` returns for the same examples."""
+        encoded = [(self.flat[self.offsets[i]: self.offsets[i + 1]], int(self.starts[i])) for i in indices]
+        return pad_batch(encoded, self.task_type[list(indices)].tolist(), self.pad, train_on_prompt)
+
+
+def tokenizer_key(tok: PreTrainedTokenizerBase) -> str:
+    """A content hash of the tokenizer (vocabulary, merges, special tokens, chat template)."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    body = backend.to_str() if backend is not None else repr(sorted(tok.get_vocab().items()))
+    extra = json.dumps([type(tok).__name__, tok.bos_token_id, tok.eos_token_id, adds_bos(tok),
+                        getattr(tok, "chat_template", None)], default=str)
+    return hashlib.sha256((body + extra).encode()).hexdigest()
+
+
+def encode_examples(examples: Sequence[Example], tok: PreTrainedTokenizerBase, max_length: int, *,
+                    chat_template: bool = False, num_proc: int | None = None,
+                    cache_dir: str | None = None) -> EncodedSet:
+    """Tokenise a whole set with ``datasets.map`` (``num_proc`` workers). With ``cache_dir`` the result
+    is cached in an Arrow file keyed by the tokenizer, the examples, ``max_length`` and
+    ``chat_template``, so a rerun or another variant of a sweep skips tokenisation."""
+    import datasets
+
+    rows = [{"prompt": e.prompt, "answer": e.answer, "task_type": TASK_TYPES.index(e.task_type)} for e in examples]
+    digest = hashlib.sha256(json.dumps([tokenizer_key(tok), max_length, chat_template, rows]).encode()).hexdigest()
+    path = Path(cache_dir) / f"encoded-{digest[:32]}.arrow" if cache_dir else None
+
+    def fn(row: dict) -> dict:
+        enc = encode_example(tok, row["prompt"], row["answer"], max_length, chat_template)
+        return {"ids": enc.ids, "start": enc.start, "truncated": enc.truncated, "answer_cut": enc.answer_cut}
+
+    if path is not None and path.exists():
+        ds = datasets.Dataset.from_file(str(path))
+    else:
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        source = datasets.Dataset.from_list(rows) if rows else datasets.Dataset.from_dict(
+            {"prompt": [], "answer": [], "task_type": []})
+        ds = source.map(fn, num_proc=num_proc if num_proc and num_proc > 1 and len(rows) > 1 else None,
+                        cache_file_name=str(path) if path else None, desc="tokenising",
+                        remove_columns=["prompt", "answer"])
+    return _to_set(ds, pad_id(tok))
+
+
+def _to_set(ds, pad: int) -> EncodedSet:
+    """Arrow columns -> flat tensors without a Python list per token."""
+    import numpy as np
+
+    if len(ds) == 0:
+        empty = torch.zeros(0, dtype=torch.long)
+        return EncodedSet(empty, torch.zeros(1, dtype=torch.long), empty, empty, pad, 0, 0)
+    table = ds.with_format("arrow")[:]
+    ids = table.column("ids").combine_chunks()
+    offsets = np.asarray(ids.offsets, dtype=np.int64)
+
+    def col(name: str) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(table.column(name).to_numpy(), dtype=np.int64))
+
+    return EncodedSet(torch.from_numpy(np.asarray(ids.flatten(), dtype=np.int64)), torch.from_numpy(offsets - offsets[0]),
+                      col("start"), col("task_type"), pad, truncated=int(col("truncated").sum()),
+                      answer_cut=int(col("answer_cut").sum()))

@@ -1,54 +1,78 @@
-"""Per-example correctness, computed in batches.
+"""Per-example scores, computed in batches on the model's device: teacher-forced exact match,
+generated exact match, response loss.
 
-For the built-in world's word-level tokenizer, exact match is computed in one teacher-forced
-forward pass: greedy decoding reproduces the gold answer iff every gold answer token and the end
-token are the model's top prediction. That equals greedy decoding plus normalisation there because
-answers are single lower-case words or exact symbol strings (a test checks it on a trained model).
-Hub tokenizers use real greedy generation and lm-eval normalisation with the best match over
-aliases.
+Teacher-forced exact match (the built-in world) takes one forward pass: greedy decoding reproduces
+the gold answer iff every gold answer token and the end token are the model's top prediction. That
+equals greedy generation plus matching there because world answers are single lower-case words or
+exact symbol strings and the word-level tokenizer has no stop string inside a token (a test checks
+it on a trained model). Everything else generates (``eval/generate.py``) and matches with the set's
+lm-eval rules (``eval/normalize.py``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from moe_lora.data.collate import IGNORE, collate
 from moe_lora.data.example import Example
-from moe_lora.eval.normalize import exact_match
+from moe_lora.eval.generate import eval_mode, greedy_generate
+from moe_lora.eval.normalize import MATCHERS
 
 
-def _batches(examples: Sequence[Example], size: int):
+def batches(examples: Sequence[Example], size: int) -> Iterator[Sequence[Example]]:
     for i in range(0, len(examples), size):
         yield examples[i: i + size]
+
+
+def answers(ex: Example) -> list[str]:
+    """Every accepted answer: the training target first, then its aliases."""
+    return [ex.answer, *ex.aliases]
+
+
+def _logits(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits of a right-padded batch, moved to the model's device, in eval mode."""
+    device = next(model.parameters()).device
+    with eval_mode(model):
+        return model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+
+
+class TeacherForced(NamedTuple):
+    """Per example: exact match, candidate choice correct (None without single-token candidates),
+    and the decoded arg-max tokens at the answer positions (equal to the greedy output whenever
+    ``em`` is true; after a first wrong token it is no longer what greedy decoding would write)."""
+
+    em: list[bool]
+    candidate: list[bool | None]
+    prediction: list[str]
 
 
 @torch.no_grad()
 def teacher_forced(
     model: PreTrainedModel, tok: PreTrainedTokenizerBase, examples: Sequence[Example],
-    max_length: int = 64, batch_size: int = 128,
-) -> tuple[list[bool], list[bool | None]]:
-    """(exact match, candidate choice correct) per example from one forward pass per batch.
+    max_length: int = 64, batch_size: int = 128, chat_template: bool = False,
+) -> TeacherForced:
+    """One forward pass per batch gives exact match, the candidate choice and a prediction.
 
     The candidate choice picks the most likely of ``example.candidates`` at the answer's first
     position (single-token candidates); it separates lost knowledge from a lost answer format.
     """
-    model.eval()
-    device = next(model.parameters()).device
-    em: list[bool] = []
-    cand: list[bool | None] = []
-    for chunk in _batches(examples, batch_size):
-        batch = collate(chunk, tok, max_length)
-        logits = model(input_ids=batch["input_ids"].to(device),
-                       attention_mask=batch["attention_mask"].to(device)).logits.float().cpu()
+    out = TeacherForced([], [], [])
+    for chunk in batches(examples, batch_size):
+        batch = collate(chunk, tok, max_length, chat_template=chat_template)
+        logits = _logits(model, batch).float().cpu()
         pred, target = logits[:, :-1].argmax(-1), batch["labels"][:, 1:]
-        em += ((pred == target) | (target == IGNORE)).all(-1).tolist()
-        first = (target != IGNORE).int().argmax(-1)  # position predicting the first answer token
+        answer = target != IGNORE
+        out.em.extend(((pred == target) | ~answer).all(-1).tolist())
+        first = answer.int().argmax(-1)  # position predicting the first answer token
         for i, ex in enumerate(chunk):
-            cand.append(_candidate_correct(logits[i, first[i]], ex, tok))
-    return em, cand
+            out.candidate.append(_candidate_correct(logits[i, first[i]], ex, tok))
+            out.prediction.append(tok.decode(pred[i][answer[i]].tolist(), skip_special_tokens=True).strip())
+    return out
 
 
 def _candidate_correct(logits: torch.Tensor, ex: Example, tok: PreTrainedTokenizerBase) -> bool | None:
@@ -61,29 +85,32 @@ def _candidate_correct(logits: torch.Tensor, ex: Example, tok: PreTrainedTokeniz
     return ex.candidates[int(scores.argmax())] == ex.answer
 
 
+def generated_em(
+    model: PreTrainedModel, tok: PreTrainedTokenizerBase, examples: Sequence[Example], *, match: str,
+    stop: tuple[str, ...], max_new_tokens: int, batch_size: int, chat_template: bool = False,
+    progress: bool = False,
+) -> tuple[list[str], list[bool]]:
+    """(prediction, correct) per example: greedy generation cut at ``stop``, then ``MATCHERS[match]``
+    against the answer and its aliases (the best match, as lm-eval scores multiple targets)."""
+    preds = greedy_generate(model, tok, [e.prompt for e in examples], max_new_tokens=max_new_tokens, stop=stop,
+                            batch_size=batch_size, chat_template=chat_template, progress=progress)
+    matcher = MATCHERS[match]
+    return preds, [matcher(p, answers(e)) for p, e in zip(preds, examples, strict=True)]
+
+
 @torch.no_grad()
-def greedy_em(
-    model: PreTrainedModel, tok: PreTrainedTokenizerBase, examples: Sequence[Example],
-    max_new_tokens: int = 16, batch_size: int = 32, exact: bool = False,
-) -> list[bool]:
-    """Greedy generation, cut at the end token and the first newline, then lm-eval normalisation
-    and the best match over answer + aliases (``exact=True``: no normalisation, for instructions)."""
-    model.eval()
-    device = next(model.parameters()).device
-    side = tok.padding_side
-    tok.padding_side = "left"
-    out: list[bool] = []
-    try:
-        for chunk in _batches(examples, batch_size):
-            enc = tok([e.prompt for e in chunk], return_tensors="pt", padding=True, add_special_tokens=False)
-            gen = model.generate(
-                **{k: v.to(device) for k, v in enc.items()}, max_new_tokens=max_new_tokens, do_sample=False,
-                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-            )
-            texts = tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-            for text, e in zip(texts, chunk, strict=False):
-                text = text.split("\n")[0].strip()
-                out.append(text in (e.answer, *e.aliases) if exact else exact_match(text, [e.answer, *e.aliases]))
-    finally:
-        tok.padding_side = side
-    return out
+def response_loss(
+    model: PreTrainedModel, tok: PreTrainedTokenizerBase, examples: Sequence[Example], max_length: int,
+    batch_size: int, chat_template: bool = False,
+) -> float | None:
+    """Mean cross-entropy per response token (answer + EOS) over the whole set, so long responses
+    weigh by their length as in training; None for an empty set."""
+    total, count = 0.0, 0
+    for chunk in batches(examples, batch_size):
+        batch = collate(chunk, tok, max_length, chat_template=chat_template)
+        logits = _logits(model, batch)
+        labels = batch["labels"][:, 1:].to(logits.device)
+        total += float(F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE,
+                                       reduction="sum"))
+        count += int((labels != IGNORE).sum())
+    return total / count if count else None

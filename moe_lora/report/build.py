@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import shutil
 import tempfile
@@ -13,8 +14,13 @@ from moe_lora.report.collect import Run, collect
 from moe_lora.report.tables import aggregate, latex, markdown, row_labels, to_csv
 
 
-def _slug(label: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_" else "_" for c in label)
+def _slug(label: str, limit: int = 60) -> str:
+    """A file-name-safe form of a row label; long labels are cut and keep a hash so that they stay
+    unique (file names have a 255-byte limit)."""
+    slug = "".join(c if c.isalnum() or c in "-_" else "_" for c in label)
+    if len(slug) <= limit:
+        return slug
+    return f"{slug[:limit]}_{hashlib.sha1(label.encode()).hexdigest()[:8]}"
 
 
 def write_report(runs: list[Run], folder: Path) -> None:

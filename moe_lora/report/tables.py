@@ -36,6 +36,14 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, object]:
     return out
 
 
+def _condense(keys: list[str]) -> list[str]:
+    """Where a whole config group differs (``model.name`` varies), its name stands for all of its
+    fields: runs of two models read ``(model.name=gpt2)``, not every architecture field."""
+    groups = {k.rsplit(".", 1)[0] for k in keys if k.endswith(".name") and "." in k}
+    return [k for k in keys if (k.endswith(".name") and k.rsplit(".", 1)[0] in groups)
+            or not any(k.startswith(g + ".") for g in groups)]
+
+
 def row_labels(runs: list[Run]) -> dict[Path, str]:
     """A run's row: its label, plus every setting that varies between runs of that label (other
     than the seed), e.g. ``loramoe (recipe.max_steps=150)``; runs differing only by seed share it."""
@@ -47,7 +55,7 @@ def row_labels(runs: list[Run]) -> dict[Path, str]:
     for label, group in by_label.items():
         flat = {r.path: _flatten(r.results.get("config", {})) for r in group}
         keys = sorted({k for f in flat.values() for k in f} - _NOT_A_SETTING)
-        varying = [k for k in keys if len({f.get(k) for f in flat.values()}) > 1]
+        varying = _condense([k for k in keys if len({f.get(k) for f in flat.values()}) > 1])
         for r in group:
             extra = ", ".join(f"{k}={flat[r.path].get(k, '-')}" for k in varying)
             names[r.path] = f"{label} ({extra})" if extra else label

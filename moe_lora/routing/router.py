@@ -8,6 +8,7 @@ which owns auxiliary losses and statistics.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import TYPE_CHECKING
 
@@ -48,11 +49,13 @@ class Router(nn.Module):
     def __init__(
         self, d_in: int, num_experts: int, *, top_k: int | None = None, num_null: int = 0,
         jitter: float = 0.0, fp32: bool = True, device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self.num_experts, self.top_k, self.num_null = num_experts, top_k, num_null
         self.jitter, self.fp32 = jitter, fp32
-        self.weight = nn.Parameter(torch.empty(num_experts + num_null, d_in, device=device))
+        self.weight = nn.Parameter(torch.empty(num_experts + num_null, d_in, device=device,
+                                               dtype=torch.float32 if fp32 else dtype))
         if self.weight.device.type != "meta":
             nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's default, as in LoRAMoE
         # Expert group of each real expert (LoRAMoE: first half world knowledge, second half the rest).
@@ -63,15 +66,20 @@ class Router(nn.Module):
         self.aux: AuxLossConfig | None = None
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fp32:
-            x = x.float()
-        if self.training and self.jitter > 0:
-            x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
-        return F.linear(x, self.weight.to(x.dtype))
+        """``W_r x``; with ``fp32`` in float32 even inside a bf16/fp16 autocast region."""
+        with torch.autocast(x.device.type, enabled=False) if self.fp32 else contextlib.nullcontext():
+            if self.fp32:
+                x = x.float()
+            if self.training and self.jitter > 0:
+                x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+            return F.linear(x, self.weight.to(x.dtype))
 
     def fusable(self, x: torch.Tensor) -> bool:
-        """Whether ``W_r x`` may be computed inside the expert layer's ``x @ [A | W_r^T]`` matmul."""
-        return not (self.training and self.jitter > 0) and (not self.fp32 or x.dtype == torch.float32)
+        """Whether ``W_r x`` may be computed inside the expert layer's ``x @ [A | W_r^T]`` matmul:
+        not with jitter, and with ``fp32`` only where that matmul runs in float32 (no autocast)."""
+        if self.training and self.jitter > 0:
+            return False
+        return not self.fp32 or (x.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.gate(self.logits(x), x.dtype)

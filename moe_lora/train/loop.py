@@ -1,25 +1,35 @@
 """One plain fine-tuning loop, readable top to bottom.
 
-All mutable training state lives in :class:`TrainState` (model, optimiser, schedule, data order,
-step), so checkpoint/resume can save and restore exactly one object. The loop is deterministic for
-a given seed: data order comes from a seeded generator, and the only host syncs happen at logging
-steps (loss values and routing statistics are accumulated on the device in between).
+All mutable training state lives in :class:`TrainState` (model, optimiser, schedule, loss scaler,
+data order, step), so checkpoint/resume can save and restore exactly one object. The loop is
+deterministic for a given seed: data order comes from a seeded generator, and the only host syncs
+happen at logging steps (loss values and routing statistics are accumulated on the device in
+between). The forward runs under the run's autocast (bf16 / fp16); fp16 scales the loss.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel
 
 from moe_lora.config import RecipeConfig
-from moe_lora.data.collate import collate
-from moe_lora.data.example import Example
 from moe_lora.routing.recorder import RoutingRecorder
+from moe_lora.train.precision import Precision, peak_memory_bytes, synchronize
 from moe_lora.train.schedule import adamw_with_schedule
+
+
+class Batches(Protocol):
+    """Tokenised training examples, batched by index (``data.collate.EncodedSet``)."""
+
+    def __len__(self) -> int: ...
+
+    def batch(self, indices: list[int]) -> dict[str, torch.Tensor]: ...
 
 
 @dataclass
@@ -28,6 +38,7 @@ class TrainState:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     generator: torch.Generator
+    scaler: torch.amp.GradScaler | None = None
     step: int = 0
     order: list[int] = field(default_factory=list)
 
@@ -39,41 +50,76 @@ class TrainState:
         return idx
 
 
-def init_state(model: PreTrainedModel, recipe: RecipeConfig, seed: int) -> TrainState:
+def init_state(model: PreTrainedModel, recipe: RecipeConfig, seed: int, precision: Precision | None = None) -> TrainState:
     params = [p for p in model.parameters() if p.requires_grad]
     warmup = int(recipe.warmup_ratio * recipe.max_steps)
     opt, sched = adamw_with_schedule(params, recipe.lr, recipe.weight_decay, recipe.scheduler, warmup, recipe.max_steps)
-    return TrainState(model, opt, sched, torch.Generator().manual_seed(seed))
+    scaler = precision.grad_scaler() if precision is not None else None
+    return TrainState(model, opt, sched, torch.Generator().manual_seed(seed), scaler)
+
+
+@dataclass
+class Throughput:
+    """Tokens (real, not padding) and wall time since the last logging step, and over the run."""
+
+    device: torch.device
+    tokens: int = 0
+    total_tokens: int = 0
+    start: float = field(default_factory=time.perf_counter)
+    window_start: float = field(default_factory=time.perf_counter)
+
+    def row(self, step: int) -> dict[str, Any]:
+        """``{"step", "tokens_per_s", "peak_mem_bytes"}``: a line of its own in metrics.jsonl, never
+        on a loss line (resume compares loss lines byte for byte)."""
+        synchronize(self.device)()
+        now = time.perf_counter()
+        row = {"step": step, "tokens_per_s": self.tokens / max(now - self.window_start, 1e-9),
+               "peak_mem_bytes": peak_memory_bytes(self.device)}
+        self.total_tokens += self.tokens
+        self.tokens, self.window_start = 0, now
+        return row
+
+    def summary(self) -> dict[str, Any]:
+        seconds = time.perf_counter() - self.start
+        return {"tokens": self.total_tokens, "train_s": seconds, "tokens_per_s": self.total_tokens / max(seconds, 1e-9),
+                "peak_mem_bytes": peak_memory_bytes(self.device)}
 
 
 def train(
-    state: TrainState, tok: PreTrainedTokenizerBase, recorder: RoutingRecorder, examples: Sequence[Example],
-    recipe: RecipeConfig, max_length: int, log: Callable[[dict], None], log_routing: Callable[[list[dict]], None],
-    progress: bool = True, hooks: Sequence[Callable[[TrainState], None]] = (),
-) -> None:
+    state: TrainState, batches: Batches, recorder: RoutingRecorder, recipe: RecipeConfig, precision: Precision,
+    log: Callable[[dict], None], log_routing: Callable[[list[dict]], None], progress: bool = True,
+    hooks: Sequence[Callable[[TrainState], None]] = (),
+) -> dict[str, Any]:
     """Train until ``recipe.max_steps``; CE + auxiliary routing losses per micro-batch. ``hooks``
-    run after every optimiser step (ALoRA's rank reallocation)."""
+    run after every optimiser step (ALoRA's rank reallocation). Returns throughput and memory."""
     model = state.model
     forward = torch.compile(model) if recipe.compile else model  # opt-in; same parameters
     params = [p for p in model.parameters() if p.requires_grad]
-    device = next(model.parameters()).device
+    scaler = state.scaler or torch.amp.GradScaler(precision.device.type, enabled=False)
+    device = precision.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     model.train()
     window = torch.zeros(3, device=device)  # sum of CE, sum of aux, micro-batches
+    speed = Throughput(device)
     bar = tqdm(total=recipe.max_steps, initial=state.step, desc="fine-tune", disable=not progress, mininterval=1.0)
     while state.step < recipe.max_steps:
         for _ in range(recipe.grad_accum):
-            batch = collate([examples[i] for i in state.next_indices(recipe.batch_size, len(examples))], tok, max_length)
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with recorder.batch(batch["attention_mask"], batch["task_type"]):
+            batch = batches.batch(state.next_indices(recipe.batch_size, len(batches)))
+            speed.tokens += int(batch["attention_mask"].sum())  # counted on the host, before the copy
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            with recorder.batch(batch["attention_mask"], batch["task_type"]), precision.autocast():
                 ce = forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                              labels=batch["labels"]).loss
             aux = recorder.pop_aux_loss()
             aux = aux if aux is not None else ce.new_zeros(())
-            ((ce + aux) / recipe.grad_accum).backward()
-            window += torch.stack([ce.detach(), aux.detach(), ce.new_ones(())])
+            scaler.scale((ce.float() + aux.float()) / recipe.grad_accum).backward()
+            window += torch.stack([ce.detach().float(), aux.detach().float(), window.new_ones(())])
+        scaler.unscale_(state.optimizer)
         if params and recipe.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, recipe.max_grad_norm)
-        state.optimizer.step()
+        scaler.step(state.optimizer)
+        scaler.update()
         state.scheduler.step()
         state.optimizer.zero_grad(set_to_none=True)
         state.step += 1
@@ -86,8 +132,10 @@ def train(
             row = {"step": state.step, "loss": ce_sum / n, "aux_loss": aux_sum / n,
                    "lr": state.scheduler.get_last_lr()[0]}
             log(row)
+            log(speed.row(state.step))
             log_routing(recorder.flush(state.step))
             bar.set_postfix(loss=f"{row['loss']:.3f}", aux=f"{row['aux_loss']:.4f}", refresh=False)
             window.zero_()
     bar.close()
     model.eval()
+    return speed.summary()

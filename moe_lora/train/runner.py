@@ -22,23 +22,28 @@ from moe_lora.adapters.base import HookContext
 from moe_lora.adapters.inject import count_parameters, expand_targets, inject_adapter
 from moe_lora.config import TrainConfig
 from moe_lora.data.collate import collate
-from moe_lora.data.mixture import Mixture, world_mixture
+from moe_lora.data.example import Mixture
 from moe_lora.data.world import INSTRUCTION_TASKS, World
 from moe_lora.errors import ConfigError
-from moe_lora.eval.evaluate import evaluate
+from moe_lora.eval.evaluate import evaluate, knowledge_retained
 from moe_lora.layouts import resolve_layout
-from moe_lora.models import hub_model, resolve_hub_path, world_model
+from moe_lora.models import hub_model, meta_model, read_architecture, resolve_hub_path, world_model
 from moe_lora.routing.recorder import RoutingRecorder
-from moe_lora.tracking import Tracker, write_json_atomic
+from moe_lora.tracking import Tracker, write_json_atomic, write_jsonl_atomic
 from moe_lora.train.loop import init_state, train
+from moe_lora.train.precision import Precision, check_precision, make_precision, resolve_device
 
 ADAPTER_FILE = "adapter_model.safetensors"
 INIT_ADAPTER_FILE = "adapter_init.safetensors"
+PREDICTIONS_FILE = "predictions.jsonl"
 
 
 def validate(cfg: TrainConfig, check_files: bool = True) -> None:
-    """Checks across groups, before any model is built; each error names the key. ``check_files``
-    also checks that a hub model is available locally (off for parameter accounting)."""
+    """Checks across groups, before any weights load or any evaluation starts; each error names
+    the key. The architecture fields are replaced by the checkpoint's own (config.json), and the
+    adapter is injected into the architecture on the meta device, so target matching and every
+    per-layer check run here. ``check_files`` also checks that the model, the datasets and the
+    device are there (off for parameter accounting)."""
     spec = ADAPTERS.get(cfg.adapter.name)
     if not isinstance(cfg.adapter, spec.config_cls):
         raise ConfigError(f"adapter.name={cfg.adapter.name!r} but conf/adapter uses the schema of "
@@ -47,30 +52,65 @@ def validate(cfg: TrainConfig, check_files: bool = True) -> None:
     if unknown:
         raise ConfigError(f"data.instruction_tasks={list(cfg.data.instruction_tasks)} has unknown tasks {unknown} "
                           f"(known: {', '.join(INSTRUCTION_TASKS)})")
+    if check_files and cfg.model.source == "hub":
+        resolve_hub_path(cfg.model)  # a missing model fails here, in well under a second
+    cfg.model = read_architecture(cfg.model)
+    if check_files:
+        resolve_device(cfg.recipe.device)
+    check_precision(cfg.recipe.precision, cfg.model.dtype, cfg.adapter.dtype, spec.trains_base)
+    if getattr(cfg.adapter, "expert_compute", "dense") == "grouped":
+        check_grouped(cfg)
     if spec.wrap is not None:
         resolve_layout(cfg.layout, cfg.adapter, cfg.model.num_layers)
         expand_targets(cfg.adapter.target_modules, cfg.model.modules)
-    if getattr(cfg.adapter, "expert_compute", "dense") == "grouped":
-        check_grouped(cfg)
-    if check_files and cfg.model.source == "hub":
-        resolve_hub_path(cfg.model)  # a missing model fails here, in well under a second
-    if check_files and cfg.data.source == "hub":
-        raise ConfigError(f"data.source='hub' (data.hub_datasets={list(cfg.data.hub_datasets)}) needs the hub dataset "
-                          "loaders, which are not implemented yet; use data=world_mix")
+        check_targets(cfg)
+    if check_files and cfg.data.sources:
+        from moe_lora.data.sources import check_sources
+
+        check_sources(cfg.data)
+    if cfg.eval.harness.tasks:
+        from moe_lora.eval.harness import check_harness
+
+        check_harness(cfg.eval.harness)
+
+
+def base_meta_model(cfg: TrainConfig) -> nn.Module:
+    """The base architecture on the meta device (the world's vocabulary for the built-in model)."""
+    vocab = len(World(cfg.data.world).vocab) if cfg.model.source == "world" else None
+    return meta_model(cfg.model, vocab)
+
+
+def check_targets(cfg: TrainConfig) -> None:
+    """Inject the adapter into the meta-device architecture: every target, layout and shape error
+    (no matching module, a head size that does not divide, MELoRA's minis) surfaces here. Sweep
+    jobs that differ only in other keys (seeds, learning rates) are checked once."""
+    key = repr((cfg.model, cfg.adapter, cfg.layout, cfg.data.world if cfg.model.source == "world" else None))
+    if key not in _CHECKED_TARGETS:
+        inject_adapter(base_meta_model(cfg), cfg.adapter, cfg.model, cfg.layout)
+        _CHECKED_TARGETS.add(key)
+
+
+_CHECKED_TARGETS: set[str] = set()
 
 
 def check_grouped(cfg: TrainConfig) -> None:
-    """Grouped GEMMs need 16-byte rows, and compiled they exist in bfloat16 only (torch 2.13)."""
-    width = 4 if cfg.model.dtype == "float32" else 2
+    """Grouped GEMMs need 16-byte rows in their compute dtype (the autocast dtype under bf16/fp16),
+    and compiled they exist in bfloat16 only (torch 2.13)."""
+    from moe_lora.train.precision import resolve_precision
+
+    mode = resolve_precision(cfg.recipe.precision, cfg.model.dtype)
+    width = 2 if mode in ("bf16", "fp16") or cfg.adapter.dtype != "float32" else 4
     if cfg.adapter.rank * width % 16:
         raise ConfigError(f"adapter.rank={cfg.adapter.rank} with adapter.expert_compute=grouped must be a multiple of "
-                          f"{16 // width} in model.dtype={cfg.model.dtype} (16-byte rows); use expert_compute=dense")
-    if cfg.recipe.compile and cfg.model.dtype != "bfloat16":
-        raise ConfigError(f"adapter.expert_compute=grouped with recipe.compile=true needs model.dtype=bfloat16 "
-                          f"(compiled grouped GEMMs are bfloat16 only; model.dtype={cfg.model.dtype})")
+                          f"{16 // width} when computing in {'16-bit' if width == 2 else 'float32'} (16-byte rows); "
+                          "use expert_compute=dense")
+    if cfg.recipe.compile and mode != "bf16":
+        raise ConfigError(f"adapter.expert_compute=grouped with recipe.compile=true needs bfloat16 compute "
+                          f"(recipe.precision=bf16 or model.dtype=bfloat16; compiled grouped GEMMs are bfloat16 only; "
+                          f"model.dtype={cfg.model.dtype}, recipe.precision={cfg.recipe.precision})")
 
 
-def load_base(cfg: TrainConfig, world: World, progress: bool = True):
+def load_base(cfg: TrainConfig, world: World | None, progress: bool = True):
     if cfg.model.source == "world":
         return world_model(cfg.model, world, cfg.cache_dir, progress)
     return hub_model(cfg.model)
@@ -92,40 +132,67 @@ def load_adapter(model: nn.Module, path: Path) -> None:
     model.load_state_dict(state, strict=False)
 
 
+def build_mixture(cfg: TrainConfig, world: World | None) -> Mixture:
+    if cfg.data.sources:
+        from moe_lora.data.sources import source_mixture
+
+        return source_mixture(cfg.data, cfg.seed, num_fewshot=cfg.eval.num_fewshot, eval_limit=cfg.recipe.eval_limit)
+    from moe_lora.data.mixture import world_mixture
+
+    return world_mixture(cfg.data, world, cfg.seed)
+
+
 def setup(cfg: TrainConfig, progress: bool = True):
-    """Seeded world, base model and mixture (shared by `train` and `eval`)."""
+    """Seeded world, base model (on its device) and mixture (shared by `train` and `eval`)."""
     torch.set_num_threads(cfg.recipe.threads or os.cpu_count() or 1)
     torch.manual_seed(cfg.seed)
-    world = World(cfg.data.world)
+    precision = make_precision(cfg.recipe.device, cfg.recipe.precision, cfg.model.dtype)
+    world = World(cfg.data.world) if cfg.model.source == "world" or not cfg.data.sources else None
     model, tok = load_base(cfg, world, progress)
-    mixture = world_mixture(cfg.data, world, cfg.seed)
-    return world, model, tok, mixture
+    model.to(precision.device)
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    mixture = build_mixture(cfg, world)
+    return precision, model, tok, mixture
 
 
 @torch.no_grad()
-def validation_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> float:
+def validation_loss(model: nn.Module, batch: dict[str, torch.Tensor], precision: Precision) -> float:
     """Cross-entropy on a fixed batch in eval mode (dropout off, routers not recorded)."""
     was_training = model.training
     model.eval()
-    loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    with precision.autocast():
+        loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
     model.train(was_training)
     return float(loss)
 
 
-def run_eval(model, tok, mixture: Mixture, cfg: TrainConfig) -> dict:
+def run_eval(model, tok, mixture: Mixture, cfg: TrainConfig, precision: Precision, progress: bool = False):
+    """(metrics, prediction records) of one model on every evaluation set of the mixture."""
     return evaluate(model, tok, mixture, fast_em=cfg.model.source == "world", limit=cfg.recipe.eval_limit,
-                    max_length=cfg.data.max_length)
+                    max_length=cfg.data.max_length, eval_cfg=cfg.eval, chat_template=cfg.data.chat_template,
+                    autocast=precision.autocast, progress=progress)
+
+
+def prepare_trainable(model: nn.Module, cfg: TrainConfig, trains_base: bool) -> None:
+    """Full fine-tuning keeps float32 master weights (``adapter.dtype``) like HF Trainer under AMP;
+    adapters were created in ``adapter.dtype`` already."""
+    if trains_base:
+        model.to(getattr(torch, cfg.adapter.dtype))
 
 
 def run(cfg: TrainConfig, run_dir: Path, progress: bool = True) -> dict[str, Any]:
     start = time.time()
     resolved = OmegaConf.to_container(OmegaConf.structured(cfg))
     OmegaConf.save(OmegaConf.create(resolved), run_dir / "config.yaml")
-    _, model, tok, mixture = setup(cfg, progress)
-    base = run_eval(model, tok, mixture, cfg)
+    precision, model, tok, mixture = setup(cfg, progress)
+    base, base_predictions = run_eval(model, tok, mixture, cfg, precision, progress)
     torch.manual_seed(cfg.seed)  # adapter init depends on the run seed only
     recorder = RoutingRecorder()
     adapted = inject_adapter(model, cfg.adapter, cfg.model, cfg.layout, recorder)
+    spec = ADAPTERS.get(cfg.adapter.name)
+    prepare_trainable(model, cfg, spec.trains_base)
     params = count_parameters(model)
     if cfg.recipe.save_init_adapter:
         save_file(adapter_state(model), str(run_dir / INIT_ADAPTER_FILE))
@@ -139,19 +206,31 @@ def run(cfg: TrainConfig, run_dir: Path, progress: bool = True) -> dict[str, Any
             for r in rows:
                 final_routing.setdefault(r["module"], {})[r["task_type"]] = r
 
-        spec = ADAPTERS.get(cfg.adapter.name)
+        perf: dict[str, Any] = {}
         if params["trainable"] > 0:
-            state = init_state(model, cfg.recipe, cfg.seed)
+            state = init_state(model, cfg.recipe, cfg.seed, precision)
             hooks = []
             if spec.make_hook is not None:
-                val = collate(mixture.validation[: cfg.recipe.realloc_val_examples], tok, cfg.data.max_length)
-                ctx = HookContext(val_loss=lambda: validation_loss(model, val), recipe=cfg.recipe, log=tracker.log)
+                val = collate(mixture.validation[: cfg.recipe.realloc_val_examples], tok, cfg.data.max_length,
+                              chat_template=cfg.data.chat_template)
+                val = {k: v.to(precision.device) for k, v in val.items()}
+                ctx = HookContext(val_loss=lambda: validation_loss(model, val, precision), recipe=cfg.recipe,
+                                  log=tracker.log)
                 hooks.append(spec.make_hook(model, cfg.adapter, ctx))
-            train(state, tok, recorder, mixture.train, cfg.recipe, cfg.data.max_length, tracker.log, log_routing,
-                  progress, hooks)
-        tuned = run_eval(model, tok, mixture, cfg)
+            batches = training_batches(mixture, tok, cfg)
+            perf = train(state, batches, recorder, cfg.recipe, precision, tracker.log, log_routing, progress, hooks)
+            perf["truncated"] = batches.truncated
+        tuned, tuned_predictions = run_eval(model, tok, mixture, cfg, precision, progress)
+        if cfg.eval.harness.tasks:
+            from moe_lora.eval.harness import run_harness
+
+            tuned["harness"] = run_harness(model, tok, cfg.eval.harness, device=precision.device,
+                                           autocast=precision.autocast)
+        write_predictions(run_dir / PREDICTIONS_FILE, base_predictions, tuned_predictions)
         save_file(adapter_state(model), str(run_dir / ADAPTER_FILE))
         results = build_results(cfg, resolved, base, tuned, params, adapted, final_routing, time.time() - start)
+        results["perf"] = perf
+        results["data"] = mixture.info
         if spec.report is not None:
             results["adapter_report"] = spec.report(model)
         write_json_atomic(run_dir / "results.json", results)
@@ -160,21 +239,41 @@ def run(cfg: TrainConfig, run_dir: Path, progress: bool = True) -> dict[str, Any
     return results
 
 
+def training_batches(mixture: Mixture, tok, cfg: TrainConfig):
+    """The training examples tokenised once (``datasets.map``), batched by index in the loop."""
+    from moe_lora.data.collate import encode_examples
+
+    return encode_examples(mixture.train, tok, cfg.data.max_length, chat_template=cfg.data.chat_template,
+                           num_proc=cfg.data.num_proc, cache_dir=str(Path(cfg.cache_dir) / "tokenized"))
+
+
+def write_predictions(path: Path, base: list[dict], tuned: list[dict]) -> None:
+    """Every evaluated example of the base and the tuned model (lm-eval's ``--log_samples``)."""
+    rows = [{"model": "base", **r} for r in base] + [{"model": "tuned", **r} for r in tuned]
+    write_jsonl_atomic(path, rows)
+
+
 def build_results(cfg, resolved, base, tuned, params, adapted, routing, wall) -> dict[str, Any]:
-    em_base, em = base["cbqa_em"], tuned["cbqa_em"]
+    retained = knowledge_retained(base, tuned)
     metrics = {
-        "cbqa_em_base": em_base, "cbqa_em": em,
+        "cbqa_em_base": base["cbqa_em"], "cbqa_em": tuned["cbqa_em"],
+        "cbqa_em_by_set_base": base["cbqa_em_by_set"], "cbqa_em_by_set": tuned["cbqa_em_by_set"],
         "cbqa_candidate_acc_base": base["cbqa_candidate_acc"], "cbqa_candidate_acc": tuned["cbqa_candidate_acc"],
         "instruction_em_base": base["instruction_em"], "instruction_em": tuned["instruction_em"],
         "instruction_em_by_task": tuned["instruction_em_by_task"],
-        "knowledge_retained": (em / em_base) if em_base else None,
+        "knowledge_retained": retained["overall"], "knowledge_retained_by_set": retained["by_set"],
+        "response_loss_base": base["response_loss"], "response_loss": tuned["response_loss"],
+        "response_loss_by_source_base": base["response_loss_by_source"],
+        "response_loss_by_source": tuned["response_loss_by_source"],
         "n_cbqa": tuned["n_cbqa"], "n_instruction": tuned["n_instruction"],
     }
+    if "harness" in tuned:
+        metrics["harness"] = tuned["harness"]
     final = {m: {**rows["all"], "by_task_type": {t: r for t, r in rows.items() if t != "all"}}
              for m, rows in routing.items() if "all" in rows}
     return {
         "adapter": cfg.adapter.name, "model": cfg.model.name, "data": cfg.data.name, "layout": cfg.layout.name,
-        "recipe": cfg.recipe.name, "seed": cfg.seed,
+        "recipe": cfg.recipe.name, "seed": cfg.seed, "model_path": cfg.model.name_or_path,
         "params": {**params, "adapted_modules": len(adapted),
                    "trainable_share": params["trainable"] / max(1, params["total"] - params["trainable"])},
         "metrics": metrics, "routing": final, "wall_s": wall, "config": resolved,
@@ -189,16 +288,23 @@ def summary_table(results: dict) -> str:
         return "-" if x is None else f"{x:.3f}"
 
     cvs = [r["cv"] for r in results["routing"].values()]
+    sets = m.get("cbqa_em_by_set") or {}
+    perf = results.get("perf") or {}
     rows = [
         ("adapter", results["adapter"]), ("model", results["model"]), ("seed", str(results["seed"])),
         ("trainable params", f"{p['trainable']:,} / {p['total']:,}"),
         ("CBQA EM (base -> tuned)", f"{f(m['cbqa_em_base'])} -> {f(m['cbqa_em'])}"),
+        *((f"  {s}", f"{f(m['cbqa_em_by_set_base'].get(s))} -> {f(v)}") for s, v in sets.items() if len(sets) > 1),
         ("CBQA candidate acc", f"{f(m['cbqa_candidate_acc_base'])} -> {f(m['cbqa_candidate_acc'])}"),
         ("knowledge retained", f(m["knowledge_retained"])),
         ("instruction EM (base -> tuned)", f"{f(m['instruction_em_base'])} -> {f(m['instruction_em'])}"),
         *((f"  {t}", f(v)) for t, v in m["instruction_em_by_task"].items()),
+        ("response loss (base -> tuned)", f"{f(m['response_loss_base'])} -> {f(m['response_loss'])}"),
         ("routing CV (mean over layers)", f(sum(cvs) / len(cvs)) if cvs else "-"),
+        ("tokens/s, peak memory", f"{perf['tokens_per_s']:,.0f}, {perf['peak_mem_bytes'] / 2**20:,.0f} MiB"
+         if perf.get("tokens_per_s") else "-"),
         ("wall time", f"{results['wall_s']:.1f} s"),
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+

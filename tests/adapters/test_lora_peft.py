@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-import operator
-
 import pytest
 import torch
 from peft import LoraConfig as PeftLoraConfig
@@ -18,7 +15,8 @@ from moe_lora.adapters.loramoe import LoRAMoEConfig
 from moe_lora.config import LayoutConfig, ModelConfig
 from moe_lora.routing.recorder import RoutingRecorder
 
-MODULES = {"attention": ["q_proj", "k_proj", "v_proj", "o_proj"], "ffn": ["gate_proj", "up_proj", "down_proj"]}
+MODULES = {"attention": ["q_proj", "k_proj", "v_proj", "o_proj"], "ffn": ["gate_proj", "up_proj", "down_proj"],
+           "query": ["q_proj"], "key": ["k_proj"], "value": ["v_proj"], "output": ["o_proj"], "ffn_out": ["down_proj"]}
 MODEL_CFG = ModelConfig(name="t", source="world", modules=MODULES, num_layers=2, hidden_size=32, intermediate_size=64,
                         num_heads=4, num_kv_heads=4)
 
@@ -32,7 +30,7 @@ def tiny_llama(seed: int = 0, layers: int = 2) -> LlamaForCausalLM:
 
 @pytest.mark.parametrize("targets", [["ffn"], ["all"], ["q_proj", "v_proj"]])
 def test_lora_matches_peft(targets: list[str]) -> None:
-    names = [n for t in targets for n in MODULES.get(t, [t])] if targets != ["all"] else functools.reduce(operator.iadd, MODULES.values(), [])
+    names = [n for t in targets for n in MODULES.get(t, [t])] if targets != ["all"] else MODULES["attention"] + MODULES["ffn"]
     peft_model = get_peft_model(tiny_llama(), PeftLoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
                                                              target_modules=names)).eval()
     ours = tiny_llama()
