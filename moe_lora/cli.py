@@ -136,7 +136,7 @@ def to_config(dcfg, check_files: bool = True):
     from omegaconf import OmegaConf
 
     from moe_lora.errors import ConfigError
-    from moe_lora.train.runner import validate
+    from moe_lora.validate import validate
 
     try:
         cfg = OmegaConf.to_object(dcfg)
@@ -215,7 +215,7 @@ def cmd_params(args: list[str]) -> int:
     """Parameter table on the meta device: no weights are allocated, no download happens."""
     from moe_lora.adapters.inject import count_parameters, inject_adapter, layer_index
     from moe_lora.routing.router import Router
-    from moe_lora.train.runner import base_meta_model
+    from moe_lora.validate import base_meta_model
 
     _, overrides = split_args(args)
     cfg = load_config(overrides, check_files=False)  # reads a checkpoint's config.json where there is one

@@ -15,19 +15,24 @@ import shutil
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 from moe_lora.config import ModelConfig, WorldConfig
-from moe_lora.data.tokenizer import word_tokenizer
-from moe_lora.data.world import World
 from moe_lora.errors import ConfigError
+
+if TYPE_CHECKING:  # transformers' modelling imports cost seconds: loaded when a model is built
+    from transformers import LlamaConfig, PreTrainedModel
+
+    from moe_lora.data.world import World
 
 CACHE_VERSION = 2  # bump when the world generator or pretraining changes meaning
 
 
 def world_model_config(cfg: ModelConfig, vocab_size: int) -> LlamaConfig:
+    from transformers import LlamaConfig
+
     return LlamaConfig(
         vocab_size=vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
         num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
@@ -51,6 +56,9 @@ def world_model(cfg: ModelConfig, world: World, cache_dir: str | Path, progress:
     A file lock makes parallel sweep jobs wait for one pretraining instead of racing; the cache
     entry appears atomically (written to a temporary folder, then renamed).
     """
+    from transformers import LlamaForCausalLM
+
+    from moe_lora.data.tokenizer import word_tokenizer
     from moe_lora.train.pretrain import pretrain  # local: pretraining is only needed on a cache miss
 
     tok = word_tokenizer(world.vocab)
@@ -155,6 +163,8 @@ def meta_model(cfg: ModelConfig, vocab_size: int | None = None, **overrides) -> 
 
     A readable checkpoint builds from its own config.json (its real parameter count); otherwise the
     YAML's architecture fields are used."""
+    from transformers import AutoModelForCausalLM
+
     config = None if overrides or cfg.source == "world" else checkpoint_config(cfg)
     if config is None:
         config = arch_config(cfg, vocab_size, **overrides)
@@ -188,6 +198,8 @@ def resolve_hub_path(cfg: ModelConfig) -> str:
 def hub_model(cfg: ModelConfig):
     """Any Hugging Face causal LM (weights in ``model.dtype``) and its tokenizer (pad token set to
     EOS if missing). The architecture was read from the same config.json in ``validate``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     path = resolve_hub_path(cfg)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, cfg.dtype),
                                                  attn_implementation=cfg.attn_implementation,

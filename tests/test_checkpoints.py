@@ -48,7 +48,7 @@ def test_architecture_comes_from_config_json(checkpoints) -> None:
 def test_mov_head_size_comes_from_the_model(tmp_path) -> None:
     """Qwen2 with a declared head_dim that is not hidden // heads: MoV routes k/v per real head."""
     from moe_lora.adapters.mov import MoVLinear
-    from moe_lora.train.runner import base_meta_model
+    from moe_lora.validate import base_meta_model
 
     path = make_checkpoint("qwen2", tmp_path / "q", hidden=32, heads=2, kv_heads=1, head_dim=24)
     cfg = load_config(["model=qwen2_5_0_5b", f"model.name_or_path={path}", "adapter=mov"])

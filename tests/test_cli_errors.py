@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 
 import pytest
@@ -54,3 +55,15 @@ def test_unknown_command_and_help(run_cli) -> None:
     assert code == 2 and "did you mean 'train'" in err
     code, out, _ = run_cli("--help", tiny=False)
     assert code == 0 and all(c in out for c in ("train", "params", "eval"))
+
+
+def test_real_data_and_extra_errors_are_one_line(run_cli, tmp_path, data_root, monkeypatch) -> None:
+    """A wrong field mapping (on a prepared data.root) and harness tasks without the `eval` extra."""
+    run_dir = tmp_path / "run"
+    code, _, err = run_cli("train", "data=triviaqa_alpaca", f"data.root={data_root}",
+                           "data.sources.triviaqa.fields.question=query", f"hydra.run.dir={run_dir}", tiny=False)
+    assert code == 2 and err.count("\n") == 1 and "data.sources.triviaqa.fields.question=query" in err, err
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if `pip install -e ".[eval]"` had not run
+    code, _, err = run_cli("train", "eval.harness.tasks=[arc_easy]", f"hydra.run.dir={run_dir}", tiny=False)
+    assert code == 2 and err.count("\n") == 1 and "eval.harness.tasks" in err and ".[eval]" in err, err
+    assert not run_dir.exists()

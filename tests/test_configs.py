@@ -54,3 +54,12 @@ def test_every_experiment_preset_and_each_of_its_jobs_composes(preset: str) -> N
 def test_every_arm_composes(arm: str) -> None:
     cfg = load_config([f"+arm={arm}"], check_files=False)
     assert cfg.label
+
+
+@pytest.mark.parametrize("preset", [p for p in PRESETS if p.endswith("_paper")])
+def test_paper_presets_take_recipe_overrides(preset: str) -> None:
+    """A paper preset selects conf/recipe/<name>_paper.yaml, so recipe=smoke really gives 6 steps."""
+    paper = load_config([f"experiment={preset}"], check_files=False).recipe
+    smoke = load_config([f"experiment={preset}", "recipe=smoke"], check_files=False).recipe
+    assert paper.name.endswith("_paper") and paper.max_steps >= 1000
+    assert (smoke.name, smoke.max_steps) == ("smoke", 6)

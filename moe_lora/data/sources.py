@@ -18,7 +18,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import glob
+import json
+import os
 import random
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import zip_longest
@@ -103,6 +106,22 @@ def _looks_like_hub_id(path: str) -> bool:
             and Path(path).suffix not in BUILDERS)
 
 
+def _offline() -> bool:
+    flag = os.environ.get("HF_DATASETS_OFFLINE") or os.environ.get("HF_HUB_OFFLINE") or "0"
+    return flag.upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _maybe_cached(path: str) -> bool:
+    """Whether a hub dataset can be in a local cache: its folder in the ``datasets`` cache
+    (``org___name``) or in the hub cache (``datasets--org--name``). A cheap necessary condition:
+    where either exists, ``datasets`` itself decides."""
+    home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")).expanduser()
+    datasets_cache = Path(os.environ.get("HF_DATASETS_CACHE", home / "datasets")).expanduser()
+    hub_cache = Path(os.environ.get("HF_HUB_CACHE", os.environ.get("HUGGINGFACE_HUB_CACHE", home / "hub"))).expanduser()
+    return ((datasets_cache / path.replace("/", "___")).exists()
+            or (hub_cache / f"datasets--{path.replace('/', '--')}").exists())
+
+
 def resolve_source(name: str, src: SourceConfig, root: str | None) -> ResolvedSource:
     """``<root>/<name>``, then ``src.path`` on disk, then ``src.path`` in the ``datasets`` cache."""
     key = f"data.sources.{name}"
@@ -121,6 +140,9 @@ def resolve_source(name: str, src: SourceConfig, root: str | None) -> ResolvedSo
     looked += ", not a local file or folder"
     if not _looks_like_hub_id(src.path):
         raise ConfigError(f"{key}.path={src.path!r} not found: {looked}")
+    if _offline() and not _maybe_cached(src.path):  # fails in milliseconds, without importing datasets
+        raise ConfigError(f"{key}.path={src.path!r} not found: {looked}, not in the local datasets cache; run "
+                          "scripts/prepare_data.py or set HF_DATASETS_OFFLINE=0")
     hub = ResolvedSource(name, "hub", src.path, src.config)
     try:
         hub.load()
@@ -199,12 +221,69 @@ def open_split(name: str, src: SourceConfig, resolved: ResolvedSource, which: st
 
 
 def check_sources(cfg: DataConfig) -> None:
-    """Resolve every source and check its splits and field mappings (called by ``validate()``)."""
+    """Resolve every source and check its splits and field mappings (called by ``validate()``).
+
+    A ``save_to_disk`` folder is checked from its JSON metadata alone, without importing
+    ``datasets`` (seconds on a small machine), so a wrong field fails fast; other sources are
+    opened through ``datasets``."""
     for name, src in cfg.sources.items():
         resolved = resolve_source(name, src, cfg.root)
         for which in ("split", "eval_split"):
-            if getattr(src, which) is not None:
+            spec = getattr(src, which)
+            if spec is None:
+                continue
+            columns = disk_columns(resolved, spec, f"data.sources.{name}.{which}")
+            if columns is None:
                 open_split(name, src, resolved, which)
+            else:
+                check_fields(name, mapping(name, src, columns), columns, f"{resolved.location} [{spec}]")
+
+
+_SPLIT_SPEC = re.compile(r"^\s*(\w+)(\[[^\]]*\])?\s*$")
+
+
+def disk_columns(resolved: ResolvedSource, spec: str, key: str) -> list[str] | None:
+    """The columns of a ``save_to_disk`` folder's split(s) from ``dataset_dict.json`` and each split's
+    ``dataset_info.json``; None where that metadata is not there (then ``datasets`` decides)."""
+    if resolved.kind != "disk":
+        return None
+    root = Path(resolved.location)
+    if (root / "dataset_dict.json").exists():
+        splits = json.loads((root / "dataset_dict.json").read_text()).get("splits", [])
+        folders = {s: root / s for s in splits}
+    else:
+        folders = {"train": root}
+    names = [m.group(1) if (m := _SPLIT_SPEC.match(part)) else None for part in spec.split("+")]
+    if None in names:
+        return None  # an unusual spec: let datasets parse it
+    missing = [n for n in names if n not in folders]
+    if missing:
+        raise ConfigError(f"{key}={spec!r} is not a split of this dataset (splits: {', '.join(folders)})")
+    columns: list[str] | None = None
+    for n in names:
+        info = folders[n] / "dataset_info.json"
+        if not info.exists():
+            return None
+        features = json.loads(info.read_text()).get("features")
+        if not isinstance(features, dict):
+            return None
+        cols = json_columns(features)
+        columns = cols if columns is None else [c for c in columns if c in cols]
+    return columns
+
+
+def json_columns(features: dict, prefix: str = "") -> list[str]:
+    """:func:`column_paths` over the JSON form of ``datasets.Features``."""
+    out = []
+    for col, feat in features.items():
+        out.append(prefix + col)
+        inner = feat.get("feature", feat) if isinstance(feat, dict) and feat.get("_type") in _LISTS else feat
+        if isinstance(inner, dict) and "_type" not in inner:
+            out += json_columns(inner, f"{prefix}{col}.")
+    return out
+
+
+_LISTS = ("List", "Sequence", "LargeList")
 
 
 # ------------------------------------------------------------------------------------------- examples

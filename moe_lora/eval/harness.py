@@ -15,14 +15,16 @@ import math
 import random
 from collections.abc import Callable, Iterator
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any, ContextManager
+from typing import TYPE_CHECKING, Any, ContextManager
 
 import numpy as np
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from moe_lora.config import HarnessConfig
 from moe_lora.errors import ConfigError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 EXTRA = 'pip install -e ".[eval]"'
 SUPPORTED = ((0, 4, 10), (0, 5))  # the pin of the extra: lm-eval>=0.4.10,<0.5

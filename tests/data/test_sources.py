@@ -176,6 +176,9 @@ def test_hub_ids_come_from_the_datasets_cache(monkeypatch, tmp_path: Path) -> No
 
     cached = DatasetDict({"train": Dataset.from_list([{"question": "q", "answer": ["a"]}])})
     monkeypatch.setattr(sources, "_load", lambda kind, location, config: cached)
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))  # the cache folders datasets writes
+    for folder in ("google-research-datasets___nq_open", "mandarjoshi___trivia_qa"):
+        (tmp_path / "cache" / folder).mkdir(parents=True)
     found = resolve_source("nq_open", source("nq_open"), str(tmp_path))
     assert (found.kind, found.location) == ("hub", "google-research-datasets/nq_open")
 
@@ -239,3 +242,29 @@ def test_cli_stops_with_one_line_naming_the_key(run_cli, data_root: Path, overri
     code, out, err = run_cli("train", "data=triviaqa_alpaca", f"data.root={data_root}", override, tiny=False)
     assert code == 2 and err.startswith(f"moe-lora: error: {key}") and err.count("\n") == 1
     assert "Traceback" not in out + err
+
+
+def test_disk_metadata_gives_the_same_columns_as_datasets(data_root) -> None:
+    """check_sources reads save_to_disk folders from their JSON metadata (no datasets import):
+    the columns must be exactly what datasets itself reports, for every fixture split."""
+    from moe_lora.cli import load_config
+    from moe_lora.data.sources import column_paths, disk_columns, resolve_source, select_split
+
+    for name, src in load_config(["data=cbqa_instruct_hub"], check_files=False).data.sources.items():
+        resolved = resolve_source(name, src, str(data_root))
+        for spec in (src.split, src.eval_split):
+            if spec is not None:
+                fast = disk_columns(resolved, spec, "k")
+                assert fast == column_paths(select_split(resolved.load(), spec, "k").features), (name, spec)
+
+
+def test_uncached_hub_dataset_fails_without_importing_datasets(monkeypatch) -> None:
+    import sys
+
+    from moe_lora.config import SourceConfig
+    from moe_lora.data.sources import resolve_source
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setitem(sys.modules, "datasets", None)  # importing it would fail the test
+    with pytest.raises(ConfigError, match=r"data\.sources\.tq\.path='nobody/no-such-set' not found"):
+        resolve_source("tq", SourceConfig(path="nobody/no-such-set"), None)

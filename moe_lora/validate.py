@@ -1,0 +1,88 @@
+"""Cross-group checks of a composed config, before any weights load or any evaluation starts.
+
+Each error is one line naming the key. The cheap checks (files, device, precision, optional
+extras, datasets) come first and import little, so bad input fails in seconds; then the
+architecture is read from the checkpoint's config.json and the adapter is injected into it on the
+meta device, so target matching and every per-layer shape check run here too.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from moe_lora.adapters import ADAPTERS
+from moe_lora.adapters.inject import expand_targets, inject_adapter
+from moe_lora.config import TrainConfig
+from moe_lora.data.world import INSTRUCTION_TASKS, World
+from moe_lora.errors import ConfigError
+from moe_lora.layouts import resolve_layout
+from moe_lora.models import meta_model, read_architecture, resolve_hub_path
+from moe_lora.train.precision import check_precision, resolve_device, resolve_precision
+
+
+def validate(cfg: TrainConfig, check_files: bool = True) -> None:
+    """Checks across groups; ``cfg.model``'s architecture fields are replaced by the checkpoint's
+    own. ``check_files`` also checks that the model, the datasets and the device are there (off for
+    parameter accounting)."""
+    spec = ADAPTERS.get(cfg.adapter.name)
+    if not isinstance(cfg.adapter, spec.config_cls):
+        raise ConfigError(f"adapter.name={cfg.adapter.name!r} but conf/adapter uses the schema of "
+                          f"{type(cfg.adapter).__name__}; start the YAML with '- /schema/adapter/{spec.name}@_here_'")
+    unknown = [t for t in cfg.data.instruction_tasks if t not in INSTRUCTION_TASKS]
+    if unknown:
+        raise ConfigError(f"data.instruction_tasks={list(cfg.data.instruction_tasks)} has unknown tasks {unknown} "
+                          f"(known: {', '.join(INSTRUCTION_TASKS)})")
+    check_precision(cfg.recipe.precision, cfg.model.dtype, cfg.adapter.dtype, spec.trains_base)
+    if cfg.eval.harness.tasks:
+        from moe_lora.eval.harness import check_harness
+
+        check_harness(cfg.eval.harness)
+    if check_files:
+        if cfg.model.source == "hub":
+            resolve_hub_path(cfg.model)  # a missing model fails here, in well under a second
+        resolve_device(cfg.recipe.device)
+        if cfg.data.sources:
+            from moe_lora.data.sources import check_sources
+
+            check_sources(cfg.data)
+    cfg.model = read_architecture(cfg.model)
+    if getattr(cfg.adapter, "expert_compute", "dense") == "grouped":
+        check_grouped(cfg)
+    if spec.wrap is not None:
+        resolve_layout(cfg.layout, cfg.adapter, cfg.model.num_layers)
+        expand_targets(cfg.adapter.target_modules, cfg.model.modules)
+        check_targets(cfg)
+
+
+def base_meta_model(cfg: TrainConfig) -> nn.Module:
+    """The base architecture on the meta device (the world's vocabulary for the built-in model)."""
+    vocab = len(World(cfg.data.world).vocab) if cfg.model.source == "world" else None
+    return meta_model(cfg.model, vocab)
+
+
+def check_targets(cfg: TrainConfig) -> None:
+    """Inject the adapter into the meta-device architecture: every target, layout and shape error
+    (no matching module, a head size that does not divide, MELoRA's minis) surfaces here. Sweep
+    jobs that differ only in other keys (seeds, learning rates) are checked once."""
+    key = repr((cfg.model, cfg.adapter, cfg.layout, cfg.data.world if cfg.model.source == "world" else None))
+    if key not in _CHECKED_TARGETS:
+        inject_adapter(base_meta_model(cfg), cfg.adapter, cfg.model, cfg.layout)
+        _CHECKED_TARGETS.add(key)
+
+
+_CHECKED_TARGETS: set[str] = set()
+
+
+def check_grouped(cfg: TrainConfig) -> None:
+    """Grouped GEMMs need 16-byte rows in their compute dtype (the autocast dtype under bf16/fp16),
+    and compiled they exist in bfloat16 only (torch 2.13)."""
+    mode = resolve_precision(cfg.recipe.precision, cfg.model.dtype)
+    width = 2 if mode in ("bf16", "fp16") or cfg.adapter.dtype != "float32" else 4
+    if cfg.adapter.rank * width % 16:
+        raise ConfigError(f"adapter.rank={cfg.adapter.rank} with adapter.expert_compute=grouped must be a multiple of "
+                          f"{16 // width} when computing in {'16-bit' if width == 2 else 'float32'} (16-byte rows); "
+                          "use expert_compute=dense")
+    if cfg.recipe.compile and mode != "bf16":
+        raise ConfigError(f"adapter.expert_compute=grouped with recipe.compile=true needs bfloat16 compute "
+                          f"(recipe.precision=bf16 or model.dtype=bfloat16; compiled grouped GEMMs are bfloat16 only; "
+                          f"model.dtype={cfg.model.dtype}, recipe.precision={cfg.recipe.precision})")
