@@ -45,6 +45,8 @@ def validate(cfg: TrainConfig, check_files: bool = True) -> None:
             from moe_lora.data.sources import check_sources
 
             check_sources(cfg.data)
+    if cfg.data.sources:
+        check_real_data(cfg, spec.wrap is not None or spec.trains_base)
     cfg.model = read_architecture(cfg.model)
     if getattr(cfg.adapter, "expert_compute", "dense") == "grouped":
         check_grouped(cfg)
@@ -52,6 +54,20 @@ def validate(cfg: TrainConfig, check_files: bool = True) -> None:
         resolve_layout(cfg.layout, cfg.adapter, cfg.model.num_layers)
         expand_targets(cfg.adapter.target_modules, cfg.model.modules)
         check_targets(cfg)
+
+
+def check_real_data(cfg: TrainConfig, trains: bool) -> None:
+    """Real datasets need a real tokenizer, and a run that trains needs training examples."""
+    from moe_lora.data.sources import train_counts
+
+    if cfg.model.source == "world":
+        raise ConfigError(f"data={cfg.data.name!r} has real datasets (data.sources) but model.source=world: the "
+                          "built-in model's word-level vocabulary only covers the built-in world; choose a hub model "
+                          "(model=... model.name_or_path=...) or data=world_mix")
+    if trains and sum(train_counts(cfg.data).values()) == 0:
+        names = ", ".join(cfg.data.sources)
+        raise ConfigError(f"data.sources ({names}) give no training examples: every split is null or every "
+                          "num_examples / weight is 0 (data.sources.<name>.split, .num_examples, .weight)")
 
 
 def base_meta_model(cfg: TrainConfig) -> nn.Module:
@@ -78,11 +94,25 @@ def check_grouped(cfg: TrainConfig) -> None:
     and compiled they exist in bfloat16 only (torch 2.13)."""
     mode = resolve_precision(cfg.recipe.precision, cfg.model.dtype)
     width = 2 if mode in ("bf16", "fp16") or cfg.adapter.dtype != "float32" else 4
-    if cfg.adapter.rank * width % 16:
-        raise ConfigError(f"adapter.rank={cfg.adapter.rank} with adapter.expert_compute=grouped must be a multiple of "
-                          f"{16 // width} when computing in {'16-bit' if width == 2 else 'float32'} (16-byte rows); "
-                          "use expert_compute=dense")
+    ranks = {p.rank for p in resolve_layout(cfg.layout, cfg.adapter, cfg.model.num_layers)}  # per-layer ranks too
+    for rank in sorted(ranks):
+        if rank * width % 16:
+            key = "layout.rank" if cfg.layout.rank is not None else "adapter.rank"
+            raise ConfigError(f"{key}={rank} with adapter.expert_compute=grouped must be a multiple of {16 // width} "
+                              f"when computing in {'16-bit' if width == 2 else 'float32'} (16-byte rows); "
+                              "use expert_compute=dense")
+    if mode != "bf16" and _on_cuda(cfg.recipe.device):
+        raise ConfigError(f"adapter.expert_compute=grouped on CUDA needs bfloat16 compute (torch's grouped GEMM "
+                          f"kernel; recipe.precision={cfg.recipe.precision}, model.dtype={cfg.model.dtype}): set "
+                          "recipe.precision=bf16, or use expert_compute=dense")
     if cfg.recipe.compile and mode != "bf16":
         raise ConfigError(f"adapter.expert_compute=grouped with recipe.compile=true needs bfloat16 compute "
                           f"(recipe.precision=bf16 or model.dtype=bfloat16; compiled grouped GEMMs are bfloat16 only; "
                           f"model.dtype={cfg.model.dtype}, recipe.precision={cfg.recipe.precision})")
+
+
+def _on_cuda(device: str) -> bool:
+    try:
+        return resolve_device(device).type == "cuda"
+    except ConfigError:  # a missing device is reported by validate() itself (when files are checked)
+        return False

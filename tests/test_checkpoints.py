@@ -91,3 +91,17 @@ def test_target_errors_come_before_any_weights_load(checkpoints) -> None:
 def test_missing_device_fails_in_validate(checkpoints) -> None:
     with pytest.raises(ConfigError, match=r"recipe.device='cuda:7'"):
         load_config(["recipe.device=cuda:7"])
+
+
+def test_real_data_needs_a_hub_model_and_training_examples(checkpoints, data_root) -> None:
+    with pytest.raises(ConfigError, match=r"model\.source=world"):
+        load_config(["data=triviaqa_alpaca", f"data.root={data_root}"])
+    with pytest.raises(ConfigError, match=r"give no training examples"):
+        load_config(["model.source=hub", f"model.name_or_path={checkpoints['llama']}", "data=triviaqa_alpaca",
+                     f"data.root={data_root}", "data.sources.triviaqa.weight=0", "data.sources.alpaca.weight=0"])
+
+
+def test_grouped_ranks_are_checked_per_layer(checkpoints) -> None:
+    with pytest.raises(ConfigError, match=r"layout\.rank=6 with adapter\.expert_compute=grouped"):
+        load_config(["model=gpt2", f"model.name_or_path={checkpoints['gpt2']}", "adapter=mola",
+                     "adapter.expert_compute=grouped", "layout=custom", "layout.experts=[4,4]", "layout.rank=[8,6]"])

@@ -133,10 +133,15 @@ class LoRAExperts(nn.Module):
         if router is not None and isinstance(self.lora_dropout, nn.Identity) and router.fusable(x):
             weight = torch.cat([self.lora_A, router.weight.t().to(self.lora_A.dtype)], 1)
             # split, not two slices: its backward is one cat instead of two zero-filled copies and an add
-            h, logits = (x.to(self.lora_A.dtype) @ weight).split([self.lora_A.shape[1], router.weight.shape[0]], -1)
+            h, logits = (self.matmul_input(x) @ weight).split([self.lora_A.shape[1], router.weight.shape[0]], -1)
             return h, router.gate(logits, self.lora_A.dtype)
-        h = self.lora_dropout(x).to(self.lora_A.dtype) @ self.lora_A
+        h = self.matmul_input(self.lora_dropout(x)) @ self.lora_A
         return h, (router(x) if router is not None else None)
+
+    def matmul_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` for the ``@ A`` matmul: in the adapter's dtype, except under autocast, which casts
+        by itself (an explicit upcast there would make autograd save one more copy of ``x``)."""
+        return x if torch.is_autocast_enabled(x.device.type) else x.to(self.lora_A.dtype)
 
     def scale_hidden(self, h: torch.Tensor, gate: torch.Tensor | None) -> tuple[torch.Tensor, float]:
         """Apply the gate (times alpha/r) to the ``(..., E*r)`` hidden; returns it and the addmm

@@ -54,7 +54,10 @@ class MELoRALinear(nn.Module):
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xs = self.lora_dropout(x).to(self.lora_A.dtype).unflatten(-1, (self.n, -1))  # (..., n, d_in/n)
+        xs = self.lora_dropout(x)
+        if not torch.is_autocast_enabled(x.device.type):  # autocast casts by itself, without a saved copy
+            xs = xs.to(self.lora_A.dtype)
+        xs = xs.unflatten(-1, (self.n, -1))  # (..., n, d_in/n)
         h = torch.einsum("...ni,nir->...nr", xs, self.lora_A)
         delta = torch.einsum("...nr,nro->...no", h, self.lora_B).reshape(-1, self.d_out)
         return base_and_update(self.base, x, lambda out: out.add_(delta.to(out.dtype), alpha=self.scaling))

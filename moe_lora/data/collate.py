@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,9 +60,19 @@ class Encoded:
 def answer_ids(tok: PreTrainedTokenizerBase, prompt: str, answer: str, chat_template: bool = False) -> list[int]:
     """Answer tokens + EOS. A space joins prompt and answer unless the boundary already has
     whitespace or a chat template ends the prompt (lm-eval's ``target_delimiter`` rule): ``Answer:``
-    + `` Paris``, but Alpaca's ``### Response:\n`` + ``Eat well``."""
+    + `` Paris``, but Alpaca's ``### Response:\n`` + ``Eat well``.
+
+    The answer's tokens are those of ``prompt + answer`` after the prompt's own tokens (lm-eval's
+    ``_encode_pair``): a SentencePiece tokenizer (Llama-2, Mistral) tokenises a lone `` Paris`` as
+    ``▁ ▁Paris``, a token pair it never sees after ``Answer:``. Only where the joint tokens do not
+    start with the prompt's (a merge across the boundary) is the answer tokenised on its own."""
     joined = chat_template or not answer or prompt[-1:].isspace() or answer[:1].isspace()
-    return [*tok(answer if joined else " " + answer, add_special_tokens=False)["input_ids"], tok.eos_token_id]
+    text = answer if joined else " " + answer
+    context = format_prompt(tok, prompt, chat_template)
+    ctx = tok(context, add_special_tokens=False)["input_ids"]
+    whole = tok(context + text, add_special_tokens=False)["input_ids"]
+    ids = whole[len(ctx):] if whole[: len(ctx)] == ctx else tok(text, add_special_tokens=False)["input_ids"]
+    return [*ids, tok.eos_token_id]
 
 
 def fit(prompt: list[int], answer: list[int], max_length: int, bos: int | None) -> Encoded:
@@ -79,8 +91,9 @@ def fit(prompt: list[int], answer: list[int], max_length: int, bos: int | None) 
 
 def encode_example(tok: PreTrainedTokenizerBase, prompt: str, answer: str, max_length: int,
                    chat_template: bool = False) -> Encoded:
-    """The one encoding rule of training, response loss and ``encode_examples``: prompt and answer
-    are tokenised separately so the answer boundary is exact for any tokenizer."""
+    """The one encoding rule of training, response loss and ``encode_examples``: the prompt's
+    tokens (with BOS) and the answer's tokens in the context of the prompt (:func:`answer_ids`), so
+    the answer boundary is exact for any tokenizer."""
     bos = tok.bos_token_id if adds_bos(tok) and not chat_template else None
     return fit(prompt_ids(tok, prompt, chat_template), answer_ids(tok, prompt, answer, chat_template), max_length, bos)
 
@@ -177,22 +190,25 @@ def encode_examples(examples: Sequence[Example], tok: PreTrainedTokenizerBase, m
 
     rows = [{"prompt": e.prompt, "answer": e.answer, "task_type": TASK_TYPES.index(e.task_type)} for e in examples]
     digest = hashlib.sha256(json.dumps([tokenizer_key(tok), max_length, chat_template, rows]).encode()).hexdigest()
-    path = Path(cache_dir) / f"encoded-{digest[:32]}.arrow" if cache_dir else None
+    path = Path(cache_dir) / f"encoded-{digest[:32]}" if cache_dir else None
 
     def fn(row: dict) -> dict:
         enc = encode_example(tok, row["prompt"], row["answer"], max_length, chat_template)
         return {"ids": enc.ids, "start": enc.start, "truncated": enc.truncated, "answer_cut": enc.answer_cut}
 
     if path is not None and path.exists():
-        ds = datasets.Dataset.from_file(str(path))
-    else:
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        source = datasets.Dataset.from_list(rows) if rows else datasets.Dataset.from_dict(
-            {"prompt": [], "answer": [], "task_type": []})
-        ds = source.map(fn, num_proc=num_proc if num_proc and num_proc > 1 and len(rows) > 1 else None,
-                        cache_file_name=str(path) if path else None, desc="tokenising",
-                        remove_columns=["prompt", "answer"])
+        return _to_set(datasets.load_from_disk(str(path)), pad_id(tok))
+    source = datasets.Dataset.from_list(rows) if rows else datasets.Dataset.from_dict(
+        {"prompt": [], "answer": [], "task_type": []})
+    ds = source.map(fn, num_proc=num_proc if num_proc and num_proc > 1 and len(rows) > 1 else None,
+                    desc="tokenising", remove_columns=["prompt", "answer"])
+    if path is not None:  # one folder whatever num_proc was, written aside and renamed into place
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        ds.save_to_disk(str(tmp))
+        try:
+            os.replace(tmp, path)
+        except OSError:  # another job of the sweep wrote it first: same content
+            shutil.rmtree(tmp, ignore_errors=True)
     return _to_set(ds, pad_id(tok))
 
 
@@ -208,8 +224,8 @@ def _to_set(ds, pad: int) -> EncodedSet:
     offsets = np.asarray(ids.offsets, dtype=np.int64)
 
     def col(name: str) -> torch.Tensor:
-        return torch.as_tensor(np.asarray(table.column(name).to_numpy(), dtype=np.int64))
+        return torch.from_numpy(np.array(table.column(name).to_numpy(), dtype=np.int64))
 
-    return EncodedSet(torch.from_numpy(np.asarray(ids.flatten(), dtype=np.int64)), torch.from_numpy(offsets - offsets[0]),
+    return EncodedSet(torch.from_numpy(np.array(ids.flatten(), dtype=np.int64)), torch.from_numpy(offsets - offsets[0]),
                       col("start"), col("task_type"), pad, truncated=int(col("truncated").sum()),
                       answer_cut=int(col("answer_cut").sum()))

@@ -89,6 +89,20 @@ def _continuation(tokens: list[int], stop_ids: set[int]) -> list[int]:
     return tokens
 
 
+def context_limit(model: PreTrainedModel, max_new_tokens: int) -> int | None:
+    """Prompt tokens that fit beside ``max_new_tokens`` in the model's positions (None: no limit)."""
+    positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    return max(1, positions - max_new_tokens) if positions else None
+
+
+def left_truncate(ids: list[int], limit: int | None, bos: int | None) -> list[int]:
+    """Cut a prompt from the left to ``limit`` tokens (lm-eval's rule), keeping a leading BOS."""
+    if limit is None or len(ids) <= limit:
+        return ids
+    head = ids[:1] if bos is not None and ids[:1] == [bos] else []
+    return head + ids[len(ids) - (limit - len(head)):]
+
+
 @torch.no_grad()
 def greedy_generate(
     model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts: Sequence[str], *, max_new_tokens: int,
@@ -102,7 +116,8 @@ def greedy_generate(
     """
     device = next(model.parameters()).device
     eos = eos_ids(model, tok)
-    encoded = [prompt_ids(tok, p, chat_template) for p in prompts]
+    limit = context_limit(model, max_new_tokens)
+    encoded = [left_truncate(prompt_ids(tok, p, chat_template), limit, tok.bos_token_id) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))  # longest first, like lm-eval
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
                               repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0,

@@ -110,7 +110,7 @@ def response_loss(
         batch = collate(chunk, tok, max_length, chat_template=chat_template)
         logits = _logits(model, batch)
         labels = batch["labels"][:, 1:].to(logits.device)
-        total += float(F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE,
-                                       reduction="sum"))
-        count += int((labels != IGNORE).sum())
+        scored = labels != IGNORE  # response positions only: B x T x V in float32 would not fit at paper scale
+        total += float(F.cross_entropy(logits[:, :-1][scored].float(), labels[scored], reduction="sum"))
+        count += int(scored.sum())
     return total / count if count else None

@@ -44,6 +44,8 @@ class TrainState:
 
     def next_indices(self, n: int, size: int) -> list[int]:
         """The next ``n`` example indices of a seeded permutation, reshuffled every epoch."""
+        if size == 0:
+            raise ValueError("the training set is empty")  # validate() names the keys before this
         while len(self.order) < n:
             self.order += torch.randperm(size, generator=self.generator).tolist()
         idx, self.order = self.order[:n], self.order[n:]
@@ -118,9 +120,11 @@ def train(
         scaler.unscale_(state.optimizer)
         if params and recipe.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, recipe.max_grad_norm)
+        scale = scaler.get_scale() if scaler.is_enabled() else None  # a host read, under fp16 only
         scaler.step(state.optimizer)
         scaler.update()
-        state.scheduler.step()
+        if scale is None or scaler.get_scale() >= scale:  # fp16 skips steps with inf/nan gradients:
+            state.scheduler.step()  # then the schedule waits too (no warmup lost to skipped steps)
         state.optimizer.zero_grad(set_to_none=True)
         state.step += 1
         for hook in hooks:

@@ -105,7 +105,8 @@ def run_eval(model, tok, mixture: Mixture, cfg: TrainConfig, precision: Precisio
 
 def prepare_trainable(model: nn.Module, cfg: TrainConfig, trains_base: bool) -> None:
     """Full fine-tuning keeps float32 master weights (``adapter.dtype``) like HF Trainer under AMP;
-    adapters were created in ``adapter.dtype`` already."""
+    adapters are created in ``adapter.dtype``. Called before the base evaluation, so that the base
+    and the tuned model are evaluated with the same storage dtype (the cast is exact)."""
     if trains_base:
         model.to(getattr(torch, cfg.adapter.dtype))
 
@@ -115,12 +116,12 @@ def run(cfg: TrainConfig, run_dir: Path, progress: bool = True) -> dict[str, Any
     resolved = OmegaConf.to_container(OmegaConf.structured(cfg))
     OmegaConf.save(OmegaConf.create(resolved), run_dir / "config.yaml")
     precision, model, tok, mixture = setup(cfg, progress)
+    spec = ADAPTERS.get(cfg.adapter.name)
+    prepare_trainable(model, cfg, spec.trains_base)  # before the base evaluation: base and tuned in one dtype
     base, base_predictions = run_eval(model, tok, mixture, cfg, precision, progress)
     torch.manual_seed(cfg.seed)  # adapter init depends on the run seed only
     recorder = RoutingRecorder()
     adapted = inject_adapter(model, cfg.adapter, cfg.model, cfg.layout, recorder)
-    spec = ADAPTERS.get(cfg.adapter.name)
-    prepare_trainable(model, cfg, spec.trains_base)
     params = count_parameters(model)
     if cfg.recipe.save_init_adapter:
         save_file(adapter_state(model), str(run_dir / INIT_ADAPTER_FILE))

@@ -226,11 +226,12 @@ def test_prepare_data_saves_atomically_and_skips_existing(tmp_path: Path, capsys
 
 
 # ------------------------------------------------------------------------------------ through the CLI
-def test_data_configs_validate_against_a_prepared_root(data_root: Path) -> None:
+def test_data_configs_validate_against_a_prepared_root(data_root: Path, checkpoints) -> None:
     from moe_lora.cli import load_config
 
-    for name in ("cbqa_instruct_hub", "triviaqa_alpaca"):
-        cfg = load_config([f"data={name}", f"data.root={data_root}"])  # validate() runs check_sources
+    for name in ("cbqa_instruct_hub", "triviaqa_alpaca"):  # validate() runs check_sources
+        cfg = load_config([f"data={name}", f"data.root={data_root}", "model=gpt2",
+                           f"model.name_or_path={checkpoints['gpt2']}"])
         assert cfg.data.sources and all(s.split for s in cfg.data.sources.values())
 
 
@@ -250,7 +251,8 @@ def test_disk_metadata_gives_the_same_columns_as_datasets(data_root) -> None:
     from moe_lora.cli import load_config
     from moe_lora.data.sources import column_paths, disk_columns, resolve_source, select_split
 
-    for name, src in load_config(["data=cbqa_instruct_hub"], check_files=False).data.sources.items():
+    cfg = load_config(["data=cbqa_instruct_hub", "model=gpt2"], check_files=False)
+    for name, src in cfg.data.sources.items():
         resolved = resolve_source(name, src, str(data_root))
         for spec in (src.split, src.eval_split):
             if spec is not None:

@@ -96,3 +96,11 @@ def test_prompts_start_with_bos_where_the_family_adds_one(models, family: str, s
     assert mask[:, 0].tolist() == [1, 0, 0]  # left padding: the longest prompt fills the row
     first = [int(row[m.bool()][0]) for row, m in zip(ids, mask, strict=True)]
     assert all((t == tok.bos_token_id) == starts_with_bos for t in first)
+
+
+def test_long_prompts_are_cut_from_the_left_keeping_bos() -> None:
+    from moe_lora.eval.generate import left_truncate
+
+    assert left_truncate([0, 1, 2, 3, 4, 5], 4, bos=0) == [0, 3, 4, 5]
+    assert left_truncate([1, 2, 3, 4, 5], 3, bos=None) == [3, 4, 5]
+    assert left_truncate([1, 2], 4, bos=0) == [1, 2]
