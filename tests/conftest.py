@@ -60,5 +60,16 @@ def data_root(tmp_path_factory) -> Path:
     return write_fixture_sources(tmp_path_factory.mktemp("data_root"))
 
 
+@pytest.fixture(scope="session")
+def task_dir(tmp_path_factory) -> Path:
+    """lm-eval task YAMLs of tests/fixtures/harness with absolute paths filled in (any working dir)."""
+    fixtures = Path(__file__).parent / "fixtures" / "harness"
+    root = tmp_path_factory.mktemp("harness_tasks")
+    for template in fixtures.glob("*.yaml.in"):
+        text = template.read_text().replace("@DATA_DIR@", str(fixtures)).replace("@CACHE_DIR@", str(root / "cache"))
+        (root / template.name.removesuffix(".in")).write_text(text)
+    return root
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

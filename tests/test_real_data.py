@@ -42,9 +42,11 @@ def check_predictions(run_dir: Path, res: dict) -> None:
 
 @pytest.mark.parametrize(("family", "adapter"), [("gpt2", "loramoe"), ("qwen2", "mov"), ("qwen2", "mola"),
                                                  ("llama", "melora")])
-def test_family_and_variant_train_on_triviaqa_alpaca(run_cli, tmp_path, checkpoints, data_root, family,
+def test_family_and_variant_train_on_triviaqa_alpaca(run_cli, tmp_path, checkpoints, data_root, task_dir, family,
                                                      adapter) -> None:
-    extra = ["adapter.num_minis=4"] if adapter == "melora" else []
+    # the llama run also checkpoints activations and runs a local lm-eval task on the adapted model
+    extra = ["model.gradient_checkpointing=true", "eval.harness.tasks=[tiny_mc]", "eval.harness.limit=4",
+             f"eval.harness.include_path={task_dir}"] if family == "llama" else []
     res = train(run_cli, tmp_path / "run", FAMILY[family], f"model.name_or_path={checkpoints[family]}",
                 f"adapter={adapter}", "data=triviaqa_alpaca", f"data.root={data_root}", *extra)
     assert res["params"]["adapted_modules"] > 0 and res["params"]["trainable"] > 0
@@ -53,6 +55,8 @@ def test_family_and_variant_train_on_triviaqa_alpaca(run_cli, tmp_path, checkpoi
     assert set(m["response_loss_by_source"]) == {"alpaca"} and math.isfinite(m["response_loss"])
     check_predictions(tmp_path / "run", res)
     assert res["data"]["train"] and res["perf"]["tokens"] > 0
+    if family == "llama":
+        assert 0.0 <= m["harness"]["tiny_mc"]["acc"] <= 1.0
     if family == "qwen2":  # its YAML says bfloat16: bf16 autocast, float32 adapters
         assert res["config"]["model"]["dtype"] == "bfloat16"
         assert {str(t.dtype) for t in load_file(str(tmp_path / "run" / "adapter_model.safetensors")).values()} == {
@@ -66,7 +70,7 @@ def test_paper_preset_runs_on_a_tiny_checkpoint(run_cli, tmp_path, checkpoints, 
     """experiment=loramoe_forgetting_paper with recipe=smoke: per-set CBQA EM (base and tuned),
     knowledge retained, response loss, routing by task type and perf lines."""
     res = train(run_cli, tmp_path / "p", "experiment=loramoe_forgetting_paper",
-                f"model.name_or_path={checkpoints['llama']}", f"data.root={data_root}", "+arm=loramoe_lbc")
+                f"model.name_or_path={checkpoints['llama']}", f"data.root={data_root}")
     assert res["recipe"] == "smoke" and res["config"]["recipe"]["max_steps"] == 6
     m = res["metrics"]
     assert set(m["cbqa_em_by_set"]) == set(m["cbqa_em_by_set_base"]) == {"triviaqa", "nq_open"}

@@ -79,10 +79,19 @@ def setup(cfg: TrainConfig, progress: bool = True):
     model, tok = load_base(cfg, world, progress)
     model.to(precision.device)
     if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
+        enable_checkpointing(model)
     mixture = build_mixture(cfg, world)
     return precision, model, tok, mixture
+
+
+def enable_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant activation checkpointing of the decoder layers (transformers 5 renamed it)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.config.use_cache = False
 
 
 @torch.no_grad()

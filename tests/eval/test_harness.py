@@ -47,16 +47,6 @@ def test_flatten_results_keeps_numbers_and_stderr_only() -> None:
 
 
 @pytest.fixture(scope="module")
-def task_dir(tmp_path_factory) -> Path:
-    """The fixture task YAMLs with absolute paths filled in, so any working directory works."""
-    root = tmp_path_factory.mktemp("harness_tasks")
-    for template in FIXTURES.glob("*.yaml.in"):
-        text = template.read_text().replace("@DATA_DIR@", str(FIXTURES)).replace("@CACHE_DIR@", str(root / "cache"))
-        (root / template.name.removesuffix(".in")).write_text(text)
-    return root
-
-
-@pytest.fixture(scope="module")
 def llama(checkpoints):
     path = checkpoints["llama"]
     return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)

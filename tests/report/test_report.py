@@ -116,3 +116,17 @@ def test_asymmetry_of_per_task_loras(tmp_path) -> None:
     raw_cos = float((a.ravel() @ (a + 1).ravel()) / (np.linalg.norm(a) * np.linalg.norm(a + 1)))
     assert f"| 0 | raw | reverse, sort | {raw_cos:.3f} | 0.000 |" in table
     assert "A/B asymmetry" in (out / "index.md").read_text()
+
+
+def test_report_over_runs_of_two_models(tmp_path) -> None:
+    """Runs whose whole model config differs: the row names the model, file names stay short."""
+    for i, (model, path) in enumerate([("gpt2", "/ckpt/" + "g" * 120), ("qwen2_5_0_5b", "/ckpt/" + "q" * 120)]):
+        fake_run(tmp_path / str(i), "loramoe", 0, 0.5, 0.5, 0.1)
+        res = json.loads((tmp_path / str(i) / "results.json").read_text())
+        res["config"] = {"label": None, "model": {"name": model, "name_or_path": path, "hidden_size": 64 + i,
+                                                  "modules": {"ffn": [f"mlp.{'x' * 80}{i}"]}}}
+        (tmp_path / str(i) / "results.json").write_text(json.dumps(res))
+    out = build_report([tmp_path])
+    labels = {r["label"] for r in aggregate(collect([tmp_path]))}
+    assert labels == {"loramoe (model.name='gpt2')", "loramoe (model.name='qwen2_5_0_5b')"}
+    assert all(len(p.name) < 100 for p in out.iterdir())
