@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,8 +14,6 @@ from moe_lora.errors import ConfigError
 from moe_lora.eval.generate import greedy_generate
 from moe_lora.eval.harness import check_harness, flatten_results, run_harness
 from moe_lora.eval.normalize import match_triviaqa
-
-FIXTURES = Path(__file__).parents[1] / "fixtures" / "harness"
 
 
 def test_missing_lm_eval_fails_in_one_line_naming_the_extra(monkeypatch) -> None:
