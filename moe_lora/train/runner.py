@@ -7,6 +7,7 @@ run directory. Results are written atomically, so a crashed run never leaves a `
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import time
 from pathlib import Path
@@ -36,6 +37,7 @@ from moe_lora.validate import base_meta_model, validate  # noqa: F401  (re-expor
 ADAPTER_FILE = "adapter_model.safetensors"
 INIT_ADAPTER_FILE = "adapter_init.safetensors"
 PREDICTIONS_FILE = "predictions.jsonl"
+log = logging.getLogger(__name__)
 
 
 def load_base(cfg: TrainConfig, world: World | None, progress: bool = True):
@@ -156,8 +158,11 @@ def run(cfg: TrainConfig, run_dir: Path, progress: bool = True) -> dict[str, Any
                                   log=tracker.log)
                 hooks.append(spec.make_hook(model, cfg.adapter, ctx))
             batches = training_batches(mixture, tok, cfg)
+            if batches.truncated:  # counted, never silent (also results.json["perf"]["truncated"])
+                log.warning("%d of %d training examples were cut to data.max_length=%d (%d of them inside the answer)",
+                            batches.truncated, len(batches), cfg.data.max_length, batches.answer_cut)
             perf = train(state, batches, recorder, cfg.recipe, precision, tracker.log, log_routing, progress, hooks)
-            perf["truncated"] = batches.truncated
+            perf |= {"truncated": batches.truncated, "answer_cut": batches.answer_cut}
         tuned, tuned_predictions = run_eval(model, tok, mixture, cfg, precision, progress)
         if cfg.eval.harness.tasks:
             from moe_lora.eval.harness import run_harness
