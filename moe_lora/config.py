@@ -22,6 +22,7 @@ from moe_lora.errors import require
 
 TASK_TYPES = ("cbqa", "instruction")
 DTYPES = ("float32", "bfloat16", "float16")
+OPTIMIZERS = ("adamw", "adafactor")
 
 
 # --------------------------------------------------------------------------------------------- model
@@ -118,17 +119,42 @@ class LowRankConfig(AdapterConfig):
 
 
 @dataclass
-class MoEConfig(LowRankConfig):
-    """Routed experts. ``top_k=None`` is soft routing over all experts; the loss weights switch the
-    shared auxiliary losses of :mod:`moe_lora.routing.losses` on for any variant."""
+class RoutedConfig(AdapterConfig):
+    """Fields of every routed adapter: the experts, the router, and the weights that switch the
+    shared auxiliary losses of :mod:`moe_lora.routing.losses` on. ``top_k=None`` is soft routing
+    over all experts. MoV's IA3 experts take only these; low-rank experts add :class:`MoEConfig`'s."""
 
     num_experts: int = 8
     top_k: Optional[int] = None
-    num_null_experts: int = 0
     lb_weight: float = 0.0
     z_loss_weight: float = 0.0
+    # load balance and z-loss over real tokens only; false counts padding too (LoRAMoE's LBC has its
+    # own switch, adapter.lbc_mask_padding)
+    aux_mask_padding: bool = True
     router_jitter: float = 0.0
     router_fp32: bool = True
+
+    def router_outputs(self) -> tuple[int, str]:
+        """The router's number of outputs, and how an error message names it."""
+        return self.num_experts, f"adapter.num_experts={self.num_experts}"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.num_experts >= 1, "adapter.num_experts", self.num_experts, "must be >= 1")
+        if self.top_k is not None:
+            outputs, named = self.router_outputs()
+            require(self.top_k >= 1, "adapter.top_k", self.top_k, "must be >= 1 (or null for soft routing)")
+            require(self.top_k <= outputs, "adapter.top_k", self.top_k, f"exceeds {named}")
+        for key in ("lb_weight", "z_loss_weight", "router_jitter"):
+            require(getattr(self, key) >= 0, f"adapter.{key}", getattr(self, key), "must be >= 0")
+
+
+@dataclass
+class MoEConfig(LowRankConfig, RoutedConfig):
+    """Routed low-rank experts: :class:`LowRankConfig`'s expert shape, :class:`RoutedConfig`'s
+    router, plus null experts and the expert compute path."""
+
+    num_null_experts: int = 0
     # "dense": every expert on every token, unselected ones gated by zero (fastest for E <= 16 on
     # CPU); "grouped": top-k (token, expert) pairs sorted by expert and computed with grouped GEMMs
     # (``torch._grouped_mm``), E/k times fewer expert FLOPs, for large E*r and GPUs. Same results up
@@ -136,9 +162,13 @@ class MoEConfig(LowRankConfig):
     # under torch.use_deterministic_algorithms(True).
     expert_compute: str = "dense"
 
+    def router_outputs(self) -> tuple[int, str]:
+        nulls = f" + adapter.num_null_experts={self.num_null_experts}" if self.num_null_experts else ""
+        return self.num_experts + self.num_null_experts, f"adapter.num_experts={self.num_experts}{nulls}"
+
     def __post_init__(self) -> None:
+        require(self.num_null_experts >= 0, "adapter.num_null_experts", self.num_null_experts, "must be >= 0")
         super().__post_init__()
-        require(self.num_experts >= 1, "adapter.num_experts", self.num_experts, "must be >= 1")
         require(self.expert_compute in ("dense", "grouped"), "adapter.expert_compute", self.expert_compute,
                 "must be 'dense' or 'grouped'")
         if self.expert_compute == "grouped":
@@ -148,17 +178,8 @@ class MoEConfig(LowRankConfig):
                     "needs top-k routing (set adapter.top_k); soft routing uses every expert")
             require(hasattr(torch, "_grouped_mm"), "adapter.expert_compute", self.expert_compute,
                     f"needs torch._grouped_mm (torch >= 2.8; this is {torch.__version__})")
-        if self.top_k is not None:
-            require(self.top_k >= 1, "adapter.top_k", self.top_k, "must be >= 1 (or null for soft routing)")
-            total = self.num_experts + self.num_null_experts
-            require(self.top_k <= total, "adapter.top_k", self.top_k,
-                    f"exceeds adapter.num_experts={self.num_experts}"
-                    + (f" + adapter.num_null_experts={self.num_null_experts}" if self.num_null_experts else ""))
-        require(self.num_null_experts >= 0, "adapter.num_null_experts", self.num_null_experts, "must be >= 0")
         require(self.num_null_experts == 0 or self.top_k is not None, "adapter.num_null_experts",
                 self.num_null_experts, "needs top-k routing (set adapter.top_k)")
-        for key in ("lb_weight", "z_loss_weight", "router_jitter"):
-            require(getattr(self, key) >= 0, f"adapter.{key}", getattr(self, key), "must be >= 0")
 
 
 # ---------------------------------------------------------------------------------------------- layout
@@ -281,12 +302,14 @@ class DataConfig:
 # ---------------------------------------------------------------------------------------------- recipe
 @dataclass
 class RecipeConfig:
-    """Optimisation: AdamW with a warmup + decay schedule, gradient accumulation, clipping."""
+    """Optimisation: AdamW with a warmup + decay schedule (or Adafactor at a constant rate, as MoV
+    and T-Few train IA3-style vectors), gradient accumulation, clipping."""
 
     name: str = "quick"
     device: str = "auto"  # auto (cuda if available, else cpu), cpu, cuda, cuda:N, mps
     precision: str = "auto"  # auto (follows model.dtype), fp32, bf16 (autocast), fp16 (autocast + GradScaler)
     max_steps: int = 600
+    optimizer: str = "adamw"  # adamw | adafactor (transformers', fixed lr: needs scheduler=constant)
     lr: float = 1e-3
     batch_size: int = 16
     grad_accum: int = 1
@@ -314,6 +337,11 @@ class RecipeConfig:
         require(self.scheduler in ("cosine", "linear", "constant", "constant_with_warmup"), "recipe.scheduler",
                 self.scheduler, "must be cosine, linear, constant or constant_with_warmup")
         require(0.0 <= self.warmup_ratio < 1.0, "recipe.warmup_ratio", self.warmup_ratio, "must be in [0, 1)")
+        require(self.optimizer in OPTIMIZERS, "recipe.optimizer", self.optimizer, f"must be {' or '.join(OPTIMIZERS)}")
+        # The MoV paper trains Adafactor at a constant rate; a schedule on top of it would be a third
+        # recipe that no paper ran, so it is refused rather than silently dropped.
+        require(self.optimizer != "adafactor" or self.scheduler == "constant", "recipe.scheduler", self.scheduler,
+                "must be constant with recipe.optimizer=adafactor (the MoV paper's constant rate)")
         require(self.log_every >= 1, "recipe.log_every", self.log_every, "must be >= 1")
         require(self.eval_limit is None or self.eval_limit >= 1, "recipe.eval_limit", self.eval_limit,
                 "must be >= 1 or null")
@@ -379,6 +407,44 @@ class LoggerConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
+# ---------------------------------------------------------------------------------------------- claims
+CLAIM_KINDS = ("superiority", "non_inferiority")
+
+
+@dataclass
+class ClaimConfig:
+    """A paper's claim as data, judged by ``moe-lora report`` (``moe_lora/report/claims.py``) over
+    the runs' seeds, paired by seed. It sits in the train schema so that Hydra types it and every
+    ``results.json`` carries the claims of its preset.
+
+    ``arm`` and ``than`` are report labels (a run's ``label``, else ``adapter`` or
+    ``adapter/layout``: see ``report/collect.py``); ``at`` selects their runs by flattened config
+    keys (``{recipe.max_steps: 450}``). ``metric`` is ``metrics.<key>`` (dots reach nested keys),
+    ``routing.<stat>`` (mean over adapted modules of the final window) or ``routing.<stat>@<task
+    type>``. ``superiority``: ``arm`` is better than ``than`` by more than ``margin``;
+    ``non_inferiority``: ``arm`` is worse by less than ``margin`` ("without hurting accuracy").
+    """
+
+    name: str = MISSING
+    metric: str = MISSING
+    arm: str = MISSING
+    than: str = MISSING
+    better: str = "higher"
+    at: Dict[str, Any] = field(default_factory=dict)
+    kind: str = "superiority"
+    margin: float = 0.0
+
+    def __post_init__(self) -> None:
+        why = f"(claim {self.name!r})"
+        require(bool(self.name), "claims[].name", self.name, "must be a non-empty string")
+        require(self.metric.split(".", 1)[0] in ("metrics", "routing") and "." in self.metric, "claims[].metric",
+                self.metric, f"must be metrics.<key>, routing.<stat> or routing.<stat>@<task type> {why}")
+        require(self.better in ("higher", "lower"), "claims[].better", self.better, f"must be higher or lower {why}")
+        require(self.kind in CLAIM_KINDS, "claims[].kind", self.kind, f"must be superiority or non_inferiority {why}")
+        require(self.margin >= 0, "claims[].margin", self.margin, f"must be >= 0 {why}")
+        require(self.arm != self.than, "claims[].than", self.than, f"must differ from claims[].arm {why}")
+
+
 # ------------------------------------------------------------------------------------------------ root
 @dataclass
 class TrainConfig:
@@ -395,6 +461,7 @@ class TrainConfig:
     label: Optional[str] = None  # the report row this run belongs to (default: adapter + layout)
     cache_dir: str = "outputs/cache"
     run_dir: Optional[str] = None  # only for `moe-lora eval`
+    claims: List[ClaimConfig] = field(default_factory=list)  # judged by `moe-lora report`
 
 
 def store_schemas() -> None:

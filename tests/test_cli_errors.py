@@ -29,6 +29,17 @@ CASES = [
     (["adapter=mola", "adapter.expert_compute=sparse"], "adapter.expert_compute"),
     (["adapter=mola", "adapter.expert_compute=grouped", "adapter.rank=6"], "adapter.rank=6"),
     (["adapter=mola", "adapter.expert_compute=grouped", "recipe.compile=true"], "model.dtype=bfloat16"),
+    # settings that used to be ignored (issue 'Claims as code', item 5)
+    (["adapter=mov", "adapter.rank=4"], "rank"),
+    (["adapter=mov", "adapter.num_null_experts=2"], "num_null_experts"),
+    (["adapter=hydralora", "adapter.top_k=2", "adapter.expert_compute=grouped"], "adapter.expert_compute"),
+    (["adapter=loramoe", "adapter.lbc_expert_types=[0,1]"], "adapter.lbc_expert_types"),
+    (["adapter=mola", "layout=custom", "layout.experts=[2,4,6]"], "layout.experts"),
+    (["adapter=ia3", "layout=custom", "layout.experts=null", "layout.rank=[4]"], "layout.rank"),
+    (["adapter=lora", "adapter.target_modules=[lm_head]", "layout=custom", "layout.experts=null", "layout.rank=[4,8]"],
+     "lm_head"),
+    (["recipe.optimizer=sgd"], "recipe.optimizer"),
+    (["recipe.optimizer=adafactor"], "recipe.scheduler"),
 ]
 
 

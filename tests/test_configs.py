@@ -65,3 +65,16 @@ def test_paper_presets_take_recipe_overrides(preset: str) -> None:
     smoke = load_config([f"experiment={preset}", "recipe=smoke"], check_files=False).recipe
     assert paper.name.endswith("_paper") and paper.max_steps >= 1000
     assert (smoke.name, smoke.max_steps) == ("smoke", 6)
+
+
+@pytest.mark.parametrize("nulls", [2, 4, 8])
+def test_null_expert_arms_differ_from_their_baseline_only_in_null_experts(nulls: int) -> None:
+    """experiment=adamoe compares topk_no_null with adamoe_null*: same adapter in every field but
+    num_null_experts (dropout, load balance, rank, targets, top-k), same recipe."""
+    import dataclasses
+
+    base = load_config(["experiment=adamoe", "+arm=mola_top4"], check_files=False)
+    arm = load_config(["experiment=adamoe", f"+arm=adamoe_null{nulls}"], check_files=False)
+    assert (base.label, arm.label) == ("topk_no_null", f"adamoe_null{nulls}")
+    assert dataclasses.replace(base.adapter, num_null_experts=nulls) == arm.adapter
+    assert base.recipe == arm.recipe

@@ -5,7 +5,9 @@ that picks only null experts gets no update. The routing itself is shared
 
 Our defaults: 8 real LoRA experts (r=8, alpha=16) on all linears, 4 null experts, top-4 (the
 survey's top-4 over real and null experts), and AdaMoE's load-balance loss with the null experts'
-load replaced by their mean, weight 1e-2.
+load replaced by their mean, weight 1e-2. ``num_null_experts=0`` is plain top-k with the
+Switch / MoLA load balance (AdaMoE's form reduces to it): the baseline arm of the null-expert
+comparison, equal to the null-expert arms in every other field.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from torch import nn
 from moe_lora.adapters.base import LayerPlan, register_adapter
 from moe_lora.adapters.layer import routed_lora
 from moe_lora.config import MoEConfig
-from moe_lora.errors import require
 
 
 @dataclass
@@ -31,11 +32,6 @@ class AdaMoEConfig(MoEConfig):
     num_null_experts: int = 4
     top_k: Optional[int] = 4
     lb_weight: float = 0.01
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        require(self.num_null_experts >= 1, "adapter.num_null_experts", self.num_null_experts,
-                "must be >= 1 for AdaMoE (use adapter=mola for plain top-k)")
 
 
 @register_adapter("adamoe", AdaMoEConfig)

@@ -8,7 +8,9 @@ component is scored by how much the validation loss rises when it is ablated (AB
 ``recipe.realloc_prune`` lowest-scoring components are switched off and the same number is
 granted to the linears whose components matter most (highest mean score, with spare capacity),
 so the budget is kept. A granted component starts with a fresh A column and a zero B row, so the
-function is unchanged at the moment of reallocation.
+function is unchanged at the moment of reallocation, and with zeroed optimiser moments for those
+entries and its gate, so its first update comes from its own new gradient only (a re-granted
+component's stale AdamW momentum would otherwise move the fresh B row on the next step).
 
 Deviation: the paper ablates with a small held-out set per reallocation round; we use one fixed
 batch of validation examples (``recipe.realloc_val_examples``), which keeps runs deterministic.
@@ -61,14 +63,34 @@ class ALoRALinear(LoRAExperts):
         return int(self.adapter_active.sum().item())
 
     @torch.no_grad()
-    def grant(self, index: int) -> None:
-        """Switch component ``index`` on with a fresh A column and a zero B row."""
+    def grant(self, index: int, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Switch component ``index`` on with a fresh A column, a zero B row, and (given the
+        optimiser) zero optimiser state for those entries and the gate."""
         column = torch.empty(self.d_in, 1, dtype=self.lora_A.dtype, device=self.lora_A.device)
         kaiming_uniform_(column, self.d_in)
         self.lora_A[:, index] = column[:, 0]
         self.lora_B[index].zero_()
         self.alora_gate[index] = 1.0
         self.adapter_active[index] = 1.0
+        if optimizer is not None:
+            for param, dim in ((self.lora_A, 1), (self.lora_B, 0), (self.alora_gate, 0)):
+                zero_state_slice(optimizer, param, dim, index)
+
+
+@torch.no_grad()
+def zero_state_slice(optimizer: torch.optim.Optimizer, param: torch.Tensor, dim: int, index: int) -> None:
+    """Zero the optimiser's per-element state of ``param.select(dim, index)``: AdamW's moments, and
+    Adafactor's factored row / column statistics where the slice is a whole row / column. Step
+    counters are per tensor and stay."""
+    last = param.dim() - 1
+    for key, value in optimizer.state.get(param, {}).items():
+        if not torch.is_tensor(value) or value.dim() == 0:
+            continue
+        # elementwise state (AdamW's moments), or Adafactor's row statistic (a mean over the last dim)
+        if value.shape == param.shape or (key == "exp_avg_sq_row" and dim == last - 1):
+            value.select(dim, index).zero_()
+        elif key == "exp_avg_sq_col" and dim == last:  # Adafactor: mean over the second-to-last dim
+            value.select(dim - 1, index).zero_()
 
 
 def alora_layers(model: nn.Module) -> dict[str, ALoRALinear]:
@@ -88,8 +110,12 @@ def score_components(layers: dict[str, ALoRALinear], val_loss: Callable[[], floa
     return scores
 
 
-def reallocate(layers: dict[str, ALoRALinear], val_loss: Callable[[], float], prune: int) -> dict[str, Any]:
-    """Prune the ``prune`` least useful components, grant as many to the most useful linears."""
+def reallocate(
+    layers: dict[str, ALoRALinear], val_loss: Callable[[], float], prune: int,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> dict[str, Any]:
+    """Prune the ``prune`` least useful components, grant as many to the most useful linears
+    (their optimiser state zeroed, given the optimiser)."""
     scores = score_components(layers, val_loss)
     pruned = sorted(scores, key=scores.get)[:prune]
     with torch.no_grad():
@@ -105,7 +131,7 @@ def reallocate(layers: dict[str, ALoRALinear], val_loss: Callable[[], float], pr
             break
         for name in open_layers[: len(pruned) - len(granted)]:
             free = (layers[name].adapter_active == 0).nonzero().flatten()
-            layers[name].grant(int(free[0]))
+            layers[name].grant(int(free[0]), optimizer)
             granted.append(name)
     return {"pruned": [f"{n}[{i}]" for n, i in pruned], "granted": granted}
 
@@ -116,7 +142,7 @@ def make_alora_hook(model: nn.Module, cfg: ALoRAConfig, ctx: HookContext):
 
     def hook(state: Any) -> None:
         if ctx.recipe.realloc_prune > 0 and state.step % every == 0 and state.step < ctx.recipe.max_steps:
-            moved = reallocate(layers, ctx.val_loss, ctx.recipe.realloc_prune)
+            moved = reallocate(layers, ctx.val_loss, ctx.recipe.realloc_prune, state.optimizer)
             ctx.log({"step": state.step, "alora_pruned": moved["pruned"], "alora_granted": moved["granted"]})
 
     return hook

@@ -2,6 +2,8 @@
 router: ``y = W0 x + s * sum_i p_i B_i A x``. ``A x`` is computed once per token
 (``LoRAExperts(shared_A=True)``). Defaults from the released code: r=4, alpha=32, N=4 on
 gate/up/down. The paper's parameter percentages exclude the router (`moe-lora params` shows both).
+``expert_compute=grouped`` is refused: with one shared A there is nothing per expert to group
+(``A x`` is computed once), and the layer would quietly compute dense.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from torch import nn
 from moe_lora.adapters.base import LayerPlan, register_adapter
 from moe_lora.adapters.layer import routed_lora
 from moe_lora.config import MoEConfig
+from moe_lora.errors import require
 
 
 @dataclass
@@ -21,6 +24,11 @@ class HydraLoRAConfig(MoEConfig):
     rank: int = 4
     alpha: float = 32.0
     num_experts: int = 4
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.expert_compute == "dense", "adapter.expert_compute", self.expert_compute,
+                "must be dense for HydraLoRA (its shared A is computed once for every head; nothing to group)")
 
 
 @register_adapter("hydralora", HydraLoRAConfig)

@@ -17,7 +17,7 @@ from torch import nn
 from moe_lora.adapters.base import ADAPTERS, LayerPlan
 from moe_lora.config import AdapterConfig, LayoutConfig, ModelConfig
 from moe_lora.errors import ConfigError
-from moe_lora.layouts import resolve_layout
+from moe_lora.layouts import is_per_layer, resolve_layout
 from moe_lora.routing.recorder import AuxLossConfig, RoutingRecorder
 from moe_lora.routing.router import Router
 
@@ -71,8 +71,22 @@ def aux_config(cfg: AdapterConfig) -> AuxLossConfig:
     return AuxLossConfig(
         lbc_beta=getattr(cfg, "lbc_beta", 0.0), lbc_delta=getattr(cfg, "lbc_delta", 0.0),
         lb_weight=getattr(cfg, "lb_weight", 0.0), z_loss_weight=getattr(cfg, "z_loss_weight", 0.0),
-        mask_padding=getattr(cfg, "lbc_mask_padding", True),
+        lbc_mask_padding=getattr(cfg, "lbc_mask_padding", True), aux_mask_padding=getattr(cfg, "aux_mask_padding", True),
     )
+
+
+def layer_plan(name: str, plans: list[LayerPlan], layout: LayoutConfig) -> LayerPlan:
+    """The plan of the layer a module sits in. A module outside the numbered decoder layers (an
+    ``lm_head`` target) gets the adapter's own settings, unless the layout differs per layer: then
+    there is no right answer, and guessing one would be silent."""
+    layer = layer_index(name)
+    if layer is not None and layer < len(plans):
+        return plans[layer]
+    if is_per_layer(layout):
+        where = "has no layer index ('.<n>.' in its name)" if layer is None else f"is in layer {layer}"
+        raise ConfigError(f"layout={layout.name!r} sets experts/rank/top_k per layer, but target module {name!r} {where} "
+                          f"of a model with {len(plans)} layers (adapter.target_modules)")
+    return replace(plans[0], layer=None)
 
 
 def inject_adapter(
@@ -98,14 +112,11 @@ def inject_adapter(
     if layout.experts is not None and hasattr(adapter, "num_experts"):
         log.info("layout=%s sets experts per layer %s; adapter.num_experts=%s is not used", layout.name,
                  [p.num_experts for p in plans], adapter.num_experts)
-    fallback = LayerPlan(None, getattr(adapter, "num_experts", 1), getattr(adapter, "rank", 0),
-                         getattr(adapter, "top_k", None))
     head_dim = model_cfg.head_dim or model_cfg.hidden_size // model_cfg.num_heads
     dtype = getattr(torch, adapter.dtype)
     for name in names:
-        layer = layer_index(name)
-        plan = plans[layer] if layer is not None and layer < len(plans) else fallback
-        plan = replace(plan, group=module_group(name, model_cfg.modules), head_dim=head_dim, dtype=dtype)
+        plan = replace(layer_plan(name, plans, layout), group=module_group(name, model_cfg.modules), head_dim=head_dim,
+                       dtype=dtype)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, spec.wrap(getattr(parent, child), adapter, plan).train(model.training))

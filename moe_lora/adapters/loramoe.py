@@ -6,7 +6,9 @@ recorder from the routers' recorded probabilities.
 Defaults follow the released script (r=4, alpha=32, dropout 0.05, 8 experts). The released
 script ships with the constraint switched off; the paper's setting is beta=0.1, delta=0.1, which
 we use by default. Deviation: padding tokens are masked out of the importance by default (the
-released code counts them); ``lbc_mask_padding=false`` restores the original.
+released code counts them); ``lbc_mask_padding=false`` restores the original for the LBC (the other
+auxiliary losses have their own switch, ``aux_mask_padding``). ``lbc_expert_types`` must fit the
+experts of every layer (a layout may give layers different counts).
 
 Observed, and worth knowing when reading expert-group statistics: ``CV^2(I * Q)`` is smallest when
 ``Q`` is proportional to ``1 / I``, so the constraint as specified (and as the released code
@@ -26,7 +28,7 @@ from torch import nn
 from moe_lora.adapters.base import LayerPlan, register_adapter
 from moe_lora.adapters.layer import routed_lora
 from moe_lora.config import MoEConfig
-from moe_lora.errors import require
+from moe_lora.errors import ConfigError, require
 
 
 @dataclass
@@ -39,15 +41,13 @@ class LoRAMoEConfig(MoEConfig):
     lbc_beta: float = 0.1
     lbc_delta: float = 0.1
     lbc_expert_types: Optional[List[int]] = None  # group per expert; None: first half 0 (cbqa), rest 1
-    lbc_mask_padding: bool = True
+    lbc_mask_padding: bool = True  # the LBC's importance over real tokens only (false: as the released code)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         require(self.lbc_beta >= 0, "adapter.lbc_beta", self.lbc_beta, "must be >= 0")
         require(0.0 <= self.lbc_delta <= 1.0, "adapter.lbc_delta", self.lbc_delta, "must be in [0, 1]")
-        if self.lbc_expert_types is not None:
-            require(len(self.lbc_expert_types) == self.num_experts, "adapter.lbc_expert_types",
-                    self.lbc_expert_types, f"must have one entry per expert ({self.num_experts})")
+        if self.lbc_expert_types is not None:  # its length is checked per layer (the layout sets experts)
             require(all(t in (0, 1) for t in self.lbc_expert_types), "adapter.lbc_expert_types",
                     self.lbc_expert_types, "entries must be 0 (world knowledge) or 1 (other tasks)")
 
@@ -55,6 +55,10 @@ class LoRAMoEConfig(MoEConfig):
 @register_adapter("loramoe", LoRAMoEConfig)
 def wrap_loramoe(base: nn.Module, cfg: LoRAMoEConfig, plan: LayerPlan) -> nn.Module:
     layer = routed_lora(base, cfg, plan)
-    if cfg.lbc_expert_types is not None and len(cfg.lbc_expert_types) == plan.num_experts:
+    if cfg.lbc_expert_types is not None:
+        if len(cfg.lbc_expert_types) != plan.num_experts:
+            raise ConfigError(f"adapter.lbc_expert_types={list(cfg.lbc_expert_types)} has {len(cfg.lbc_expert_types)} "
+                              f"entries but layer {plan.layer} has {plan.num_experts} experts (adapter.num_experts, or "
+                              "the layout's experts): give one group per expert of every layer")
         layer.router.expert_type = torch.tensor(cfg.lbc_expert_types, dtype=torch.long, device=base.weight.device)
     return layer

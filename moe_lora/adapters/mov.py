@@ -4,8 +4,10 @@ Every ``v_e`` starts at 1 (identity at init). The router's input is the activati
 for k/v outputs it routes each head separately with one router shared across heads (its input is
 one head's slice, so ``router.weight`` is (E, head_dim)); for the FFN it routes on the intermediate
 activation that enters down_proj. Defaults: E=10, soft routing, router in fp32, sites k_proj and
-v_proj outputs and down_proj input. Deviation: the paper trains with Adafactor at a constant 3e-4;
-the optimiser comes from the recipe here.
+v_proj outputs and down_proj input. The schema is :class:`RoutedConfig`'s, without the low-rank
+fields (rank, alpha, dropout, init_A) or null experts and grouped compute, which IA3 experts do not
+have: setting one fails at composition instead of being ignored. The paper trains with Adafactor at
+a constant rate: ``recipe.optimizer=adafactor recipe.scheduler=constant`` (the MoV arms set it).
 """
 
 from __future__ import annotations
@@ -18,13 +20,13 @@ from torch import nn
 
 from moe_lora.adapters.base import LayerPlan, register_adapter
 from moe_lora.adapters.layer import linear_dims
-from moe_lora.config import MoEConfig
+from moe_lora.config import RoutedConfig
 from moe_lora.errors import ConfigError
 from moe_lora.routing.router import Router
 
 
 @dataclass
-class MoVConfig(MoEConfig):
+class MoVConfig(RoutedConfig):
     name: str = "mov"
     target_modules: List[str] = field(default_factory=lambda: ["key", "value", "ffn_out"])
     num_experts: int = 10

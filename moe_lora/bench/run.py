@@ -34,7 +34,7 @@ from moe_lora.errors import ConfigError
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ROLES = {"query": ["q_proj"], "key": ["k_proj"], "value": ["v_proj"], "output": ["o_proj"], "ffn_out": ["down_proj"]}
-MOE = ["loramoe", "molora", "mola", "hydralora", "adamoe", "mov"]
+REFERENCE = ["base", "peft_lora"]  # frozen base, peft's LoRA: what every ratio is taken against
 LOOPS = {"loop_loramoe": "loramoe", "loop_mola": "mola", "loop_hydralora": "hydralora", "loop_adamoe": "adamoe"}
 
 
@@ -126,6 +126,14 @@ def model_config(a: argparse.Namespace):
 
 
 SUFFIXES = ("_compiled", "_grouped", "_no_telemetry")
+
+
+def adapted_variants() -> list[str]:
+    """Every registered variant that adapts modules (full fine-tuning and the frozen base replace
+    none): the benchmark's default, so a new variant is measured without editing this file."""
+    from moe_lora.adapters import ADAPTERS
+
+    return [name for name in ADAPTERS if ADAPTERS.get(name).wrap is not None]
 
 
 def split_variant(variant: str) -> tuple[str, set[str]]:
@@ -348,8 +356,7 @@ def main(argv: list[str]) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     grouped = ["mola_grouped"] if hasattr(torch, "_grouped_mm") else []  # torch >= 2.8
-    default = ["base", "peft_lora", "lora", *MOE, "loramoe_no_telemetry", *grouped, "loramoe_compiled", "melora",
-               "alora", *LOOPS]
+    default = [*REFERENCE, *adapted_variants(), "loramoe_no_telemetry", *grouped, "loramoe_compiled", *LOOPS]
     variants = [v for v in a.variants.split(",") if v] or default
     for needed in ("peft_lora",):
         if needed not in variants:

@@ -35,7 +35,8 @@ class AuxLossConfig:
     lbc_delta: float = 0.0
     lb_weight: float = 0.0
     z_loss_weight: float = 0.0
-    mask_padding: bool = True  # LoRAMoE's released code also counts padding tokens (False)
+    lbc_mask_padding: bool = True  # the LBC over real tokens; LoRAMoE's released code counts padding (False)
+    aux_mask_padding: bool = True  # the same for load balance and z-loss
 
 
 class RoutingRecorder:
@@ -101,8 +102,7 @@ class RoutingRecorder:
             selected = None if items[0][3] is None else torch.stack([it[3] for it in items])
             per_token = probs.shape[2] // self._mask.shape[1]
             mask = self._mask.repeat_interleave(per_token, 1) if per_token > 1 else self._mask
-            loss = self._aux_loss(routers, aux, e, top_k, num_null, logits, probs, selected,
-                                  mask if aux.mask_padding else torch.ones_like(mask))
+            loss = self._aux_loss(routers, aux, e, top_k, num_null, logits, probs, selected, mask)
             if loss is not None:
                 self._aux = loss if self._aux is None else self._aux + loss
             if self.statistics:
@@ -113,16 +113,19 @@ class RoutingRecorder:
         self, routers: list[Router], aux: AuxLossConfig, e: int, top_k: int | None, num_null: int,
         logits: torch.Tensor, probs: torch.Tensor, selected: torch.Tensor | None, mask: torch.Tensor,
     ) -> torch.Tensor | None:
-        """Sum over the stacked routers of the auxiliary losses their config switches on."""
+        """Sum over the stacked routers of the auxiliary losses their config switches on. ``mask``
+        marks real tokens; each loss counts padding too where its own ``*_mask_padding`` is off."""
         terms = []
+        lbc_mask = mask if aux.lbc_mask_padding else torch.ones_like(mask)
+        aux_mask = mask if aux.aux_mask_padding else torch.ones_like(mask)
         if aux.lbc_beta > 0:
             types = torch.stack([r.expert_type for r in routers])
-            terms.append(aux.lbc_beta * losses.lbc_loss(probs[..., :e], mask, self._task, types, aux.lbc_delta).sum())
+            terms.append(aux.lbc_beta * losses.lbc_loss(probs[..., :e], lbc_mask, self._task, types, aux.lbc_delta).sum())
         if aux.lb_weight > 0 and selected is not None:
-            lb = losses.null_load_balance_loss(probs, selected, mask, top_k, num_null)
+            lb = losses.null_load_balance_loss(probs, selected, aux_mask, top_k, num_null)
             terms.append(aux.lb_weight * lb.sum())
         if aux.z_loss_weight > 0:
-            terms.append(aux.z_loss_weight * losses.z_loss(logits, mask).sum())
+            terms.append(aux.z_loss_weight * losses.z_loss(logits, aux_mask).sum())
         return torch.stack(terms).sum() if terms else None
 
     def _accumulate(

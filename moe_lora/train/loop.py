@@ -21,7 +21,7 @@ from transformers import PreTrainedModel
 from moe_lora.config import RecipeConfig
 from moe_lora.routing.recorder import RoutingRecorder
 from moe_lora.train.precision import Precision, peak_memory_bytes, synchronize
-from moe_lora.train.schedule import adamw_with_schedule
+from moe_lora.train.schedule import optimizer_with_schedule
 
 
 class Batches(Protocol):
@@ -53,9 +53,12 @@ class TrainState:
 
 
 def init_state(model: PreTrainedModel, recipe: RecipeConfig, seed: int, precision: Precision | None = None) -> TrainState:
+    """Optimiser (``recipe.optimizer``) and schedule over the trainable parameters, a seeded data
+    order, and fp16's loss scaler."""
     params = [p for p in model.parameters() if p.requires_grad]
     warmup = int(recipe.warmup_ratio * recipe.max_steps)
-    opt, sched = adamw_with_schedule(params, recipe.lr, recipe.weight_decay, recipe.scheduler, warmup, recipe.max_steps)
+    opt, sched = optimizer_with_schedule(recipe.optimizer, params, recipe.lr, recipe.weight_decay, recipe.scheduler,
+                                         warmup, recipe.max_steps)
     scaler = precision.grad_scaler() if precision is not None else None
     return TrainState(model, opt, sched, torch.Generator().manual_seed(seed), scaler)
 

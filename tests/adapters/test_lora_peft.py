@@ -1,17 +1,21 @@
-"""Our LoRA equals peft's LoRA for equal weights; LoRAMoE wiring and save/load."""
+"""peft as the numerical cross-check: our LoRA and IA3 equal peft's for equal weights, and our
+initialisations are drawn from peft's distributions; LoRAMoE wiring."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from peft import IA3Config as PeftIA3Config
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from moe_lora.adapters.ia3 import IA3Config, IA3Linear
 from moe_lora.adapters.inject import inject_adapter
 from moe_lora.adapters.layer import LoRAExperts
 from moe_lora.adapters.lora import LoRAConfig
 from moe_lora.adapters.loramoe import LoRAMoEConfig
+from moe_lora.adapters.mola import MoLAConfig
 from moe_lora.config import LayoutConfig, ModelConfig
 from moe_lora.routing.recorder import RoutingRecorder
 
@@ -70,3 +74,55 @@ def test_loramoe_routers_report_to_the_recorder_and_add_the_lbc() -> None:
         model(x, labels=x)
     aux = rec.pop_aux_loss()
     assert aux is not None and aux.item() > 0 and aux.requires_grad
+
+
+def test_ia3_matches_peft() -> None:
+    """k/v outputs and the down_proj input scaled, as peft's IA3 with down_proj a feed-forward module."""
+    names = ["k_proj", "v_proj", "down_proj"]
+    peft_model = get_peft_model(tiny_llama(), PeftIA3Config(target_modules=names,
+                                                            feedforward_modules=["down_proj"])).eval()
+    ours = tiny_llama()
+    adapted = inject_adapter(ours, IA3Config(), MODEL_CFG, LayoutConfig())
+    assert len(adapted) == 2 * len(names)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name in adapted:
+            mine: IA3Linear = ours.get_submodule(name)
+            theirs = peft_model.base_model.model.get_submodule(name).ia3_l["default"]
+            theirs.normal_(1.0, 0.3)  # away from 1, so that a wrong site or axis shows
+            assert theirs.numel() == mine.ia3_l.numel()
+            mine.ia3_l.copy_(theirs.flatten())
+    x = torch.randint(0, 50, (3, 11))
+    with torch.no_grad():
+        assert not torch.allclose(ours(x).logits, tiny_llama()(x).logits, atol=1e-3)
+        assert torch.allclose(ours(x).logits, peft_model(x).logits, atol=1e-5)
+
+
+def _wide_llama() -> LlamaForCausalLM:
+    """Wide enough (256 -> 4 x 128 A entries per linear) for distribution checks to be sharp."""
+    cfg = LlamaConfig(vocab_size=50, hidden_size=256, intermediate_size=256, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("variant", ["lora", "mola"])
+def test_initialisation_is_peft_kaiming_for_A_and_zero_for_B(variant: str) -> None:
+    """A ~ U(-1/sqrt(d_in), 1/sqrt(d_in)) (peft's kaiming-uniform, a=sqrt 5), each expert's block
+    alike, and B = 0: compared with peft's own draw by quantiles, not just by the bound."""
+    torch.manual_seed(0)
+    peft_model = get_peft_model(_wide_llama(), PeftLoraConfig(r=64, lora_alpha=64, target_modules=["q_proj"]))
+    theirs = peft_model.base_model.model.model.layers[0].self_attn.q_proj
+    peft_A = theirs.lora_A["default"].weight.detach().flatten()
+    cfg = LoRAConfig(target_modules=["q_proj"], rank=64) if variant == "lora" else \
+        MoLAConfig(target_modules=["q_proj"], rank=16, num_experts=4)
+    model_cfg = MODEL_CFG.__class__(**{**MODEL_CFG.__dict__, "hidden_size": 256, "num_layers": 1})
+    model = _wide_llama()
+    torch.manual_seed(1)
+    (name,) = inject_adapter(model, cfg, model_cfg, LayoutConfig())
+    mine: LoRAExperts = model.get_submodule(name)
+    bound = 1 / 256 ** 0.5
+    assert peft_A.abs().max() <= bound and mine.lora_A.abs().max() <= bound
+    q = torch.linspace(0.01, 0.99, 99)
+    for block in mine.lora_A.detach().split(mine.rank, dim=1):  # every expert's A on its own
+        assert (block.flatten().quantile(q) - peft_A.quantile(q)).abs().max() < 0.08 * bound
+    assert torch.count_nonzero(mine.lora_B) == 0 and torch.count_nonzero(theirs.lora_B["default"].weight) == 0

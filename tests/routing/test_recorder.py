@@ -63,3 +63,30 @@ def test_router_reports_only_inside_a_batch() -> None:
     row = next(r for r in rec.flush(2) if r["task_type"] == "all")
     assert row["tokens"] == 10 and sum(row["load"]) + row["null_rate"] * 20 == pytest.approx(20)
     assert row["real_experts_per_token"] == pytest.approx(2 - 2 * row["null_rate"])
+
+
+@pytest.mark.parametrize("loss", ["lbc", "lb", "z"])
+def test_each_padding_switch_changes_only_its_own_loss(loss: str) -> None:
+    """``lbc_mask_padding`` reaches the LBC only, ``aux_mask_padding`` load balance and z-loss only
+    (through inject.aux_config, the way a config switches them)."""
+    from moe_lora.adapters.inject import aux_config
+    from moe_lora.adapters.loramoe import LoRAMoEConfig
+
+    weights = {"lbc": dict(lbc_beta=1.0), "lb": dict(lbc_beta=0.0, lb_weight=1.0), "z": dict(lbc_beta=0.0,
+                                                                                            z_loss_weight=1.0)}[loss]
+    torch.manual_seed(0)
+    router, x = Router(3, 4, top_k=2), torch.randn(2, 5, 3)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
+
+    def aux(lbc_mask: bool, aux_mask: bool) -> float:
+        cfg = LoRAMoEConfig(num_experts=4, top_k=2, lbc_mask_padding=lbc_mask, aux_mask_padding=aux_mask, **weights)
+        rec = RoutingRecorder(statistics=False)
+        rec.attach(router, "m", aux_config(cfg))
+        with rec.batch(mask, TASK):
+            router(x)
+        return rec.pop_aux_loss().item()
+
+    masked = aux(True, True)
+    own_off, other_off = (aux(False, True), aux(True, False)) if loss == "lbc" else (aux(True, False), aux(False, True))
+    assert own_off != pytest.approx(masked, rel=1e-4)  # padding now counts in this loss
+    assert other_off == masked  # the other switch leaves it alone
