@@ -41,13 +41,17 @@ bench: $(STAMP)
 	$(BIN)/moe-lora bench --out outputs/bench/$(shell date +%Y-%m-%d_%H-%M-%S).json $(ARGS)
 
 # Toy-scale paper presets (3 seeds each), then one report per preset in its newest sweep folder.
-# A failed job does not stop the others; it is listed in the report.
+# A failed job does not stop the others; it is listed in the report. Ends with one verdict line per
+# claim of every preset (the report's claims.txt), or a line saying that a preset has no report.
 tables: $(STAMP)
-	@status=0; for p in $(PRESETS); do \
+	@status=0; verdicts=$$(mktemp); for p in $(PRESETS); do \
 		$(BIN)/moe-lora train -m experiment=$$p $(ARGS) || status=1; \
-		latest=$$(ls -td multirun/$$p/*/ | head -n 1); \
-		$(BIN)/moe-lora report $$latest || status=1; \
-	done; exit $$status
+		latest=$$(ls -td multirun/$$p/*/ 2>/dev/null | head -n 1); \
+		if [ -n "$$latest" ] && $(BIN)/moe-lora report $$latest; then \
+			sed "s|^|$$p: |" $$latest/report/claims.txt >> $$verdicts; \
+		else status=1; echo "$$p: no report (see above)" >> $$verdicts; fi; \
+	done; echo; echo "Claims (paired by seed; the rule is under each report's claims.md):"; \
+	cat $$verdicts; rm -f $$verdicts; exit $$status
 
 clean-cache:
 	rm -rf outputs/cache

@@ -1,4 +1,5 @@
-"""`moe-lora report PATH... [--out DIR]`: tables and plots side by side, written atomically."""
+"""`moe-lora report PATH... [--out DIR] [--bootstrap N]`: tables, plots and claim verdicts side by side,
+written atomically."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from moe_lora.report import asymmetry, plots
+from moe_lora.report import asymmetry, claims, plots
 from moe_lora.report.collect import Run, collect
 from moe_lora.report.tables import aggregate, latex, markdown, row_labels, to_csv
 
@@ -23,7 +24,10 @@ def _slug(label: str, limit: int = 60) -> str:
     return f"{slug[:limit]}_{hashlib.sha1(label.encode()).hexdigest()[:8]}"
 
 
-def write_report(runs: list[Run], folder: Path) -> None:
+CLAIM_LINES = "claims.txt"  # one verdict line per claim: printed by `moe-lora report`, gathered by `make tables`
+
+
+def write_report(runs: list[Run], folder: Path, bootstrap: int = 0) -> None:
     rows, names = aggregate(runs), row_labels(runs)
     (folder / "results.md").write_text(markdown(rows))
     (folder / "results.csv").write_text(to_csv(rows))
@@ -46,10 +50,15 @@ def write_report(runs: list[Run], folder: Path) -> None:
         (folder / "asymmetry.md").write_text(asymmetry.markdown(sims))
         if asymmetry.projection_plot(groups, folder / "asymmetry_pca.png"):
             figures.append(("Per-task LoRA matrices, 2-D projection", "asymmetry_pca.png"))
+    verdicts, claim_warnings = claims.evaluate_all(runs, bootstrap)
+    claims_md = claims.markdown(verdicts, claim_warnings, bootstrap)
+    (folder / "claims.md").write_text(f"# Claims (paired by seed)\n\n{claims_md}")
+    (folder / CLAIM_LINES).write_text("".join(claims.summary_line(v) + "\n" for v in verdicts))
     failed = [r for r in runs if r.results is None]
     lines = ["# moe_lora report", "", f"{len(runs) - len(failed)} finished runs, {len(failed)} failed.", "",
              "## Results (mean ± std over seeds)", "", markdown(rows),
-             "Also as [CSV](results.csv) and [LaTeX](results.tex).", ""]
+             "Also as [CSV](results.csv) and [LaTeX](results.tex).", "",
+             "## Claims (paired by seed)", "", claims_md, "Also in [claims.md](claims.md).", ""]
     if sims:
         lines += ["## A/B asymmetry of per-task LoRAs (HydraLoRA's analysis)", "", asymmetry.markdown(sims)]
     if failed:
@@ -59,7 +68,7 @@ def write_report(runs: list[Run], folder: Path) -> None:
     (folder / "index.md").write_text("\n".join(lines))
 
 
-def build_report(paths: list[Path], out: Path | None = None) -> Path:
+def build_report(paths: list[Path], out: Path | None = None, bootstrap: int = 0) -> Path:
     """Collect runs below ``paths`` and (re)write the report folder ``out`` as a whole: it is
     built in a temporary folder beside it and swapped in, so readers never see half a report and
     nothing outside ``out`` is touched."""
@@ -70,7 +79,7 @@ def build_report(paths: list[Path], out: Path | None = None) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
-        write_report(runs, tmp)
+        write_report(runs, tmp, bootstrap)
         if out.exists():
             old = out.with_name(f".{out.name}.old{os.getpid()}")
             os.replace(out, old)
@@ -87,11 +96,16 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="moe-lora report", description=__doc__)
     p.add_argument("paths", nargs="+", type=Path, help="run or sweep folders (searched recursively)")
     p.add_argument("--out", type=Path, default=None, help="report folder (default: <first path>/report)")
+    p.add_argument("--bootstrap", type=int, default=0, metavar="N",
+                   help="claim intervals from N bootstrap resamples (fixed seed) instead of the t distribution")
     a = p.parse_args(argv)
+    if a.bootstrap < 0:
+        p.error("--bootstrap must be >= 0")
     try:
-        out = build_report(a.paths, a.out)
+        out = build_report(a.paths, a.out, a.bootstrap)
     except FileNotFoundError as exc:
         print(f"moe-lora: error: {exc}")
         return 2
     print(f"report: {out / 'index.md'}")
+    print((out / CLAIM_LINES).read_text(), end="")
     return 0

@@ -13,13 +13,14 @@ from moe_lora.report.tables import aggregate
 
 
 def fake_run(path: Path, adapter: str, seed: int, cbqa: float, instr: float, cv: float, layout: str = "uniform",
-             label: str | None = None) -> None:
+             label: str | None = None, config: dict | None = None) -> None:
+    """A finished run folder; ``config`` adds keys to results.json["config"] (claims, recipe...)."""
     path.mkdir(parents=True)
     routing = {f"model.layers.{i}.mlp.up_proj": {
         "cv": cv, "load": [3, 1], "by_task_type": {"cbqa": {"load": [3, 1]}, "instruction": {"load": [1, 3]}}}
         for i in range(2)}
     results = {"adapter": adapter, "layout": layout, "seed": seed, "wall_s": 10.0 + seed,
-               "params": {"trainable": 1000}, "config": {"label": label},
+               "params": {"trainable": 1000}, "config": {"label": label, **(config or {})},
                "metrics": {"cbqa_em": cbqa, "cbqa_em_base": 0.9, "cbqa_candidate_acc": cbqa,
                            "knowledge_retained": cbqa / 0.9, "instruction_em": instr},
                "routing": routing}

@@ -1,0 +1,286 @@
+"""Claims as code: verdicts from fabricated results folders, checked against hand-computed numbers."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from moe_lora.errors import ConfigError
+from moe_lora.report import claims
+from moe_lora.report.build import build_report
+from moe_lora.report.build import main as report_main
+from moe_lora.report.collect import Run, collect
+from tests.report.test_report import fake_run
+
+ROOT = Path(__file__).resolve().parents[2]
+CLAIM = {"name": "a_beats_b", "metric": "metrics.instruction_em", "better": "higher", "arm": "a", "than": "b",
+         "at": {}, "kind": "superiority", "margin": 0.0}
+B = [0.50, 0.55, 0.45, 0.52, 0.48]
+GAIN = [0.05, 0.06, 0.05, 0.04, 0.05]  # A - B per seed: mean 0.05, small spread
+
+
+def make_runs(root: Path, values: dict[str, list[float]], claim_list: list[dict] | None = None,
+              config: dict | None = None, seeds: dict[str, list[int]] | None = None) -> list[Run]:
+    """One fake run per (label, seed) with instruction EM ``values[label][i]``, every run carrying
+    the claims as results.json["config"]["claims"] does."""
+    for label, vs in values.items():
+        for seed, v in zip((seeds or {}).get(label, range(len(vs))), vs, strict=True):
+            cfg = {"seed": seed, "claims": claim_list or [CLAIM], **(config or {})}
+            fake_run(root / f"{label}_{seed}", "lora", seed, 0.5, v, 0.1, label=label, config=cfg)
+    return collect([root])
+
+
+def judge(root: Path, values: dict[str, list[float]], **claim: object) -> claims.ClaimResult:
+    runs = make_runs(root, values, [CLAIM | claim])
+    return claims.evaluate(CLAIM | claim, runs)
+
+
+# ----------------------------------------------------------------------------------- the Done-when cases
+@pytest.mark.parametrize(("better", "before", "after"), [("higher", "held", "not held"), ("lower", "not held", "held")])
+def test_shifting_one_arm_by_three_sd_flips_the_verdict(tmp_path, better, before, after) -> None:
+    a = [b + g for b, g in zip(B, GAIN, strict=True)]
+    shift = 3 * statistics.stdev(a)
+    assert judge(tmp_path / "0", {"a": a, "b": B}, better=better).verdict == before
+    assert judge(tmp_path / "1", {"a": [x - shift for x in a], "b": B}, better=better).verdict == after
+
+
+@pytest.mark.parametrize("bootstrap", [0, 500])
+def test_identical_arms_are_inconclusive(tmp_path, bootstrap) -> None:
+    runs = make_runs(tmp_path, {"a": B, "b": B})
+    r = claims.evaluate(CLAIM, runs, bootstrap)
+    assert (r.verdict, r.n, r.mean, r.lo, r.hi) == ("inconclusive", 5, 0.0, 0.0, 0.0)
+
+
+def test_non_inferiority_within_its_margin_holds(tmp_path) -> None:
+    a = [b - 0.01 + 0.002 * (i % 2) for i, b in enumerate(B)]  # slightly worse, well inside 0.05
+    r = judge(tmp_path / "0", {"a": a, "b": B}, kind="non_inferiority", margin=0.05)
+    assert r.verdict == "held" and -0.05 < r.lo < r.mean < 0
+    assert judge(tmp_path / "1", {"a": a, "b": B}).verdict == "not held"  # as superiority: worse
+    far = [x - 0.1 for x in a]
+    assert judge(tmp_path / "2", {"a": far, "b": B}, kind="non_inferiority", margin=0.05).verdict == "not held"
+
+
+# ------------------------------------------------------------------------------------------- the rule
+@pytest.mark.parametrize(("lo", "hi", "kind", "margin", "verdict"), [
+    (0.01, 0.2, "superiority", 0.0, "held"),
+    (0.0, 0.2, "superiority", 0.0, "inconclusive"),  # touching the threshold does not clear it
+    (-0.2, -0.01, "superiority", 0.0, "not held"),
+    (0.01, 0.2, "superiority", 0.05, "inconclusive"),
+    (-0.04, 0.01, "non_inferiority", 0.05, "held"),
+    (-0.06, 0.01, "non_inferiority", 0.05, "inconclusive"),
+    (-0.2, -0.06, "non_inferiority", 0.05, "not held"),
+])
+def test_decide(lo, hi, kind, margin, verdict) -> None:
+    assert claims.decide(lo, hi, kind, margin) == verdict
+
+
+def test_t_interval_by_hand_with_and_without_scipy(monkeypatch) -> None:
+    half = 4.303 * 1.0 / math.sqrt(3)  # d = 1, 2, 3: mean 2, sd 1, t(0.975, 2) = 4.303
+    lo, hi = claims.interval([1.0, 2.0, 3.0])
+    assert (lo, hi) == pytest.approx((2 - half, 2 + half), abs=1e-3)
+    monkeypatch.setitem(sys.modules, "scipy.stats", None)  # import fails: the built-in table
+    assert claims.t_quantile(2) == 4.303 and claims.t_quantile(100) == 1.96
+    assert claims.interval([1.0, 2.0, 3.0]) == pytest.approx((2 - half, 2 + half), abs=1e-9)
+
+
+def test_bootstrap_interval_is_deterministic_and_percentile() -> None:
+    d = [0.1, 0.3, -0.05, 0.2, 0.15, 0.0]
+    first = claims.interval(d, bootstrap=2000)
+    assert first == claims.interval(d, bootstrap=2000)
+    assert first != claims.interval(d)
+    assert min(d) <= first[0] < statistics.fmean(d) < first[1] <= max(d)
+
+
+# -------------------------------------------------------------------------------------------- metrics
+def test_metric_paths() -> None:
+    results = {"metrics": {"instruction_em": 0.5, "by_task": {"reverse": 0.25}, "flag": True},
+               "routing": {"m1": {"cv": 0.2, "load": [1, 2], "by_task_type": {"cbqa": {"cv": 0.4}}},
+                           "m2": {"cv": 0.4, "by_task_type": {"cbqa": {"cv": 0.6}, "instruction": {"cv": 0.1}}}}}
+    value = claims.metric_value
+    assert value(results, "metrics.instruction_em") == 0.5
+    assert value(results, "metrics.by_task.reverse") == 0.25
+    assert value(results, "routing.cv") == pytest.approx(0.3)
+    assert value(results, "routing.cv@cbqa") == pytest.approx(0.5)
+    assert value(results, "routing.cv@instruction") == pytest.approx(0.1)  # m1 has no instruction tokens
+    for missing in ("metrics.nope", "metrics.by_task.sort", "metrics.flag", "routing.load", "routing.cv@none",
+                    "params.trainable"):
+        assert value(results, missing) is None, missing
+
+
+def test_missing_metric_is_reported_not_raised(tmp_path) -> None:
+    r = judge(tmp_path, {"a": B, "b": B}, metric="metrics.harness.mmlu")
+    assert r.verdict == "missing metric" and "metrics.harness.mmlu is missing for seed 0" in r.notes
+
+
+# ------------------------------------------------------------------------------------ pairing and at
+def test_pairs_only_seeds_both_arms_have(tmp_path) -> None:
+    runs = make_runs(tmp_path, {"a": [0.6, 0.7, 0.9], "b": [0.5, 0.6]}, seeds={"a": [0, 1, 7], "b": [0, 1]})
+    r = claims.evaluate(CLAIM, runs)
+    assert r.n == 2 and r.mean == pytest.approx(0.1) and r.verdict == "held"  # d = 0.1, 0.1: zero spread
+    assert any("[7] lack a partner" in n for n in r.notes)
+
+
+def test_fewer_than_two_pairs_is_inconclusive(tmp_path) -> None:
+    runs = make_runs(tmp_path, {"a": [0.9, 0.9], "b": [0.1, 0.1]}, seeds={"a": [0, 1], "b": [1, 2]})
+    r = claims.evaluate(CLAIM, runs)
+    assert (r.verdict, r.n) == ("inconclusive", 1) and any("at least 2" in n for n in r.notes)
+    r = claims.evaluate(CLAIM | {"than": "nobody"}, runs)
+    assert (r.verdict, r.n) == ("inconclusive", 0) and r.notes == ["no runs of nobody"]
+
+
+def test_at_selects_runs_and_loose_claims_are_not_judged(tmp_path) -> None:
+    for steps, a in ((150, [0.1, 0.1, 0.1]), (450, [0.9, 0.8, 0.95])):
+        make_runs(tmp_path / str(steps), {"a": a, "b": [0.5, 0.5, 0.55]}, config={"recipe": {"max_steps": steps}})
+    runs = collect([tmp_path])
+    at450 = claims.evaluate(CLAIM | {"at": {"recipe.max_steps": 450}}, runs)
+    assert (at450.verdict, at450.n) == ("held", 3) and at450.mean == pytest.approx(1.1 / 3)
+    at150 = claims.evaluate(CLAIM | {"at": {"recipe.max_steps": 150}}, runs)
+    assert at150.verdict == "not held" and not at150.warnings
+    loose = claims.evaluate(CLAIM, runs)
+    assert loose.verdict == "inconclusive" and any("several runs for seed(s) [0, 1, 2]" in n for n in loose.notes)
+    assert claims.evaluate(CLAIM | {"at": {"recipe.max_steps": "450"}}, runs).n == 0  # typed, not textual
+
+
+def test_warns_when_arms_differ_in_a_setting_the_claim_does_not_name(tmp_path) -> None:
+    make_runs(tmp_path / "a", {"a": B}, config={"recipe": {"lr": 0.003, "max_steps": 9}, "adapter": {"rank": 4}})
+    make_runs(tmp_path / "b", {"b": B}, config={"recipe": {"lr": 0.001, "max_steps": 9}, "adapter": {"rank": 8}})
+    r = claims.evaluate(CLAIM, collect([tmp_path]))
+    assert r.warnings == ["arms differ in settings the claim does not name: recipe.lr (0.003 vs 0.001)"]
+    assert not claims.evaluate(CLAIM, make_runs(tmp_path / "same", {"a": B, "b": B})).warnings
+
+
+def test_claims_found_in_runs_are_deduplicated(tmp_path) -> None:
+    other = CLAIM | {"name": "other", "than": "c"}
+    make_runs(tmp_path / "x", {"a": B}, [CLAIM, other])
+    make_runs(tmp_path / "y", {"b": B}, [CLAIM | {"margin": 0.1}])
+    found, warnings = claims.claims_in(collect([tmp_path]))
+    assert [c["name"] for c in found] == ["a_beats_b", "other"] and found[0]["margin"] == 0.0
+    assert len(warnings) == 1 and "'a_beats_b' is defined differently" in warnings[0]
+
+
+# ------------------------------------------------------------------------------------------- config
+@pytest.mark.parametrize(("field", "value", "key"), [
+    ("better", "bigger", "claims[].better"),
+    ("kind", "equivalence", "claims[].kind"),
+    ("margin", -0.1, "claims[].margin"),
+    ("metric", "instruction_em", "claims[].metric"),
+    ("metric", "params.trainable", "claims[].metric"),
+    ("than", "a", "claims[].than"),
+    ("name", "", "claims[].name"),
+])
+def test_claim_config_errors_name_the_key(field, value, key) -> None:
+    from moe_lora.config import ClaimConfig
+
+    ClaimConfig(**CLAIM)
+    with pytest.raises(ConfigError, match=f"^{re.escape(key)}="):
+        ClaimConfig(**(CLAIM | {field: value}))
+
+
+def test_claims_are_typed_by_the_train_schema() -> None:
+    """`claims:` in a preset is merged into TrainConfig: a misspelt key fails at composition and
+    ``to_object`` runs ClaimConfig's checks (the composed presets are tested in tests/test_configs.py)."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import ConfigKeyError
+
+    from moe_lora.config import ClaimConfig, TrainConfig
+
+    schema = OmegaConf.structured(TrainConfig)
+    merged = OmegaConf.merge(schema, OmegaConf.create(
+        "claims: [{name: x, metric: routing.cv, arm: a, than: b, better: lower, at: {recipe.max_steps: 450}}]"))
+    claim = OmegaConf.to_object(merged.claims[0])
+    assert claim == ClaimConfig("x", "routing.cv", "a", "b", "lower", {"recipe.max_steps": 450})
+    with pytest.raises(ConfigKeyError, match="bettr"):
+        OmegaConf.merge(schema, OmegaConf.create("claims: [{name: x, metric: routing.cv, arm: a, than: b, bettr: 1}]"))
+    with pytest.raises(ConfigError, match=r"^claims\[\]\.kind="):
+        OmegaConf.to_object(OmegaConf.merge(schema, OmegaConf.create(
+            "claims: [{name: x, metric: routing.cv, arm: a, than: b, kind: equal}]")).claims[0])
+
+
+def _preset_labels(preset: str) -> set[str]:
+    """The report labels a toy preset's sweep produces, read from the YAML files (no composition):
+    each `+arm`'s `label:`, or adapter/layout for layout sweeps, through the real Run.label."""
+    raw = yaml.safe_load((ROOT / "conf" / "experiment" / f"{preset}.yaml").read_text())
+    params = raw["hydra"]["sweeper"]["params"]
+    if "+arm" in params:
+        return {yaml.safe_load((ROOT / "conf" / "arm" / f"{a}.yaml").read_text())["label"]
+                for a in params["+arm"].split(",")}
+    adapter = next(d["override /adapter"] for d in raw["defaults"] if "override /adapter" in d)
+    return {Run(Path("."), {"adapter": adapter, "layout": layout, "config": {}}).label
+            for layout in params["layout"].split(",")}
+
+
+TOY = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml")
+             if not p.stem.endswith("_paper") and p.stem != "optuna_lr")
+
+
+@pytest.mark.parametrize("preset", TOY)
+def test_preset_claims_name_labels_and_settings_their_sweep_produces(preset) -> None:
+    from moe_lora.config import ClaimConfig
+
+    raw = yaml.safe_load((ROOT / "conf" / "experiment" / f"{preset}.yaml").read_text())
+    labels, params = _preset_labels(preset), raw["hydra"]["sweeper"]["params"]
+    assert raw.get("claims"), f"{preset} states no claims"
+    assert len({c["name"] for c in raw["claims"]}) == len(raw["claims"])
+    for c in raw["claims"]:
+        ClaimConfig(**c)
+        assert {c["arm"], c["than"]} <= labels, f"{c['name']}: arms must be among {sorted(labels)}"
+        for key, value in c.get("at", {}).items():
+            assert str(value) in str(params.get(key, value)).split(","), f"{c['name']}: {key}={value} never runs"
+
+
+# ----------------------------------------------------------------------------------------- the report
+def test_report_writes_claims_md_index_section_and_lines(tmp_path, capsys) -> None:
+    lower = CLAIM | {"name": "b_routes_less", "metric": "routing.cv", "better": "lower", "arm": "b", "than": "a"}
+    missing = CLAIM | {"name": "gone", "metric": "metrics.nope"}
+    a = [b + g for b, g in zip(B, GAIN, strict=True)]
+    make_runs(tmp_path / "runs", {"a": a, "b": B}, [CLAIM, lower, missing], config={"recipe": {"lr": 1}})
+    out = tmp_path / "rep"
+    assert report_main([str(tmp_path / "runs"), "--out", str(out)]) == 0
+    md = (out / "claims.md").read_text()
+    d = statistics.fmean(GAIN)
+    assert f"| a_beats_b | metrics.instruction_em (higher is better) | a vs b | - | superiority | 5 | +{d:.4f} |" in md
+    assert "| **held** |" in md and "| **inconclusive** |" in md and "| **missing metric** |" in md
+    assert claims.RULE in md and "Intervals here: t interval." in md
+    assert "- gone: metrics.nope is missing for seed 0" in md
+    assert "## Claims (paired by seed)" in (out / "index.md").read_text()
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[1:] == (out / "claims.txt").read_text().splitlines()
+    assert [line.split(":")[0] for line in printed[1:]] == ["claim a_beats_b", "claim b_routes_less", "claim gone"]
+    assert printed[1].startswith("claim a_beats_b: HELD (a vs b on metrics.instruction_em")
+    build_report([tmp_path / "runs"], out, bootstrap=300)
+    assert "percentile bootstrap, 300 resamples" in (out / "claims.md").read_text()
+
+
+def test_report_without_claims_says_so(tmp_path) -> None:
+    fake_run(tmp_path / "0", "lora", 0, 0.5, 0.5, 0.0)
+    out = build_report([tmp_path])
+    assert "No claims" in (out / "claims.md").read_text() and (out / "claims.txt").read_text() == ""
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_tables_ends_with_every_claim_line_despite_a_failing_preset(tmp_path) -> None:
+    """The real Makefile target with a stand-in `moe-lora`: training is skipped, reports are real."""
+    make_runs(tmp_path / "multirun" / "good" / "2024-01-01", {"a": B, "b": B})
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    stub = bin_dir / "moe-lora"
+    stub.write_text(f"#!/bin/sh\n[ \"$1\" = train ] && exit 0\nshift\nexec {sys.executable} -c "
+                    "'import sys; from moe_lora.report.build import main; sys.exit(main(sys.argv[1:]))' \"$@\"\n")
+    stub.chmod(0o755)
+    proc = subprocess.run(["make", "-s", "-f", str(ROOT / "Makefile"), "tables", f"BIN={bin_dir}", "STAMP=",
+                           "PRESETS=good broken"], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert proc.stdout.splitlines()[-2:] == ["good: claim a_beats_b: INCONCLUSIVE (a vs b on metrics.instruction_em, "
+                                             "higher is better, superiority, margin 0, at -: n=5, mean diff +0.0000, "
+                                             "95% CI [+0.0000, +0.0000])", "broken: no report (see above)"]
+    assert (tmp_path / "multirun" / "good" / "2024-01-01" / "report" / "claims.md").exists()
