@@ -19,8 +19,13 @@ COLUMNS = [  # (header, key in results["metrics"] or a function of the results)
 
 
 def mean_cv(results: dict) -> float | None:
-    cvs = [r["cv"] for r in results.get("routing", {}).values()]
-    return sum(cvs) / len(cvs) if cvs else None
+    return mean_routing(results, "cv")
+
+
+def mean_routing(results: dict, stat: str) -> float | None:
+    """A final-window routing statistic averaged over the adapted modules (None where absent)."""
+    values = [r[stat] for r in results.get("routing", {}).values() if r.get(stat) is not None]
+    return sum(values) / len(values) if values else None
 
 
 _NOT_A_SETTING = {"seed", "label", "run_dir", "cache_dir"}
@@ -75,6 +80,8 @@ def aggregate(runs: list[Run]) -> list[dict]:
                "trainable": results[0]["params"]["trainable"]}
         values = {h: [r["metrics"].get(k) for r in results] for h, k in COLUMNS}
         values["routing CV"] = [mean_cv(r) for r in results]
+        values["real experts/token"] = [mean_routing(r, "real_experts_per_token") for r in results]
+        values["null rate"] = [mean_routing(r, "null_rate") for r in results]
         values["wall s"] = [r["wall_s"] for r in results]
         for h, vs in values.items():
             vs = [v for v in vs if v is not None]
@@ -83,7 +90,7 @@ def aggregate(runs: list[Run]) -> list[dict]:
     return rows
 
 
-HEADERS = [h for h, _ in COLUMNS] + ["routing CV", "wall s"]
+HEADERS = [h for h, _ in COLUMNS] + ["routing CV", "real experts/token", "null rate", "wall s"]
 
 
 def _pm(v: tuple[float, float] | None, digits: int = 3) -> str:

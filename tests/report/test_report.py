@@ -131,3 +131,17 @@ def test_report_over_runs_of_two_models(tmp_path) -> None:
     labels = {r["label"] for r in aggregate(collect([tmp_path]))}
     assert labels == {"loramoe (model.name='gpt2')", "loramoe (model.name='qwen2_5_0_5b')"}
     assert all(len(p.name) < 100 for p in out.iterdir())
+
+
+def test_rows_show_real_experts_per_token_and_null_rate(tmp_path) -> None:
+    """AdaMoE's statistics reach the table: mean over modules, then mean ± std over seeds."""
+    for seed, (real, null) in enumerate([(3.0, 0.25), (2.0, 0.5)]):
+        fake_run(tmp_path / str(seed), "adamoe", seed, 0.9, 0.5, 0.1)
+        res = json.loads((tmp_path / str(seed) / "results.json").read_text())
+        for i, stats in enumerate(res["routing"].values()):
+            stats |= {"real_experts_per_token": real + i, "null_rate": null}  # modules differ by 1
+        (tmp_path / str(seed) / "results.json").write_text(json.dumps(res))
+    row = aggregate(collect([tmp_path]))[0]
+    assert row["real experts/token"] == (pytest.approx(3.0), pytest.approx(0.7071067811865476))
+    assert row["null rate"][0] == pytest.approx(0.375)
+    assert "| real experts/token | null rate |" in build_report([tmp_path]).joinpath("results.md").read_text()
