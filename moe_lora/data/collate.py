@@ -75,16 +75,22 @@ def answer_ids(tok: PreTrainedTokenizerBase, prompt: str, answer: str, chat_temp
     return [*ids, tok.eos_token_id]
 
 
+def left_truncate(ids: list[int], limit: int | None, bos: int | None) -> list[int]:
+    """Cut a prompt from the left to ``limit`` tokens (lm-eval's rule), keeping a leading BOS (the
+    model never saw a sequence without one). Training batches and generation share it."""
+    if limit is None or len(ids) <= limit:
+        return ids
+    head = ids[:1] if bos is not None and ids[:1] == [bos] else []
+    return head + ids[len(ids) - (limit - len(head)):]
+
+
 def fit(prompt: list[int], answer: list[int], max_length: int, bos: int | None) -> Encoded:
-    """Cut to ``max_length``: the prompt from the left keeping a leading BOS (the model never saw a
-    sequence without one), the whole answer when it fits beside BOS or one prompt token; otherwise
-    the answer from the right."""
+    """Cut to ``max_length``: the prompt from the left keeping a leading BOS, the whole answer when
+    it fits beside BOS or one prompt token; otherwise the answer from the right."""
     if len(prompt) + len(answer) <= max_length:
         return Encoded(prompt + answer, len(prompt), False, False)
-    head = prompt[:1] if bos is not None and prompt[:1] == [bos] else []
-    rest = prompt[len(head):]
-    keep = max(max_length - len(answer) - len(head), 0 if head else 1)
-    prompt = head + (rest[len(rest) - keep:] if keep else [])
+    has_bos = bos is not None and prompt[:1] == [bos]
+    prompt = left_truncate(prompt, max(max_length - len(answer), 1), bos if has_bos else None)
     cut = len(prompt) + len(answer) > max_length
     return Encoded(prompt + answer[: max_length - len(prompt)], len(prompt), True, cut)
 

@@ -22,7 +22,7 @@ from transformers import (
     StoppingCriteriaList,
 )
 
-from moe_lora.data.collate import pad_id, prompt_ids
+from moe_lora.data.collate import left_truncate, pad_id, prompt_ids
 
 
 @contextmanager
@@ -93,14 +93,6 @@ def context_limit(model: PreTrainedModel, max_new_tokens: int) -> int | None:
     """Prompt tokens that fit beside ``max_new_tokens`` in the model's positions (None: no limit)."""
     positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
     return max(1, positions - max_new_tokens) if positions else None
-
-
-def left_truncate(ids: list[int], limit: int | None, bos: int | None) -> list[int]:
-    """Cut a prompt from the left to ``limit`` tokens (lm-eval's rule), keeping a leading BOS."""
-    if limit is None or len(ids) <= limit:
-        return ids
-    head = ids[:1] if bos is not None and ids[:1] == [bos] else []
-    return head + ids[len(ids) - (limit - len(head)):]
 
 
 @torch.no_grad()

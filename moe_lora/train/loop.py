@@ -76,7 +76,7 @@ class Throughput:
     def row(self, step: int) -> dict[str, Any]:
         """``{"step", "tokens_per_s", "peak_mem_bytes"}``: a line of its own in metrics.jsonl, never
         on a loss line (resume compares loss lines byte for byte)."""
-        synchronize(self.device)()
+        synchronize(self.device)
         now = time.perf_counter()
         row = {"step": step, "tokens_per_s": self.tokens / max(now - self.window_start, 1e-9),
                "peak_mem_bytes": peak_memory_bytes(self.device)}

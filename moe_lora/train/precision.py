@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import resource
-from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
@@ -94,8 +93,7 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
-def synchronize(device: torch.device) -> Callable[[], None]:
-    """A function that waits for queued work on ``device`` (timing only at logging steps)."""
+def synchronize(device: torch.device) -> None:
+    """Wait for queued work on ``device`` (timing only at logging steps)."""
     if device.type == "cuda":
-        return lambda: torch.cuda.synchronize(device)
-    return lambda: None
+        torch.cuda.synchronize(device)

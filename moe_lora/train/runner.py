@@ -32,7 +32,6 @@ from moe_lora.routing.recorder import RoutingRecorder
 from moe_lora.tracking import Tracker, write_json_atomic, write_jsonl_atomic
 from moe_lora.train.loop import init_state, train
 from moe_lora.train.precision import Precision, make_precision
-from moe_lora.validate import base_meta_model, validate  # noqa: F401  (re-exported: the runner's entry checks)
 
 ADAPTER_FILE = "adapter_model.safetensors"
 INIT_ADAPTER_FILE = "adapter_init.safetensors"

@@ -99,7 +99,7 @@ def test_prompts_start_with_bos_where_the_family_adds_one(models, family: str, s
 
 
 def test_long_prompts_are_cut_from_the_left_keeping_bos() -> None:
-    from moe_lora.eval.generate import left_truncate
+    from moe_lora.data.collate import left_truncate
 
     assert left_truncate([0, 1, 2, 3, 4, 5], 4, bos=0) == [0, 3, 4, 5]
     assert left_truncate([1, 2, 3, 4, 5], 3, bos=None) == [3, 4, 5]
