@@ -40,11 +40,19 @@ def format_prompt(tok: PreTrainedTokenizerBase, prompt: str, chat_template: bool
     return tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
 
 
+def _context(tok: PreTrainedTokenizerBase, prompt: str, chat_template: bool) -> tuple[str, list[int], int | None]:
+    """The prompt as the model sees it, its tokens without special tokens, and the BOS to put in
+    front (where the tokenizer adds one; a chat template writes its own)."""
+    text = format_prompt(tok, prompt, chat_template)
+    bos = tok.bos_token_id if adds_bos(tok) and not chat_template else None
+    return text, tok(text, add_special_tokens=False)["input_ids"], bos
+
+
 def prompt_ids(tok: PreTrainedTokenizerBase, prompt: str, chat_template: bool = False) -> list[int]:
-    """Token ids of a prompt at the start of a sequence: BOS where the tokenizer adds one (a chat
-    template writes its own), then the prompt without any appended special token."""
-    ids = tok(format_prompt(tok, prompt, chat_template), add_special_tokens=False)["input_ids"]
-    return [tok.bos_token_id, *ids] if adds_bos(tok) and not chat_template else ids
+    """Token ids of a prompt at the start of a sequence: BOS where the tokenizer adds one, then the
+    prompt without any appended special token."""
+    _, ids, bos = _context(tok, prompt, chat_template)
+    return ids if bos is None else [bos, *ids]
 
 
 @dataclass(frozen=True)
@@ -57,7 +65,7 @@ class Encoded:
     answer_cut: bool  # the answer alone did not fit
 
 
-def answer_ids(tok: PreTrainedTokenizerBase, prompt: str, answer: str, chat_template: bool = False) -> list[int]:
+def answer_ids(tok: PreTrainedTokenizerBase, context: str, ctx: list[int], answer: str, chat_template: bool) -> list[int]:
     """Answer tokens + EOS. A space joins prompt and answer unless the boundary already has
     whitespace or a chat template ends the prompt (lm-eval's ``target_delimiter`` rule): ``Answer:``
     + `` Paris``, but Alpaca's ``### Response:\n`` + ``Eat well``.
@@ -65,11 +73,10 @@ def answer_ids(tok: PreTrainedTokenizerBase, prompt: str, answer: str, chat_temp
     The answer's tokens are those of ``prompt + answer`` after the prompt's own tokens (lm-eval's
     ``_encode_pair``): a SentencePiece tokenizer (Llama-2, Mistral) tokenises a lone `` Paris`` as
     ``▁ ▁Paris``, a token pair it never sees after ``Answer:``. Only where the joint tokens do not
-    start with the prompt's (a merge across the boundary) is the answer tokenised on its own."""
-    joined = chat_template or not answer or prompt[-1:].isspace() or answer[:1].isspace()
+    start with the prompt's (a merge across the boundary) is the answer tokenised on its own.
+    ``context`` and ``ctx`` are the prompt's text and tokens from :func:`_context`."""
+    joined = chat_template or not answer or context[-1:].isspace() or answer[:1].isspace()
     text = answer if joined else " " + answer
-    context = format_prompt(tok, prompt, chat_template)
-    ctx = tok(context, add_special_tokens=False)["input_ids"]
     whole = tok(context + text, add_special_tokens=False)["input_ids"]
     ids = whole[len(ctx):] if whole[: len(ctx)] == ctx else tok(text, add_special_tokens=False)["input_ids"]
     return [*ids, tok.eos_token_id]
@@ -100,8 +107,9 @@ def encode_example(tok: PreTrainedTokenizerBase, prompt: str, answer: str, max_l
     """The one encoding rule of training, response loss and ``encode_examples``: the prompt's
     tokens (with BOS) and the answer's tokens in the context of the prompt (:func:`answer_ids`), so
     the answer boundary is exact for any tokenizer."""
-    bos = tok.bos_token_id if adds_bos(tok) and not chat_template else None
-    return fit(prompt_ids(tok, prompt, chat_template), answer_ids(tok, prompt, answer, chat_template), max_length, bos)
+    context, ctx, bos = _context(tok, prompt, chat_template)  # the prompt is tokenised once
+    prompt_tokens = ctx if bos is None else [bos, *ctx]
+    return fit(prompt_tokens, answer_ids(tok, context, ctx, answer, chat_template), max_length, bos)
 
 
 def encode(ex: Example, tok: PreTrainedTokenizerBase, max_length: int) -> tuple[list[int], int]:
