@@ -10,9 +10,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from moe_lora.report import asymmetry, claims, plots
+from moe_lora.report import asymmetry, claims, plots, ranks
 from moe_lora.report.collect import Run, collect
-from moe_lora.report.tables import aggregate, latex, markdown, row_labels, to_csv
+from moe_lora.report.tables import aggregate, latex, markdown, routing_markdown, row_labels, to_csv
 
 
 def _slug(label: str, limit: int = 60) -> str:
@@ -29,12 +29,18 @@ CLAIM_LINES = "claims.txt"  # one verdict line per claim: printed by `moe-lora r
 
 def write_report(runs: list[Run], folder: Path, bootstrap: int = 0) -> None:
     rows, names = aggregate(runs), row_labels(runs)
-    (folder / "results.md").write_text(markdown(rows))
+    routing_md = routing_markdown(rows)
+    routing_title = "## Routing statistics (final window; mean over modules, then mean ± std over seeds)"
+    (folder / "results.md").write_text(markdown(rows) + (f"\n{routing_title}\n\n{routing_md}" if routing_md else ""))
     (folder / "results.csv").write_text(to_csv(rows))
     (folder / "results.tex").write_text(latex(rows))
     figures = []
     if plots.cv_over_training(runs, folder / "cv_over_training.png", names):
         figures.append(("CV of expert importance over training", "cv_over_training.png"))
+    if plots.group_share_over_training(runs, folder / "group_share_over_training.png", names):
+        figures.append(("Expert-group share by task type over training", "group_share_over_training.png"))
+    if plots.real_experts_over_training(runs, folder / "real_experts_over_training.png", names):
+        figures.append(("Real experts per token over training", "real_experts_over_training.png"))
     if plots.knowledge_vs_instruction(rows, folder / "knowledge_vs_instruction.png"):
         figures.append(("Knowledge retained versus instruction accuracy", "knowledge_vs_instruction.png"))
     if len({r.results.get("layout") for r in runs if r.results}) > 1 and plots.metric_bars(
@@ -50,6 +56,9 @@ def write_report(runs: list[Run], folder: Path, bootstrap: int = 0) -> None:
         (folder / "asymmetry.md").write_text(asymmetry.markdown(sims))
         if asymmetry.projection_plot(groups, folder / "asymmetry_pca.png"):
             figures.append(("Per-task LoRA matrices, 2-D projection", "asymmetry_pca.png"))
+    alora_ranks = ranks.final_ranks(runs, names)
+    if alora_ranks:
+        (folder / "alora_ranks.md").write_text(ranks.markdown(alora_ranks))
     verdicts, claim_warnings = claims.evaluate_all(runs, bootstrap)
     claims_md = claims.markdown(verdicts, claim_warnings, bootstrap)
     (folder / "claims.md").write_text(f"# Claims (paired by seed)\n\n{claims_md}")
@@ -58,7 +67,11 @@ def write_report(runs: list[Run], folder: Path, bootstrap: int = 0) -> None:
     lines = ["# moe_lora report", "", f"{len(runs) - len(failed)} finished runs, {len(failed)} failed.", "",
              "## Results (mean ± std over seeds)", "", markdown(rows),
              "Also as [CSV](results.csv) and [LaTeX](results.tex).", "",
+             *([routing_title, "", routing_md] if routing_md else []),
              "## Claims (paired by seed)", "", claims_md, "Also in [claims.md](claims.md).", ""]
+    if alora_ranks:
+        lines += ["## ALoRA's final ranks per layer (active components, mean over seeds)", "",
+                  ranks.markdown(alora_ranks)]
     if sims:
         lines += ["## A/B asymmetry of per-task LoRAs (HydraLoRA's analysis)", "", asymmetry.markdown(sims)]
     if failed:

@@ -13,33 +13,80 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from moe_lora.report.collect import Run
+from moe_lora.report.routing_stats import (
+    Series,
+    has_expert_groups,
+    has_null_experts,
+    is_top_k,
+    knowledge_share,
+    over_training,
+)
 
 _LAYER = re.compile(r"\.(\d+)\.")
+
+
+def _line_panels(series: Series, path: Path, ylabel: str, title: str, ref: float | None = None) -> bool:
+    """One panel per task type (``all`` first), one line per report label; ``ref`` draws a
+    dotted guide (e.g. 0.5: no split between expert groups)."""
+    tasks = sorted({t for by_task in series.values() for t in by_task}, key=lambda t: (t != "all", t))
+    if not tasks:
+        return False
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False, sharey=True)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        for label, by_task in series.items():
+            if task in by_task:
+                xs = sorted(by_task[task])
+                ax.plot(xs, [by_task[task][s] for s in xs], label=label)
+        if ref is not None:
+            ax.axhline(ref, color="grey", linestyle=":", linewidth=1)
+        ax.set(xlabel="step", title=f"{task} tokens" if task != "all" else "all tokens")
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel(ylabel)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
 
 
 def cv_over_training(runs: list[Run], path: Path, names: dict[Path, str]) -> bool:
     """Mean CV of expert importance over adapted linears, per step, one line per label (mean over
     seeds): LoRAMoE's figure, constrained versus unconstrained."""
-    series: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for run in runs:
-        per_step: dict[int, list[float]] = defaultdict(list)
-        for row in run.routing:
-            if row["task_type"] == "all":
-                per_step[row["step"]].append(row["cv"])
-        for step, cvs in per_step.items():
-            series[names.get(run.path, run.label)][step].append(sum(cvs) / len(cvs))
+    series = over_training(runs, names, lambda row: row.get("cv") if row["task_type"] == "all" else None)
     if not series:
         return False
     fig, ax = plt.subplots(figsize=(6, 4))
-    for label, steps in series.items():
-        xs = sorted(steps)
-        ax.plot(xs, [np.mean(steps[s]) for s in xs], label=label)
+    for label, by_task in series.items():
+        xs = sorted(by_task["all"])
+        ax.plot(xs, [by_task["all"][s] for s in xs], label=label)
     ax.set(xlabel="step", ylabel="CV of expert importance (mean over layers)", title="Expert balance over training")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
+
+
+def group_share_over_training(runs: list[Run], path: Path, names: dict[Path, str]) -> bool:
+    """LoRAMoE's split as it forms: each task type's share of router mass on the world-knowledge
+    group, per step (mean over layers, then seeds), LoRAMoE arms only. Whether the constraint
+    sends CBQA and instruction tokens to different groups shows here long before the final
+    window."""
+    series = over_training(runs, names, lambda row: knowledge_share(row) if row["task_type"] != "all" else None,
+                           keep=has_expert_groups)
+    return _line_panels(series, path, "share of router mass on the knowledge group",
+                        "Expert-group share by task type over training", ref=0.5)
+
+
+def real_experts_over_training(runs: list[Run], path: Path, names: dict[Path, str]) -> bool:
+    """AdaMoE's saving as it forms: real (non-null) experts per token, per step (mean over layers,
+    then seeds), for top-k arms; drawn only when some arm has null experts, since otherwise every
+    line is flat at k."""
+    if not any(r.results and has_null_experts(r.results) for r in runs):
+        return False
+    series = over_training(runs, names, lambda row: row.get("real_experts_per_token"), keep=is_top_k)
+    return _line_panels(series, path, "real experts per token (mean over layers)",
+                        "Real experts per token over training")
 
 
 def load_heatmap(runs: list[Run], label: str, path: Path, names: dict[Path, str]) -> bool:

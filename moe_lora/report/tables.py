@@ -9,23 +9,42 @@ from collections import defaultdict
 from pathlib import Path
 
 from moe_lora.report.collect import Run
+from moe_lora.report.routing_stats import final_knowledge_share, final_stat, task_types
 
-COLUMNS = [  # (header, key in results["metrics"] or a function of the results)
+COLUMNS = [  # (header, key in results["metrics"])
     ("CBQA EM", "cbqa_em"),
     ("CBQA cand. acc", "cbqa_candidate_acc"),
     ("knowledge retained", "knowledge_retained"),
     ("instruction EM", "instruction_em"),
 ]
+HEADERS = [h for h, _ in COLUMNS] + ["wall s"]
+ROUTING_NOTE = (
+    "Final logging window, mean over adapted modules, then mean ± std over seeds. `CV@t`: CV of expert "
+    "importance over task type t's tokens only (LoRAMoE's LBC constrains it per type). `knowledge-group "
+    "share@t`: share of t's router probability mass on the world-knowledge expert group (LoRAMoE's first "
+    "half, or `lbc_expert_types` 0); the instruction group gets the rest, and 0.5 means no split by task "
+    "type; shown for LoRAMoE arms only. \"-\": the arm has no such statistic.")
 
 
-def mean_cv(results: dict) -> float | None:
-    return mean_routing(results, "cv")
+def routing_headers(tasks: list[str]) -> list[str]:
+    """The routing table's columns: each task type's CV beside the ``all`` CV, then AdaMoE's and
+    LoRAMoE's statistics."""
+    return ["routing CV", *(f"CV@{t}" for t in tasks), "real experts/token", "null rate",
+            *(f"knowledge-group share@{t}" for t in tasks)]
 
 
-def mean_routing(results: dict, stat: str) -> float | None:
-    """A final-window routing statistic averaged over the adapted modules (None where absent)."""
-    values = [r[stat] for r in results.get("routing", {}).values() if r.get(stat) is not None]
-    return sum(values) / len(values) if values else None
+def _routing_values(results: dict, tasks: list[str]) -> dict[str, float | None]:
+    return {"routing CV": final_stat(results, "cv"), **{f"CV@{t}": final_stat(results, "cv", t) for t in tasks},
+            "real experts/token": final_stat(results, "real_experts_per_token"),
+            "null rate": final_stat(results, "null_rate"),
+            **{f"knowledge-group share@{t}": final_knowledge_share(results, t) for t in tasks}}
+
+
+def without_routers(results: dict) -> int | None:
+    """Trainable parameters minus the routers': what the experts themselves cost, the number
+    MoE papers match their baselines on. None for results written before routers were counted."""
+    params = results.get("params", {})
+    return params["trainable"] - params["routers"] if "routers" in params else None
 
 
 _NOT_A_SETTING = {"seed", "label", "run_dir", "cache_dir"}
@@ -68,8 +87,9 @@ def row_labels(runs: list[Run]) -> dict[Path, str]:
 
 
 def aggregate(runs: list[Run]) -> list[dict]:
-    """One row per label (and varying setting), in first-seen order, mean and std over seeds."""
-    names = row_labels(runs)
+    """One row per label (and varying setting), in first-seen order, mean and std over seeds; every
+    row has the same keys (``HEADERS`` and ``routing_headers``), None where an arm lacks one."""
+    names, tasks = row_labels(runs), task_types(runs)
     groups: dict[str, list[dict]] = defaultdict(list)
     for run in runs:
         if run.results is not None:
@@ -77,12 +97,12 @@ def aggregate(runs: list[Run]) -> list[dict]:
     rows = []
     for label, results in groups.items():
         row = {"label": label, "seeds": sorted({r["seed"] for r in results}), "n": len(results),
-               "trainable": results[0]["params"]["trainable"]}
+               "trainable": results[0]["params"]["trainable"], "without routers": without_routers(results[0]),
+               "routing columns": routing_headers(tasks)}
         values = {h: [r["metrics"].get(k) for r in results] for h, k in COLUMNS}
-        values["routing CV"] = [mean_cv(r) for r in results]
-        values["real experts/token"] = [mean_routing(r, "real_experts_per_token") for r in results]
-        values["null rate"] = [mean_routing(r, "null_rate") for r in results]
         values["wall s"] = [r["wall_s"] for r in results]
+        per_run = [_routing_values(r, tasks) for r in results]
+        values |= {h: [v[h] for v in per_run] for h in row["routing columns"]}
         for h, vs in values.items():
             vs = [v for v in vs if v is not None]
             row[h] = (statistics.fmean(vs), statistics.stdev(vs) if len(vs) > 1 else 0.0) if vs else None
@@ -90,31 +110,45 @@ def aggregate(runs: list[Run]) -> list[dict]:
     return rows
 
 
-HEADERS = [h for h, _ in COLUMNS] + ["routing CV", "real experts/token", "null rate", "wall s"]
-
-
 def _pm(v: tuple[float, float] | None, digits: int = 3) -> str:
     return "-" if v is None else f"{v[0]:.{digits}f} ± {v[1]:.{digits}f}"
 
 
+def _count(n: int | None) -> str:
+    return "-" if n is None else f"{n:,}"
+
+
 def markdown(rows: list[dict]) -> str:
-    head = ["variant", "seeds", "trainable params", *HEADERS]
+    head = ["variant", "seeds", "trainable params", "w/o routers", *HEADERS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["label"], str(r["n"]), f"{r['trainable']:,}",
+        cells = [r["label"], str(r["n"]), f"{r['trainable']:,}", _count(r["without routers"]),
                  *(_pm(r[h], 1 if h == "wall s" else 3) for h in HEADERS)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
+def routing_markdown(rows: list[dict]) -> str:
+    """The routing statistics of the arms that route (empty when none does); a second table so
+    that the main one stays readable."""
+    routed = [r for r in rows if any(r[h] is not None for h in r["routing columns"])]
+    if not routed:
+        return ""
+    head = ["variant", *routed[0]["routing columns"]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join([r["label"], *(_pm(r[h]) for h in r["routing columns"])]) + " |" for r in routed]
+    return "\n".join(lines) + "\n\n" + ROUTING_NOTE + "\n"
+
+
 def to_csv(rows: list[dict]) -> str:
+    headers = HEADERS + (rows[0]["routing columns"] if rows else [])
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["variant", "seeds", "trainable_params",
-                *(f"{h.replace(' ', '_')}_{s}" for h in HEADERS for s in ("mean", "std"))])
+    w.writerow(["variant", "seeds", "trainable_params", "trainable_params_without_routers",
+                *(f"{h.replace(' ', '_')}_{s}" for h in headers for s in ("mean", "std"))])
     for r in rows:
-        w.writerow([r["label"], r["n"], r["trainable"],
-                    *(x for h in HEADERS for x in ((r[h][0], r[h][1]) if r[h] else ("", "")))])
+        w.writerow([r["label"], r["n"], r["trainable"], "" if r["without routers"] is None else r["without routers"],
+                    *(x for h in headers for x in ((r[h][0], r[h][1]) if r[h] else ("", "")))])
     return buf.getvalue()
 
 

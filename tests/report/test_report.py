@@ -13,14 +13,15 @@ from moe_lora.report.tables import aggregate
 
 
 def fake_run(path: Path, adapter: str, seed: int, cbqa: float, instr: float, cv: float, layout: str = "uniform",
-             label: str | None = None, config: dict | None = None) -> None:
-    """A finished run folder; ``config`` adds keys to results.json["config"] (claims, recipe...)."""
+             label: str | None = None, config: dict | None = None, routers: int | None = None) -> None:
+    """A finished run folder; ``config`` adds keys to results.json["config"] (claims, recipe...);
+    ``routers``: trainable router parameters (absent from params when None, as in older results)."""
     path.mkdir(parents=True)
     routing = {f"model.layers.{i}.mlp.up_proj": {
         "cv": cv, "load": [3, 1], "by_task_type": {"cbqa": {"load": [3, 1]}, "instruction": {"load": [1, 3]}}}
         for i in range(2)}
     results = {"adapter": adapter, "layout": layout, "seed": seed, "wall_s": 10.0 + seed,
-               "params": {"trainable": 1000}, "config": {"label": label, **(config or {})},
+               "params": {"trainable": 1000, **({} if routers is None else {"routers": routers})}, "config": {"label": label, **(config or {})},
                "metrics": {"cbqa_em": cbqa, "cbqa_em_base": 0.9, "cbqa_candidate_acc": cbqa,
                            "knowledge_retained": cbqa / 0.9, "instruction_em": instr},
                "routing": routing}
@@ -31,9 +32,9 @@ def fake_run(path: Path, adapter: str, seed: int, cbqa: float, instr: float, cv:
 
 @pytest.fixture
 def sweep(tmp_path) -> Path:
-    fake_run(tmp_path / "0", "lora", 0, 0.6, 0.5, 0.0)
-    fake_run(tmp_path / "1", "lora", 1, 0.8, 0.7, 0.0)
-    fake_run(tmp_path / "2", "loramoe", 0, 0.9, 0.4, 0.2, label="loramoe+lbc")
+    fake_run(tmp_path / "0", "lora", 0, 0.6, 0.5, 0.0, routers=0)
+    fake_run(tmp_path / "1", "lora", 1, 0.8, 0.7, 0.0, routers=0)
+    fake_run(tmp_path / "2", "loramoe", 0, 0.9, 0.4, 0.2, label="loramoe+lbc", routers=200)
     fake_run(tmp_path / "3", "mola", 0, 0.5, 0.5, 0.4, layout="triangle")
     (tmp_path / "4").mkdir()
     (tmp_path / "4" / "failure.json").write_text(json.dumps({"error": "RuntimeError: boom"}))
@@ -55,10 +56,12 @@ def test_report_folder_tables_plots_and_failures(sweep) -> None:
     out = build_report([sweep])
     assert out == sweep / "report"
     md = (out / "results.md").read_text()
-    assert "| lora | 2 | 1,000 | 0.700 ± 0.141 |" in md
+    assert "| lora | 2 | 1,000 | 1,000 | 0.700 ± 0.141 |" in md
+    assert "| loramoe+lbc | 1 | 1,000 | 800 | 0.900 ± 0.000 |" in md  # without the routers' 200
+    assert "| mola/triangle | 1 | 1,000 | - |" in md  # results without a router count
     csv = (out / "results.csv").read_text().splitlines()
-    assert csv[0].startswith("variant,seeds,trainable_params,CBQA_EM_mean,CBQA_EM_std")
-    assert csv[1].startswith("lora,2,1000,0.7")
+    assert csv[0].startswith("variant,seeds,trainable_params,trainable_params_without_routers,CBQA_EM_mean,CBQA_EM_std")
+    assert csv[1].startswith("lora,2,1000,1000,0.7")
     index = (out / "index.md").read_text()
     assert "4 finished runs, 1 failed" in index and "RuntimeError: boom" in index
     for png in ("cv_over_training.png", "knowledge_vs_instruction.png", "layout_comparison.png",
