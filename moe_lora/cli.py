@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import itertools
+import json
 import os
 import secrets
 import shutil
@@ -174,6 +175,7 @@ def _train_job(dcfg) -> float | None:
 
     from moe_lora.errors import ConfigError
     from moe_lora.tracking import write_json_atomic
+    from moe_lora.train import distributed
     from moe_lora.train.runner import run, summary_table
 
     hydra_cfg = HydraConfig.get()
@@ -183,30 +185,86 @@ def _train_job(dcfg) -> float | None:
         cfg = to_config(dcfg)
         if cfg.recipe.threads is None and n_jobs and n_jobs > 1:  # parallel local jobs share the cores
             cfg.recipe.threads = max(1, (os.cpu_count() or 1) // n_jobs)
+        check_launch(cfg.recipe.nproc_per_node)
     except ConfigError:
         _remove_fresh_run_dir(run_dir)
         raise
+    dist = distributed.init_distributed(cfg.recipe.device)  # ranks from torchrun or submitit's tasks
+    cfg, run_dir = dist.broadcast((cfg, run_dir))  # rank 0 decides; under torchrun the others wait here
     try:
-        results = run(cfg, run_dir, progress=True)
+        if cfg.recipe.nproc_per_node > 1:
+            distributed.spawn(cfg.recipe.nproc_per_node, _rank_worker, cfg, run_dir)
+            results = json.loads((run_dir / "results.json").read_text())
+        else:
+            results = run(cfg, run_dir, progress=True, dist=dist)
     except Exception as exc:  # recorded for `moe-lora report`; the sweep's other jobs go on
-        write_json_atomic(run_dir / "failure.json", {"error": f"{type(exc).__name__}: {exc}",
-                                                      "traceback": traceback.format_exc()})
+        if dist.is_main:
+            write_json_atomic(run_dir / "failure.json", {"error": f"{type(exc).__name__}: {exc}",
+                                                          "traceback": traceback.format_exc()})
         raise
+    if not dist.is_main:
+        return None
     print(summary_table(results))
     print(f"results: {run_dir / 'results.json'}")
     value = OmegaConf.select(OmegaConf.create(results), cfg.recipe.objective)
     return float(value) if isinstance(value, (int, float)) else None
 
 
+def _rank_worker(cfg, run_dir: Path) -> None:
+    """One of ``recipe.nproc_per_node`` local ranks (a fresh process: see distributed.spawn)."""
+    _environment()
+    from moe_lora.train import distributed
+    from moe_lora.train.runner import run
+
+    run(cfg, run_dir, progress=True, dist=distributed.init_distributed(cfg.recipe.device))
+
+
+def check_launch(nproc_per_node: int) -> None:
+    """``recipe.nproc_per_node`` starts ranks itself: not inside ranks that a launcher started."""
+    from moe_lora.errors import ConfigError
+    from moe_lora.train.distributed import env_world_size
+
+    if nproc_per_node > 1 and env_world_size() > 1:
+        raise ConfigError(f"recipe.nproc_per_node={nproc_per_node} under a launcher that already started "
+                          f"{env_world_size()} ranks (torchrun or SLURM tasks): set recipe.nproc_per_node=1")
+
+
+def _torchrun_rank(args: list[str], overrides: list[str]) -> int:
+    """A rank other than 0 under torchrun: no Hydra job (it would make a run directory of its
+    own); it joins the group, takes rank 0's config and directory, and trains beside it."""
+    from moe_lora.train import distributed
+    from moe_lora.train.runner import run
+
+    cfg = load_config(overrides)
+    dist = distributed.init_distributed(cfg.recipe.device)
+    cfg, run_dir = dist.broadcast(None)
+    run(cfg, run_dir, progress=False, dist=dist)
+    distributed.destroy()
+    return 0
+
+
 def cmd_train(args: list[str]) -> int:
     import hydra
 
+    from moe_lora.train.distributed import env_world_size
+
     flags, overrides = split_args(args)
+    multirun = "-m" in flags or "--multirun" in flags
+    torchrun = "TORCHELASTIC_RUN_ID" in os.environ or ("WORLD_SIZE" in os.environ and "SUBMITIT_FOLDER" not in os.environ)
+    if torchrun and env_world_size() > 1 and multirun:
+        return fail("torchrun starts one job; for a sweep use `moe-lora train -m ... recipe.nproc_per_node=N`")
     if not any(f in _SKIP_PRECHECK for f in flags) and "--cfg" not in flags and "-c" not in flags:
-        precheck(overrides, multirun="-m" in flags or "--multirun" in flags)
+        precheck(overrides, multirun=multirun)
+        if torchrun and env_world_size() > 1:
+            check_launch(load_config(overrides, check_files=False).recipe.nproc_per_node)
+            if int(os.environ.get("RANK", "0")) != 0:
+                return _torchrun_rank(args, overrides)
     sys.argv = ["moe-lora train", *args]
     main_fn = hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")(_train_job)
     main_fn()
+    from moe_lora.train.distributed import destroy
+
+    destroy()
     return 0
 
 

@@ -131,6 +131,10 @@ class RoutedConfig(AdapterConfig):
     # load balance and z-loss over real tokens only; false counts padding too (LoRAMoE's LBC has its
     # own switch, adapter.lbc_mask_padding)
     aux_mask_padding: bool = True
+    # data parallel: local = each rank's auxiliary losses on its own tokens (HF Mixtral, DeepSpeed-MoE,
+    # LoRAMoE's code); global = balance statistics summed over ranks first (Megatron), equal to the
+    # one-process loss of the global batch
+    aux_scope: str = "local"
     router_jitter: float = 0.0
     router_fp32: bool = True
 
@@ -147,6 +151,7 @@ class RoutedConfig(AdapterConfig):
             require(self.top_k <= outputs, "adapter.top_k", self.top_k, f"exceeds {named}")
         for key in ("lb_weight", "z_loss_weight", "router_jitter"):
             require(getattr(self, key) >= 0, f"adapter.{key}", getattr(self, key), "must be >= 0")
+        require(self.aux_scope in ("local", "global"), "adapter.aux_scope", self.aux_scope, "must be local or global")
 
 
 @dataclass
@@ -326,6 +331,9 @@ class RecipeConfig:
     realloc_prune: int = 4  # components moved per reallocation
     realloc_val_examples: int = 64  # validation examples that score components
     save_init_adapter: bool = False  # also save the adapter at initialisation (asymmetry analysis)
+    # data parallel: batch_size is per rank (global batch = batch_size x ranks); lr is never scaled
+    strategy: str = "ddp"  # ddp (trainable tensors reduced) | fsdp (FSDP2, frozen base sharded too)
+    nproc_per_node: int = 1  # local worker processes a Hydra job starts itself (1 under torchrun/SLURM tasks)
 
     def __post_init__(self) -> None:
         require(self.max_steps >= 1, "recipe.max_steps", self.max_steps, "must be >= 1")
@@ -348,6 +356,8 @@ class RecipeConfig:
         require(self.realloc_every is None or self.realloc_every >= 1, "recipe.realloc_every", self.realloc_every,
                 "must be >= 1 or null")
         require(self.realloc_prune >= 0, "recipe.realloc_prune", self.realloc_prune, "must be >= 0")
+        require(self.strategy in ("ddp", "fsdp"), "recipe.strategy", self.strategy, "must be ddp or fsdp")
+        require(self.nproc_per_node >= 1, "recipe.nproc_per_node", self.nproc_per_node, "must be >= 1")
 
 
 # ------------------------------------------------------------------------------------------------ eval

@@ -72,6 +72,7 @@ def aux_config(cfg: AdapterConfig) -> AuxLossConfig:
         lbc_beta=getattr(cfg, "lbc_beta", 0.0), lbc_delta=getattr(cfg, "lbc_delta", 0.0),
         lb_weight=getattr(cfg, "lb_weight", 0.0), z_loss_weight=getattr(cfg, "z_loss_weight", 0.0),
         lbc_mask_padding=getattr(cfg, "lbc_mask_padding", True), aux_mask_padding=getattr(cfg, "aux_mask_padding", True),
+        aux_scope=getattr(cfg, "aux_scope", "local"),
     )
 
 

@@ -6,6 +6,10 @@ one forward pass, or greedy generation when ``fast_em`` is off), ``generate`` (g
 cut at the set's stop strings, matched by its lm-eval rules) or ``response_loss`` (held-out
 instruction data of real sources; these write no prediction records: there is no prediction).
 CBQA numbers are macro means over sets, so a large set does not drown a small one.
+
+Data parallel, a ``shard`` (``train.distributed.Dist``) gives each rank the examples ``rank,
+rank + ranks, ...`` of every set; records and loss sums are gathered, so every rank returns the
+metrics and records of the whole set, in order.
 """
 
 from __future__ import annotations
@@ -13,13 +17,23 @@ from __future__ import annotations
 import contextlib
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from typing import Any, ContextManager
+from typing import Any, ContextManager, Protocol
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from moe_lora.config import EvalConfig
 from moe_lora.data.example import EvalSet, Example, Mixture
-from moe_lora.eval.metrics import answers, generated_em, response_loss, teacher_forced
+from moe_lora.eval.metrics import answers, generated_em, response_loss_sums, teacher_forced
+
+
+class Shard(Protocol):
+    """What evaluation needs of data parallelism (``train.distributed.Dist``)."""
+
+    def shard(self, n: int) -> range: ...
+
+    def gather(self, obj: Any) -> list[Any]: ...
+
+    def unshard(self, parts: list[list[Any]]) -> list[Any]: ...
 
 
 def _mean(xs: Sequence[float | bool | None]) -> float | None:
@@ -51,10 +65,14 @@ def _records(name: str, examples: Sequence[Example], preds: Sequence[str], corre
 def score_set(
     model: PreTrainedModel, tok: PreTrainedTokenizerBase, eval_set: EvalSet, examples: list[Example], *,
     fast_em: bool, max_length: int, eval_cfg: EvalConfig, chat_template: bool, progress: bool,
+    with_candidates: bool,
 ) -> tuple[list[bool], list[bool | None], list[dict]]:
-    """(correct, candidate choice correct, records) of one exact-match set."""
+    """(correct, candidate choice correct, records) of one exact-match set (or a shard of it;
+    ``with_candidates``: the whole set has candidate answers)."""
     candidate: list[bool | None] = []
-    if eval_set.metric == "teacher_forced" and (fast_em or any(e.candidates for e in examples)):
+    if not examples:
+        return [], [], []
+    if eval_set.metric == "teacher_forced" and (fast_em or with_candidates):
         tf = teacher_forced(model, tok, examples, max_length, eval_cfg.batch_size, chat_template)
         candidate = tf.candidate
         if fast_em:
@@ -69,6 +87,7 @@ def evaluate(
     model: PreTrainedModel, tok: PreTrainedTokenizerBase, mixture: Mixture, *, fast_em: bool, limit: int | None,
     max_length: int, eval_cfg: EvalConfig, chat_template: bool = False,
     autocast: Callable[[], ContextManager] = contextlib.nullcontext, progress: bool = False,
+    shard: Shard | None = None,
 ) -> tuple[dict[str, Any], list[dict]]:
     """(metrics, prediction records) over every set of ``mixture.eval``, ``limit`` examples each.
 
@@ -86,12 +105,19 @@ def evaluate(
         for eval_set in mixture.eval.values():
             examples = capped(eval_set, limit)
             counts[eval_set.task_type] += len(examples)
+            mine = examples if shard is None else [examples[i] for i in shard.shard(len(examples))]
             if eval_set.metric == "response_loss":
-                loss_by_set[eval_set.name] = response_loss(model, tok, examples, max_length, eval_cfg.batch_size,
-                                                           chat_template)
+                sums = response_loss_sums(model, tok, mine, max_length, eval_cfg.batch_size, chat_template)
+                total, count = map(sum, zip(*(shard.gather(sums) if shard else [sums]), strict=True))
+                loss_by_set[eval_set.name] = total / count if count else None
                 continue
-            correct, cand, recs = score_set(model, tok, eval_set, examples, fast_em=fast_em, max_length=max_length,
-                                            eval_cfg=eval_cfg, chat_template=chat_template, progress=progress)
+            scored = score_set(model, tok, eval_set, mine, fast_em=fast_em, max_length=max_length, eval_cfg=eval_cfg,
+                               chat_template=chat_template, progress=progress,
+                               with_candidates=any(e.candidates for e in examples))
+            if shard is not None:
+                parts = shard.gather(scored)
+                scored = tuple(shard.unshard([p[i] for p in parts]) for i in range(3))
+            correct, cand, recs = scored
             em_by_set[eval_set.name] = _mean(correct)
             records += recs
             if eval_set.task_type == "cbqa":

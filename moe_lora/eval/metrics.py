@@ -105,6 +105,15 @@ def response_loss(
 ) -> float | None:
     """Mean cross-entropy per response token (answer + EOS) over the whole set, so long responses
     weigh by their length as in training; None for an empty set."""
+    total, count = response_loss_sums(model, tok, examples, max_length, batch_size, chat_template)
+    return total / count if count else None
+
+
+def response_loss_sums(
+    model: PreTrainedModel, tok: PreTrainedTokenizerBase, examples: Sequence[Example], max_length: int,
+    batch_size: int, chat_template: bool = False,
+) -> tuple[float, int]:
+    """(summed cross-entropy, response tokens): shards of a set add up."""
     total, count = 0.0, 0
     for chunk in batches(examples, batch_size):
         batch = collate(chunk, tok, max_length, chat_template=chat_template)
@@ -113,4 +122,4 @@ def response_loss(
         scored = labels != IGNORE  # response positions only: B x T x V in float32 would not fit at paper scale
         total += float(F.cross_entropy(logits[:, :-1][scored].float(), labels[scored], reduction="sum"))
         count += int(scored.sum())
-    return total / count if count else None
+    return total, count

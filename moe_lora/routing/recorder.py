@@ -12,6 +12,11 @@ the arg-max expert under soft routing); CV = unbiased std / mean of importance o
 entropy = mean over tokens of -sum p ln p; null_rate = share of top-k slots that went to null
 experts; real_experts_per_token = mean number of real experts a token used (AdaMoE's saving);
 group_share = share of a task type's probability mass given to each expert group.
+
+Data parallel: the recorder is handed its reductions (it never imports ``torch.distributed``).
+``reduce`` sums the window's statistics over ranks at :meth:`flush`, so every row describes the
+global batch; ``grad_reduce`` (a differentiable sum) serves auxiliary losses of routers whose
+``aux_scope`` is ``global``.
 """
 
 from __future__ import annotations
@@ -37,14 +42,19 @@ class AuxLossConfig:
     z_loss_weight: float = 0.0
     lbc_mask_padding: bool = True  # the LBC over real tokens; LoRAMoE's released code counts padding (False)
     aux_mask_padding: bool = True  # the same for load balance and z-loss
+    aux_scope: str = "local"  # local: each rank's own tokens; global: statistics summed over ranks
 
 
 class RoutingRecorder:
     """Collects router outputs for aux losses (per micro-batch) and statistics (per window)."""
 
-    def __init__(self, task_types: tuple[str, ...] = TASK_TYPES, statistics: bool = True) -> None:
+    def __init__(
+        self, task_types: tuple[str, ...] = TASK_TYPES, statistics: bool = True,
+        reduce: losses.Reduce | None = None, grad_reduce: losses.Reduce | None = None,
+    ) -> None:
         self.task_types = task_types
         self.statistics = statistics
+        self.reduce, self.grad_reduce = reduce, grad_reduce
         self.active = False
         self._mask: torch.Tensor | None = None
         self._task: torch.Tensor | None = None
@@ -118,14 +128,16 @@ class RoutingRecorder:
         terms = []
         lbc_mask = mask if aux.lbc_mask_padding else torch.ones_like(mask)
         aux_mask = mask if aux.aux_mask_padding else torch.ones_like(mask)
+        red = self.grad_reduce if aux.aux_scope == "global" else None
         if aux.lbc_beta > 0:
             types = torch.stack([r.expert_type for r in routers])
-            terms.append(aux.lbc_beta * losses.lbc_loss(probs[..., :e], lbc_mask, self._task, types, aux.lbc_delta).sum())
+            lbc = losses.lbc_loss(probs[..., :e], lbc_mask, self._task, types, aux.lbc_delta, red)
+            terms.append(aux.lbc_beta * lbc.sum())
         if aux.lb_weight > 0 and selected is not None:
-            lb = losses.null_load_balance_loss(probs, selected, aux_mask, top_k, num_null)
+            lb = losses.null_load_balance_loss(probs, selected, aux_mask, top_k, num_null, red)
             terms.append(aux.lb_weight * lb.sum())
         if aux.z_loss_weight > 0:
-            terms.append(aux.z_loss_weight * losses.z_loss(logits, aux_mask).sum())
+            terms.append(aux.z_loss_weight * losses.z_loss(logits, aux_mask, red).sum())
         return torch.stack(terms).sum() if terms else None
 
     def _accumulate(
@@ -157,7 +169,14 @@ class RoutingRecorder:
     # ------------------------------------------------------------------------------ statistics
     def flush(self, step: int) -> list[dict]:
         """Statistics of the window since the last flush, one row per (module, task type), plus
-        a task type ``all``; the window is then reset. The only host sync of the recorder."""
+        a task type ``all``; the window is then reset. The only host sync of the recorder (and,
+        data parallel, its one all-reduce: every rank calls it at the same steps)."""
+        if self.reduce is not None and self._stats:
+            accs = list(self._stats.values())
+            parts = [t for a in accs for t in (a["sums"], a["tokens"])]
+            flat = self.reduce(torch.cat([t.reshape(-1) for t in parts]))
+            for t, total in zip(parts, flat.split([t.numel() for t in parts]), strict=True):
+                t.copy_(total.view(t.shape))
         rows = []
         for names, acc in self._stats.items():
             stacked, tokens, n = acc["sums"].double().cpu(), acc["tokens"].double().cpu(), acc["width"]

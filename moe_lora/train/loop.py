@@ -5,6 +5,12 @@ data order, step), so checkpoint/resume can save and restore exactly one object.
 deterministic for a given seed: data order comes from a seeded generator, and the only host syncs
 happen at logging steps (loss values and routing statistics are accumulated on the device in
 between). The forward runs under the run's autocast (bf16 / fp16); fp16 scales the loss.
+
+Data parallel (:mod:`moe_lora.train.distributed`): step t's global batch is the one-process batch
+of ``batch_size x ranks`` examples, rank r taking positions ``[rB, (r+1)B)``; the data order comes
+from the seed and the step alone, so any rank count sees the same global batches. Cross-entropy is
+summed and divided by the label tokens of the global batch, so the (averaged) gradient equals the
+one-process gradient; the logged loss, aux loss and token rate are global.
 """
 
 from __future__ import annotations
@@ -20,8 +26,11 @@ from transformers import PreTrainedModel
 
 from moe_lora.config import RecipeConfig
 from moe_lora.routing.recorder import RoutingRecorder
+from moe_lora.train.distributed import Dist, gradient_sync
 from moe_lora.train.precision import Precision, peak_memory_bytes, synchronize
 from moe_lora.train.schedule import optimizer_with_schedule
+
+IGNORE = -100  # label of positions without loss (prompt, padding), as transformers
 
 
 class Batches(Protocol):
@@ -73,14 +82,15 @@ class Throughput:
     start: float = field(default_factory=time.perf_counter)
     window_start: float = field(default_factory=time.perf_counter)
 
-    def row(self, step: int) -> dict[str, Any]:
+    def row(self, step: int, tokens: int) -> dict[str, Any]:
         """``{"step", "tokens_per_s", "peak_mem_bytes"}``: a line of its own in metrics.jsonl, never
-        on a loss line (resume compares loss lines byte for byte)."""
+        on a loss line (resume compares loss lines byte for byte). ``tokens``: of all ranks; the
+        peak memory is this rank's."""
         synchronize(self.device)
         now = time.perf_counter()
-        row = {"step": step, "tokens_per_s": self.tokens / max(now - self.window_start, 1e-9),
+        row = {"step": step, "tokens_per_s": tokens / max(now - self.window_start, 1e-9),
                "peak_mem_bytes": peak_memory_bytes(self.device)}
-        self.total_tokens += self.tokens
+        self.total_tokens += tokens
         self.tokens, self.window_start = 0, now
         return row
 
@@ -93,33 +103,43 @@ class Throughput:
 def train(
     state: TrainState, batches: Batches, recorder: RoutingRecorder, recipe: RecipeConfig, precision: Precision,
     log: Callable[[dict], None], log_routing: Callable[[list[dict]], None], progress: bool = True,
-    hooks: Sequence[Callable[[TrainState], None]] = (),
+    hooks: Sequence[Callable[[TrainState], None]] = (), dist: Dist | None = None, net: torch.nn.Module | None = None,
 ) -> dict[str, Any]:
     """Train until ``recipe.max_steps``; CE + auxiliary routing losses per micro-batch. ``hooks``
-    run after every optimiser step (ALoRA's rank reallocation). Returns throughput and memory."""
+    run after every optimiser step (ALoRA's rank reallocation). ``net`` is the module the forward
+    calls (DDP / FSDP-wrapped ``state.model``). Returns throughput and memory."""
+    dist = dist or Dist()
     model = state.model
-    forward = torch.compile(model) if recipe.compile else model  # opt-in; same parameters
+    net = net or model
+    forward = torch.compile(net) if recipe.compile else net  # opt-in; same parameters
     params = [p for p in model.parameters() if p.requires_grad]
     scaler = state.scaler or torch.amp.GradScaler(precision.device.type, enabled=False)
     device = precision.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model.train()
-    window = torch.zeros(3, device=device)  # sum of CE, sum of aux, micro-batches
+    window = torch.zeros(4, device=device)  # sum of CE, sum of aux, micro-batches, tokens (host count, added at logging)
     speed = Throughput(device)
     bar = tqdm(total=recipe.max_steps, initial=state.step, desc="fine-tune", disable=not progress, mininterval=1.0)
+    world, first = dist.world_size, dist.rank * recipe.batch_size
     while state.step < recipe.max_steps:
-        for _ in range(recipe.grad_accum):
-            batch = batches.batch(state.next_indices(recipe.batch_size, len(batches)))
+        for micro in range(recipe.grad_accum):
+            indices = state.next_indices(recipe.batch_size * world, len(batches))[first:first + recipe.batch_size]
+            batch = batches.batch(indices)
             speed.tokens += int(batch["attention_mask"].sum())  # counted on the host, before the copy
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            with recorder.batch(batch["attention_mask"], batch["task_type"]), precision.autocast():
-                ce = forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                             labels=batch["labels"]).loss
-            aux = recorder.pop_aux_loss()
-            aux = aux if aux is not None else ce.new_zeros(())
-            scaler.scale((ce.float() + aux.float()) / recipe.grad_accum).backward()
-            window += torch.stack([ce.detach().float(), aux.detach().float(), window.new_ones(())])
+            kwargs = {}
+            if dist.enabled:  # CE summed over this rank's label tokens / those of the global batch
+                kwargs["num_items_in_batch"] = dist.all_reduce((batch["labels"][:, 1:] != IGNORE).sum())
+            with gradient_sync(net, micro == recipe.grad_accum - 1):  # DDP reduces at the last micro-batch
+                with recorder.batch(batch["attention_mask"], batch["task_type"]), precision.autocast():
+                    ce = forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                 labels=batch["labels"], **kwargs).loss
+                aux = recorder.pop_aux_loss()
+                aux = aux if aux is not None else ce.new_zeros(())
+                # ranks' gradients are averaged: world x CE makes the sum of the ranks' CE sums
+                scaler.scale((ce.float() * world + aux.float()) / recipe.grad_accum).backward()
+            window[:3] += torch.stack([ce.detach().float(), aux.detach().float(), window.new_ones(())])
         scaler.unscale_(state.optimizer)
         if params and recipe.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, recipe.max_grad_norm)
@@ -135,11 +155,13 @@ def train(
             model.train()
         bar.update(1)
         if state.step % recipe.log_every == 0 or state.step == recipe.max_steps:
-            ce_sum, aux_sum, n = window.tolist()
-            row = {"step": state.step, "loss": ce_sum / n, "aux_loss": aux_sum / n,
+            window[3] = speed.tokens
+            ce_sum, aux_sum, n, tokens = dist.all_reduce(window).tolist()
+            row = {"step": state.step, "loss": ce_sum * world / n, "aux_loss": aux_sum / n,
                    "lr": state.scheduler.get_last_lr()[0]}
             log(row)
-            log(speed.row(state.step))
+            speed.tokens = 0
+            log(speed.row(state.step, round(tokens)))
             log_routing(recorder.flush(state.step))
             bar.set_postfix(loss=f"{row['loss']:.3f}", aux=f"{row['aux_loss']:.4f}", refresh=False)
             window.zero_()

@@ -2,6 +2,7 @@
 
 ``run`` is called by the CLI inside a Hydra job with a validated :class:`TrainConfig` and a fresh
 run directory. Results are written atomically, so a crashed run never leaves a ``results.json``.
+Data parallel, every rank runs it with the same config and directory; only rank 0 writes.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from moe_lora.eval.evaluate import evaluate, knowledge_retained
 from moe_lora.models import hub_model, world_model
 from moe_lora.routing.recorder import RoutingRecorder
 from moe_lora.tracking import Tracker, write_json_atomic, write_jsonl_atomic
+from moe_lora.train.distributed import Dist, current, full_tensor, rank_device, wrap_model
 from moe_lora.train.loop import init_state, train
 from moe_lora.train.precision import Precision, make_precision
 
@@ -46,10 +48,11 @@ def load_base(cfg: TrainConfig, world: World | None, progress: bool = True):
 
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Trainable parameters plus adapter buffers (named ``adapter_*``, e.g. ALoRA's active mask)."""
+    """Trainable parameters plus adapter buffers (named ``adapter_*``, e.g. ALoRA's active mask);
+    FSDP-sharded ones gathered whole (so every rank must call it)."""
     state = {n: p for n, p in model.named_parameters() if p.requires_grad}
     state |= {n: b for n, b in model.named_buffers() if n.rsplit(".", 1)[-1].startswith("adapter_")}
-    return {n: t.detach().cpu().contiguous() for n, t in state.items()}
+    return {n: full_tensor(t.detach()).cpu().contiguous() for n, t in state.items()}
 
 
 def load_adapter(model: nn.Module, path: Path) -> None:
@@ -71,13 +74,16 @@ def build_mixture(cfg: TrainConfig, world: World | None) -> Mixture:
     return world_mixture(cfg.data, world, cfg.seed)
 
 
-def setup(cfg: TrainConfig, progress: bool = True):
-    """Seeded world, base model (on its device) and mixture (shared by `train` and `eval`)."""
+def setup(cfg: TrainConfig, progress: bool = True, dist: Dist | None = None):
+    """Seeded world, base model (on its device) and mixture (shared by `train` and `eval`). Data
+    parallel, rank 0 goes first: it fills the caches (pretrained world model) the others read."""
+    dist = dist or Dist()
     torch.set_num_threads(cfg.recipe.threads or os.cpu_count() or 1)
     torch.manual_seed(cfg.seed)
-    precision = make_precision(cfg.recipe.device, cfg.recipe.precision, cfg.model.dtype)
+    precision = make_precision(rank_device(cfg.recipe.device, dist), cfg.recipe.precision, cfg.model.dtype)
     world = World(cfg.data.world) if cfg.model.source == "world" or not cfg.data.sources else None
-    model, tok = load_base(cfg, world, progress)
+    with dist.main_first():
+        model, tok = load_base(cfg, world, progress and dist.is_main)
     model.to(precision.device)
     if cfg.model.gradient_checkpointing:
         enable_checkpointing(model)
@@ -106,11 +112,13 @@ def validation_loss(model: nn.Module, batch: dict[str, torch.Tensor], precision:
     return float(loss)
 
 
-def run_eval(model, tok, mixture: Mixture, cfg: TrainConfig, precision: Precision, progress: bool = False):
-    """(metrics, prediction records) of one model on every evaluation set of the mixture."""
+def run_eval(model, tok, mixture: Mixture, cfg: TrainConfig, precision: Precision, progress: bool = False,
+             dist: Dist | None = None):
+    """(metrics, prediction records) of one model on every evaluation set of the mixture; given a
+    ``dist``, each rank scores its shard of every set and the records are gathered."""
     return evaluate(model, tok, mixture, fast_em=cfg.model.source == "world", limit=cfg.recipe.eval_limit,
                     max_length=cfg.data.max_length, eval_cfg=cfg.eval, chat_template=cfg.data.chat_template,
-                    autocast=precision.autocast, progress=progress)
+                    autocast=precision.autocast, progress=progress, shard=dist)
 
 
 def prepare_trainable(model: nn.Module, cfg: TrainConfig, trains_base: bool) -> None:
@@ -121,63 +129,90 @@ def prepare_trainable(model: nn.Module, cfg: TrainConfig, trains_base: bool) -> 
         model.to(getattr(torch, cfg.adapter.dtype))
 
 
-def run(cfg: TrainConfig, run_dir: Path, progress: bool = True) -> dict[str, Any]:
+def run(cfg: TrainConfig, run_dir: Path, progress: bool = True, dist: Dist | None = None) -> dict[str, Any] | None:
+    """Train, evaluate and write the run's files; the results (``None`` on ranks other than 0)."""
     start = time.time()
+    dist = dist or current()
+    main = dist.is_main
+    progress = progress and main
     resolved = OmegaConf.to_container(OmegaConf.structured(cfg))
-    OmegaConf.save(OmegaConf.create(resolved), run_dir / "config.yaml")
-    precision, model, tok, mixture = setup(cfg, progress)
+    if main:
+        OmegaConf.save(OmegaConf.create(resolved), run_dir / "config.yaml")
+    precision, model, tok, mixture = setup(cfg, progress, dist)
     spec = ADAPTERS.get(cfg.adapter.name)
     prepare_trainable(model, cfg, spec.trains_base)  # before the base evaluation: base and tuned in one dtype
-    base, base_predictions = run_eval(model, tok, mixture, cfg, precision, progress)
+    base, base_predictions = run_eval(model, tok, mixture, cfg, precision, progress, dist)
     torch.manual_seed(cfg.seed)  # adapter init depends on the run seed only
-    recorder = RoutingRecorder()
+    recorder = RoutingRecorder(reduce=dist.all_reduce if dist.enabled else None,
+                               grad_reduce=dist.all_reduce_grad if dist.enabled else None)
     adapted = inject_adapter(model, cfg.adapter, cfg.model, cfg.layout, recorder)
     params = count_parameters(model)
-    if cfg.recipe.save_init_adapter:
+    if cfg.recipe.save_init_adapter and main:
         save_file(adapter_state(model), str(run_dir / INIT_ADAPTER_FILE))
-    tracker = Tracker(run_dir, cfg.logger, resolved, name=run_dir.name)
+    tracker = Tracker(run_dir, cfg.logger, resolved, name=run_dir.name) if main else None
     results: dict[str, Any] | None = None
     try:
         final_routing: dict[str, dict] = {}
 
+        def log_row(row: dict) -> None:
+            if tracker is not None:
+                tracker.log(row)
+
         def log_routing(rows: list[dict]) -> None:
-            tracker.log_routing(rows)
+            if tracker is not None:
+                tracker.log_routing(rows)
             for r in rows:
                 final_routing.setdefault(r["module"], {})[r["task_type"]] = r
 
         perf: dict[str, Any] = {}
+        sharded = dist.enabled and cfg.recipe.strategy == "fsdp"
         if params["trainable"] > 0:
+            net = wrap_model(model, cfg.recipe.strategy, dist, precision.device)  # before the optimiser (FSDP)
             state = init_state(model, cfg.recipe, cfg.seed, precision)
             hooks = []
             if spec.make_hook is not None:
                 val = collate(mixture.validation[: cfg.recipe.realloc_val_examples], tok, cfg.data.max_length,
                               chat_template=cfg.data.chat_template)
                 val = {k: v.to(precision.device) for k, v in val.items()}
-                ctx = HookContext(val_loss=lambda: validation_loss(model, val, precision), recipe=cfg.recipe,
-                                  log=tracker.log)
+                # rank 0's value on every rank: the ranks' decisions (ALoRA's pruning) stay identical
+                ctx = HookContext(val_loss=lambda: dist.broadcast(validation_loss(model, val, precision)),
+                                  recipe=cfg.recipe, log=log_row)
                 hooks.append(spec.make_hook(model, cfg.adapter, ctx))
-            batches = training_batches(mixture, tok, cfg)
-            if batches.truncated:  # counted, never silent (also results.json["perf"]["truncated"])
+            with dist.main_first():  # rank 0 fills the tokenisation cache
+                batches = training_batches(mixture, tok, cfg)
+            if batches.truncated and main:  # counted, never silent (also results.json["perf"]["truncated"])
                 log.warning("%d of %d training examples were cut to data.max_length=%d (%d of them inside the answer)",
                             batches.truncated, len(batches), cfg.data.max_length, batches.answer_cut)
-            perf = train(state, batches, recorder, cfg.recipe, precision, tracker.log, log_routing, progress, hooks)
-            perf |= {"truncated": batches.truncated, "answer_cut": batches.answer_cut}
-        tuned, tuned_predictions = run_eval(model, tok, mixture, cfg, precision, progress)
-        if cfg.eval.harness.tasks:
+            if main and dist.enabled:
+                print(f"data parallel: {dist.world_size} ranks ({cfg.recipe.strategy}), global batch "
+                      f"{cfg.recipe.batch_size * dist.world_size * cfg.recipe.grad_accum} = recipe.batch_size "
+                      f"{cfg.recipe.batch_size} x {dist.world_size} ranks x recipe.grad_accum {cfg.recipe.grad_accum}")
+            perf = train(state, batches, recorder, cfg.recipe, precision, log_row, log_routing, progress, hooks,
+                         dist=dist, net=net)
+            perf |= {"truncated": batches.truncated, "answer_cut": batches.answer_cut,
+                     "ranks": dist.world_size, "strategy": cfg.recipe.strategy if dist.enabled else None,
+                     "global_batch": cfg.recipe.batch_size * dist.world_size * cfg.recipe.grad_accum}
+        # FSDP's forward gathers shards collectively: every rank must run every batch (no sharded eval)
+        tuned, tuned_predictions = run_eval(model, tok, mixture, cfg, precision, progress, None if sharded else dist)
+        if cfg.eval.harness.tasks and main:
             from moe_lora.eval.harness import run_harness
 
             tuned["harness"] = run_harness(model, tok, cfg.eval.harness, device=precision.device,
                                            autocast=precision.autocast)
-        write_predictions(run_dir / PREDICTIONS_FILE, base_predictions, tuned_predictions)
-        save_file(adapter_state(model), str(run_dir / ADAPTER_FILE))
-        results = build_results(cfg, resolved, base, tuned, params, adapted, final_routing, time.time() - start)
-        results["perf"] = perf
-        results["data"] = mixture.info
-        if spec.report is not None:
-            results["adapter_report"] = spec.report(model)
-        write_json_atomic(run_dir / "results.json", results)
+        adapter = adapter_state(model)  # collective under FSDP
+        if main:
+            write_predictions(run_dir / PREDICTIONS_FILE, base_predictions, tuned_predictions)
+            save_file(adapter, str(run_dir / ADAPTER_FILE))
+            results = build_results(cfg, resolved, base, tuned, params, adapted, final_routing, time.time() - start)
+            results["perf"] = perf
+            results["data"] = mixture.info
+            if spec.report is not None:
+                results["adapter_report"] = spec.report(model)
+            write_json_atomic(run_dir / "results.json", results)
     finally:
-        tracker.finish(results)
+        if tracker is not None:
+            tracker.finish(results)
+    dist.barrier()  # no rank leaves (and tears the group down) before rank 0 has written
     return results
 
 
