@@ -75,9 +75,11 @@ def one_line(exc: BaseException) -> str:
         close = difflib.get_close_matches(missing, exc.options, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         return f"{str(exc).splitlines()[0]}{hint} (available: {', '.join(sorted(exc.options))})"
-    from hydra.errors import HydraException
+    from hydra.errors import HydraException, OverrideParseException
     from omegaconf.errors import OmegaConfBaseException
 
+    if isinstance(exc, OverrideParseException) and exc.override and exc.override not in str(exc):
+        return f"cannot parse override {exc.override!r}: {str(exc).strip().splitlines()[0]}"
     inner, cur = exc, exc
     while (cur := cur.__cause__ or cur.__context__) is not None:  # first formatted Hydra/OmegaConf cause
         if isinstance(cur, (HydraException, OmegaConfBaseException)) and "$" not in str(cur):
@@ -121,7 +123,7 @@ def expand_sweeps(overrides: list[str], limit: int = 256) -> list[list[str]]:
     return [list(c) for c in itertools.islice(itertools.product(*axes), limit)]
 
 
-def compose(overrides: list[str]):
+def compose(overrides: list[str], return_hydra_config: bool = False):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
@@ -129,7 +131,7 @@ def compose(overrides: list[str]):
     import moe_lora.config  # noqa: F401
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="moe_lora"):
-        return hydra_compose(config_name="train", overrides=overrides)
+        return hydra_compose(config_name="train", overrides=overrides, return_hydra_config=return_hydra_config)
 
 
 def to_config(dcfg, check_files: bool = True):
@@ -155,13 +157,36 @@ def load_config(overrides: list[str], check_files: bool = True):
 
 
 def precheck(overrides: list[str], multirun: bool) -> None:
-    for combo in expand_sweeps(overrides) if multirun else [overrides]:
-        load_config(combo)
+    cfgs = [load_config(combo) for combo in (expand_sweeps(overrides) if multirun else [overrides])]
+    check_output_dir(expand_sweeps(overrides)[0] if multirun else overrides, multirun, cfgs[0])
+
+
+def check_output_dir(overrides: list[str], multirun: bool, cfg) -> None:
+    """Before Hydra creates anything: the run (sweep) folder can be created, and a run folder holds
+    no earlier run's results nor checkpoints unless ``resume`` says to continue it."""
+    from omegaconf import OmegaConf
+
+    from moe_lora.errors import ConfigError
+    from moe_lora.train.checkpoint import plan
+    from moe_lora.train.runner import resolved_config
+
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    out = Path(OmegaConf.select(compose(overrides, return_hydra_config=True), key))
+    if not multirun:
+        plan(out, cfg.resume, resolved_config(cfg), sweep=False)
+    probe = out
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}={str(out)!r} cannot be created: {probe} is not a writable folder")
 
 
 # ----------------------------------------------------------------------------------------- train
 def _remove_fresh_run_dir(run_dir: Path) -> None:
-    """Undo what Hydra created for a job that never started; never touch anything else."""
+    """Undo what Hydra created for a job that never started, in a folder holding nothing else (a
+    folder with a run in it is never touched)."""
+    if not run_dir.is_dir() or set(os.listdir(run_dir)) - {".hydra", "train.log", "moe_lora.log"}:
+        return
     shutil.rmtree(run_dir / ".hydra", ignore_errors=True)
     for name in ("train.log", "moe_lora.log"):
         (run_dir / name).unlink(missing_ok=True)
@@ -171,37 +196,38 @@ def _remove_fresh_run_dir(run_dir: Path) -> None:
 
 def _train_job(dcfg) -> float | None:
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
     from omegaconf import OmegaConf
 
     from moe_lora.errors import ConfigError
-    from moe_lora.tracking import write_json_atomic
-    from moe_lora.train import distributed
-    from moe_lora.train.runner import run, summary_table
+    from moe_lora.train import checkpoint, distributed
+    from moe_lora.train.runner import resolved_config, summary_table
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
+    sweep = hydra_cfg.mode == RunMode.MULTIRUN
     n_jobs = OmegaConf.select(hydra_cfg, "launcher.n_jobs") if "joblib" in str(hydra_cfg.launcher.get("_target_")) else 1
     try:
         cfg = to_config(dcfg)
         if cfg.recipe.threads is None and n_jobs and n_jobs > 1:  # parallel local jobs share the cores
             cfg.recipe.threads = max(1, (os.cpu_count() or 1) // n_jobs)
         check_launch(cfg.recipe.nproc_per_node)
+        dist = distributed.init_distributed(cfg.recipe.device)  # ranks from torchrun or submitit's tasks
+        job = checkpoint.plan(run_dir, cfg.resume, resolved_config(cfg), sweep) if dist.is_main else None
     except ConfigError:
         _remove_fresh_run_dir(run_dir)
         raise
-    dist = distributed.init_distributed(cfg.recipe.device)  # ranks from torchrun or submitit's tasks
-    cfg, run_dir = dist.broadcast((cfg, run_dir))  # rank 0 decides; under torchrun the others wait here
-    try:
-        if cfg.recipe.nproc_per_node > 1:
-            distributed.spawn(cfg.recipe.nproc_per_node, _rank_worker, cfg, run_dir)
-            results = json.loads((run_dir / "results.json").read_text())
-        else:
-            results = run(cfg, run_dir, progress=True, dist=dist)
-    except Exception as exc:  # recorded for `moe-lora report`; the sweep's other jobs go on
-        if dist.is_main:
-            write_json_atomic(run_dir / "failure.json", {"error": f"{type(exc).__name__}: {exc}",
-                                                          "traceback": traceback.format_exc()})
-        raise
+    cfg, run_dir, job = dist.broadcast((cfg, run_dir, job))  # rank 0 decides; under torchrun the others wait here
+    if dist.is_main and job.action != "new":
+        what = {"skip": "finished before with this config: skipped", "rerun": "the earlier attempt failed: rerun",
+                "resume": f"resuming from {job.checkpoint.name if job.checkpoint else ''}"}[job.action]
+        print(f"{run_dir}: {what}", flush=True)
+    if job.action == "skip":
+        results = json.loads((run_dir / "results.json").read_text())
+    else:
+        if dist.is_main and job.action == "rerun":
+            checkpoint.clear_failed_attempt(run_dir)
+        results = _run_or_record(cfg, run_dir, dist, job.checkpoint, sweep)
     if not dist.is_main:
         return None
     print(summary_table(results))
@@ -210,13 +236,54 @@ def _train_job(dcfg) -> float | None:
     return float(value) if isinstance(value, (int, float)) else None
 
 
-def _rank_worker(cfg, run_dir: Path) -> None:
-    """One of ``recipe.nproc_per_node`` local ranks (a fresh process: see distributed.spawn)."""
-    _environment()
-    from moe_lora.train import distributed
+def _run_or_record(cfg, run_dir: Path, dist, resume: Path | None, sweep: bool) -> dict | None:
+    """Run (or spawn the ranks that run) one job. A failure is recorded in ``failure.json`` for
+    `moe-lora report`; in a sweep the other jobs go on. A preemption exits with 75 after the
+    checkpoint, handing the signal on (submitit requeues); a ``ConfigError`` raised while running
+    (non-finite loss, full disk) ends a single run with its one line, not a traceback."""
+    from moe_lora.errors import ConfigError
+    from moe_lora.tracking import write_json_atomic
+    from moe_lora.train import distributed, preempt
+    from moe_lora.train.loop import Preempted
     from moe_lora.train.runner import run
 
-    run(cfg, run_dir, progress=True, dist=distributed.init_distributed(cfg.recipe.device))
+    try:
+        if cfg.recipe.nproc_per_node > 1:
+            with preempt.preemption() as stop:  # the workers checkpoint; this process waits for them
+                try:
+                    distributed.spawn(cfg.recipe.nproc_per_node, _rank_worker, cfg, run_dir, resume)
+                except Exception:
+                    if stop():
+                        raise Preempted(stop()) from None
+                    raise
+            return json.loads((run_dir / "results.json").read_text())
+        return run(cfg, run_dir, progress=True, dist=dist, resume=resume)
+    except Preempted as exc:
+        print(f"moe-lora: stopped by signal {exc.signum} after a checkpoint in {run_dir / 'checkpoints'}; continue "
+              f"with resume={run_dir} hydra.run.dir={run_dir}", file=sys.stderr, flush=True)
+        preempt.chain(exc.signum)
+        sys.exit(preempt.EX_TEMPFAIL)
+    except Exception as exc:
+        if dist.is_main:
+            with contextlib.suppress(ConfigError):  # a full disk must not hide the first error
+                write_json_atomic(run_dir / "failure.json", {"error": f"{type(exc).__name__}: {exc}",
+                                                              "traceback": traceback.format_exc()})
+        if isinstance(exc, ConfigError) and not sweep and not dist.enabled:
+            sys.exit(fail(one_line(exc), code=1))
+        raise
+
+
+def _rank_worker(cfg, run_dir: Path, resume: Path | None = None) -> None:
+    """One of ``recipe.nproc_per_node`` local ranks (a fresh process: see distributed.spawn)."""
+    _environment()
+    from moe_lora.train import distributed, preempt
+    from moe_lora.train.loop import Preempted
+    from moe_lora.train.runner import run
+
+    try:
+        run(cfg, run_dir, progress=True, dist=distributed.init_distributed(cfg.recipe.device), resume=resume)
+    except Preempted:
+        sys.exit(preempt.EX_TEMPFAIL)
 
 
 def check_launch(nproc_per_node: int) -> None:
@@ -232,13 +299,18 @@ def check_launch(nproc_per_node: int) -> None:
 def _torchrun_rank(args: list[str], overrides: list[str]) -> int:
     """A rank other than 0 under torchrun: no Hydra job (it would make a run directory of its
     own); it joins the group, takes rank 0's config and directory, and trains beside it."""
-    from moe_lora.train import distributed
+    from moe_lora.train import distributed, preempt
+    from moe_lora.train.loop import Preempted
     from moe_lora.train.runner import run
 
     cfg = load_config(overrides)
     dist = distributed.init_distributed(cfg.recipe.device)
-    cfg, run_dir = dist.broadcast(None)
-    run(cfg, run_dir, progress=False, dist=dist)
+    cfg, run_dir, job = dist.broadcast(None)
+    if job.action != "skip":
+        try:
+            run(cfg, run_dir, progress=False, dist=dist, resume=job.checkpoint)
+        except Preempted:
+            return preempt.EX_TEMPFAIL
     distributed.destroy()
     return 0
 
@@ -250,7 +322,7 @@ def cmd_train(args: list[str]) -> int:
 
     flags, overrides = split_args(args)
     multirun = "-m" in flags or "--multirun" in flags
-    torchrun = "TORCHELASTIC_RUN_ID" in os.environ or ("WORLD_SIZE" in os.environ and "SUBMITIT_FOLDER" not in os.environ)
+    torchrun = "TORCHELASTIC_RUN_ID" in os.environ or ("WORLD_SIZE" in os.environ and "SUBMITIT_EXECUTOR" not in os.environ)
     if torchrun and env_world_size() > 1 and multirun:
         return fail("torchrun starts one job; for a sweep use `moe-lora train -m ... recipe.nproc_per_node=N`")
     if not any(f in _SKIP_PRECHECK for f in flags) and "--cfg" not in flags and "-c" not in flags:

@@ -333,6 +333,10 @@ class RecipeConfig:
     save_init_adapter: bool = False  # also save the adapter at initialisation (asymmetry analysis)
     # data parallel: batch_size is per rank (global batch = batch_size x ranks); lr is never scaled
     strategy: str = "ddp"  # ddp (trainable tensors reduced) | fsdp (FSDP2, frozen base sharded too)
+    # checkpoints/step-<n> every save_every steps (null: only at the end and on SIGTERM / SIGUSR2)
+    save_every: Optional[int] = None
+    keep_checkpoints: int = 2  # newest checkpoints kept
+    on_nonfinite: str = "stop"  # stop: fail naming the step and module; skip: skip the step (counted)
     nproc_per_node: int = 1  # local worker processes a Hydra job starts itself (1 under torchrun/SLURM tasks)
 
     def __post_init__(self) -> None:
@@ -358,6 +362,10 @@ class RecipeConfig:
         require(self.realloc_prune >= 0, "recipe.realloc_prune", self.realloc_prune, "must be >= 0")
         require(self.strategy in ("ddp", "fsdp"), "recipe.strategy", self.strategy, "must be ddp or fsdp")
         require(self.nproc_per_node >= 1, "recipe.nproc_per_node", self.nproc_per_node, "must be >= 1")
+        require(self.save_every is None or self.save_every >= 1, "recipe.save_every", self.save_every,
+                "must be >= 1 or null")
+        require(self.keep_checkpoints >= 1, "recipe.keep_checkpoints", self.keep_checkpoints, "must be >= 1")
+        require(self.on_nonfinite in ("stop", "skip"), "recipe.on_nonfinite", self.on_nonfinite, "must be stop or skip")
 
 
 # ------------------------------------------------------------------------------------------------ eval
@@ -471,6 +479,9 @@ class TrainConfig:
     label: Optional[str] = None  # the report row this run belongs to (default: adapter + layout)
     cache_dir: str = "outputs/cache"
     run_dir: Optional[str] = None  # only for `moe-lora eval`
+    # continue a run from its newest checkpoint: its directory (= hydra.run.dir), or auto (this
+    # job's own directory if it has a checkpoint, else a fresh start: sweeps and requeued jobs)
+    resume: Optional[str] = None
     claims: List[ClaimConfig] = field(default_factory=list)  # judged by `moe-lora report`
 
 

@@ -7,6 +7,12 @@ class ConfigError(ValueError):
     """A config value or input file is wrong; the message names the key (``adapter.top_k=9 ...``)."""
 
 
+class OutputError(ConfigError):
+    """The run directory cannot be written (full disk, no permission, a file where a folder should
+    be). A ``ConfigError`` so that the CLI prints it as one ``moe-lora: error:`` line; the ``OSError``
+    is its ``__cause__``."""
+
+
 def require(cond: bool, key: str, value: object, why: str) -> None:
     """Raise ``ConfigError`` naming ``key`` unless ``cond`` holds. Used instead of ``assert``."""
     if not cond:

@@ -1,12 +1,18 @@
 """Run logging: JSONL files in the run directory (always), plus Weights & Biases when enabled.
 
 W&B is always started with an explicit mode and its files under the run directory, so it never
-prompts for a key and never blocks on a missing network (``offline`` is the default mode).
+prompts for a key and never blocks on a missing network (``offline`` is the default mode). W&B is a
+mirror, never the record: when it fails (``init``, ``log`` or ``finish`` raising: an unwritable
+offline folder, no network online) the run warns once and goes on with the JSONL files alone. The
+JSONL files are the record, so a failure to write them (a full disk, an unwritable folder) stops the
+run with an :class:`OutputError` naming the file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Callable
@@ -14,18 +20,32 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from moe_lora.config import LoggerConfig
+from moe_lora.errors import OutputError
+
+log = logging.getLogger(__name__)
+
+
+def output_error(path: Path, exc: OSError) -> OutputError:
+    reason = exc.strerror or type(exc).__name__
+    return OutputError(f"cannot write {path}: {reason} (free space, or choose a writable hydra.run.dir)")
 
 
 def _write_atomic(path: Path, write: Callable[[TextIO], None]) -> None:
-    """Write to a temporary file in the same folder, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Write to a temporary file in the same folder, then rename: readers never see half a file, and
+    a failed write (full disk) leaves the previous version in place."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise output_error(path, exc) from exc
     try:
         with os.fdopen(fd, "w") as f:
             write(f)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise output_error(path, exc) from exc
         raise
 
 
@@ -38,45 +58,111 @@ def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
     _write_atomic(path, lambda f: f.writelines(json.dumps(row) + "\n" for row in rows))
 
 
+class JsonlFile:
+    """An append-only JSONL file, written unbuffered one call at a time. A write that fails part way
+    (disk full) is cut back to the file's previous length, so the file only ever holds whole lines
+    and its byte length marks a position a resume can truncate to."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self._file = open(path, "ab", buffering=0)  # noqa: SIM115 (open for the run, closed in close)
+        except OSError as exc:
+            raise output_error(path, exc) from exc
+
+    def append(self, rows: list[dict]) -> None:
+        data = memoryview("".join(json.dumps(row) + "\n" for row in rows).encode())
+        fd = self._file.fileno()
+        size = None
+        try:
+            size = os.fstat(fd).st_size
+            while data:
+                data = data[self._file.write(data):]
+        except OSError as exc:
+            if size is not None:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, size)
+            raise output_error(self.path, exc) from exc
+
+    def close(self) -> None:
+        self._file.close()  # unbuffered: nothing is left to flush, so closing cannot fail on a full disk
+
+
 class Tracker:
     """``metrics.jsonl`` (step, loss, aux_loss, lr), ``routing.jsonl`` (statistics per window)."""
 
     def __init__(self, run_dir: Path, cfg: LoggerConfig, config: dict, name: str) -> None:
         self.run_dir = run_dir
-        run_dir.mkdir(parents=True, exist_ok=True)
-        self._metrics = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115 (open for the run, closed in finish)
-        self._routing = open(run_dir / "routing.jsonl", "a")  # noqa: SIM115
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise output_error(run_dir, exc) from exc
+        self._metrics = JsonlFile(run_dir / "metrics.jsonl")
+        try:
+            self._routing = JsonlFile(run_dir / "routing.jsonl")
+        except OutputError:
+            self._metrics.close()
+            raise
         self._wandb = None
         if cfg.wandb.enabled and cfg.wandb.mode != "disabled":
-            os.environ.setdefault("WANDB_SILENT", "true")
-            import wandb
+            self._wandb = self._wandb_call("wandb.init", _wandb_init, cfg, run_dir, config, name)
 
-            self._wandb = wandb.init(
-                project=cfg.wandb.project, entity=cfg.wandb.entity, mode=cfg.wandb.mode, dir=str(run_dir),
-                name=name, config=config, tags=list(cfg.wandb.tags), reinit="finish_previous",
-                settings=wandb.Settings(console="off", silent=True),
-            )
+    def _wandb_call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)``; when it raises, W&B is off for the rest of the run, with one warning."""
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:  # wandb raises its own errors, OSError, ConnectionError, ...
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            log.warning("%s failed (%s%s); W&B is off for the rest of this run, metrics.jsonl and routing.jsonl "
+                        "in %s go on", what, type(exc).__name__, f": {detail}" if detail else "", self.run_dir)
+            run, self._wandb = self._wandb, None
+            if run is not None and what != "wandb.finish":  # end its background process; it failed once already
+                with contextlib.suppress(Exception):
+                    run.finish(exit_code=1)
+            return None
+
+    def lengths(self) -> dict[str, int]:
+        """Byte lengths of the JSONL logs (a checkpoint records them; a resume cuts back to them)."""
+        return {f.path.name: f.path.stat().st_size for f in (self._metrics, self._routing)}
 
     def log(self, row: dict) -> None:
-        self._metrics.write(json.dumps(row) + "\n")
-        self._metrics.flush()
+        self._metrics.append([row])
         if self._wandb is not None:
-            self._wandb.log({f"train/{k}": v for k, v in row.items() if k != "step"}, step=row["step"])
+            self._wandb_call("wandb.log", self._wandb.log, {f"train/{k}": v for k, v in row.items() if k != "step"},
+                             step=row["step"])
 
     def log_routing(self, rows: list[dict]) -> None:
-        for row in rows:
-            self._routing.write(json.dumps(row) + "\n")
-        self._routing.flush()
+        self._routing.append(rows)
         if self._wandb is not None and rows:
             data = {f"routing/cv/{r['module']}": r["cv"] for r in rows if r["task_type"] == "all"}
             data |= {f"routing/entropy/{r['module']}": r["entropy"] for r in rows if r["task_type"] == "all"}
-            self._wandb.log(data, step=rows[0]["step"])
+            self._wandb_call("wandb.log", self._wandb.log, data, step=rows[0]["step"])
 
     def finish(self, results: dict | None = None) -> None:
-        self._metrics.close()
-        self._routing.close()
-        if self._wandb is not None:
-            if results is not None:
-                self._wandb.summary.update({f"metrics/{k}": v for k, v in results.get("metrics", {}).items()
-                                            if isinstance(v, (int, float))})
-            self._wandb.finish()
+        try:
+            self._metrics.close()
+            self._routing.close()
+        finally:
+            if self._wandb is not None:
+                self._wandb_call("wandb.finish", _wandb_finish, self._wandb, results)
+                self._wandb = None
+
+
+def _wandb_init(cfg: LoggerConfig, run_dir: Path, config: dict, name: str):
+    os.environ.setdefault("WANDB_SILENT", "true")
+    import wandb
+
+    return wandb.init(
+        project=cfg.wandb.project, entity=cfg.wandb.entity, mode=cfg.wandb.mode, dir=str(run_dir),
+        name=name, config=config, tags=list(cfg.wandb.tags), reinit="finish_previous",
+        settings=wandb.Settings(console="off", silent=True),
+    )
+
+
+def _wandb_finish(run, results: dict | None) -> None:
+    try:
+        if results is not None:
+            run.summary.update({f"metrics/{k}": v for k, v in results.get("metrics", {}).items()
+                                if isinstance(v, (int, float))})
+    finally:
+        run.finish()

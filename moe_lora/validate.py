@@ -47,6 +47,8 @@ def validate(cfg: TrainConfig, check_files: bool = True) -> None:
             check_sources(cfg.data)
     if cfg.data.sources:
         check_real_data(cfg, spec.wrap is not None or spec.trains_base)
+        if check_files and (spec.wrap is not None or spec.trains_base):
+            check_max_length(cfg)
     cfg.model = read_architecture(cfg.model)
     if getattr(cfg.adapter, "expert_compute", "dense") == "grouped":
         check_grouped(cfg)
@@ -68,6 +70,22 @@ def check_real_data(cfg: TrainConfig, trains: bool) -> None:
         names = ", ".join(cfg.data.sources)
         raise ConfigError(f"data.sources ({names}) give no training examples: every split is null or every "
                           "num_examples / weight is 0 (data.sources.<name>.split, .num_examples, .weight)")
+
+
+def check_max_length(cfg: TrainConfig, n: int = 16) -> None:
+    """A ``data.max_length`` that cuts every example would train on answers without their questions
+    (a warning at step 0 today): fail here, from the first ``n`` training rows of each source."""
+    from transformers import AutoTokenizer
+
+    from moe_lora.data.collate import encode_example
+    from moe_lora.data.sources import first_examples
+
+    examples = first_examples(cfg.data, n)
+    tok = AutoTokenizer.from_pretrained(resolve_hub_path(cfg.model), trust_remote_code=cfg.model.trust_remote_code)
+    max_length, chat = cfg.data.max_length, cfg.data.chat_template
+    if examples and all(encode_example(tok, e.prompt, e.answer, max_length, chat).truncated for e in examples):
+        raise ConfigError(f"data.max_length={max_length} is shorter than every training example checked (the first "
+                          f"{n} of each source, {len(examples)} in all): their prompts would be cut; raise it")
 
 
 def base_meta_model(cfg: TrainConfig) -> nn.Module:

@@ -50,8 +50,17 @@ class ResolvedSource:
     config: str | None = None
 
     def load(self) -> Any:
-        """All splits as a ``DatasetDict`` (memory-mapped; loaded once per process)."""
-        return _load(self.kind, self.location, self.config)
+        """All splits as a ``DatasetDict`` (memory-mapped; loaded once per process). A local file or
+        folder ``datasets`` cannot read (empty, zero rows, corrupt) is a one-line error naming it."""
+        if self.kind == "hub":
+            return _load(self.kind, self.location, self.config)  # resolve_source words its failures
+        if self.kind == "files" and Path(self.location).is_file() and Path(self.location).stat().st_size == 0:
+            raise ConfigError(f"data.sources.{self.name}: {self.location} is empty")
+        try:
+            return _load(self.kind, self.location, self.config)
+        except Exception as exc:  # datasets raises StopIteration, IndexError, ArrowInvalid, ...
+            detail = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(f"data.sources.{self.name}: {self.location} cannot be read as a dataset ({detail})") from None
 
 
 @contextlib.contextmanager
@@ -337,6 +346,19 @@ def rows(ds: Any, indices: list[int], roles: dict[str, str]) -> list[dict]:
     """The rows at ``indices`` with only the mapped top-level columns (TriviaQA carries big unused ones)."""
     top = sorted({c.split(".")[0] for c in roles.values()})
     return ds.select_columns(top).select(indices).to_list() if indices else []
+
+
+def first_examples(cfg: DataConfig, n: int = 16) -> list[Example]:
+    """The first ``n`` training rows of each source as examples: what checks before a run look at."""
+    out: list[Example] = []
+    for name, src in cfg.sources.items():
+        if src.split is None:
+            continue
+        ds, roles = open_split(name, src, resolve_source(name, src, cfg.root), "split")
+        template = get_template(src.template, f"data.sources.{name}.template")
+        picked = rows(ds, list(range(min(n, len(ds)))), roles)
+        out += [e for i, r in enumerate(picked) if (e := to_example(name, src, template, roles, r, i)) is not None]
+    return out
 
 
 # ------------------------------------------------------------------------------------------- the mix

@@ -166,6 +166,25 @@ class RoutingRecorder:
         loss, self._aux = self._aux, None
         return loss
 
+    # ------------------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> list[dict]:
+        """The open statistics window (a checkpoint may fall inside it), summed over ranks: rank 0
+        resumes with the sums, the others with zeros; the next flush sums them again."""
+        accs = list(self._stats.items())
+        rows = [{"modules": list(k), "sums": a["sums"].clone(), "tokens": a["tokens"].clone(), "width": a["width"]}
+                for k, a in accs]
+        if self.reduce is not None:
+            for r in rows:
+                self.reduce(r["sums"])
+                self.reduce(r["tokens"])
+        return [{**r, "sums": r["sums"].cpu(), "tokens": r["tokens"].cpu()} for r in rows]
+
+    def load_state_dict(self, rows: list[dict], device: torch.device, keep: bool = True) -> None:
+        """Restore :meth:`state_dict`; ``keep=False`` (ranks other than 0) restores zeros."""
+        self._stats = {tuple(r["modules"]): {"sums": r["sums"].to(device) * float(keep),
+                                             "tokens": r["tokens"].to(device) * float(keep), "width": r["width"]}
+                       for r in rows}
+
     # ------------------------------------------------------------------------------ statistics
     def flush(self, step: int) -> list[dict]:
         """Statistics of the window since the last flush, one row per (module, task type), plus

@@ -105,7 +105,7 @@ def env_world_size() -> int:
     """Ranks announced by the launcher's environment (torchrun, or submitit's tasks)."""
     if "WORLD_SIZE" in os.environ:
         return int(os.environ["WORLD_SIZE"])
-    if "SUBMITIT_EXECUTOR" in os.environ or "SUBMITIT_FOLDER" in os.environ:
+    if "SUBMITIT_EXECUTOR" in os.environ:
         return int(os.environ.get("SLURM_NTASKS", os.environ.get("SUBMITIT_LOCAL_NTASKS", "1")))
     return 1
 
@@ -177,7 +177,7 @@ def wrap_model(model: nn.Module, strategy: str, d: Dist, device: torch.device) -
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+    return DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False)  # buffers equal by construction
 
 
 @contextlib.contextmanager
@@ -237,8 +237,11 @@ def _worker(rank: int, world: int, port: int, fn: Callable[..., Any], args: tupl
 
 
 def spawn(nproc: int, fn: Callable[..., Any], *args: Any) -> None:
-    """Run ``fn(*args)`` in ``nproc`` fresh local processes forming one process group
-    (``recipe.nproc_per_node``). A failing worker stops the others and raises here."""
+    """Run ``fn(*args)`` in ``nproc`` local processes forming one process group
+    (``recipe.nproc_per_node``). A failing worker stops the others and raises here. Forked where
+    CUDA is absent (no re-import of torch and transformers: ~10 s a worker on a laptop core);
+    spawned fresh where it is present (CUDA does not survive a fork)."""
     import torch.multiprocessing as mp
 
-    mp.start_processes(_worker, args=(nproc, free_port(), fn, args), nprocs=nproc, join=True, start_method="spawn")
+    method = "spawn" if torch.cuda.is_available() else "fork"
+    mp.start_processes(_worker, args=(nproc, free_port(), fn, args), nprocs=nproc, join=True, start_method=method)

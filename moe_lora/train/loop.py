@@ -15,6 +15,7 @@ one-process gradient; the logged loss, aux loss and token rate are global.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,12 +26,25 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from moe_lora.config import RecipeConfig
+from moe_lora.errors import ConfigError
 from moe_lora.routing.recorder import RoutingRecorder
 from moe_lora.train.distributed import Dist, gradient_sync
 from moe_lora.train.precision import Precision, peak_memory_bytes, synchronize
 from moe_lora.train.schedule import optimizer_with_schedule
 
 IGNORE = -100  # label of positions without loss (prompt, padding), as transformers
+
+
+class NonFiniteError(ConfigError):
+    """The loss or a gradient went NaN / Inf (``recipe.on_nonfinite=stop``); names step and module."""
+
+
+class Preempted(Exception):
+    """SIGTERM / SIGUSR2 arrived: the step finished and a checkpoint was written."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped by signal {signum} after a checkpoint")
+        self.signum = signum
 
 
 class Batches(Protocol):
@@ -50,6 +64,25 @@ class TrainState:
     scaler: torch.amp.GradScaler | None = None
     step: int = 0
     order: list[int] = field(default_factory=list)
+    window: torch.Tensor | None = None  # open loss window: sum of CE, sum of aux, micro-batches, tokens
+    nonfinite_skips: int = 0
+
+    def trainer_state(self, dist: Dist) -> dict[str, Any]:
+        """Everything but the model and optimizer, for a checkpoint. Every rank calls it: the open
+        loss window is summed over ranks (rank 0 resumes with the sum, the others with zeros)."""
+        window = dist.all_reduce(self.window.clone()) if self.window is not None else None
+        return {"step": self.step, "order": list(self.order), "generator": self.generator.get_state(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None,
+                "window": window.cpu() if window is not None else None, "nonfinite_skips": self.nonfinite_skips}
+
+    def load_trainer_state(self, s: dict[str, Any], dist: Dist, device: torch.device) -> None:
+        self.step, self.order, self.nonfinite_skips = s["step"], list(s["order"]), s["nonfinite_skips"]
+        self.generator.set_state(s["generator"])
+        self.scheduler.load_state_dict(s["scheduler"])
+        if self.scaler is not None and s["scaler"]:
+            self.scaler.load_state_dict(s["scaler"])
+        if s["window"] is not None:
+            self.window = s["window"].to(device) * float(dist.is_main)
 
     def next_indices(self, n: int, size: int) -> list[int]:
         """The next ``n`` example indices of a seeded permutation, reshuffled every epoch."""
@@ -104,10 +137,16 @@ def train(
     state: TrainState, batches: Batches, recorder: RoutingRecorder, recipe: RecipeConfig, precision: Precision,
     log: Callable[[dict], None], log_routing: Callable[[list[dict]], None], progress: bool = True,
     hooks: Sequence[Callable[[TrainState], None]] = (), dist: Dist | None = None, net: torch.nn.Module | None = None,
+    checkpoint: Callable[[TrainState], None] | None = None, stop: Callable[[], int] | None = None,
+    diagnose: Callable[[dict[str, torch.Tensor]], str] | None = None,
 ) -> dict[str, Any]:
-    """Train until ``recipe.max_steps``; CE + auxiliary routing losses per micro-batch. ``hooks``
-    run after every optimiser step (ALoRA's rank reallocation). ``net`` is the module the forward
-    calls (DDP / FSDP-wrapped ``state.model``). Returns throughput and memory."""
+    """Train from ``state.step`` until ``recipe.max_steps``; CE + auxiliary routing losses per
+    micro-batch. ``hooks`` run after every optimiser step (ALoRA's rank reallocation). ``net`` is
+    the module the forward calls (DDP / FSDP-wrapped ``state.model``). ``checkpoint`` is called
+    every ``recipe.save_every`` steps, at the end, and when ``stop()`` returns a signal number
+    (then :class:`Preempted` is raised). Non-finite losses or gradients stop the run naming the
+    step and ``diagnose(batch)``'s module, or skip the step (``recipe.on_nonfinite``). Returns
+    throughput and memory."""
     dist = dist or Dist()
     model = state.model
     net = net or model
@@ -118,11 +157,14 @@ def train(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model.train()
-    window = torch.zeros(4, device=device)  # sum of CE, sum of aux, micro-batches, tokens (host count, added at logging)
+    if state.window is None:
+        state.window = torch.zeros(4, device=device)  # tokens: a host count, added at logging
+    window = state.window
     speed = Throughput(device)
     bar = tqdm(total=recipe.max_steps, initial=state.step, desc="fine-tune", disable=not progress, mininterval=1.0)
     world, first = dist.world_size, dist.rank * recipe.batch_size
     while state.step < recipe.max_steps:
+        sums = torch.zeros(3, device=device)  # this step's CE, aux, micro-batches
         for micro in range(recipe.grad_accum):
             indices = state.next_indices(recipe.batch_size * world, len(batches))[first:first + recipe.batch_size]
             batch = batches.batch(indices)
@@ -139,15 +181,30 @@ def train(
                 aux = aux if aux is not None else ce.new_zeros(())
                 # ranks' gradients are averaged: world x CE makes the sum of the ranks' CE sums
                 scaler.scale((ce.float() * world + aux.float()) / recipe.grad_accum).backward()
-            window[:3] += torch.stack([ce.detach().float(), aux.detach().float(), window.new_ones(())])
+            sums += torch.stack([ce.detach().float(), aux.detach().float(), sums.new_ones(())])
         scaler.unscale_(state.optimizer)
-        if params and recipe.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, recipe.max_grad_norm)
-        scale = scaler.get_scale() if scaler.is_enabled() else None  # a host read, under fp16 only
-        scaler.step(state.optimizer)
-        scaler.update()
-        if scale is None or scaler.get_scale() >= scale:  # fp16 skips steps with inf/nan gradients:
-            state.scheduler.step()  # then the schedule waits too (no warmup lost to skipped steps)
+        norm = torch.nn.utils.clip_grad_norm_(params, recipe.max_grad_norm if recipe.max_grad_norm > 0 else math.inf) \
+            if params else sums.new_zeros(())
+        bad = ~torch.isfinite(sums[:2]).all()
+        if not scaler.is_enabled():  # fp16's scaler skips steps with inf gradients itself
+            bad = bad | ~torch.isfinite(norm)
+        signal = stop() if stop is not None else 0
+        flags = dist.all_reduce(torch.stack([bad.float(), bad.new_tensor(float(signal))]))
+        nonfinite, signal = (int(v) for v in flags.tolist())  # the loop's one host read per step
+        if nonfinite and recipe.on_nonfinite == "stop":
+            where = diagnose(batch) if diagnose is not None else "the loss"
+            raise NonFiniteError(f"step {state.step + 1}: non-finite loss or gradient, first at {where} "
+                                 "(recipe.on_nonfinite=stop; skip would skip such steps)")
+        if nonfinite:  # skip: no update, the schedule waits, the step's loss stays out of the log
+            state.nonfinite_skips += 1
+            scaler.update()
+        else:
+            window[:3] += sums
+            scale = scaler.get_scale() if scaler.is_enabled() else None  # a host read, under fp16 only
+            scaler.step(state.optimizer)
+            scaler.update()
+            if scale is None or scaler.get_scale() >= scale:  # fp16 skips steps with inf/nan gradients:
+                state.scheduler.step()  # then the schedule waits too (no warmup lost to skipped steps)
         state.optimizer.zero_grad(set_to_none=True)
         state.step += 1
         for hook in hooks:
@@ -157,7 +214,7 @@ def train(
         if state.step % recipe.log_every == 0 or state.step == recipe.max_steps:
             window[3] = speed.tokens
             ce_sum, aux_sum, n, tokens = dist.all_reduce(window).tolist()
-            row = {"step": state.step, "loss": ce_sum * world / n, "aux_loss": aux_sum / n,
+            row = {"step": state.step, "loss": ce_sum * world / max(n, 1), "aux_loss": aux_sum / max(n, 1),
                    "lr": state.scheduler.get_last_lr()[0]}
             log(row)
             speed.tokens = 0
@@ -165,6 +222,12 @@ def train(
             log_routing(recorder.flush(state.step))
             bar.set_postfix(loss=f"{row['loss']:.3f}", aux=f"{row['aux_loss']:.4f}", refresh=False)
             window.zero_()
+        save_now = recipe.save_every is not None and state.step % recipe.save_every == 0
+        if checkpoint is not None and (save_now or signal or state.step == recipe.max_steps):
+            checkpoint(state)
+        if signal:
+            bar.close()
+            raise Preempted(signal)
     bar.close()
     model.eval()
     return speed.summary()

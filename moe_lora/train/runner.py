@@ -31,9 +31,12 @@ from moe_lora.eval.evaluate import evaluate, knowledge_retained
 from moe_lora.models import hub_model, world_model
 from moe_lora.routing.recorder import RoutingRecorder
 from moe_lora.tracking import Tracker, write_json_atomic, write_jsonl_atomic
-from moe_lora.train.distributed import Dist, current, full_tensor, rank_device, wrap_model
-from moe_lora.train.loop import init_state, train
+from moe_lora.train import checkpoint as ckpt
+from moe_lora.train.checkpoint import adapter_state
+from moe_lora.train.distributed import Dist, current, rank_device, wrap_model
+from moe_lora.train.loop import TrainState, init_state, train
 from moe_lora.train.precision import Precision, make_precision
+from moe_lora.train.preempt import preemption
 
 ADAPTER_FILE = "adapter_model.safetensors"
 INIT_ADAPTER_FILE = "adapter_init.safetensors"
@@ -41,18 +44,15 @@ PREDICTIONS_FILE = "predictions.jsonl"
 log = logging.getLogger(__name__)
 
 
+def resolved_config(cfg: TrainConfig) -> dict[str, Any]:
+    """The config as plain containers (config.yaml, results.json, the checkpoint's config hash)."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg))
+
+
 def load_base(cfg: TrainConfig, world: World | None, progress: bool = True):
     if cfg.model.source == "world":
         return world_model(cfg.model, world, cfg.cache_dir, progress)
     return hub_model(cfg.model)
-
-
-def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Trainable parameters plus adapter buffers (named ``adapter_*``, e.g. ALoRA's active mask);
-    FSDP-sharded ones gathered whole (so every rank must call it)."""
-    state = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    state |= {n: b for n, b in model.named_buffers() if n.rsplit(".", 1)[-1].startswith("adapter_")}
-    return {n: full_tensor(t.detach()).cpu().contiguous() for n, t in state.items()}
 
 
 def load_adapter(model: nn.Module, path: Path) -> None:
@@ -129,13 +129,15 @@ def prepare_trainable(model: nn.Module, cfg: TrainConfig, trains_base: bool) -> 
         model.to(getattr(torch, cfg.adapter.dtype))
 
 
-def run(cfg: TrainConfig, run_dir: Path, progress: bool = True, dist: Dist | None = None) -> dict[str, Any] | None:
-    """Train, evaluate and write the run's files; the results (``None`` on ranks other than 0)."""
+def run(cfg: TrainConfig, run_dir: Path, progress: bool = True, dist: Dist | None = None,
+        resume: Path | None = None) -> dict[str, Any] | None:
+    """Train, evaluate and write the run's files; the results (``None`` on ranks other than 0).
+    ``resume``: a checkpoint folder of this run directory to continue from."""
     start = time.time()
     dist = dist or current()
     main = dist.is_main
     progress = progress and main
-    resolved = OmegaConf.to_container(OmegaConf.structured(cfg))
+    resolved = resolved_config(cfg)
     if main:
         OmegaConf.save(OmegaConf.create(resolved), run_dir / "config.yaml")
     precision, model, tok, mixture = setup(cfg, progress, dist)
@@ -149,10 +151,12 @@ def run(cfg: TrainConfig, run_dir: Path, progress: bool = True, dist: Dist | Non
     params = count_parameters(model)
     if cfg.recipe.save_init_adapter and main:
         save_file(adapter_state(model), str(run_dir / INIT_ADAPTER_FILE))
+    if main and resume is not None:  # before the tracker appends: logs end where the checkpoint was taken
+        truncate_logs(run_dir, ckpt.read_trainer(resume)["logs"])
     tracker = Tracker(run_dir, cfg.logger, resolved, name=run_dir.name) if main else None
     results: dict[str, Any] | None = None
     try:
-        final_routing: dict[str, dict] = {}
+        final_routing = last_routing(run_dir / "routing.jsonl") if main and resume is not None else {}
 
         def log_row(row: dict) -> None:
             if tracker is not None:
@@ -169,6 +173,8 @@ def run(cfg: TrainConfig, run_dir: Path, progress: bool = True, dist: Dist | Non
         if params["trainable"] > 0:
             net = wrap_model(model, cfg.recipe.strategy, dist, precision.device)  # before the optimiser (FSDP)
             state = init_state(model, cfg.recipe, cfg.seed, precision)
+            if resume is not None:
+                restore(state, recorder, resume, dist, precision.device)
             hooks = []
             if spec.make_hook is not None:
                 val = collate(mixture.validation[: cfg.recipe.realloc_val_examples], tok, cfg.data.max_length,
@@ -187,9 +193,18 @@ def run(cfg: TrainConfig, run_dir: Path, progress: bool = True, dist: Dist | Non
                 print(f"data parallel: {dist.world_size} ranks ({cfg.recipe.strategy}), global batch "
                       f"{cfg.recipe.batch_size * dist.world_size * cfg.recipe.grad_accum} = recipe.batch_size "
                       f"{cfg.recipe.batch_size} x {dist.world_size} ranks x recipe.grad_accum {cfg.recipe.grad_accum}")
-            perf = train(state, batches, recorder, cfg.recipe, precision, log_row, log_routing, progress, hooks,
-                         dist=dist, net=net)
-            perf |= {"truncated": batches.truncated, "answer_cut": batches.answer_cut,
+            digest = ckpt.config_hash(resolved)
+
+            def save_checkpoint(st: TrainState) -> None:
+                trainer = st.trainer_state(dist) | {"recorder": recorder.state_dict(),
+                                                     "logs": tracker.lengths() if tracker is not None else {}}
+                ckpt.save(run_dir, st.step, model, st.optimizer, trainer, digest, cfg.recipe.keep_checkpoints, dist)
+
+            with preemption() as stop:
+                perf = train(state, batches, recorder, cfg.recipe, precision, log_row, log_routing, progress, hooks,
+                             dist=dist, net=net, checkpoint=save_checkpoint, stop=stop,
+                             diagnose=lambda batch: first_nonfinite(model, adapted, batch, precision))
+            perf |= {"nonfinite_skips": state.nonfinite_skips, "truncated": batches.truncated, "answer_cut": batches.answer_cut,
                      "ranks": dist.world_size, "strategy": cfg.recipe.strategy if dist.enabled else None,
                      "global_batch": cfg.recipe.batch_size * dist.world_size * cfg.recipe.grad_accum}
         # FSDP's forward gathers shards collectively: every rank must run every batch (no sharded eval)
@@ -205,6 +220,7 @@ def run(cfg: TrainConfig, run_dir: Path, progress: bool = True, dist: Dist | Non
             save_file(adapter, str(run_dir / ADAPTER_FILE))
             results = build_results(cfg, resolved, base, tuned, params, adapted, final_routing, time.time() - start)
             results["perf"] = perf
+            results["nonfinite_skips"] = perf.get("nonfinite_skips", 0)
             results["data"] = mixture.info
             if spec.report is not None:
                 results["adapter_report"] = spec.report(model)
@@ -214,6 +230,69 @@ def run(cfg: TrainConfig, run_dir: Path, progress: bool = True, dist: Dist | Non
             tracker.finish(results)
     dist.barrier()  # no rank leaves (and tears the group down) before rank 0 has written
     return results
+
+
+def restore(state: TrainState, recorder: RoutingRecorder, path: Path, dist: Dist, device: torch.device) -> None:
+    """Adapter, optimizer, RNG, schedule, data position and open windows from a checkpoint."""
+    trainer = ckpt.load(path, state.model, state.optimizer, dist)
+    state.load_trainer_state(trainer, dist, device)
+    recorder.load_state_dict(trainer["recorder"], device, keep=dist.is_main)
+    log.info("resumed from %s (step %d)", path, state.step)
+
+
+def truncate_logs(run_dir: Path, lengths: dict[str, int]) -> None:
+    """Cut ``metrics.jsonl`` / ``routing.jsonl`` back to their length at the checkpoint."""
+    for name, n in lengths.items():
+        path = run_dir / name
+        size = path.stat().st_size if path.exists() else 0
+        if size < n:
+            raise ConfigError(f"{path} is shorter ({size} bytes) than at the checkpoint ({n} bytes): the log was "
+                              "cut or replaced; it cannot be resumed byte for byte")
+        with open(path, "r+b") as f:
+            f.truncate(n)
+
+
+def last_routing(path: Path) -> dict[str, dict]:
+    """The last routing row per (module, task type) of a log (a resumed run's final window)."""
+    import json
+
+    final: dict[str, dict] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            r = json.loads(line)
+            final.setdefault(r["module"], {})[r["task_type"]] = r
+    return final
+
+
+@torch.no_grad()
+def first_nonfinite(model: nn.Module, adapted: list[str], batch: dict[str, torch.Tensor], precision: Precision) -> str:
+    """The first adapted module whose output is non-finite on ``batch`` (forward in eval mode), else
+    the first trainable tensor with a non-finite gradient, else the loss itself."""
+    found: list[str] = []
+
+    def check(name: str):
+        def hook(module: nn.Module, args: Any, out: Any) -> None:
+            out = out[0] if isinstance(out, tuple) else out
+            if not found and isinstance(out, torch.Tensor) and not bool(torch.isfinite(out).all()):
+                found.append(f"the output of {name}")
+        return hook
+
+    handles = [model.get_submodule(n).register_forward_hook(check(n)) for n in adapted]
+    was_training = model.training
+    try:
+        model.eval()
+        with precision.autocast():
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    if found:
+        return found[0]
+    for name, p in model.named_parameters():
+        if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+            return f"the gradient of {name}"
+    return "the loss (every adapted output and gradient is finite)"
 
 
 def training_batches(mixture: Mixture, tok, cfg: TrainConfig):
