@@ -36,6 +36,10 @@ def validate(cfg: TrainConfig, check_files: bool = True) -> None:
     if cfg.eval.harness.tasks:
         from moe_lora.eval.harness import check_harness
 
+        if cfg.recipe.strategy == "fsdp":  # lm-eval runs on rank 0 only; an FSDP forward needs every rank
+            raise ConfigError("eval.harness.tasks with recipe.strategy=fsdp is not supported: use ddp, or run "
+                              "`moe-lora eval` on the saved adapter")
+
         check_harness(cfg.eval.harness)
     if check_files:
         if cfg.model.source == "hub":

@@ -3,16 +3,11 @@ model and data paths and output folders. Each row must exit non-zero with exactl
 ``moe-lora: error:`` line naming the key or file, print no traceback, and leave the temporary
 folder (the run directory, an earlier run's results, the fixture files) byte for byte as it was.
 
-Rows that fail while the config is composed run in-process (``moe_lora.cli.main``, through the
-``run_cli`` fixture); rows about files (model, data, output folders) run the console script in a
-subprocess, as a user would. Rows marked xfail are classes that do not fail cleanly yet; the reason
-names the fix.
-
-To be added with the resume feature (issue 11, items 1-2), once checkpoints exist:
-  - a truncated or corrupt checkpoint (``checkpoints/step-<n>/`` missing a file, a cut safetensors);
-  - ``resume=<run_dir>`` with a config that changes training (one line listing the keys);
-  - ``resume=<run_dir>`` with a different ``hydra.run.dir``;
-  - a run directory holding checkpoints, without ``resume=`` (one line naming ``resume``).
+Most rows run in-process (``moe_lora.cli.main``, through the ``run_cli`` fixture: the same code
+path without the ~4 s of importing torch); one row each for a model path, a data path and an output
+folder runs the console script in a subprocess, as a user would. Checkpoint rows use hand-made
+checkpoint folders; resumes with a changed config and corrupt (not truncated) checkpoint files are
+in ``tests/train/test_checkpoint.py``, next to the real checkpoints they need.
 """
 
 from __future__ import annotations
@@ -78,6 +73,18 @@ def earlier_results(tmp: Path) -> None:
     (tmp / "earlier" / "results.json").write_text('{"adapter": "lora", "metrics": {"cbqa_em": 0.25}}\n')
 
 
+def checkpointed(tmp: Path, folder: str = "run") -> None:
+    step = tmp / folder / "checkpoints" / "step-5"
+    step.mkdir(parents=True)
+    (step / "optimizer.pt").write_bytes(b"x" * 1000)
+    (step / "checkpoint.json").write_text('{"step": 5, "config_hash": "0", "files": {"optimizer.pt": 1000}}')
+
+
+def truncated_checkpoint(tmp: Path) -> None:
+    checkpointed(tmp, "ckpt")
+    (tmp / "ckpt" / "checkpoints" / "step-5" / "optimizer.pt").write_bytes(b"x" * 10)
+
+
 ROWS = [
     # --- the command line and config composition (in-process)
     Bad("unknown command", ("trian",), "'trian'"),
@@ -93,33 +100,36 @@ ROWS = [
     Bad("one bad job in a sweep", ("train", "-m", "adapter=lora,loramoe", "adapter.dropout=2"), "adapter.dropout"),
     # --- model paths (subprocess)
     Bad("uncached hub model offline", ("train", "model.source=hub", "model.name_or_path=nobody/no-such-model"),
-        "model.name_or_path", subprocess=True),
+        "model.name_or_path"),
     Bad("missing model folder", ("train", "model.source=hub", "model.name_or_path={tmp}/no_such_model"),
         "{tmp}/no_such_model", subprocess=True),
     Bad("model folder without config.json", ("train", "model.source=hub", "model.name_or_path={tmp}/model"),
-        "without config.json", subprocess=True, setup=no_config_json),
+        "without config.json", setup=no_config_json),
     Bad("corrupt config.json", ("train", "model.source=hub", "model.name_or_path={tmp}/model"),
-        "{tmp}/model/config.json", subprocess=True, setup=corrupt_config_json),
+        "{tmp}/model/config.json", setup=corrupt_config_json),
     Bad("target_modules matching nothing", ("train", *HUB, "adapter=lora", "adapter.target_modules=[nope]"),
-        "adapter.target_modules", subprocess=True),
+        "adapter.target_modules"),
     # --- data paths (subprocess)
     Bad("missing dataset", ("train", *alpaca_from("no_such.jsonl")), "data.sources.alpaca.path='{tmp}/no_such.jsonl'",
         subprocess=True),
     Bad("data.root without the dataset", ("train", *REAL, "data.root={tmp}/root"), "{tmp}/root/triviaqa",
-        subprocess=True, setup=junk_data_root),
+        setup=junk_data_root),
     Bad("missing field", ("train", *REAL, "data.sources.triviaqa.fields.question=query"),
-        "data.sources.triviaqa.fields.question=query", subprocess=True),
-    Bad("unknown split", ("train", *REAL, "data.sources.triviaqa.split=nope"), "data.sources.triviaqa.split",
-        subprocess=True),
-    Bad("empty dataset", ("train", *alpaca_from("empty.jsonl")), "{tmp}/empty.jsonl", subprocess=True,
+        "data.sources.triviaqa.fields.question=query"),
+    Bad("unknown split", ("train", *REAL, "data.sources.triviaqa.split=nope"), "data.sources.triviaqa.split",),
+    Bad("empty dataset", ("train", *alpaca_from("empty.jsonl")), "{tmp}/empty.jsonl",
         setup=empty_jsonl),
-    Bad("max_length shorter than every prompt", ("train", *REAL, "data.max_length=8"), "data.max_length",
-        subprocess=True),
+    Bad("max_length shorter than every prompt", ("train", *REAL, "data.max_length=8"), "data.max_length",),
     # --- output folders (subprocess; adapter=none: whatever the adapter, and no meta-device model to build)
     Bad("unwritable output folder", ("train", "adapter=none"), "{tmp}/taken/run", subprocess=True,
         setup=file_in_the_way, run_dir="taken/run"),
+    # --- checkpoints (a run killed after its step-5 checkpoint, as the resume tests make them)
+    Bad("checkpoints present without resume=", ("train", "adapter=none"), "resume=", setup=checkpointed),
+    Bad("truncated checkpoint", ("train", "adapter=none", "resume=auto"), "{tmp}/ckpt/checkpoints/step-5/optimizer.pt",
+        setup=truncated_checkpoint, run_dir="ckpt"),
+    Bad("resume into another directory", ("train", "adapter=none", "resume={tmp}/elsewhere"), "resume="),
     Bad("run directory that already holds results", ("train", *REAL, "adapter=none"), "{tmp}/earlier",
-        subprocess=True, setup=earlier_results, run_dir="earlier"),
+        setup=earlier_results, run_dir="earlier"),
 ]
 
 
@@ -134,13 +144,13 @@ def console_script() -> list[str]:
 
 
 def marks(row: Bad) -> list[pytest.MarkDecorator]:
-    """Subprocess rows cost 3-12 s each (torch import, some load a model), 80 s together: slow."""
+    """Subprocess rows cost 4-12 s each (torch import, some load a model): slow."""
     return ([pytest.mark.slow] if row.subprocess else []) + (
         [pytest.mark.xfail(strict=True, reason=row.xfail)] if row.xfail else [])
 
 
 @pytest.mark.parametrize("row", [pytest.param(r, id=r.name, marks=marks(r)) for r in ROWS])
-def test_bad_input(row: Bad, tmp_path, run_cli, cache_dir, monkeypatch, request) -> None:
+def test_bad_input(row: Bad, tmp_path, run_cli, cache_dir, monkeypatch, request, capsys) -> None:
     fill = {"tmp": str(tmp_path)}  # the session's fixture checkpoints and datasets, built only for rows that use them
     if any("{llama}" in a for a in row.args):
         fill["llama"] = str(request.getfixturevalue("checkpoints")["llama"])
@@ -161,6 +171,7 @@ def test_bad_input(row: Bad, tmp_path, run_cli, cache_dir, monkeypatch, request)
         code, out, err = proc.returncode, proc.stdout, proc.stderr
     else:
         monkeypatch.chdir(cwd)
+        capsys.readouterr()  # what building the fixtures printed
         code, out, err = run_cli(*args, tiny=False)
     assert code != 0, f"exit 0\n{err[-3000:]}"
     assert "Traceback" not in out + err, err[-3000:]

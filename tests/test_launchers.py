@@ -61,3 +61,17 @@ def test_optuna_sweeper_optimises_the_returned_metric(run_cli, tmp_path) -> None
     values = [json.loads(p.read_text())["metrics"]["instruction_em"] for p in tmp_path.glob("*/results.json")]
     assert len(values) == 2 and best["best_value"] == max(values)
     assert set(best["best_params"]) == {"recipe.lr", "adapter.lbc_beta"}
+
+
+def test_slurm_requeue_resumes_in_the_same_folder() -> None:
+    """submitit calls checkpoint() at the time limit (after the loop wrote its checkpoint): the
+    requeued job gets resume=auto, so it continues instead of meeting 'holds checkpoints'."""
+    import moe_lora.adapters  # noqa: F401
+    from moe_lora.launchers import RequeueSlurmLauncher
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
+    assert cfg.hydra.launcher._target_ == "moe_lora.launchers.RequeueSlurmLauncher"
+    assert cfg.hydra.launcher.max_num_timeout > 0
+    delayed = RequeueSlurmLauncher().checkpoint(["seed=1", "resume=null"], "hydra.sweep.dir", 0, "id", {})
+    assert delayed.args[0] == ["seed=1", "resume=auto"] and delayed.args[1:] == ("hydra.sweep.dir", 0, "id", {})

@@ -133,10 +133,11 @@ def save(run_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Opti
             save_file(adapter, str(tmp / "adapter.safetensors"))
             torch.save(optim, tmp / "optimizer.pt")
             torch.save(trainer, tmp / "trainer.pt")
-            (tmp / "checkpoint.json").write_text(json.dumps({"step": step, "config_hash": digest,
-                                                             "ranks": dist.world_size}) + "\n")
         dist.barrier()
-        if dist.is_main:
+        if dist.is_main:  # last: the sizes of every file, checked before a resume starts
+            files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
+            (tmp / "checkpoint.json").write_text(json.dumps({"step": step, "config_hash": digest,
+                                                             "ranks": dist.world_size, "files": files}) + "\n")
             if final.exists():  # a re-save of the same step (the end of a resumed, finished run)
                 shutil.rmtree(final)
             tmp.rename(final)
@@ -161,11 +162,19 @@ def _read(path: Path, what: str) -> Any:
 
 
 def read_meta(path: Path) -> dict[str, Any]:
+    """``checkpoint.json``, after checking that every file has the size it was written with (a
+    truncated or missing file is named before anything starts)."""
     try:
-        return json.loads((path / "checkpoint.json").read_text())
+        meta = json.loads((path / "checkpoint.json").read_text())
     except (OSError, ValueError) as exc:
         raise ConfigError(f"checkpoint file {path / 'checkpoint.json'} is unreadable ({exc}); delete {path} to "
                           "resume from the checkpoint before it") from None
+    for name, size in meta.get("files", {}).items():
+        actual = (path / name).stat().st_size if (path / name).exists() else None
+        if actual != size:
+            raise ConfigError(f"checkpoint file {path / name} is {'missing' if actual is None else 'truncated'} "
+                              f"({actual or 0} of {size} bytes); delete {path} to resume from the checkpoint before it")
+    return meta
 
 
 def read_trainer(path: Path) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from transformers import PreTrainedModel
 from moe_lora.config import RecipeConfig
 from moe_lora.errors import ConfigError
 from moe_lora.routing.recorder import RoutingRecorder
-from moe_lora.train.distributed import Dist, gradient_sync
+from moe_lora.train.distributed import Dist, full_tensor, gradient_sync
 from moe_lora.train.precision import Precision, peak_memory_bytes, synchronize
 from moe_lora.train.schedule import optimizer_with_schedule
 
@@ -187,7 +187,7 @@ def train(
             if params else sums.new_zeros(())
         bad = ~torch.isfinite(sums[:2]).all()
         if not scaler.is_enabled():  # fp16's scaler skips steps with inf gradients itself
-            bad = bad | ~torch.isfinite(norm)
+            bad = bad | ~torch.isfinite(full_tensor(norm))  # FSDP: the norm is a DTensor
         signal = stop() if stop is not None else 0
         flags = dist.all_reduce(torch.stack([bad.float(), bad.new_tensor(float(signal))]))
         nonfinite, signal = (int(v) for v in flags.tolist())  # the loop's one host read per step
@@ -214,13 +214,15 @@ def train(
         if state.step % recipe.log_every == 0 or state.step == recipe.max_steps:
             window[3] = speed.tokens
             ce_sum, aux_sum, n, tokens = dist.all_reduce(window).tolist()
-            row = {"step": state.step, "loss": ce_sum * world / max(n, 1), "aux_loss": aux_sum / max(n, 1),
+            row = {"step": state.step, "loss": ce_sum * world / n if n else None,  # None: every step skipped
+                   "aux_loss": aux_sum / n if n else None,
                    "lr": state.scheduler.get_last_lr()[0]}
             log(row)
             speed.tokens = 0
             log(speed.row(state.step, round(tokens)))
             log_routing(recorder.flush(state.step))
-            bar.set_postfix(loss=f"{row['loss']:.3f}", aux=f"{row['aux_loss']:.4f}", refresh=False)
+            if n:
+                bar.set_postfix(loss=f"{row['loss']:.3f}", aux=f"{row['aux_loss']:.4f}", refresh=False)
             window.zero_()
         save_now = recipe.save_every is not None and state.step % recipe.save_every == 0
         if checkpoint is not None and (save_now or signal or state.step == recipe.max_steps):

@@ -191,8 +191,7 @@ def test_cli_sigkill_once_step_14_exists_then_resume(cache_dir, tmp_path) -> Non
     proc.kill()
     proc.wait()
     assert not (run_dir / "results.json").exists(), "the run finished before it could be killed"
-    subprocess.run([*cmd, f"resume={run_dir}", f"hydra.run.dir={run_dir}"], check=True, capture_output=True,
-                   timeout=300)
+    assert _main(["train", *steps, f"resume={run_dir}", f"hydra.run.dir={run_dir}"], cache_dir) == 0
     assert_same_end(run_dir, reference)
 
 
