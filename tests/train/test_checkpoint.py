@@ -230,14 +230,25 @@ def test_bad_resume_fails_in_one_line_and_touches_nothing(extra, message, checkp
     assert _snapshot(run_dir) == before
 
 
+def test_truncated_checkpoint_is_named_before_anything_starts(checkpointed, run_cli, tmp_path) -> None:
+    run_dir = _copy(checkpointed, tmp_path / "run")
+    optimizer = run_dir / "checkpoints" / "step-5" / "optimizer.pt"
+    optimizer.write_bytes(optimizer.read_bytes()[:100])
+    before = _snapshot(run_dir)
+    code, _, err = run_cli("train", "adapter=loramoe", *RUN, f"resume={run_dir}", f"hydra.run.dir={run_dir}")
+    assert code == 2 and f"checkpoint file {optimizer} is truncated" in err, err
+    assert _snapshot(run_dir) == before
+
+
 def test_corrupt_checkpoint_is_named(checkpointed, run_cli, tmp_path) -> None:
     run_dir = _copy(checkpointed, tmp_path / "run")
     optimizer = run_dir / "checkpoints" / "step-5" / "optimizer.pt"
-    optimizer.write_bytes(optimizer.read_bytes()[:100])  # truncated
-    with pytest.raises(SystemExit):
+    optimizer.write_bytes(bytes(len(optimizer.read_bytes())))  # same size, garbage: found when it is read
+    with pytest.raises(SystemExit) as exit_info:
         run_cli("train", "adapter=loramoe", *RUN, f"resume={run_dir}", f"hydra.run.dir={run_dir}")
+    assert exit_info.value.code == 1
     failure = json.loads((run_dir / "failure.json").read_text())
-    assert str(optimizer) in failure["error"]
+    assert f"checkpoint file {optimizer} is unreadable" in failure["error"]
     assert optimizer.parent.exists()  # the checkpoint is left for the user to look at
 
 
