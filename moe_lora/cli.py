@@ -8,15 +8,11 @@ are off unless ``HF_HUB_OFFLINE=0`` is set, before transformers is imported.
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import itertools
-import json
 import os
 import secrets
-import shutil
 import sys
-import traceback
 from pathlib import Path
 
 HELP = """usage: moe-lora COMMAND [hydra overrides...]
@@ -43,7 +39,7 @@ _SKIP_PRECHECK = {"--config-path", "-cp", "--config-name", "-cn", "--config-dir"
                   "--hydra-help", "--version", "--info", "-i", "--experimental-rerun"}
 
 
-def _environment() -> None:
+def set_environment() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
@@ -182,143 +178,11 @@ def check_output_dir(overrides: list[str], multirun: bool, cfg) -> None:
 
 
 # ----------------------------------------------------------------------------------------- train
-def _remove_fresh_run_dir(run_dir: Path) -> None:
-    """Undo what Hydra created for a job that never started, in a folder holding nothing else (a
-    folder with a run in it is never touched)."""
-    if not run_dir.is_dir() or set(os.listdir(run_dir)) - {".hydra", "train.log", "moe_lora.log"}:
-        return
-    shutil.rmtree(run_dir / ".hydra", ignore_errors=True)
-    for name in ("train.log", "moe_lora.log"):
-        (run_dir / name).unlink(missing_ok=True)
-    with contextlib.suppress(OSError):
-        run_dir.rmdir()  # only if now empty
-
-
-def _train_job(dcfg) -> float | None:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-    from omegaconf import OmegaConf
-
-    from moe_lora.errors import ConfigError
-    from moe_lora.train import checkpoint, distributed
-    from moe_lora.train.runner import resolved_config, summary_table
-
-    hydra_cfg = HydraConfig.get()
-    run_dir = Path(hydra_cfg.runtime.output_dir)
-    sweep = hydra_cfg.mode == RunMode.MULTIRUN
-    n_jobs = OmegaConf.select(hydra_cfg, "launcher.n_jobs") if "joblib" in str(hydra_cfg.launcher.get("_target_")) else 1
-    try:
-        cfg = to_config(dcfg)
-        if cfg.recipe.threads is None and n_jobs and n_jobs > 1:  # parallel local jobs share the cores
-            cfg.recipe.threads = max(1, (os.cpu_count() or 1) // n_jobs)
-        check_launch(cfg.recipe.nproc_per_node)
-        dist = distributed.init_distributed(cfg.recipe.device)  # ranks from torchrun or submitit's tasks
-        job = checkpoint.plan(run_dir, cfg.resume, resolved_config(cfg), sweep) if dist.is_main else None
-    except ConfigError:
-        _remove_fresh_run_dir(run_dir)
-        raise
-    cfg, run_dir, job = dist.broadcast((cfg, run_dir, job))  # rank 0 decides; under torchrun the others wait here
-    if dist.is_main and job.action != "new":
-        what = {"skip": "finished before with this config: skipped", "rerun": "the earlier attempt failed: rerun",
-                "resume": f"resuming from {job.checkpoint.name if job.checkpoint else ''}"}[job.action]
-        print(f"{run_dir}: {what}", flush=True)
-    if job.action == "skip":
-        results = json.loads((run_dir / "results.json").read_text())
-    else:
-        if dist.is_main and job.action == "rerun":
-            checkpoint.clear_failed_attempt(run_dir)
-        results = _run_or_record(cfg, run_dir, dist, job.checkpoint, sweep)
-    if not dist.is_main:
-        return None
-    print(summary_table(results))
-    print(f"results: {run_dir / 'results.json'}")
-    value = OmegaConf.select(OmegaConf.create(results), cfg.recipe.objective)
-    return float(value) if isinstance(value, (int, float)) else None
-
-
-def _run_or_record(cfg, run_dir: Path, dist, resume: Path | None, sweep: bool) -> dict | None:
-    """Run (or spawn the ranks that run) one job. A failure is recorded in ``failure.json`` for
-    `moe-lora report`; in a sweep the other jobs go on. A preemption exits with 75 after the
-    checkpoint, handing the signal on (submitit requeues); a ``ConfigError`` raised while running
-    (non-finite loss, full disk) ends a single run with its one line, not a traceback."""
-    from moe_lora.errors import ConfigError
-    from moe_lora.tracking import write_json_atomic
-    from moe_lora.train import distributed, preempt
-    from moe_lora.train.loop import Preempted
-    from moe_lora.train.runner import run
-
-    try:
-        if cfg.recipe.nproc_per_node > 1:
-            with preempt.preemption() as stop:  # the workers checkpoint; this process waits for them
-                try:
-                    distributed.spawn(cfg.recipe.nproc_per_node, _rank_worker, cfg, run_dir, resume)
-                except Exception:
-                    if stop():
-                        raise Preempted(stop()) from None
-                    raise
-            return json.loads((run_dir / "results.json").read_text())
-        return run(cfg, run_dir, progress=True, dist=dist, resume=resume)
-    except Preempted as exc:
-        print(f"moe-lora: stopped by signal {exc.signum} after a checkpoint in {run_dir / 'checkpoints'}; continue "
-              f"with resume={run_dir} hydra.run.dir={run_dir}", file=sys.stderr, flush=True)
-        preempt.chain(exc.signum)
-        sys.exit(preempt.EX_TEMPFAIL)
-    except Exception as exc:
-        if dist.is_main:
-            with contextlib.suppress(ConfigError):  # a full disk must not hide the first error
-                write_json_atomic(run_dir / "failure.json", {"error": f"{type(exc).__name__}: {exc}",
-                                                              "traceback": traceback.format_exc()})
-        if isinstance(exc, ConfigError) and not sweep and not dist.enabled:
-            sys.exit(fail(one_line(exc), code=1))
-        raise
-
-
-def _rank_worker(cfg, run_dir: Path, resume: Path | None = None) -> None:
-    """One of ``recipe.nproc_per_node`` local ranks (a fresh process: see distributed.spawn)."""
-    _environment()
-    from moe_lora.train import distributed, preempt
-    from moe_lora.train.loop import Preempted
-    from moe_lora.train.runner import run
-
-    try:
-        run(cfg, run_dir, progress=True, dist=distributed.init_distributed(cfg.recipe.device), resume=resume)
-    except Preempted:
-        sys.exit(preempt.EX_TEMPFAIL)
-
-
-def check_launch(nproc_per_node: int) -> None:
-    """``recipe.nproc_per_node`` starts ranks itself: not inside ranks that a launcher started."""
-    from moe_lora.errors import ConfigError
-    from moe_lora.train.distributed import env_world_size
-
-    if nproc_per_node > 1 and env_world_size() > 1:
-        raise ConfigError(f"recipe.nproc_per_node={nproc_per_node} under a launcher that already started "
-                          f"{env_world_size()} ranks (torchrun or SLURM tasks): set recipe.nproc_per_node=1")
-
-
-def _torchrun_rank(args: list[str], overrides: list[str]) -> int:
-    """A rank other than 0 under torchrun: no Hydra job (it would make a run directory of its
-    own); it joins the group, takes rank 0's config and directory, and trains beside it."""
-    from moe_lora.train import distributed, preempt
-    from moe_lora.train.loop import Preempted
-    from moe_lora.train.runner import run
-
-    cfg = load_config(overrides)
-    dist = distributed.init_distributed(cfg.recipe.device)
-    cfg, run_dir, job = dist.broadcast(None)
-    if job.action != "skip":
-        try:
-            run(cfg, run_dir, progress=False, dist=dist, resume=job.checkpoint)
-        except Preempted:
-            return preempt.EX_TEMPFAIL
-    distributed.destroy()
-    return 0
-
-
 def cmd_train(args: list[str]) -> int:
     import hydra
 
     from moe_lora.train.distributed import env_world_size
+    from moe_lora.train.job import check_launch, torchrun_rank, train_job
 
     flags, overrides = split_args(args)
     multirun = "-m" in flags or "--multirun" in flags
@@ -330,9 +194,9 @@ def cmd_train(args: list[str]) -> int:
         if torchrun and env_world_size() > 1:
             check_launch(load_config(overrides, check_files=False).recipe.nproc_per_node)
             if int(os.environ.get("RANK", "0")) != 0:
-                return _torchrun_rank(args, overrides)
+                return torchrun_rank(args, overrides)
     sys.argv = ["moe-lora train", *args]
-    main_fn = hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")(_train_job)
+    main_fn = hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")(train_job)
     main_fn()
     from moe_lora.train.distributed import destroy
 
@@ -422,7 +286,7 @@ COMMANDS = {"train": cmd_train, "params": cmd_params, "eval": cmd_eval, "report"
 
 
 def main(argv: list[str] | None = None) -> int:
-    _environment()
+    set_environment()
     args = sys.argv[1:] if argv is None else argv
     if not args or args[0] in ("-h", "--help", "help"):
         print(HELP)
