@@ -1,10 +1,12 @@
 """One plain fine-tuning loop, readable top to bottom.
 
 All mutable training state lives in :class:`TrainState` (model, optimiser, schedule, loss scaler,
-data order, step), so checkpoint/resume can save and restore exactly one object. The loop is
-deterministic for a given seed: data order comes from a seeded generator, and the only host syncs
-happen at logging steps (loss values and routing statistics are accumulated on the device in
-between). The forward runs under the run's autocast (bf16 / fp16); fp16 scales the loss.
+data order, step, open loss window), so checkpoint/resume (:mod:`moe_lora.train.checkpoint`) saves
+and restores one object and a resumed run continues bitwise. The loop is deterministic for a given
+seed: data order comes from a seeded generator. Loss values and routing statistics accumulate on the
+device and are read at logging steps; besides those, each step reads one small flag tensor (a
+non-finite loss or gradient, a preemption signal: all ranks must agree on both before the optimiser
+steps). The forward runs under the run's autocast (bf16 / fp16); fp16 scales the loss.
 
 Data parallel (:mod:`moe_lora.train.distributed`): step t's global batch is the one-process batch
 of ``batch_size x ranks`` examples, rank r taking positions ``[rB, (r+1)B)``; the data order comes
