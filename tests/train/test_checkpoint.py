@@ -259,3 +259,15 @@ def test_keep_checkpoints_and_stale_temporary_folders(cache_dir, tmp_path) -> No
     assert _main(["train", "adapter=lora", *RUN, "recipe.save_every=2", "recipe.keep_checkpoints=3", "resume=auto",
                   f"hydra.run.dir={run_dir}"], cache_dir) == 0
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-10", "step-12", "step-8"]
+
+
+def test_a_real_checkpoint_resumes_bitwise(checkpoints, data_root, cache_dir, tmp_path) -> None:
+    """Qwen2 (bf16 base, bf16 autocast, float32 adapters) with MoLA on fixture TriviaQA + Alpaca."""
+    real = ["model=qwen2_5_0_5b", f"model.name_or_path={checkpoints['qwen2']}", "adapter=mola", "data=triviaqa_alpaca",
+            f"data.root={data_root}", "data.num_train=48", "data.max_length=96", "eval.max_new_tokens=8",
+            "recipe.eval_limit=4", *RUN]
+    reference, run_dir = tmp_path / "reference", tmp_path / "run"
+    assert _main(["train", *real, f"hydra.run.dir={reference}"], cache_dir) == 0
+    assert killed_at([*real, f"hydra.run.dir={run_dir}"], cache_dir, kill_after_micro_batch(8)) == -signal.SIGKILL
+    assert _main(["train", *real, f"hydra.run.dir={run_dir}", "resume=auto"], cache_dir) == 0
+    assert_same_end(run_dir, reference)

@@ -74,13 +74,21 @@ def _lines(run_dir: Path, name: str) -> list[dict]:
     return [json.loads(line) for line in (run_dir / name).read_text().splitlines()]
 
 
+def real_case(checkpoints: dict[str, Path], data_root: Path) -> list[str]:
+    """A tiny GPT-2 checkpoint on fixture files in TriviaQA's and Alpaca's schemas."""
+    return ["model=gpt2", f"model.name_or_path={checkpoints['gpt2']}", "adapter=loramoe", "adapter.aux_scope=global",
+            "data=triviaqa_alpaca", f"data.root={data_root}", "data.num_train=48", "data.max_length=96",
+            "eval.max_new_tokens=8"]
+
+
 @pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory, cache_dir) -> Path:
+def two_ranks(tmp_path_factory, cache_dir, checkpoints, data_root) -> Path:
     from moe_lora.train.distributed import spawn
 
     out = tmp_path_factory.mktemp("ranks")
-    cases = {**CASES, "idle_expert": ["adapter=mola", "adapter.top_k=2", "adapter.expert_compute=grouped"],
-             "fsdp_loramoe": ["adapter=loramoe", "adapter.aux_scope=global", "recipe.strategy=fsdp"]}
+    cases = {**CASES, "gpt2_real_data": real_case(checkpoints, data_root), "idle_expert": ["adapter=mola", "adapter.top_k=2", "adapter.expert_compute=grouped"],
+             "fsdp_loramoe": ["adapter=loramoe", "adapter.aux_scope=global", "recipe.strategy=fsdp"],
+             "fsdp_bf16_base": ["adapter=loramoe", "recipe.strategy=fsdp", "model.dtype=bfloat16"]}
     spawn(2, _ranks_worker, cases, str(out), str(cache_dir))
     return out
 
@@ -182,3 +190,26 @@ def test_global_aux_losses_equal_local_ones_in_one_process() -> None:
     torch.testing.assert_close(losses.null_load_balance_loss(probs, selected, mask, 2, 2, same),
                                losses.null_load_balance_loss(probs, selected, mask, 2, 2))
     torch.testing.assert_close(losses.z_loss(probs.log(), mask, same), losses.z_loss(probs.log(), mask))
+
+
+def test_fsdp_shards_a_bf16_base_beside_float32_adapters(two_ranks) -> None:
+    """One shard group per decoder layer holds the frozen bf16 base and the fp32 adapters."""
+    from moe_lora.train.runner import ADAPTER_FILE
+
+    run_dir = two_ranks / "fsdp_bf16_base"
+    loss = [r["loss"] for r in _lines(run_dir, "metrics.jsonl") if "loss" in r]
+    assert len(loss) == 2 and all(math.isfinite(x) for x in loss)
+    assert {t.dtype for t in load_file(str(run_dir / ADAPTER_FILE)).values()} == {torch.float32}
+
+
+def test_a_real_checkpoint_on_real_schema_data_matches_one_process(two_ranks, checkpoints, data_root, cache_dir,
+                                                                     tmp_path) -> None:
+    """The hub path (config.json, tokenizer, datasets.map cache filled by rank 0 first, generated
+    CBQA answers gathered from both ranks) on a GPT-2 checkpoint."""
+    from moe_lora.train.runner import run
+
+    run(_config(real_case(checkpoints, data_root), 2 * B, str(cache_dir)), tmp_path, progress=False)
+    assert_same_training(two_ranks / "gpt2_real_data", tmp_path)
+    ranked = [json.loads(line) for line in (two_ranks / "gpt2_real_data" / "predictions.jsonl").read_text().splitlines()]
+    single = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert [(r["model"], r["id"]) for r in ranked] == [(r["model"], r["id"]) for r in single]  # each example once
