@@ -18,16 +18,15 @@ def test_slurm_launcher_config_composes() -> None:
     assert "SlurmLauncher" in launcher._target_ and launcher.gpus_per_node == 1 and launcher.timeout_min == 240
 
 
-def test_submitit_local_runs_two_jobs_of_two_ranks(run_cli, tmp_path) -> None:
-    # tasks_per_node=2: each job's two tasks form one process group from submitit's environment
+def test_submitit_local_runs_a_job_of_two_ranks(run_cli, tmp_path) -> None:
+    # tasks_per_node=2: the job's two tasks form one process group from submitit's environment
     # (the SLURM path: hydra.launcher.tasks_per_node=N hydra.launcher.nodes=M)
-    code, _, err = run_cli("train", "-m", "hydra/launcher=submitit_local", "seed=0,1", "adapter=lora",
+    code, _, err = run_cli("train", "-m", "hydra/launcher=submitit_local", "seed=1", "adapter=lora",
                            f"hydra.sweep.dir={tmp_path}", "hydra.launcher.timeout_min=10",
                            "hydra.launcher.tasks_per_node=2", "recipe.threads=1")
     assert code == 0, err
     results = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("*/results.json"))]
-    assert [r["seed"] for r in results] == [0, 1]
-    assert [r["perf"]["ranks"] for r in results] == [2, 2]
+    assert [(r["seed"], r["perf"]["ranks"]) for r in results] == [(1, 2)]
 
 
 def test_failed_job_does_not_stop_the_sweep_and_is_reported(run_cli, cache_dir, tmp_path) -> None:
