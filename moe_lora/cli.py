@@ -241,7 +241,8 @@ def cmd_eval(args: list[str]) -> int:
 
     from moe_lora.adapters.inject import inject_adapter
     from moe_lora.tracking import write_json_atomic, write_jsonl_atomic
-    from moe_lora.train.runner import ADAPTER_FILE, load_adapter, run_eval, setup
+    from moe_lora.train.checkpoint import load_adapter
+    from moe_lora.train.runner import ADAPTER_FILE, run_eval, setup
 
     _, overrides = split_args(args)
     run_dirs = [o.split("=", 1)[1] for o in overrides if o.startswith("run_dir=")]

@@ -170,14 +170,18 @@ class RoutingRecorder:
     def state_dict(self) -> list[dict]:
         """The open statistics window (a checkpoint may fall inside it), summed over ranks: rank 0
         resumes with the sums, the others with zeros; the next flush sums them again."""
-        accs = list(self._stats.items())
         rows = [{"modules": list(k), "sums": a["sums"].clone(), "tokens": a["tokens"].clone(), "width": a["width"]}
-                for k, a in accs]
-        if self.reduce is not None:
-            for r in rows:
-                self.reduce(r["sums"])
-                self.reduce(r["tokens"])
+                for k, a in self._stats.items()]
+        self._sum_over_ranks([t for r in rows for t in (r["sums"], r["tokens"])])
         return [{**r, "sums": r["sums"].cpu(), "tokens": r["tokens"].cpu()} for r in rows]
+
+    def _sum_over_ranks(self, tensors: list[torch.Tensor]) -> None:
+        """Each tensor summed over data-parallel ranks, in place, in one collective."""
+        if self.reduce is None or not tensors:
+            return
+        flat = self.reduce(torch.cat([t.reshape(-1) for t in tensors]))
+        for t, total in zip(tensors, flat.split([t.numel() for t in tensors]), strict=True):
+            t.copy_(total.view(t.shape))
 
     def load_state_dict(self, rows: list[dict], device: torch.device, keep: bool = True) -> None:
         """Restore :meth:`state_dict`; ``keep=False`` (ranks other than 0) restores zeros."""
@@ -190,12 +194,7 @@ class RoutingRecorder:
         """Statistics of the window since the last flush, one row per (module, task type), plus
         a task type ``all``; the window is then reset. The only host sync of the recorder (and,
         data parallel, its one all-reduce: every rank calls it at the same steps)."""
-        if self.reduce is not None and self._stats:
-            accs = list(self._stats.values())
-            parts = [t for a in accs for t in (a["sums"], a["tokens"])]
-            flat = self.reduce(torch.cat([t.reshape(-1) for t in parts]))
-            for t, total in zip(parts, flat.split([t.numel() for t in parts]), strict=True):
-                t.copy_(total.view(t.shape))
+        self._sum_over_ranks([t for a in self._stats.values() for t in (a["sums"], a["tokens"])])
         rows = []
         for names, acc in self._stats.items():
             stacked, tokens, n = acc["sums"].double().cpu(), acc["tokens"].double().cpu(), acc["width"]

@@ -49,6 +49,24 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: full_tensor(t.detach()).cpu().contiguous() for n, t in state.items()}
 
 
+def set_adapter(model: nn.Module, state: dict[str, torch.Tensor], source: object) -> None:
+    """Copy saved adapter tensors into the model (an FSDP shard takes its slice); ``source``
+    names the file in the error when the tensors do not fit this config."""
+    expected = set(adapter_state(model))
+    if set(state) != expected:
+        missing, extra = sorted(expected - set(state))[:3], sorted(set(state) - expected)[:3]
+        raise ConfigError(f"{source} does not fit this config (missing {missing}, unexpected {extra})")
+    with torch.no_grad():
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            if name in state:
+                _copy_into(t, state[name])
+
+
+def load_adapter(model: nn.Module, path: Path) -> None:
+    """A saved run's ``adapter_model.safetensors`` (``moe-lora eval``)."""
+    set_adapter(model, load_file(str(path)), path)
+
+
 # ------------------------------------------------------------------------------------ config
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(d, dict):
@@ -185,14 +203,7 @@ def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, dist: D
     """Restore adapter tensors, optimizer state and this rank's RNG; returns ``trainer.pt``."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    adapter = _read(path / "adapter.safetensors", "adapter")
-    expected = set(adapter_state(model))
-    if set(adapter) != expected:
-        raise ConfigError(f"checkpoint {path} does not fit this config (its adapter tensors differ)")
-    with torch.no_grad():
-        for name, t in [*model.named_parameters(), *model.named_buffers()]:
-            if name in adapter:
-                _copy_into(t, adapter[name])
+    set_adapter(model, _read(path / "adapter.safetensors", "adapter"), f"checkpoint {path}")
     optim = _read(path / "optimizer.pt", "optimizer state")
     set_optimizer_state_dict(model, optimizer, optim, options=StateDictOptions(full_state_dict=True))
     rng = path / f"rng-rank{dist.rank}.pt"

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 from omegaconf import OmegaConf
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from moe_lora.adapters import ADAPTERS
@@ -53,15 +53,6 @@ def load_base(cfg: TrainConfig, world: World | None, progress: bool = True):
     if cfg.model.source == "world":
         return world_model(cfg.model, world, cfg.cache_dir, progress)
     return hub_model(cfg.model)
-
-
-def load_adapter(model: nn.Module, path: Path) -> None:
-    state = load_file(str(path))
-    expected = set(adapter_state(model))
-    if set(state) != expected:
-        missing, extra = sorted(expected - set(state))[:3], sorted(set(state) - expected)[:3]
-        raise ConfigError(f"{path} does not fit this config (missing {missing}, unexpected {extra})")
-    model.load_state_dict(state, strict=False)
 
 
 def build_mixture(cfg: TrainConfig, world: World | None) -> Mixture:

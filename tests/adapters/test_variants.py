@@ -16,8 +16,7 @@ from moe_lora.adapters import ADAPTERS
 from moe_lora.adapters.inject import expand_targets, find_targets, inject_adapter
 from moe_lora.config import LayoutConfig
 from moe_lora.routing.recorder import RoutingRecorder
-from moe_lora.train.checkpoint import adapter_state
-from moe_lora.train.runner import load_adapter
+from moe_lora.train.checkpoint import adapter_state, load_adapter
 from tests.adapters.test_lora_peft import MODEL_CFG, tiny_llama
 
 VARIANTS = list(ADAPTERS)
