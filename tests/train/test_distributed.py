@@ -33,7 +33,7 @@ B = 4  # per-rank micro-batch; the reference runs 2B
 def _config(overrides: list[str], batch: int, cache_dir: str):
     from moe_lora.cli import load_config
 
-    return load_config([*TINY, *overrides, *COMMON, f"recipe.batch_size={batch}", f"cache_dir={cache_dir}"])
+    return load_config([*TINY, *COMMON, *overrides, f"recipe.batch_size={batch}", f"cache_dir={cache_dir}"])
 
 
 def _ranks_worker(cases: dict[str, list[str]], out: str, cache_dir: str) -> None:
@@ -51,6 +51,17 @@ def _ranks_worker(cases: dict[str, list[str]], out: str, cache_dir: str) -> None
             _starve_expert_zero(d.rank == 1)
         run(_config(overrides, B, cache_dir), run_dir, progress=False, dist=d)
         _starve_expert_zero(False)
+        if name == "ddp_resume":  # again from step-2: per-rank RNG, summed open windows, log cut-back
+            if d.is_main:
+                import shutil
+
+                shutil.copy(run_dir / "adapter_model.safetensors", run_dir / "first.safetensors")
+                shutil.copy(run_dir / "metrics.jsonl", run_dir / "first_metrics.jsonl")
+                shutil.rmtree(run_dir / "checkpoints" / "step-4")
+                (run_dir / "results.json").unlink()
+            d.barrier()
+            run(_config(overrides, B, cache_dir), run_dir, progress=False, dist=d,
+                resume=run_dir / "checkpoints" / "step-2")
 
 
 _ORIGINAL_LOGITS = None
@@ -89,7 +100,8 @@ def two_ranks(tmp_path_factory, cache_dir, checkpoints, data_root) -> Path:
     out = tmp_path_factory.mktemp("ranks")
     cases = {**CASES, "llama_real_data": real_case(checkpoints, data_root), "idle_expert": ["adapter=mola", "adapter.top_k=2", "adapter.expert_compute=grouped"],
              "fsdp_loramoe": ["adapter=loramoe", "adapter.aux_scope=global", "recipe.strategy=fsdp"],
-             "fsdp_bf16_base": ["adapter=loramoe", "recipe.strategy=fsdp", "model.dtype=bfloat16"]}
+             "fsdp_bf16_base": ["adapter=loramoe", "recipe.strategy=fsdp", "model.dtype=bfloat16"],
+             "ddp_resume": ["adapter=loramoe", "recipe.save_every=2", "recipe.log_every=1", "adapter.dropout=0.1"]}
     spawn(2, _ranks_worker, cases, str(out), str(cache_dir))
     return out
 
@@ -214,3 +226,13 @@ def test_a_real_checkpoint_on_real_schema_data_matches_one_process(two_ranks, ch
     ranked = [json.loads(line) for line in (two_ranks / "llama_real_data" / "predictions.jsonl").read_text().splitlines()]
     single = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
     assert [(r["model"], r["id"]) for r in ranked] == [(r["model"], r["id"]) for r in single]  # each example once
+
+
+def test_two_ranks_resume_bitwise(two_ranks) -> None:
+    """A two-rank run resumed from its step-2 checkpoint ends as it ended uninterrupted (dropout on:
+    each rank's RNG state comes back from its own file)."""
+    run_dir = two_ranks / "ddp_resume"
+    assert (run_dir / "adapter_model.safetensors").read_bytes() == (run_dir / "first.safetensors").read_bytes()
+    first = [line for line in (run_dir / "first_metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    again = [line for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert len(first) == 4 and again == first
