@@ -74,6 +74,8 @@ def one_line(exc: BaseException) -> str:
     from hydra.errors import HydraException, OverrideParseException
     from omegaconf.errors import OmegaConfBaseException
 
+    from moe_lora.errors import first_line
+
     if isinstance(exc, OverrideParseException) and exc.override and exc.override not in str(exc):
         return f"cannot parse override {exc.override!r}: {str(exc).strip().splitlines()[0]}"
     inner, cur = exc, exc
@@ -81,10 +83,10 @@ def one_line(exc: BaseException) -> str:
         if isinstance(cur, (HydraException, OmegaConfBaseException)) and "$" not in str(cur):
             inner = cur
             break
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    first = first_line(exc)
     if inner is exc:
         return first
-    detail = str(inner).strip().splitlines()[0] if str(inner).strip() else type(inner).__name__
+    detail = first_line(inner)
     return first if detail in first else f"{first.rstrip('.')}: {detail}"
 
 
@@ -152,9 +154,12 @@ def load_config(overrides: list[str], check_files: bool = True):
     return to_config(compose(overrides), check_files)
 
 
-def precheck(overrides: list[str], multirun: bool) -> None:
-    cfgs = [load_config(combo) for combo in (expand_sweeps(overrides) if multirun else [overrides])]
-    check_output_dir(expand_sweeps(overrides)[0] if multirun else overrides, multirun, cfgs[0])
+def precheck(overrides: list[str], multirun: bool):
+    """Every job's config validated and the output folder checked; the first job's config."""
+    combos = expand_sweeps(overrides) if multirun else [overrides]
+    cfgs = [load_config(combo) for combo in combos]
+    check_output_dir(combos[0], multirun, cfgs[0])
+    return cfgs[0]
 
 
 def check_output_dir(overrides: list[str], multirun: bool, cfg) -> None:
@@ -190,9 +195,9 @@ def cmd_train(args: list[str]) -> int:
     if torchrun and env_world_size() > 1 and multirun:
         return fail("torchrun starts one job; for a sweep use `moe-lora train -m ... recipe.nproc_per_node=N`")
     if not any(f in _SKIP_PRECHECK for f in flags) and "--cfg" not in flags and "-c" not in flags:
-        precheck(overrides, multirun=multirun)
+        cfg = precheck(overrides, multirun=multirun)
         if torchrun and env_world_size() > 1:
-            check_launch(load_config(overrides, check_files=False).recipe.nproc_per_node)
+            check_launch(cfg.recipe.nproc_per_node)
             if int(os.environ.get("RANK", "0")) != 0:
                 return torchrun_rank(args, overrides)
     sys.argv = ["moe-lora train", *args]

@@ -13,6 +13,13 @@ class OutputError(ConfigError):
     is its ``__cause__``."""
 
 
+def first_line(exc: BaseException, limit: int | None = None) -> str:
+    """The first line of an exception's message (its type's name if it has none), for errors that
+    wrap a library's multi-line message into one line."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__
+
+
 def require(cond: bool, key: str, value: object, why: str) -> None:
     """Raise ``ConfigError`` naming ``key`` unless ``cond`` holds. Used instead of ``assert``."""
     if not cond:

@@ -53,6 +53,11 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     _write_atomic(path, lambda f: f.write(json.dumps(obj, indent=2) + "\n"))
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    """The rows of a JSONL file (none if it does not exist)."""
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
 def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
     """One JSON object per line (predictions.jsonl), written atomically."""
     _write_atomic(path, lambda f: f.writelines(json.dumps(row) + "\n" for row in rows))

@@ -31,7 +31,7 @@ from typing import Any
 from moe_lora.config import DataConfig, SourceConfig
 from moe_lora.data.example import EvalSet, Example, Mixture
 from moe_lora.data.templates import Template, fewshot_prompt, get_template
-from moe_lora.errors import ConfigError
+from moe_lora.errors import ConfigError, first_line
 
 BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 OPTIONAL_ROLES = ("aliases", "id", "input")
@@ -59,7 +59,7 @@ class ResolvedSource:
         try:
             return _load(self.kind, self.location, self.config)
         except Exception as exc:  # datasets raises StopIteration, IndexError, ArrowInvalid, ...
-            detail = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+            detail = first_line(exc, 160)
             raise ConfigError(f"data.sources.{self.name}: {self.location} cannot be read as a dataset ({detail})") from None
 
 
@@ -158,7 +158,7 @@ def resolve_source(name: str, src: SourceConfig, root: str | None) -> ResolvedSo
     except Exception as exc:  # datasets raises ConnectionError, FileNotFoundError, ValueError, ...
         import datasets
 
-        detail = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        detail = first_line(exc, 160)
         if isinstance(exc, ValueError) and "config" in detail.lower():
             raise ConfigError(f"{key}.config={src.config!r} is not a config of {src.path!r} ({detail})") from None
         how = ("not in the local datasets cache; run scripts/prepare_data.py or set HF_DATASETS_OFFLINE=0"

@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from moe_lora.errors import ConfigError, OutputError
+from moe_lora.errors import ConfigError, OutputError, first_line
 from moe_lora.train.distributed import Dist, full_tensor
 
 CHECKPOINTS = "checkpoints"
@@ -39,6 +39,12 @@ NOT_TRAINING = ("logger", "eval", "label", "claims", "resume", "run_dir", "cache
                 "recipe.keep_checkpoints", "recipe.threads", "recipe.device", "recipe.eval_limit",
                 "recipe.on_nonfinite", "recipe.objective", "recipe.nproc_per_node", "recipe.name", "data.num_proc",
                 "eval.harness")
+
+
+def sharded(model: nn.Module) -> bool:
+    """Whether FSDP shards the model's parameters: gathering them is then a collective that every
+    rank must join; otherwise only the rank that writes needs the (CPU) copy."""
+    return any(hasattr(p, "full_tensor") for p in model.parameters())
 
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -140,7 +146,9 @@ def save(run_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Opti
     rank writes its RNG file); returns its path."""
     root = run_dir / CHECKPOINTS
     tmp, final = root / f".tmp-step-{step}", root / f"step-{step}"
-    adapter, optim = adapter_state(model), _optimizer_state(model, optimizer)  # collectives first
+    adapter = optim = None
+    if dist.is_main or sharded(model):  # FSDP: collectives every rank joins, before any file
+        adapter, optim = adapter_state(model), _optimizer_state(model, optimizer)
     try:
         if dist.is_main:
             remove_stale(run_dir)
@@ -174,7 +182,7 @@ def _read(path: Path, what: str) -> Any:
     try:
         return load_file(str(path)) if path.suffix == ".safetensors" else torch.load(path, weights_only=False)
     except Exception as exc:  # safetensors, pickle and zip errors have no common base
-        detail = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
+        detail = first_line(exc, 120)
         raise ConfigError(f"checkpoint file {path} is unreadable ({detail}): the {what} cannot be restored; "
                           f"delete {path.parent} to resume from the checkpoint before it") from None
 

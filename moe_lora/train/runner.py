@@ -30,7 +30,7 @@ from moe_lora.errors import ConfigError
 from moe_lora.eval.evaluate import evaluate, knowledge_retained
 from moe_lora.models import hub_model, world_model
 from moe_lora.routing.recorder import RoutingRecorder
-from moe_lora.tracking import Tracker, write_json_atomic, write_jsonl_atomic
+from moe_lora.tracking import Tracker, read_jsonl, write_json_atomic, write_jsonl_atomic
 from moe_lora.train import checkpoint as ckpt
 from moe_lora.train.checkpoint import adapter_state
 from moe_lora.train.distributed import Dist, current, rank_device, wrap_model
@@ -147,7 +147,14 @@ def run(cfg: TrainConfig, run_dir: Path, progress: bool = True, dist: Dist | Non
     tracker = Tracker(run_dir, cfg.logger, resolved, name=run_dir.name) if main else None
     results: dict[str, Any] | None = None
     try:
-        final_routing = last_routing(run_dir / "routing.jsonl") if main and resume is not None else {}
+        final_routing: dict[str, dict] = {}
+
+        def keep_last(rows: list[dict]) -> None:
+            for r in rows:
+                final_routing.setdefault(r["module"], {})[r["task_type"]] = r
+
+        if main and resume is not None:  # the windows logged before the checkpoint
+            keep_last(read_jsonl(run_dir / "routing.jsonl"))
 
         def log_row(row: dict) -> None:
             if tracker is not None:
@@ -156,8 +163,7 @@ def run(cfg: TrainConfig, run_dir: Path, progress: bool = True, dist: Dist | Non
         def log_routing(rows: list[dict]) -> None:
             if tracker is not None:
                 tracker.log_routing(rows)
-            for r in rows:
-                final_routing.setdefault(r["module"], {})[r["task_type"]] = r
+            keep_last(rows)
 
         perf: dict[str, Any] = {}
         sharded = dist.enabled and cfg.recipe.strategy == "fsdp"
@@ -180,9 +186,10 @@ def run(cfg: TrainConfig, run_dir: Path, progress: bool = True, dist: Dist | Non
             if batches.truncated and main:  # counted, never silent (also results.json["perf"]["truncated"])
                 log.warning("%d of %d training examples were cut to data.max_length=%d (%d of them inside the answer)",
                             batches.truncated, len(batches), cfg.data.max_length, batches.answer_cut)
+            global_batch = cfg.recipe.batch_size * dist.world_size * cfg.recipe.grad_accum
             if main and dist.enabled:
                 print(f"data parallel: {dist.world_size} ranks ({cfg.recipe.strategy}), global batch "
-                      f"{cfg.recipe.batch_size * dist.world_size * cfg.recipe.grad_accum} = recipe.batch_size "
+                      f"{global_batch} = recipe.batch_size "
                       f"{cfg.recipe.batch_size} x {dist.world_size} ranks x recipe.grad_accum {cfg.recipe.grad_accum}")
             digest = ckpt.config_hash(resolved)
 
@@ -197,7 +204,7 @@ def run(cfg: TrainConfig, run_dir: Path, progress: bool = True, dist: Dist | Non
                              diagnose=lambda batch: first_nonfinite(model, adapted, batch, precision))
             perf |= {"nonfinite_skips": state.nonfinite_skips, "truncated": batches.truncated, "answer_cut": batches.answer_cut,
                      "ranks": dist.world_size, "strategy": cfg.recipe.strategy if dist.enabled else None,
-                     "global_batch": cfg.recipe.batch_size * dist.world_size * cfg.recipe.grad_accum}
+                     "global_batch": global_batch}
         # FSDP's forward gathers shards collectively: every rank must run every batch (no sharded eval)
         tuned, tuned_predictions = run_eval(model, tok, mixture, cfg, precision, progress, None if sharded else dist)
         if cfg.eval.harness.tasks and main:
@@ -205,7 +212,7 @@ def run(cfg: TrainConfig, run_dir: Path, progress: bool = True, dist: Dist | Non
 
             tuned["harness"] = run_harness(model, tok, cfg.eval.harness, device=precision.device,
                                            autocast=precision.autocast)
-        adapter = adapter_state(model)  # collective under FSDP
+        adapter = adapter_state(model) if main or ckpt.sharded(model) else None  # collective under FSDP
         if main:
             write_predictions(run_dir / PREDICTIONS_FILE, base_predictions, tuned_predictions)
             save_file(adapter, str(run_dir / ADAPTER_FILE))
@@ -241,18 +248,6 @@ def truncate_logs(run_dir: Path, lengths: dict[str, int]) -> None:
                               "cut or replaced; it cannot be resumed byte for byte")
         with open(path, "r+b") as f:
             f.truncate(n)
-
-
-def last_routing(path: Path) -> dict[str, dict]:
-    """The last routing row per (module, task type) of a log (a resumed run's final window)."""
-    import json
-
-    final: dict[str, dict] = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            r = json.loads(line)
-            final.setdefault(r["module"], {})[r["task_type"]] = r
-    return final
 
 
 @torch.no_grad()
