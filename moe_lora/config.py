@@ -23,6 +23,7 @@ from moe_lora.errors import require
 TASK_TYPES = ("cbqa", "instruction")
 DTYPES = ("float32", "bfloat16", "float16")
 OPTIMIZERS = ("adamw", "adafactor")
+ATTN_IMPLEMENTATIONS = ("auto", "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
 
 
 # --------------------------------------------------------------------------------------------- model
@@ -43,7 +44,9 @@ class PretrainConfig:
 
 @dataclass
 class ModelConfig:
-    """A base model. Per-family module names live here and nowhere else.
+    """A base model. ``modules`` is empty by default: the roles (query, key, value, output, ffn_in,
+    ffn_gate, ffn_up, ffn_out) and blocks (attention, ffn) are read from the model itself
+    (:mod:`moe_lora.structure`); a key set here overrides that key with module-name patterns.
 
     ``source=world`` builds the tiny Llama from the architecture fields and pretrains it on the
     built-in world (cached). ``source=hub`` loads ``name_or_path`` with transformers; the
@@ -69,7 +72,8 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     dtype: str = "float32"  # the frozen base weights; adapters have their own adapter.dtype
     trust_remote_code: bool = False
-    attn_implementation: str = "sdpa"
+    # auto: sdpa where the architecture supports it, else what transformers picks (eager)
+    attn_implementation: str = "auto"
     gradient_checkpointing: bool = False  # non-reentrant activation checkpointing of the decoder layers
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
@@ -77,12 +81,10 @@ class ModelConfig:
         require(self.source in ("world", "hub"), "model.source", self.source, "must be 'world' or 'hub'")
         if self.source == "hub":
             require(bool(self.name_or_path), "model.name_or_path", self.name_or_path, "is required for model.source=hub")
-        require(bool(self.modules), "model.modules", self.modules, "must map group names (attention, ffn) to module names")
         require(self.num_layers >= 1, "model.num_layers", self.num_layers, "must be >= 1")
         require(self.dtype in DTYPES, "model.dtype", self.dtype, "must be float32, bfloat16 or float16")
-        require(self.attn_implementation in ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"),
-                "model.attn_implementation", self.attn_implementation,
-                "must be eager, sdpa, flash_attention_2, flash_attention_3 or flex_attention")
+        require(self.attn_implementation in ATTN_IMPLEMENTATIONS, "model.attn_implementation", self.attn_implementation,
+                f"must be one of {', '.join(ATTN_IMPLEMENTATIONS)}")
 
 
 # ------------------------------------------------------------------------------------------ adapters

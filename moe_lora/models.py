@@ -80,9 +80,42 @@ def world_model(cfg: ModelConfig, world: World, cache_dir: str | Path, progress:
             shutil.rmtree(entry, ignore_errors=True)
             os.replace(tmp, entry)
     model = LlamaForCausalLM.from_pretrained(entry, dtype=getattr(torch, cfg.dtype),
-                                             attn_implementation=cfg.attn_implementation)
+                                             attn_implementation=attn_implementation(cfg))
     model.eval()
     return model, tok
+
+
+def attn_implementation(cfg: ModelConfig) -> str | None:
+    """``auto`` is transformers' own choice (None): sdpa where the architecture supports it, else
+    eager. An explicit value is checked against the architecture in ``validate``."""
+    return None if cfg.attn_implementation == "auto" else cfg.attn_implementation
+
+
+def check_attn_implementation(model: PreTrainedModel, cfg: ModelConfig) -> None:
+    """An explicit ``model.attn_implementation`` the architecture (or this install) refuses fails
+    here, on the meta-device model, instead of as a traceback after the weights load."""
+    if cfg.attn_implementation == "auto" or not hasattr(model, "get_correct_attn_implementation"):
+        return
+    try:
+        model.get_correct_attn_implementation(cfg.attn_implementation, is_init_check=True)
+    except (ValueError, ImportError) as exc:
+        reason = str(exc).split(". ")[0].split("\n")[0]
+        raise ConfigError(f"model.attn_implementation={cfg.attn_implementation!r} cannot be used with "
+                          f"{type(model).__name__} ({reason}); use auto (the default) or eager") from None
+
+
+def check_causal(config, cfg: ModelConfig) -> None:
+    """Only causal LMs train here: an encoder-decoder or any other head fails naming the model."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    kind = config.model_type
+    if getattr(config, "is_encoder_decoder", False):
+        raise ConfigError(f"model.name_or_path={cfg.name_or_path!r} is a {kind} encoder-decoder; moe_lora trains "
+                          "decoder-only causal LMs (AutoModelForCausalLM: llama, mistral, qwen2, gemma, phi, olmo, "
+                          "gpt_neox, ...) only")
+    if kind not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not cfg.trust_remote_code:
+        raise ConfigError(f"model.name_or_path={cfg.name_or_path!r} is a {kind!r} model, which is not a causal LM "
+                          "in transformers (AutoModelForCausalLM); moe_lora trains decoder-only causal LMs")
 
 
 def checkpoint_config(cfg: ModelConfig):
@@ -106,7 +139,12 @@ def checkpoint_config(cfg: ModelConfig):
     except (OSError, ValueError) as exc:
         raise ConfigError(f"model.name_or_path={cfg.name_or_path!r}: config.json cannot be read "
                           f"({str(exc).splitlines()[0]})") from None
+    check_causal(config, cfg)
     return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _first(config, *keys: str, default=None):
+    return next((getattr(config, k) for k in keys if getattr(config, k, None) is not None), default)
 
 
 def read_architecture(cfg: ModelConfig) -> ModelConfig:
@@ -120,11 +158,11 @@ def read_architecture(cfg: ModelConfig) -> ModelConfig:
     if config is None:
         return cfg
     hidden, heads = config.hidden_size, config.num_attention_heads
+    kv = _first(config, "num_key_value_heads", "num_kv_heads", default=1 if getattr(config, "multi_query", False) else heads)
     fields = dict(
         family=config.model_type, num_layers=config.num_hidden_layers, hidden_size=hidden, num_heads=heads,
-        num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
-        head_dim=getattr(config, "head_dim", None) or hidden // heads,
-        intermediate_size=getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden,
+        num_kv_heads=kv, head_dim=getattr(config, "head_dim", None) or hidden // heads,
+        intermediate_size=_first(config, "intermediate_size", "n_inner", "ffn_dim", "ffn_hidden_size", default=4 * hidden),
         vocab_size=config.vocab_size, tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
     )
     if cfg.name == "tiny_world":
@@ -202,7 +240,7 @@ def hub_model(cfg: ModelConfig):
 
     path = resolve_hub_path(cfg)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, cfg.dtype),
-                                                 attn_implementation=cfg.attn_implementation,
+                                                 attn_implementation=attn_implementation(cfg),
                                                  trust_remote_code=cfg.trust_remote_code)
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     if tok.pad_token is None:

@@ -11,12 +11,12 @@ from __future__ import annotations
 from torch import nn
 
 from moe_lora.adapters import ADAPTERS
-from moe_lora.adapters.inject import expand_targets, inject_adapter
+from moe_lora.adapters.inject import inject_adapter
 from moe_lora.config import TrainConfig
 from moe_lora.data.world import INSTRUCTION_TASKS, World
 from moe_lora.errors import ConfigError
 from moe_lora.layouts import resolve_layout
-from moe_lora.models import meta_model, read_architecture, resolve_hub_path
+from moe_lora.models import check_attn_implementation, meta_model, read_architecture, resolve_hub_path
 from moe_lora.train.precision import check_precision, resolve_device, resolve_precision
 
 
@@ -58,8 +58,7 @@ def validate(cfg: TrainConfig, check_files: bool = True) -> None:
         check_grouped(cfg)
     if spec.wrap is not None:
         resolve_layout(cfg.layout, cfg.adapter, cfg.model.num_layers)
-        expand_targets(cfg.adapter.target_modules, cfg.model.modules)
-        check_targets(cfg)
+    check_targets(cfg, spec.wrap is not None)
 
 
 def check_real_data(cfg: TrainConfig, trains: bool) -> None:
@@ -98,13 +97,17 @@ def base_meta_model(cfg: TrainConfig) -> nn.Module:
     return meta_model(cfg.model, vocab)
 
 
-def check_targets(cfg: TrainConfig) -> None:
-    """Inject the adapter into the meta-device architecture: every target, layout and shape error
-    (no matching module, a head size that does not divide, MELoRA's minis) surfaces here. Sweep
-    jobs that differ only in other keys (seeds, learning rates) are checked once."""
+def check_targets(cfg: TrainConfig, inject: bool = True) -> None:
+    """Build the architecture on the meta device: an attention implementation it refuses fails
+    here, and injecting the adapter into it surfaces every target, layout and shape error (a role
+    the family lacks, a module list that misses layers, a head size that does not divide, MELoRA's
+    minis). Sweep jobs that differ only in other keys (seeds, learning rates) are checked once."""
     key = repr((cfg.model, cfg.adapter, cfg.layout, cfg.data.world if cfg.model.source == "world" else None))
     if key not in _CHECKED_TARGETS:
-        inject_adapter(base_meta_model(cfg), cfg.adapter, cfg.model, cfg.layout)
+        model = base_meta_model(cfg)
+        check_attn_implementation(model, cfg.model)
+        if inject:
+            inject_adapter(model, cfg.adapter, cfg.model, cfg.layout)
         _CHECKED_TARGETS.add(key)
 
 

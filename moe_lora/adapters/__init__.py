@@ -11,7 +11,7 @@ import pkgutil
 
 from moe_lora.adapters.base import ADAPTERS, AdapterSpec, register_adapter
 
-_INFRA = {"base", "layer", "inject"}
+_INFRA = {"base", "layer", "inject", "slices"}
 
 for _mod in pkgutil.iter_modules(__path__):
     if _mod.name not in _INFRA:

@@ -12,6 +12,7 @@ from torch import nn
 
 from moe_lora.config import AdapterConfig
 from moe_lora.registry import Registry
+from moe_lora.structure import Site
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,7 @@ class LayerPlan:
     group: str | None = None  # the model.modules group of the linear (attention, ffn, ...)
     head_dim: int = 0  # the model's head size (config.json's head_dim, else hidden // heads), for MoV
     dtype: torch.dtype = torch.float32  # adapter weights, routers and buffers (adapter.dtype)
+    site: Site | None = None  # the linear's roles and fused layout (moe_lora.structure)
 
 
 @dataclass
@@ -50,6 +52,9 @@ class AdapterSpec:
     trains_base: bool = False
     make_hook: HookFn | None = None  # e.g. ALoRA's rank reallocation
     report: Callable[[nn.Module], dict] | None = None  # extra entries for results.json
+    # defined on roles (IA3, MoV): a fused linear targeted by role is adapted on those roles' columns
+    # only; otherwise (LoRA-type experts) the adapter acts on the whole fused output, as peft does
+    slices_fused: bool = False
 
 
 ADAPTERS: Registry[AdapterSpec] = Registry("adapter", "adapter")
@@ -57,13 +62,13 @@ ADAPTERS: Registry[AdapterSpec] = Registry("adapter", "adapter")
 
 def register_adapter(
     name: str, config_cls: type[AdapterConfig], *, trains_base: bool = False, make_hook: HookFn | None = None,
-    report: Callable[[nn.Module], dict] | None = None,
+    report: Callable[[nn.Module], dict] | None = None, slices_fused: bool = False,
 ):
     """Decorator for a variant's wrap function: registers it and stores its config schema as
     ``schema/adapter/<name>`` (the schema of ``conf/adapter/<name>.yaml``)."""
 
     def deco(wrap: WrapFn | None) -> WrapFn | None:
-        ADAPTERS.register(name, AdapterSpec(name, config_cls, wrap, trains_base, make_hook, report))
+        ADAPTERS.register(name, AdapterSpec(name, config_cls, wrap, trains_base, make_hook, report, slices_fused))
         ConfigStore.instance().store(group="schema/adapter", name=name, node=config_cls)
         return wrap
 

@@ -1,5 +1,9 @@
 """IA3 (peft): learned vectors initialised to 1. On attention targets (k, v) they scale the module
-output; on FFN targets (down_proj) they scale the module input, as peft's ``feedforward_modules``."""
+output; on the FFN output projection (down_proj, fc2, ...) they scale its input, as peft's
+``feedforward_modules`` (the ``ffn_out`` role). On a fused q|k|v linear targeted by role
+(``key``, ``value``) only those roles' columns are scaled (one vector per role, per the family's
+column layout), so a fused checkpoint trains exactly the parameters of its unfused twin; a fused
+linear targeted by name or block is scaled whole, as peft does."""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from torch import nn
 
 from moe_lora.adapters.base import LayerPlan, register_adapter
 from moe_lora.adapters.layer import linear_dims
+from moe_lora.adapters.slices import SlicedOutput
 from moe_lora.config import AdapterConfig
 
 
@@ -18,6 +23,17 @@ from moe_lora.config import AdapterConfig
 class IA3Config(AdapterConfig):
     name: str = "ia3"
     target_modules: List[str] = field(default_factory=lambda: ["key", "value", "ffn_out"])
+
+
+class IA3Scale(nn.Module):
+    """``h * l`` with a learned vector ``l`` (ones at init)."""
+
+    def __init__(self, dim: int, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.ia3_l = nn.Parameter(torch.ones(dim, dtype=dtype, device=device))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h * self.ia3_l.to(h.dtype)
 
 
 class IA3Linear(nn.Module):
@@ -37,6 +53,12 @@ class IA3Linear(nn.Module):
         return out * self.ia3_l.to(out.dtype)
 
 
-@register_adapter("ia3", IA3Config)
+@register_adapter("ia3", IA3Config, slices_fused=True)
 def wrap_ia3(base: nn.Module, cfg: IA3Config, plan: LayerPlan) -> nn.Module:
-    return IA3Linear(base, scale_input=plan.group == "ffn", dtype=plan.dtype)
+    site = plan.site
+    if site is not None and site.partial:
+        columns = {r: site.fused.columns(r) for r in site.targeted}
+        parts = {r: IA3Scale(len(c), plan.dtype, base.weight.device) for r, c in columns.items()}
+        return SlicedOutput(base, parts, columns)
+    scale_input = site.input_site if site is not None else plan.group == "ffn"
+    return IA3Linear(base, scale_input=scale_input, dtype=plan.dtype)

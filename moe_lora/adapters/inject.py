@@ -1,15 +1,21 @@
-"""Where adapters go: find target linears by module-name pattern and replace them in place.
+"""Where adapters go: ask the model's structure which linears the targets select, wrap them in place.
 
-Targets are module names (matched as a suffix of the dotted path, so ``mlp.c_proj`` tells GPT-2's
-two ``c_proj`` apart) or group names of ``model.modules`` (``attention``, ``ffn``, ``all``). The
-base model is frozen; no modelling code is touched.
+Targets are roles (``query``, ``key``, ``value``, ``output``, ``ffn_in``, ``ffn_gate``, ``ffn_up``,
+``ffn_out``), blocks (``attention``, ``ffn``, ``all``) or module names (matched as a suffix of the
+dotted path, so ``mlp.c_proj`` tells GPT-2's two ``c_proj`` apart). Roles and blocks come from
+:mod:`moe_lora.structure` (detected from the model, or ``model.modules``); every role or block a
+target names must exist in every layer, and a module name must match in every layer it matches in
+any, so a setting never adapts silently less than it says. The rule for fused projections: a
+variant defined on roles (IA3, MoV) adapts only the targeted roles' columns of a fused linear; any
+other variant acts on the whole fused output, as peft does when it targets ``c_attn``. The base
+model is frozen; no modelling code is touched.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import replace
+from typing import Any
 
 import torch
 from torch import nn
@@ -20,50 +26,30 @@ from moe_lora.errors import ConfigError
 from moe_lora.layouts import is_per_layer, resolve_layout
 from moe_lora.routing.recorder import AuxLossConfig, RoutingRecorder
 from moe_lora.routing.router import Router
+from moe_lora.structure import Site, Structure, is_adaptable, read_structure, resolve_targets, targets_summary
 
-_LAYER = re.compile(r"\.(\d+)\.")
 log = logging.getLogger(__name__)
+__all__ = ["count_parameters", "inject_adapter", "is_adaptable", "plan_targets"]
 
 
-def expand_targets(targets: list[str], groups: dict[str, list[str]]) -> list[str]:
-    """Replace group names (and ``all``) by the module names that ``model.modules`` lists.
-
-    Besides the blocks ``attention`` and ``ffn``, ``model.modules`` names roles (``query``, ``key``,
-    ``value``, ``output``, ``ffn_out``), so that a variant's default targets fit every family. The
-    rule for fused projections: a role that a family computes inside one fused linear maps to that
-    linear (GPT-2's ``query``, ``key`` and ``value`` are all ``attn.c_attn``), and the adapter then acts
-    on the whole fused output, as peft does when it targets ``c_attn``."""
-    out: list[str] = []
-    for t in targets:
-        if t == "all":
-            out += [n for names in groups.values() for n in names]
-        else:
-            out += groups.get(t, [t])
-    return list(dict.fromkeys(out))
+def plan_targets(model: nn.Module, adapter: AdapterConfig, model_cfg: ModelConfig) -> tuple[Structure, list[Site]]:
+    """The model's structure and the sites ``adapter.target_modules`` selects in it (no change to
+    the model). Raises ``ConfigError`` naming the entry, the family and the linears that exist."""
+    structure = read_structure(model, model_cfg.modules)
+    sites = resolve_targets(structure, model, list(adapter.target_modules))
+    spec = ADAPTERS.get(adapter.name)
+    for site in sites:
+        if site.partial and spec.slices_fused and site.fused is None:
+            raise ConfigError(f"adapter={adapter.name} scales the {'+'.join(site.targeted or ())} columns of the fused "
+                              f"linear {site.name} ({structure.family}), whose column layout moe_lora does not know "
+                              f"(structure.FUSED_QKV): target it whole by name in adapter.target_modules")
+    return structure, sites
 
 
-def is_adaptable(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
-
-
-def layer_index(name: str) -> int | None:
-    m = _LAYER.search(name)
-    return int(m.group(1)) if m else None
-
-
-def name_matches(name: str, patterns: list[str]) -> bool:
-    return any(name == p or name.endswith("." + p) for p in patterns)
-
-
-def find_targets(model: nn.Module, patterns: list[str]) -> list[str]:
-    return [name for name, mod in model.named_modules() if is_adaptable(mod) and name_matches(name, patterns)]
-
-
-def module_group(name: str, groups: dict[str, list[str]]) -> str | None:
-    """The block a linear belongs to: ``attention`` or ``ffn`` first; role groups (``query``,
-    ``ffn_out``, ...) only name subsets of those two."""
-    ordered = [g for g in ("attention", "ffn") if g in groups] + [g for g in groups if g not in ("attention", "ffn")]
-    return next((g for g in ordered if name_matches(name, groups[g])), None)
+def targets_table(model: nn.Module, adapter: AdapterConfig, model_cfg: ModelConfig) -> dict[str, Any]:
+    """What ``plan_targets`` selects, as results.json's ``targets`` (role -> modules -> per layer)."""
+    structure, sites = plan_targets(model, adapter, model_cfg)
+    return targets_summary(structure, sites, ADAPTERS.get(adapter.name).slices_fused)
 
 
 def aux_config(cfg: AdapterConfig) -> AuxLossConfig:
@@ -76,15 +62,14 @@ def aux_config(cfg: AdapterConfig) -> AuxLossConfig:
     )
 
 
-def layer_plan(name: str, plans: list[LayerPlan], layout: LayoutConfig) -> LayerPlan:
-    """The plan of the layer a module sits in. A module outside the numbered decoder layers (an
-    ``lm_head`` target) gets the adapter's own settings, unless the layout differs per layer: then
-    there is no right answer, and guessing one would be silent."""
-    layer = layer_index(name)
+def layer_plan(name: str, layer: int | None, plans: list[LayerPlan], layout: LayoutConfig) -> LayerPlan:
+    """The plan of the layer a module sits in. A module outside the decoder layers (an ``lm_head``
+    target) gets the adapter's own settings, unless the layout differs per layer: then there is no
+    right answer, and guessing one would be silent."""
     if layer is not None and layer < len(plans):
         return plans[layer]
     if is_per_layer(layout):
-        where = "has no layer index ('.<n>.' in its name)" if layer is None else f"is in layer {layer}"
+        where = "has no layer index (it is outside the decoder layers)" if layer is None else f"is in layer {layer}"
         raise ConfigError(f"layout={layout.name!r} sets experts/rank/top_k per layer, but target module {name!r} {where} "
                           f"of a model with {len(plans)} layers (adapter.target_modules)")
     return replace(plans[0], layer=None)
@@ -103,24 +88,19 @@ def inject_adapter(
         p.requires_grad_(spec.trains_base)
     if spec.wrap is None:
         return []
-    patterns = expand_targets(adapter.target_modules, model_cfg.modules)
-    names = find_targets(model, patterns)
-    if not names:
-        linears = [n for n, m in model.named_modules() if is_adaptable(m)][:4]
-        raise ConfigError(f"adapter.target_modules={adapter.target_modules} matched no linear module of "
-                          f"model={model_cfg.name!r} (its linears look like: {', '.join(linears)})")
-    plans = resolve_layout(layout, adapter, model_cfg.num_layers)
+    structure, sites = plan_targets(model, adapter, model_cfg)
+    plans = resolve_layout(layout, adapter, structure.num_layers)
     if layout.experts is not None and hasattr(adapter, "num_experts"):
         log.info("layout=%s sets experts per layer %s; adapter.num_experts=%s is not used", layout.name,
                  [p.num_experts for p in plans], adapter.num_experts)
-    head_dim = model_cfg.head_dim or model_cfg.hidden_size // model_cfg.num_heads
     dtype = getattr(torch, adapter.dtype)
-    for name in names:
-        plan = replace(layer_plan(name, plans, layout), group=module_group(name, model_cfg.modules), head_dim=head_dim,
-                       dtype=dtype)
-        parent_name, _, child = name.rpartition(".")
+    for site in sites:
+        plan = replace(layer_plan(site.name, site.layer, plans, layout), group=site.block, head_dim=structure.head_dim,
+                       dtype=dtype, site=site)
+        parent_name, _, child = site.name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, spec.wrap(getattr(parent, child), adapter, plan).train(model.training))
+    names = [site.name for site in sites]
     if recorder is not None:
         aux = aux_config(adapter)
         for name, mod in model.named_modules():

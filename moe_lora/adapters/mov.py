@@ -3,7 +3,9 @@
 Every ``v_e`` starts at 1 (identity at init). The router's input is the activation it rescales:
 for k/v outputs it routes each head separately with one router shared across heads (its input is
 one head's slice, so ``router.weight`` is (E, head_dim)); for the FFN it routes on the intermediate
-activation that enters down_proj. Defaults: E=10, soft routing, router in fp32, sites k_proj and
+activation that enters the FFN's output projection (``ffn_out``: down_proj, fc2, ...). On a fused
+q|k|v linear (Phi-3's ``qkv_proj``, GPT-NeoX's ``query_key_value``) the key and value columns get a
+router and experts each, exactly as the unfused twin's k_proj and v_proj. Defaults: E=10, soft routing, router in fp32, sites k_proj and
 v_proj outputs and down_proj input. The schema is :class:`RoutedConfig`'s, without the low-rank
 fields (rank, alpha, dropout, init_A) or null experts and grouped compute, which IA3 experts do not
 have: setting one fails at composition instead of being ignored. The paper trains with Adafactor at
@@ -20,6 +22,7 @@ from torch import nn
 
 from moe_lora.adapters.base import LayerPlan, register_adapter
 from moe_lora.adapters.layer import linear_dims
+from moe_lora.adapters.slices import SlicedOutput
 from moe_lora.config import RoutedConfig
 from moe_lora.errors import ConfigError
 from moe_lora.routing.router import Router
@@ -32,21 +35,17 @@ class MoVConfig(RoutedConfig):
     num_experts: int = 10
 
 
-class MoVLinear(nn.Module):
-    """IA3 experts ``ia3_v`` (E, d) merged by a router on the rescaled activation."""
+class MoVScale(nn.Module):
+    """IA3 experts ``ia3_v`` (E, dim) merged by a router on the activation they rescale, per head
+    of ``head_dim`` columns (one router shared by the heads)."""
 
-    def __init__(self, base: nn.Module, router: Router, scale_input: bool, head_dim: int,
-                 dtype: torch.dtype | None = None) -> None:
+    def __init__(self, dim: int, head_dim: int, router: Router, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
-        self.base, self.router, self.scale_input = base, router, scale_input
-        d_in, d_out = linear_dims(base)
-        self.dim = d_in if scale_input else d_out
-        self.head_dim = self.dim if scale_input else head_dim
-        if self.dim % self.head_dim:
-            raise ConfigError(f"adapter=mov routes the output of a {self.dim}-wide linear per head, but the model's "
-                              f"head size {self.head_dim} does not divide it (model.head_dim)")
-        w = base.weight
-        self.ia3_v = nn.Parameter(torch.ones(router.num_experts, self.dim, dtype=dtype or w.dtype, device=w.device))
+        self.router, self.dim, self.head_dim = router, dim, head_dim
+        if dim % head_dim:
+            raise ConfigError(f"adapter=mov routes the output of a {dim}-wide linear per head, but the model's "
+                              f"head size {head_dim} does not divide it (model.head_dim)")
+        self.ia3_v = nn.Parameter(torch.ones(router.num_experts, dim, dtype=dtype, device=device))
 
     def _rescale(self, h: torch.Tensor) -> torch.Tensor:
         heads = h.unflatten(-1, (self.dim // self.head_dim, self.head_dim))  # (..., H, hd)
@@ -55,17 +54,41 @@ class MoVLinear(nn.Module):
         scale = torch.einsum("...he,ehd->...hd", gate, vectors.to(h.dtype))
         return (heads * scale).flatten(-2)
 
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self._rescale(h)
+
+
+class MoVLinear(MoVScale):
+    """A base linear with :class:`MoVScale` on its input (FFN output projection) or its output."""
+
+    def __init__(self, base: nn.Module, router: Router, scale_input: bool, head_dim: int,
+                 dtype: torch.dtype | None = None) -> None:
+        d_in, d_out = linear_dims(base)
+        dim = d_in if scale_input else d_out
+        super().__init__(dim, dim if scale_input else head_dim, router, dtype or base.weight.dtype, base.weight.device)
+        self.base, self.scale_input = base, scale_input
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.scale_input:
             return self.base(self._rescale(x))
         return self._rescale(self.base(x))
 
 
-@register_adapter("mov", MoVConfig)
+def _router(cfg: MoVConfig, plan: LayerPlan, dim: int, device: torch.device) -> Router:
+    return Router(dim, plan.num_experts, top_k=plan.top_k, jitter=cfg.router_jitter, fp32=cfg.router_fp32,
+                  device=device, dtype=plan.dtype)
+
+
+@register_adapter("mov", MoVConfig, slices_fused=True)
 def wrap_mov(base: nn.Module, cfg: MoVConfig, plan: LayerPlan) -> nn.Module:
+    device = base.weight.device
+    site = plan.site
+    if site is not None and site.partial:  # k and v of a fused q|k|v: one router and expert set per role
+        columns = {r: site.fused.columns(r) for r in site.targeted}
+        parts = {r: MoVScale(len(c), plan.head_dim, _router(cfg, plan, plan.head_dim, device), plan.dtype, device)
+                 for r, c in columns.items()}
+        return SlicedOutput(base, parts, columns)
     d_in, _d_out = linear_dims(base)
-    scale_input = plan.group == "ffn"
-    router_dim = d_in if scale_input else plan.head_dim
-    router = Router(router_dim, plan.num_experts, top_k=plan.top_k, jitter=cfg.router_jitter, fp32=cfg.router_fp32,
-                    device=base.weight.device, dtype=plan.dtype)
+    scale_input = site.input_site if site is not None else plan.group == "ffn"
+    router = _router(cfg, plan, d_in if scale_input else plan.head_dim, device)
     return MoVLinear(base, router, scale_input, plan.head_dim, dtype=plan.dtype)

@@ -1,0 +1,552 @@
+"""Model structure: which linears play which role in which layer of which stack.
+
+Injection asks this module; variants never guess module names. For any transformers model it finds
+the decoder layers (the ``ModuleList`` of the classes in ``model._no_split_modules``, else the
+longest list of identical blocks), the adaptable linears (``nn.Linear`` and GPT-2's ``Conv1D``) in
+each, splits them into the attention block (everything under a submodule whose class or attribute
+name says attention) and the FFN (the rest, under an MLP-like child or directly in the layer, as
+OPT's ``fc1``/``fc2``), and classifies them:
+
+- attention, by widths first: the projections reading the block input (``in = hidden``) are one
+  fused q|k|v linear (``out = (H + 2K) d``), or query (``out = H d``) plus key and value (``out =
+  K d``); the output projection reads ``H d`` and writes ``hidden``. Names (``q_proj``, ``query``,
+  ``dense``, ``out_proj``...) break the ties widths leave (plain multi-head attention with
+  ``H d = hidden``), then the order of definition does.
+- FFN, by widths: ``ffn_out`` writes ``hidden`` from the intermediate width I, ``ffn_in`` reads
+  ``hidden`` (the gate and up projections of a gated FFN both; a fused gate|up linear writes 2I);
+  ``ffn_gate`` / ``ffn_up`` are named only where names or a known fused layout tell them apart.
+  Router linears of MoE blocks (``out = num_experts`` or 1) are left out.
+
+The result is cross-checked against peft's per-family target tables (imported, not copied): every
+module peft names must exist in every layer, and peft's IA3 feed-forward modules must be this
+module's ``ffn_out``. ``model.modules`` overrides any key (a role or a block) with module-name
+patterns of its own: the YAML keeps full control.
+
+Fused projections. A linear that computes several roles (``c_attn``, ``query_key_value``,
+``qkv_proj``, ``gate_up_proj``) has a column layout per family, written down in ``FUSED`` from the
+line of transformers' modelling code that splits it. Variants defined on a role (IA3, MoV) act on
+that role's columns only; LoRA-type variants act on the whole output (as peft does).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from moe_lora.errors import ConfigError
+
+ATTENTION_ROLES = ("query", "key", "value", "output")
+FFN_ROLES = ("ffn_in", "ffn_gate", "ffn_up", "ffn_out")
+ROLES = ATTENTION_ROLES + FFN_ROLES
+BLOCKS = ("attention", "ffn")
+
+_HINTS = {  # the last name segment, lower-cased
+    "query": r"q|q_proj|query|wq|q_lin|query_proj|q_attn",
+    "key": r"k|k_proj|key|wk|k_lin|key_proj",
+    "value": r"v|v_proj|value|wv|v_lin|value_proj",
+    "output": r"o|o_proj|out_proj|dense|c_proj|wo|out_lin|output|out|proj|linear_out",
+    "qkv": r"qkv|qkv_proj|query_key_value|c_attn|wqkv|w_pack|in_proj",
+    "ffn_gate": r"gate_proj|w1|wi_0|gate|fc_gate",
+    "ffn_up": r"up_proj|w3|wi_1|up",
+    "ffn_out": r"down_proj|fc2|dense_4h_to_h|c_proj|wo|w2|fc_out|out_proj|down",
+}
+_ATTN_MODULE = re.compile(r"attention|attn", re.IGNORECASE)
+_FFN_MODULE = re.compile(r"mlp|ffn|feed_?forward|dense_?relu_?dense|layerff|mlp_block", re.IGNORECASE)
+
+
+def _hint(local: str, kind: str) -> bool:
+    return re.fullmatch(_HINTS[kind], local.rsplit(".", 1)[-1].lower()) is not None
+
+
+# ------------------------------------------------------------------------------------------ fused
+@dataclass(frozen=True)
+class Fused:
+    """The column layout of a fused linear's output: ``groups`` repeats of ``parts`` (role, width).
+
+    Contiguous q|k|v is one group; GPT-NeoX's per-head interleaving is H groups of (q, k, v)."""
+
+    groups: int
+    parts: tuple[tuple[str, int], ...]
+    rule: str  # the modelling code's split, for the targets table and the README
+
+    @property
+    def width(self) -> int:
+        return self.groups * sum(w for _, w in self.parts)
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(r for r, _ in self.parts))
+
+    def columns(self, role: str) -> list[int]:
+        """Output columns of ``role``, group by group (so heads stay in the model's order)."""
+        cols, step = [], sum(w for _, w in self.parts)
+        for g in range(self.groups):
+            offset = g * step
+            for r, w in self.parts:
+                if r == role:
+                    cols += range(offset, offset + w)
+                offset += w
+        return cols
+
+
+def _contiguous(h: int, k: int, d: int, rule: str) -> Fused:
+    return Fused(1, (("query", h * d), ("key", k * d), ("value", k * d)), rule)
+
+
+def _per_head(h: int, d: int, rule: str) -> Fused:
+    return Fused(h, (("query", d), ("key", d), ("value", d)), rule)
+
+
+def _falcon(config: Any, h: int, k: int, d: int) -> Fused:
+    if getattr(config, "new_decoder_architecture", False):  # view(B, T, K, H/K + 2, d)
+        return Fused(k, (("query", h // k * d), ("key", d), ("value", d)), "per kv group (q x H/K, k, v)")
+    if getattr(config, "multi_query", False):  # view(B, T, H + 2, d): q heads, then one k, one v
+        return _contiguous(h, 1, d, "q|k|v contiguous (multi-query)")
+    return _per_head(h, d, "per head (q, k, v)")  # view(B, T, H, 3, d)
+
+
+def _bigcode(config: Any, h: int, k: int, d: int) -> Fused:
+    if getattr(config, "multi_query", True):  # split((D, kv_dim, kv_dim))
+        return _contiguous(h, 1, d, "q|k|v contiguous (multi-query)")
+    return _per_head(h, d, "per head (q, k, v)")  # view(B, T, H, 3d).split(d)
+
+
+def _codegen(config: Any, h: int, k: int, d: int) -> Fused:  # view(B, T, 4, 3D/4).split(D/4): q, v, k
+    local = h * d // 4
+    return Fused(4, (("query", local), ("value", local), ("key", local)), "4 groups of (q, v, k)")
+
+
+# model_type -> (config, H, K, d) -> column layout of the fused q|k|v linear
+FUSED_QKV = {
+    "gpt2": lambda c, h, k, d: _contiguous(h, h, d, "q|k|v contiguous"),  # c_attn(x).split(D, dim=2)
+    "phi3": lambda c, h, k, d: _contiguous(h, k, d, "q|k|v contiguous"),  # qkv[..., :query_pos] ...
+    "mpt": lambda c, h, k, d: _contiguous(h, k, d, "q|k|v contiguous"),  # Wqkv(x).chunk(3, dim=2)
+    "gpt_neox": lambda c, h, k, d: _per_head(h, d, "per head (q, k, v)"),  # view(..., H, 3d).chunk(3)
+    "bloom": lambda c, h, k, d: _per_head(h, d, "per head (q, k, v)"),  # view(B, T, H, 3, d)
+    "persimmon": lambda c, h, k, d: _per_head(h, d, "per head (q, k, v)"),  # view(B, T, H, 3, d)
+    "falcon": _falcon,
+    "gpt_bigcode": _bigcode,
+    "codegen": _codegen,
+}
+# model_type -> intermediate width -> column layout of the fused gate|up linear
+FUSED_GATE_UP = {
+    "phi3": lambda i: Fused(1, (("ffn_gate", i), ("ffn_up", i)), "gate|up contiguous"),  # gate, up = chunk(2)
+}
+
+
+# ------------------------------------------------------------------------------------- structure
+@dataclass(frozen=True)
+class LinearInfo:
+    """One adaptable linear of a decoder layer and what it computes."""
+
+    name: str  # path in the model
+    local: str  # path inside its layer, e.g. self_attn.q_proj
+    layer: int  # index over all stacks
+    block: str | None  # attention | ffn | None (neither: e.g. a Mamba mixer)
+    roles: tuple[str, ...] = ()
+    fused: Fused | None = None  # the column layout, for a linear with several q/k/v or gate/up roles
+    d_in: int = 0
+    d_out: int = 0
+
+    @property
+    def is_fused(self) -> bool:
+        return len([r for r in self.roles if r != "ffn_in"]) > 1
+
+
+@dataclass(frozen=True)
+class Structure:
+    family: str
+    stacks: tuple[tuple[str, int], ...]  # (path of the layer list, number of layers)
+    linears: tuple[LinearInfo, ...]
+    head_dim: int
+    found: dict[str, str] = field(default_factory=dict)  # role or block -> "detected" | "model.modules"
+
+    @property
+    def num_layers(self) -> int:
+        return sum(n for _, n in self.stacks)
+
+    def layer_of(self, name: str) -> int | None:
+        offset = 0
+        for path, n in self.stacks:
+            prefix = f"{path}." if path else ""
+            if name.startswith(prefix):
+                idx = name[len(prefix):].split(".", 1)[0]
+                if idx.isdigit() and int(idx) < n:
+                    return offset + int(idx)
+            offset += n
+        return None
+
+    def in_layer(self, layer: int) -> list[LinearInfo]:
+        return [li for li in self.linears if li.layer == layer]
+
+    def describe_layer(self, layer: int = 0) -> str:
+        """``self_attn.qkv_proj (query+key+value), mlp.down_proj (ffn_out), ...`` for error messages."""
+        parts = []
+        for li in self.in_layer(layer):
+            roles = "+".join(r for r in li.roles if r != "ffn_in" or len(li.roles) == 1) or li.block or "unclassified"
+            parts.append(f"{li.local} ({roles})")
+        return ", ".join(parts)
+
+
+def is_adaptable(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def dims(module: nn.Module) -> tuple[int, int]:
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    d_in, d_out = module.weight.shape  # Conv1D stores the weight transposed
+    return d_in, d_out
+
+
+def find_stacks(model: nn.Module) -> tuple[tuple[str, int], ...]:
+    """The layer lists: of the classes transformers keeps whole (``_no_split_modules``), else the
+    longest list of identical modules that hold linears. Lists inside a found list are skipped."""
+    blocks = set(getattr(model, "_no_split_modules", None) or ())
+    lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+
+    def holds_linears(m: nn.Module) -> bool:
+        return any(is_adaptable(x) for x in m.modules())
+
+    chosen = [(n, m) for n, m in lists if all(type(x).__name__ in blocks for x in m)]
+    if not chosen:
+        same = [(n, m) for n, m in lists if len({type(x) for x in m}) == 1 and holds_linears(m[0])]
+        chosen = sorted(same, key=lambda nm: -len(nm[1]))[:1]
+    stacks: list[tuple[str, int]] = []
+    for n, m in chosen:
+        if not any(n.startswith(f"{s}.") for s, _ in stacks):
+            stacks.append((n, len(m)))
+    if not stacks:
+        raise ConfigError(f"cannot find the decoder layers of {type(model).__name__} (no ModuleList of "
+                          f"{sorted(blocks) or 'identical blocks'}): name the modules in model.modules")
+    return tuple(stacks)
+
+
+def attention_shape(config: Any, hidden: int) -> tuple[int, int]:
+    """(query heads, head size) from a transformers config."""
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None) or 1
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    return int(heads), int(head_dim)
+
+
+def read_structure(model: nn.Module, modules: dict[str, list[str]] | None = None) -> Structure:
+    """The structure of ``model``; ``modules`` (``model.modules``) overrides roles and blocks."""
+    config = getattr(model, "config", None)
+    family = getattr(config, "model_type", None) or type(model).__name__
+    hidden = int(getattr(config, "hidden_size", None) or getattr(config, "d_model", 0))
+    heads, head_dim = attention_shape(config, hidden)
+    stacks = find_stacks(model)
+    linears: list[LinearInfo] = []
+    offset = 0
+    for path, n in stacks:
+        layers = model.get_submodule(path)
+        for i in range(n):
+            linears += _classify_layer(layers[i], f"{path}.{i}", offset + i, family, config, hidden, heads, head_dim)
+        offset += n
+    structure = Structure(family, stacks, tuple(linears), head_dim, {k: "detected" for k in ROLES + BLOCKS})
+    if modules:
+        structure = _override(structure, modules)
+    return structure
+
+
+def _classify_layer(layer: nn.Module, prefix: str, index: int, family: str, config: Any, hidden: int, heads: int,
+                    head_dim: int) -> list[LinearInfo]:
+    attn_roots = _attention_roots(layer)
+    groups: dict[str, list[tuple[str, int, int]]] = {}  # attention root or "ffn" -> (local, d_in, d_out)
+    other: list[tuple[str, int, int]] = []
+    for local, mod in layer.named_modules():
+        if not local or not is_adaptable(mod):
+            continue
+        d_in, d_out = dims(mod)
+        root = next((r for r in attn_roots if local.startswith(f"{r}.")), None)
+        if root is not None:
+            groups.setdefault(root, []).append((local, d_in, d_out))
+        elif "." not in local or any(_FFN_MODULE.search(part) for part in local.split(".")[:-1]):
+            groups.setdefault("ffn", []).append((local, d_in, d_out))
+        else:
+            other.append((local, d_in, d_out))
+    out: list[LinearInfo] = []
+    for key, lins in groups.items():
+        if key == "ffn":
+            roles = _ffn_roles(lins, hidden, family, config)
+        else:
+            roles = _attention_roles(lins, hidden, heads, head_dim, family, config)
+        block = "ffn" if key == "ffn" else "attention"
+        for local, d_in, d_out in lins:
+            r, fused = roles.get(local, ((), None))
+            if r is None:  # a router: neither block
+                out.append(LinearInfo(f"{prefix}.{local}", local, index, None, ("router",), None, d_in, d_out))
+                continue
+            out.append(LinearInfo(f"{prefix}.{local}", local, index, block, r, fused, d_in, d_out))
+    out += [LinearInfo(f"{prefix}.{lo}", lo, index, None, (), None, a, b) for lo, a, b in other]
+    return sorted(out, key=lambda li: next(i for i, (n, _m) in enumerate(layer.named_modules()) if n == li.local))
+
+
+def _attention_roots(layer: nn.Module) -> list[str]:
+    """Outermost submodules that are attention (class or attribute name), e.g. ``self_attn``."""
+    roots: list[str] = []
+    for name, mod in layer.named_modules():
+        if not name or any(name.startswith(f"{r}.") for r in roots):
+            continue
+        named = _ATTN_MODULE.search(type(mod).__name__) or _ATTN_MODULE.search(name.rsplit(".", 1)[-1])
+        if named and not is_adaptable(mod) and any(is_adaptable(m) for m in mod.modules()):
+            roots.append(name)
+    return roots
+
+
+Roles = dict[str, tuple[tuple[str, ...] | None, Fused | None]]
+
+
+def _attention_roles(lins: list[tuple[str, int, int]], hidden: int, heads: int, head_dim: int, family: str,
+                     config: Any) -> Roles:
+    q_width = heads * head_dim
+    experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
+    routers = {lo for lo, a, b in lins if a == hidden and b < hidden and (b == 1 or b == experts)}
+    roles: Roles = {lo: (None, None) for lo in routers}  # mixture-of-attention routers: no role
+    lins = [x for x in lins if x[0] not in routers]
+    outs = [lo for lo, a, b in lins if b == hidden and a in (q_width, hidden) and _hint(lo, "output")]
+    if not outs:  # no name says it: the one writing `hidden` from H*d that is not an input projection
+        cands = [lo for lo, a, b in lins if b == hidden and a == q_width and not any(
+            _hint(lo, k) for k in ("query", "key", "value", "qkv"))]
+        outs = cands[-1:]
+    roles |= {lo: (("output",), None) for lo in outs}
+    inputs = [(lo, a, b) for lo, a, b in lins if lo not in roles and a == hidden]
+    if len(inputs) == 1:
+        lo, _a, width = inputs[0]
+        kv = (width // head_dim - heads) // 2
+        if width % head_dim == 0 and kv >= 1 and width == (heads + 2 * kv) * head_dim:
+            make = FUSED_QKV.get(family)
+            fused = make(config, heads, kv, head_dim) if make else None
+            if fused is not None and fused.width != width:
+                fused = None
+            roles[lo] = (("query", "key", "value"), fused)
+    elif len(inputs) == 3:
+        roles.update(_split_qkv(inputs, q_width))
+    elif len(inputs) == 2:  # query + fused key|value (JetMoE's kv_proj): the k|v layout is not known
+        q = [x for x in inputs if x[2] == q_width and _hint(x[0], "query")] or [x for x in inputs if x[2] == q_width]
+        if q:
+            roles[q[0][0]] = (("query",), None)
+            rest = next(x for x in inputs if x[0] != q[0][0])
+            roles[rest[0]] = (("key", "value"), None)
+    return roles
+
+
+def _split_qkv(inputs: list[tuple[str, int, int]], q_width: int) -> Roles:
+    """Three input projections: names if they say q, k, v; else widths (GQA), then definition order."""
+    by_hint = {}
+    for kind in ("query", "key", "value"):
+        hits = [lo for lo, _a, _b in inputs if _hint(lo, kind)]
+        if len(hits) == 1:
+            by_hint[kind] = hits[0]
+    if len(set(by_hint.values())) == 3:
+        return {lo: ((kind,), None) for kind, lo in by_hint.items()}
+    q = [x for x in inputs if x[2] == q_width]
+    kv = [x for x in inputs if x[2] != q_width]
+    ordered = [q[0], *kv] if len(q) == 1 and len(kv) == 2 and kv[0][2] == kv[1][2] else inputs
+    return {x[0]: ((kind,), None) for x, kind in zip(ordered, ("query", "key", "value"), strict=True)}
+
+
+def _ffn_roles(lins: list[tuple[str, int, int]], hidden: int, family: str, config: Any) -> Roles:
+    experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
+    roles: Roles = {}
+    for lo, a, b in lins:
+        if a == hidden and (b == 1 or (experts and b == experts)) and b < hidden:
+            roles[lo] = (None, None)  # a router (MoE gate): not an FFN projection
+    rest = [x for x in lins if x[0] not in roles]
+    outs = [x for x in rest if x[2] == hidden and x[1] != hidden]
+    if not outs:  # in == out == hidden: the name, else the last defined
+        outs = [x for x in rest if x[2] == hidden and _hint(x[0], "ffn_out")] or [x for x in rest if x[2] == hidden][-1:]
+    for lo, _a, _b in outs:
+        roles[lo] = (("ffn_out",), None)
+    widths = {a for _lo, a, _b in outs}
+    ins = [x for x in rest if x[0] not in roles and x[1] == hidden]
+    plain = [x for x in ins if x[2] in widths]
+    if len(plain) == 2:  # gated: gate and up by name
+        gate = [x for x in plain if _hint(x[0], "ffn_gate")]
+        up = [x for x in plain if _hint(x[0], "ffn_up")]
+        if len(gate) == 1 and len(up) == 1 and gate[0] != up[0]:
+            roles[gate[0][0]] = (("ffn_in", "ffn_gate"), None)
+            roles[up[0][0]] = (("ffn_in", "ffn_up"), None)
+    for lo, _a, b in ins:
+        if lo in roles:
+            continue
+        if b in widths:
+            roles[lo] = (("ffn_in",), None)
+        elif b % 2 == 0 and b // 2 in widths:  # fused gate|up
+            make = FUSED_GATE_UP.get(family)
+            roles[lo] = (("ffn_in", "ffn_gate", "ffn_up"), make(b // 2) if make else None)
+        else:
+            roles[lo] = (("ffn_in",), None)
+    return roles
+
+
+def name_matches(name: str, patterns: list[str]) -> bool:
+    """A pattern matches a module path exactly or as a dotted suffix (``mlp.c_proj``)."""
+    return any(name == p or name.endswith("." + p) for p in patterns)
+
+
+def _override(structure: Structure, modules: dict[str, list[str]]) -> Structure:
+    """``model.modules``: each key (role or block) set to exactly the linears its patterns match.
+    A pattern must match in every layer: a list written for another family fails here, naming it."""
+    linears = list(structure.linears)
+    for key, patterns in modules.items():
+        if key not in ROLES + BLOCKS:
+            raise ConfigError(f"model.modules.{key}: unknown role or block (roles: {', '.join(ROLES)}; blocks: "
+                              f"{', '.join(BLOCKS)})")
+        for p in patterns:
+            _check_every_layer(structure, [li for li in linears if name_matches(li.name, [p])], f"model.modules.{key}",
+                               p)
+        for i, li in enumerate(linears):
+            hit = name_matches(li.name, list(patterns))
+            if key in BLOCKS:
+                block = key if hit else (None if li.block == key else li.block)
+                linears[i] = LinearInfo(li.name, li.local, li.layer, block, li.roles, li.fused, li.d_in, li.d_out)
+            else:
+                roles = tuple(r for r in li.roles if r != key) + ((key,) if hit else ())
+                fused = li.fused if li.fused is not None and set(roles) <= set(li.fused.roles) | {"ffn_in"} else None
+                linears[i] = LinearInfo(li.name, li.local, li.layer, li.block, roles, fused, li.d_in, li.d_out)
+    found = {**structure.found, **{k: "model.modules" for k in modules}}
+    return Structure(structure.family, structure.stacks, tuple(linears), structure.head_dim, found)
+
+
+def _check_every_layer(structure: Structure, hits: list[LinearInfo], key: str, entry: str) -> None:
+    layers = {li.layer for li in hits}
+    if not layers:
+        raise ConfigError(f"{key}: {entry!r} matches no linear of {structure.family} (layer 0 has: "
+                          f"{structure.describe_layer(0)})")
+    missing = sorted(set(range(structure.num_layers)) - layers)
+    if missing:
+        raise ConfigError(f"{key}: {entry!r} matches linears in {len(layers)} of {structure.num_layers} layers of "
+                          f"{structure.family} but none in layer(s) {missing[:8]} (layer {missing[0]} has: "
+                          f"{structure.describe_layer(missing[0])})")
+
+
+# -------------------------------------------------------------------------------------- targets
+@dataclass(frozen=True)
+class Site:
+    """One linear an adapter goes on, and which of its roles the targets asked for."""
+
+    name: str
+    layer: int | None
+    block: str | None
+    roles: tuple[str, ...]  # everything the linear computes
+    targeted: tuple[str, ...] | None  # roles the targets name on it; None: the whole linear by name or block
+    fused: Fused | None
+    entries: tuple[str, ...]  # the target_modules entries that chose it
+
+    @property
+    def partial(self) -> bool:
+        """Whether the targets ask for only some roles of a fused linear (IA3/MoV slice it)."""
+        if self.targeted is None:
+            return False
+        own = set(self.fused.roles) if self.fused is not None else {r for r in self.roles if r != "ffn_in"}
+        return len(own) > 1 and not own <= set(self.targeted) | {"ffn_in"}
+
+    @property
+    def input_site(self) -> bool:
+        """peft's ``feedforward_modules``: IA3-type scaling applies to the input of ``ffn_out``."""
+        return "ffn_out" in self.roles
+
+
+def resolve_targets(structure: Structure, model: nn.Module, targets: list[str]) -> list[Site]:
+    """The sites ``adapter.target_modules`` selects. Roles and blocks must exist in every layer;
+    module names must match in every layer they match in any (or only outside the layers, as
+    ``lm_head``): a setting never selects silently less than it says."""
+    chosen: dict[str, dict] = {}
+    for entry in targets:
+        for li, roles in _entry_hits(structure, model, entry, targets):
+            site = chosen.setdefault(li.name, {"li": li, "roles": set(), "whole": False, "entries": []})
+            site["entries"].append(entry)
+            if roles is None:
+                site["whole"] = True
+            else:
+                site["roles"] |= set(roles)
+    sites = []
+    for name, s in chosen.items():
+        li = s["li"]
+        targeted = None if s["whole"] else tuple(r for r in li.roles if r in s["roles"])
+        sites.append(Site(name, li.layer, li.block, li.roles, targeted, li.fused, tuple(s["entries"])))
+    order = {n: i for i, (n, _m) in enumerate(model.named_modules())}
+    return sorted(sites, key=lambda s: order[s.name])
+
+
+def _entry_hits(structure: Structure, model: nn.Module, entry: str,
+                targets: list[str]) -> list[tuple[LinearInfo, tuple[str, ...] | None]]:
+    where = f"adapter.target_modules={targets}"
+    if entry in ROLES:
+        hits = [li for li in structure.linears if entry in li.roles]
+        _require_every_layer(structure, hits, entry, where, "role")
+        return [(li, (entry,)) for li in hits]
+    if entry in BLOCKS or entry == "all":
+        blocks = BLOCKS if entry == "all" else (entry,)
+        hits = [li for li in structure.linears if li.block in blocks]
+        _require_every_layer(structure, hits, entry, where, "block")
+        return [(li, None) for li in hits]
+    known = {li.name: li for li in structure.linears}
+    hits = []
+    for name, mod in model.named_modules():
+        if is_adaptable(mod) and name_matches(name, [entry]):
+            layer = structure.layer_of(name)
+            hits.append(known.get(name) or LinearInfo(name, name, layer if layer is not None else -1, None))
+    if not hits:
+        raise ConfigError(f"{where} matched no linear module for {entry!r} in {structure.family} (layer 0 has: "
+                          f"{structure.describe_layer(0)})")
+    in_layers = [li for li in hits if li.layer >= 0]
+    if in_layers:
+        _check_every_layer(structure, in_layers, "adapter.target_modules", entry)
+    return [(li if li.layer >= 0 else LinearInfo(li.name, li.local, None, None), None)  # type: ignore[arg-type]
+            for li in hits]
+
+
+def _require_every_layer(structure: Structure, hits: list[LinearInfo], entry: str, where: str, kind: str) -> None:
+    layers = {li.layer for li in hits}
+    missing = sorted(set(range(structure.num_layers)) - layers)
+    if missing:
+        how = structure.found.get(entry, "detected")
+        layer = missing[0]
+        raise ConfigError(f"{where}: {structure.family} has no {kind} {entry!r} in layer {layer} ({how}; its linears: "
+                          f"{structure.describe_layer(layer)}); target module names instead, or set "
+                          f"model.modules.{entry if entry != 'all' else 'ffn'}")
+
+
+# ---------------------------------------------------------------------------------- targets table
+def targets_summary(structure: Structure, sites: list[Site], slices: bool) -> dict[str, Any]:
+    """role/entry -> module names (inside a layer) and count per layer; stored in results.json."""
+    rows: dict[str, dict[str, Any]] = {}
+    for s in sites:
+        local = next((li.local for li in structure.linears if li.name == s.name), s.name)
+        fused_roles = "|".join(r for r in s.roles if r != "ffn_in")
+        if s.partial and slices:
+            what = f"{'+'.join(s.targeted or ())} columns of fused {fused_roles}"
+        elif slices:
+            what = "input" if s.input_site else "output"
+        else:
+            what = f"whole fused {fused_roles}" if len(fused_roles.split("|")) > 1 else "linear"
+        for entry in s.entries:
+            row = rows.setdefault(entry, {"modules": {}, "layers": set()})
+            m = row["modules"].setdefault(local, {"site": what, "layers": 0})
+            m["layers"] += 1
+            row["layers"].add(s.layer)
+    out = {}
+    for entry, row in rows.items():
+        layers = sorted(x for x in row["layers"] if x is not None)
+        per_layer = sum(1 for s in sites if entry in s.entries and s.layer == layers[0]) if layers else 0
+        out[entry] = {"modules": sorted(row["modules"]), "per_layer": per_layer, "layers": len(layers),
+                      "sites": {k: v["site"] for k, v in row["modules"].items()},
+                      "found": structure.found.get(entry, "by name")}
+    return {"family": structure.family, "num_layers": structure.num_layers,
+            "stacks": [list(s) for s in structure.stacks], "entries": out}
+
+
+def format_targets(summary: dict[str, Any]) -> str:
+    """The targets table printed by ``moe-lora params`` and at the start of every run."""
+    lines = [f"targets on {summary['family']} ({summary['num_layers']} layers in "
+             f"{', '.join(p for p, _ in summary['stacks'])}):",
+             f"  {'target':<12} {'found':<14} {'per layer':>9} {'layers':>6}  modules (site)"]
+    for entry, row in summary["entries"].items():
+        mods = ", ".join(f"{m} ({row['sites'][m]})" for m in row["modules"])
+        lines.append(f"  {entry:<12} {row['found']:<14} {row['per_layer']:>9} {row['layers']:>6}  {mods}")
+    return "\n".join(lines)
