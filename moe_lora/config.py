@@ -43,6 +43,29 @@ class PretrainConfig:
 
 
 @dataclass
+class ModulesConfig:
+    """Module-name patterns that override what :mod:`moe_lora.structure` detects, per role or
+    block (null: detected). A pattern must match in every decoder layer."""
+
+    query: Optional[List[str]] = None
+    key: Optional[List[str]] = None
+    value: Optional[List[str]] = None
+    output: Optional[List[str]] = None
+    ffn_in: Optional[List[str]] = None
+    ffn_gate: Optional[List[str]] = None
+    ffn_up: Optional[List[str]] = None
+    ffn_out: Optional[List[str]] = None
+    attention: Optional[List[str]] = None
+    ffn: Optional[List[str]] = None
+
+
+def module_overrides(modules: Any) -> dict[str, list[str]]:
+    """The keys of ``model.modules`` that are set (a :class:`ModulesConfig` or a plain dict)."""
+    items = modules.items() if isinstance(modules, dict) else vars(modules).items()
+    return {k: list(v) for k, v in items if v is not None}
+
+
+@dataclass
 class ModelConfig:
     """A base model. ``modules`` is empty by default: the roles (query, key, value, output, ffn_in,
     ffn_gate, ffn_up, ffn_out) and blocks (attention, ffn) are read from the model itself
@@ -58,7 +81,7 @@ class ModelConfig:
     source: str = "hub"
     name_or_path: Optional[str] = None
     family: str = "llama"
-    modules: Dict[str, List[str]] = field(default_factory=dict)
+    modules: ModulesConfig = field(default_factory=ModulesConfig)
     # Architecture fields: for source=world they define the model; for source=hub they are only a
     # fallback for meta-device accounting of a model that is not on disk (a readable config.json
     # always wins, see models.read_architecture).

@@ -36,6 +36,7 @@ from typing import Any
 
 from torch import nn
 
+from moe_lora.config import module_overrides
 from moe_lora.errors import ConfigError
 
 ATTENTION_ROLES = ("query", "key", "value", "output")
@@ -232,8 +233,9 @@ def attention_shape(config: Any, hidden: int) -> tuple[int, int]:
     return int(heads), int(head_dim)
 
 
-def read_structure(model: nn.Module, modules: dict[str, list[str]] | None = None) -> Structure:
-    """The structure of ``model``; ``modules`` (``model.modules``) overrides roles and blocks."""
+def read_structure(model: nn.Module, modules: Any = None) -> Structure:
+    """The structure of ``model``; ``modules`` (``model.modules``: a ModulesConfig or a dict)
+    overrides roles and blocks."""
     config = getattr(model, "config", None)
     family = getattr(config, "model_type", None) or type(model).__name__
     hidden = int(getattr(config, "hidden_size", None) or getattr(config, "d_model", 0))
@@ -247,8 +249,9 @@ def read_structure(model: nn.Module, modules: dict[str, list[str]] | None = None
             linears += _classify_layer(layers[i], f"{path}.{i}", offset + i, family, config, hidden, heads, head_dim)
         offset += n
     structure = Structure(family, stacks, tuple(linears), head_dim, {k: "detected" for k in ROLES + BLOCKS})
-    if modules:
-        structure = _override(structure, modules)
+    overrides = module_overrides(modules) if modules is not None else {}
+    if overrides:
+        structure = _override(structure, overrides)
     return structure
 
 
@@ -550,3 +553,27 @@ def format_targets(summary: dict[str, Any]) -> str:
         mods = ", ".join(f"{m} ({row['sites'][m]})" for m in row["modules"])
         lines.append(f"  {entry:<12} {row['found']:<14} {row['per_layer']:>9} {row['layers']:>6}  {mods}")
     return "\n".join(lines)
+
+
+def cross_check_peft(structure: Structure) -> None:
+    """Detected roles against peft's per-family tables (imported, never copied): every module peft
+    targets for this family exists in layer 0, and peft's IA3 feed-forward modules are our
+    ``ffn_out``. A disagreement means the detection is wrong for this family: fail, naming it."""
+    from peft.utils import constants as peft_tables
+
+    family = structure.family
+    layer0 = structure.in_layer(0)
+    named = (getattr(peft_tables, "TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING", {}).get(family, []) +
+             getattr(peft_tables, "TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING", {}).get(family, []))
+    for name in dict.fromkeys(named):
+        if not any(name_matches(li.name, [name]) for li in layer0):
+            raise ConfigError(f"peft targets {name!r} in {family} models, but layer 0 of this checkpoint has no such "
+                              f"linear ({structure.describe_layer(0)}): name the modules in model.modules")
+    if structure.found.get("ffn_out") != "detected":
+        return
+    for name in getattr(peft_tables, "TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING", {}).get(family, []):
+        wrong = [li.local for li in layer0 if name_matches(li.name, [name]) and "ffn_out" not in li.roles]
+        if wrong:
+            raise ConfigError(f"peft treats {name!r} as the feed-forward output of {family}, but moe_lora detected "
+                              f"{wrong[0]} as {'+'.join(next(li.roles for li in layer0 if li.local == wrong[0]))}: "
+                              "set model.modules.ffn_out")

@@ -17,6 +17,7 @@ from moe_lora.data.world import INSTRUCTION_TASKS, World
 from moe_lora.errors import ConfigError
 from moe_lora.layouts import resolve_layout
 from moe_lora.models import check_attn_implementation, meta_model, read_architecture, resolve_hub_path
+from moe_lora.structure import cross_check_peft, read_structure
 from moe_lora.train.precision import check_precision, resolve_device, resolve_precision
 
 
@@ -106,8 +107,11 @@ def check_targets(cfg: TrainConfig, inject: bool = True) -> None:
     if key not in _CHECKED_TARGETS:
         model = base_meta_model(cfg)
         check_attn_implementation(model, cfg.model)
+        structure = read_structure(model, cfg.model.modules)
         if inject:
             inject_adapter(model, cfg.adapter, cfg.model, cfg.layout)
+        if cfg.model.source == "hub":  # after the fast checks: importing peft's tables takes seconds
+            cross_check_peft(structure)
         _CHECKED_TARGETS.add(key)
 
 

@@ -73,3 +73,13 @@ def task_dir(tmp_path_factory) -> Path:
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def family_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """Tiny random checkpoints of the families of tests/fixtures/checkpoints.FAMILIES (fused q|k|v,
+    fused gate|up, fc1/fc2, other layer paths, an sdpa-refusing architecture), made once per run."""
+    from tests.fixtures.checkpoints import FAMILIES, make_checkpoint
+
+    root = tmp_path_factory.mktemp("family_checkpoints")
+    return {family: make_checkpoint(family, root / family) for family in FAMILIES}

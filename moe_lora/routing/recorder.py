@@ -90,9 +90,15 @@ class RoutingRecorder:
     # ------------------------------------------------------------------------------ recording
     def record(self, router: Router, logits: torch.Tensor, probs: torch.Tensor, selected: torch.Tensor | None) -> None:
         """Called by a router inside :meth:`batch`. Tensors are (B, S, E) or (B, S, H, E) for
-        routers that route each head separately (MoV); heads then count as extra tokens. The work
+        routers that route each head separately (MoV); heads then count as extra tokens. (B*S, ..., E)
+        from a model that flattens tokens (OPT's FFN) is unflattened with the batch's mask. The work
         is deferred to the end of the micro-batch, where routers of one shape are stacked and their
         losses and statistics computed together: a few ops per layer stack instead of per router."""
+        mask = self._mask
+        if mask is not None and probs.shape[:2] != mask.shape and probs.shape[0] == mask.numel():
+            # (B*S, ..., E): OPT flattens the tokens before its FFN
+            logits, probs = logits.unflatten(0, self._mask.shape), probs.unflatten(0, self._mask.shape)
+            selected = selected.unflatten(0, self._mask.shape) if selected is not None else None
         if probs.dim() > 3:
             logits, probs = logits.flatten(1, -2), probs.flatten(1, -2)
             selected = selected.flatten(1, -2) if selected is not None else None

@@ -21,7 +21,7 @@ from torch import nn
 
 from moe_lora.adapters import ADAPTERS
 from moe_lora.adapters.base import HookContext
-from moe_lora.adapters.inject import count_parameters, inject_adapter
+from moe_lora.adapters.inject import count_parameters, inject_adapter, targets_table
 from moe_lora.config import TrainConfig
 from moe_lora.data.collate import collate
 from moe_lora.data.example import Mixture
@@ -138,6 +138,11 @@ def run(cfg: TrainConfig, run_dir: Path, progress: bool = True, dist: Dist | Non
     torch.manual_seed(cfg.seed)  # adapter init depends on the run seed only
     recorder = RoutingRecorder(reduce=dist.all_reduce if dist.enabled else None,
                                grad_reduce=dist.all_reduce_grad if dist.enabled else None)
+    targets = targets_table(model, cfg.adapter, cfg.model) if spec.wrap is not None else {}
+    if targets and main:
+        from moe_lora.structure import format_targets
+
+        print(format_targets(targets), flush=True)
     adapted = inject_adapter(model, cfg.adapter, cfg.model, cfg.layout, recorder)
     params = count_parameters(model)
     if cfg.recipe.save_init_adapter and main:
@@ -218,6 +223,7 @@ def run(cfg: TrainConfig, run_dir: Path, progress: bool = True, dist: Dist | Non
             save_file(adapter, str(run_dir / ADAPTER_FILE))
             results = build_results(cfg, resolved, base, tuned, params, adapted, final_routing, time.time() - start)
             results["perf"] = perf
+            results["targets"] = targets
             results["nonfinite_skips"] = perf.get("nonfinite_skips", 0)
             results["data"] = mixture.info
             if spec.report is not None:
