@@ -191,9 +191,14 @@ def arch_config(cfg: ModelConfig, vocab_size: int | None = None, **overrides):
         if fields["head_dim"] is not None and "hidden_size" not in overrides:
             kw["head_dim"] = fields["head_dim"]
     try:
-        return AutoConfig.for_model(cfg.family, **kw)
+        config = AutoConfig.for_model(cfg.family, **kw)
     except ValueError as exc:
         raise ConfigError(f"model.family={cfg.family!r} is not a transformers model type ({exc})") from None
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):  # a family default past a smaller vocabulary
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value >= vocab:
+            setattr(config, key, None)
+    return config
 
 
 def meta_model(cfg: ModelConfig, vocab_size: int | None = None, **overrides) -> PreTrainedModel:
