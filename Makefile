@@ -11,16 +11,21 @@ TORCH_INDEX ?=
 
 PRESETS ?= loramoe_forgetting mola_layouts mov_molora melora alora adamoe hydralora_matched hydralora_asymmetry
 
-.PHONY: run test setup lint style bench tables clean-cache
+.PHONY: help run test test-fast setup lint style bench tables clean-cache
 
-run: $(STAMP)
+help:  ## this list
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
+
+run: $(STAMP)  ## set up, then the default experiment (ARGS="adapter=lora ..." passes overrides)
 	$(BIN)/moe-lora train $(ARGS)
 
-test: $(STAMP)
-	$(BIN)/ruff check moe_lora tests
+test: lint  ## set up, lint, then the whole suite (what CI runs)
 	$(BIN)/python -m pytest -q $(ARGS)
 
-setup: $(STAMP)
+test-fast: $(STAMP)  ## the suite without tests marked slow (data parallel, SIGKILL resume, subprocess rows)
+	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
+
+setup: $(STAMP)  ## the virtual environment (.venv), CPU torch where there is no GPU driver
 
 # On a machine without an NVIDIA driver, install the CPU build of torch first so that resolving the
 # project's `torch>=2.2` does not pull a multi-GB CUDA build; with a GPU, pip's default applies.
@@ -34,16 +39,20 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev,eval]"
 	touch $(STAMP)
 
-lint style: $(STAMP)
-	$(BIN)/ruff check --fix moe_lora tests
+lint: $(STAMP)  ## ruff and the import contracts of pyproject.toml (changes nothing)
+	$(BIN)/ruff check moe_lora tests scripts
+	$(BIN)/lint-imports
 
-bench: $(STAMP)
+style: $(STAMP)  ## ruff's fixes applied
+	$(BIN)/ruff check --fix moe_lora tests scripts
+
+bench: $(STAMP)  ## step time and memory of every variant against peft LoRA -> outputs/bench/
 	$(BIN)/moe-lora bench --out outputs/bench/$(shell date +%Y-%m-%d_%H-%M-%S).json $(ARGS)
 
 # Toy-scale paper presets (3 seeds each), then one report per preset in its newest sweep folder.
 # A failed job does not stop the others; it is listed in the report. Ends with one verdict line per
 # claim of every preset (the report's claims.txt), or a line saying that a preset has no report.
-tables: $(STAMP)
+tables: $(STAMP)  ## the toy paper presets (3 seeds each) and their reports, ending with the verdicts
 	@status=0; verdicts=$$(mktemp); for p in $(PRESETS); do \
 		$(BIN)/moe-lora train -m experiment=$$p $(ARGS) || status=1; \
 		latest=$$(ls -td multirun/$$p/*/ 2>/dev/null | head -n 1); \
@@ -53,5 +62,5 @@ tables: $(STAMP)
 	done; echo; echo "Claims (paired by seed; the rule is under each report's claims.md):"; \
 	cat $$verdicts; rm -f $$verdicts; exit $$status
 
-clean-cache:
+clean-cache:  ## forget the pretrained world model and tokenisation caches
 	rm -rf outputs/cache

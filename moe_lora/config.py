@@ -167,6 +167,11 @@ class RoutedConfig(AdapterConfig):
         """The router's number of outputs, and how an error message names it."""
         return self.num_experts, f"adapter.num_experts={self.num_experts}"
 
+    def aux_losses(self) -> dict[str, Any]:
+        """The fields of the recorder's ``AuxLossConfig`` this config switches on."""
+        return {"lb_weight": self.lb_weight, "z_loss_weight": self.z_loss_weight,
+                "aux_mask_padding": self.aux_mask_padding, "aux_scope": self.aux_scope}
+
     def __post_init__(self) -> None:
         super().__post_init__()
         require(self.num_experts >= 1, "adapter.num_experts", self.num_experts, "must be >= 1")

@@ -38,7 +38,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def wanted(args: argparse.Namespace) -> dict[str, Any]:
     """Source name -> SourceConfig, composed by Hydra exactly as a training run composes them."""
-    from moe_lora.cli import load_config
+    from moe_lora.compose import load_config
 
     if args.data:
         return dict(load_config([f"data={args.data}"], check_files=False).data.sources)
@@ -95,8 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from moe_lora.cli import one_line
-    from moe_lora.errors import ConfigError
+    from moe_lora.errors import ConfigError, one_line
 
     try:
         sources = wanted(args)

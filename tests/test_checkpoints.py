@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from moe_lora.cli import load_config
+from moe_lora.compose import load_config
 from moe_lora.errors import ConfigError
 from tests.fixtures.checkpoints import make_checkpoint
 

@@ -56,7 +56,7 @@ def hub(family_checkpoints, family: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def examples(data_root, family_checkpoints):
-    from moe_lora.cli import load_config
+    from moe_lora.compose import load_config
     from moe_lora.data.sources import first_examples
 
     cfg = load_config(["data=triviaqa_alpaca", f"data.root={data_root}", "model.source=hub",
@@ -69,7 +69,7 @@ def test_every_variant_adapts_the_methods_modules_in_every_layer_and_trains_a_st
         family, family_checkpoints, data_root, examples) -> None:
     """Through the CLI's composition and validation (meta-device injection, peft cross-check), the
     checkpoint loaded as from the hub, then the adapter and one optimiser step on real-schema rows."""
-    from moe_lora.cli import load_config
+    from moe_lora.compose import load_config
     from moe_lora.data.collate import collate
     from moe_lora.models import hub_model
 

@@ -6,7 +6,7 @@ import json
 
 from hydra import compose, initialize_config_dir
 
-from moe_lora.cli import CONF_DIR
+from moe_lora.compose import CONF_DIR
 
 
 def test_slurm_launcher_config_composes() -> None:

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from moe_lora.adapters.inject import inject_adapter
 from moe_lora.adapters.lora import LoRAConfig
-from moe_lora.cli import CONF_DIR, load_config
+from moe_lora.compose import CONF_DIR, load_config
 from moe_lora.config import LayoutConfig
 from moe_lora.models import arch_config
 

@@ -53,13 +53,9 @@ def targets_table(model: nn.Module, adapter: AdapterConfig, model_cfg: ModelConf
 
 
 def aux_config(cfg: AdapterConfig) -> AuxLossConfig:
-    """The shared auxiliary losses a variant switches on through its config fields."""
-    return AuxLossConfig(
-        lbc_beta=getattr(cfg, "lbc_beta", 0.0), lbc_delta=getattr(cfg, "lbc_delta", 0.0),
-        lb_weight=getattr(cfg, "lb_weight", 0.0), z_loss_weight=getattr(cfg, "z_loss_weight", 0.0),
-        lbc_mask_padding=getattr(cfg, "lbc_mask_padding", True), aux_mask_padding=getattr(cfg, "aux_mask_padding", True),
-        aux_scope=getattr(cfg, "aux_scope", "local"),
-    )
+    """The shared auxiliary losses a variant switches on: its config states them
+    (:meth:`RoutedConfig.aux_losses`, extended by LoRAMoE's LBC); unrouted variants have none."""
+    return AuxLossConfig(**cfg.aux_losses()) if hasattr(cfg, "aux_losses") else AuxLossConfig()
 
 
 def layer_plan(name: str, layer: int | None, plans: list[LayerPlan], layout: LayoutConfig) -> LayerPlan:

@@ -43,6 +43,10 @@ class LoRAMoEConfig(MoEConfig):
     lbc_expert_types: Optional[List[int]] = None  # group per expert; None: first half 0 (cbqa), rest 1
     lbc_mask_padding: bool = True  # the LBC's importance over real tokens only (false: as the released code)
 
+    def aux_losses(self) -> dict:
+        return super().aux_losses() | {"lbc_beta": self.lbc_beta, "lbc_delta": self.lbc_delta,
+                                       "lbc_mask_padding": self.lbc_mask_padding}
+
     def __post_init__(self) -> None:
         super().__post_init__()
         require(self.lbc_beta >= 0, "adapter.lbc_beta", self.lbc_beta, "must be >= 0")

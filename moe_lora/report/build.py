@@ -27,20 +27,16 @@ def _slug(label: str, limit: int = 60) -> str:
 CLAIM_LINES = "claims.txt"  # one verdict line per claim: printed by `moe-lora report`, gathered by `make tables`
 
 
-def write_report(runs: list[Run], folder: Path, bootstrap: int = 0) -> None:
-    rows, names = aggregate(runs), row_labels(runs)
-    routing_md = routing_markdown(rows)
-    routing_title = "## Routing statistics (final window; mean over modules, then mean ± std over seeds)"
-    (folder / "results.md").write_text(markdown(rows) + (f"\n{routing_title}\n\n{routing_md}" if routing_md else ""))
-    (folder / "results.csv").write_text(to_csv(rows))
-    (folder / "results.tex").write_text(latex(rows))
-    figures = []
-    if plots.cv_over_training(runs, folder / "cv_over_training.png", names):
-        figures.append(("CV of expert importance over training", "cv_over_training.png"))
-    if plots.group_share_over_training(runs, folder / "group_share_over_training.png", names):
-        figures.append(("Expert-group share by task type over training", "group_share_over_training.png"))
-    if plots.real_experts_over_training(runs, folder / "real_experts_over_training.png", names):
-        figures.append(("Real experts per token over training", "real_experts_over_training.png"))
+def write_figures(runs: list[Run], rows: list[dict], folder: Path, names: dict) -> list[tuple[str, str]]:
+    """Every plot the runs have data for; (title, file name) of those written."""
+    candidates = [
+        ("CV of expert importance over training", "cv_over_training.png", plots.cv_over_training, runs, names),
+        ("Expert-group share by task type over training", "group_share_over_training.png",
+         plots.group_share_over_training, runs, names),
+        ("Real experts per token over training", "real_experts_over_training.png", plots.real_experts_over_training,
+         runs, names),
+    ]
+    figures = [(title, f) for title, f, plot, data, extra in candidates if plot(data, folder / f, extra)]
     if plots.knowledge_vs_instruction(rows, folder / "knowledge_vs_instruction.png"):
         figures.append(("Knowledge retained versus instruction accuracy", "knowledge_vs_instruction.png"))
     if len({r.results.get("layout") for r in runs if r.results}) > 1 and plots.metric_bars(
@@ -50,15 +46,36 @@ def write_report(runs: list[Run], folder: Path, bootstrap: int = 0) -> None:
         name = f"expert_load_{_slug(row['label'])}.png"
         if plots.load_heatmap(runs, row["label"], folder / name, names):
             figures.append((f"Expert load by task type: {row['label']}", name))
+    return figures
+
+
+def write_analyses(runs: list[Run], folder: Path, names: dict, figures: list[tuple[str, str]]) -> list[str]:
+    """HydraLoRA's A/B asymmetry and ALoRA's final ranks, where the runs have them: index.md lines."""
+    lines: list[str] = []
+    alora_ranks = ranks.final_ranks(runs, names)
+    if alora_ranks:
+        (folder / "alora_ranks.md").write_text(ranks.markdown(alora_ranks))
+        lines += ["## ALoRA's final ranks per layer (active components, mean over seeds)", "",
+                  ranks.markdown(alora_ranks)]
     groups = asymmetry.task_loras(runs)
     sims = asymmetry.similarities(groups) if groups else []
     if sims:
         (folder / "asymmetry.md").write_text(asymmetry.markdown(sims))
         if asymmetry.projection_plot(groups, folder / "asymmetry_pca.png"):
             figures.append(("Per-task LoRA matrices, 2-D projection", "asymmetry_pca.png"))
-    alora_ranks = ranks.final_ranks(runs, names)
-    if alora_ranks:
-        (folder / "alora_ranks.md").write_text(ranks.markdown(alora_ranks))
+        lines += ["## A/B asymmetry of per-task LoRAs (HydraLoRA's analysis)", "", asymmetry.markdown(sims)]
+    return lines
+
+
+def write_report(runs: list[Run], folder: Path, bootstrap: int = 0) -> None:
+    rows, names = aggregate(runs), row_labels(runs)
+    routing_md = routing_markdown(rows)
+    routing_title = "## Routing statistics (final window; mean over modules, then mean ± std over seeds)"
+    (folder / "results.md").write_text(markdown(rows) + (f"\n{routing_title}\n\n{routing_md}" if routing_md else ""))
+    (folder / "results.csv").write_text(to_csv(rows))
+    (folder / "results.tex").write_text(latex(rows))
+    figures = write_figures(runs, rows, folder, names)
+    analyses = write_analyses(runs, folder, names, figures)
     verdicts, claim_warnings = claims.evaluate_all(runs, bootstrap)
     claims_md = claims.markdown(verdicts, claim_warnings, bootstrap)
     (folder / "claims.md").write_text(f"# Claims (paired by seed)\n\n{claims_md}")
@@ -68,12 +85,7 @@ def write_report(runs: list[Run], folder: Path, bootstrap: int = 0) -> None:
              "## Results (mean ± std over seeds)", "", markdown(rows),
              "Also as [CSV](results.csv) and [LaTeX](results.tex).", "",
              *([routing_title, "", routing_md] if routing_md else []),
-             "## Claims (paired by seed)", "", claims_md, "Also in [claims.md](claims.md).", ""]
-    if alora_ranks:
-        lines += ["## ALoRA's final ranks per layer (active components, mean over seeds)", "",
-                  ranks.markdown(alora_ranks)]
-    if sims:
-        lines += ["## A/B asymmetry of per-task LoRAs (HydraLoRA's analysis)", "", asymmetry.markdown(sims)]
+             "## Claims (paired by seed)", "", claims_md, "Also in [claims.md](claims.md).", "", *analyses]
     if failed:
         lines += ["## Failed runs", ""] + [f"- `{r.path}`: {r.error}" for r in failed] + [""]
     if figures:

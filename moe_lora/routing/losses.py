@@ -14,8 +14,22 @@ equals the one-process loss of that batch; ``None`` keeps each rank's loss on it
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
+
+
+@dataclass(frozen=True)
+class AuxLossConfig:
+    """Which auxiliary losses a router contributes, with their weights."""
+
+    lbc_beta: float = 0.0
+    lbc_delta: float = 0.0
+    lb_weight: float = 0.0
+    z_loss_weight: float = 0.0
+    lbc_mask_padding: bool = True  # the LBC over real tokens; LoRAMoE's released code counts padding (False)
+    aux_mask_padding: bool = True  # the same for load balance and z-loss
+    aux_scope: str = "local"  # local: each rank's own tokens; global: statistics summed over ranks
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 

@@ -23,26 +23,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 
 from moe_lora.config import TASK_TYPES
 from moe_lora.routing import losses
+from moe_lora.routing.losses import AuxLossConfig
 from moe_lora.routing.router import Router
-
-
-@dataclass(frozen=True)
-class AuxLossConfig:
-    """Which auxiliary losses a router contributes, with their weights."""
-
-    lbc_beta: float = 0.0
-    lbc_delta: float = 0.0
-    lb_weight: float = 0.0
-    z_loss_weight: float = 0.0
-    lbc_mask_padding: bool = True  # the LBC over real tokens; LoRAMoE's released code counts padding (False)
-    aux_mask_padding: bool = True  # the same for load balance and z-loss
-    aux_scope: str = "local"  # local: each rank's own tokens; global: statistics summed over ranks
 
 
 class RoutingRecorder:

@@ -10,14 +10,23 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 if TYPE_CHECKING:
-    from moe_lora.routing.recorder import AuxLossConfig, RoutingRecorder
+    from moe_lora.routing.losses import AuxLossConfig
+
+
+class RoutingSink(Protocol):
+    """What a router reports to (the recorder): router.py imports nothing from the recorder."""
+
+    active: bool
+
+    def record(self, router: Router, logits: torch.Tensor, probs: torch.Tensor, selected: torch.Tensor | None) -> None:
+        ...
 
 
 def softmax_experts(logits: torch.Tensor) -> torch.Tensor:
@@ -62,7 +71,7 @@ class Router(nn.Module):
         groups = (torch.arange(num_experts, device=device) >= num_experts / 2).long()
         self.register_buffer("expert_type", groups, persistent=False)
         self.module_name = ""
-        self.recorder: RoutingRecorder | None = None
+        self.recorder: RoutingSink | None = None
         self.aux: AuxLossConfig | None = None
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:

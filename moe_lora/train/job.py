@@ -12,7 +12,9 @@ import sys
 import traceback
 from pathlib import Path
 
-from moe_lora.cli import fail, load_config, one_line, set_environment, to_config
+from moe_lora.compose import load_config, to_config
+from moe_lora.env import set_environment
+from moe_lora.errors import fail, one_line
 
 
 def remove_fresh_run_dir(run_dir: Path) -> None:
@@ -146,4 +148,31 @@ def torchrun_rank(args: list[str], overrides: list[str]) -> int:
         except Preempted:
             return preempt.EX_TEMPFAIL
     distributed.destroy()
+    return 0
+
+
+def launch(args: list[str]) -> int:
+    """``moe-lora train``: precheck every job's config, then hand over to Hydra (and torchrun ranks)."""
+    import hydra
+
+    from moe_lora.compose import CONF_DIR, SKIP_PRECHECK, precheck, split_args
+    from moe_lora.train.distributed import env_world_size
+
+    flags, overrides = split_args(args)
+    multirun = "-m" in flags or "--multirun" in flags
+    torchrun = "TORCHELASTIC_RUN_ID" in os.environ or ("WORLD_SIZE" in os.environ and "SUBMITIT_EXECUTOR" not in os.environ)
+    if torchrun and env_world_size() > 1 and multirun:
+        return fail("torchrun starts one job; for a sweep use `moe-lora train -m ... recipe.nproc_per_node=N`")
+    if not any(f in SKIP_PRECHECK for f in flags) and "--cfg" not in flags and "-c" not in flags:
+        cfg = precheck(overrides, multirun=multirun)
+        if torchrun and env_world_size() > 1:
+            check_launch(cfg.recipe.nproc_per_node)
+            if int(os.environ.get("RANK", "0")) != 0:
+                return torchrun_rank(args, overrides)
+    sys.argv = ["moe-lora train", *args]
+    main_fn = hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")(train_job)
+    main_fn()
+    from moe_lora.train.distributed import destroy
+
+    destroy()
     return 0

@@ -135,6 +135,78 @@ class Throughput:
                 "peak_mem_bytes": peak_memory_bytes(self.device)}
 
 
+def _forward_backward(state: TrainState, batches: Batches, recorder: RoutingRecorder, recipe: RecipeConfig,
+                      precision: Precision, dist: Dist, net: torch.nn.Module, forward: Callable, scaler: Any,
+                      speed: Throughput) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The step's micro-batches, forward and backward: (CE, aux, micro-batches) sums, last batch."""
+    device, world, first = precision.device, dist.world_size, dist.rank * recipe.batch_size
+    sums = torch.zeros(3, device=device)  # this step's CE, aux, micro-batches
+    for micro in range(recipe.grad_accum):
+        indices = state.next_indices(recipe.batch_size * world, len(batches))[first:first + recipe.batch_size]
+        batch = batches.batch(indices)
+        speed.tokens += int(batch["attention_mask"].sum())  # counted on the host, before the copy
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        kwargs = {}
+        if dist.enabled:  # CE summed over this rank's label tokens / those of the global batch
+            kwargs["num_items_in_batch"] = dist.all_reduce((batch["labels"][:, 1:] != IGNORE).sum())
+        with gradient_sync(net, micro == recipe.grad_accum - 1):  # DDP reduces at the last micro-batch
+            with recorder.batch(batch["attention_mask"], batch["task_type"]), precision.autocast():
+                ce = forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             labels=batch["labels"], **kwargs).loss
+            aux = recorder.pop_aux_loss()
+            aux = aux if aux is not None else ce.new_zeros(())
+            # ranks' gradients are averaged: world x CE makes the sum of the ranks' CE sums
+            scaler.scale((ce.float() * world + aux.float()) / recipe.grad_accum).backward()
+        sums += torch.stack([ce.detach().float(), aux.detach().float(), sums.new_ones(())])
+    return sums, batch
+
+
+def _step_flags(state: TrainState, scaler: Any, params: list, sums: torch.Tensor, recipe: RecipeConfig, dist: Dist,
+                stop: Callable[[], int] | None) -> tuple[int, int]:
+    """Unscale and clip; (non-finite loss or gradient on any rank, preemption signal): the loop's
+    one host read per step."""
+    scaler.unscale_(state.optimizer)
+    norm = torch.nn.utils.clip_grad_norm_(params, recipe.max_grad_norm if recipe.max_grad_norm > 0 else math.inf) \
+        if params else sums.new_zeros(())
+    bad = ~torch.isfinite(sums[:2]).all()
+    if not scaler.is_enabled():  # fp16's scaler skips steps with inf gradients itself
+        bad = bad | ~torch.isfinite(full_tensor(norm))  # FSDP: the norm is a DTensor
+    signal = stop() if stop is not None else 0
+    flags = dist.all_reduce(torch.stack([bad.float(), bad.new_tensor(float(signal))]))
+    nonfinite, signal = (int(v) for v in flags.tolist())
+    return nonfinite, signal
+
+
+def _apply_update(state: TrainState, scaler: Any, window: torch.Tensor, sums: torch.Tensor, nonfinite: int) -> None:
+    if nonfinite:  # skip: no update, the schedule waits, the step's loss stays out of the log
+        state.nonfinite_skips += 1
+        scaler.update()
+    else:
+        window[:3] += sums
+        scale = scaler.get_scale() if scaler.is_enabled() else None  # a host read, under fp16 only
+        scaler.step(state.optimizer)
+        scaler.update()
+        if scale is None or scaler.get_scale() >= scale:  # fp16 skips steps with inf/nan gradients:
+            state.scheduler.step()  # then the schedule waits too (no warmup lost to skipped steps)
+    state.optimizer.zero_grad(set_to_none=True)
+
+
+def _log_window(state: TrainState, window: torch.Tensor, speed: Throughput, dist: Dist, recorder: RoutingRecorder,
+                log: Callable[[dict], None], log_routing: Callable[[list[dict]], None], bar: Any) -> None:
+    window[3] = speed.tokens
+    ce_sum, aux_sum, n, tokens = dist.all_reduce(window).tolist()
+    row = {"step": state.step, "loss": ce_sum * dist.world_size / n if n else None,  # None: every step skipped
+           "aux_loss": aux_sum / n if n else None,
+           "lr": state.scheduler.get_last_lr()[0]}
+    log(row)
+    speed.tokens = 0
+    log(speed.row(state.step, round(tokens)))
+    log_routing(recorder.flush(state.step))
+    if n:
+        bar.set_postfix(loss=f"{row['loss']:.3f}", aux=f"{row['aux_loss']:.4f}", refresh=False)
+    window.zero_()
+
+
 def train(
     state: TrainState, batches: Batches, recorder: RoutingRecorder, recipe: RecipeConfig, precision: Precision,
     log: Callable[[dict], None], log_routing: Callable[[list[dict]], None], progress: bool = True,
@@ -155,77 +227,28 @@ def train(
     forward = torch.compile(net) if recipe.compile else net  # opt-in; same parameters
     params = [p for p in model.parameters() if p.requires_grad]
     scaler = state.scaler or torch.amp.GradScaler(precision.device.type, enabled=False)
-    device = precision.device
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    if precision.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(precision.device)
     model.train()
     if state.window is None:
-        state.window = torch.zeros(4, device=device)  # tokens: a host count, added at logging
-    window = state.window
-    speed = Throughput(device)
+        state.window = torch.zeros(4, device=precision.device)  # tokens: a host count, added at logging
+    speed = Throughput(precision.device)
     bar = tqdm(total=recipe.max_steps, initial=state.step, desc="fine-tune", disable=not progress, mininterval=1.0)
-    world, first = dist.world_size, dist.rank * recipe.batch_size
     while state.step < recipe.max_steps:
-        sums = torch.zeros(3, device=device)  # this step's CE, aux, micro-batches
-        for micro in range(recipe.grad_accum):
-            indices = state.next_indices(recipe.batch_size * world, len(batches))[first:first + recipe.batch_size]
-            batch = batches.batch(indices)
-            speed.tokens += int(batch["attention_mask"].sum())  # counted on the host, before the copy
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            kwargs = {}
-            if dist.enabled:  # CE summed over this rank's label tokens / those of the global batch
-                kwargs["num_items_in_batch"] = dist.all_reduce((batch["labels"][:, 1:] != IGNORE).sum())
-            with gradient_sync(net, micro == recipe.grad_accum - 1):  # DDP reduces at the last micro-batch
-                with recorder.batch(batch["attention_mask"], batch["task_type"]), precision.autocast():
-                    ce = forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                 labels=batch["labels"], **kwargs).loss
-                aux = recorder.pop_aux_loss()
-                aux = aux if aux is not None else ce.new_zeros(())
-                # ranks' gradients are averaged: world x CE makes the sum of the ranks' CE sums
-                scaler.scale((ce.float() * world + aux.float()) / recipe.grad_accum).backward()
-            sums += torch.stack([ce.detach().float(), aux.detach().float(), sums.new_ones(())])
-        scaler.unscale_(state.optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(params, recipe.max_grad_norm if recipe.max_grad_norm > 0 else math.inf) \
-            if params else sums.new_zeros(())
-        bad = ~torch.isfinite(sums[:2]).all()
-        if not scaler.is_enabled():  # fp16's scaler skips steps with inf gradients itself
-            bad = bad | ~torch.isfinite(full_tensor(norm))  # FSDP: the norm is a DTensor
-        signal = stop() if stop is not None else 0
-        flags = dist.all_reduce(torch.stack([bad.float(), bad.new_tensor(float(signal))]))
-        nonfinite, signal = (int(v) for v in flags.tolist())  # the loop's one host read per step
+        sums, batch = _forward_backward(state, batches, recorder, recipe, precision, dist, net, forward, scaler, speed)
+        nonfinite, signal = _step_flags(state, scaler, params, sums, recipe, dist, stop)
         if nonfinite and recipe.on_nonfinite == "stop":
             where = diagnose(batch) if diagnose is not None else "the loss"
             raise NonFiniteError(f"step {state.step + 1}: non-finite loss or gradient, first at {where} "
                                  "(recipe.on_nonfinite=stop; skip would skip such steps)")
-        if nonfinite:  # skip: no update, the schedule waits, the step's loss stays out of the log
-            state.nonfinite_skips += 1
-            scaler.update()
-        else:
-            window[:3] += sums
-            scale = scaler.get_scale() if scaler.is_enabled() else None  # a host read, under fp16 only
-            scaler.step(state.optimizer)
-            scaler.update()
-            if scale is None or scaler.get_scale() >= scale:  # fp16 skips steps with inf/nan gradients:
-                state.scheduler.step()  # then the schedule waits too (no warmup lost to skipped steps)
-        state.optimizer.zero_grad(set_to_none=True)
+        _apply_update(state, scaler, state.window, sums, nonfinite)
         state.step += 1
         for hook in hooks:
             hook(state)
             model.train()
         bar.update(1)
         if state.step % recipe.log_every == 0 or state.step == recipe.max_steps:
-            window[3] = speed.tokens
-            ce_sum, aux_sum, n, tokens = dist.all_reduce(window).tolist()
-            row = {"step": state.step, "loss": ce_sum * world / n if n else None,  # None: every step skipped
-                   "aux_loss": aux_sum / n if n else None,
-                   "lr": state.scheduler.get_last_lr()[0]}
-            log(row)
-            speed.tokens = 0
-            log(speed.row(state.step, round(tokens)))
-            log_routing(recorder.flush(state.step))
-            if n:
-                bar.set_postfix(loss=f"{row['loss']:.3f}", aux=f"{row['aux_loss']:.4f}", refresh=False)
-            window.zero_()
+            _log_window(state, state.window, speed, dist, recorder, log, log_routing, bar)
         save_now = recipe.save_every is not None and state.step % recipe.save_every == 0
         if checkpoint is not None and (save_now or signal or state.step == recipe.max_steps):
             checkpoint(state)

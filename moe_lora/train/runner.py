@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -120,10 +121,43 @@ def prepare_trainable(model: nn.Module, cfg: TrainConfig, trains_base: bool) -> 
         model.to(getattr(torch, cfg.adapter.dtype))
 
 
+@dataclass
+class RunIO:
+    """What the training loop writes through: metrics and routing rows (rank 0's tracker), the
+    final routing window of every module (results.json), and checkpoints."""
+
+    run_dir: Path
+    tracker: Tracker | None
+    recorder: RoutingRecorder
+    dist: Dist
+    digest: str  # the training config's hash, stored in every checkpoint
+    keep: int  # recipe.keep_checkpoints
+    final_routing: dict[str, dict] = field(default_factory=dict)
+
+    def keep_last(self, rows: list[dict]) -> None:
+        for r in rows:
+            self.final_routing.setdefault(r["module"], {})[r["task_type"]] = r
+
+    def log(self, row: dict) -> None:
+        if self.tracker is not None:
+            self.tracker.log(row)
+
+    def log_routing(self, rows: list[dict]) -> None:
+        if self.tracker is not None:
+            self.tracker.log_routing(rows)
+        self.keep_last(rows)
+
+    def checkpoint(self, state: TrainState) -> None:
+        trainer = state.trainer_state(self.dist) | {"recorder": self.recorder.state_dict(),
+                                                     "logs": self.tracker.lengths() if self.tracker is not None else {}}
+        ckpt.save(self.run_dir, state.step, state.model, state.optimizer, trainer, self.digest, self.keep, self.dist)
+
+
 def run(cfg: TrainConfig, run_dir: Path, progress: bool = True, dist: Dist | None = None,
         resume: Path | None = None) -> dict[str, Any] | None:
     """Train, evaluate and write the run's files; the results (``None`` on ranks other than 0).
-    ``resume``: a checkpoint folder of this run directory to continue from."""
+    ``resume``: a checkpoint folder of this run directory to continue from. Reads top to bottom:
+    set up, evaluate the base, add the adapter, fine-tune, evaluate the tuned model, write."""
     start = time.time()
     dist = dist or current()
     main = dist.is_main
@@ -135,97 +169,27 @@ def run(cfg: TrainConfig, run_dir: Path, progress: bool = True, dist: Dist | Non
     spec = ADAPTERS.get(cfg.adapter.name)
     prepare_trainable(model, cfg, spec.trains_base)  # before the base evaluation: base and tuned in one dtype
     base, base_predictions = run_eval(model, tok, mixture, cfg, precision, progress, dist)
-    torch.manual_seed(cfg.seed)  # adapter init depends on the run seed only
-    recorder = RoutingRecorder(reduce=dist.all_reduce if dist.enabled else None,
-                               grad_reduce=dist.all_reduce_grad if dist.enabled else None)
-    targets = targets_table(model, cfg.adapter, cfg.model) if spec.wrap is not None else {}
-    if targets and main:
-        from moe_lora.structure import format_targets
-
-        print(format_targets(targets), flush=True)
-    adapted = inject_adapter(model, cfg.adapter, cfg.model, cfg.layout, recorder)
+    recorder, adapted, targets = add_adapter(model, cfg, run_dir, dist)
     params = count_parameters(model)
-    if cfg.recipe.save_init_adapter and main:
-        save_file(adapter_state(model), str(run_dir / INIT_ADAPTER_FILE))
     if main and resume is not None:  # before the tracker appends: logs end where the checkpoint was taken
         truncate_logs(run_dir, ckpt.read_trainer(resume)["logs"])
     tracker = Tracker(run_dir, cfg.logger, resolved, name=run_dir.name) if main else None
+    io = RunIO(run_dir, tracker, recorder, dist, ckpt.config_hash(resolved), cfg.recipe.keep_checkpoints)
     results: dict[str, Any] | None = None
     try:
-        final_routing: dict[str, dict] = {}
-
-        def keep_last(rows: list[dict]) -> None:
-            for r in rows:
-                final_routing.setdefault(r["module"], {})[r["task_type"]] = r
-
         if main and resume is not None:  # the windows logged before the checkpoint
-            keep_last(read_jsonl(run_dir / "routing.jsonl"))
-
-        def log_row(row: dict) -> None:
-            if tracker is not None:
-                tracker.log(row)
-
-        def log_routing(rows: list[dict]) -> None:
-            if tracker is not None:
-                tracker.log_routing(rows)
-            keep_last(rows)
-
+            io.keep_last(read_jsonl(run_dir / "routing.jsonl"))
         perf: dict[str, Any] = {}
-        sharded = dist.enabled and cfg.recipe.strategy == "fsdp"
         if params["trainable"] > 0:
-            net = wrap_model(model, cfg.recipe.strategy, dist, precision.device)  # before the optimiser (FSDP)
-            state = init_state(model, cfg.recipe, cfg.seed, precision)
-            if resume is not None:
-                restore(state, recorder, resume, dist, precision.device)
-            hooks = []
-            if spec.make_hook is not None:
-                val = collate(mixture.validation[: cfg.recipe.realloc_val_examples], tok, cfg.data.max_length,
-                              chat_template=cfg.data.chat_template)
-                val = {k: v.to(precision.device) for k, v in val.items()}
-                # rank 0's value on every rank: the ranks' decisions (ALoRA's pruning) stay identical
-                ctx = HookContext(val_loss=lambda: dist.broadcast(validation_loss(model, val, precision)),
-                                  recipe=cfg.recipe, log=log_row)
-                hooks.append(spec.make_hook(model, cfg.adapter, ctx))
-            with dist.main_first():  # rank 0 fills the tokenisation cache
-                batches = training_batches(mixture, tok, cfg)
-            if batches.truncated and main:  # counted, never silent (also results.json["perf"]["truncated"])
-                log.warning("%d of %d training examples were cut to data.max_length=%d (%d of them inside the answer)",
-                            batches.truncated, len(batches), cfg.data.max_length, batches.answer_cut)
-            global_batch = cfg.recipe.batch_size * dist.world_size * cfg.recipe.grad_accum
-            if main and dist.enabled:
-                print(f"data parallel: {dist.world_size} ranks ({cfg.recipe.strategy}), global batch "
-                      f"{global_batch} = recipe.batch_size "
-                      f"{cfg.recipe.batch_size} x {dist.world_size} ranks x recipe.grad_accum {cfg.recipe.grad_accum}")
-            digest = ckpt.config_hash(resolved)
-
-            def save_checkpoint(st: TrainState) -> None:
-                trainer = st.trainer_state(dist) | {"recorder": recorder.state_dict(),
-                                                     "logs": tracker.lengths() if tracker is not None else {}}
-                ckpt.save(run_dir, st.step, model, st.optimizer, trainer, digest, cfg.recipe.keep_checkpoints, dist)
-
-            with preemption() as stop:
-                perf = train(state, batches, recorder, cfg.recipe, precision, log_row, log_routing, progress, hooks,
-                             dist=dist, net=net, checkpoint=save_checkpoint, stop=stop,
-                             diagnose=lambda batch: first_nonfinite(model, adapted, batch, precision))
-            perf |= {"nonfinite_skips": state.nonfinite_skips, "truncated": batches.truncated, "answer_cut": batches.answer_cut,
-                     "ranks": dist.world_size, "strategy": cfg.recipe.strategy if dist.enabled else None,
-                     "global_batch": global_batch}
-        # FSDP's forward gathers shards collectively: every rank must run every batch (no sharded eval)
-        tuned, tuned_predictions = run_eval(model, tok, mixture, cfg, precision, progress, None if sharded else dist)
-        if cfg.eval.harness.tasks and main:
-            from moe_lora.eval.harness import run_harness
-
-            tuned["harness"] = run_harness(model, tok, cfg.eval.harness, device=precision.device,
-                                           autocast=precision.autocast)
+            perf = fine_tune(cfg, model, tok, mixture, precision, recorder, adapted, io, resume, progress)
+        tuned, tuned_predictions = evaluate_tuned(cfg, model, tok, mixture, precision, progress, dist)
         adapter = adapter_state(model) if main or ckpt.sharded(model) else None  # collective under FSDP
         if main:
             write_predictions(run_dir / PREDICTIONS_FILE, base_predictions, tuned_predictions)
             save_file(adapter, str(run_dir / ADAPTER_FILE))
-            results = build_results(cfg, resolved, base, tuned, params, adapted, final_routing, time.time() - start)
-            results["perf"] = perf
-            results["targets"] = targets
-            results["nonfinite_skips"] = perf.get("nonfinite_skips", 0)
-            results["data"] = mixture.info
+            results = build_results(cfg, resolved, base, tuned, params, adapted, io.final_routing, time.time() - start)
+            results |= {"perf": perf, "targets": targets, "nonfinite_skips": perf.get("nonfinite_skips", 0),
+                        "data": mixture.info}
             if spec.report is not None:
                 results["adapter_report"] = spec.report(model)
             write_json_atomic(run_dir / "results.json", results)
@@ -234,6 +198,81 @@ def run(cfg: TrainConfig, run_dir: Path, progress: bool = True, dist: Dist | Non
             tracker.finish(results)
     dist.barrier()  # no rank leaves (and tears the group down) before rank 0 has written
     return results
+
+
+def add_adapter(model: nn.Module, cfg: TrainConfig, run_dir: Path, dist: Dist):
+    """Seeded adapter injection with the routing recorder attached; (recorder, adapted module
+    names, targets table). The targets table is printed and later stored in results.json."""
+    torch.manual_seed(cfg.seed)  # adapter init depends on the run seed only
+    recorder = RoutingRecorder(reduce=dist.all_reduce if dist.enabled else None,
+                               grad_reduce=dist.all_reduce_grad if dist.enabled else None)
+    targets = targets_table(model, cfg.adapter, cfg.model) if ADAPTERS.get(cfg.adapter.name).wrap is not None else {}
+    if targets and dist.is_main:
+        from moe_lora.structure import format_targets
+
+        print(format_targets(targets), flush=True)
+    adapted = inject_adapter(model, cfg.adapter, cfg.model, cfg.layout, recorder)
+    if cfg.recipe.save_init_adapter and dist.is_main:
+        save_file(adapter_state(model), str(run_dir / INIT_ADAPTER_FILE))
+    return recorder, adapted, targets
+
+
+def fine_tune(cfg: TrainConfig, model: nn.Module, tok, mixture: Mixture, precision: Precision,
+              recorder: RoutingRecorder, adapted: list[str], io: RunIO, resume: Path | None,
+              progress: bool) -> dict[str, Any]:
+    """The training loop with everything it needs: wrapped model, optimiser state (restored on a
+    resume), the variant's hooks, tokenised batches, preemption; returns perf figures."""
+    dist = io.dist
+    net = wrap_model(model, cfg.recipe.strategy, dist, precision.device)  # before the optimiser (FSDP)
+    state = init_state(model, cfg.recipe, cfg.seed, precision)
+    if resume is not None:
+        restore(state, recorder, resume, dist, precision.device)
+    hooks = variant_hooks(cfg, model, tok, mixture, precision, io)
+    with dist.main_first():  # rank 0 fills the tokenisation cache
+        batches = training_batches(mixture, tok, cfg)
+    if batches.truncated and dist.is_main:  # counted, never silent (also results.json["perf"]["truncated"])
+        log.warning("%d of %d training examples were cut to data.max_length=%d (%d of them inside the answer)",
+                    batches.truncated, len(batches), cfg.data.max_length, batches.answer_cut)
+    global_batch = cfg.recipe.batch_size * dist.world_size * cfg.recipe.grad_accum
+    if dist.is_main and dist.enabled:
+        print(f"data parallel: {dist.world_size} ranks ({cfg.recipe.strategy}), global batch "
+              f"{global_batch} = recipe.batch_size "
+              f"{cfg.recipe.batch_size} x {dist.world_size} ranks x recipe.grad_accum {cfg.recipe.grad_accum}")
+    with preemption() as stop:
+        perf = train(state, batches, recorder, cfg.recipe, precision, io.log, io.log_routing, progress, hooks,
+                     dist=dist, net=net, checkpoint=io.checkpoint, stop=stop,
+                     diagnose=lambda batch: first_nonfinite(model, adapted, batch, precision))
+    return perf | {"nonfinite_skips": state.nonfinite_skips, "truncated": batches.truncated,
+                   "answer_cut": batches.answer_cut, "ranks": dist.world_size,
+                   "strategy": cfg.recipe.strategy if dist.enabled else None, "global_batch": global_batch}
+
+
+def variant_hooks(cfg: TrainConfig, model: nn.Module, tok, mixture: Mixture, precision: Precision, io: RunIO) -> list:
+    """The variant's training hooks (ALoRA's rank reallocation), on a fixed validation batch."""
+    spec = ADAPTERS.get(cfg.adapter.name)
+    if spec.make_hook is None:
+        return []
+    val = collate(mixture.validation[: cfg.recipe.realloc_val_examples], tok, cfg.data.max_length,
+                  chat_template=cfg.data.chat_template)
+    val = {k: v.to(precision.device) for k, v in val.items()}
+    # rank 0's value on every rank: the ranks' decisions (ALoRA's pruning) stay identical
+    ctx = HookContext(val_loss=lambda: io.dist.broadcast(validation_loss(model, val, precision)), recipe=cfg.recipe,
+                      log=io.log)
+    return [spec.make_hook(model, cfg.adapter, ctx)]
+
+
+def evaluate_tuned(cfg: TrainConfig, model: nn.Module, tok, mixture: Mixture, precision: Precision, progress: bool,
+                   dist: Dist):
+    """The tuned model on every evaluation set (plus lm-eval harness tasks on rank 0)."""
+    sharded = dist.enabled and cfg.recipe.strategy == "fsdp"
+    # FSDP's forward gathers shards collectively: every rank must run every batch (no sharded eval)
+    tuned, predictions = run_eval(model, tok, mixture, cfg, precision, progress, None if sharded else dist)
+    if cfg.eval.harness.tasks and dist.is_main:
+        from moe_lora.eval.harness import run_harness
+
+        tuned["harness"] = run_harness(model, tok, cfg.eval.harness, device=precision.device,
+                                       autocast=precision.autocast)
+    return tuned, predictions
 
 
 def restore(state: TrainState, recorder: RoutingRecorder, path: Path, dist: Dist, device: torch.device) -> None:

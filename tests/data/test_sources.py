@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from moe_lora.cli import CONF_DIR
+from moe_lora.compose import CONF_DIR
 from moe_lora.config import DataConfig, SourceConfig
 from moe_lora.data.sources import check_sources, resolve_source, source_mixture, train_counts
 from moe_lora.data.templates import TEMPLATES, fewshot_prompt, get_template, render
@@ -227,7 +227,7 @@ def test_prepare_data_saves_atomically_and_skips_existing(tmp_path: Path, capsys
 
 # ------------------------------------------------------------------------------------ through the CLI
 def test_data_configs_validate_against_a_prepared_root(data_root: Path, checkpoints) -> None:
-    from moe_lora.cli import load_config
+    from moe_lora.compose import load_config
 
     for name in ("cbqa_instruct_hub", "triviaqa_alpaca"):  # validate() runs check_sources
         cfg = load_config([f"data={name}", f"data.root={data_root}", "model=gpt2",
@@ -248,7 +248,7 @@ def test_cli_stops_with_one_line_naming_the_key(run_cli, data_root: Path, overri
 def test_disk_metadata_gives_the_same_columns_as_datasets(data_root) -> None:
     """check_sources reads save_to_disk folders from their JSON metadata (no datasets import):
     the columns must be exactly what datasets itself reports, for every fixture split."""
-    from moe_lora.cli import load_config
+    from moe_lora.compose import load_config
     from moe_lora.data.sources import column_paths, disk_columns, resolve_source, select_split
 
     cfg = load_config(["data=cbqa_instruct_hub", "model=gpt2"], check_files=False)

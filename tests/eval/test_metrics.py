@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from moe_lora.cli import load_config
+from moe_lora.compose import load_config
 from moe_lora.config import EvalConfig
 from moe_lora.data.collate import collate
 from moe_lora.data.example import EvalSet, Mixture

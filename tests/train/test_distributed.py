@@ -31,7 +31,7 @@ B = 4  # per-rank micro-batch; the reference runs 2B
 
 
 def _config(overrides: list[str], batch: int, cache_dir: str):
-    from moe_lora.cli import load_config
+    from moe_lora.compose import load_config
 
     return load_config([*TINY, *COMMON, *overrides, f"recipe.batch_size={batch}", f"cache_dir={cache_dir}"])
 

@@ -1,0 +1,115 @@
+"""Config composition and the checks made before Hydra starts a job.
+
+Every config the command line describes (each combination of a multirun sweep) is composed and
+validated here, so bad input gets a one-line error naming the key, exits non-zero and leaves no run
+directory behind; the output folder is checked before anything is created.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from pathlib import Path
+
+from moe_lora.env import register_resolvers
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+_HYDRA_VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
+                      "--config-dir", "-cd", "--experimental-rerun", "--info", "-i"}
+_HYDRA_FLAGS = {"-m", "--multirun", "--resolve", "--run", "-r", "--help", "-h", "--hydra-help", "--version"}
+SKIP_PRECHECK = {"--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd", "--help", "-h",
+                 "--hydra-help", "--version", "--info", "-i", "--experimental-rerun"}
+
+register_resolvers()
+
+
+def split_args(args: list[str]) -> tuple[list[str], list[str]]:
+    """(Hydra flags with their values, overrides)."""
+    flags, overrides = [], []
+    it = iter(args)
+    for a in it:
+        if a in _HYDRA_VALUE_FLAGS:
+            flags += [a, next(it, "")]
+        elif a in _HYDRA_FLAGS or a.startswith("--"):
+            flags.append(a)
+        else:
+            overrides.append(a)
+    return flags, overrides
+
+
+def expand_sweeps(overrides: list[str], limit: int = 256) -> list[list[str]]:
+    """Every combination a basic multirun would launch (hydra/* overrides are left out)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides([o for o in overrides if not o.lstrip("+~").startswith("hydra")])
+    axes = []
+    for o in parsed:
+        key = o.get_key_element()
+        if o.is_interval_sweep():  # a search space (Optuna): check both of its ends
+            axes.append([f"{key}={o.value().start}", f"{key}={o.value().end}"])
+        elif o.is_sweep_override():
+            axes.append([f"{key}={v}" for v in o.sweep_string_iterator()])
+        else:
+            axes.append([o.input_line])
+    return [list(c) for c in itertools.islice(itertools.product(*axes), limit)]
+
+
+def compose(overrides: list[str], return_hydra_config: bool = False):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    import moe_lora.adapters
+    import moe_lora.config  # noqa: F401
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="moe_lora"):
+        return hydra_compose(config_name="train", overrides=overrides, return_hydra_config=return_hydra_config)
+
+
+def to_config(dcfg, check_files: bool = True):
+    """DictConfig -> validated TrainConfig (runs every ``__post_init__`` and the cross checks)."""
+    from omegaconf import OmegaConf
+
+    from moe_lora.errors import ConfigError
+    from moe_lora.validate import validate
+
+    try:
+        cfg = OmegaConf.to_object(dcfg)
+    except Exception as exc:  # OmegaConf wraps errors raised in __post_init__
+        inner = exc
+        while inner is not None and not isinstance(inner, ConfigError):
+            inner = inner.__cause__ or inner.__context__
+        raise (inner or exc) from None
+    validate(cfg, check_files)
+    return cfg
+
+
+def load_config(overrides: list[str], check_files: bool = True):
+    return to_config(compose(overrides), check_files)
+
+
+def precheck(overrides: list[str], multirun: bool):
+    """Every job's config validated and the output folder checked; the first job's config."""
+    combos = expand_sweeps(overrides) if multirun else [overrides]
+    cfgs = [load_config(combo) for combo in combos]
+    check_output_dir(combos[0], multirun, cfgs[0])
+    return cfgs[0]
+
+
+def check_output_dir(overrides: list[str], multirun: bool, cfg) -> None:
+    """Before Hydra creates anything: the run (sweep) folder can be created, and a run folder holds
+    no earlier run's results nor checkpoints unless ``resume`` says to continue it."""
+    from omegaconf import OmegaConf
+
+    from moe_lora.errors import ConfigError
+    from moe_lora.train.checkpoint import plan
+    from moe_lora.train.runner import resolved_config
+
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    out = Path(OmegaConf.select(compose(overrides, return_hydra_config=True), key))
+    if not multirun:
+        plan(out, cfg.resume, resolved_config(cfg), sweep=False)
+    probe = out
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}={str(out)!r} cannot be created: {probe} is not a writable folder")
