@@ -99,6 +99,7 @@ def test_every_variant_adapts_the_methods_modules_in_every_layer_and_trains_a_st
         torch.optim.SGD(trainable, lr=1e-2).step()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("family", "adapter"), [("phi3", "loramoe"), ("gpt_neox", "mov"), ("gemma2", "mola"),
                                                  ("opt", "mov")])
 def test_cli_train_on_other_families_records_the_targets(run_cli, tmp_path, family_checkpoints, data_root, family,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from hydra import compose, initialize_config_dir
 
 from moe_lora.compose import CONF_DIR
@@ -18,6 +19,7 @@ def test_slurm_launcher_config_composes() -> None:
     assert "SlurmLauncher" in launcher._target_ and launcher.gpus_per_node == 1 and launcher.timeout_min == 240
 
 
+@pytest.mark.slow
 def test_submitit_local_runs_a_job_of_two_ranks(run_cli, tmp_path) -> None:
     # tasks_per_node=2: the job's two tasks form one process group from submitit's environment
     # (the SLURM path: hydra.launcher.tasks_per_node=N hydra.launcher.nodes=M)
@@ -50,6 +52,7 @@ def test_failed_job_does_not_stop_the_sweep_and_is_reported(run_cli, cache_dir, 
     assert "1 finished runs, 1 failed" in index and "job1" in index, index
 
 
+@pytest.mark.slow
 def test_optuna_sweeper_optimises_the_returned_metric(run_cli, tmp_path) -> None:
     import yaml
 

@@ -14,6 +14,8 @@ from safetensors.torch import load_file
 
 from tests.conftest import read_jsonl
 
+pytestmark = pytest.mark.slow  # `make test-fast` leaves these out
+
 SMALL = ["recipe=smoke", "data.num_train=48", "data.max_length=96", "recipe.eval_limit=8", "eval.max_new_tokens=8",
          "eval.batch_size=8"]
 FAMILY = {"gpt2": "model=gpt2", "qwen2": "model=qwen2_5_0_5b", "llama": "model.source=hub"}

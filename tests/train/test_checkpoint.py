@@ -19,6 +19,8 @@ import pytest
 
 from tests.conftest import TINY
 
+pytestmark = pytest.mark.slow  # `make test-fast` leaves these out
+
 RUN = ["recipe.max_steps=12", "recipe.save_every=5", "recipe.log_every=3", "recipe.threads=1"]
 
 

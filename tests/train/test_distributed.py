@@ -17,6 +17,8 @@ from safetensors.torch import load_file
 
 from tests.conftest import TINY
 
+pytestmark = pytest.mark.slow  # `make test-fast` leaves these out
+
 # Each case: (name, overrides). Dropout off: each rank draws its own dropout masks.
 CASES = {
     "lora": ["adapter=lora"],

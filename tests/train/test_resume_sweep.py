@@ -7,7 +7,11 @@ import json
 import os
 import signal
 
+import pytest
+
 from tests.train.test_checkpoint import RUN, _main, killed_at
+
+pytestmark = pytest.mark.slow  # `make test-fast` leaves these out
 
 
 def _arm_failures() -> None:
