@@ -6,9 +6,27 @@ A layout is data (PEFT's ``rank_pattern`` idea), never a comma-joined string: a 
 
 from __future__ import annotations
 
-from moe_lora.adapters.base import LayerPlan
+from dataclasses import dataclass
+
+import torch
+
 from moe_lora.config import AdapterConfig, LayoutConfig
 from moe_lora.errors import ConfigError
+from moe_lora.structure import Site
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """What one adapted linear gets, after the layout is resolved for its layer."""
+
+    layer: int | None
+    num_experts: int
+    rank: int
+    top_k: int | None
+    group: str | None = None  # the model.modules group of the linear (attention, ffn, ...)
+    head_dim: int = 0  # the model's head size (config.json's head_dim, else hidden // heads), for MoV
+    dtype: torch.dtype = torch.float32  # adapter weights, routers and buffers (adapter.dtype)
+    site: Site | None = None  # the linear's roles and fused layout (moe_lora.structure)
 
 
 def divisors(n: int) -> list[int]:

@@ -86,6 +86,8 @@ def test_every_variant_adapts_the_methods_modules_in_every_layer_and_trains_a_st
         if spec.slices_fused and family in FUSED_QKV:  # k and v columns only, not the query's
             fused = model.get_submodule(names[0])
             assert isinstance(fused, SlicedOutput) and set(fused.parts) == {"key", "value"}
+        if spec.wrap is not None:
+            assert all(n.endswith(spec.prefixes) for n, p in model.named_parameters() if p.requires_grad)
         trainable = [p for p in model.parameters() if p.requires_grad]
         if not trainable:
             continue

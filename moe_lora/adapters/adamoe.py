@@ -34,6 +34,6 @@ class AdaMoEConfig(MoEConfig):
     lb_weight: float = 0.01
 
 
-@register_adapter("adamoe", AdaMoEConfig)
+@register_adapter("adamoe", AdaMoEConfig, prefixes=("lora_A", "lora_B", "router.weight"))
 def wrap_adamoe(base: nn.Module, cfg: AdaMoEConfig, plan: LayerPlan) -> nn.Module:
     return routed_lora(base, cfg, plan)

@@ -152,7 +152,7 @@ def alora_report(model: nn.Module) -> dict:
     return {"alora_ranks": {n: m.active_rank for n, m in alora_layers(model).items()}}
 
 
-@register_adapter("alora", ALoRAConfig, make_hook=make_alora_hook, report=alora_report)
+@register_adapter("alora", ALoRAConfig, make_hook=make_alora_hook, report=alora_report, prefixes=("lora_A", "lora_B", "alora_gate"))
 def wrap_alora(base: nn.Module, cfg: ALoRAConfig, plan: LayerPlan) -> nn.Module:
     return ALoRALinear(base, rank=plan.rank, max_rank=max(cfg.max_rank, plan.rank), alpha=cfg.alpha,
                        dropout=cfg.dropout, dtype=plan.dtype)

@@ -6,27 +6,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from hydra.core.config_store import ConfigStore
 from torch import nn
 
 from moe_lora.config import AdapterConfig
+from moe_lora.layouts import LayerPlan
 from moe_lora.registry import Registry
-from moe_lora.structure import Site
-
-
-@dataclass(frozen=True)
-class LayerPlan:
-    """What one adapted linear gets, after the layout is resolved for its layer."""
-
-    layer: int | None
-    num_experts: int
-    rank: int
-    top_k: int | None
-    group: str | None = None  # the model.modules group of the linear (attention, ffn, ...)
-    head_dim: int = 0  # the model's head size (config.json's head_dim, else hidden // heads), for MoV
-    dtype: torch.dtype = torch.float32  # adapter weights, routers and buffers (adapter.dtype)
-    site: Site | None = None  # the linear's roles and fused layout (moe_lora.structure)
 
 
 @dataclass
@@ -55,6 +40,9 @@ class AdapterSpec:
     # defined on roles (IA3, MoV): a fused linear targeted by role is adapted on those roles' columns
     # only; otherwise (LoRA-type experts) the adapter acts on the whole fused output, as peft does
     slices_fused: bool = False
+    # the names (last segments) of the tensors the variant trains, as peft's per-method ``prefix``:
+    # tests assert that nothing else trains, and the saved adapter holds exactly these
+    prefixes: tuple[str, ...] = ()
 
 
 ADAPTERS: Registry[AdapterSpec] = Registry("adapter", "adapter")
@@ -62,13 +50,13 @@ ADAPTERS: Registry[AdapterSpec] = Registry("adapter", "adapter")
 
 def register_adapter(
     name: str, config_cls: type[AdapterConfig], *, trains_base: bool = False, make_hook: HookFn | None = None,
-    report: Callable[[nn.Module], dict] | None = None, slices_fused: bool = False,
+    report: Callable[[nn.Module], dict] | None = None, slices_fused: bool = False, prefixes: tuple[str, ...] = (),
 ):
     """Decorator for a variant's wrap function: registers it and stores its config schema as
     ``schema/adapter/<name>`` (the schema of ``conf/adapter/<name>.yaml``)."""
 
     def deco(wrap: WrapFn | None) -> WrapFn | None:
-        ADAPTERS.register(name, AdapterSpec(name, config_cls, wrap, trains_base, make_hook, report, slices_fused))
+        ADAPTERS.register(name, AdapterSpec(name, config_cls, wrap, trains_base, make_hook, report, slices_fused, prefixes))
         ConfigStore.instance().store(group="schema/adapter", name=name, node=config_cls)
         return wrap
 

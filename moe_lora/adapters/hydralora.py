@@ -31,6 +31,6 @@ class HydraLoRAConfig(MoEConfig):
                 "must be dense for HydraLoRA (its shared A is computed once for every head; nothing to group)")
 
 
-@register_adapter("hydralora", HydraLoRAConfig)
+@register_adapter("hydralora", HydraLoRAConfig, prefixes=("lora_A", "lora_B", "router.weight"))
 def wrap_hydralora(base: nn.Module, cfg: HydraLoRAConfig, plan: LayerPlan) -> nn.Module:
     return routed_lora(base, cfg, plan, shared_A=True)

@@ -53,7 +53,7 @@ class IA3Linear(nn.Module):
         return out * self.ia3_l.to(out.dtype)
 
 
-@register_adapter("ia3", IA3Config, slices_fused=True)
+@register_adapter("ia3", IA3Config, slices_fused=True, prefixes=("ia3_l",))
 def wrap_ia3(base: nn.Module, cfg: IA3Config, plan: LayerPlan) -> nn.Module:
     site = plan.site
     if site is not None and site.partial:

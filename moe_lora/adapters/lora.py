@@ -19,6 +19,6 @@ class LoRAConfig(LowRankConfig):
     name: str = "lora"
 
 
-@register_adapter("lora", LoRAConfig)
+@register_adapter("lora", LoRAConfig, prefixes=("lora_A", "lora_B"))
 def wrap_lora(base: nn.Module, cfg: LoRAConfig, plan: LayerPlan) -> nn.Module:
     return LoRAExperts(base, rank=plan.rank, alpha=cfg.alpha, dropout=cfg.dropout, init_A=cfg.init_A, dtype=plan.dtype)

@@ -56,7 +56,7 @@ class LoRAMoEConfig(MoEConfig):
                     self.lbc_expert_types, "entries must be 0 (world knowledge) or 1 (other tasks)")
 
 
-@register_adapter("loramoe", LoRAMoEConfig)
+@register_adapter("loramoe", LoRAMoEConfig, prefixes=("lora_A", "lora_B", "router.weight"))
 def wrap_loramoe(base: nn.Module, cfg: LoRAMoEConfig, plan: LayerPlan) -> nn.Module:
     layer = routed_lora(base, cfg, plan)
     if cfg.lbc_expert_types is not None:

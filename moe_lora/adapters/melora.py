@@ -68,7 +68,7 @@ class MELoRALinear(nn.Module):
         return torch.block_diag(*blocks)
 
 
-@register_adapter("melora", MELoRAConfig)
+@register_adapter("melora", MELoRAConfig, prefixes=("lora_A", "lora_B"))
 def wrap_melora(base: nn.Module, cfg: MELoRAConfig, plan: LayerPlan) -> nn.Module:
     return MELoRALinear(base, rank=plan.rank, alpha=cfg.alpha, num_minis=cfg.num_minis, dropout=cfg.dropout,
                         dtype=plan.dtype)

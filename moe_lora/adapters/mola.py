@@ -29,6 +29,6 @@ class MoLAConfig(MoEConfig):
     top_k: Optional[int] = 2
 
 
-@register_adapter("mola", MoLAConfig)
+@register_adapter("mola", MoLAConfig, prefixes=("lora_A", "lora_B", "router.weight"))
 def wrap_mola(base: nn.Module, cfg: MoLAConfig, plan: LayerPlan) -> nn.Module:
     return routed_lora(base, cfg, plan)

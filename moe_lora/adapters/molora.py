@@ -26,6 +26,6 @@ class MoLoRAConfig(MoEConfig):
     init_A: str = "normal"
 
 
-@register_adapter("molora", MoLoRAConfig)
+@register_adapter("molora", MoLoRAConfig, prefixes=("lora_A", "lora_B", "router.weight"))
 def wrap_molora(base: nn.Module, cfg: MoLoRAConfig, plan: LayerPlan) -> nn.Module:
     return routed_lora(base, cfg, plan)

@@ -79,7 +79,7 @@ def _router(cfg: MoVConfig, plan: LayerPlan, dim: int, device: torch.device) -> 
                   device=device, dtype=plan.dtype)
 
 
-@register_adapter("mov", MoVConfig, slices_fused=True)
+@register_adapter("mov", MoVConfig, slices_fused=True, prefixes=("ia3_v", "router.weight"))
 def wrap_mov(base: nn.Module, cfg: MoVConfig, plan: LayerPlan) -> nn.Module:
     device = base.weight.device
     site = plan.site

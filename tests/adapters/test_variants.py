@@ -63,6 +63,9 @@ def test_injection_count_and_trainable_set(name: str) -> None:
         assert len(trainable) == len(list(model.parameters()))
     else:
         assert all(n.endswith(ADAPTER_PARAMS) for n in trainable), trainable
+        if spec.wrap is not None:  # the variant's declared tensor names: each one, and nothing else
+            assert {p for p in spec.prefixes if any(n.endswith(p) for n in trainable)} == set(spec.prefixes)
+            assert all(n.endswith(spec.prefixes) for n in trainable), (spec.prefixes, trainable)
         assert all(any(n.startswith(a + ".") for a in adapted) for n in trainable)
 
 
