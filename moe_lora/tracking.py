@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
+from moe_lora import outputs
 from moe_lora.config import LoggerConfig
 from moe_lora.errors import OutputError
 
@@ -102,9 +103,9 @@ class Tracker:
             run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise output_error(run_dir, exc) from exc
-        self._metrics = JsonlFile(run_dir / "metrics.jsonl")
+        self._metrics = JsonlFile(run_dir / outputs.METRICS)
         try:
-            self._routing = JsonlFile(run_dir / "routing.jsonl")
+            self._routing = JsonlFile(run_dir / outputs.ROUTING)
         except OutputError:
             self._metrics.close()
             raise

@@ -16,7 +16,7 @@ from transformers import PreTrainedTokenizerBase
 from moe_lora.config import TASK_TYPES
 from moe_lora.data.example import Example
 
-IGNORE = -100
+IGNORE = -100  # the label of positions without loss (prompt, padding), as transformers
 
 
 def adds_bos(tok: PreTrainedTokenizerBase) -> bool:

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from moe_lora import outputs
 from moe_lora.report.collect import Run
 
 RULE = ("Rule: runs of `arm` and `than` are paired by seed (only seeds both have count); "
@@ -28,7 +29,6 @@ RULE = ("Rule: runs of `arm` and `than` are paired by seed (only seeds both have
         "for one seed: `at` must name the setting that separates them).")
 
 # Keys that never make two arms different settings; adapter.* and layout.* are what arms compare.
-_NOT_A_SETTING = {"seed", "label", "run_dir", "cache_dir"}
 _ARM_PREFIXES = ("adapter.", "layout.", "claims", "hydra.")
 # 97.5% quantiles of Student's t (two-sided 95%) for df 1..30, used when scipy is not installed.
 _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
@@ -118,13 +118,7 @@ def metric_value(results: dict, path: str) -> float | None:
 # ------------------------------------------------------------------------------------------------ runs
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     """Nested config -> ``{"recipe.max_steps": 450, ...}`` with values as JSON typed them."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out |= flatten(v, f"{prefix}{k}.")
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
+    return outputs.flatten(d, prefix, keep_empty=True)
 
 
 def _config(run: Run) -> dict[str, Any]:
@@ -162,7 +156,8 @@ def _differing(a: list[Run], b: list[Run], skip: set[str]) -> list[str]:
         return acc
 
     va, vb = values(a), values(b)
-    keys = sorted((set(va) | set(vb)) - _NOT_A_SETTING - skip)
+    # the seed pairs the arms; settings that never change training (outputs.NOT_TRAINING) are not confounders
+    keys = sorted(k for k in (set(va) | set(vb)) - skip - {"seed"} if outputs.changes_training(k))
     return [f"{k} ({'/'.join(sorted(va.get(k, {'-'})))} vs {'/'.join(sorted(vb.get(k, {'-'})))})"
             for k in keys if not k.startswith(_ARM_PREFIXES) and va.get(k) != vb.get(k)]
 

@@ -7,6 +7,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from moe_lora import outputs
+
 
 @dataclass
 class Run:
@@ -29,7 +31,7 @@ def _is_run_dir(path: Path) -> bool:
     """A moe-lora run folder (Hydra's own ``.hydra`` folders and other hidden ones are not)."""
     if path.name.startswith("."):
         return False
-    return any((path / f).exists() for f in ("results.json", "failure.json", "config.yaml"))
+    return any((path / f).exists() for f in (outputs.RESULTS, outputs.FAILURE, outputs.CONFIG))
 
 
 def _natural(path: Path) -> list:
@@ -48,13 +50,13 @@ def collect(paths: list[Path]) -> list[Run]:
                  and not any(p == "report" or p.startswith(".") for p in d.parts[len(root.parts):])}
     runs = []
     for d in sorted(dirs, key=_natural):
-        if (d / "results.json").exists():
-            routing = [json.loads(x) for x in (d / "routing.jsonl").read_text().splitlines()
-                       if x.strip()] if (d / "routing.jsonl").exists() else []
-            runs.append(Run(d, json.loads((d / "results.json").read_text()), routing))
+        if (d / outputs.RESULTS).exists():
+            routing = [json.loads(x) for x in (d / outputs.ROUTING).read_text().splitlines()
+                       if x.strip()] if (d / outputs.ROUTING).exists() else []
+            runs.append(Run(d, json.loads((d / outputs.RESULTS).read_text()), routing))
         else:
             err = None
-            if (d / "failure.json").exists():
-                err = json.loads((d / "failure.json").read_text()).get("error")
+            if (d / outputs.FAILURE).exists():
+                err = json.loads((d / outputs.FAILURE).read_text()).get("error")
             runs.append(Run(d, None, error=err or "no results.json (failed or still running)"))
     return runs

@@ -8,6 +8,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from moe_lora import outputs
 from moe_lora.report.collect import Run
 from moe_lora.report.routing_stats import final_knowledge_share, final_stat, task_types
 
@@ -47,17 +48,10 @@ def without_routers(results: dict) -> int | None:
     return params["trainable"] - params["routers"] if "routers" in params else None
 
 
-_NOT_A_SETTING = {"seed", "label", "run_dir", "cache_dir"}
 
 
-def _flatten(d: dict, prefix: str = "") -> dict[str, object]:
-    out: dict[str, object] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out |= _flatten(v, f"{prefix}{k}.")
-        else:
-            out[f"{prefix}{k}"] = repr(v)
-    return out
+def _flatten(d: dict) -> dict[str, object]:
+    return {k: repr(v) for k, v in outputs.flatten(d).items()}
 
 
 def _condense(keys: list[str]) -> list[str]:
@@ -78,7 +72,7 @@ def row_labels(runs: list[Run]) -> dict[Path, str]:
     names = {}
     for label, group in by_label.items():
         flat = {r.path: _flatten(r.results.get("config", {})) for r in group}
-        keys = sorted({k for f in flat.values() for k in f} - _NOT_A_SETTING)
+        keys = sorted(k for k in {k for f in flat.values() for k in f} - {"seed"} if outputs.changes_training(k))
         varying = _condense([k for k in keys if len({f.get(k) for f in flat.values()}) > 1])
         for r in group:
             extra = ", ".join(f"{k}={flat[r.path].get(k, '-')}" for k in varying)

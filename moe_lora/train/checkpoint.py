@@ -28,17 +28,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from moe_lora import outputs
 from moe_lora.errors import ConfigError, OutputError, first_line
 from moe_lora.train.distributed import Dist, full_tensor
 
-CHECKPOINTS = "checkpoints"
+CHECKPOINTS = outputs.CHECKPOINTS
 _STEP = re.compile(r"^step-(\d+)$")
 # Keys that do not change what is trained: a resume may change them (thread count and device
 # change float summation order, so bitwise equality then holds no more; the run still continues).
-NOT_TRAINING = ("logger", "eval", "label", "claims", "resume", "run_dir", "cache_dir", "recipe.save_every",
-                "recipe.keep_checkpoints", "recipe.threads", "recipe.device", "recipe.eval_limit",
-                "recipe.on_nonfinite", "recipe.objective", "recipe.nproc_per_node", "recipe.name", "data.num_proc",
-                "eval.harness")
+NOT_TRAINING = outputs.NOT_TRAINING
 
 
 def sharded(model: nn.Module) -> bool:
@@ -74,19 +72,9 @@ def load_adapter(model: nn.Module, path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------ config
-def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(d, dict):
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out |= _flat(v, f"{prefix}{k}.")
-        return out
-    return {prefix[:-1]: d}
-
-
 def training_config(resolved: dict) -> dict[str, Any]:
     """The flattened config without the keys in :data:`NOT_TRAINING`."""
-    return {k: v for k, v in _flat(resolved).items()
-            if not any(k == n or k.startswith(n + ".") for n in NOT_TRAINING)}
+    return {k: v for k, v in outputs.flatten(resolved).items() if outputs.changes_training(k)}
 
 
 def config_hash(resolved: dict) -> str:
@@ -244,7 +232,7 @@ def _saved_config_diff(run_dir: Path, resolved: dict) -> list[str] | None:
     """Training keys in which ``run_dir/config.yaml`` differs from ``resolved`` (None: no file)."""
     from omegaconf import OmegaConf
 
-    path = run_dir / "config.yaml"
+    path = run_dir / outputs.CONFIG
     if not path.exists():
         return None
     return changed_keys(OmegaConf.to_container(OmegaConf.load(path)), resolved)
@@ -259,7 +247,7 @@ def plan(run_dir: Path, resume: str | None, resolved: dict, sweep: bool) -> Plan
                           f"(add hydra.run.dir={resume})")
     auto = resume is not None or sweep
     newest = latest(run_dir) if run_dir.is_dir() else None
-    if (run_dir / "results.json").exists():
+    if (run_dir / outputs.RESULTS).exists():
         if not auto:
             raise ConfigError(f"hydra.run.dir={str(run_dir)!r} already holds results.json of an earlier run; choose "
                               "another hydra.run.dir")
@@ -279,13 +267,12 @@ def plan(run_dir: Path, resume: str | None, resolved: dict, sweep: bool) -> Plan
         return Plan("resume", newest)
     if resume not in (None, "auto"):
         raise ConfigError(f"resume={resume!r} has no checkpoint to continue from (no checkpoints/step-<n> in it)")
-    if any((run_dir / n).exists() for n in ("failure.json", "metrics.jsonl", "config.yaml")):
+    if any((run_dir / n).exists() for n in (outputs.FAILURE, outputs.METRICS, outputs.CONFIG)):
         return Plan("rerun")
     return Plan("new")
 
 
-RUN_FILES = ("failure.json", "metrics.jsonl", "routing.jsonl", "predictions.jsonl", "config.yaml",
-             "adapter_model.safetensors", "adapter_init.safetensors")
+RUN_FILES = outputs.RUN_FILES
 
 
 def clear_failed_attempt(run_dir: Path) -> None:

@@ -12,6 +12,7 @@ import sys
 import traceback
 from pathlib import Path
 
+from moe_lora import outputs
 from moe_lora.compose import load_config, to_config
 from moe_lora.env import set_environment
 from moe_lora.errors import fail, one_line
@@ -59,7 +60,7 @@ def train_job(dcfg) -> float | None:
                 "resume": f"resuming from {job.checkpoint.name if job.checkpoint else ''}"}[job.action]
         print(f"{run_dir}: {what}", flush=True)
     if job.action == "skip":
-        results = json.loads((run_dir / "results.json").read_text())
+        results = json.loads((run_dir / outputs.RESULTS).read_text())
     else:
         if dist.is_main and job.action == "rerun":
             checkpoint.clear_failed_attempt(run_dir)
@@ -92,7 +93,7 @@ def run_or_record(cfg, run_dir: Path, dist, resume: Path | None, sweep: bool) ->
                     if stop():
                         raise Preempted(stop()) from None
                     raise
-            return json.loads((run_dir / "results.json").read_text())
+            return json.loads((run_dir / outputs.RESULTS).read_text())
         return run(cfg, run_dir, progress=True, dist=dist, resume=resume)
     except Preempted as exc:
         print(f"moe-lora: stopped by signal {exc.signum} after a checkpoint in {run_dir / 'checkpoints'}; continue "
@@ -102,7 +103,7 @@ def run_or_record(cfg, run_dir: Path, dist, resume: Path | None, sweep: bool) ->
     except Exception as exc:
         if dist.is_main:
             with contextlib.suppress(ConfigError):  # a full disk must not hide the first error
-                write_json_atomic(run_dir / "failure.json", {"error": f"{type(exc).__name__}: {exc}",
+                write_json_atomic(run_dir / outputs.FAILURE, {"error": f"{type(exc).__name__}: {exc}",
                                                               "traceback": traceback.format_exc()})
         if isinstance(exc, ConfigError) and not sweep and not dist.enabled:
             sys.exit(fail(one_line(exc), code=1))

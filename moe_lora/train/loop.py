@@ -28,13 +28,12 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from moe_lora.config import RecipeConfig
+from moe_lora.data.collate import IGNORE
 from moe_lora.errors import ConfigError
 from moe_lora.routing.recorder import RoutingRecorder
 from moe_lora.train.distributed import Dist, full_tensor, gradient_sync
 from moe_lora.train.precision import Precision, peak_memory_bytes, synchronize
 from moe_lora.train.schedule import optimizer_with_schedule
-
-IGNORE = -100  # label of positions without loss (prompt, padding), as transformers
 
 
 class NonFiniteError(ConfigError):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from moe_lora import outputs
 from moe_lora.adapters.inject import inject_adapter
 from moe_lora.compose import compose, to_config
 from moe_lora.errors import ConfigError
@@ -18,10 +19,10 @@ from moe_lora.train.runner import ADAPTER_FILE, run_eval, setup
 
 def reevaluate(run_dir: Path, overrides: list[str]) -> tuple[Path, dict]:
     """(the written eval json, its metrics)."""
-    for needed in ("config.yaml", ADAPTER_FILE):
+    for needed in (outputs.CONFIG, ADAPTER_FILE):
         if not (run_dir / needed).exists():
             raise ConfigError(f"run_dir={str(run_dir)!r} has no {needed} (not a finished moe-lora run)")
-    saved = OmegaConf.load(run_dir / "config.yaml")
+    saved = OmegaConf.load(run_dir / outputs.CONFIG)
     dcfg = compose([f"adapter={saved.adapter.name}"])
     cfg = to_config(OmegaConf.merge(dcfg, saved, OmegaConf.from_dotlist(overrides)))
     precision, model, tok, mixture = setup(cfg)

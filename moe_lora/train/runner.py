@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import save_file
 from torch import nn
 
+from moe_lora import outputs
 from moe_lora.adapters import ADAPTERS
 from moe_lora.adapters.base import HookContext
 from moe_lora.adapters.inject import count_parameters, inject_adapter, targets_table
@@ -39,9 +40,7 @@ from moe_lora.train.loop import TrainState, init_state, train
 from moe_lora.train.precision import Precision, make_precision
 from moe_lora.train.preempt import preemption
 
-ADAPTER_FILE = "adapter_model.safetensors"
-INIT_ADAPTER_FILE = "adapter_init.safetensors"
-PREDICTIONS_FILE = "predictions.jsonl"
+ADAPTER_FILE, INIT_ADAPTER_FILE, PREDICTIONS_FILE = outputs.ADAPTER, outputs.INIT_ADAPTER, outputs.PREDICTIONS
 log = logging.getLogger(__name__)
 
 
@@ -164,7 +163,7 @@ def run(cfg: TrainConfig, run_dir: Path, progress: bool = True, dist: Dist | Non
     progress = progress and main
     resolved = resolved_config(cfg)
     if main:
-        OmegaConf.save(OmegaConf.create(resolved), run_dir / "config.yaml")
+        OmegaConf.save(OmegaConf.create(resolved), run_dir / outputs.CONFIG)
     precision, model, tok, mixture = setup(cfg, progress, dist)
     spec = ADAPTERS.get(cfg.adapter.name)
     prepare_trainable(model, cfg, spec.trains_base)  # before the base evaluation: base and tuned in one dtype
@@ -178,7 +177,7 @@ def run(cfg: TrainConfig, run_dir: Path, progress: bool = True, dist: Dist | Non
     results: dict[str, Any] | None = None
     try:
         if main and resume is not None:  # the windows logged before the checkpoint
-            io.keep_last(read_jsonl(run_dir / "routing.jsonl"))
+            io.keep_last(read_jsonl(run_dir / outputs.ROUTING))
         perf: dict[str, Any] = {}
         if params["trainable"] > 0:
             perf = fine_tune(cfg, model, tok, mixture, precision, recorder, adapted, io, resume, progress)
@@ -192,7 +191,7 @@ def run(cfg: TrainConfig, run_dir: Path, progress: bool = True, dist: Dist | Non
                         "data": mixture.info}
             if spec.report is not None:
                 results["adapter_report"] = spec.report(model)
-            write_json_atomic(run_dir / "results.json", results)
+            write_json_atomic(run_dir / outputs.RESULTS, results)
     finally:
         if tracker is not None:
             tracker.finish(results)

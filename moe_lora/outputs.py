@@ -1,0 +1,43 @@
+"""The outputs room: the name of every file a run writes, and the plain helpers shared by the code
+that writes them (training) and the code that reads them (the report).
+
+Nothing here imports training code, so the report can use it and still read result files only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+CONFIG = "config.yaml"  # the resolved config
+RESULTS = "results.json"  # metrics, parameters, routing, perf, targets (written last, atomically)
+METRICS = "metrics.jsonl"  # loss / lr lines and perf lines
+ROUTING = "routing.jsonl"  # one line per (step, module, task type)
+PREDICTIONS = "predictions.jsonl"  # every evaluated example of the base and the tuned model
+FAILURE = "failure.json"  # a failed job's error and traceback
+ADAPTER = "adapter_model.safetensors"  # the trained adapter tensors
+INIT_ADAPTER = "adapter_init.safetensors"  # the adapter at init (recipe.save_init_adapter)
+CHECKPOINTS = "checkpoints"  # checkpoints/step-<n>/
+RUN_FILES = (FAILURE, METRICS, ROUTING, PREDICTIONS, CONFIG, ADAPTER, INIT_ADAPTER)  # an attempt's, before results
+
+# Settings that never change what training computes: left out of the checkpoint's config hash (a
+# resume may change them) and of the report's "arms differ in" warnings. Keys or key prefixes.
+NOT_TRAINING = ("logger", "eval", "label", "claims", "resume", "run_dir", "cache_dir", "recipe.save_every",
+                "recipe.keep_checkpoints", "recipe.threads", "recipe.device", "recipe.eval_limit",
+                "recipe.on_nonfinite", "recipe.objective", "recipe.nproc_per_node", "recipe.name", "data.num_proc",
+                "eval.harness")
+
+
+def changes_training(key: str) -> bool:
+    """Whether a dotted config key can change training (not one of :data:`NOT_TRAINING`)."""
+    return not any(key == n or key.startswith(n + ".") for n in NOT_TRAINING)
+
+
+def flatten(d: dict, prefix: str = "", keep_empty: bool = False) -> dict[str, Any]:
+    """Nested config -> ``{"recipe.max_steps": 450, ...}``; ``keep_empty`` keeps ``{}`` values."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and (v or not keep_empty):
+            out |= flatten(v, f"{prefix}{k}.", keep_empty)
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
