@@ -22,8 +22,8 @@ run: $(STAMP)  ## set up, then the default experiment (ARGS="adapter=lora ..." p
 test: lint  ## set up, lint, then the whole suite (what CI runs)
 	$(BIN)/python -m pytest -q $(ARGS)
 
-test-fast: $(STAMP)  ## the suite without tests marked slow (data parallel, SIGKILL resume, subprocess rows)
-	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
+test-fast: $(STAMP)  ## the suite without tests marked slow, in 2 xdist workers (data parallel, SIGKILL resume, ...)
+	$(BIN)/python -m pytest -q -n 2 -m "not slow" $(ARGS)
 
 setup: $(STAMP)  ## the virtual environment (.venv), CPU torch where there is no GPU driver
 
