@@ -12,7 +12,7 @@ import torch
 
 from moe_lora.config import AdapterConfig, LayoutConfig
 from moe_lora.errors import ConfigError
-from moe_lora.structure import Site
+from moe_lora.targets import Site
 
 
 @dataclass(frozen=True)

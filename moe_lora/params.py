@@ -9,7 +9,8 @@ def print_params(cfg) -> None:
     from moe_lora.adapters import ADAPTERS
     from moe_lora.adapters.inject import count_parameters, inject_adapter, targets_table
     from moe_lora.routing.router import Router
-    from moe_lora.structure import format_targets, read_structure
+    from moe_lora.structure import read_structure
+    from moe_lora.targets import format_targets
     from moe_lora.validate import base_meta_model
 
     model = base_meta_model(cfg)

@@ -26,7 +26,8 @@ from moe_lora.errors import ConfigError
 from moe_lora.layouts import is_per_layer, resolve_layout
 from moe_lora.routing.recorder import AuxLossConfig, RoutingRecorder
 from moe_lora.routing.router import Router
-from moe_lora.structure import Site, Structure, is_adaptable, read_structure, resolve_targets, targets_summary
+from moe_lora.structure import Structure, is_adaptable, read_structure
+from moe_lora.targets import Site, resolve_targets, targets_summary
 
 log = logging.getLogger(__name__)
 __all__ = ["count_parameters", "inject_adapter", "is_adaptable", "plan_targets"]

@@ -207,7 +207,7 @@ def add_adapter(model: nn.Module, cfg: TrainConfig, run_dir: Path, dist: Dist):
                                grad_reduce=dist.all_reduce_grad if dist.enabled else None)
     targets = targets_table(model, cfg.adapter, cfg.model) if ADAPTERS.get(cfg.adapter.name).wrap is not None else {}
     if targets and dist.is_main:
-        from moe_lora.structure import format_targets
+        from moe_lora.targets import format_targets
 
         print(format_targets(targets), flush=True)
     adapted = inject_adapter(model, cfg.adapter, cfg.model, cfg.layout, recorder)

@@ -1,0 +1,153 @@
+"""Targets: the sites ``adapter.target_modules`` selects in a model's structure, and the targets
+table printed by ``moe-lora params`` and at the start of every run (``results.json["targets"]``).
+
+Entries are roles, blocks (``attention``, ``ffn``, ``all``) or module names. Roles and blocks must
+exist in every decoder layer; a module name must match in every layer it matches in any (or only
+outside the layers, as ``lm_head``): a setting never selects silently less than it says.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from moe_lora.errors import ConfigError
+from moe_lora.structure import (
+    BLOCKS,
+    ROLES,
+    Fused,
+    LinearInfo,
+    Structure,
+    check_every_layer,
+    is_adaptable,
+    name_matches,
+)
+
+
+@dataclass(frozen=True)
+class Site:
+    """One linear an adapter goes on, and which of its roles the targets asked for."""
+
+    name: str
+    layer: int | None
+    block: str | None
+    roles: tuple[str, ...]  # everything the linear computes
+    targeted: tuple[str, ...] | None  # roles the targets name on it; None: the whole linear by name or block
+    fused: Fused | None
+    entries: tuple[str, ...]  # the target_modules entries that chose it
+
+    @property
+    def partial(self) -> bool:
+        """Whether the targets ask for only some roles of a fused linear (IA3/MoV slice it)."""
+        if self.targeted is None:
+            return False
+        own = set(self.fused.roles) if self.fused is not None else {r for r in self.roles if r != "ffn_in"}
+        return len(own) > 1 and not own <= set(self.targeted) | {"ffn_in"}
+
+    @property
+    def input_site(self) -> bool:
+        """peft's ``feedforward_modules``: IA3-type scaling applies to the input of ``ffn_out``."""
+        return "ffn_out" in self.roles
+
+
+def resolve_targets(structure: Structure, model: nn.Module, targets: list[str]) -> list[Site]:
+    """The sites ``adapter.target_modules`` selects. Roles and blocks must exist in every layer;
+    module names must match in every layer they match in any (or only outside the layers, as
+    ``lm_head``): a setting never selects silently less than it says."""
+    chosen: dict[str, dict] = {}
+    for entry in targets:
+        for li, roles in _entry_hits(structure, model, entry, targets):
+            site = chosen.setdefault(li.name, {"li": li, "roles": set(), "whole": False, "entries": []})
+            site["entries"].append(entry)
+            if roles is None:
+                site["whole"] = True
+            else:
+                site["roles"] |= set(roles)
+    sites = []
+    for name, s in chosen.items():
+        li = s["li"]
+        targeted = None if s["whole"] else tuple(r for r in li.roles if r in s["roles"])
+        sites.append(Site(name, li.layer, li.block, li.roles, targeted, li.fused, tuple(s["entries"])))
+    order = {n: i for i, (n, _m) in enumerate(model.named_modules())}
+    return sorted(sites, key=lambda s: order[s.name])
+
+
+def _entry_hits(structure: Structure, model: nn.Module, entry: str,
+                targets: list[str]) -> list[tuple[LinearInfo, tuple[str, ...] | None]]:
+    where = f"adapter.target_modules={targets}"
+    if entry in ROLES:
+        hits = [li for li in structure.linears if entry in li.roles]
+        _require_every_layer(structure, hits, entry, where, "role")
+        return [(li, (entry,)) for li in hits]
+    if entry in BLOCKS or entry == "all":
+        blocks = BLOCKS if entry == "all" else (entry,)
+        hits = [li for li in structure.linears if li.block in blocks]
+        _require_every_layer(structure, hits, entry, where, "block")
+        return [(li, None) for li in hits]
+    known = {li.name: li for li in structure.linears}
+    hits = []
+    for name, mod in model.named_modules():
+        if is_adaptable(mod) and name_matches(name, [entry]):
+            layer = structure.layer_of(name)
+            hits.append(known.get(name) or LinearInfo(name, name, layer if layer is not None else -1, None))
+    if not hits:
+        raise ConfigError(f"{where} matched no linear module for {entry!r} in {structure.family} (layer 0 has: "
+                          f"{structure.describe_layer(0)})")
+    in_layers = [li for li in hits if li.layer >= 0]
+    if in_layers:
+        check_every_layer(structure, in_layers, "adapter.target_modules", entry)
+    return [(li if li.layer >= 0 else LinearInfo(li.name, li.local, None, None), None)  # type: ignore[arg-type]
+            for li in hits]
+
+
+def _require_every_layer(structure: Structure, hits: list[LinearInfo], entry: str, where: str, kind: str) -> None:
+    layers = {li.layer for li in hits}
+    missing = sorted(set(range(structure.num_layers)) - layers)
+    if missing:
+        how = structure.found.get(entry, "detected")
+        layer = missing[0]
+        raise ConfigError(f"{where}: {structure.family} has no {kind} {entry!r} in layer {layer} ({how}; its linears: "
+                          f"{structure.describe_layer(layer)}); target module names instead, or set "
+                          f"model.modules.{entry if entry != 'all' else 'ffn'}")
+
+
+# ---------------------------------------------------------------------------------- targets table
+def targets_summary(structure: Structure, sites: list[Site], slices: bool) -> dict[str, Any]:
+    """role/entry -> module names (inside a layer) and count per layer; stored in results.json."""
+    rows: dict[str, dict[str, Any]] = {}
+    for s in sites:
+        local = next((li.local for li in structure.linears if li.name == s.name), s.name)
+        fused_roles = "|".join(r for r in s.roles if r != "ffn_in")
+        if s.partial and slices:
+            what = f"{'+'.join(s.targeted or ())} columns of fused {fused_roles}"
+        elif slices:
+            what = "input" if s.input_site else "output"
+        else:
+            what = f"whole fused {fused_roles}" if len(fused_roles.split("|")) > 1 else "linear"
+        for entry in s.entries:
+            row = rows.setdefault(entry, {"modules": {}, "layers": set()})
+            m = row["modules"].setdefault(local, {"site": what, "layers": 0})
+            m["layers"] += 1
+            row["layers"].add(s.layer)
+    out = {}
+    for entry, row in rows.items():
+        layers = sorted(x for x in row["layers"] if x is not None)
+        per_layer = sum(1 for s in sites if entry in s.entries and s.layer == layers[0]) if layers else 0
+        out[entry] = {"modules": sorted(row["modules"]), "per_layer": per_layer, "layers": len(layers),
+                      "sites": {k: v["site"] for k, v in row["modules"].items()},
+                      "found": structure.found.get(entry, "by name")}
+    return {"family": structure.family, "num_layers": structure.num_layers,
+            "stacks": [list(s) for s in structure.stacks], "entries": out}
+
+
+def format_targets(summary: dict[str, Any]) -> str:
+    """The targets table printed by ``moe-lora params`` and at the start of every run."""
+    lines = [f"targets on {summary['family']} ({summary['num_layers']} layers in "
+             f"{', '.join(p for p, _ in summary['stacks'])}):",
+             f"  {'target':<12} {'found':<14} {'per layer':>9} {'layers':>6}  modules (site)"]
+    for entry, row in summary["entries"].items():
+        mods = ", ".join(f"{m} ({row['sites'][m]})" for m in row["modules"])
+        lines.append(f"  {entry:<12} {row['found']:<14} {row['per_layer']:>9} {row['layers']:>6}  {mods}")
+    return "\n".join(lines)
