@@ -4,6 +4,9 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 ARGS    ?=
+# pytest-xdist workers: 2 measured 1.4x faster than serial on 2 cores (whole suite 517-521 s against
+# 739 s); WORKERS=0 runs serially in one process.
+WORKERS ?= 2
 # CPU-only machines: the torch build to install first. Here `torch==2.13.0` is a local CPU wheel;
 # elsewhere use e.g. `make run TORCH_INDEX=https://download.pytorch.org/whl/cpu TORCH_SPEC=torch`.
 TORCH_SPEC  ?= torch==2.13.0
@@ -19,11 +22,11 @@ help:  ## this list
 run: $(STAMP)  ## set up, then the default experiment (ARGS="adapter=lora ..." passes overrides)
 	$(BIN)/moe-lora train $(ARGS)
 
-test: lint  ## set up, lint, then the whole suite (what CI runs)
-	$(BIN)/python -m pytest -q $(ARGS)
+test: lint  ## set up, lint, then the whole suite in $(WORKERS) xdist workers (what CI runs)
+	$(BIN)/python -m pytest -q -n $(WORKERS) $(ARGS)
 
 test-fast: $(STAMP)  ## the suite without tests marked slow, in 2 xdist workers (data parallel, SIGKILL resume, ...)
-	$(BIN)/python -m pytest -q -n 2 -m "not slow" $(ARGS)
+	$(BIN)/python -m pytest -q -n $(WORKERS) -m "not slow" $(ARGS)
 
 setup: $(STAMP)  ## the virtual environment (.venv), CPU torch where there is no GPU driver
 
