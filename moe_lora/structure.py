@@ -31,7 +31,7 @@ that role's columns only; LoRA-type variants act on the whole output (as peft do
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from torch import nn
@@ -145,7 +145,7 @@ class LinearInfo:
 
     name: str  # path in the model
     local: str  # path inside its layer, e.g. self_attn.q_proj
-    layer: int  # index over all stacks
+    layer: int | None  # index over all stacks (None: outside the decoder layers)
     block: str | None  # attention | ffn | None (neither: e.g. a Mamba mixer)
     roles: tuple[str, ...] = ()
     fused: Fused | None = None  # the column layout, for a linear with several q/k/v or gate/up roles
@@ -405,12 +405,11 @@ def _override(structure: Structure, modules: dict[str, list[str]]) -> Structure:
         for i, li in enumerate(linears):
             hit = name_matches(li.name, list(patterns))
             if key in BLOCKS:
-                block = key if hit else (None if li.block == key else li.block)
-                linears[i] = LinearInfo(li.name, li.local, li.layer, block, li.roles, li.fused, li.d_in, li.d_out)
+                linears[i] = replace(li, block=key if hit else (None if li.block == key else li.block))
             else:
                 roles = tuple(r for r in li.roles if r != key) + ((key,) if hit else ())
                 fused = li.fused if li.fused is not None and set(roles) <= set(li.fused.roles) | {"ffn_in"} else None
-                linears[i] = LinearInfo(li.name, li.local, li.layer, li.block, roles, fused, li.d_in, li.d_out)
+                linears[i] = replace(li, roles=roles, fused=fused)
     found = {**structure.found, **{k: "model.modules" for k in modules}}
     return Structure(structure.family, structure.stacks, tuple(linears), structure.head_dim, found)
 

@@ -88,18 +88,16 @@ def _entry_hits(structure: Structure, model: nn.Module, entry: str,
         return [(li, None) for li in hits]
     known = {li.name: li for li in structure.linears}
     hits = []
-    for name, mod in model.named_modules():
+    for name, mod in model.named_modules():  # a linear outside the layers (lm_head) has no layer
         if is_adaptable(mod) and name_matches(name, [entry]):
-            layer = structure.layer_of(name)
-            hits.append(known.get(name) or LinearInfo(name, name, layer if layer is not None else -1, None))
+            hits.append(known.get(name) or LinearInfo(name, name, None, None))
     if not hits:
         raise ConfigError(f"{where} matched no linear module for {entry!r} in {structure.family} (layer 0 has: "
                           f"{structure.describe_layer(0)})")
-    in_layers = [li for li in hits if li.layer >= 0]
+    in_layers = [li for li in hits if li.layer is not None]
     if in_layers:
         check_every_layer(structure, in_layers, "adapter.target_modules", entry)
-    return [(li if li.layer >= 0 else LinearInfo(li.name, li.local, None, None), None)  # type: ignore[arg-type]
-            for li in hits]
+    return [(li, None) for li in hits]
 
 
 def _require_every_layer(structure: Structure, hits: list[LinearInfo], entry: str, where: str, kind: str) -> None:
