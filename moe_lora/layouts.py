@@ -23,7 +23,6 @@ class LayerPlan:
     num_experts: int
     rank: int
     top_k: int | None
-    group: str | None = None  # the model.modules group of the linear (attention, ffn, ...)
     head_dim: int = 0  # the model's head size (config.json's head_dim, else hidden // heads), for MoV
     dtype: torch.dtype = torch.float32  # adapter weights, routers and buffers (adapter.dtype)
     site: Site | None = None  # the linear's roles and fused layout (moe_lora.structure)

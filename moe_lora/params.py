@@ -7,17 +7,18 @@ from __future__ import annotations
 
 def print_params(cfg) -> None:
     from moe_lora.adapters import ADAPTERS
-    from moe_lora.adapters.inject import count_parameters, inject_adapter, targets_table
+    from moe_lora.adapters.inject import count_parameters, inject_adapter, plan_targets
     from moe_lora.routing.router import Router
-    from moe_lora.structure import read_structure
-    from moe_lora.targets import format_targets
+    from moe_lora.targets import format_targets, targets_summary
     from moe_lora.validate import base_meta_model
 
     model = base_meta_model(cfg)
     base_total = sum(p.numel() for p in model.parameters())
-    structure = read_structure(model, cfg.model.modules)
-    if ADAPTERS.get(cfg.adapter.name).wrap is not None:
-        print(format_targets(targets_table(model, cfg.adapter, cfg.model)) + "\n")
+    spec, layers = ADAPTERS.get(cfg.adapter.name), {}
+    if spec.wrap is not None:
+        structure, sites = plan_targets(model, cfg.adapter, cfg.model)
+        print(format_targets(targets_summary(structure, sites, spec.slices_fused)) + "\n")
+        layers = {site.name: site.layer for site in sites}
     names = inject_adapter(model, cfg.adapter, cfg.model, cfg.layout)
     counts = count_parameters(model)
     if names:
@@ -28,8 +29,7 @@ def print_params(cfg) -> None:
         experts = routers[0].num_experts if routers else getattr(mod, "num_experts", 1)
         k = routers[0].top_k if routers else None
         n = sum(p.numel() for p in mod.parameters() if p.requires_grad)
-        layer = structure.layer_of(name)
-        print(f"{name:<44} {layer!s:>5} {experts:>7} {getattr(mod, 'rank', '-')!s:>5} {k!s:>5} {n:>12,}")
+        print(f"{name:<44} {layers.get(name)!s:>5} {experts:>7} {getattr(mod, 'rank', '-')!s:>5} {k!s:>5} {n:>12,}")
     t, r = counts["trainable"], counts["routers"]
     print(f"\nmodel {cfg.model.name}: {base_total:,} base parameters; adapter {cfg.adapter.name}, layout {cfg.layout.name}")
     print(f"trainable: {t:,} ({100 * t / base_total:.4f}% of base) | without routers: {t - r:,} "

@@ -152,10 +152,6 @@ class LinearInfo:
     d_in: int = 0
     d_out: int = 0
 
-    @property
-    def is_fused(self) -> bool:
-        return len([r for r in self.roles if r != "ffn_in"]) > 1
-
 
 @dataclass(frozen=True)
 class Structure:
@@ -168,17 +164,6 @@ class Structure:
     @property
     def num_layers(self) -> int:
         return sum(n for _, n in self.stacks)
-
-    def layer_of(self, name: str) -> int | None:
-        offset = 0
-        for path, n in self.stacks:
-            prefix = f"{path}." if path else ""
-            if name.startswith(prefix):
-                idx = name[len(prefix):].split(".", 1)[0]
-                if idx.isdigit() and int(idx) < n:
-                    return offset + int(idx)
-            offset += n
-        return None
 
     def in_layer(self, layer: int) -> list[LinearInfo]:
         return [li for li in self.linears if li.layer == layer]

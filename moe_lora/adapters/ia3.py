@@ -56,9 +56,9 @@ class IA3Linear(nn.Module):
 @register_adapter("ia3", IA3Config, slices_fused=True, prefixes=("ia3_l",))
 def wrap_ia3(base: nn.Module, cfg: IA3Config, plan: LayerPlan) -> nn.Module:
     site = plan.site
-    if site is not None and site.partial:
+    if site.partial:
         columns = {r: site.fused.columns(r) for r in site.targeted}
         parts = {r: IA3Scale(len(c), plan.dtype, base.weight.device) for r, c in columns.items()}
         return SlicedOutput(base, parts, columns)
-    scale_input = site.input_site if site is not None else plan.group == "ffn"
+    scale_input = site.input_site  # peft's feedforward_modules: the input of ffn_out
     return IA3Linear(base, scale_input=scale_input, dtype=plan.dtype)

@@ -92,7 +92,7 @@ def inject_adapter(
                  [p.num_experts for p in plans], adapter.num_experts)
     dtype = getattr(torch, adapter.dtype)
     for site in sites:
-        plan = replace(layer_plan(site.name, site.layer, plans, layout), group=site.block, head_dim=structure.head_dim,
+        plan = replace(layer_plan(site.name, site.layer, plans, layout), head_dim=structure.head_dim,
                        dtype=dtype, site=site)
         parent_name, _, child = site.name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

@@ -24,16 +24,14 @@ from torch import nn
 
 from moe_lora.errors import ConfigError
 from moe_lora.routing.router import Router
+from moe_lora.structure import dims, is_adaptable
 
 
 def linear_dims(base: nn.Module) -> tuple[int, int]:
     """(d_in, d_out) of an ``nn.Linear`` or a GPT-2 ``Conv1D`` (weight stored transposed)."""
-    if isinstance(base, nn.Linear):
-        return base.in_features, base.out_features
-    if type(base).__name__ == "Conv1D":
-        d_in, d_out = base.weight.shape
-        return d_in, d_out
-    raise TypeError(f"cannot adapt a {type(base).__name__}; only nn.Linear and Conv1D")
+    if not is_adaptable(base):
+        raise TypeError(f"cannot adapt a {type(base).__name__}; only nn.Linear and Conv1D")
+    return dims(base)
 
 
 def kaiming_uniform_(t: torch.Tensor, fan_in: int) -> None:

@@ -83,12 +83,12 @@ def _router(cfg: MoVConfig, plan: LayerPlan, dim: int, device: torch.device) -> 
 def wrap_mov(base: nn.Module, cfg: MoVConfig, plan: LayerPlan) -> nn.Module:
     device = base.weight.device
     site = plan.site
-    if site is not None and site.partial:  # k and v of a fused q|k|v: one router and expert set per role
+    if site.partial:  # k and v of a fused q|k|v: one router and expert set per role
         columns = {r: site.fused.columns(r) for r in site.targeted}
         parts = {r: MoVScale(len(c), plan.head_dim, _router(cfg, plan, plan.head_dim, device), plan.dtype, device)
                  for r, c in columns.items()}
         return SlicedOutput(base, parts, columns)
     d_in, _d_out = linear_dims(base)
-    scale_input = site.input_site if site is not None else plan.group == "ffn"
+    scale_input = site.input_site  # peft's feedforward_modules: the input of ffn_out
     router = _router(cfg, plan, d_in if scale_input else plan.head_dim, device)
     return MoVLinear(base, router, scale_input, plan.head_dim, dtype=plan.dtype)
