@@ -12,19 +12,32 @@ from moe_lora import outputs
 from moe_lora.report.collect import Run
 from moe_lora.report.routing_stats import final_knowledge_share, final_stat, task_types
 
-COLUMNS = [  # (header, key in results["metrics"])
+# (header, key in results["metrics"]) for result files written before they declared their columns
+DEFAULT_COLUMNS = [
     ("CBQA EM", "cbqa_em"),
-    ("CBQA cand. acc", "cbqa_candidate_acc"),
+    ("CBQA candidate acc", "cbqa_candidate_acc"),
     ("knowledge retained", "knowledge_retained"),
     ("instruction EM", "instruction_em"),
 ]
-HEADERS = [h for h, _ in COLUMNS] + ["wall s"]
 ROUTING_NOTE = (
     "Final logging window, mean over adapted modules, then mean ± std over seeds. `CV@t`: CV of expert "
     "importance over task type t's tokens only (LoRAMoE's LBC constrains it per type). `knowledge-group "
     "share@t`: share of t's router probability mass on the world-knowledge expert group (LoRAMoE's first "
     "half, or `lbc_expert_types` 0); the instruction group gets the rest, and 0.5 means no split by task "
     "type; shown for LoRAMoE arms only. \"-\": the arm has no such statistic.")
+
+
+def metric_columns(runs: list[Run]) -> list[tuple[str, str]]:
+    """The main table's metric columns: those the runs' results.json declare for the report
+    (``metric_columns``, written from the metric kinds' declarations), in first-seen order."""
+    seen: dict[str, str] = {}
+    for run in runs:
+        declared = (run.results or {}).get("metric_columns")
+        for c in declared if declared is not None else [{"key": k, "header": h, "report": True}
+                                                         for h, k in DEFAULT_COLUMNS]:
+            if c["report"]:
+                seen.setdefault(c["key"], c["header"])
+    return [(h, k) for k, h in seen.items()] or DEFAULT_COLUMNS
 
 
 def routing_headers(tasks: list[str]) -> list[str]:
@@ -82,8 +95,9 @@ def row_labels(runs: list[Run]) -> dict[Path, str]:
 
 def aggregate(runs: list[Run]) -> list[dict]:
     """One row per label (and varying setting), in first-seen order, mean and std over seeds; every
-    row has the same keys (``HEADERS`` and ``routing_headers``), None where an arm lacks one."""
-    names, tasks = row_labels(runs), task_types(runs)
+    row has the same keys (its ``columns``: the metric columns and wall time, then its ``routing
+    columns``), None where an arm lacks one."""
+    names, tasks, columns = row_labels(runs), task_types(runs), metric_columns(runs)
     groups: dict[str, list[dict]] = defaultdict(list)
     for run in runs:
         if run.results is not None:
@@ -92,8 +106,8 @@ def aggregate(runs: list[Run]) -> list[dict]:
     for label, results in groups.items():
         row = {"label": label, "seeds": sorted({r["seed"] for r in results}), "n": len(results),
                "trainable": results[0]["params"]["trainable"], "without routers": without_routers(results[0]),
-               "routing columns": routing_headers(tasks)}
-        values = {h: [r["metrics"].get(k) for r in results] for h, k in COLUMNS}
+               "columns": [h for h, _ in columns] + ["wall s"], "routing columns": routing_headers(tasks)}
+        values = {h: [r["metrics"].get(k) for r in results] for h, k in columns}
         values["wall s"] = [r["wall_s"] for r in results]
         per_run = [_routing_values(r, tasks) for r in results]
         values |= {h: [v[h] for v in per_run] for h in row["routing columns"]}
@@ -112,12 +126,18 @@ def _count(n: int | None) -> str:
     return "-" if n is None else f"{n:,}"
 
 
+def _headers(rows: list[dict]) -> list[str]:
+    """The metric columns of the rows (they all have the same), and wall time."""
+    return rows[0]["columns"] if rows else [h for h, _ in DEFAULT_COLUMNS] + ["wall s"]
+
+
 def markdown(rows: list[dict]) -> str:
-    head = ["variant", "seeds", "trainable params", "w/o routers", *HEADERS]
+    headers = _headers(rows)
+    head = ["variant", "seeds", "trainable params", "w/o routers", *headers]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["label"], str(r["n"]), f"{r['trainable']:,}", _count(r["without routers"]),
-                 *(_pm(r[h], 1 if h == "wall s" else 3) for h in HEADERS)]
+                 *(_pm(r[h], 1 if h == "wall s" else 3) for h in headers)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -135,7 +155,7 @@ def routing_markdown(rows: list[dict]) -> str:
 
 
 def to_csv(rows: list[dict]) -> str:
-    headers = HEADERS + (rows[0]["routing columns"] if rows else [])
+    headers = _headers(rows) + (rows[0]["routing columns"] if rows else [])
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["variant", "seeds", "trainable_params", "trainable_params_without_routers",
@@ -147,11 +167,12 @@ def to_csv(rows: list[dict]) -> str:
 
 
 def latex(rows: list[dict]) -> str:
-    head = ["variant", "params", *HEADERS[:4]]
+    metrics = [h for h in _headers(rows) if h != "wall s"]
+    head = ["variant", "params", *metrics]
     lines = [r"\begin{tabular}{l" + "r" * (len(head) - 1) + "}", r"\toprule", " & ".join(head) + r" \\", r"\midrule"]
     for r in rows:
         cells = [r["label"].replace("_", r"\_"), f"{r['trainable']:,}".replace(",", "{,}"),
-                 *(("-" if r[h] is None else f"{r[h][0]:.3f} $\\pm$ {r[h][1]:.3f}") for h in HEADERS[:4])]
+                 *(("-" if r[h] is None else f"{r[h][0]:.3f} $\\pm$ {r[h][1]:.3f}") for h in metrics)]
         lines.append(" & ".join(cells) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]
     return "\n".join(lines) + "\n"

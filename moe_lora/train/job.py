@@ -38,7 +38,8 @@ def train_job(dcfg) -> float | None:
 
     from moe_lora.errors import ConfigError
     from moe_lora.train import checkpoint, distributed
-    from moe_lora.train.runner import resolved_config, summary_table
+    from moe_lora.train.results import summary_table
+    from moe_lora.train.runner import resolved_config
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)

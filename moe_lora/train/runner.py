@@ -7,7 +7,6 @@ Data parallel, every rank runs it with the same config and directory; only rank 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import time
@@ -29,16 +28,17 @@ from moe_lora.data.collate import collate
 from moe_lora.data.example import Mixture
 from moe_lora.data.world import World
 from moe_lora.errors import ConfigError
-from moe_lora.eval.evaluate import evaluate, knowledge_retained
+from moe_lora.eval.evaluate import evaluate
 from moe_lora.models import hub_model, world_model
 from moe_lora.routing.recorder import RoutingRecorder
-from moe_lora.tracking import Tracker, read_jsonl, write_json_atomic, write_jsonl_atomic
+from moe_lora.tracking import Tracker, read_jsonl, write_json_atomic
 from moe_lora.train import checkpoint as ckpt
 from moe_lora.train.checkpoint import adapter_state
 from moe_lora.train.distributed import Dist, current, rank_device, wrap_model
 from moe_lora.train.loop import TrainState, init_state, train
 from moe_lora.train.precision import Precision, make_precision
 from moe_lora.train.preempt import preemption
+from moe_lora.train.results import build_results, write_predictions
 
 ADAPTER_FILE, INIT_ADAPTER_FILE, PREDICTIONS_FILE = outputs.ADAPTER, outputs.INIT_ADAPTER, outputs.PREDICTIONS
 log = logging.getLogger(__name__)
@@ -331,66 +331,3 @@ def training_batches(mixture: Mixture, tok, cfg: TrainConfig):
 
     return encode_examples(mixture.train, tok, cfg.data.max_length, chat_template=cfg.data.chat_template,
                            num_proc=cfg.data.num_proc, cache_dir=str(Path(cfg.cache_dir) / "tokenized"))
-
-
-def write_predictions(path: Path, base: list[dict], tuned: list[dict]) -> None:
-    """Every evaluated example of the base and the tuned model (lm-eval's ``--log_samples``)."""
-    rows = [{"model": "base", **r} for r in base] + [{"model": "tuned", **r} for r in tuned]
-    write_jsonl_atomic(path, rows)
-
-
-def build_results(cfg, resolved, base, tuned, params, adapted, routing, wall) -> dict[str, Any]:
-    retained = knowledge_retained(base, tuned)
-    metrics = {
-        "cbqa_em_base": base["cbqa_em"], "cbqa_em": tuned["cbqa_em"],
-        "cbqa_em_by_set_base": base["cbqa_em_by_set"], "cbqa_em_by_set": tuned["cbqa_em_by_set"],
-        "cbqa_candidate_acc_base": base["cbqa_candidate_acc"], "cbqa_candidate_acc": tuned["cbqa_candidate_acc"],
-        "instruction_em_base": base["instruction_em"], "instruction_em": tuned["instruction_em"],
-        "instruction_em_by_task": tuned["instruction_em_by_task"],
-        "knowledge_retained": retained["overall"], "knowledge_retained_by_set": retained["by_set"],
-        "response_loss_base": base["response_loss"], "response_loss": tuned["response_loss"],
-        "response_loss_by_source_base": base["response_loss_by_source"],
-        "response_loss_by_source": tuned["response_loss_by_source"],
-        "n_cbqa": tuned["n_cbqa"], "n_instruction": tuned["n_instruction"],
-    }
-    if "harness" in tuned:
-        metrics["harness"] = tuned["harness"]
-    final = {m: {**rows["all"], "by_task_type": {t: r for t, r in rows.items() if t != "all"}}
-             for m, rows in routing.items() if "all" in rows}
-    return {
-        "adapter": cfg.adapter.name, "model": cfg.model.name, "data": cfg.data.name, "layout": cfg.layout.name,
-        "recipe": cfg.recipe.name, "seed": cfg.seed, "model_path": cfg.model.name_or_path,
-        "params": {**params, "adapted_modules": len(adapted),
-                   "trainable_share": params["trainable"] / max(1, params["total"] - params["trainable"])},
-        "metrics": metrics, "routing": final, "wall_s": wall, "config": resolved,
-        "adapter_config": dataclasses.asdict(cfg.adapter),
-    }
-
-
-def summary_table(results: dict) -> str:
-    m, p = results["metrics"], results["params"]
-
-    def f(x: float | None) -> str:
-        return "-" if x is None else f"{x:.3f}"
-
-    cvs = [r["cv"] for r in results["routing"].values()]
-    sets = m.get("cbqa_em_by_set") or {}
-    perf = results.get("perf") or {}
-    rows = [
-        ("adapter", results["adapter"]), ("model", results["model"]), ("seed", str(results["seed"])),
-        ("trainable params", f"{p['trainable']:,} / {p['total']:,}"),
-        ("CBQA EM (base -> tuned)", f"{f(m['cbqa_em_base'])} -> {f(m['cbqa_em'])}"),
-        *((f"  {s}", f"{f(m['cbqa_em_by_set_base'].get(s))} -> {f(v)}") for s, v in sets.items() if len(sets) > 1),
-        ("CBQA candidate acc", f"{f(m['cbqa_candidate_acc_base'])} -> {f(m['cbqa_candidate_acc'])}"),
-        ("knowledge retained", f(m["knowledge_retained"])),
-        ("instruction EM (base -> tuned)", f"{f(m['instruction_em_base'])} -> {f(m['instruction_em'])}"),
-        *((f"  {t}", f(v)) for t, v in m["instruction_em_by_task"].items()),
-        ("response loss (base -> tuned)", f"{f(m['response_loss_base'])} -> {f(m['response_loss'])}"),
-        ("routing CV (mean over layers)", f(sum(cvs) / len(cvs)) if cvs else "-"),
-        ("tokens/s, peak memory", f"{perf['tokens_per_s']:,.0f}, {perf['peak_mem_bytes'] / 2**20:,.0f} MiB"
-         if perf.get("tokens_per_s") else "-"),
-        ("wall time", f"{results['wall_s']:.1f} s"),
-    ]
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
-

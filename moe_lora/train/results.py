@@ -1,0 +1,73 @@
+"""What a finished run writes about itself: ``results.json``, ``predictions.jsonl`` and the summary
+printed at the end. Metric keys come from the metric kinds' column declarations (``eval/kinds/``),
+which results.json also carries (``metric_columns``) for the report."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from moe_lora.eval.kinds import COLUMNS, compare
+from moe_lora.eval.kinds.base import declarations
+from moe_lora.tracking import write_jsonl_atomic
+
+
+def write_predictions(path: Path, base: list[dict], tuned: list[dict]) -> None:
+    """Every evaluated example of the base and the tuned model (lm-eval's ``--log_samples``)."""
+    rows = [{"model": "base", **r} for r in base] + [{"model": "tuned", **r} for r in tuned]
+    write_jsonl_atomic(path, rows)
+
+
+def build_results(cfg, resolved, base, tuned, params, adapted, routing, wall) -> dict[str, Any]:
+    """results.json: the run's identity, parameter counts, base-vs-tuned metrics, the final routing
+    window of every module, wall time, and the resolved config."""
+    metrics = compare(base, tuned)
+    if "harness" in tuned:
+        metrics["harness"] = tuned["harness"]
+    final = {m: {**rows["all"], "by_task_type": {t: r for t, r in rows.items() if t != "all"}}
+             for m, rows in routing.items() if "all" in rows}
+    return {
+        "adapter": cfg.adapter.name, "model": cfg.model.name, "data": cfg.data.name, "layout": cfg.layout.name,
+        "recipe": cfg.recipe.name, "seed": cfg.seed, "model_path": cfg.model.name_or_path,
+        "params": {**params, "adapted_modules": len(adapted),
+                   "trainable_share": params["trainable"] / max(1, params["total"] - params["trainable"])},
+        "metrics": metrics, "metric_columns": declarations(), "routing": final, "wall_s": wall, "config": resolved,
+        "adapter_config": dataclasses.asdict(cfg.adapter),
+    }
+
+
+def _f(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def metric_rows(m: dict[str, Any]) -> list[tuple[str, str]]:
+    """One row per declared column (base -> tuned; a ratio alone), and its breakdown where it has
+    more than one entry."""
+    rows = []
+    for c in COLUMNS.values():
+        if c.ratio_of is not None:
+            rows.append((c.header, _f(m.get(c.key))))
+            continue
+        rows.append((f"{c.header} (base -> tuned)", f"{_f(m.get(c.key + '_base'))} -> {_f(m.get(c.key))}"))
+        by, by_base = (m.get(c.by) or {}, m.get(f"{c.by}_base") or {}) if c.by else ({}, {})
+        if len(by) > 1 or c.by_subtask:
+            rows += [(f"  {k}", f"{_f(by_base.get(k))} -> {_f(v)}" if k in by_base else _f(v)) for k, v in by.items()]
+    return rows
+
+
+def summary_table(results: dict) -> str:
+    m, p = results["metrics"], results["params"]
+    cvs = [r["cv"] for r in results["routing"].values()]
+    perf = results.get("perf") or {}
+    rows = [
+        ("adapter", results["adapter"]), ("model", results["model"]), ("seed", str(results["seed"])),
+        ("trainable params", f"{p['trainable']:,} / {p['total']:,}"),
+        *metric_rows(m),
+        ("routing CV (mean over layers)", _f(sum(cvs) / len(cvs)) if cvs else "-"),
+        ("tokens/s, peak memory", f"{perf['tokens_per_s']:,.0f}, {perf['peak_mem_bytes'] / 2**20:,.0f} MiB"
+         if perf.get("tokens_per_s") else "-"),
+        ("wall time", f"{results['wall_s']:.1f} s"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
