@@ -11,7 +11,6 @@ import fcntl
 import hashlib
 import json
 import os
-import shutil
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 
 from moe_lora.config import ModelConfig, WorldConfig
 from moe_lora.errors import ConfigError
+from moe_lora.outputs import atomic_dir
 
 if TYPE_CHECKING:  # transformers' modelling imports cost seconds: loaded when a model is built
     from transformers import LlamaConfig, PreTrainedModel
@@ -73,12 +73,9 @@ def world_model(cfg: ModelConfig, world: World, cache_dir: str | Path, progress:
             model = LlamaForCausalLM(world_model_config(cfg, len(world.vocab)))
             start = time.time()
             losses = pretrain(model, tok, world.pretraining_corpus(), cfg.pretrain, world.cfg.seed, progress)
-            tmp = root / f".{entry.name}.tmp{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            model.save_pretrained(tmp)
-            (tmp / "pretrain.json").write_text(json.dumps({"seconds": time.time() - start, "loss": losses}))
-            shutil.rmtree(entry, ignore_errors=True)
-            os.replace(tmp, entry)
+            with atomic_dir(entry) as tmp:
+                model.save_pretrained(tmp)
+                (tmp / "pretrain.json").write_text(json.dumps({"seconds": time.time() - start, "loss": losses}))
     model = LlamaForCausalLM.from_pretrained(entry, dtype=getattr(torch, cfg.dtype),
                                              attn_implementation=attn_implementation(cfg))
     model.eval()

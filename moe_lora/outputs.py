@@ -6,6 +6,12 @@ Nothing here imports training code, so the report can use it and still read resu
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 CONFIG = "config.yaml"  # the resolved config
@@ -41,3 +47,40 @@ def flatten(d: dict, prefix: str = "", keep_empty: bool = False) -> dict[str, An
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path, tmp: Path | None = None, keep_existing: bool = False) -> Iterator[Path]:
+    """A folder written in full or not at all (checkpoints, caches, the report, prepared datasets).
+
+    Yields an empty temporary folder beside ``final`` (``tmp``: a fixed name, where several ranks
+    must find it); when the block ends without error it takes ``final``'s place: an existing
+    ``final`` is swapped out and removed, or with ``keep_existing`` kept (a concurrent writer of the
+    same content came first). On an error the temporary folder goes and ``final`` is untouched."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if tmp is None:
+        tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        _swap_in(tmp, final, keep_existing)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _swap_in(tmp: Path, final: Path, keep_existing: bool) -> None:
+    if not final.exists():
+        try:
+            os.replace(tmp, final)
+            return
+        except OSError:  # another writer's folder appeared meanwhile
+            if not (keep_existing and final.exists()):
+                raise
+    if keep_existing:
+        return
+    old = final.with_name(f".{final.name}.old{os.getpid()}")
+    os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)

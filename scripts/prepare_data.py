@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from moe_lora.outputs import atomic_dir
 
 CONF_SOURCES = Path(__file__).resolve().parent.parent / "conf" / "source"
 
@@ -53,17 +53,10 @@ def hub_loader(path: str, config: str | None) -> Any:
 
 
 def save_atomic(name: str, dataset: Any, root: Path) -> Path:
-    """``save_to_disk`` into ``<root>/.<name>-*`` then rename to ``<root>/<name>``."""
-    final = root / name
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
-    try:
-        dataset.save_to_disk(str(tmp / "data"))
-        if final.exists():
-            shutil.rmtree(final)
-        (tmp / "data").rename(final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    """``save_to_disk`` into a temporary ``<root>/.<name>.*`` then swapped in as ``<root>/<name>``."""
+    with atomic_dir(root / name) as tmp:
+        dataset.save_to_disk(str(tmp))
+    return root / name
 
 
 def prepare(sources: dict[str, Any], root: Path, overwrite: bool = False, dry_run: bool = False,

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +13,7 @@ from transformers import PreTrainedTokenizerBase
 
 from moe_lora.config import TASK_TYPES
 from moe_lora.data.example import Example
+from moe_lora.outputs import atomic_dir
 
 IGNORE = -100  # the label of positions without loss (prompt, padding), as transformers
 
@@ -216,13 +215,9 @@ def encode_examples(examples: Sequence[Example], tok: PreTrainedTokenizerBase, m
         {"prompt": [], "answer": [], "task_type": []})
     ds = source.map(fn, num_proc=num_proc if num_proc and num_proc > 1 and len(rows) > 1 else None,
                     desc="tokenising", remove_columns=["prompt", "answer"])
-    if path is not None:  # one folder whatever num_proc was, written aside and renamed into place
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        ds.save_to_disk(str(tmp))
-        try:
-            os.replace(tmp, path)
-        except OSError:  # another job of the sweep wrote it first: same content
-            shutil.rmtree(tmp, ignore_errors=True)
+    if path is not None:  # one folder whatever num_proc was; another job of a sweep may write it first
+        with atomic_dir(path, keep_existing=True) as tmp:
+            ds.save_to_disk(str(tmp))
     return _to_set(ds, pad_id(tok))
 
 

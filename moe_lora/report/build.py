@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
+from moe_lora import outputs
 from moe_lora.report import asymmetry, claims, plots, ranks
 from moe_lora.report.collect import Run, collect
 from moe_lora.report.tables import aggregate, latex, markdown, routing_markdown, row_labels, to_csv
@@ -101,19 +99,8 @@ def build_report(paths: list[Path], out: Path | None = None, bootstrap: int = 0)
     if not runs:
         raise FileNotFoundError(f"no moe-lora runs (results.json) below {', '.join(map(str, paths))}")
     out = out or (paths[0] if paths[0].is_dir() else paths[0].parent) / "report"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+    with outputs.atomic_dir(out) as tmp:
         write_report(runs, tmp, bootstrap)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -14,6 +14,7 @@ it was; stale temporary folders are removed; the ``keep`` newest are kept.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import random
@@ -30,6 +31,7 @@ from torch import nn
 
 from moe_lora import outputs
 from moe_lora.errors import ConfigError, OutputError, first_line
+from moe_lora.outputs import atomic_dir
 from moe_lora.train.distributed import Dist, full_tensor
 
 CHECKPOINTS = outputs.CHECKPOINTS
@@ -140,21 +142,20 @@ def save(run_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Opti
     try:
         if dist.is_main:
             remove_stale(run_dir)
-            tmp.mkdir(parents=True)
-        dist.barrier()
-        torch.save(_rng_state(), tmp / f"rng-rank{dist.rank}.pt")
+        # rank 0 owns the folder (a re-save of a step replaces it: the end of a resumed, finished run)
+        with atomic_dir(final, tmp) if dist.is_main else contextlib.nullcontext(tmp):
+            dist.barrier()
+            torch.save(_rng_state(), tmp / f"rng-rank{dist.rank}.pt")
+            if dist.is_main:
+                save_file(adapter, str(tmp / "adapter.safetensors"))
+                torch.save(optim, tmp / "optimizer.pt")
+                torch.save(trainer, tmp / "trainer.pt")
+            dist.barrier()
+            if dist.is_main:  # last: the sizes of every file, checked before a resume starts
+                files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
+                (tmp / "checkpoint.json").write_text(json.dumps({"step": step, "config_hash": digest,
+                                                                 "ranks": dist.world_size, "files": files}) + "\n")
         if dist.is_main:
-            save_file(adapter, str(tmp / "adapter.safetensors"))
-            torch.save(optim, tmp / "optimizer.pt")
-            torch.save(trainer, tmp / "trainer.pt")
-        dist.barrier()
-        if dist.is_main:  # last: the sizes of every file, checked before a resume starts
-            files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
-            (tmp / "checkpoint.json").write_text(json.dumps({"step": step, "config_hash": digest,
-                                                             "ranks": dist.world_size, "files": files}) + "\n")
-            if final.exists():  # a re-save of the same step (the end of a resumed, finished run)
-                shutil.rmtree(final)
-            tmp.rename(final)
             for _, old in checkpoint_dirs(run_dir)[:-keep] if keep > 0 else []:
                 shutil.rmtree(old, ignore_errors=True)
     except OSError as exc:
