@@ -6,12 +6,14 @@ AdamW step). Memory on CPU is the bytes saved for backward (saved-tensor hooks) 
 gradients and optimiser state; on a GPU it is the peak allocated memory of a step. Ratios are
 against peft LoRA measured in the same run; nothing is compared with numbers from elsewhere.
 
-Sizes (``--size``): ``tiny`` (default; hidden 256, 4 layers, FFN 688, vocab 2000), ``0.5b``
-(Qwen2.5-0.5B-shaped: hidden 896, 24 layers, 14 heads, FFN 4864, vocab 151936) and ``7b``
-(LLaMA-2-7B-shaped: hidden 4096, 32 layers, 32 heads, FFN 11008, vocab 32000; about 14 GB in
-bf16), all with random weights; ``--hidden`` etc. override single fields. On a GPU the default run
-also measures the ``0.5b`` shape in bfloat16 at sequence 512 for the core variants (``--large
-none`` skips it, ``--large 7b`` picks the bigger one); its results are under ``"large"`` in the JSON.
+Shapes come from ``conf/model/`` (``--model NAME``: its family, layers, widths, heads, kv heads and
+vocabulary), with random weights; ``--hidden`` etc. override single fields. ``--size`` names three:
+``tiny`` (default; the built-in world model's Llama widened to hidden 256, FFN 688, vocab 2000),
+``0.5b`` (``qwen2_5_0_5b``) and ``7b`` (``llama2_7b``; about 14 GB in bf16). ``--modules`` takes what
+``adapter.target_modules`` takes (``all``, ``attention``, ``ffn``, roles or names), resolved on the
+model by ``structure.py``; peft's LoRA gets the same linears by name. On a GPU the default run also
+measures the ``0.5b`` shape in bfloat16 at sequence 512 for the core variants (``--large none``
+skips it, ``--large 7b`` or a model name picks another); its results are under ``"large"`` in the JSON.
 """
 
 from __future__ import annotations
@@ -32,17 +34,17 @@ from torch import nn
 
 from moe_lora.errors import ConfigError
 
-ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-ROLES = {"query": ["q_proj"], "key": ["k_proj"], "value": ["v_proj"], "output": ["o_proj"], "ffn_out": ["down_proj"]}
 REFERENCE = ["base", "peft_lora"]  # frozen base, peft's LoRA: what every ratio is taken against
 LOOPS = {"loop_loramoe": "loramoe", "loop_mola": "mola", "loop_hydralora": "hydralora", "loop_adamoe": "adamoe"}
 
 
-SIZES = {
-    "tiny": {"hidden": 256, "layers": 4, "heads": 4, "ffn": 688, "vocab": 2000},
-    "0.5b": {"hidden": 896, "layers": 24, "heads": 14, "ffn": 4864, "vocab": 151936},
-    "7b": {"hidden": 4096, "layers": 32, "heads": 32, "ffn": 11008, "vocab": 32000},
+SIZES = {  # --size: a conf/model config and the fields the benchmark changes in it
+    "tiny": ("tiny_world", {"hidden": 256, "ffn": 688, "vocab": 2000}),
+    "0.5b": ("qwen2_5_0_5b", {}),
+    "7b": ("llama2_7b", {}),
 }
+SHAPE = {"hidden": "hidden_size", "layers": "num_layers", "heads": "num_heads", "kv_heads": "num_kv_heads",
+         "ffn": "intermediate_size", "vocab": "vocab_size"}  # flag -> ModelConfig field
 LARGE_VARIANTS = ["peft_lora", "lora", "loramoe", "mola", "mola_grouped", "hydralora", "loop_loramoe"]
 
 
@@ -59,14 +61,16 @@ class Case:
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="moe-lora bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--size", default="tiny", choices=list(SIZES), help="model shape (random weights)")
-    for key in ("hidden", "layers", "heads", "ffn", "vocab"):
-        p.add_argument(f"--{key}", type=int, default=None, help=f"override the size's {key}")
+    p.add_argument("--model", default=None, help="a conf/model config whose shape to use (instead of --size)")
+    for key in SHAPE:
+        p.add_argument(f"--{key.replace('_', '-')}", dest=key, type=int, default=None, help=f"override the shape's {key}")
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--rounds", type=int, default=20)
-    p.add_argument("--modules", default="all", help="'all', 'ffn', 'attention' or comma-separated names")
+    p.add_argument("--modules", default="all", help="adapter.target_modules: 'all', 'ffn', 'attention' or "
+                   "comma-separated roles / module names")
     p.add_argument("--variants", default="", help="comma-separated subset (default: all)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -74,37 +78,74 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here (a new file)")
     p.add_argument("--overwrite", action="store_true", help="let --out replace an existing file")
-    p.add_argument("--large", default=None, choices=[*SIZES, "none"],
-                   help="also measure this size in bfloat16 at sequence 512 (default: 0.5b on a GPU, none on CPU)")
+    p.add_argument("--large", default=None,
+                   help="also measure this size or conf/model config in bfloat16 at sequence 512 (default: 0.5b on "
+                        "a GPU, none on CPU)")
     a = p.parse_args(argv)
-    for key, value in SIZES[a.size].items():
-        if getattr(a, key) is None:
-            setattr(a, key, value)
+    a.model, a.model_cfg = with_shape(a, *SIZES[a.size]) if a.model is None else with_shape(a, a.model, {})
     if a.large is None:
         a.large = "0.5b" if a.device.startswith("cuda") else "none"
     return a
 
 
+def model_shape(name: str):
+    """The ModelConfig of ``conf/model/<name>.yaml`` (its architecture fields: no download)."""
+    from moe_lora.compose import load_config
+
+    return load_config([f"model={name}"], check_files=False).model
+
+
+def with_shape(a: argparse.Namespace, name: str, changes: dict[str, int]):
+    """(model name, its ModelConfig with ``changes`` and the shape flags applied); the flags are
+    filled in from the result, so the JSON's settings say the shape that ran."""
+    cfg = model_shape(name)
+    values = {k: getattr(a, k) if getattr(a, k, None) is not None else changes.get(k, getattr(cfg, f))
+              for k, f in SHAPE.items()}
+    kv = cfg.num_kv_heads
+    if getattr(a, "heads", None) is not None and getattr(a, "kv_heads", None) is None:  # keep MHA / a dividing GQA
+        values["kv_heads"] = a.heads if kv in (None, cfg.num_heads) or a.heads % kv else kv
+    if values["vocab"] is None:
+        raise ConfigError(f"--model {name}: its config has no vocab_size; pass --vocab")
+    cfg = replace(cfg, **{SHAPE[k]: v for k, v in values.items()})
+    if "hidden" in changes or getattr(a, "hidden", None) is not None or getattr(a, "heads", None) is not None:
+        cfg = replace(cfg, head_dim=None)  # a changed width or head count: head_dim = hidden / heads
+    vars(a).update(values)
+    return name, cfg
+
+
 def large_args(a: argparse.Namespace) -> argparse.Namespace:
-    """The same settings at the ``--large`` shape, bfloat16, sequence 512."""
-    return argparse.Namespace(**{**vars(a), **SIZES[a.large], "size": a.large, "dtype": "bfloat16", "seq": 512})
+    """The same settings at the ``--large`` shape (a size or a model name), bfloat16, sequence 512."""
+    big = argparse.Namespace(**{**vars(a), **dict.fromkeys(SHAPE), "dtype": "bfloat16", "seq": 512})
+    big.model, big.model_cfg = with_shape(big, *SIZES[a.large]) if a.large in SIZES else with_shape(big, a.large, {})
+    big.size = a.large
+    return big
 
 
 def target_modules(spec: str) -> list[str]:
-    groups = {"all": ALL, "attention": ALL[:4], "ffn": ALL[4:]}
-    return groups.get(spec, spec.split(","))
+    """``--modules`` as ``adapter.target_modules``: a block (``all``, ``attention``, ``ffn``) or a list."""
+    return spec.split(",")
 
 
 def base_model(a: argparse.Namespace) -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    from moe_lora.models import arch_config
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.ffn, num_hidden_layers=a.layers,
-                      num_attention_heads=a.heads, num_key_value_heads=a.heads, max_position_embeddings=max(a.seq, 256))
+    config = arch_config(a.model_cfg)
+    config.max_position_embeddings = max(getattr(config, "max_position_embeddings", 0) or 0, a.seq, 256)
     with torch.device(a.device):  # random init where it runs: seconds, not minutes, for a 7B shape on a GPU
-        model = LlamaForCausalLM(cfg).to(dtype=getattr(torch, a.dtype))
+        model = AutoModelForCausalLM.from_config(config).to(dtype=getattr(torch, a.dtype))
     model.requires_grad_(False)
     return model
+
+
+def peft_targets(model: nn.Module, a: argparse.Namespace) -> list[str]:
+    """The full names of the linears ``--modules`` selects on this model: peft adapts exactly those."""
+    from moe_lora.structure import read_structure
+    from moe_lora.targets import resolve_targets
+
+    return [site.name for site in resolve_targets(read_structure(model), model, target_modules(a.modules))]
 
 
 def adapter_config(name: str, a: argparse.Namespace):
@@ -116,13 +157,6 @@ def adapter_config(name: str, a: argparse.Namespace):
     if name != "adamoe":
         over["num_experts"] = a.experts
     return replace(cfg, **{k: v for k, v in over.items() if k in names})
-
-
-def model_config(a: argparse.Namespace):
-    from moe_lora.config import ModelConfig
-
-    return ModelConfig(name="bench", source="world", modules={"attention": ALL[:4], "ffn": ALL[4:], **ROLES},
-                       hidden_size=a.hidden, num_layers=a.layers, intermediate_size=a.ffn, num_heads=a.heads)
 
 
 SUFFIXES = ("_compiled", "_grouped", "_no_telemetry")
@@ -166,13 +200,13 @@ def build(variant: str, a: argparse.Namespace) -> Case:
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(model, LoraConfig(r=a.rank, lora_alpha=a.rank, lora_dropout=0.0,
-                                                 target_modules=target_modules(a.modules)))
+                                                 target_modules=peft_targets(model, a)))
         recorder = None
     else:
         cfg = adapter_config(LOOPS.get(variant, variant), a)
         if "_grouped" in flags:  # top-k through grouped GEMMs instead of the dense masked gate
             cfg = replace(cfg, expert_compute="grouped")
-        inject_adapter(model, cfg, model_config(a), LayoutConfig(), recorder)
+        inject_adapter(model, cfg, a.model_cfg, LayoutConfig(), recorder)
         if variant in LOOPS:  # same routing, statistics and aux losses; experts looped as research code does
             for n, m in list(model.named_modules()):
                 if isinstance(m, LoRAExperts):
@@ -311,7 +345,8 @@ def report(raw: dict, a: argparse.Namespace) -> dict:
         "median_step_ms": {v: 1000 * s for v, s in t.items()},
         "step_time_iqr_over_median": raw["spread"],  # the noise to read the ratios against
         "memory_mb": {v: b / 2**20 for v, b in mem.items()},
-        "settings": {**vars(a), "out": str(a.out) if a.out else None, "threads": torch.get_num_threads(),
+        "settings": {**{k: v for k, v in vars(a).items() if k != "model_cfg"}, "out": str(a.out) if a.out else None,
+                     "threads": torch.get_num_threads(),
                      "machine": platform.machine(), "processor": platform.processor()},
         "versions": versions,
     }
@@ -365,7 +400,7 @@ def main(argv: list[str]) -> int:
     print(table(res))
     if a.large != "none":
         big = large_args(a)
-        print(f"\n{a.large}-shaped model, bfloat16, sequence {big.seq} (every variant holds its own copy):")
+        print(f"\n{a.large}-shaped model ({big.model}), bfloat16, sequence {big.seq} (every variant holds its own copy):")
         res["large"] = report(measure([v for v in LARGE_VARIANTS if v != "mola_grouped" or grouped], big), big)
         print(table(res["large"]))
     if a.out:
