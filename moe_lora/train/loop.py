@@ -95,6 +95,26 @@ class TrainState:
         return idx
 
 
+def _quiet(*args: Any) -> None:
+    return None
+
+
+@dataclass
+class LoopIO:
+    """What the loop reports to and asks of the run: metrics rows and routing rows (rank 0's
+    tracker), ``checkpoint(state)``, ``stop()`` (a preemption signal number, else 0),
+    ``diagnose(batch)`` (where a non-finite loss came from), the ranks, and whether to show a
+    progress bar. The defaults train quietly in one process (tests, notebooks)."""
+
+    log: Callable[[dict], None] = _quiet
+    log_routing: Callable[[list[dict]], None] = _quiet
+    checkpoint: Callable[[TrainState], None] | None = None
+    stop: Callable[[], int] = lambda: 0
+    diagnose: Callable[[dict[str, torch.Tensor]], str] = lambda batch: "the loss"
+    dist: Dist = field(default_factory=Dist)
+    progress: bool = False
+
+
 def init_state(model: PreTrainedModel, recipe: RecipeConfig, seed: int, precision: Precision | None = None) -> TrainState:
     """Optimiser (``recipe.optimizer``) and schedule over the trainable parameters, a seeded data
     order, and fp16's loss scaler."""
@@ -160,8 +180,8 @@ def _forward_backward(state: TrainState, batches: Batches, recorder: RoutingReco
     return sums, batch
 
 
-def _step_flags(state: TrainState, scaler: Any, params: list, sums: torch.Tensor, recipe: RecipeConfig, dist: Dist,
-                stop: Callable[[], int] | None) -> tuple[int, int]:
+def _step_flags(state: TrainState, scaler: Any, params: list, sums: torch.Tensor, recipe: RecipeConfig,
+                io: LoopIO) -> tuple[int, int]:
     """Unscale and clip; (non-finite loss or gradient on any rank, preemption signal): the loop's
     one host read per step."""
     scaler.unscale_(state.optimizer)
@@ -170,8 +190,8 @@ def _step_flags(state: TrainState, scaler: Any, params: list, sums: torch.Tensor
     bad = ~torch.isfinite(sums[:2]).all()
     if not scaler.is_enabled():  # fp16's scaler skips steps with inf gradients itself
         bad = bad | ~torch.isfinite(full_tensor(norm))  # FSDP: the norm is a DTensor
-    signal = stop() if stop is not None else 0
-    flags = dist.all_reduce(torch.stack([bad.float(), bad.new_tensor(float(signal))]))
+    signal = io.stop()
+    flags = io.dist.all_reduce(torch.stack([bad.float(), bad.new_tensor(float(signal))]))
     nonfinite, signal = (int(v) for v in flags.tolist())
     return nonfinite, signal
 
@@ -190,17 +210,18 @@ def _apply_update(state: TrainState, scaler: Any, window: torch.Tensor, sums: to
     state.optimizer.zero_grad(set_to_none=True)
 
 
-def _log_window(state: TrainState, window: torch.Tensor, speed: Throughput, dist: Dist, recorder: RoutingRecorder,
-                log: Callable[[dict], None], log_routing: Callable[[list[dict]], None], bar: Any) -> None:
+def _log_window(state: TrainState, window: torch.Tensor, speed: Throughput, recorder: RoutingRecorder, io: LoopIO,
+                bar: Any) -> None:
+    dist = io.dist
     window[3] = speed.tokens
     ce_sum, aux_sum, n, tokens = dist.all_reduce(window).tolist()
     row = {"step": state.step, "loss": ce_sum * dist.world_size / n if n else None,  # None: every step skipped
            "aux_loss": aux_sum / n if n else None,
            "lr": state.scheduler.get_last_lr()[0]}
-    log(row)
+    io.log(row)
     speed.tokens = 0
-    log(speed.row(state.step, round(tokens)))
-    log_routing(recorder.flush(state.step))
+    io.log(speed.row(state.step, round(tokens)))
+    io.log_routing(recorder.flush(state.step))
     if n:
         bar.set_postfix(loss=f"{row['loss']:.3f}", aux=f"{row['aux_loss']:.4f}", refresh=False)
     window.zero_()
@@ -208,19 +229,17 @@ def _log_window(state: TrainState, window: torch.Tensor, speed: Throughput, dist
 
 def train(
     state: TrainState, batches: Batches, recorder: RoutingRecorder, recipe: RecipeConfig, precision: Precision,
-    log: Callable[[dict], None], log_routing: Callable[[list[dict]], None], progress: bool = True,
-    hooks: Sequence[Callable[[TrainState], None]] = (), dist: Dist | None = None, net: torch.nn.Module | None = None,
-    checkpoint: Callable[[TrainState], None] | None = None, stop: Callable[[], int] | None = None,
-    diagnose: Callable[[dict[str, torch.Tensor]], str] | None = None,
+    io: LoopIO | None = None, hooks: Sequence[Callable[[TrainState], None]] = (), net: torch.nn.Module | None = None,
 ) -> dict[str, Any]:
     """Train from ``state.step`` until ``recipe.max_steps``; CE + auxiliary routing losses per
     micro-batch. ``hooks`` run after every optimiser step (ALoRA's rank reallocation). ``net`` is
-    the module the forward calls (DDP / FSDP-wrapped ``state.model``). ``checkpoint`` is called
-    every ``recipe.save_every`` steps, at the end, and when ``stop()`` returns a signal number
+    the module the forward calls (DDP / FSDP-wrapped ``state.model``). ``io.checkpoint`` is called
+    every ``recipe.save_every`` steps, at the end, and when ``io.stop()`` returns a signal number
     (then :class:`Preempted` is raised). Non-finite losses or gradients stop the run naming the
-    step and ``diagnose(batch)``'s module, or skip the step (``recipe.on_nonfinite``). Returns
+    step and ``io.diagnose(batch)``'s module, or skip the step (``recipe.on_nonfinite``). Returns
     throughput and memory."""
-    dist = dist or Dist()
+    io = io or LoopIO()
+    dist = io.dist
     model = state.model
     net = net or model
     forward = torch.compile(net) if recipe.compile else net  # opt-in; same parameters
@@ -232,12 +251,12 @@ def train(
     if state.window is None:
         state.window = torch.zeros(4, device=precision.device)  # tokens: a host count, added at logging
     speed = Throughput(precision.device)
-    bar = tqdm(total=recipe.max_steps, initial=state.step, desc="fine-tune", disable=not progress, mininterval=1.0)
+    bar = tqdm(total=recipe.max_steps, initial=state.step, desc="fine-tune", disable=not io.progress, mininterval=1.0)
     while state.step < recipe.max_steps:
         sums, batch = _forward_backward(state, batches, recorder, recipe, precision, dist, net, forward, scaler, speed)
-        nonfinite, signal = _step_flags(state, scaler, params, sums, recipe, dist, stop)
+        nonfinite, signal = _step_flags(state, scaler, params, sums, recipe, io)
         if nonfinite and recipe.on_nonfinite == "stop":
-            where = diagnose(batch) if diagnose is not None else "the loss"
+            where = io.diagnose(batch)
             raise NonFiniteError(f"step {state.step + 1}: non-finite loss or gradient, first at {where} "
                                  "(recipe.on_nonfinite=stop; skip would skip such steps)")
         _apply_update(state, scaler, state.window, sums, nonfinite)
@@ -247,10 +266,10 @@ def train(
             model.train()
         bar.update(1)
         if state.step % recipe.log_every == 0 or state.step == recipe.max_steps:
-            _log_window(state, state.window, speed, dist, recorder, log, log_routing, bar)
+            _log_window(state, state.window, speed, recorder, io, bar)
         save_now = recipe.save_every is not None and state.step % recipe.save_every == 0
-        if checkpoint is not None and (save_now or signal or state.step == recipe.max_steps):
-            checkpoint(state)
+        if io.checkpoint is not None and (save_now or signal or state.step == recipe.max_steps):
+            io.checkpoint(state)
         if signal:
             bar.close()
             raise Preempted(signal)

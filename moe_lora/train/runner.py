@@ -35,7 +35,7 @@ from moe_lora.tracking import Tracker, read_jsonl, write_json_atomic
 from moe_lora.train import checkpoint as ckpt
 from moe_lora.train.checkpoint import adapter_state
 from moe_lora.train.distributed import Dist, current, rank_device, wrap_model
-from moe_lora.train.loop import TrainState, init_state, train
+from moe_lora.train.loop import LoopIO, TrainState, init_state, train
 from moe_lora.train.precision import Precision, make_precision
 from moe_lora.train.preempt import preemption
 from moe_lora.train.results import build_results, write_predictions
@@ -238,9 +238,9 @@ def fine_tune(cfg: TrainConfig, model: nn.Module, tok, mixture: Mixture, precisi
               f"{global_batch} = recipe.batch_size "
               f"{cfg.recipe.batch_size} x {dist.world_size} ranks x recipe.grad_accum {cfg.recipe.grad_accum}")
     with preemption() as stop:
-        perf = train(state, batches, recorder, cfg.recipe, precision, io.log, io.log_routing, progress, hooks,
-                     dist=dist, net=net, checkpoint=io.checkpoint, stop=stop,
-                     diagnose=lambda batch: first_nonfinite(model, adapted, batch, precision))
+        loop_io = LoopIO(io.log, io.log_routing, io.checkpoint, stop, dist=dist, progress=progress,
+                         diagnose=lambda batch: first_nonfinite(model, adapted, batch, precision))
+        perf = train(state, batches, recorder, cfg.recipe, precision, loop_io, hooks, net)
     return perf | {"nonfinite_skips": state.nonfinite_skips, "truncated": batches.truncated,
                    "answer_cut": batches.answer_cut, "ranks": dist.world_size,
                    "strategy": cfg.recipe.strategy if dist.enabled else None, "global_batch": global_batch}

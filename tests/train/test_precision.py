@@ -16,7 +16,7 @@ from moe_lora.data.example import Example
 from moe_lora.errors import ConfigError
 from moe_lora.routing.recorder import RoutingRecorder
 from moe_lora.routing.router import Router
-from moe_lora.train.loop import init_state, train
+from moe_lora.train.loop import LoopIO, init_state, train
 from moe_lora.train.precision import Precision, check_precision, make_precision, resolve_precision
 from tests.adapters.test_lora_peft import MODEL_CFG
 
@@ -37,8 +37,7 @@ def tiny_run(path, model_dtype: str, precision: str, adapter_dtype: str = "float
     state = init_state(model, recipe, 0, prec)
     start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     rows: list[dict] = []
-    perf = train(state, encode_examples(EXAMPLES, tok, 32), recorder, recipe, prec, rows.append, lambda r: None,
-                 progress=False)
+    perf = train(state, encode_examples(EXAMPLES, tok, 32), recorder, recipe, prec, LoopIO(log=rows.append))
     return model, state, start, rows, perf
 
 
