@@ -42,12 +42,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev,eval]"
 	touch $(STAMP)
 
-lint: $(STAMP)  ## ruff and the import contracts of pyproject.toml (changes nothing)
+lint: $(STAMP)  ## ruff check, ruff format --check and the import contracts of pyproject.toml (changes nothing)
 	$(BIN)/ruff check moe_lora tests scripts
+	$(BIN)/ruff format --check moe_lora tests scripts
 	$(BIN)/lint-imports
 
-style: $(STAMP)  ## ruff's fixes applied
+style: $(STAMP)  ## ruff's fixes and formatting applied
 	$(BIN)/ruff check --fix moe_lora tests scripts
+	$(BIN)/ruff format moe_lora tests scripts
 
 bench: $(STAMP)  ## step time and memory of every variant against peft LoRA -> outputs/bench/
 	$(BIN)/moe-lora bench --out outputs/bench/$(shell date +%Y-%m-%d_%H-%M-%S).json $(ARGS)

@@ -32,6 +32,7 @@ examples:
   moe-lora params adapter=loramoe adapter.num_experts=4
 """
 
+
 def cmd_train(args: list[str]) -> int:
     from moe_lora.train.job import launch
 
@@ -84,8 +85,11 @@ def main(argv: list[str] | None = None) -> int:
     cmd, rest = args[0], args[1:]
     if cmd not in COMMANDS:
         close = difflib.get_close_matches(cmd, COMMANDS, n=1)
-        return fail(f"unknown command {cmd!r}" + (f"; did you mean {close[0]!r}?" if close else "")
-                    + f" (commands: {', '.join(COMMANDS)})")
+        return fail(
+            f"unknown command {cmd!r}"
+            + (f"; did you mean {close[0]!r}?" if close else "")
+            + f" (commands: {', '.join(COMMANDS)})"
+        )
     register_resolvers()
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException

@@ -103,11 +103,17 @@ class ModelConfig:
     def __post_init__(self) -> None:
         require(self.source in ("world", "hub"), "model.source", self.source, "must be 'world' or 'hub'")
         if self.source == "hub":
-            require(bool(self.name_or_path), "model.name_or_path", self.name_or_path, "is required for model.source=hub")
+            require(
+                bool(self.name_or_path), "model.name_or_path", self.name_or_path, "is required for model.source=hub"
+            )
         require(self.num_layers >= 1, "model.num_layers", self.num_layers, "must be >= 1")
         require(self.dtype in DTYPES, "model.dtype", self.dtype, "must be float32, bfloat16 or float16")
-        require(self.attn_implementation in ATTN_IMPLEMENTATIONS, "model.attn_implementation", self.attn_implementation,
-                f"must be one of {', '.join(ATTN_IMPLEMENTATIONS)}")
+        require(
+            self.attn_implementation in ATTN_IMPLEMENTATIONS,
+            "model.attn_implementation",
+            self.attn_implementation,
+            f"must be one of {', '.join(ATTN_IMPLEMENTATIONS)}",
+        )
 
 
 # ------------------------------------------------------------------------------------------ adapters
@@ -169,8 +175,12 @@ class RoutedConfig(AdapterConfig):
 
     def aux_losses(self) -> dict[str, Any]:
         """The fields of the recorder's ``AuxLossConfig`` this config switches on."""
-        return {"lb_weight": self.lb_weight, "z_loss_weight": self.z_loss_weight,
-                "aux_mask_padding": self.aux_mask_padding, "aux_scope": self.aux_scope}
+        return {
+            "lb_weight": self.lb_weight,
+            "z_loss_weight": self.z_loss_weight,
+            "aux_mask_padding": self.aux_mask_padding,
+            "aux_scope": self.aux_scope,
+        }
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -204,17 +214,33 @@ class MoEConfig(LowRankConfig, RoutedConfig):
     def __post_init__(self) -> None:
         require(self.num_null_experts >= 0, "adapter.num_null_experts", self.num_null_experts, "must be >= 0")
         super().__post_init__()
-        require(self.expert_compute in ("dense", "grouped"), "adapter.expert_compute", self.expert_compute,
-                "must be 'dense' or 'grouped'")
+        require(
+            self.expert_compute in ("dense", "grouped"),
+            "adapter.expert_compute",
+            self.expert_compute,
+            "must be 'dense' or 'grouped'",
+        )
         if self.expert_compute == "grouped":
             import torch
 
-            require(self.top_k is not None, "adapter.expert_compute", self.expert_compute,
-                    "needs top-k routing (set adapter.top_k); soft routing uses every expert")
-            require(hasattr(torch, "_grouped_mm"), "adapter.expert_compute", self.expert_compute,
-                    f"needs torch._grouped_mm (torch >= 2.8; this is {torch.__version__})")
-        require(self.num_null_experts == 0 or self.top_k is not None, "adapter.num_null_experts",
-                self.num_null_experts, "needs top-k routing (set adapter.top_k)")
+            require(
+                self.top_k is not None,
+                "adapter.expert_compute",
+                self.expert_compute,
+                "needs top-k routing (set adapter.top_k); soft routing uses every expert",
+            )
+            require(
+                hasattr(torch, "_grouped_mm"),
+                "adapter.expert_compute",
+                self.expert_compute,
+                f"needs torch._grouped_mm (torch >= 2.8; this is {torch.__version__})",
+            )
+        require(
+            self.num_null_experts == 0 or self.top_k is not None,
+            "adapter.num_null_experts",
+            self.num_null_experts,
+            "needs top-k routing (set adapter.top_k)",
+        )
 
 
 # ---------------------------------------------------------------------------------------------- layout
@@ -232,8 +258,12 @@ class LayoutConfig:
         for key in ("experts", "rank", "top_k"):
             values = getattr(self, key)
             if values is not None:
-                require(len(values) > 0 and all(v >= 1 for v in values), f"layout.{key}", values,
-                        "must be a non-empty list of positive integers")
+                require(
+                    len(values) > 0 and all(v >= 1 for v in values),
+                    f"layout.{key}",
+                    values,
+                    "must be a non-empty list of positive integers",
+                )
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -249,8 +279,9 @@ class WorldConfig:
     def __post_init__(self) -> None:
         require(self.num_people >= 8, "data.world.num_people", self.num_people, "must be >= 8")
         require(self.bios_per_person >= 1, "data.world.bios_per_person", self.bios_per_person, "must be >= 1")
-        require(0.0 < self.trained_fraction < 1.0, "data.world.trained_fraction", self.trained_fraction,
-                "must be in (0, 1)")
+        require(
+            0.0 < self.trained_fraction < 1.0, "data.world.trained_fraction", self.trained_fraction, "must be in (0, 1)"
+        )
 
 
 @dataclass
@@ -287,15 +318,31 @@ class SourceConfig:
     stop: List[str] = field(default_factory=lambda: ["\n", ".", ","])
 
     def __post_init__(self) -> None:
-        require(self.task_type in TASK_TYPES, "data.sources.<name>.task_type", self.task_type,
-                f"must be one of {', '.join(TASK_TYPES)}")
-        require(self.match in ("triviaqa", "nq_open", "exact"), "data.sources.<name>.match", self.match,
-                "must be triviaqa, nq_open or exact")
-        require(self.num_examples is None or self.num_examples >= 0, "data.sources.<name>.num_examples",
-                self.num_examples, "must be >= 0 or null")
+        require(
+            self.task_type in TASK_TYPES,
+            "data.sources.<name>.task_type",
+            self.task_type,
+            f"must be one of {', '.join(TASK_TYPES)}",
+        )
+        require(
+            self.match in ("triviaqa", "nq_open", "exact"),
+            "data.sources.<name>.match",
+            self.match,
+            "must be triviaqa, nq_open or exact",
+        )
+        require(
+            self.num_examples is None or self.num_examples >= 0,
+            "data.sources.<name>.num_examples",
+            self.num_examples,
+            "must be >= 0 or null",
+        )
         require(self.weight >= 0, "data.sources.<name>.weight", self.weight, "must be >= 0")
-        require(self.split is not None or self.eval_split is not None, "data.sources.<name>.split", self.split,
-                "and eval_split are both null: the source would not be used")
+        require(
+            self.split is not None or self.eval_split is not None,
+            "data.sources.<name>.split",
+            self.split,
+            "and eval_split are both null: the source would not be used",
+        )
 
 
 @dataclass
@@ -328,8 +375,12 @@ class DataConfig:
         require(0.0 <= self.cbqa_ratio <= 1.0, "data.cbqa_ratio", self.cbqa_ratio, "must be in [0, 1]")
         require(self.num_train >= 1, "data.num_train", self.num_train, "must be >= 1")
         require(self.eval_per_task >= 1, "data.eval_per_task", self.eval_per_task, "must be >= 1")
-        require(1 <= self.min_items <= self.max_items <= 10, "data.max_items", self.max_items,
-                f"must be in [data.min_items={self.min_items}, 10]")
+        require(
+            1 <= self.min_items <= self.max_items <= 10,
+            "data.max_items",
+            self.max_items,
+            f"must be in [data.min_items={self.min_items}, 10]",
+        )
         require(self.max_length >= 8, "data.max_length", self.max_length, "must be >= 8")
         require(self.num_proc is None or self.num_proc >= 1, "data.num_proc", self.num_proc, "must be >= 1 or null")
 
@@ -371,29 +422,53 @@ class RecipeConfig:
 
     def __post_init__(self) -> None:
         require(self.max_steps >= 1, "recipe.max_steps", self.max_steps, "must be >= 1")
-        require(self.precision in ("auto", "fp32", "bf16", "fp16"), "recipe.precision", self.precision,
-                "must be auto, fp32, bf16 or fp16")
+        require(
+            self.precision in ("auto", "fp32", "bf16", "fp16"),
+            "recipe.precision",
+            self.precision,
+            "must be auto, fp32, bf16 or fp16",
+        )
         require(self.lr > 0, "recipe.lr", self.lr, "must be > 0")
         require(self.batch_size >= 1, "recipe.batch_size", self.batch_size, "must be >= 1")
         require(self.grad_accum >= 1, "recipe.grad_accum", self.grad_accum, "must be >= 1")
-        require(self.scheduler in ("cosine", "linear", "constant", "constant_with_warmup"), "recipe.scheduler",
-                self.scheduler, "must be cosine, linear, constant or constant_with_warmup")
+        require(
+            self.scheduler in ("cosine", "linear", "constant", "constant_with_warmup"),
+            "recipe.scheduler",
+            self.scheduler,
+            "must be cosine, linear, constant or constant_with_warmup",
+        )
         require(0.0 <= self.warmup_ratio < 1.0, "recipe.warmup_ratio", self.warmup_ratio, "must be in [0, 1)")
         require(self.optimizer in OPTIMIZERS, "recipe.optimizer", self.optimizer, f"must be {' or '.join(OPTIMIZERS)}")
         # The MoV paper trains Adafactor at a constant rate; a schedule on top of it would be a third
         # recipe that no paper ran, so it is refused rather than silently dropped.
-        require(self.optimizer != "adafactor" or self.scheduler == "constant", "recipe.scheduler", self.scheduler,
-                "must be constant with recipe.optimizer=adafactor (the MoV paper's constant rate)")
+        require(
+            self.optimizer != "adafactor" or self.scheduler == "constant",
+            "recipe.scheduler",
+            self.scheduler,
+            "must be constant with recipe.optimizer=adafactor (the MoV paper's constant rate)",
+        )
         require(self.log_every >= 1, "recipe.log_every", self.log_every, "must be >= 1")
-        require(self.eval_limit is None or self.eval_limit >= 1, "recipe.eval_limit", self.eval_limit,
-                "must be >= 1 or null")
-        require(self.realloc_every is None or self.realloc_every >= 1, "recipe.realloc_every", self.realloc_every,
-                "must be >= 1 or null")
+        require(
+            self.eval_limit is None or self.eval_limit >= 1,
+            "recipe.eval_limit",
+            self.eval_limit,
+            "must be >= 1 or null",
+        )
+        require(
+            self.realloc_every is None or self.realloc_every >= 1,
+            "recipe.realloc_every",
+            self.realloc_every,
+            "must be >= 1 or null",
+        )
         require(self.realloc_prune >= 0, "recipe.realloc_prune", self.realloc_prune, "must be >= 0")
         require(self.strategy in ("ddp", "fsdp"), "recipe.strategy", self.strategy, "must be ddp or fsdp")
         require(self.nproc_per_node >= 1, "recipe.nproc_per_node", self.nproc_per_node, "must be >= 1")
-        require(self.save_every is None or self.save_every >= 1, "recipe.save_every", self.save_every,
-                "must be >= 1 or null")
+        require(
+            self.save_every is None or self.save_every >= 1,
+            "recipe.save_every",
+            self.save_every,
+            "must be >= 1 or null",
+        )
         require(self.keep_checkpoints >= 1, "recipe.keep_checkpoints", self.keep_checkpoints, "must be >= 1")
         require(self.on_nonfinite in ("stop", "skip"), "recipe.on_nonfinite", self.on_nonfinite, "must be stop or skip")
 
@@ -411,8 +486,12 @@ class HarnessConfig:
 
     def __post_init__(self) -> None:
         require(self.limit is None or self.limit > 0, "eval.harness.limit", self.limit, "must be > 0 or null")
-        require(self.num_fewshot is None or self.num_fewshot >= 0, "eval.harness.num_fewshot", self.num_fewshot,
-                "must be >= 0 or null")
+        require(
+            self.num_fewshot is None or self.num_fewshot >= 0,
+            "eval.harness.num_fewshot",
+            self.num_fewshot,
+            "must be >= 0 or null",
+        )
         require(self.batch_size >= 1, "eval.harness.batch_size", self.batch_size, "must be >= 1")
 
 
@@ -445,8 +524,12 @@ class WandbConfig:
     tags: List[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        require(self.mode in ("online", "offline", "disabled"), "logger.wandb.mode", self.mode,
-                "must be online, offline or disabled")
+        require(
+            self.mode in ("online", "offline", "disabled"),
+            "logger.wandb.mode",
+            self.mode,
+            "must be online, offline or disabled",
+        )
 
 
 @dataclass
@@ -485,8 +568,12 @@ class ClaimConfig:
     def __post_init__(self) -> None:
         why = f"(claim {self.name!r})"
         require(bool(self.name), "claims[].name", self.name, "must be a non-empty string")
-        require(self.metric.split(".", 1)[0] in ("metrics", "routing") and "." in self.metric, "claims[].metric",
-                self.metric, f"must be metrics.<key>, routing.<stat> or routing.<stat>@<task type> {why}")
+        require(
+            self.metric.split(".", 1)[0] in ("metrics", "routing") and "." in self.metric,
+            "claims[].metric",
+            self.metric,
+            f"must be metrics.<key>, routing.<stat> or routing.<stat>@<task type> {why}",
+        )
         require(self.better in ("higher", "lower"), "claims[].better", self.better, f"must be higher or lower {why}")
         require(self.kind in CLAIM_KINDS, "claims[].kind", self.kind, f"must be superiority or non_inferiority {why}")
         require(self.margin >= 0, "claims[].margin", self.margin, f"must be >= 0 {why}")

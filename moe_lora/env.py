@@ -22,7 +22,6 @@ def register_resolvers() -> None:
     from omegaconf import OmegaConf
 
     if not OmegaConf.has_resolver("moe_lora.uid"):
-        OmegaConf.register_new_resolver("moe_lora.uid", lambda: os.environ.setdefault("MOE_LORA_UID", secrets.token_hex(3)))
-
-
-
+        OmegaConf.register_new_resolver(
+            "moe_lora.uid", lambda: os.environ.setdefault("MOE_LORA_UID", secrets.token_hex(3))
+        )

@@ -46,7 +46,6 @@ def one_line(exc: BaseException) -> str:
     from hydra.errors import HydraException, OverrideParseException
     from omegaconf.errors import OmegaConfBaseException
 
-
     if isinstance(exc, OverrideParseException) and exc.override and exc.override not in str(exc):
         return f"cannot parse override {exc.override!r}: {str(exc).strip().splitlines()[0]}"
     inner, cur = exc, exc

@@ -39,9 +39,11 @@ def _per_layer(values: list[int] | None, default: int | None, num_layers: int, k
         return [default] * num_layers
     n = len(values)
     if n > num_layers or num_layers % n:
-        raise ConfigError(f"{key}={list(values)} has {n} entries but the model has {num_layers} layers: give one "
-                          f"entry per layer, or one per group of equal size ({'/'.join(map(str, divisors(num_layers)))} "
-                          "entries)")
+        raise ConfigError(
+            f"{key}={list(values)} has {n} entries but the model has {num_layers} layers: give one "
+            f"entry per layer, or one per group of equal size ({'/'.join(map(str, divisors(num_layers)))} "
+            "entries)"
+        )
     return [values[layer * n // num_layers] for layer in range(num_layers)]
 
 
@@ -49,8 +51,10 @@ def _check_fields(layout: LayoutConfig, adapter: AdapterConfig) -> None:
     """A per-layer list for a field the adapter does not have would be ignored: refuse it."""
     for key, field in (("experts", "num_experts"), ("rank", "rank"), ("top_k", "top_k")):
         if getattr(layout, key) is not None and not hasattr(adapter, field):
-            raise ConfigError(f"layout.{key} (layout={layout.name!r}) sets {key} per layer, but adapter={adapter.name!r} "
-                              f"has no {field}")
+            raise ConfigError(
+                f"layout.{key} (layout={layout.name!r}) sets {key} per layer, but adapter={adapter.name!r} "
+                f"has no {field}"
+            )
 
 
 def resolve_layout(layout: LayoutConfig, adapter: AdapterConfig, num_layers: int) -> list[LayerPlan]:

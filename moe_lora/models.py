@@ -34,19 +34,29 @@ def world_model_config(cfg: ModelConfig, vocab_size: int) -> LlamaConfig:
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_kv_heads or cfg.num_heads, max_position_embeddings=256,
-        tie_word_embeddings=cfg.tie_word_embeddings, pad_token_id=0, eos_token_id=1, bos_token_id=1,
+        vocab_size=vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads or cfg.num_heads,
+        max_position_embeddings=256,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=1,
     )
 
 
 def cache_key(world: WorldConfig, model: ModelConfig) -> str:
     """Hash of everything that changes the pretrained weights."""
-    arch = {k: getattr(model, k) for k in ("hidden_size", "num_layers", "intermediate_size", "num_heads",
-                                             "num_kv_heads", "tie_word_embeddings")}
-    blob = json.dumps({"v": CACHE_VERSION, "world": asdict(world), "arch": arch,
-                       "pretrain": asdict(model.pretrain)}, sort_keys=True)
+    arch = {
+        k: getattr(model, k)
+        for k in ("hidden_size", "num_layers", "intermediate_size", "num_heads", "num_kv_heads", "tie_word_embeddings")
+    }
+    blob = json.dumps(
+        {"v": CACHE_VERSION, "world": asdict(world), "arch": arch, "pretrain": asdict(model.pretrain)}, sort_keys=True
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -76,8 +86,9 @@ def world_model(cfg: ModelConfig, world: World, cache_dir: str | Path, progress:
             with atomic_dir(entry) as tmp:
                 model.save_pretrained(tmp)
                 (tmp / "pretrain.json").write_text(json.dumps({"seconds": time.time() - start, "loss": losses}))
-    model = LlamaForCausalLM.from_pretrained(entry, dtype=getattr(torch, cfg.dtype),
-                                             attn_implementation=attn_implementation(cfg))
+    model = LlamaForCausalLM.from_pretrained(
+        entry, dtype=getattr(torch, cfg.dtype), attn_implementation=attn_implementation(cfg)
+    )
     model.eval()
     return model, tok
 
@@ -97,8 +108,10 @@ def check_attn_implementation(model: PreTrainedModel, cfg: ModelConfig) -> None:
         model.get_correct_attn_implementation(cfg.attn_implementation, is_init_check=True)
     except (ValueError, ImportError) as exc:
         reason = str(exc).split(". ")[0].split("\n")[0]
-        raise ConfigError(f"model.attn_implementation={cfg.attn_implementation!r} cannot be used with "
-                          f"{type(model).__name__} ({reason}); use auto (the default) or eager") from None
+        raise ConfigError(
+            f"model.attn_implementation={cfg.attn_implementation!r} cannot be used with "
+            f"{type(model).__name__} ({reason}); use auto (the default) or eager"
+        ) from None
 
 
 def check_causal(config, cfg: ModelConfig) -> None:
@@ -107,12 +120,16 @@ def check_causal(config, cfg: ModelConfig) -> None:
 
     kind = config.model_type
     if getattr(config, "is_encoder_decoder", False):
-        raise ConfigError(f"model.name_or_path={cfg.name_or_path!r} is a {kind} encoder-decoder; moe_lora trains "
-                          "decoder-only causal LMs (AutoModelForCausalLM: llama, mistral, qwen2, gemma, phi, olmo, "
-                          "gpt_neox, ...) only")
+        raise ConfigError(
+            f"model.name_or_path={cfg.name_or_path!r} is a {kind} encoder-decoder; moe_lora trains "
+            "decoder-only causal LMs (AutoModelForCausalLM: llama, mistral, qwen2, gemma, phi, olmo, "
+            "gpt_neox, ...) only"
+        )
     if kind not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not cfg.trust_remote_code:
-        raise ConfigError(f"model.name_or_path={cfg.name_or_path!r} is a {kind!r} model, which is not a causal LM "
-                          "in transformers (AutoModelForCausalLM); moe_lora trains decoder-only causal LMs")
+        raise ConfigError(
+            f"model.name_or_path={cfg.name_or_path!r} is a {kind!r} model, which is not a causal LM "
+            "in transformers (AutoModelForCausalLM); moe_lora trains decoder-only causal LMs"
+        )
 
 
 def checkpoint_config(cfg: ModelConfig):
@@ -134,8 +151,9 @@ def checkpoint_config(cfg: ModelConfig):
     try:
         config = AutoConfig.from_pretrained(str(path), trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"model.name_or_path={cfg.name_or_path!r}: config.json cannot be read "
-                          f"({str(exc).splitlines()[0]})") from None
+        raise ConfigError(
+            f"model.name_or_path={cfg.name_or_path!r}: config.json cannot be read ({str(exc).splitlines()[0]})"
+        ) from None
     check_causal(config, cfg)
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
@@ -155,12 +173,21 @@ def read_architecture(cfg: ModelConfig) -> ModelConfig:
     if config is None:
         return cfg
     hidden, heads = config.hidden_size, config.num_attention_heads
-    kv = _first(config, "num_key_value_heads", "num_kv_heads", default=1 if getattr(config, "multi_query", False) else heads)
+    kv = _first(
+        config, "num_key_value_heads", "num_kv_heads", default=1 if getattr(config, "multi_query", False) else heads
+    )
     fields = dict(
-        family=config.model_type, num_layers=config.num_hidden_layers, hidden_size=hidden, num_heads=heads,
-        num_kv_heads=kv, head_dim=getattr(config, "head_dim", None) or hidden // heads,
-        intermediate_size=_first(config, "intermediate_size", "n_inner", "ffn_dim", "ffn_hidden_size", default=4 * hidden),
-        vocab_size=config.vocab_size, tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+        family=config.model_type,
+        num_layers=config.num_hidden_layers,
+        hidden_size=hidden,
+        num_heads=heads,
+        num_kv_heads=kv,
+        head_dim=getattr(config, "head_dim", None) or hidden // heads,
+        intermediate_size=_first(
+            config, "intermediate_size", "n_inner", "ffn_dim", "ffn_hidden_size", default=4 * hidden
+        ),
+        vocab_size=config.vocab_size,
+        tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
     )
     if cfg.name == "tiny_world":
         fields["name"] = Path(str(cfg.name_or_path).rstrip("/")).name or str(cfg.name_or_path)
@@ -173,18 +200,36 @@ def arch_config(cfg: ModelConfig, vocab_size: int | None = None, **overrides):
 
     vocab = vocab_size or cfg.vocab_size
     if vocab is None:
-        raise ConfigError(f"model.vocab_size is required to build {cfg.name!r} without its config.json "
-                          f"(model.name_or_path={cfg.name_or_path!r} is not readable here)")
-    fields = {**{k: getattr(cfg, k) for k in ("hidden_size", "num_layers", "intermediate_size", "num_heads",
-                                              "num_kv_heads", "head_dim")}, **overrides}
+        raise ConfigError(
+            f"model.vocab_size is required to build {cfg.name!r} without its config.json "
+            f"(model.name_or_path={cfg.name_or_path!r} is not readable here)"
+        )
+    fields = {
+        **{
+            k: getattr(cfg, k)
+            for k in ("hidden_size", "num_layers", "intermediate_size", "num_heads", "num_kv_heads", "head_dim")
+        },
+        **overrides,
+    }
     if cfg.family == "gpt2":
-        kw = dict(n_embd=fields["hidden_size"], n_layer=fields["num_layers"], n_head=fields["num_heads"],
-                  n_inner=fields["intermediate_size"], vocab_size=vocab, tie_word_embeddings=cfg.tie_word_embeddings)
+        kw = dict(
+            n_embd=fields["hidden_size"],
+            n_layer=fields["num_layers"],
+            n_head=fields["num_heads"],
+            n_inner=fields["intermediate_size"],
+            vocab_size=vocab,
+            tie_word_embeddings=cfg.tie_word_embeddings,
+        )
     else:
-        kw = dict(hidden_size=fields["hidden_size"], num_hidden_layers=fields["num_layers"],
-                  intermediate_size=fields["intermediate_size"], num_attention_heads=fields["num_heads"],
-                  num_key_value_heads=fields["num_kv_heads"] or fields["num_heads"], vocab_size=vocab,
-                  tie_word_embeddings=cfg.tie_word_embeddings)
+        kw = dict(
+            hidden_size=fields["hidden_size"],
+            num_hidden_layers=fields["num_layers"],
+            intermediate_size=fields["intermediate_size"],
+            num_attention_heads=fields["num_heads"],
+            num_key_value_heads=fields["num_kv_heads"] or fields["num_heads"],
+            vocab_size=vocab,
+            tie_word_embeddings=cfg.tie_word_embeddings,
+        )
         if fields["head_dim"] is not None and "hidden_size" not in overrides:
             kw["head_dim"] = fields["head_dim"]
     try:
@@ -230,8 +275,10 @@ def resolve_hub_path(cfg: ModelConfig) -> str:
         from huggingface_hub import try_to_load_from_cache
 
         if not isinstance(try_to_load_from_cache(path, "config.json"), str):
-            raise ConfigError(f"model.name_or_path={path!r} is not in the local Hugging Face cache and downloads "
-                              f"are off; set HF_HUB_OFFLINE=0 to download it, or point to a local directory")
+            raise ConfigError(
+                f"model.name_or_path={path!r} is not in the local Hugging Face cache and downloads "
+                f"are off; set HF_HUB_OFFLINE=0 to download it, or point to a local directory"
+            )
     return path
 
 
@@ -241,9 +288,12 @@ def hub_model(cfg: ModelConfig):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_hub_path(cfg)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, cfg.dtype),
-                                                 attn_implementation=attn_implementation(cfg),
-                                                 trust_remote_code=cfg.trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(
+        path,
+        dtype=getattr(torch, cfg.dtype),
+        attn_implementation=attn_implementation(cfg),
+        trust_remote_code=cfg.trust_remote_code,
+    )
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

@@ -27,10 +27,26 @@ RUN_FILES = (FAILURE, METRICS, ROUTING, PREDICTIONS, CONFIG, ADAPTER, INIT_ADAPT
 
 # Settings that never change what training computes: left out of the checkpoint's config hash (a
 # resume may change them) and of the report's "arms differ in" warnings. Keys or key prefixes.
-NOT_TRAINING = ("logger", "eval", "label", "claims", "resume", "run_dir", "cache_dir", "recipe.save_every",
-                "recipe.keep_checkpoints", "recipe.threads", "recipe.device", "recipe.eval_limit",
-                "recipe.on_nonfinite", "recipe.objective", "recipe.nproc_per_node", "recipe.name", "data.num_proc",
-                "eval.harness")
+NOT_TRAINING = (
+    "logger",
+    "eval",
+    "label",
+    "claims",
+    "resume",
+    "run_dir",
+    "cache_dir",
+    "recipe.save_every",
+    "recipe.keep_checkpoints",
+    "recipe.threads",
+    "recipe.device",
+    "recipe.eval_limit",
+    "recipe.on_nonfinite",
+    "recipe.objective",
+    "recipe.nproc_per_node",
+    "recipe.name",
+    "data.num_proc",
+    "eval.harness",
+)
 
 
 def changes_training(key: str) -> bool:

@@ -31,6 +31,10 @@ def print_params(cfg) -> None:
         n = sum(p.numel() for p in mod.parameters() if p.requires_grad)
         print(f"{name:<44} {layers.get(name)!s:>5} {experts:>7} {getattr(mod, 'rank', '-')!s:>5} {k!s:>5} {n:>12,}")
     t, r = counts["trainable"], counts["routers"]
-    print(f"\nmodel {cfg.model.name}: {base_total:,} base parameters; adapter {cfg.adapter.name}, layout {cfg.layout.name}")
-    print(f"trainable: {t:,} ({100 * t / base_total:.4f}% of base) | without routers: {t - r:,} "
-          f"({100 * (t - r) / base_total:.4f}%) | routers: {r:,} | total: {counts['total']:,}")
+    print(
+        f"\nmodel {cfg.model.name}: {base_total:,} base parameters; adapter {cfg.adapter.name}, layout {cfg.layout.name}"
+    )
+    print(
+        f"trainable: {t:,} ({100 * t / base_total:.4f}% of base) | without routers: {t - r:,} "
+        f"({100 * (t - r) / base_total:.4f}%) | routers: {r:,} | total: {counts['total']:,}"
+    )

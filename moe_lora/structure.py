@@ -134,7 +134,7 @@ FUSED_QKV = {
 }
 # model_type -> intermediate width -> column layout of the fused gate|up linear
 FUSED_GATE_UP = {
-    "phi3": lambda i: Fused(1, (("ffn_gate", i), ("ffn_up", i)), "gate|up contiguous"),  # gate, up = chunk(2)
+    "phi3": lambda i: Fused(1, (("ffn_gate", i), ("ffn_up", i)), "gate|up contiguous")  # gate, up = chunk(2)
 }
 
 
@@ -206,8 +206,10 @@ def find_stacks(model: nn.Module) -> tuple[tuple[str, int], ...]:
         if not any(n.startswith(f"{s}.") for s, _ in stacks):
             stacks.append((n, len(m)))
     if not stacks:
-        raise ConfigError(f"cannot find the decoder layers of {type(model).__name__} (no ModuleList of "
-                          f"{sorted(blocks) or 'identical blocks'}): name the modules in model.modules")
+        raise ConfigError(
+            f"cannot find the decoder layers of {type(model).__name__} (no ModuleList of "
+            f"{sorted(blocks) or 'identical blocks'}): name the modules in model.modules"
+        )
     return tuple(stacks)
 
 
@@ -240,8 +242,9 @@ def read_structure(model: nn.Module, modules: Any = None) -> Structure:
     return structure
 
 
-def _classify_layer(layer: nn.Module, prefix: str, index: int, family: str, config: Any, hidden: int, heads: int,
-                    head_dim: int) -> list[LinearInfo]:
+def _classify_layer(
+    layer: nn.Module, prefix: str, index: int, family: str, config: Any, hidden: int, heads: int, head_dim: int
+) -> list[LinearInfo]:
     attn_roots = _attention_roots(layer)
     groups: dict[str, list[tuple[str, int, int]]] = {}  # attention root or "ffn" -> (local, d_in, d_out)
     other: list[tuple[str, int, int]] = []
@@ -288,8 +291,9 @@ def _attention_roots(layer: nn.Module) -> list[str]:
 Roles = dict[str, tuple[tuple[str, ...] | None, Fused | None]]
 
 
-def _attention_roles(lins: list[tuple[str, int, int]], hidden: int, heads: int, head_dim: int, family: str,
-                     config: Any) -> Roles:
+def _attention_roles(
+    lins: list[tuple[str, int, int]], hidden: int, heads: int, head_dim: int, family: str, config: Any
+) -> Roles:
     q_width = heads * head_dim
     experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
     routers = {lo for lo, a, b in lins if a == hidden and b < hidden and (b == 1 or b == experts)}
@@ -297,8 +301,11 @@ def _attention_roles(lins: list[tuple[str, int, int]], hidden: int, heads: int, 
     lins = [x for x in lins if x[0] not in routers]
     outs = [lo for lo, a, b in lins if b == hidden and a in (q_width, hidden) and _hint(lo, "output")]
     if not outs:  # no name says it: the one writing `hidden` from H*d that is not an input projection
-        cands = [lo for lo, a, b in lins if b == hidden and a == q_width and not any(
-            _hint(lo, k) for k in ("query", "key", "value", "qkv"))]
+        cands = [
+            lo
+            for lo, a, b in lins
+            if b == hidden and a == q_width and not any(_hint(lo, k) for k in ("query", "key", "value", "qkv"))
+        ]
         outs = cands[-1:]
     roles |= {lo: (("output",), None) for lo in outs}
     inputs = [(lo, a, b) for lo, a, b in lins if lo not in roles and a == hidden]
@@ -346,7 +353,9 @@ def _ffn_roles(lins: list[tuple[str, int, int]], hidden: int, family: str, confi
     rest = [x for x in lins if x[0] not in roles]
     outs = [x for x in rest if x[2] == hidden and x[1] != hidden]
     if not outs:  # in == out == hidden: the name, else the last defined
-        outs = [x for x in rest if x[2] == hidden and _hint(x[0], "ffn_out")] or [x for x in rest if x[2] == hidden][-1:]
+        outs = [x for x in rest if x[2] == hidden and _hint(x[0], "ffn_out")] or [x for x in rest if x[2] == hidden][
+            -1:
+        ]
     for lo, _a, _b in outs:
         roles[lo] = (("ffn_out",), None)
     widths = {a for _lo, a, _b in outs}
@@ -382,11 +391,13 @@ def _override(structure: Structure, modules: dict[str, list[str]]) -> Structure:
     linears = list(structure.linears)
     for key, patterns in modules.items():
         if key not in ROLES + BLOCKS:
-            raise ConfigError(f"model.modules.{key}: unknown role or block (roles: {', '.join(ROLES)}; blocks: "
-                              f"{', '.join(BLOCKS)})")
+            raise ConfigError(
+                f"model.modules.{key}: unknown role or block (roles: {', '.join(ROLES)}; blocks: {', '.join(BLOCKS)})"
+            )
         for p in patterns:
-            check_every_layer(structure, [li for li in linears if name_matches(li.name, [p])], f"model.modules.{key}",
-                               p)
+            check_every_layer(
+                structure, [li for li in linears if name_matches(li.name, [p])], f"model.modules.{key}", p
+            )
         for i, li in enumerate(linears):
             hit = name_matches(li.name, list(patterns))
             if key in BLOCKS:
@@ -402,13 +413,16 @@ def _override(structure: Structure, modules: dict[str, list[str]]) -> Structure:
 def check_every_layer(structure: Structure, hits: list[LinearInfo], key: str, entry: str) -> None:
     layers = {li.layer for li in hits}
     if not layers:
-        raise ConfigError(f"{key}: {entry!r} matches no linear of {structure.family} (layer 0 has: "
-                          f"{structure.describe_layer(0)})")
+        raise ConfigError(
+            f"{key}: {entry!r} matches no linear of {structure.family} (layer 0 has: {structure.describe_layer(0)})"
+        )
     missing = sorted(set(range(structure.num_layers)) - layers)
     if missing:
-        raise ConfigError(f"{key}: {entry!r} matches linears in {len(layers)} of {structure.num_layers} layers of "
-                          f"{structure.family} but none in layer(s) {missing[:8]} (layer {missing[0]} has: "
-                          f"{structure.describe_layer(missing[0])})")
+        raise ConfigError(
+            f"{key}: {entry!r} matches linears in {len(layers)} of {structure.num_layers} layers of "
+            f"{structure.family} but none in layer(s) {missing[:8]} (layer {missing[0]} has: "
+            f"{structure.describe_layer(missing[0])})"
+        )
 
 
 def cross_check_peft(structure: Structure) -> None:
@@ -419,17 +433,22 @@ def cross_check_peft(structure: Structure) -> None:
 
     family = structure.family
     layer0 = structure.in_layer(0)
-    named = (getattr(peft_tables, "TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING", {}).get(family, []) +
-             getattr(peft_tables, "TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING", {}).get(family, []))
+    named = getattr(peft_tables, "TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING", {}).get(family, []) + getattr(
+        peft_tables, "TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING", {}
+    ).get(family, [])
     for name in dict.fromkeys(named):
         if not any(name_matches(li.name, [name]) for li in layer0):
-            raise ConfigError(f"peft targets {name!r} in {family} models, but layer 0 of this checkpoint has no such "
-                              f"linear ({structure.describe_layer(0)}): name the modules in model.modules")
+            raise ConfigError(
+                f"peft targets {name!r} in {family} models, but layer 0 of this checkpoint has no such "
+                f"linear ({structure.describe_layer(0)}): name the modules in model.modules"
+            )
     if structure.found.get("ffn_out") != "detected":
         return
     for name in getattr(peft_tables, "TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING", {}).get(family, []):
         wrong = [li.local for li in layer0 if name_matches(li.name, [name]) and "ffn_out" not in li.roles]
         if wrong:
-            raise ConfigError(f"peft treats {name!r} as the feed-forward output of {family}, but moe_lora detected "
-                              f"{wrong[0]} as {'+'.join(next(li.roles for li in layer0 if li.local == wrong[0]))}: "
-                              "set model.modules.ffn_out")
+            raise ConfigError(
+                f"peft treats {name!r} as the feed-forward output of {family}, but moe_lora detected "
+                f"{wrong[0]} as {'+'.join(next(li.roles for li in layer0 if li.local == wrong[0]))}: "
+                "set model.modules.ffn_out"
+            )

@@ -74,8 +74,9 @@ def resolve_targets(structure: Structure, model: nn.Module, targets: list[str]) 
     return sorted(sites, key=lambda s: order[s.name])
 
 
-def _entry_hits(structure: Structure, model: nn.Module, entry: str,
-                targets: list[str]) -> list[tuple[LinearInfo, tuple[str, ...] | None]]:
+def _entry_hits(
+    structure: Structure, model: nn.Module, entry: str, targets: list[str]
+) -> list[tuple[LinearInfo, tuple[str, ...] | None]]:
     where = f"adapter.target_modules={targets}"
     if entry in ROLES:
         hits = [li for li in structure.linears if entry in li.roles]
@@ -92,8 +93,10 @@ def _entry_hits(structure: Structure, model: nn.Module, entry: str,
         if is_adaptable(mod) and name_matches(name, [entry]):
             hits.append(known.get(name) or LinearInfo(name, name, None, None))
     if not hits:
-        raise ConfigError(f"{where} matched no linear module for {entry!r} in {structure.family} (layer 0 has: "
-                          f"{structure.describe_layer(0)})")
+        raise ConfigError(
+            f"{where} matched no linear module for {entry!r} in {structure.family} (layer 0 has: "
+            f"{structure.describe_layer(0)})"
+        )
     in_layers = [li for li in hits if li.layer is not None]
     if in_layers:
         check_every_layer(structure, in_layers, "adapter.target_modules", entry)
@@ -106,9 +109,11 @@ def _require_every_layer(structure: Structure, hits: list[LinearInfo], entry: st
     if missing:
         how = structure.found.get(entry, "detected")
         layer = missing[0]
-        raise ConfigError(f"{where}: {structure.family} has no {kind} {entry!r} in layer {layer} ({how}; its linears: "
-                          f"{structure.describe_layer(layer)}); target module names instead, or set "
-                          f"model.modules.{entry if entry != 'all' else 'ffn'}")
+        raise ConfigError(
+            f"{where}: {structure.family} has no {kind} {entry!r} in layer {layer} ({how}; its linears: "
+            f"{structure.describe_layer(layer)}); target module names instead, or set "
+            f"model.modules.{entry if entry != 'all' else 'ffn'}"
+        )
 
 
 # ---------------------------------------------------------------------------------- targets table
@@ -133,18 +138,28 @@ def targets_summary(structure: Structure, sites: list[Site], slices: bool) -> di
     for entry, row in rows.items():
         layers = sorted(x for x in row["layers"] if x is not None)
         per_layer = sum(1 for s in sites if entry in s.entries and s.layer == layers[0]) if layers else 0
-        out[entry] = {"modules": sorted(row["modules"]), "per_layer": per_layer, "layers": len(layers),
-                      "sites": {k: v["site"] for k, v in row["modules"].items()},
-                      "found": structure.found.get(entry, "by name")}
-    return {"family": structure.family, "num_layers": structure.num_layers,
-            "stacks": [list(s) for s in structure.stacks], "entries": out}
+        out[entry] = {
+            "modules": sorted(row["modules"]),
+            "per_layer": per_layer,
+            "layers": len(layers),
+            "sites": {k: v["site"] for k, v in row["modules"].items()},
+            "found": structure.found.get(entry, "by name"),
+        }
+    return {
+        "family": structure.family,
+        "num_layers": structure.num_layers,
+        "stacks": [list(s) for s in structure.stacks],
+        "entries": out,
+    }
 
 
 def format_targets(summary: dict[str, Any]) -> str:
     """The targets table printed by ``moe-lora params`` and at the start of every run."""
-    lines = [f"targets on {summary['family']} ({summary['num_layers']} layers in "
-             f"{', '.join(p for p, _ in summary['stacks'])}):",
-             f"  {'target':<12} {'found':<14} {'per layer':>9} {'layers':>6}  modules (site)"]
+    lines = [
+        f"targets on {summary['family']} ({summary['num_layers']} layers in "
+        f"{', '.join(p for p, _ in summary['stacks'])}):",
+        f"  {'target':<12} {'found':<14} {'per layer':>9} {'layers':>6}  modules (site)",
+    ]
     for entry, row in summary["entries"].items():
         mods = ", ".join(f"{m} ({row['sites'][m]})" for m in row["modules"])
         lines.append(f"  {entry:<12} {row['found']:<14} {row['per_layer']:>9} {row['layers']:>6}  {mods}")

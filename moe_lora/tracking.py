@@ -83,7 +83,7 @@ class JsonlFile:
         try:
             size = os.fstat(fd).st_size
             while data:
-                data = data[self._file.write(data):]
+                data = data[self._file.write(data) :]
         except OSError as exc:
             if size is not None:
                 with contextlib.suppress(OSError):
@@ -119,8 +119,13 @@ class Tracker:
             return fn(*args, **kwargs)
         except Exception as exc:  # wandb raises its own errors, OSError, ConnectionError, ...
             detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            log.warning("%s failed (%s%s); W&B is off for the rest of this run, metrics.jsonl and routing.jsonl "
-                        "in %s go on", what, type(exc).__name__, f": {detail}" if detail else "", self.run_dir)
+            log.warning(
+                "%s failed (%s%s); W&B is off for the rest of this run, metrics.jsonl and routing.jsonl in %s go on",
+                what,
+                type(exc).__name__,
+                f": {detail}" if detail else "",
+                self.run_dir,
+            )
             run, self._wandb = self._wandb, None
             if run is not None and what != "wandb.finish":  # end its background process; it failed once already
                 with contextlib.suppress(Exception):
@@ -134,8 +139,9 @@ class Tracker:
     def log(self, row: dict) -> None:
         self._metrics.append([row])
         if self._wandb is not None:
-            self._wandb_call("wandb.log", self._wandb.log, {f"train/{k}": v for k, v in row.items() if k != "step"},
-                             step=row["step"])
+            self._wandb_call(
+                "wandb.log", self._wandb.log, {f"train/{k}": v for k, v in row.items() if k != "step"}, step=row["step"]
+            )
 
     def log_routing(self, rows: list[dict]) -> None:
         self._routing.append(rows)
@@ -159,8 +165,14 @@ def _wandb_init(cfg: LoggerConfig, run_dir: Path, config: dict, name: str):
     import wandb
 
     return wandb.init(
-        project=cfg.wandb.project, entity=cfg.wandb.entity, mode=cfg.wandb.mode, dir=str(run_dir),
-        name=name, config=config, tags=list(cfg.wandb.tags), reinit="finish_previous",
+        project=cfg.wandb.project,
+        entity=cfg.wandb.entity,
+        mode=cfg.wandb.mode,
+        dir=str(run_dir),
+        name=name,
+        config=config,
+        tags=list(cfg.wandb.tags),
+        reinit="finish_previous",
         settings=wandb.Settings(console="off", silent=True),
     )
 
@@ -168,7 +180,8 @@ def _wandb_init(cfg: LoggerConfig, run_dir: Path, config: dict, name: str):
 def _wandb_finish(run, results: dict | None) -> None:
     try:
         if results is not None:
-            run.summary.update({f"metrics/{k}": v for k, v in results.get("metrics", {}).items()
-                                if isinstance(v, (int, float))})
+            run.summary.update(
+                {f"metrics/{k}": v for k, v in results.get("metrics", {}).items() if isinstance(v, (int, float))}
+            )
     finally:
         run.finish()

@@ -27,19 +27,25 @@ def validate(cfg: TrainConfig, check_files: bool = True) -> None:
     parameter accounting)."""
     spec = ADAPTERS.get(cfg.adapter.name)
     if not isinstance(cfg.adapter, spec.config_cls):
-        raise ConfigError(f"adapter.name={cfg.adapter.name!r} but conf/adapter uses the schema of "
-                          f"{type(cfg.adapter).__name__}; start the YAML with '- /schema/adapter/{spec.name}@_here_'")
+        raise ConfigError(
+            f"adapter.name={cfg.adapter.name!r} but conf/adapter uses the schema of "
+            f"{type(cfg.adapter).__name__}; start the YAML with '- /schema/adapter/{spec.name}@_here_'"
+        )
     unknown = [t for t in cfg.data.instruction_tasks if t not in INSTRUCTION_TASKS]
     if unknown:
-        raise ConfigError(f"data.instruction_tasks={list(cfg.data.instruction_tasks)} has unknown tasks {unknown} "
-                          f"(known: {', '.join(INSTRUCTION_TASKS)})")
+        raise ConfigError(
+            f"data.instruction_tasks={list(cfg.data.instruction_tasks)} has unknown tasks {unknown} "
+            f"(known: {', '.join(INSTRUCTION_TASKS)})"
+        )
     check_precision(cfg.recipe.precision, cfg.model.dtype, cfg.adapter.dtype, spec.trains_base)
     if cfg.eval.harness.tasks:
         from moe_lora.eval.harness import check_harness
 
         if cfg.recipe.strategy == "fsdp":  # lm-eval runs on rank 0 only; an FSDP forward needs every rank
-            raise ConfigError("eval.harness.tasks with recipe.strategy=fsdp is not supported: use ddp, or run "
-                              "`moe-lora eval` on the saved adapter")
+            raise ConfigError(
+                "eval.harness.tasks with recipe.strategy=fsdp is not supported: use ddp, or run "
+                "`moe-lora eval` on the saved adapter"
+            )
 
         check_harness(cfg.eval.harness)
     if check_files:
@@ -67,13 +73,17 @@ def check_real_data(cfg: TrainConfig, trains: bool) -> None:
     from moe_lora.data.sources import train_counts
 
     if cfg.model.source == "world":
-        raise ConfigError(f"data={cfg.data.name!r} has real datasets (data.sources) but model.source=world: the "
-                          "built-in model's word-level vocabulary only covers the built-in world; choose a hub model "
-                          "(model=... model.name_or_path=...) or data=world_mix")
+        raise ConfigError(
+            f"data={cfg.data.name!r} has real datasets (data.sources) but model.source=world: the "
+            "built-in model's word-level vocabulary only covers the built-in world; choose a hub model "
+            "(model=... model.name_or_path=...) or data=world_mix"
+        )
     if trains and sum(train_counts(cfg.data).values()) == 0:
         names = ", ".join(cfg.data.sources)
-        raise ConfigError(f"data.sources ({names}) give no training examples: every split is null or every "
-                          "num_examples / weight is 0 (data.sources.<name>.split, .num_examples, .weight)")
+        raise ConfigError(
+            f"data.sources ({names}) give no training examples: every split is null or every "
+            "num_examples / weight is 0 (data.sources.<name>.split, .num_examples, .weight)"
+        )
 
 
 def check_max_length(cfg: TrainConfig, n: int = 16) -> None:
@@ -88,8 +98,10 @@ def check_max_length(cfg: TrainConfig, n: int = 16) -> None:
     tok = AutoTokenizer.from_pretrained(resolve_hub_path(cfg.model), trust_remote_code=cfg.model.trust_remote_code)
     max_length, chat = cfg.data.max_length, cfg.data.chat_template
     if examples and all(encode_example(tok, e.prompt, e.answer, max_length, chat).truncated for e in examples):
-        raise ConfigError(f"data.max_length={max_length} is shorter than every training example checked (the first "
-                          f"{n} of each source, {len(examples)} in all): their prompts would be cut; raise it")
+        raise ConfigError(
+            f"data.max_length={max_length} is shorter than every training example checked (the first "
+            f"{n} of each source, {len(examples)} in all): their prompts would be cut; raise it"
+        )
 
 
 def base_meta_model(cfg: TrainConfig) -> nn.Module:
@@ -127,17 +139,23 @@ def check_grouped(cfg: TrainConfig) -> None:
     for rank in sorted(ranks):
         if rank * width % 16:
             key = "layout.rank" if cfg.layout.rank is not None else "adapter.rank"
-            raise ConfigError(f"{key}={rank} with adapter.expert_compute=grouped must be a multiple of {16 // width} "
-                              f"when computing in {'16-bit' if width == 2 else 'float32'} (16-byte rows); "
-                              "use expert_compute=dense")
+            raise ConfigError(
+                f"{key}={rank} with adapter.expert_compute=grouped must be a multiple of {16 // width} "
+                f"when computing in {'16-bit' if width == 2 else 'float32'} (16-byte rows); "
+                "use expert_compute=dense"
+            )
     if mode != "bf16" and _on_cuda(cfg.recipe.device):
-        raise ConfigError(f"adapter.expert_compute=grouped on CUDA needs bfloat16 compute (torch's grouped GEMM "
-                          f"kernel; recipe.precision={cfg.recipe.precision}, model.dtype={cfg.model.dtype}): set "
-                          "recipe.precision=bf16, or use expert_compute=dense")
+        raise ConfigError(
+            f"adapter.expert_compute=grouped on CUDA needs bfloat16 compute (torch's grouped GEMM "
+            f"kernel; recipe.precision={cfg.recipe.precision}, model.dtype={cfg.model.dtype}): set "
+            "recipe.precision=bf16, or use expert_compute=dense"
+        )
     if cfg.recipe.compile and mode != "bf16":
-        raise ConfigError(f"adapter.expert_compute=grouped with recipe.compile=true needs bfloat16 compute "
-                          f"(recipe.precision=bf16 or model.dtype=bfloat16; compiled grouped GEMMs are bfloat16 only; "
-                          f"model.dtype={cfg.model.dtype}, recipe.precision={cfg.recipe.precision})")
+        raise ConfigError(
+            f"adapter.expert_compute=grouped with recipe.compile=true needs bfloat16 compute "
+            f"(recipe.precision=bf16 or model.dtype=bfloat16; compiled grouped GEMMs are bfloat16 only; "
+            f"model.dtype={cfg.model.dtype}, recipe.precision={cfg.recipe.precision})"
+        )
 
 
 def _on_cuda(device: str) -> bool:

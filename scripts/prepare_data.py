@@ -28,8 +28,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Download the datasets of a data config into data.root (save_to_disk).")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--data", help="a conf/data name, e.g. cbqa_instruct_hub: every source of that mix")
-    what.add_argument("--sources", nargs="+", metavar="NAME",
-                      help=f"conf/source names ({', '.join(sorted(x.stem for x in CONF_SOURCES.glob('*.yaml')))})")
+    what.add_argument(
+        "--sources",
+        nargs="+",
+        metavar="NAME",
+        help=f"conf/source names ({', '.join(sorted(x.stem for x in CONF_SOURCES.glob('*.yaml')))})",
+    )
     p.add_argument("--root", required=True, help="folder of prepared datasets (pass it as data.root)")
     p.add_argument("--overwrite", action="store_true", help="replace sources that are already there")
     p.add_argument("--dry-run", action="store_true", help="print what would be fetched, fetch nothing")
@@ -59,8 +63,13 @@ def save_atomic(name: str, dataset: Any, root: Path) -> Path:
     return root / name
 
 
-def prepare(sources: dict[str, Any], root: Path, overwrite: bool = False, dry_run: bool = False,
-            load: Callable[[str, str | None], Any] = hub_loader) -> list[Path]:
+def prepare(
+    sources: dict[str, Any],
+    root: Path,
+    overwrite: bool = False,
+    dry_run: bool = False,
+    load: Callable[[str, str | None], Any] = hub_loader,
+) -> list[Path]:
     """Fetch and save every source not already under ``root`` (or all, with ``overwrite``)."""
     written = []
     for name, src in sources.items():
@@ -96,8 +105,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"prepare_data: error: {one_line(exc)}", file=sys.stderr)
         return 2
     if not sources:
-        print(f"prepare_data: error: data={args.data} has no data.sources (the built-in world needs no data)",
-              file=sys.stderr)
+        print(
+            f"prepare_data: error: data={args.data} has no data.sources (the built-in world needs no data)",
+            file=sys.stderr,
+        )
         return 2
     prepare(sources, Path(args.root), args.overwrite, args.dry_run)
     return 0

@@ -17,9 +17,18 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 # A world small enough to pretrain in seconds; shared by every end-to-end test through one cache.
 TINY = [
-    "data.world.num_people=40", "data.world.bios_per_person=3", "model.hidden_size=64", "model.num_layers=2",
-    "model.intermediate_size=128", "model.num_heads=2", "model.num_kv_heads=2", "model.pretrain.steps=60",
-    "model.pretrain.batch_size=32", "data.num_train=200", "data.eval_per_task=8", "recipe=smoke",
+    "data.world.num_people=40",
+    "data.world.bios_per_person=3",
+    "model.hidden_size=64",
+    "model.num_layers=2",
+    "model.intermediate_size=128",
+    "model.num_heads=2",
+    "model.num_kv_heads=2",
+    "model.pretrain.steps=60",
+    "model.pretrain.batch_size=32",
+    "data.num_train=200",
+    "data.eval_per_task=8",
+    "recipe=smoke",
 ]
 
 

@@ -22,16 +22,27 @@ from pathlib import Path
 import pytest
 
 # If a row's input were ever accepted, the run it starts is tiny (and its tokenised cache goes to cache_dir).
-SMALL = ("recipe=smoke", "recipe.threads=1", "recipe.max_steps=1", "data.num_train=4", "recipe.eval_limit=1",
-         "eval.max_new_tokens=1")
+SMALL = (
+    "recipe=smoke",
+    "recipe.threads=1",
+    "recipe.max_steps=1",
+    "data.num_train=4",
+    "recipe.eval_limit=1",
+    "eval.max_new_tokens=1",
+)
 HUB = ("model.source=hub", "model.name_or_path={llama}")
 REAL = (*HUB, "data=triviaqa_alpaca", "data.root={data}")
 
 
 def alpaca_from(file: str) -> tuple[str, ...]:
     """The TriviaQA fixture, and Alpaca read from ``file`` (under tmp) instead of the fixture."""
-    return (*HUB, "data=triviaqa_alpaca", "data.root=null", "data.sources.triviaqa.path={data}/triviaqa",
-            f"data.sources.alpaca.path={{tmp}}/{file}")
+    return (
+        *HUB,
+        "data=triviaqa_alpaca",
+        "data.root=null",
+        "data.sources.triviaqa.path={data}/triviaqa",
+        f"data.sources.alpaca.path={{tmp}}/{file}",
+    )
 
 
 @dataclass(frozen=True)
@@ -99,37 +110,81 @@ ROWS = [
     Bad("device not present", ("train", "recipe.device=cuda:7"), "recipe.device"),
     Bad("one bad job in a sweep", ("train", "-m", "adapter=lora,loramoe", "adapter.dropout=2"), "adapter.dropout"),
     # --- model paths (subprocess)
-    Bad("uncached hub model offline", ("train", "model.source=hub", "model.name_or_path=nobody/no-such-model"),
-        "model.name_or_path"),
-    Bad("missing model folder", ("train", "model.source=hub", "model.name_or_path={tmp}/no_such_model"),
-        "{tmp}/no_such_model", subprocess=True),
-    Bad("model folder without config.json", ("train", "model.source=hub", "model.name_or_path={tmp}/model"),
-        "without config.json", setup=no_config_json),
-    Bad("corrupt config.json", ("train", "model.source=hub", "model.name_or_path={tmp}/model"),
-        "{tmp}/model/config.json", setup=corrupt_config_json),
-    Bad("target_modules matching nothing", ("train", *HUB, "adapter=lora", "adapter.target_modules=[nope]"),
-        "adapter.target_modules"),
+    Bad(
+        "uncached hub model offline",
+        ("train", "model.source=hub", "model.name_or_path=nobody/no-such-model"),
+        "model.name_or_path",
+    ),
+    Bad(
+        "missing model folder",
+        ("train", "model.source=hub", "model.name_or_path={tmp}/no_such_model"),
+        "{tmp}/no_such_model",
+        subprocess=True,
+    ),
+    Bad(
+        "model folder without config.json",
+        ("train", "model.source=hub", "model.name_or_path={tmp}/model"),
+        "without config.json",
+        setup=no_config_json,
+    ),
+    Bad(
+        "corrupt config.json",
+        ("train", "model.source=hub", "model.name_or_path={tmp}/model"),
+        "{tmp}/model/config.json",
+        setup=corrupt_config_json,
+    ),
+    Bad(
+        "target_modules matching nothing",
+        ("train", *HUB, "adapter=lora", "adapter.target_modules=[nope]"),
+        "adapter.target_modules",
+    ),
     # --- data paths (subprocess)
-    Bad("missing dataset", ("train", *alpaca_from("no_such.jsonl")), "data.sources.alpaca.path='{tmp}/no_such.jsonl'",
-        subprocess=True),
-    Bad("data.root without the dataset", ("train", *REAL, "data.root={tmp}/root"), "{tmp}/root/triviaqa",
-        setup=junk_data_root),
-    Bad("missing field", ("train", *REAL, "data.sources.triviaqa.fields.question=query"),
-        "data.sources.triviaqa.fields.question=query"),
-    Bad("unknown split", ("train", *REAL, "data.sources.triviaqa.split=nope"), "data.sources.triviaqa.split",),
-    Bad("empty dataset", ("train", *alpaca_from("empty.jsonl")), "{tmp}/empty.jsonl",
-        setup=empty_jsonl),
-    Bad("max_length shorter than every prompt", ("train", *REAL, "data.max_length=8"), "data.max_length",),
+    Bad(
+        "missing dataset",
+        ("train", *alpaca_from("no_such.jsonl")),
+        "data.sources.alpaca.path='{tmp}/no_such.jsonl'",
+        subprocess=True,
+    ),
+    Bad(
+        "data.root without the dataset",
+        ("train", *REAL, "data.root={tmp}/root"),
+        "{tmp}/root/triviaqa",
+        setup=junk_data_root,
+    ),
+    Bad(
+        "missing field",
+        ("train", *REAL, "data.sources.triviaqa.fields.question=query"),
+        "data.sources.triviaqa.fields.question=query",
+    ),
+    Bad("unknown split", ("train", *REAL, "data.sources.triviaqa.split=nope"), "data.sources.triviaqa.split"),
+    Bad("empty dataset", ("train", *alpaca_from("empty.jsonl")), "{tmp}/empty.jsonl", setup=empty_jsonl),
+    Bad("max_length shorter than every prompt", ("train", *REAL, "data.max_length=8"), "data.max_length"),
     # --- output folders (subprocess; adapter=none: whatever the adapter, and no meta-device model to build)
-    Bad("unwritable output folder", ("train", "adapter=none"), "{tmp}/taken/run", subprocess=True,
-        setup=file_in_the_way, run_dir="taken/run"),
+    Bad(
+        "unwritable output folder",
+        ("train", "adapter=none"),
+        "{tmp}/taken/run",
+        subprocess=True,
+        setup=file_in_the_way,
+        run_dir="taken/run",
+    ),
     # --- checkpoints (a run killed after its step-5 checkpoint, as the resume tests make them)
     Bad("checkpoints present without resume=", ("train", "adapter=none"), "resume=", setup=checkpointed),
-    Bad("truncated checkpoint", ("train", "adapter=none", "resume=auto"), "{tmp}/ckpt/checkpoints/step-5/optimizer.pt",
-        setup=truncated_checkpoint, run_dir="ckpt"),
+    Bad(
+        "truncated checkpoint",
+        ("train", "adapter=none", "resume=auto"),
+        "{tmp}/ckpt/checkpoints/step-5/optimizer.pt",
+        setup=truncated_checkpoint,
+        run_dir="ckpt",
+    ),
     Bad("resume into another directory", ("train", "adapter=none", "resume={tmp}/elsewhere"), "resume="),
-    Bad("run directory that already holds results", ("train", *REAL, "adapter=none"), "{tmp}/earlier",
-        setup=earlier_results, run_dir="earlier"),
+    Bad(
+        "run directory that already holds results",
+        ("train", *REAL, "adapter=none"),
+        "{tmp}/earlier",
+        setup=earlier_results,
+        run_dir="earlier",
+    ),
 ]
 
 
@@ -146,7 +201,8 @@ def console_script() -> list[str]:
 def marks(row: Bad) -> list[pytest.MarkDecorator]:
     """Subprocess rows cost 4-12 s each (torch import, some load a model): slow."""
     return ([pytest.mark.slow] if row.subprocess else []) + (
-        [pytest.mark.xfail(strict=True, reason=row.xfail)] if row.xfail else [])
+        [pytest.mark.xfail(strict=True, reason=row.xfail)] if row.xfail else []
+    )
 
 
 @pytest.mark.parametrize("row", [pytest.param(r, id=r.name, marks=marks(r)) for r in ROWS])
@@ -157,8 +213,12 @@ def test_bad_input(row: Bad, tmp_path, run_cli, cache_dir, monkeypatch, request,
     if any("{data}" in a for a in row.args):
         fill["data"] = str(request.getfixturevalue("data_root"))
     args = [a.format(**fill) for a in row.args]
-    args += [*SMALL, f"cache_dir={cache_dir}", f"hydra.run.dir={tmp_path / row.run_dir}",
-             f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    args += [
+        *SMALL,
+        f"cache_dir={cache_dir}",
+        f"hydra.run.dir={tmp_path / row.run_dir}",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    ]
     cwd = tmp_path / "cwd"  # anything written relative to the working directory shows in the snapshot
     cwd.mkdir()
     if row.setup is not None:
@@ -166,8 +226,7 @@ def test_bad_input(row: Bad, tmp_path, run_cli, cache_dir, monkeypatch, request,
     before = snapshot(tmp_path)
     if row.subprocess:
         env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-        proc = subprocess.run([*console_script(), *args], cwd=cwd, env=env, capture_output=True, text=True,
-                              timeout=300)
+        proc = subprocess.run([*console_script(), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
         code, out, err = proc.returncode, proc.stdout, proc.stderr
     else:
         monkeypatch.chdir(cwd)

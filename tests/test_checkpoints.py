@@ -65,8 +65,14 @@ def test_default_targets_fit_gpt2(checkpoints, adapter) -> None:
     """Default targets come from model.modules roles; GPT-2's fused c_attn serves query/key/value."""
     from moe_lora.adapters.inject import inject_adapter
 
-    cfg = load_config(["model=gpt2", f"model.name_or_path={checkpoints['gpt2']}", f"adapter={adapter}",
-                       "adapter.num_minis=4" if adapter == "melora" else "seed=0"])
+    cfg = load_config(
+        [
+            "model=gpt2",
+            f"model.name_or_path={checkpoints['gpt2']}",
+            f"adapter={adapter}",
+            "adapter.num_minis=4" if adapter == "melora" else "seed=0",
+        ]
+    )
     model = AutoModelForCausalLM.from_pretrained(checkpoints["gpt2"])
     names = inject_adapter(model, cfg.adapter, cfg.model, cfg.layout)
     assert names and all(re.search(r"\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)$", n) for n in names)
@@ -78,14 +84,23 @@ def test_default_targets_fit_gpt2(checkpoints, adapter) -> None:
 
 def test_target_errors_come_before_any_weights_load(checkpoints) -> None:
     with pytest.raises(ConfigError, match=r"adapter.target_modules=\['nope'\] matched no linear"):
-        load_config(["model=gpt2", f"model.name_or_path={checkpoints['gpt2']}", "adapter=lora",
-                     "adapter.target_modules=[nope]"])
+        load_config(
+            ["model=gpt2", f"model.name_or_path={checkpoints['gpt2']}", "adapter=lora", "adapter.target_modules=[nope]"]
+        )
     with pytest.raises(ConfigError, match=r"adapter\.num_minis=3"):
-        load_config(["model.source=hub", f"model.name_or_path={checkpoints['llama']}", "adapter=melora",
-                     "adapter.num_minis=3"])
+        load_config(
+            ["model.source=hub", f"model.name_or_path={checkpoints['llama']}", "adapter=melora", "adapter.num_minis=3"]
+        )
     with pytest.raises(ConfigError, match=r"layout\.experts"):
-        load_config(["model=gpt2", f"model.name_or_path={checkpoints['gpt2']}", "adapter=mola",
-                     "layout=custom", "layout.experts=[2,4,6]"])
+        load_config(
+            [
+                "model=gpt2",
+                f"model.name_or_path={checkpoints['gpt2']}",
+                "adapter=mola",
+                "layout=custom",
+                "layout.experts=[2,4,6]",
+            ]
+        )
 
 
 def test_missing_device_fails_in_validate(checkpoints) -> None:
@@ -97,11 +112,28 @@ def test_real_data_needs_a_hub_model_and_training_examples(checkpoints, data_roo
     with pytest.raises(ConfigError, match=r"model\.source=world"):
         load_config(["data=triviaqa_alpaca", f"data.root={data_root}"])
     with pytest.raises(ConfigError, match=r"give no training examples"):
-        load_config(["model.source=hub", f"model.name_or_path={checkpoints['llama']}", "data=triviaqa_alpaca",
-                     f"data.root={data_root}", "data.sources.triviaqa.weight=0", "data.sources.alpaca.weight=0"])
+        load_config(
+            [
+                "model.source=hub",
+                f"model.name_or_path={checkpoints['llama']}",
+                "data=triviaqa_alpaca",
+                f"data.root={data_root}",
+                "data.sources.triviaqa.weight=0",
+                "data.sources.alpaca.weight=0",
+            ]
+        )
 
 
 def test_grouped_ranks_are_checked_per_layer(checkpoints) -> None:
     with pytest.raises(ConfigError, match=r"layout\.rank=6 with adapter\.expert_compute=grouped"):
-        load_config(["model=gpt2", f"model.name_or_path={checkpoints['gpt2']}", "adapter=mola",
-                     "adapter.expert_compute=grouped", "layout=custom", "layout.experts=[4,4]", "layout.rank=[8,6]"])
+        load_config(
+            [
+                "model=gpt2",
+                f"model.name_or_path={checkpoints['gpt2']}",
+                "adapter=mola",
+                "adapter.expert_compute=grouped",
+                "layout=custom",
+                "layout.experts=[4,4]",
+                "layout.rank=[8,6]",
+            ]
+        )

@@ -36,8 +36,16 @@ CASES = [
     (["adapter=loramoe", "adapter.lbc_expert_types=[0,1]"], "adapter.lbc_expert_types"),
     (["adapter=mola", "layout=custom", "layout.experts=[2,4,6]"], "layout.experts"),
     (["adapter=ia3", "layout=custom", "layout.experts=null", "layout.rank=[4]"], "layout.rank"),
-    (["adapter=lora", "adapter.target_modules=[lm_head]", "layout=custom", "layout.experts=null", "layout.rank=[4,8]"],
-     "lm_head"),
+    (
+        [
+            "adapter=lora",
+            "adapter.target_modules=[lm_head]",
+            "layout=custom",
+            "layout.experts=null",
+            "layout.rank=[4,8]",
+        ],
+        "lm_head",
+    ),
     (["recipe.optimizer=sgd"], "recipe.optimizer"),
     (["recipe.optimizer=adafactor"], "recipe.scheduler"),
 ]
@@ -55,8 +63,13 @@ def test_bad_config_fails_with_one_line(run_cli, tmp_path, args, needle) -> None
 
 def test_uncached_hub_id_fails_fast_offline(run_cli, tmp_path) -> None:
     start = time.time()
-    code, _, err = run_cli("train", "model.source=hub", "model.name_or_path=nobody/no-such-model",
-                           f"hydra.run.dir={tmp_path / 'r'}", tiny=False)
+    code, _, err = run_cli(
+        "train",
+        "model.source=hub",
+        "model.name_or_path=nobody/no-such-model",
+        f"hydra.run.dir={tmp_path / 'r'}",
+        tiny=False,
+    )
     assert code == 2 and "HF_HUB_OFFLINE=0" in err and "model.name_or_path" in err
     assert time.time() - start < 10
 
@@ -71,8 +84,14 @@ def test_unknown_command_and_help(run_cli) -> None:
 def test_real_data_and_extra_errors_are_one_line(run_cli, tmp_path, data_root, monkeypatch) -> None:
     """A wrong field mapping (on a prepared data.root) and harness tasks without the `eval` extra."""
     run_dir = tmp_path / "run"
-    code, _, err = run_cli("train", "data=triviaqa_alpaca", f"data.root={data_root}",
-                           "data.sources.triviaqa.fields.question=query", f"hydra.run.dir={run_dir}", tiny=False)
+    code, _, err = run_cli(
+        "train",
+        "data=triviaqa_alpaca",
+        f"data.root={data_root}",
+        "data.sources.triviaqa.fields.question=query",
+        f"hydra.run.dir={run_dir}",
+        tiny=False,
+    )
     assert code == 2 and err.count("\n") == 1 and "data.sources.triviaqa.fields.question=query" in err, err
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if `pip install -e ".[eval]"` had not run
     code, _, err = run_cli("train", "eval.harness.tasks=[arc_easy]", f"hydra.run.dir={run_dir}", tiny=False)

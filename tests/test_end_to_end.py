@@ -34,8 +34,9 @@ def test_train_writes_valid_results(run_cli, tmp_path, adapter) -> None:
     rows = [r for r in lines if "loss" in r]
     assert [r["step"] for r in rows] == [2, 4, 6] and all(math.isfinite(r["loss"]) for r in rows)
     perf = [r for r in lines if "tokens_per_s" in r]  # throughput and memory on lines of their own
-    assert [r["step"] for r in perf] == [2, 4, 6] and all(set(r) == {"step", "tokens_per_s", "peak_mem_bytes"}
-                                                          for r in perf)
+    assert [r["step"] for r in perf] == [2, 4, 6] and all(
+        set(r) == {"step", "tokens_per_s", "peak_mem_bytes"} for r in perf
+    )
     assert res["perf"]["tokens"] > 0 and res["perf"]["peak_mem_bytes"] > 0
     predictions = read_jsonl(tmp_path / adapter / "predictions.jsonl")
     for model in ("base", "tuned"):
@@ -64,6 +65,7 @@ def test_same_seed_same_metrics_and_lbc_changes_cv(run_cli, tmp_path) -> None:
     a = train(run_cli, tmp_path / "a")
     b = train(run_cli, tmp_path / "b")
     assert a["metrics"] == b["metrics"] and a["routing"] == b["routing"]
+
     def losses(run: str) -> list[dict]:
         return [r for r in read_jsonl(tmp_path / run / "metrics.jsonl") if "loss" in r]
 
@@ -88,8 +90,9 @@ def test_eval_reevaluates_a_saved_run(run_cli, tmp_path) -> None:
 
 
 def test_multirun_sweep(run_cli, tmp_path) -> None:
-    code, _, err = run_cli("train", "-m", "adapter=lora,loramoe", f"hydra.sweep.dir={tmp_path}",
-                           "hydra.sweep.subdir=${adapter.name}")
+    code, _, err = run_cli(
+        "train", "-m", "adapter=lora,loramoe", f"hydra.sweep.dir={tmp_path}", "hydra.sweep.subdir=${adapter.name}"
+    )
     assert code == 0, err
     assert {p.parent.name for p in tmp_path.glob("*/results.json")} == {"lora", "loramoe"}
 

@@ -16,24 +16,67 @@ from moe_lora.adapters.inject import inject_adapter
 from moe_lora.adapters.slices import SlicedOutput
 from moe_lora.routing.recorder import RoutingRecorder
 
-LLAMA = {"query": ["self_attn.q_proj"], "key": ["self_attn.k_proj"], "value": ["self_attn.v_proj"],
-         "output": ["self_attn.o_proj"], "ffn_in": ["mlp.gate_proj", "mlp.up_proj"], "ffn_out": ["mlp.down_proj"]}
+LLAMA = {
+    "query": ["self_attn.q_proj"],
+    "key": ["self_attn.k_proj"],
+    "value": ["self_attn.v_proj"],
+    "output": ["self_attn.o_proj"],
+    "ffn_in": ["mlp.gate_proj", "mlp.up_proj"],
+    "ffn_out": ["mlp.down_proj"],
+}
 ROLES = {
-    "mistral": LLAMA, "gemma2": LLAMA, "qwen3": LLAMA, "olmo2": LLAMA,
-    "phi3": {"query": ["self_attn.qkv_proj"], "key": ["self_attn.qkv_proj"], "value": ["self_attn.qkv_proj"],
-             "output": ["self_attn.o_proj"], "ffn_in": ["mlp.gate_up_proj"], "ffn_out": ["mlp.down_proj"]},
-    "gpt_neox": {"query": ["attention.query_key_value"], "key": ["attention.query_key_value"],
-                 "value": ["attention.query_key_value"], "output": ["attention.dense"],
-                 "ffn_in": ["mlp.dense_h_to_4h"], "ffn_out": ["mlp.dense_4h_to_h"]},
-    "falcon": {"query": ["self_attention.query_key_value"], "key": ["self_attention.query_key_value"],
-               "value": ["self_attention.query_key_value"], "output": ["self_attention.dense"],
-               "ffn_in": ["mlp.dense_h_to_4h"], "ffn_out": ["mlp.dense_4h_to_h"]},
-    "opt": {"query": ["self_attn.q_proj"], "key": ["self_attn.k_proj"], "value": ["self_attn.v_proj"],
-            "output": ["self_attn.out_proj"], "ffn_in": ["fc1"], "ffn_out": ["fc2"]},
-    "phi": {"query": ["self_attn.q_proj"], "key": ["self_attn.k_proj"], "value": ["self_attn.v_proj"],
-            "output": ["self_attn.dense"], "ffn_in": ["mlp.fc1"], "ffn_out": ["mlp.fc2"]},
-    "starcoder2": {"query": ["self_attn.q_proj"], "key": ["self_attn.k_proj"], "value": ["self_attn.v_proj"],
-                   "output": ["self_attn.o_proj"], "ffn_in": ["mlp.c_fc"], "ffn_out": ["mlp.c_proj"]},
+    "mistral": LLAMA,
+    "gemma2": LLAMA,
+    "qwen3": LLAMA,
+    "olmo2": LLAMA,
+    "phi3": {
+        "query": ["self_attn.qkv_proj"],
+        "key": ["self_attn.qkv_proj"],
+        "value": ["self_attn.qkv_proj"],
+        "output": ["self_attn.o_proj"],
+        "ffn_in": ["mlp.gate_up_proj"],
+        "ffn_out": ["mlp.down_proj"],
+    },
+    "gpt_neox": {
+        "query": ["attention.query_key_value"],
+        "key": ["attention.query_key_value"],
+        "value": ["attention.query_key_value"],
+        "output": ["attention.dense"],
+        "ffn_in": ["mlp.dense_h_to_4h"],
+        "ffn_out": ["mlp.dense_4h_to_h"],
+    },
+    "falcon": {
+        "query": ["self_attention.query_key_value"],
+        "key": ["self_attention.query_key_value"],
+        "value": ["self_attention.query_key_value"],
+        "output": ["self_attention.dense"],
+        "ffn_in": ["mlp.dense_h_to_4h"],
+        "ffn_out": ["mlp.dense_4h_to_h"],
+    },
+    "opt": {
+        "query": ["self_attn.q_proj"],
+        "key": ["self_attn.k_proj"],
+        "value": ["self_attn.v_proj"],
+        "output": ["self_attn.out_proj"],
+        "ffn_in": ["fc1"],
+        "ffn_out": ["fc2"],
+    },
+    "phi": {
+        "query": ["self_attn.q_proj"],
+        "key": ["self_attn.k_proj"],
+        "value": ["self_attn.v_proj"],
+        "output": ["self_attn.dense"],
+        "ffn_in": ["mlp.fc1"],
+        "ffn_out": ["mlp.fc2"],
+    },
+    "starcoder2": {
+        "query": ["self_attn.q_proj"],
+        "key": ["self_attn.k_proj"],
+        "value": ["self_attn.v_proj"],
+        "output": ["self_attn.o_proj"],
+        "ffn_in": ["mlp.c_fc"],
+        "ffn_out": ["mlp.c_proj"],
+    },
 }
 LAYERS = {"gpt_neox": "gpt_neox.layers", "opt": "model.decoder.layers", "falcon": "transformer.h"}
 FUSED_QKV = {"phi3", "gpt_neox", "falcon"}
@@ -45,7 +88,7 @@ def expected_sites(family: str, targets: list[str]) -> list[str]:
     roles = ROLES[family]
     names: list[str] = []
     for t in targets:
-        for role in (BLOCK_ROLES["attention"] + BLOCK_ROLES["ffn"] if t == "all" else BLOCK_ROLES.get(t, (t,))):
+        for role in BLOCK_ROLES["attention"] + BLOCK_ROLES["ffn"] if t == "all" else BLOCK_ROLES.get(t, (t,)):
             names += roles[role]
     return list(dict.fromkeys(names))
 
@@ -59,14 +102,23 @@ def examples(data_root, family_checkpoints):
     from moe_lora.compose import load_config
     from moe_lora.data.sources import first_examples
 
-    cfg = load_config(["data=triviaqa_alpaca", f"data.root={data_root}", "model.source=hub",
-                       f"model.name_or_path={family_checkpoints['mistral']}", "adapter=none"], check_files=False)
+    cfg = load_config(
+        [
+            "data=triviaqa_alpaca",
+            f"data.root={data_root}",
+            "model.source=hub",
+            f"model.name_or_path={family_checkpoints['mistral']}",
+            "adapter=none",
+        ],
+        check_files=False,
+    )
     return first_examples(cfg.data, 2)
 
 
 @pytest.mark.parametrize("family", sorted(ROLES))
 def test_every_variant_adapts_the_methods_modules_in_every_layer_and_trains_a_step(
-        family, family_checkpoints, data_root, examples) -> None:
+    family, family_checkpoints, data_root, examples
+) -> None:
     """Through the CLI's composition and validation (meta-device injection, peft cross-check), the
     checkpoint loaded as from the hub, then the adapter and one optimiser step on real-schema rows."""
     from moe_lora.compose import load_config
@@ -102,17 +154,29 @@ def test_every_variant_adapts_the_methods_modules_in_every_layer_and_trains_a_st
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("family", "adapter"), [("phi3", "loramoe"), ("gpt_neox", "mov"), ("gemma2", "mola"),
-                                                 ("opt", "mov")])
-def test_cli_train_on_other_families_records_the_targets(run_cli, tmp_path, family_checkpoints, data_root, family,
-                                                         adapter) -> None:
+@pytest.mark.parametrize(
+    ("family", "adapter"), [("phi3", "loramoe"), ("gpt_neox", "mov"), ("gemma2", "mola"), ("opt", "mov")]
+)
+def test_cli_train_on_other_families_records_the_targets(
+    run_cli, tmp_path, family_checkpoints, data_root, family, adapter
+) -> None:
     import json
 
     run_dir = tmp_path / "run"
-    code, out, err = run_cli("train", *hub(family_checkpoints, family), f"adapter={adapter}", "recipe=smoke",
-                             "data=triviaqa_alpaca", f"data.root={data_root}", "data.num_train=16",
-                             "recipe.eval_limit=4", "eval.max_new_tokens=4", "data.max_length=96",
-                             f"hydra.run.dir={run_dir}", tiny=False)
+    code, out, err = run_cli(
+        "train",
+        *hub(family_checkpoints, family),
+        f"adapter={adapter}",
+        "recipe=smoke",
+        "data=triviaqa_alpaca",
+        f"data.root={data_root}",
+        "data.num_train=16",
+        "recipe.eval_limit=4",
+        "eval.max_new_tokens=4",
+        "data.max_length=96",
+        f"hydra.run.dir={run_dir}",
+        tiny=False,
+    )
     assert code == 0, err
     assert f"targets on {family}" in out
     res = json.loads((run_dir / "results.json").read_text())
@@ -134,22 +198,35 @@ def test_params_prints_the_targets_table(run_cli, family_checkpoints) -> None:
     assert "mlp.down_proj (input)" in out
 
 
-@pytest.mark.parametrize(("family", "override", "expected"), [
-    ("gpt_neox", "adapter.target_modules=[ffn_gate]", r"gpt_neox has no role 'ffn_gate' in layer 0 .*dense_h_to_4h"),
-    ("phi3", "adapter.target_modules=[gate_proj]", r"matched no linear module for 'gate_proj' in phi3 .*gate_up_proj"),
-    ("opt", "adapter.target_modules=[layers.0.fc2]", r"'layers.0.fc2' matches linears in 1 of 2 layers of opt"),
-    ("phi", "model.modules.ffn=[mlp.fc1,mlp.c_fc]", r"model.modules.ffn: 'mlp.c_fc' matches no linear of phi"),
-    ("gemma2", "model.attn_implementation=sdpa", r"model.attn_implementation='sdpa' cannot be used with Gemma2"),
-])
-def test_what_a_family_lacks_fails_in_one_line_before_anything_runs(run_cli, tmp_path, family_checkpoints, family,
-                                                                    override, expected) -> None:
+@pytest.mark.parametrize(
+    ("family", "override", "expected"),
+    [
+        (
+            "gpt_neox",
+            "adapter.target_modules=[ffn_gate]",
+            r"gpt_neox has no role 'ffn_gate' in layer 0 .*dense_h_to_4h",
+        ),
+        (
+            "phi3",
+            "adapter.target_modules=[gate_proj]",
+            r"matched no linear module for 'gate_proj' in phi3 .*gate_up_proj",
+        ),
+        ("opt", "adapter.target_modules=[layers.0.fc2]", r"'layers.0.fc2' matches linears in 1 of 2 layers of opt"),
+        ("phi", "model.modules.ffn=[mlp.fc1,mlp.c_fc]", r"model.modules.ffn: 'mlp.c_fc' matches no linear of phi"),
+        ("gemma2", "model.attn_implementation=sdpa", r"model.attn_implementation='sdpa' cannot be used with Gemma2"),
+    ],
+)
+def test_what_a_family_lacks_fails_in_one_line_before_anything_runs(
+    run_cli, tmp_path, family_checkpoints, family, override, expected
+) -> None:
     import re
     import time
 
     run_dir = tmp_path / "run"
     start = time.time()
-    code, _out, err = run_cli("train", *hub(family_checkpoints, family), "adapter=lora", override,
-                              f"hydra.run.dir={run_dir}", tiny=False)
+    code, _out, err = run_cli(
+        "train", *hub(family_checkpoints, family), "adapter=lora", override, f"hydra.run.dir={run_dir}", tiny=False
+    )
     assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert re.search(expected, err), err
     assert not run_dir.exists() and time.time() - start < 5
@@ -159,8 +236,9 @@ def test_an_encoder_decoder_is_refused_naming_the_model(run_cli, tmp_path, capsy
     from transformers import T5Config, T5ForConditionalGeneration
 
     path = tmp_path / "t5"
-    T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=16, d_ff=32, num_layers=1, num_heads=2,
-                                        d_kv=8)).save_pretrained(path)
+    T5ForConditionalGeneration(
+        T5Config(vocab_size=64, d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8)
+    ).save_pretrained(path)
     capsys.readouterr()  # the saving's progress bar
     code, _out, err = run_cli("train", "model.source=hub", f"model.name_or_path={path}", tiny=False)
     assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -23,9 +23,17 @@ def test_slurm_launcher_config_composes() -> None:
 def test_submitit_local_runs_a_job_of_two_ranks(run_cli, tmp_path) -> None:
     # tasks_per_node=2: the job's two tasks form one process group from submitit's environment
     # (the SLURM path: hydra.launcher.tasks_per_node=N hydra.launcher.nodes=M)
-    code, _, err = run_cli("train", "-m", "hydra/launcher=submitit_local", "seed=1", "adapter=lora",
-                           f"hydra.sweep.dir={tmp_path}", "hydra.launcher.timeout_min=10",
-                           "hydra.launcher.tasks_per_node=2", "recipe.threads=1")
+    code, _, err = run_cli(
+        "train",
+        "-m",
+        "hydra/launcher=submitit_local",
+        "seed=1",
+        "adapter=lora",
+        f"hydra.sweep.dir={tmp_path}",
+        "hydra.launcher.timeout_min=10",
+        "hydra.launcher.tasks_per_node=2",
+        "recipe.threads=1",
+    )
     assert code == 0, err
     results = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("*/results.json"))]
     assert [(r["seed"], r["perf"]["ranks"]) for r in results] == [(1, 2)]
@@ -39,9 +47,17 @@ def test_failed_job_does_not_stop_the_sweep_and_is_reported(run_cli, cache_dir, 
     from tests.conftest import TINY
 
     with pytest.raises(SystemExit) as exit_info:
-        run_cli("train", "-m", "adapter=melora", "adapter.num_minis=4", *TINY,
-                f"cache_dir={cache_dir},/proc/moe_lora_no_cache", f"hydra.sweep.dir={tmp_path}",
-                "hydra.sweep.subdir=job${hydra.job.num}", tiny=False)
+        run_cli(
+            "train",
+            "-m",
+            "adapter=melora",
+            "adapter.num_minis=4",
+            *TINY,
+            f"cache_dir={cache_dir},/proc/moe_lora_no_cache",
+            f"hydra.sweep.dir={tmp_path}",
+            "hydra.sweep.subdir=job${hydra.job.num}",
+            tiny=False,
+        )
     assert exit_info.value.code != 0  # the sweep reports the failure...
     assert (tmp_path / "job0" / "results.json").exists()  # ...after the other job ran
     failure = json.loads((tmp_path / "job1" / "failure.json").read_text())
@@ -56,8 +72,15 @@ def test_failed_job_does_not_stop_the_sweep_and_is_reported(run_cli, cache_dir, 
 def test_optuna_sweeper_optimises_the_returned_metric(run_cli, tmp_path) -> None:
     import yaml
 
-    code, _, err = run_cli("train", "-m", "experiment=optuna_lr", "hydra.sweeper.n_trials=2",
-                           f"hydra.sweep.dir={tmp_path}", "recipe.max_steps=4", "recipe.eval_limit=8")
+    code, _, err = run_cli(
+        "train",
+        "-m",
+        "experiment=optuna_lr",
+        "hydra.sweeper.n_trials=2",
+        f"hydra.sweep.dir={tmp_path}",
+        "recipe.max_steps=4",
+        "recipe.eval_limit=8",
+    )
     assert code == 0, err
     best = yaml.safe_load((tmp_path / "optimization_results.yaml").read_text())
     values = [json.loads(p.read_text())["metrics"]["instruction_em"] for p in tmp_path.glob("*/results.json")]

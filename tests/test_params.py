@@ -21,10 +21,13 @@ def _numbers(out: str, key: str) -> int:
     return int(re.search(rf"{key}: ([\d,]+)", out).group(1).replace(",", ""))
 
 
-@pytest.mark.parametrize(("args", "trainable", "without_routers"), [
-    (["model=llama2_7b", "adapter=mola", "layout=inverted_triangle"], 105_635_840, None),
-    (["model=llama2_7b", "adapter=hydralora"], 18_284_544, 15_826_944),
-])
+@pytest.mark.parametrize(
+    ("args", "trainable", "without_routers"),
+    [
+        (["model=llama2_7b", "adapter=mola", "layout=inverted_triangle"], 105_635_840, None),
+        (["model=llama2_7b", "adapter=hydralora"], 18_284_544, 15_826_944),
+    ],
+)
 def test_params_match_released_code_for_llama2_7b(run_cli, args, trainable, without_routers) -> None:
     code, out, err = run_cli("params", *args, tiny=False)
     assert code == 0, err
@@ -47,10 +50,15 @@ def test_random_two_layer_model_of_each_family_injects_every_decoder_linear(name
     small = {"hidden_size": 8 * heads, "intermediate_size": 64, "num_layers": 2}
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(arch_config(cfg, vocab_size=64, **small))
-    layer_linears = [n for n, m in model.named_modules()  # roles are detected: every linear of a layer
-                     if ".1." in n and (isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D")]
+    layer_linears = [
+        n
+        for n, m in model.named_modules()  # roles are detected: every linear of a layer
+        if ".1." in n and (isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D")
+    ]
     names = inject_adapter(model, LoRAConfig(target_modules=["all"]), cfg, LayoutConfig())
-    assert len(names) == 2 * len(layer_linears) and all(n in names and n.replace(".1.", ".0.") in names for n in layer_linears)
+    assert len(names) == 2 * len(layer_linears) and all(
+        n in names and n.replace(".1.", ".0.") in names for n in layer_linears
+    )
     x = torch.randint(0, 64, (1, 5))
     assert model(x).logits.shape == (1, 5, 64)
     assert Path(CONF_DIR / "model" / f"{name}.yaml").read_text().count("hidden_size") == 1

@@ -16,8 +16,14 @@ from tests.conftest import read_jsonl
 
 pytestmark = pytest.mark.slow  # `make test-fast` leaves these out
 
-SMALL = ["recipe=smoke", "data.num_train=48", "data.max_length=96", "recipe.eval_limit=8", "eval.max_new_tokens=8",
-         "eval.batch_size=8"]
+SMALL = [
+    "recipe=smoke",
+    "data.num_train=48",
+    "data.max_length=96",
+    "recipe.eval_limit=8",
+    "eval.max_new_tokens=8",
+    "eval.batch_size=8",
+]
 FAMILY = {"gpt2": "model=gpt2", "qwen2": "model=qwen2_5_0_5b", "llama": "model.source=hub"}
 
 
@@ -42,15 +48,33 @@ def check_predictions(run_dir: Path, res: dict) -> None:
     assert m["cbqa_em"] == pytest.approx(sum(m["cbqa_em_by_set"].values()) / len(m["cbqa_em_by_set"]))
 
 
-@pytest.mark.parametrize(("family", "adapter"), [("gpt2", "loramoe"), ("qwen2", "mov"), ("qwen2", "mola"),
-                                                 ("llama", "melora")])
-def test_family_and_variant_train_on_triviaqa_alpaca(run_cli, tmp_path, checkpoints, data_root, task_dir, family,
-                                                     adapter) -> None:
+@pytest.mark.parametrize(
+    ("family", "adapter"), [("gpt2", "loramoe"), ("qwen2", "mov"), ("qwen2", "mola"), ("llama", "melora")]
+)
+def test_family_and_variant_train_on_triviaqa_alpaca(
+    run_cli, tmp_path, checkpoints, data_root, task_dir, family, adapter
+) -> None:
     # the llama run also checkpoints activations and runs a local lm-eval task on the adapted model
-    extra = ["model.gradient_checkpointing=true", "eval.harness.tasks=[tiny_mc]", "eval.harness.limit=4",
-             f"eval.harness.include_path={task_dir}"] if family == "llama" else []
-    res = train(run_cli, tmp_path / "run", FAMILY[family], f"model.name_or_path={checkpoints[family]}",
-                f"adapter={adapter}", "data=triviaqa_alpaca", f"data.root={data_root}", *extra)
+    extra = (
+        [
+            "model.gradient_checkpointing=true",
+            "eval.harness.tasks=[tiny_mc]",
+            "eval.harness.limit=4",
+            f"eval.harness.include_path={task_dir}",
+        ]
+        if family == "llama"
+        else []
+    )
+    res = train(
+        run_cli,
+        tmp_path / "run",
+        FAMILY[family],
+        f"model.name_or_path={checkpoints[family]}",
+        f"adapter={adapter}",
+        "data=triviaqa_alpaca",
+        f"data.root={data_root}",
+        *extra,
+    )
     assert res["params"]["adapted_modules"] > 0 and res["params"]["trainable"] > 0
     m = res["metrics"]
     assert set(m["cbqa_em_by_set"]) == {"triviaqa"} and m["n_cbqa"] == 8
@@ -62,7 +86,8 @@ def test_family_and_variant_train_on_triviaqa_alpaca(run_cli, tmp_path, checkpoi
     if family == "qwen2":  # its YAML says bfloat16: bf16 autocast, float32 adapters
         assert res["config"]["model"]["dtype"] == "bfloat16"
         assert {str(t.dtype) for t in load_file(str(tmp_path / "run" / "adapter_model.safetensors")).values()} == {
-            "torch.float32"}
+            "torch.float32"
+        }
     if adapter in ("loramoe", "mola"):
         routing = read_jsonl(tmp_path / "run" / "routing.jsonl")
         assert {r["task_type"] for r in routing} == {"cbqa", "instruction", "all"}
@@ -71,8 +96,13 @@ def test_family_and_variant_train_on_triviaqa_alpaca(run_cli, tmp_path, checkpoi
 def test_paper_preset_runs_on_a_tiny_checkpoint(run_cli, tmp_path, checkpoints, data_root) -> None:
     """experiment=loramoe_forgetting_paper with recipe=smoke: per-set CBQA EM (base and tuned),
     knowledge retained, response loss, routing by task type and perf lines."""
-    res = train(run_cli, tmp_path / "p", "experiment=loramoe_forgetting_paper",
-                f"model.name_or_path={checkpoints['llama']}", f"data.root={data_root}")
+    res = train(
+        run_cli,
+        tmp_path / "p",
+        "experiment=loramoe_forgetting_paper",
+        f"model.name_or_path={checkpoints['llama']}",
+        f"data.root={data_root}",
+    )
     assert res["recipe"] == "smoke" and res["config"]["recipe"]["max_steps"] == 6
     m = res["metrics"]
     assert set(m["cbqa_em_by_set"]) == set(m["cbqa_em_by_set_base"]) == {"triviaqa", "nq_open"}

@@ -22,8 +22,10 @@ from tests.conftest import read_jsonl
 
 WANDB = LoggerConfig(name="wandb", wandb=WandbConfig(enabled=True, mode="offline"))
 ROWS = [{"step": s, "loss": 1.0 / s, "aux_loss": 0.1, "lr": 1e-3} for s in (1, 2, 3)]
-ROUTING = [[{"step": s, "module": "m.0", "task_type": t, "cv": 0.5, "entropy": 1.0} for t in ("all", "cbqa")]
-           for s in (1, 2, 3)]
+ROUTING = [
+    [{"step": s, "module": "m.0", "task_type": t, "cv": 0.5, "entropy": 1.0} for t in ("all", "cbqa")]
+    for s in (1, 2, 3)
+]
 RESULTS = {"metrics": {"cbqa_em": 0.5, "by_set": {"a": 1.0}}}
 needs_permissions = pytest.mark.skipif(os.geteuid() == 0, reason="root ignores file permissions")
 
@@ -100,13 +102,16 @@ def test_healthy_wandb_mirrors_the_jsonl(fake_wandb, tmp_path, caplog) -> None:
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
-@pytest.mark.parametrize(("fail", "what", "last_step"), [
-    ("init", "wandb.init", None),  # offline folder unwritable, online without network
-    ("log", "wandb.log", 1),  # mid-run
-    ("routing", "wandb.log", 1),
-    ("summary", "wandb.finish", 3),
-    ("finish", "wandb.finish", 3),
-])
+@pytest.mark.parametrize(
+    ("fail", "what", "last_step"),
+    [
+        ("init", "wandb.init", None),  # offline folder unwritable, online without network
+        ("log", "wandb.log", 1),  # mid-run
+        ("routing", "wandb.log", 1),
+        ("summary", "wandb.finish", 3),
+        ("finish", "wandb.finish", 3),
+    ],
+)
 def test_wandb_failing_keeps_every_jsonl_line(fake_wandb, tmp_path, caplog, fail, what, last_step) -> None:
     state = fake_wandb(fail)
     drive(tmp_path)  # no exception: the run goes on
@@ -126,8 +131,9 @@ def test_real_wandb_with_an_unwritable_offline_folder(tmp_path, caplog, monkeypa
     (tmp_path / "wandb").write_text("not a folder")
     drive(tmp_path)
     assert_logs_whole(tmp_path)
-    warnings = [r.getMessage() for r in caplog.records
-                if r.levelno >= logging.WARNING and r.name == "moe_lora.tracking"]
+    warnings = [
+        r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and r.name == "moe_lora.tracking"
+    ]
     assert len(warnings) == 1 and warnings[0].startswith("wandb.init failed"), warnings
 
 

@@ -46,8 +46,9 @@ class ALoRAConfig(LowRankConfig):
 class ALoRALinear(LoRAExperts):
     """A LoRA of capacity ``max_rank`` whose components are switched by ``adapter_active``."""
 
-    def __init__(self, base: nn.Module, rank: int, max_rank: int, alpha: float, dropout: float,
-                 dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self, base: nn.Module, rank: int, max_rank: int, alpha: float, dropout: float, dtype: torch.dtype | None = None
+    ) -> None:
         super().__init__(base, rank=max_rank, alpha=alpha, dropout=dropout, dtype=dtype)
         self.scaling = alpha / rank  # the scaling of the initial rank, kept when ranks move
         self.alora_gate = nn.Parameter(torch.ones(max_rank, dtype=self.lora_A.dtype, device=self.lora_A.device))
@@ -111,7 +112,9 @@ def score_components(layers: dict[str, ALoRALinear], val_loss: Callable[[], floa
 
 
 def reallocate(
-    layers: dict[str, ALoRALinear], val_loss: Callable[[], float], prune: int,
+    layers: dict[str, ALoRALinear],
+    val_loss: Callable[[], float],
+    prune: int,
     optimizer: torch.optim.Optimizer | None = None,
 ) -> dict[str, Any]:
     """Prune the ``prune`` least useful components, grant as many to the most useful linears
@@ -121,8 +124,9 @@ def reallocate(
     with torch.no_grad():
         for name, i in pruned:
             layers[name].adapter_active[i] = 0.0
-    mean = {n: sum(v for (m, _), v in scores.items() if m == n) / max(1, sum(m == n for m, _ in scores))
-            for n in layers}
+    mean = {
+        n: sum(v for (m, _), v in scores.items() if m == n) / max(1, sum(m == n for m, _ in scores)) for n in layers
+    }
     granted = []
     order = sorted(layers, key=lambda n: -mean[n])
     while len(granted) < len(pruned):
@@ -152,7 +156,15 @@ def alora_report(model: nn.Module) -> dict:
     return {"alora_ranks": {n: m.active_rank for n, m in alora_layers(model).items()}}
 
 
-@register_adapter("alora", ALoRAConfig, make_hook=make_alora_hook, report=alora_report, prefixes=("lora_A", "lora_B", "alora_gate"))
+@register_adapter(
+    "alora", ALoRAConfig, make_hook=make_alora_hook, report=alora_report, prefixes=("lora_A", "lora_B", "alora_gate")
+)
 def wrap_alora(base: nn.Module, cfg: ALoRAConfig, plan: LayerPlan) -> nn.Module:
-    return ALoRALinear(base, rank=plan.rank, max_rank=max(cfg.max_rank, plan.rank), alpha=cfg.alpha,
-                       dropout=cfg.dropout, dtype=plan.dtype)
+    return ALoRALinear(
+        base,
+        rank=plan.rank,
+        max_rank=max(cfg.max_rank, plan.rank),
+        alpha=cfg.alpha,
+        dropout=cfg.dropout,
+        dtype=plan.dtype,
+    )

@@ -49,14 +49,22 @@ ADAPTERS: Registry[AdapterSpec] = Registry("adapter", "adapter")
 
 
 def register_adapter(
-    name: str, config_cls: type[AdapterConfig], *, trains_base: bool = False, make_hook: HookFn | None = None,
-    report: Callable[[nn.Module], dict] | None = None, slices_fused: bool = False, prefixes: tuple[str, ...] = (),
+    name: str,
+    config_cls: type[AdapterConfig],
+    *,
+    trains_base: bool = False,
+    make_hook: HookFn | None = None,
+    report: Callable[[nn.Module], dict] | None = None,
+    slices_fused: bool = False,
+    prefixes: tuple[str, ...] = (),
 ):
     """Decorator for a variant's wrap function: registers it and stores its config schema as
     ``schema/adapter/<name>`` (the schema of ``conf/adapter/<name>.yaml``)."""
 
     def deco(wrap: WrapFn | None) -> WrapFn | None:
-        ADAPTERS.register(name, AdapterSpec(name, config_cls, wrap, trains_base, make_hook, report, slices_fused, prefixes))
+        ADAPTERS.register(
+            name, AdapterSpec(name, config_cls, wrap, trains_base, make_hook, report, slices_fused, prefixes)
+        )
         ConfigStore.instance().store(group="schema/adapter", name=name, node=config_cls)
         return wrap
 

@@ -27,8 +27,12 @@ class HydraLoRAConfig(MoEConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        require(self.expert_compute == "dense", "adapter.expert_compute", self.expert_compute,
-                "must be dense for HydraLoRA (its shared A is computed once for every head; nothing to group)")
+        require(
+            self.expert_compute == "dense",
+            "adapter.expert_compute",
+            self.expert_compute,
+            "must be dense for HydraLoRA (its shared A is computed once for every head; nothing to group)",
+        )
 
 
 @register_adapter("hydralora", HydraLoRAConfig, prefixes=("lora_A", "lora_B", "router.weight"))

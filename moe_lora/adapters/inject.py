@@ -41,9 +41,11 @@ def plan_targets(model: nn.Module, adapter: AdapterConfig, model_cfg: ModelConfi
     spec = ADAPTERS.get(adapter.name)
     for site in sites:
         if site.partial and spec.slices_fused and site.fused is None:
-            raise ConfigError(f"adapter={adapter.name} scales the {'+'.join(site.targeted or ())} columns of the fused "
-                              f"linear {site.name} ({structure.family}), whose column layout moe_lora does not know "
-                              f"(structure.FUSED_QKV): target it whole by name in adapter.target_modules")
+            raise ConfigError(
+                f"adapter={adapter.name} scales the {'+'.join(site.targeted or ())} columns of the fused "
+                f"linear {site.name} ({structure.family}), whose column layout moe_lora does not know "
+                f"(structure.FUSED_QKV): target it whole by name in adapter.target_modules"
+            )
     return structure, sites
 
 
@@ -67,13 +69,18 @@ def layer_plan(name: str, layer: int | None, plans: list[LayerPlan], layout: Lay
         return plans[layer]
     if is_per_layer(layout):
         where = "has no layer index (it is outside the decoder layers)" if layer is None else f"is in layer {layer}"
-        raise ConfigError(f"layout={layout.name!r} sets experts/rank/top_k per layer, but target module {name!r} {where} "
-                          f"of a model with {len(plans)} layers (adapter.target_modules)")
+        raise ConfigError(
+            f"layout={layout.name!r} sets experts/rank/top_k per layer, but target module {name!r} {where} "
+            f"of a model with {len(plans)} layers (adapter.target_modules)"
+        )
     return replace(plans[0], layer=None)
 
 
 def inject_adapter(
-    model: nn.Module, adapter: AdapterConfig, model_cfg: ModelConfig, layout: LayoutConfig,
+    model: nn.Module,
+    adapter: AdapterConfig,
+    model_cfg: ModelConfig,
+    layout: LayoutConfig,
     recorder: RoutingRecorder | None = None,
 ) -> list[str]:
     """Freeze the base, wrap every target linear, attach routers to the recorder.
@@ -88,12 +95,17 @@ def inject_adapter(
     structure, sites = plan_targets(model, adapter, model_cfg)
     plans = resolve_layout(layout, adapter, structure.num_layers)
     if layout.experts is not None and hasattr(adapter, "num_experts"):
-        log.info("layout=%s sets experts per layer %s; adapter.num_experts=%s is not used", layout.name,
-                 [p.num_experts for p in plans], adapter.num_experts)
+        log.info(
+            "layout=%s sets experts per layer %s; adapter.num_experts=%s is not used",
+            layout.name,
+            [p.num_experts for p in plans],
+            adapter.num_experts,
+        )
     dtype = getattr(torch, adapter.dtype)
     for site in sites:
-        plan = replace(layer_plan(site.name, site.layer, plans, layout), head_dim=structure.head_dim,
-                       dtype=dtype, site=site)
+        plan = replace(
+            layer_plan(site.name, site.layer, plans, layout), head_dim=structure.head_dim, dtype=dtype, site=site
+        )
         parent_name, _, child = site.name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, spec.wrap(getattr(parent, child), adapter, plan).train(model.training))
@@ -110,5 +122,7 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
     """Trainable and total parameters, and trainable router parameters."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    routers = sum(p.numel() for m in model.modules() if isinstance(m, Router) for p in m.parameters() if p.requires_grad)
+    routers = sum(
+        p.numel() for m in model.modules() if isinstance(m, Router) for p in m.parameters() if p.requires_grad
+    )
     return {"trainable": trainable, "total": total, "routers": routers}

@@ -45,8 +45,16 @@ def kaiming_uniform_(t: torch.Tensor, fan_in: int) -> None:
 def make_router(base: nn.Module, cfg, num_experts: int, top_k: int | None, dtype: torch.dtype | None = None) -> Router:
     """A router on the adapted layer's input, configured by a :class:`MoEConfig`-like config."""
     d_in, _ = linear_dims(base)
-    return Router(d_in, num_experts, top_k=top_k, num_null=getattr(cfg, "num_null_experts", 0),
-                  jitter=cfg.router_jitter, fp32=cfg.router_fp32, device=base.weight.device, dtype=dtype)
+    return Router(
+        d_in,
+        num_experts,
+        top_k=top_k,
+        num_null=getattr(cfg, "num_null_experts", 0),
+        jitter=cfg.router_jitter,
+        fp32=cfg.router_fp32,
+        device=base.weight.device,
+        dtype=dtype,
+    )
 
 
 def base_and_update(base: nn.Module, x: torch.Tensor, update: Callable[[torch.Tensor], None]) -> torch.Tensor:
@@ -79,7 +87,9 @@ def grouped_update_(
     expert = expert.flatten()
     order = expert.argsort(stable=True)
     token = order // k
-    counts = torch.zeros(num_experts, dtype=torch.long, device=x.device).scatter_add_(0, expert, torch.ones_like(expert))
+    counts = torch.zeros(num_experts, dtype=torch.long, device=x.device).scatter_add_(
+        0, expert, torch.ones_like(expert)
+    )
     offsets = counts.cumsum(0).to(torch.int32)
     A3 = A.view(A.shape[0], num_experts, rank).transpose(0, 1)  # (E, d_in, r)
     h = torch._grouped_mm(x[token], A3, offs=offsets)  # (T*k, r)
@@ -92,8 +102,17 @@ class LoRAExperts(nn.Module):
     """``y = W0 x + s * sum_e g_e(x) B_e A_e dropout(x)`` with ``s = alpha / r``."""
 
     def __init__(
-        self, base: nn.Module, *, rank: int, alpha: float, num_experts: int = 1, dropout: float = 0.0,
-        router: Router | None = None, init_A: str = "kaiming", shared_A: bool = False, grouped: bool = False,
+        self,
+        base: nn.Module,
+        *,
+        rank: int,
+        alpha: float,
+        num_experts: int = 1,
+        dropout: float = 0.0,
+        router: Router | None = None,
+        init_A: str = "kaiming",
+        shared_A: bool = False,
+        grouped: bool = False,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
@@ -107,8 +126,10 @@ class LoRAExperts(nn.Module):
         w = base.weight
         dtype = dtype or w.dtype  # adapter.dtype (float32) when injected; the base's dtype otherwise
         if self.grouped and any(n * dtype.itemsize % 16 for n in (self.d_in, self.d_out, rank)):
-            raise ConfigError(f"adapter.expert_compute=grouped needs rank ({rank}) and layer widths ({self.d_in}, "
-                              f"{self.d_out}) whose rows are multiples of 16 bytes in {dtype}; use dense")
+            raise ConfigError(
+                f"adapter.expert_compute=grouped needs rank ({rank}) and layer widths ({self.d_in}, "
+                f"{self.d_out}) whose rows are multiples of 16 bytes in {dtype}; use dense"
+            )
         a_cols = rank if shared_A else num_experts * rank
         self.lora_A = nn.Parameter(torch.empty(self.d_in, a_cols, dtype=dtype, device=w.device))
         self.lora_B = nn.Parameter(torch.zeros(num_experts * rank, self.d_out, dtype=dtype, device=w.device))
@@ -161,14 +182,25 @@ class LoRAExperts(nn.Module):
             on = torch.is_autocast_enabled(x.device.type)
             dt = torch.get_autocast_dtype(x.device.type) if on else self.lora_A.dtype
             xd = self.lora_dropout(x).to(dt)
-            return base_and_update(self.base, x, lambda out: grouped_update_(
-                out, xd.reshape(-1, self.d_in), gate.reshape(-1, self.num_experts), self.lora_A.to(dt),
-                self.lora_B.to(dt), self.router.top_k, self.scaling))
+            return base_and_update(
+                self.base,
+                x,
+                lambda out: grouped_update_(
+                    out,
+                    xd.reshape(-1, self.d_in),
+                    gate.reshape(-1, self.num_experts),
+                    self.lora_A.to(dt),
+                    self.lora_B.to(dt),
+                    self.router.top_k,
+                    self.scaling,
+                ),
+            )
         h, gate = self.hidden_and_gate(x)
         h, alpha = self.scale_hidden(h, gate)
         h = h.reshape(-1, h.shape[-1])
-        return base_and_update(self.base, x, lambda out: out.addmm_(h.to(out.dtype), self.lora_B.to(out.dtype),
-                                                                     alpha=alpha))
+        return base_and_update(
+            self.base, x, lambda out: out.addmm_(h.to(out.dtype), self.lora_B.to(out.dtype), alpha=alpha)
+        )
 
     def extra_repr(self) -> str:
         shared = ", shared_A" if self.shared_A else ""
@@ -178,7 +210,15 @@ class LoRAExperts(nn.Module):
 def routed_lora(base: nn.Module, cfg, plan, *, shared_A: bool = False) -> LoRAExperts:
     """The routed LoRA-expert layer most MoE variants build: experts, rank and top-k from the
     layer's plan (the layout), the rest from the variant's :class:`MoEConfig`."""
-    return LoRAExperts(base, rank=plan.rank, alpha=cfg.alpha, num_experts=plan.num_experts, dropout=cfg.dropout,
-                       router=make_router(base, cfg, plan.num_experts, plan.top_k, plan.dtype), init_A=cfg.init_A,
-                       shared_A=shared_A, grouped=getattr(cfg, "expert_compute", "dense") == "grouped",
-                       dtype=plan.dtype)
+    return LoRAExperts(
+        base,
+        rank=plan.rank,
+        alpha=cfg.alpha,
+        num_experts=plan.num_experts,
+        dropout=cfg.dropout,
+        router=make_router(base, cfg, plan.num_experts, plan.top_k, plan.dtype),
+        init_A=cfg.init_A,
+        shared_A=shared_A,
+        grouped=getattr(cfg, "expert_compute", "dense") == "grouped",
+        dtype=plan.dtype,
+    )

@@ -44,16 +44,23 @@ class LoRAMoEConfig(MoEConfig):
     lbc_mask_padding: bool = True  # the LBC's importance over real tokens only (false: as the released code)
 
     def aux_losses(self) -> dict:
-        return super().aux_losses() | {"lbc_beta": self.lbc_beta, "lbc_delta": self.lbc_delta,
-                                       "lbc_mask_padding": self.lbc_mask_padding}
+        return super().aux_losses() | {
+            "lbc_beta": self.lbc_beta,
+            "lbc_delta": self.lbc_delta,
+            "lbc_mask_padding": self.lbc_mask_padding,
+        }
 
     def __post_init__(self) -> None:
         super().__post_init__()
         require(self.lbc_beta >= 0, "adapter.lbc_beta", self.lbc_beta, "must be >= 0")
         require(0.0 <= self.lbc_delta <= 1.0, "adapter.lbc_delta", self.lbc_delta, "must be in [0, 1]")
         if self.lbc_expert_types is not None:  # its length is checked per layer (the layout sets experts)
-            require(all(t in (0, 1) for t in self.lbc_expert_types), "adapter.lbc_expert_types",
-                    self.lbc_expert_types, "entries must be 0 (world knowledge) or 1 (other tasks)")
+            require(
+                all(t in (0, 1) for t in self.lbc_expert_types),
+                "adapter.lbc_expert_types",
+                self.lbc_expert_types,
+                "entries must be 0 (world knowledge) or 1 (other tasks)",
+            )
 
 
 @register_adapter("loramoe", LoRAMoEConfig, prefixes=("lora_A", "lora_B", "router.weight"))
@@ -61,8 +68,10 @@ def wrap_loramoe(base: nn.Module, cfg: LoRAMoEConfig, plan: LayerPlan) -> nn.Mod
     layer = routed_lora(base, cfg, plan)
     if cfg.lbc_expert_types is not None:
         if len(cfg.lbc_expert_types) != plan.num_experts:
-            raise ConfigError(f"adapter.lbc_expert_types={list(cfg.lbc_expert_types)} has {len(cfg.lbc_expert_types)} "
-                              f"entries but layer {plan.layer} has {plan.num_experts} experts (adapter.num_experts, or "
-                              "the layout's experts): give one group per expert of every layer")
+            raise ConfigError(
+                f"adapter.lbc_expert_types={list(cfg.lbc_expert_types)} has {len(cfg.lbc_expert_types)} "
+                f"entries but layer {plan.layer} has {plan.num_experts} experts (adapter.num_experts, or "
+                "the layout's experts): give one group per expert of every layer"
+            )
         layer.router.expert_type = torch.tensor(cfg.lbc_expert_types, dtype=torch.long, device=base.weight.device)
     return layer

@@ -36,20 +36,28 @@ class MELoRAConfig(LowRankConfig):
 class MELoRALinear(nn.Module):
     """``y = W0 x + s * blockdiag(B_1 A_1, ..., B_n A_n) x``; A: (n, d_in/n, r), B: (n, r, d_out/n)."""
 
-    def __init__(self, base: nn.Module, rank: int, alpha: float, num_minis: int, dropout: float = 0.0,
-                 dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        base: nn.Module,
+        rank: int,
+        alpha: float,
+        num_minis: int,
+        dropout: float = 0.0,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         self.base = base
         self.d_in, self.d_out = linear_dims(base)
         if self.d_in % num_minis or self.d_out % num_minis:
-            raise ConfigError(f"adapter.num_minis={num_minis} must divide the input ({self.d_in}) and output "
-                              f"({self.d_out}) sizes of every target linear")
+            raise ConfigError(
+                f"adapter.num_minis={num_minis} must divide the input ({self.d_in}) and output "
+                f"({self.d_out}) sizes of every target linear"
+            )
         self.n, self.rank, self.scaling = num_minis, rank, alpha / rank
         w = base.weight
         dtype = dtype or w.dtype
         self.lora_A = nn.Parameter(torch.empty(num_minis, self.d_in // num_minis, rank, dtype=dtype, device=w.device))
-        self.lora_B = nn.Parameter(torch.zeros(num_minis, rank, self.d_out // num_minis, dtype=dtype,
-                                               device=w.device))
+        self.lora_B = nn.Parameter(torch.zeros(num_minis, rank, self.d_out // num_minis, dtype=dtype, device=w.device))
         kaiming_uniform_(self.lora_A, self.d_in // num_minis)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
@@ -70,5 +78,6 @@ class MELoRALinear(nn.Module):
 
 @register_adapter("melora", MELoRAConfig, prefixes=("lora_A", "lora_B"))
 def wrap_melora(base: nn.Module, cfg: MELoRAConfig, plan: LayerPlan) -> nn.Module:
-    return MELoRALinear(base, rank=plan.rank, alpha=cfg.alpha, num_minis=cfg.num_minis, dropout=cfg.dropout,
-                        dtype=plan.dtype)
+    return MELoRALinear(
+        base, rank=plan.rank, alpha=cfg.alpha, num_minis=cfg.num_minis, dropout=cfg.dropout, dtype=plan.dtype
+    )

@@ -43,8 +43,10 @@ class MoVScale(nn.Module):
         super().__init__()
         self.router, self.dim, self.head_dim = router, dim, head_dim
         if dim % head_dim:
-            raise ConfigError(f"adapter=mov routes the output of a {dim}-wide linear per head, but the model's "
-                              f"head size {head_dim} does not divide it (model.head_dim)")
+            raise ConfigError(
+                f"adapter=mov routes the output of a {dim}-wide linear per head, but the model's "
+                f"head size {head_dim} does not divide it (model.head_dim)"
+            )
         self.ia3_v = nn.Parameter(torch.ones(router.num_experts, dim, dtype=dtype, device=device))
 
     def _rescale(self, h: torch.Tensor) -> torch.Tensor:
@@ -61,8 +63,9 @@ class MoVScale(nn.Module):
 class MoVLinear(MoVScale):
     """A base linear with :class:`MoVScale` on its input (FFN output projection) or its output."""
 
-    def __init__(self, base: nn.Module, router: Router, scale_input: bool, head_dim: int,
-                 dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self, base: nn.Module, router: Router, scale_input: bool, head_dim: int, dtype: torch.dtype | None = None
+    ) -> None:
         d_in, d_out = linear_dims(base)
         dim = d_in if scale_input else d_out
         super().__init__(dim, dim if scale_input else head_dim, router, dtype or base.weight.dtype, base.weight.device)
@@ -75,8 +78,15 @@ class MoVLinear(MoVScale):
 
 
 def _router(cfg: MoVConfig, plan: LayerPlan, dim: int, device: torch.device) -> Router:
-    return Router(dim, plan.num_experts, top_k=plan.top_k, jitter=cfg.router_jitter, fp32=cfg.router_fp32,
-                  device=device, dtype=plan.dtype)
+    return Router(
+        dim,
+        plan.num_experts,
+        top_k=plan.top_k,
+        jitter=cfg.router_jitter,
+        fp32=cfg.router_fp32,
+        device=device,
+        dtype=plan.dtype,
+    )
 
 
 @register_adapter("mov", MoVConfig, slices_fused=True, prefixes=("ia3_v", "router.weight"))
@@ -85,8 +95,10 @@ def wrap_mov(base: nn.Module, cfg: MoVConfig, plan: LayerPlan) -> nn.Module:
     site = plan.site
     if site.partial:  # k and v of a fused q|k|v: one router and expert set per role
         columns = {r: site.fused.columns(r) for r in site.targeted}
-        parts = {r: MoVScale(len(c), plan.head_dim, _router(cfg, plan, plan.head_dim, device), plan.dtype, device)
-                 for r, c in columns.items()}
+        parts = {
+            r: MoVScale(len(c), plan.head_dim, _router(cfg, plan, plan.head_dim, device), plan.dtype, device)
+            for r, c in columns.items()
+        }
         return SlicedOutput(base, parts, columns)
     d_in, _d_out = linear_dims(base)
     scale_input = site.input_site  # peft's feedforward_modules: the input of ffn_out

@@ -21,8 +21,9 @@ class SlicedOutput(nn.Module):
         self.parts = nn.ModuleDict(parts)
         device = base.weight.device
         for role in parts:  # not persistent: the layout is the model's, not a trained tensor
-            self.register_buffer(f"cols_{role}", torch.tensor(columns[role], dtype=torch.long, device=device),
-                                 persistent=False)
+            self.register_buffer(
+                f"cols_{role}", torch.tensor(columns[role], dtype=torch.long, device=device), persistent=False
+            )
 
     @property
     def weight(self) -> torch.Tensor:  # code that reads the wrapped linear's weight still finds it

@@ -17,8 +17,14 @@ class LoopMoELoRA(nn.Module):
     """``y = W0 x + sum_e g_e(x) * (s * B_e A_e x)`` with one Python iteration per expert."""
 
     def __init__(
-        self, base: nn.Module, num_experts: int, rank: int, alpha: float, top_k: int | None = None,
-        num_null: int = 0, shared_A: bool = False,
+        self,
+        base: nn.Module,
+        num_experts: int,
+        rank: int,
+        alpha: float,
+        top_k: int | None = None,
+        num_null: int = 0,
+        shared_A: bool = False,
     ) -> None:
         super().__init__()
         d_in, d_out = linear_dims(base)
@@ -38,9 +44,9 @@ class LoopMoELoRA(nn.Module):
         ref = cls(layer.base, layer.num_experts, r, layer.scaling * r, router.top_k, router.num_null, layer.shared_A)
         with torch.no_grad():
             for e, lin in enumerate(ref.experts_A):
-                lin.weight.copy_(layer.lora_A[:, e * r:(e + 1) * r].T)
+                lin.weight.copy_(layer.lora_A[:, e * r : (e + 1) * r].T)
             for e, lin in enumerate(ref.experts_B):
-                lin.weight.copy_(layer.lora_B[e * r:(e + 1) * r].T)
+                lin.weight.copy_(layer.lora_B[e * r : (e + 1) * r].T)
             ref.router.weight.copy_(router.weight)
         # the layer's device; experts in its dtype, the router in the router's (float32 by default)
         ref.experts_A.to(device=layer.lora_A.device, dtype=layer.lora_A.dtype)
@@ -58,5 +64,5 @@ class LoopMoELoRA(nn.Module):
             if not used[e]:
                 continue
             h = shared if self.shared_A else self.experts_A[e](x)
-            out = out + gate[..., e:e + 1].to(x.dtype) * (self.experts_B[e](h) * self.scaling)
+            out = out + gate[..., e : e + 1].to(x.dtype) * (self.experts_B[e](h) * self.scaling)
         return out

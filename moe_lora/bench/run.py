@@ -43,8 +43,14 @@ SIZES = {  # --size: a conf/model config and the fields the benchmark changes in
     "0.5b": ("qwen2_5_0_5b", {}),
     "7b": ("llama2_7b", {}),
 }
-SHAPE = {"hidden": "hidden_size", "layers": "num_layers", "heads": "num_heads", "kv_heads": "num_kv_heads",
-         "ffn": "intermediate_size", "vocab": "vocab_size"}  # flag -> ModelConfig field
+SHAPE = {
+    "hidden": "hidden_size",
+    "layers": "num_layers",
+    "heads": "num_heads",
+    "kv_heads": "num_kv_heads",
+    "ffn": "intermediate_size",
+    "vocab": "vocab_size",
+}  # flag -> ModelConfig field
 LARGE_VARIANTS = ["peft_lora", "lora", "loramoe", "mola", "mola_grouped", "hydralora", "loop_loramoe"]
 
 
@@ -63,14 +69,19 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--size", default="tiny", choices=list(SIZES), help="model shape (random weights)")
     p.add_argument("--model", default=None, help="a conf/model config whose shape to use (instead of --size)")
     for key in SHAPE:
-        p.add_argument(f"--{key.replace('_', '-')}", dest=key, type=int, default=None, help=f"override the shape's {key}")
+        p.add_argument(
+            f"--{key.replace('_', '-')}", dest=key, type=int, default=None, help=f"override the shape's {key}"
+        )
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--rounds", type=int, default=20)
-    p.add_argument("--modules", default="all", help="adapter.target_modules: 'all', 'ffn', 'attention' or "
-                   "comma-separated roles / module names")
+    p.add_argument(
+        "--modules",
+        default="all",
+        help="adapter.target_modules: 'all', 'ffn', 'attention' or comma-separated roles / module names",
+    )
     p.add_argument("--variants", default="", help="comma-separated subset (default: all)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -78,9 +89,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here (a new file)")
     p.add_argument("--overwrite", action="store_true", help="let --out replace an existing file")
-    p.add_argument("--large", default=None,
-                   help="also measure this size or conf/model config in bfloat16 at sequence 512 (default: 0.5b on "
-                        "a GPU, none on CPU)")
+    p.add_argument(
+        "--large",
+        default=None,
+        help="also measure this size or conf/model config in bfloat16 at sequence 512 (default: 0.5b on "
+        "a GPU, none on CPU)",
+    )
     a = p.parse_args(argv)
     a.model, a.model_cfg = with_shape(a, *SIZES[a.size]) if a.model is None else with_shape(a, a.model, {})
     if a.large is None:
@@ -99,8 +113,10 @@ def with_shape(a: argparse.Namespace, name: str, changes: dict[str, int]):
     """(model name, its ModelConfig with ``changes`` and the shape flags applied); the flags are
     filled in from the result, so the JSON's settings say the shape that ran."""
     cfg = model_shape(name)
-    values = {k: getattr(a, k) if getattr(a, k, None) is not None else changes.get(k, getattr(cfg, f))
-              for k, f in SHAPE.items()}
+    values = {
+        k: getattr(a, k) if getattr(a, k, None) is not None else changes.get(k, getattr(cfg, f))
+        for k, f in SHAPE.items()
+    }
     kv = cfg.num_kv_heads
     if getattr(a, "heads", None) is not None and getattr(a, "kv_heads", None) is None:  # keep MHA / a dividing GQA
         values["kv_heads"] = a.heads if kv in (None, cfg.num_heads) or a.heads % kv else kv
@@ -199,8 +215,9 @@ def build(variant: str, a: argparse.Namespace) -> Case:
     elif variant == "peft_lora":
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=a.rank, lora_alpha=a.rank, lora_dropout=0.0,
-                                                 target_modules=peft_targets(model, a)))
+        model = get_peft_model(
+            model, LoraConfig(r=a.rank, lora_alpha=a.rank, lora_dropout=0.0, target_modules=peft_targets(model, a))
+        )
         recorder = None
     else:
         cfg = adapter_config(LOOPS.get(variant, variant), a)
@@ -303,7 +320,7 @@ def measure(variants: list[str], a: argparse.Namespace, progress: Callable[[str]
     times: dict[str, list[float]] = {v: [] for v in variants}
     names = list(cases)
     for i in range(a.rounds):  # the order rotates each round, so no variant always runs first or last
-        for v in names[i % len(names):] + names[:i % len(names)]:
+        for v in names[i % len(names) :] + names[: i % len(names)]:
             case = cases[v]
             sync(a.device)
             t0 = time.perf_counter()
@@ -312,8 +329,12 @@ def measure(variants: list[str], a: argparse.Namespace, progress: Callable[[str]
             times[v].append(time.perf_counter() - t0)
     memory = {v: memory_bytes(case, batch, a.device) for v, case in cases.items()}
     flops = {v: flop_count(case, batch) for v, case in cases.items() if "_compiled" not in split_variant(v)[1]}
-    return {"median_s": {v: statistics.median(t) for v, t in times.items()}, "memory_bytes": memory, "flops": flops,
-            "spread": {v: iqr(t) / statistics.median(t) for v, t in times.items()}}
+    return {
+        "median_s": {v: statistics.median(t) for v, t in times.items()},
+        "memory_bytes": memory,
+        "flops": flops,
+        "spread": {v: iqr(t) / statistics.median(t) for v, t in times.items()},
+    }
 
 
 def iqr(values: list[float]) -> float:
@@ -327,6 +348,7 @@ def iqr(values: list[float]) -> float:
 def report(raw: dict, a: argparse.Namespace) -> dict:
     t, mem = raw["median_s"], raw["memory_bytes"]
     ref_t, ref_m = t["peft_lora"], mem["peft_lora"]
+
     def is_ours(variant: str) -> bool:  # our layers as users run them: not peft, not the loop, telemetry on
         name, flags = split_variant(variant)
         return name not in (*LOOPS, "peft_lora") and "_no_telemetry" not in flags
@@ -345,16 +367,23 @@ def report(raw: dict, a: argparse.Namespace) -> dict:
         "median_step_ms": {v: 1000 * s for v, s in t.items()},
         "step_time_iqr_over_median": raw["spread"],  # the noise to read the ratios against
         "memory_mb": {v: b / 2**20 for v, b in mem.items()},
-        "settings": {**{k: v for k, v in vars(a).items() if k != "model_cfg"}, "out": str(a.out) if a.out else None,
-                     "threads": torch.get_num_threads(),
-                     "machine": platform.machine(), "processor": platform.processor()},
+        "settings": {
+            **{k: v for k, v in vars(a).items() if k != "model_cfg"},
+            "out": str(a.out) if a.out else None,
+            "threads": torch.get_num_threads(),
+            "machine": platform.machine(),
+            "processor": platform.processor(),
+        },
         "versions": versions,
     }
     compiled = {v: t[v] / ref_t for v in t if v.endswith("_compiled")}
     if compiled:  # the target: compiled MoE against *eager* peft LoRA
         out["compiled_vs_eager_peft_lora"] = compiled
-    grouped = {split_variant(v)[0]: t[v] / t[split_variant(v)[0]]
-               for v in t if split_variant(v)[1] == {"_grouped"} and split_variant(v)[0] in t}
+    grouped = {
+        split_variant(v)[0]: t[v] / t[split_variant(v)[0]]
+        for v in t
+        if split_variant(v)[1] == {"_grouped"} and split_variant(v)[0] in t
+    }
     if grouped:
         out["grouped_over_dense"] = grouped
     if "loramoe_no_telemetry" in t and "loramoe" in t:
@@ -373,12 +402,18 @@ def table(res: dict) -> str:
         rows.append(f"{v:<30} {ms[v]:>8.1f} {ratio:>7.2f} {mb[v]:>10.1f} {mratio:>7.2f} {flops}")
     rows.append("")
     spread = res["step_time_iqr_over_median"]
-    rows.append(f"step-time spread over rounds (IQR / median): {min(spread.values()):.1%} to {max(spread.values()):.1%}")
+    rows.append(
+        f"step-time spread over rounds (IQR / median): {min(spread.values()):.1%} to {max(spread.values()):.1%}"
+    )
     rows += [f"loop reference / ours ({k}): {r:.2f}x" for k, r in res["loop_reference_over_ours"].items()]
-    rows += [f"compiled {k.removesuffix('_compiled')} / eager peft LoRA: {r:.2f}x"
-             for k, r in res.get("compiled_vs_eager_peft_lora", {}).items()]
-    rows += [f"top-k through grouped GEMMs / dense masked gate ({k}): {r:.2f}x"
-             for k, r in res.get("grouped_over_dense", {}).items()]
+    rows += [
+        f"compiled {k.removesuffix('_compiled')} / eager peft LoRA: {r:.2f}x"
+        for k, r in res.get("compiled_vs_eager_peft_lora", {}).items()
+    ]
+    rows += [
+        f"top-k through grouped GEMMs / dense masked gate ({k}): {r:.2f}x"
+        for k, r in res.get("grouped_over_dense", {}).items()
+    ]
     if "telemetry_overhead" in res:
         rows.append(f"routing statistics + aux losses on / off (loramoe): {res['telemetry_overhead']:.3f}x")
     return "\n".join(rows)
@@ -400,7 +435,9 @@ def main(argv: list[str]) -> int:
     print(table(res))
     if a.large != "none":
         big = large_args(a)
-        print(f"\n{a.large}-shaped model ({big.model}), bfloat16, sequence {big.seq} (every variant holds its own copy):")
+        print(
+            f"\n{a.large}-shaped model ({big.model}), bfloat16, sequence {big.seq} (every variant holds its own copy):"
+        )
         res["large"] = report(measure([v for v in LARGE_VARIANTS if v != "mola_grouped" or grouped], big), big)
         print(table(res["large"]))
     if a.out:

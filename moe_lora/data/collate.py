@@ -64,7 +64,9 @@ class Encoded:
     answer_cut: bool  # the answer alone did not fit
 
 
-def answer_ids(tok: PreTrainedTokenizerBase, context: str, ctx: list[int], answer: str, chat_template: bool) -> list[int]:
+def answer_ids(
+    tok: PreTrainedTokenizerBase, context: str, ctx: list[int], answer: str, chat_template: bool
+) -> list[int]:
     """Answer tokens + EOS. A space joins prompt and answer unless the boundary already has
     whitespace or a chat template ends the prompt (lm-eval's ``target_delimiter`` rule): ``Answer:``
     + `` Paris``, but Alpaca's ``### Response:\n`` + ``Eat well``.
@@ -77,7 +79,7 @@ def answer_ids(tok: PreTrainedTokenizerBase, context: str, ctx: list[int], answe
     joined = chat_template or not answer or context[-1:].isspace() or answer[:1].isspace()
     text = answer if joined else " " + answer
     whole = tok(context + text, add_special_tokens=False)["input_ids"]
-    ids = whole[len(ctx):] if whole[: len(ctx)] == ctx else tok(text, add_special_tokens=False)["input_ids"]
+    ids = whole[len(ctx) :] if whole[: len(ctx)] == ctx else tok(text, add_special_tokens=False)["input_ids"]
     return [*ids, tok.eos_token_id]
 
 
@@ -87,7 +89,7 @@ def left_truncate(ids: list[int], limit: int | None, bos: int | None) -> list[in
     if limit is None or len(ids) <= limit:
         return ids
     head = ids[:1] if bos is not None and ids[:1] == [bos] else []
-    return head + ids[len(ids) - (limit - len(head)):]
+    return head + ids[len(ids) - (limit - len(head)) :]
 
 
 def fit(prompt: list[int], answer: list[int], max_length: int, bos: int | None) -> Encoded:
@@ -101,8 +103,9 @@ def fit(prompt: list[int], answer: list[int], max_length: int, bos: int | None) 
     return Encoded(prompt + answer[: max_length - len(prompt)], len(prompt), True, cut)
 
 
-def encode_example(tok: PreTrainedTokenizerBase, prompt: str, answer: str, max_length: int,
-                   chat_template: bool = False) -> Encoded:
+def encode_example(
+    tok: PreTrainedTokenizerBase, prompt: str, answer: str, max_length: int, chat_template: bool = False
+) -> Encoded:
     """The one encoding rule of training, response loss and ``encode_examples``: the prompt's
     tokens (with BOS) and the answer's tokens in the context of the prompt (:func:`answer_ids`), so
     the answer boundary is exact for any tokenizer."""
@@ -121,8 +124,9 @@ def pad_id(tok: PreTrainedTokenizerBase) -> int:
     return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
 
-def pad_batch(encoded: Sequence[tuple[list[int], int]], task_types: Sequence[int], pad: int,
-              train_on_prompt: bool = False) -> dict[str, torch.Tensor]:
+def pad_batch(
+    encoded: Sequence[tuple[list[int], int]], task_types: Sequence[int], pad: int, train_on_prompt: bool = False
+) -> dict[str, torch.Tensor]:
     """Right-padded ``input_ids`` / ``attention_mask``, ``labels`` from each answer start on."""
     width = max(len(ids) for ids, _ in encoded)
     input_ids = torch.full((len(encoded), width), pad, dtype=torch.long)
@@ -132,24 +136,31 @@ def pad_batch(encoded: Sequence[tuple[list[int], int]], task_types: Sequence[int
         input_ids[i, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
         mask[i, : len(ids)] = 1
         first = 0 if train_on_prompt else start
-        labels[i, first: len(ids)] = input_ids[i, first: len(ids)]
+        labels[i, first : len(ids)] = input_ids[i, first : len(ids)]
     task = torch.as_tensor(list(task_types), dtype=torch.long)
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels, "task_type": task}
 
 
 def collate(
-    examples: Sequence[Example], tok: PreTrainedTokenizerBase, max_length: int, train_on_prompt: bool = False,
+    examples: Sequence[Example],
+    tok: PreTrainedTokenizerBase,
+    max_length: int,
+    train_on_prompt: bool = False,
     chat_template: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Right-padded batch with ``labels`` on answer tokens only and a ``task_type`` id per example."""
     encoded = [encode_example(tok, e.prompt, e.answer, max_length, chat_template) for e in examples]
-    return pad_batch([(e.ids, e.start) for e in encoded], [TASK_TYPES.index(e.task_type) for e in examples],
-                     pad_id(tok), train_on_prompt)
+    return pad_batch(
+        [(e.ids, e.start) for e in encoded],
+        [TASK_TYPES.index(e.task_type) for e in examples],
+        pad_id(tok),
+        train_on_prompt,
+    )
 
 
 def collate_text(texts: Sequence[str], tok: PreTrainedTokenizerBase, max_length: int) -> dict[str, torch.Tensor]:
     """Right-padded language-modelling batch over whole documents (pretraining)."""
-    ids = [[*tok(t, add_special_tokens=False)["input_ids"][:max_length - 1], tok.eos_token_id] for t in texts]
+    ids = [[*tok(t, add_special_tokens=False)["input_ids"][: max_length - 1], tok.eos_token_id] for t in texts]
     width = max(len(x) for x in ids)
     input_ids = torch.full((len(ids), width), tok.pad_token_id, dtype=torch.long)
     mask = torch.zeros_like(input_ids)
@@ -180,7 +191,7 @@ class EncodedSet:
 
     def batch(self, indices: Sequence[int], train_on_prompt: bool = False) -> dict[str, torch.Tensor]:
         """Exactly what :func:`collate` returns for the same examples."""
-        encoded = [(self.flat[self.offsets[i]: self.offsets[i + 1]], int(self.starts[i])) for i in indices]
+        encoded = [(self.flat[self.offsets[i] : self.offsets[i + 1]], int(self.starts[i])) for i in indices]
         return pad_batch(encoded, self.task_type[list(indices)].tolist(), self.pad, train_on_prompt)
 
 
@@ -188,14 +199,22 @@ def tokenizer_key(tok: PreTrainedTokenizerBase) -> str:
     """A content hash of the tokenizer (vocabulary, merges, special tokens, chat template)."""
     backend = getattr(tok, "backend_tokenizer", None)
     body = backend.to_str() if backend is not None else repr(sorted(tok.get_vocab().items()))
-    extra = json.dumps([type(tok).__name__, tok.bos_token_id, tok.eos_token_id, adds_bos(tok),
-                        getattr(tok, "chat_template", None)], default=str)
+    extra = json.dumps(
+        [type(tok).__name__, tok.bos_token_id, tok.eos_token_id, adds_bos(tok), getattr(tok, "chat_template", None)],
+        default=str,
+    )
     return hashlib.sha256((body + extra).encode()).hexdigest()
 
 
-def encode_examples(examples: Sequence[Example], tok: PreTrainedTokenizerBase, max_length: int, *,
-                    chat_template: bool = False, num_proc: int | None = None,
-                    cache_dir: str | None = None) -> EncodedSet:
+def encode_examples(
+    examples: Sequence[Example],
+    tok: PreTrainedTokenizerBase,
+    max_length: int,
+    *,
+    chat_template: bool = False,
+    num_proc: int | None = None,
+    cache_dir: str | None = None,
+) -> EncodedSet:
     """Tokenise a whole set with ``datasets.map`` (``num_proc`` workers). With ``cache_dir`` the result
     is cached in an Arrow file keyed by the tokenizer, the examples, ``max_length`` and
     ``chat_template``, so a rerun or another variant of a sweep skips tokenisation."""
@@ -211,10 +230,17 @@ def encode_examples(examples: Sequence[Example], tok: PreTrainedTokenizerBase, m
 
     if path is not None and path.exists():
         return _to_set(datasets.load_from_disk(str(path)), pad_id(tok))
-    source = datasets.Dataset.from_list(rows) if rows else datasets.Dataset.from_dict(
-        {"prompt": [], "answer": [], "task_type": []})
-    ds = source.map(fn, num_proc=num_proc if num_proc and num_proc > 1 and len(rows) > 1 else None,
-                    desc="tokenising", remove_columns=["prompt", "answer"])
+    source = (
+        datasets.Dataset.from_list(rows)
+        if rows
+        else datasets.Dataset.from_dict({"prompt": [], "answer": [], "task_type": []})
+    )
+    ds = source.map(
+        fn,
+        num_proc=num_proc if num_proc and num_proc > 1 and len(rows) > 1 else None,
+        desc="tokenising",
+        remove_columns=["prompt", "answer"],
+    )
     if path is not None:  # one folder whatever num_proc was; another job of a sweep may write it first
         with atomic_dir(path, keep_existing=True) as tmp:
             ds.save_to_disk(str(tmp))
@@ -235,6 +261,12 @@ def _to_set(ds, pad: int) -> EncodedSet:
     def col(name: str) -> torch.Tensor:
         return torch.from_numpy(np.array(table.column(name).to_numpy(), dtype=np.int64))
 
-    return EncodedSet(torch.from_numpy(np.array(ids.flatten(), dtype=np.int64)), torch.from_numpy(offsets - offsets[0]),
-                      col("start"), col("task_type"), pad, truncated=int(col("truncated").sum()),
-                      answer_cut=int(col("answer_cut").sum()))
+    return EncodedSet(
+        torch.from_numpy(np.array(ids.flatten(), dtype=np.int64)),
+        torch.from_numpy(offsets - offsets[0]),
+        col("start"),
+        col("task_type"),
+        pad,
+        truncated=int(col("truncated").sum()),
+        answer_cut=int(col("answer_cut").sum()),
+    )

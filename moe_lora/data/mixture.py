@@ -25,15 +25,23 @@ def world_mixture(cfg: DataConfig, world: World, seed: int) -> Mixture:
     tasks = list(cfg.instruction_tasks)
     items = (cfg.min_items, cfg.max_items)
     counts = [n_instr // len(tasks) + (i < n_instr % len(tasks)) for i in range(len(tasks))]
-    instr = [e for i, (t, n) in enumerate(zip(tasks, counts, strict=False))
-             for e in instruction_examples([t], n, seed=cfg.world.seed + 1000 + i, items=items)]
+    instr = [
+        e
+        for i, (t, n) in enumerate(zip(tasks, counts, strict=False))
+        for e in instruction_examples([t], n, seed=cfg.world.seed + 1000 + i, items=items)
+    ]
     train = cbqa + instr
     rng.shuffle(train)
     seen = {e.prompt for e in instr}
-    held = [e for e in instruction_examples(tasks, cfg.eval_per_task * 3, seed=cfg.world.seed + 2000, items=items)
-            if e.prompt not in seen]
+    held = [
+        e
+        for e in instruction_examples(tasks, cfg.eval_per_task * 3, seed=cfg.world.seed + 2000, items=items)
+        if e.prompt not in seen
+    ]
     eval_instr = [e for t in tasks for e in [x for x in held if x.subtask == t][: cfg.eval_per_task]]
-    val_instr = [e for t in tasks for e in [x for x in held if x.subtask == t][cfg.eval_per_task:][: cfg.eval_per_task]]
+    val_instr = [
+        e for t in tasks for e in [x for x in held if x.subtask == t][cfg.eval_per_task :][: cfg.eval_per_task]
+    ]
     validation = [e for pair in zip(world.qa("validation"), val_instr, strict=False) for e in pair]  # interleaved types
     test = [replace(e, id=f"cbqa-{i}") for i, e in enumerate(world.qa("test"))]
     eval_instr = [replace(e, id=f"instruction-{i}") for i, e in enumerate(eval_instr)]
@@ -41,5 +49,6 @@ def world_mixture(cfg: DataConfig, world: World, seed: int) -> Mixture:
         "cbqa": EvalSet("cbqa", "cbqa", test, metric="teacher_forced", match="nq_open"),
         "instruction": EvalSet("instruction", "instruction", eval_instr, metric="teacher_forced", match="exact"),
     }
-    return Mixture(train=train, eval=sets, validation=validation,
-                   info={"train": {"cbqa": n_cbqa, "instruction": n_instr}})
+    return Mixture(
+        train=train, eval=sets, validation=validation, info={"train": {"cbqa": n_cbqa, "instruction": n_instr}}
+    )

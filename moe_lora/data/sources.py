@@ -60,7 +60,9 @@ class ResolvedSource:
             return _load(self.kind, self.location, self.config)
         except Exception as exc:  # datasets raises StopIteration, IndexError, ArrowInvalid, ...
             detail = first_line(exc, 160)
-            raise ConfigError(f"data.sources.{self.name}: {self.location} cannot be read as a dataset ({detail})") from None
+            raise ConfigError(
+                f"data.sources.{self.name}: {self.location} cannot be read as a dataset ({detail})"
+            ) from None
 
 
 @contextlib.contextmanager
@@ -111,8 +113,13 @@ def _local_kind(path: Path) -> str | None:
 
 def _looks_like_hub_id(path: str) -> bool:
     parts = path.split("/")
-    return (len(parts) <= 2 and all(parts) and not path.startswith((".", "~")) and not any(c in path for c in "*?[")
-            and Path(path).suffix not in BUILDERS)
+    return (
+        len(parts) <= 2
+        and all(parts)
+        and not path.startswith((".", "~"))
+        and not any(c in path for c in "*?[")
+        and Path(path).suffix not in BUILDERS
+    )
 
 
 def _offline() -> bool:
@@ -127,8 +134,9 @@ def _maybe_cached(path: str) -> bool:
     home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")).expanduser()
     datasets_cache = Path(os.environ.get("HF_DATASETS_CACHE", home / "datasets")).expanduser()
     hub_cache = Path(os.environ.get("HF_HUB_CACHE", os.environ.get("HUGGINGFACE_HUB_CACHE", home / "hub"))).expanduser()
-    return ((datasets_cache / path.replace("/", "___")).exists()
-            or (hub_cache / f"datasets--{path.replace('/', '--')}").exists())
+    return (datasets_cache / path.replace("/", "___")).exists() or (
+        hub_cache / f"datasets--{path.replace('/', '--')}"
+    ).exists()
 
 
 def resolve_source(name: str, src: SourceConfig, root: str | None) -> ResolvedSource:
@@ -138,20 +146,24 @@ def resolve_source(name: str, src: SourceConfig, root: str | None) -> ResolvedSo
         where = Path(root) / name
         kind = _local_kind(where)
         if kind is None:
-            raise ConfigError(f"data.root={root!r}: {where} holds neither a save_to_disk dataset nor "
-                              f"json/jsonl/parquet/csv files (source {key})")
+            raise ConfigError(
+                f"data.root={root!r}: {where} holds neither a save_to_disk dataset nor "
+                f"json/jsonl/parquet/csv files (source {key})"
+            )
         return ResolvedSource(name, kind, str(where))
     local = Path(src.path).expanduser()
     kind = _local_kind(local)
     if kind is not None:
         return ResolvedSource(name, kind, str(local))
-    looked = (f"not under data.root={root!r} ({Path(root) / name})" if root else "data.root is unset")
+    looked = f"not under data.root={root!r} ({Path(root) / name})" if root else "data.root is unset"
     looked += ", not a local file or folder"
     if not _looks_like_hub_id(src.path):
         raise ConfigError(f"{key}.path={src.path!r} not found: {looked}")
     if _offline() and not _maybe_cached(src.path):  # fails in milliseconds, without importing datasets
-        raise ConfigError(f"{key}.path={src.path!r} not found: {looked}, not in the local datasets cache; run "
-                          "scripts/prepare_data.py or set HF_DATASETS_OFFLINE=0")
+        raise ConfigError(
+            f"{key}.path={src.path!r} not found: {looked}, not in the local datasets cache; run "
+            "scripts/prepare_data.py or set HF_DATASETS_OFFLINE=0"
+        )
     hub = ResolvedSource(name, "hub", src.path, src.config)
     try:
         hub.load()
@@ -161,8 +173,11 @@ def resolve_source(name: str, src: SourceConfig, root: str | None) -> ResolvedSo
         detail = first_line(exc, 160)
         if isinstance(exc, ValueError) and "config" in detail.lower():
             raise ConfigError(f"{key}.config={src.config!r} is not a config of {src.path!r} ({detail})") from None
-        how = ("not in the local datasets cache; run scripts/prepare_data.py or set HF_DATASETS_OFFLINE=0"
-               if datasets.config.HF_HUB_OFFLINE else f"and could not be loaded from the hub ({detail})")
+        how = (
+            "not in the local datasets cache; run scripts/prepare_data.py or set HF_DATASETS_OFFLINE=0"
+            if datasets.config.HF_HUB_OFFLINE
+            else f"and could not be loaded from the hub ({detail})"
+        )
         raise ConfigError(f"{key}.path={src.path!r} not found: {looked}, {how}") from None
     return hub
 
@@ -182,8 +197,12 @@ def select_split(splits: Any, spec: str, key: str) -> Any:
         parts = instruction.to_absolute(sizes)
     except (ValueError, KeyError, AssertionError):
         raise ConfigError(f"{key}={spec!r} is not a split of this dataset (splits: {', '.join(sizes)})") from None
-    picked = [splits[p.splitname].select(range(p.from_, p.to)) if (p.from_, p.to) != (0, sizes[p.splitname])
-              else splits[p.splitname] for p in parts]
+    picked = [
+        splits[p.splitname].select(range(p.from_, p.to))
+        if (p.from_, p.to) != (0, sizes[p.splitname])
+        else splits[p.splitname]
+        for p in parts
+    ]
     return picked[0] if len(picked) == 1 else concatenate_datasets(picked)
 
 
@@ -207,16 +226,19 @@ def mapping(name: str, src: SourceConfig, columns: list[str]) -> dict[str, str]:
     out |= dict(src.fields)
     missing = sorted(r for r in required if r not in out)
     if missing:
-        raise ConfigError(f"data.sources.{name}.fields has no {missing[0]!r} (task_type={src.task_type}, "
-                          f"template={src.template!r}; columns: {', '.join(columns)})")
+        raise ConfigError(
+            f"data.sources.{name}.fields has no {missing[0]!r} (task_type={src.task_type}, "
+            f"template={src.template!r}; columns: {', '.join(columns)})"
+        )
     return out
 
 
 def check_fields(name: str, roles: dict[str, str], columns: list[str], where: str) -> None:
     for role, col in roles.items():
         if col not in columns:
-            raise ConfigError(f"data.sources.{name}.fields.{role}={col} is not a column of {where} "
-                              f"(columns: {', '.join(columns)})")
+            raise ConfigError(
+                f"data.sources.{name}.fields.{role}={col} is not a column of {where} (columns: {', '.join(columns)})"
+            )
 
 
 def open_split(name: str, src: SourceConfig, resolved: ResolvedSource, which: str) -> tuple[Any, dict[str, str]]:
@@ -317,8 +339,15 @@ def _strings(value: Any) -> list[str]:
     return [str(v) for v in items if v is not None and str(v).strip()]
 
 
-def to_example(name: str, src: SourceConfig, template: Template, roles: dict[str, str], row: dict,
-               index: int, prompt: str | None = None) -> Example | None:
+def to_example(
+    name: str,
+    src: SourceConfig,
+    template: Template,
+    roles: dict[str, str],
+    row: dict,
+    index: int,
+    prompt: str | None = None,
+) -> Example | None:
     """One row as an ``Example``; None when its target is empty (counted as skipped)."""
     values = _values(row, roles)
     ex_id = str(values["id"]) if "id" in values else f"{name}-{index}"
@@ -392,8 +421,7 @@ class _SourceParts:
     info: dict = field(default_factory=dict)
 
 
-def eval_set(name: str, src: SourceConfig, resolved: ResolvedSource, num_fewshot: int,
-             limit: int | None) -> EvalSet:
+def eval_set(name: str, src: SourceConfig, resolved: ResolvedSource, num_fewshot: int, limit: int | None) -> EvalSet:
     """The first ``eval_examples`` / ``limit`` rows of ``eval_split``; CBQA prompts carry ``num_fewshot``
     shots from ``split``, fixed per question (the same for every run seed and for the base model)."""
     template = get_template(src.template, f"data.sources.{name}.template")
@@ -403,25 +431,32 @@ def eval_set(name: str, src: SourceConfig, resolved: ResolvedSource, num_fewshot
     prompts: list[str | None] = [None] * n
     if src.task_type == "cbqa" and num_fewshot > 0:
         if src.split is None:
-            raise ConfigError(f"eval.num_fewshot={num_fewshot} needs a train split but data.sources.{name}.split is null")
+            raise ConfigError(
+                f"eval.num_fewshot={num_fewshot} needs a train split but data.sources.{name}.split is null"
+            )
         pool, pool_roles = open_split(name, src, resolved, "split")
-        picks = [random.Random(f"fewshot-{name}-{i}").sample(range(len(pool)), min(num_fewshot, len(pool)))
-                 for i in range(n)]
+        picks = [
+            random.Random(f"fewshot-{name}-{i}").sample(range(len(pool)), min(num_fewshot, len(pool))) for i in range(n)
+        ]
         needed = sorted({j for p in picks for j in p})
         by_index = dict(zip(needed, rows(pool, needed, pool_roles), strict=True))
         for i, pick in enumerate(picks):
             query = _texts(_values(eval_rows[i], roles))
             shots = [shot_pair(template, pool_roles, by_index[j]) for j in pick]
             prompts[i] = fewshot_prompt(template, query, shots, src.description or None)
-    examples = [e for i, row in enumerate(eval_rows)
-                if (e := to_example(name, src, template, roles, row, i, prompts[i])) is not None]
+    examples = [
+        e
+        for i, row in enumerate(eval_rows)
+        if (e := to_example(name, src, template, roles, row, i, prompts[i])) is not None
+    ]
     if src.task_type == "cbqa":
         return EvalSet(name, "cbqa", examples, metric="generate", match=src.match, stop=tuple(src.stop))
     return EvalSet(name, "instruction", examples, metric="response_loss")
 
 
-def source_parts(name: str, src: SourceConfig, root: str | None, count: int, seed: int, num_fewshot: int,
-                 limit: int | None) -> _SourceParts:
+def source_parts(
+    name: str, src: SourceConfig, root: str | None, count: int, seed: int, num_fewshot: int, limit: int | None
+) -> _SourceParts:
     resolved = resolve_source(name, src, root)
     template = get_template(src.template, f"data.sources.{name}.template")
     parts = _SourceParts(info={"kind": resolved.kind, "location": resolved.location})
@@ -432,13 +467,19 @@ def source_parts(name: str, src: SourceConfig, root: str | None, count: int, see
         if count and not pool:
             raise ConfigError(f"data.sources.{name}.split={src.split!r} has no rows to train on")
         picks = sample_indices(pool, count, random.Random(f"{seed}-{name}"))
-        built = [to_example(name, src, template, roles, r, i) for i, r in zip(picks, rows(ds, picks, roles), strict=True)]
+        built = [
+            to_example(name, src, template, roles, r, i) for i, r in zip(picks, rows(ds, picks, roles), strict=True)
+        ]
         tail = list(range(pool, len(ds)))
         val = [to_example(name, src, template, roles, r, i) for i, r in zip(tail, rows(ds, tail, roles), strict=True)]
         parts.train = [e for e in built if e is not None]
         parts.validation = [e for e in val if e is not None]
-        parts.info |= {"train": len(parts.train), "train_rows": pool, "skipped": len(built) - len(parts.train),
-                       "validation": len(parts.validation)}
+        parts.info |= {
+            "train": len(parts.train),
+            "train_rows": pool,
+            "skipped": len(built) - len(parts.train),
+            "validation": len(parts.validation),
+        }
     if src.eval_split is not None:
         parts.eval = eval_set(name, src, resolved, num_fewshot, limit)
         parts.info["eval"] = len(parts.eval.examples)
@@ -450,11 +491,16 @@ def source_mixture(cfg: DataConfig, seed: int, num_fewshot: int = 0, eval_limit:
     with an ``eval_split``; a validation list of held-out train rows interleaved across sources (so
     its head mixes task types, as ALoRA's scoring batch needs); per-source counts in ``info``."""
     counts = train_counts(cfg)
-    parts = {n: source_parts(n, s, cfg.root, counts.get(n, 0), seed, num_fewshot, eval_limit)
-             for n, s in cfg.sources.items()}
+    parts = {
+        n: source_parts(n, s, cfg.root, counts.get(n, 0), seed, num_fewshot, eval_limit) for n, s in cfg.sources.items()
+    }
     train = [e for p in parts.values() for e in p.train]
     random.Random(seed).shuffle(train)
     validation = [e for group in zip_longest(*(p.validation for p in parts.values())) for e in group if e is not None]
     by_type = {t: sum(e.task_type == t for e in train) for t in ("cbqa", "instruction")}
-    return Mixture(train=train, eval={n: p.eval for n, p in parts.items() if p.eval is not None},
-                   validation=validation, info={"train": by_type, "sources": {n: p.info for n, p in parts.items()}})
+    return Mixture(
+        train=train,
+        eval={n: p.eval for n, p in parts.items() if p.eval is not None},
+        validation=validation,
+        info={"train": by_type, "sources": {n: p.info for n, p in parts.items()}},
+    )

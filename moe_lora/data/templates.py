@@ -79,8 +79,10 @@ def get_template(spec: str, key: str = "template") -> Template:
         except ValueError as exc:
             raise ConfigError(f"{key}={spec!r} is not a valid format string ({exc})") from None
         return Template(spec)
-    raise ConfigError(f"{key}={spec!r} is neither a template name ({', '.join(TEMPLATES)}) "
-                      "nor a format string over the roles (e.g. 'Q: {question}\\nA:')")
+    raise ConfigError(
+        f"{key}={spec!r} is neither a template name ({', '.join(TEMPLATES)}) "
+        "nor a format string over the roles (e.g. 'Q: {question}\\nA:')"
+    )
 
 
 def render(template: Template, roles: Mapping[str, str]) -> str:
@@ -91,12 +93,18 @@ def render(template: Template, roles: Mapping[str, str]) -> str:
     return template.text.format_map(values)
 
 
-def fewshot_prompt(template: Template, query: Mapping[str, str], shots: Sequence[tuple[Mapping[str, str], str]] = (),
-                   description: str | None = None) -> str:
+def fewshot_prompt(
+    template: Template,
+    query: Mapping[str, str],
+    shots: Sequence[tuple[Mapping[str, str], str]] = (),
+    description: str | None = None,
+) -> str:
     """lm-eval's plain-text context: description, ``k`` answered shots, then the query.
 
     ``description=None`` uses the template's (nq_open's ``Answer these questions:\\n\\n``)."""
     desc = template.description if description is None else description
-    body = "".join(render(template, roles) + template.target_delimiter + answer + template.fewshot_delimiter
-                   for roles, answer in shots)
+    body = "".join(
+        render(template, roles) + template.target_delimiter + answer + template.fewshot_delimiter
+        for roles, answer in shots
+    )
     return desc + body + render(template, query)

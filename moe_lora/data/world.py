@@ -113,8 +113,8 @@ class World:
         n_val = (cfg.num_people - n_train) // 2
         self.splits: dict[str, list[Person]] = {
             "train": self.people[:n_train],
-            "validation": self.people[n_train:n_train + n_val],
-            "test": self.people[n_train + n_val:],
+            "validation": self.people[n_train : n_train + n_val],
+            "test": self.people[n_train + n_val :],
         }
         self._rng = rng
 

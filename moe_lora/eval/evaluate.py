@@ -43,9 +43,17 @@ def capped(eval_set: EvalSet, limit: int | None) -> list[Example]:
 
 
 def evaluate(
-    model: PreTrainedModel, tok: PreTrainedTokenizerBase, mixture: Mixture, *, fast_em: bool, limit: int | None,
-    max_length: int, eval_cfg: EvalConfig, chat_template: bool = False,
-    autocast: Callable[[], ContextManager] = contextlib.nullcontext, progress: bool = False,
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    mixture: Mixture,
+    *,
+    fast_em: bool,
+    limit: int | None,
+    max_length: int,
+    eval_cfg: EvalConfig,
+    chat_template: bool = False,
+    autocast: Callable[[], ContextManager] = contextlib.nullcontext,
+    progress: bool = False,
     shard: Shard | None = None,
 ) -> tuple[dict[str, Any], list[dict]]:
     """(metrics, prediction records) over every set of ``mixture.eval``, ``limit`` examples each,

@@ -57,7 +57,7 @@ class StopOnStrings(StoppingCriteria):
         self.tok, self.stop, self.prompt_width = tok, [s for s in stop if s], prompt_width
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
-        texts = self.tok.batch_decode(input_ids[:, self.prompt_width:], skip_special_tokens=True)
+        texts = self.tok.batch_decode(input_ids[:, self.prompt_width :], skip_special_tokens=True)
         done = [any(s in t for s in self.stop) for t in texts]
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
@@ -76,8 +76,8 @@ def left_pad(rows: Sequence[list[int]], pad: int, device: torch.device) -> tuple
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
-        mask[i, width - len(r):] = 1
+        ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r) :] = 1
     return ids.to(device), mask.to(device)
 
 
@@ -97,8 +97,15 @@ def context_limit(model: PreTrainedModel, max_new_tokens: int) -> int | None:
 
 @torch.no_grad()
 def greedy_generate(
-    model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts: Sequence[str], *, max_new_tokens: int,
-    stop: tuple[str, ...], batch_size: int, chat_template: bool = False, progress: bool = False,
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    stop: tuple[str, ...],
+    batch_size: int,
+    chat_template: bool = False,
+    progress: bool = False,
 ) -> list[str]:
     """Greedy continuations of ``prompts``, each cut at its first stop string, in input order.
 
@@ -111,16 +118,28 @@ def greedy_generate(
     limit = context_limit(model, max_new_tokens)
     encoded = [left_truncate(prompt_ids(tok, p, chat_template), limit, tok.bos_token_id) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))  # longest first, like lm-eval
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
-                              repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0,
-                              pad_token_id=pad_id(tok), eos_token_id=eos)
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        use_cache=True,
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        min_new_tokens=0,
+        pad_token_id=pad_id(tok),
+        eos_token_id=eos,
+    )
     out: list[str] = [""] * len(prompts)
-    batches = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     with eval_mode(model):
         for batch in tqdm(batches, desc="generate", disable=not progress, leave=False):
             ids, mask = left_pad([encoded[i] for i in batch], pad_id(tok), device)
-            gen = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
-                                 stopping_criteria=StoppingCriteriaList([StopOnStrings(tok, stop, ids.shape[1])]))
-            for i, row in zip(batch, gen[:, ids.shape[1]:].tolist(), strict=True):
+            gen = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                generation_config=config,
+                stopping_criteria=StoppingCriteriaList([StopOnStrings(tok, stop, ids.shape[1])]),
+            )
+            for i, row in zip(batch, gen[:, ids.shape[1] :].tolist(), strict=True):
                 out[i] = cut_at_stop(tok.decode(_continuation(row, set(eos)), skip_special_tokens=True), stop)
     return out

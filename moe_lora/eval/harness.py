@@ -47,13 +47,17 @@ def check_harness(cfg: HarnessConfig) -> None:
     if not cfg.tasks:
         return
     if importlib.util.find_spec("lm_eval") is None:
-        raise ConfigError(f"eval.harness.tasks={list(cfg.tasks)} needs lm-evaluation-harness, which is not "
-                          f"installed; install the extra with {EXTRA}")
+        raise ConfigError(
+            f"eval.harness.tasks={list(cfg.tasks)} needs lm-evaluation-harness, which is not "
+            f"installed; install the extra with {EXTRA}"
+        )
     with contextlib.suppress(PackageNotFoundError):  # an unpackaged checkout: trust it
         found = _release(version("lm_eval"))
         if not SUPPORTED[0] <= found < SUPPORTED[1]:
-            raise ConfigError(f"eval.harness.tasks={list(cfg.tasks)} needs lm-eval>=0.4.10,<0.5 but "
-                              f"{version('lm_eval')} is installed; reinstall the extra with {EXTRA}")
+            raise ConfigError(
+                f"eval.harness.tasks={list(cfg.tasks)} needs lm-eval>=0.4.10,<0.5 but "
+                f"{version('lm_eval')} is installed; reinstall the extra with {EXTRA}"
+            )
 
 
 @contextlib.contextmanager
@@ -104,7 +108,11 @@ def flatten_results(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, f
 
 
 def run_harness(
-    model: PreTrainedModel, tok: PreTrainedTokenizerBase, cfg: HarnessConfig, *, device: torch.device | str,
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    cfg: HarnessConfig,
+    *,
+    device: torch.device | str,
     autocast: Callable[[], ContextManager] = contextlib.nullcontext,
 ) -> dict[str, dict[str, float | None]]:
     """``lm_eval.simple_evaluate`` on the in-memory model; returns ``{task: {metric: value}}``
@@ -118,8 +126,14 @@ def run_harness(
     try:
         with kept_random_state(), autocast():
             lm = HFLM(pretrained=model, tokenizer=tok, batch_size=cfg.batch_size, device=str(device))
-            out = simple_evaluate(model=lm, tasks=list(cfg.tasks), limit=limit, num_fewshot=cfg.num_fewshot,
-                                  task_manager=task_manager(cfg), log_samples=False)
+            out = simple_evaluate(
+                model=lm,
+                tasks=list(cfg.tasks),
+                limit=limit,
+                num_fewshot=cfg.num_fewshot,
+                task_manager=task_manager(cfg),
+                log_samples=False,
+            )
     finally:
         model.train(was_training)
     if out is None:  # only non-zero ranks of a distributed launch get None

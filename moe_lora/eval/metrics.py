@@ -26,7 +26,7 @@ from moe_lora.eval.normalize import MATCHERS
 
 def batches(examples: Sequence[Example], size: int) -> Iterator[Sequence[Example]]:
     for i in range(0, len(examples), size):
-        yield examples[i: i + size]
+        yield examples[i : i + size]
 
 
 def answers(ex: Example) -> list[str]:
@@ -53,8 +53,12 @@ class TeacherForced(NamedTuple):
 
 @torch.no_grad()
 def teacher_forced(
-    model: PreTrainedModel, tok: PreTrainedTokenizerBase, examples: Sequence[Example],
-    max_length: int = 64, batch_size: int = 128, chat_template: bool = False,
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    examples: Sequence[Example],
+    max_length: int = 64,
+    batch_size: int = 128,
+    chat_template: bool = False,
 ) -> TeacherForced:
     """One forward pass per batch gives exact match, the candidate choice and a prediction.
 
@@ -86,22 +90,41 @@ def _candidate_correct(logits: torch.Tensor, ex: Example, tok: PreTrainedTokeniz
 
 
 def generated_em(
-    model: PreTrainedModel, tok: PreTrainedTokenizerBase, examples: Sequence[Example], *, match: str,
-    stop: tuple[str, ...], max_new_tokens: int, batch_size: int, chat_template: bool = False,
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    examples: Sequence[Example],
+    *,
+    match: str,
+    stop: tuple[str, ...],
+    max_new_tokens: int,
+    batch_size: int,
+    chat_template: bool = False,
     progress: bool = False,
 ) -> tuple[list[str], list[bool]]:
     """(prediction, correct) per example: greedy generation cut at ``stop``, then ``MATCHERS[match]``
     against the answer and its aliases (the best match, as lm-eval scores multiple targets)."""
-    preds = greedy_generate(model, tok, [e.prompt for e in examples], max_new_tokens=max_new_tokens, stop=stop,
-                            batch_size=batch_size, chat_template=chat_template, progress=progress)
+    preds = greedy_generate(
+        model,
+        tok,
+        [e.prompt for e in examples],
+        max_new_tokens=max_new_tokens,
+        stop=stop,
+        batch_size=batch_size,
+        chat_template=chat_template,
+        progress=progress,
+    )
     matcher = MATCHERS[match]
     return preds, [matcher(p, answers(e)) for p, e in zip(preds, examples, strict=True)]
 
 
 @torch.no_grad()
 def response_loss(
-    model: PreTrainedModel, tok: PreTrainedTokenizerBase, examples: Sequence[Example], max_length: int,
-    batch_size: int, chat_template: bool = False,
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    examples: Sequence[Example],
+    max_length: int,
+    batch_size: int,
+    chat_template: bool = False,
 ) -> float | None:
     """Mean cross-entropy per response token (answer + EOS) over the whole set, so long responses
     weigh by their length as in training; None for an empty set."""
@@ -110,8 +133,12 @@ def response_loss(
 
 
 def response_loss_sums(
-    model: PreTrainedModel, tok: PreTrainedTokenizerBase, examples: Sequence[Example], max_length: int,
-    batch_size: int, chat_template: bool = False,
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    examples: Sequence[Example],
+    max_length: int,
+    batch_size: int,
+    chat_template: bool = False,
 ) -> tuple[float, int]:
     """(summed cross-entropy, response tokens): shards of a set add up."""
     total, count = 0.0, 0

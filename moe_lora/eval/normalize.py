@@ -27,8 +27,9 @@ NQ_OPEN_REGEXES: tuple[str, ...] = ("\\b(?:The |the |An |A |The |a |an )",)
 _NO_PUNCTUATION = str.maketrans("", "", string.punctuation)
 
 
-def hf_normalize(text: str, *, regexes_to_ignore: Sequence[str] = (), ignore_case: bool = False,
-                 ignore_punctuation: bool = False) -> str:
+def hf_normalize(
+    text: str, *, regexes_to_ignore: Sequence[str] = (), ignore_case: bool = False, ignore_punctuation: bool = False
+) -> str:
     """One string through ``exact_match_hf_evaluate``'s transformations, in its order (regexes
     first, then case, then punctuation): the same function is applied to prediction and target."""
     for pattern in regexes_to_ignore:
@@ -52,8 +53,7 @@ def match_triviaqa(prediction: str, answers: Sequence[str]) -> bool:
 
 def match_nq_open(prediction: str, answers: Sequence[str]) -> bool:
     """lm-eval ``nq_open``: as triviaqa, after deleting the articles its regex lists."""
-    return _any_match(prediction, answers, regexes_to_ignore=NQ_OPEN_REGEXES, ignore_case=True,
-                      ignore_punctuation=True)
+    return _any_match(prediction, answers, regexes_to_ignore=NQ_OPEN_REGEXES, ignore_case=True, ignore_punctuation=True)
 
 
 def match_exact(prediction: str, answers: Sequence[str]) -> bool:

@@ -58,15 +58,24 @@ def similarities(groups: dict[int, dict[str, Path]]) -> list[dict]:
                     kind = "A" if key.endswith("lora_A") else "B" if key.endswith("lora_B") else None
                     if kind:
                         cos[kind].append(_cos(mats[t1][key], mats[t2][key]))
-            rows.append({"seed": seed, "measure": measure, "tasks": sorted(tasks),
-                         "cos_A": float(np.mean(cos["A"])), "cos_B": float(np.mean(cos["B"]))})
+            rows.append(
+                {
+                    "seed": seed,
+                    "measure": measure,
+                    "tasks": sorted(tasks),
+                    "cos_A": float(np.mean(cos["A"])),
+                    "cos_B": float(np.mean(cos["B"])),
+                }
+            )
     return rows
 
 
 def markdown(rows: list[dict]) -> str:
     lines = ["| seed | measure | tasks | mean cos(A_i, A_j) | mean cos(B_i, B_j) |", "|---|---|---|---|---|"]
-    lines += [f"| {r['seed']} | {r['measure']} | {', '.join(r['tasks'])} | {r['cos_A']:.3f} | {r['cos_B']:.3f} |"
-              for r in rows]
+    lines += [
+        f"| {r['seed']} | {r['measure']} | {', '.join(r['tasks'])} | {r['cos_A']:.3f} | {r['cos_B']:.3f} |"
+        for r in rows
+    ]
     return "\n".join(lines) + "\n"
 
 

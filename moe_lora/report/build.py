@@ -29,16 +29,27 @@ def write_figures(runs: list[Run], rows: list[dict], folder: Path, names: dict) 
     """Every plot the runs have data for; (title, file name) of those written."""
     candidates = [
         ("CV of expert importance over training", "cv_over_training.png", plots.cv_over_training, runs, names),
-        ("Expert-group share by task type over training", "group_share_over_training.png",
-         plots.group_share_over_training, runs, names),
-        ("Real experts per token over training", "real_experts_over_training.png", plots.real_experts_over_training,
-         runs, names),
+        (
+            "Expert-group share by task type over training",
+            "group_share_over_training.png",
+            plots.group_share_over_training,
+            runs,
+            names,
+        ),
+        (
+            "Real experts per token over training",
+            "real_experts_over_training.png",
+            plots.real_experts_over_training,
+            runs,
+            names,
+        ),
     ]
     figures = [(title, f) for title, f, plot, data, extra in candidates if plot(data, folder / f, extra)]
     if plots.knowledge_vs_instruction(rows, folder / "knowledge_vs_instruction.png"):
         figures.append(("Knowledge retained versus instruction accuracy", "knowledge_vs_instruction.png"))
     if len({r.results.get("layout") for r in runs if r.results}) > 1 and plots.metric_bars(
-            rows, folder / "layout_comparison.png", "Layouts compared"):
+        rows, folder / "layout_comparison.png", "Layouts compared"
+    ):
         figures.append(("Layout comparison", "layout_comparison.png"))
     for row in rows:
         name = f"expert_load_{_slug(row['label'])}.png"
@@ -53,8 +64,11 @@ def write_analyses(runs: list[Run], folder: Path, names: dict, figures: list[tup
     alora_ranks = ranks.final_ranks(runs, names)
     if alora_ranks:
         (folder / "alora_ranks.md").write_text(ranks.markdown(alora_ranks))
-        lines += ["## ALoRA's final ranks per layer (active components, mean over seeds)", "",
-                  ranks.markdown(alora_ranks)]
+        lines += [
+            "## ALoRA's final ranks per layer (active components, mean over seeds)",
+            "",
+            ranks.markdown(alora_ranks),
+        ]
     groups = asymmetry.task_loras(runs)
     sims = asymmetry.similarities(groups) if groups else []
     if sims:
@@ -79,11 +93,24 @@ def write_report(runs: list[Run], folder: Path, bootstrap: int = 0) -> None:
     (folder / "claims.md").write_text(f"# Claims (paired by seed)\n\n{claims_md}")
     (folder / CLAIM_LINES).write_text("".join(claims.summary_line(v) + "\n" for v in verdicts))
     failed = [r for r in runs if r.results is None]
-    lines = ["# moe_lora report", "", f"{len(runs) - len(failed)} finished runs, {len(failed)} failed.", "",
-             "## Results (mean ± std over seeds)", "", markdown(rows),
-             "Also as [CSV](results.csv) and [LaTeX](results.tex).", "",
-             *([routing_title, "", routing_md] if routing_md else []),
-             "## Claims (paired by seed)", "", claims_md, "Also in [claims.md](claims.md).", "", *analyses]
+    lines = [
+        "# moe_lora report",
+        "",
+        f"{len(runs) - len(failed)} finished runs, {len(failed)} failed.",
+        "",
+        "## Results (mean ± std over seeds)",
+        "",
+        markdown(rows),
+        "Also as [CSV](results.csv) and [LaTeX](results.tex).",
+        "",
+        *([routing_title, "", routing_md] if routing_md else []),
+        "## Claims (paired by seed)",
+        "",
+        claims_md,
+        "Also in [claims.md](claims.md).",
+        "",
+        *analyses,
+    ]
     if failed:
         lines += ["## Failed runs", ""] + [f"- `{r.path}`: {r.error}" for r in failed] + [""]
     if figures:
@@ -108,8 +135,13 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="moe-lora report", description=__doc__)
     p.add_argument("paths", nargs="+", type=Path, help="run or sweep folders (searched recursively)")
     p.add_argument("--out", type=Path, default=None, help="report folder (default: <first path>/report)")
-    p.add_argument("--bootstrap", type=int, default=0, metavar="N",
-                   help="claim intervals from N bootstrap resamples (fixed seed) instead of the t distribution")
+    p.add_argument(
+        "--bootstrap",
+        type=int,
+        default=0,
+        metavar="N",
+        help="claim intervals from N bootstrap resamples (fixed seed) instead of the t distribution",
+    )
     a = p.parse_args(argv)
     if a.bootstrap < 0:
         p.error("--bootstrap must be >= 0")

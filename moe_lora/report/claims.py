@@ -20,20 +20,51 @@ import numpy as np
 from moe_lora import outputs
 from moe_lora.report.collect import Run
 
-RULE = ("Rule: runs of `arm` and `than` are paired by seed (only seeds both have count); "
-        "d = arm - than per seed, sign flipped when lower is better, so d > 0 favours `arm`. "
-        "The 95% interval of mean(d) is a t interval (n - 1 degrees of freedom; a percentile bootstrap "
-        "with --bootstrap N). The threshold is +margin for superiority and -margin for non-inferiority: "
-        "held if the whole interval lies above it, not held if the whole interval lies below it, "
-        "otherwise inconclusive (always so with fewer than 2 pairs, or when an arm has several runs "
-        "for one seed: `at` must name the setting that separates them).")
+RULE = (
+    "Rule: runs of `arm` and `than` are paired by seed (only seeds both have count); "
+    "d = arm - than per seed, sign flipped when lower is better, so d > 0 favours `arm`. "
+    "The 95% interval of mean(d) is a t interval (n - 1 degrees of freedom; a percentile bootstrap "
+    "with --bootstrap N). The threshold is +margin for superiority and -margin for non-inferiority: "
+    "held if the whole interval lies above it, not held if the whole interval lies below it, "
+    "otherwise inconclusive (always so with fewer than 2 pairs, or when an arm has several runs "
+    "for one seed: `at` must name the setting that separates them)."
+)
 
 # Keys that never make two arms different settings; adapter.* and layout.* are what arms compare.
 _ARM_PREFIXES = ("adapter.", "layout.", "claims", "hydra.")
 # 97.5% quantiles of Student's t (two-sided 95%) for df 1..30, used when scipy is not installed.
-_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
-         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
-         2.045, 2.042)
+_T975 = (
+    12.706,
+    4.303,
+    3.182,
+    2.776,
+    2.571,
+    2.447,
+    2.365,
+    2.306,
+    2.262,
+    2.228,
+    2.201,
+    2.179,
+    2.160,
+    2.145,
+    2.131,
+    2.120,
+    2.110,
+    2.101,
+    2.093,
+    2.086,
+    2.080,
+    2.074,
+    2.069,
+    2.064,
+    2.060,
+    2.056,
+    2.052,
+    2.048,
+    2.045,
+    2.042,
+)
 _DEFAULTS = {"better": "higher", "at": {}, "kind": "superiority", "margin": 0.0}
 
 
@@ -130,8 +161,11 @@ _ABSENT = object()  # a config key the run lacks: equal to no YAML value
 
 def select(runs: list[Run], label: str, at: dict[str, Any]) -> list[Run]:
     """Finished runs of one report label whose config has every ``at`` value."""
-    return [r for r in runs if r.results is not None and r.label == label
-            and all(_config(r).get(k, _ABSENT) == v for k, v in at.items())]
+    return [
+        r
+        for r in runs
+        if r.results is not None and r.label == label and all(_config(r).get(k, _ABSENT) == v for k, v in at.items())
+    ]
 
 
 def _by_seed(runs: list[Run]) -> tuple[dict[int, Run], list[int]]:
@@ -148,6 +182,7 @@ def _by_seed(runs: list[Run]) -> tuple[dict[int, Run], list[int]]:
 
 def _differing(a: list[Run], b: list[Run], skip: set[str]) -> list[str]:
     """Config keys outside the arms' own adapter/layout whose values differ between the arms."""
+
     def values(runs: list[Run]) -> dict[str, set[str]]:
         acc: dict[str, set[str]] = {}
         for run in runs:
@@ -158,8 +193,11 @@ def _differing(a: list[Run], b: list[Run], skip: set[str]) -> list[str]:
     va, vb = values(a), values(b)
     # the seed pairs the arms; settings that never change training (outputs.NOT_TRAINING) are not confounders
     keys = sorted(k for k in (set(va) | set(vb)) - skip - {"seed"} if outputs.changes_training(k))
-    return [f"{k} ({'/'.join(sorted(va.get(k, {'-'})))} vs {'/'.join(sorted(vb.get(k, {'-'})))})"
-            for k in keys if not k.startswith(_ARM_PREFIXES) and va.get(k) != vb.get(k)]
+    return [
+        f"{k} ({'/'.join(sorted(va.get(k, {'-'})))} vs {'/'.join(sorted(vb.get(k, {'-'})))})"
+        for k in keys
+        if not k.startswith(_ARM_PREFIXES) and va.get(k) != vb.get(k)
+    ]
 
 
 # ---------------------------------------------------------------------------------------------- claims
@@ -173,7 +211,9 @@ def claims_in(runs: list[Run]) -> tuple[list[dict[str, Any]], list[str]]:
             c = _DEFAULTS | c
             first = found.setdefault(c["name"], c)
             if first != c and c["name"] not in warnings:
-                warnings[c["name"]] = f"claim {c['name']!r} is defined differently in {run.path}; the first definition is used"
+                warnings[c["name"]] = (
+                    f"claim {c['name']!r} is defined differently in {run.path}; the first definition is used"
+                )
     return list(found.values()), list(warnings.values())
 
 
@@ -181,10 +221,16 @@ def _differences(claim: dict[str, Any], a: list[Run], b: list[Run]) -> tuple[lis
     """Oriented per-seed differences over the seeds both arms have (None: the metric is missing),
     notes for the reader, and whether the pairs can be judged at all."""
     (sa, twice_a), (sb, twice_b) = _by_seed(a), _by_seed(b)
-    notes = [f"{label} has several runs for seed(s) {twice}: name the setting that separates them in `at`"
-             for label, twice in ((claim["arm"], twice_a), (claim["than"], twice_b)) if twice]
-    notes += [f"no runs of {label}" + (f" at {_at(claim)}" if claim["at"] else "")
-              for label, runs in ((claim["arm"], a), (claim["than"], b)) if not runs]
+    notes = [
+        f"{label} has several runs for seed(s) {twice}: name the setting that separates them in `at`"
+        for label, twice in ((claim["arm"], twice_a), (claim["than"], twice_b))
+        if twice
+    ]
+    notes += [
+        f"no runs of {label}" + (f" at {_at(claim)}" if claim["at"] else "")
+        for label, runs in ((claim["arm"], a), (claim["than"], b))
+        if not runs
+    ]
     unpaired = sorted(set(sa) ^ set(sb))
     if unpaired and a and b:
         notes.append(f"seed(s) {unpaired} lack a partner run and are left out")
@@ -244,12 +290,16 @@ def markdown(results: list[ClaimResult], warnings: list[str], bootstrap: int = 0
     """claims.md: the table, the rule under it, then notes and warnings per claim."""
     if not results:
         return "No claims: the runs' configs declare none (`claims:` in the experiment preset).\n"
-    lines = ["| claim | metric | arm vs than | at | kind | n pairs | mean diff | 95% CI | margin | verdict |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| claim | metric | arm vs than | at | kind | n pairs | mean diff | 95% CI | margin | verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         c = r.claim
-        lines.append(f"| {c['name']} | {c['metric']} ({c['better']} is better) | {c['arm']} vs {c['than']} | "
-                     f"{_at(c)} | {_kind(c)} | {r.n} | {_num(r.mean)} | {_ci(r)} | {c['margin']:g} | **{r.verdict}** |")
+        lines.append(
+            f"| {c['name']} | {c['metric']} ({c['better']} is better) | {c['arm']} vs {c['than']} | "
+            f"{_at(c)} | {_kind(c)} | {r.n} | {_num(r.mean)} | {_ci(r)} | {c['margin']:g} | **{r.verdict}** |"
+        )
     interval_kind = f"percentile bootstrap, {bootstrap} resamples" if bootstrap else "t interval"
     lines += ["", RULE, f"Intervals here: {interval_kind}.", ""]
     remarks = [f"- {r.claim['name']}: {m}" for r in results for m in r.notes + r.warnings]
@@ -261,7 +311,9 @@ def markdown(results: list[ClaimResult], warnings: list[str], bootstrap: int = 0
 def summary_line(r: ClaimResult) -> str:
     """One line per claim for the end of `make tables`."""
     c = r.claim
-    line = (f"claim {c['name']}: {r.verdict.upper()} ({c['arm']} vs {c['than']} on {c['metric']}, "
-            f"{c['better']} is better, {_kind(c)}, margin {c['margin']:g}, at {_at(c)}: "
-            f"n={r.n}, mean diff {_num(r.mean)}, 95% CI {_ci(r)})")
+    line = (
+        f"claim {c['name']}: {r.verdict.upper()} ({c['arm']} vs {c['than']} on {c['metric']}, "
+        f"{c['better']} is better, {_kind(c)}, margin {c['margin']:g}, at {_at(c)}: "
+        f"n={r.n}, mean diff {_num(r.mean)}, 95% CI {_ci(r)})"
+    )
     return line + (" [warning: see claims.md]" if r.warnings else "")

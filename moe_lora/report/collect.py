@@ -46,13 +46,21 @@ def collect(paths: list[Path]) -> list[Run]:
         if not root.exists():
             raise FileNotFoundError(f"{root}: no such file or directory")
         candidates = [root, *root.rglob("*")] if root.is_dir() else [root.parent]
-        dirs |= {d for d in candidates if d.is_dir() and _is_run_dir(d)
-                 and not any(p == "report" or p.startswith(".") for p in d.parts[len(root.parts):])}
+        dirs |= {
+            d
+            for d in candidates
+            if d.is_dir()
+            and _is_run_dir(d)
+            and not any(p == "report" or p.startswith(".") for p in d.parts[len(root.parts) :])
+        }
     runs = []
     for d in sorted(dirs, key=_natural):
         if (d / outputs.RESULTS).exists():
-            routing = [json.loads(x) for x in (d / outputs.ROUTING).read_text().splitlines()
-                       if x.strip()] if (d / outputs.ROUTING).exists() else []
+            routing = (
+                [json.loads(x) for x in (d / outputs.ROUTING).read_text().splitlines() if x.strip()]
+                if (d / outputs.ROUTING).exists()
+                else []
+            )
             runs.append(Run(d, json.loads((d / outputs.RESULTS).read_text()), routing))
         else:
             err = None

@@ -72,10 +72,16 @@ def group_share_over_training(runs: list[Run], path: Path, names: dict[Path, str
     group, per step (mean over layers, then seeds), LoRAMoE arms only. Whether the constraint
     sends CBQA and instruction tokens to different groups shows here long before the final
     window."""
-    series = over_training(runs, names, lambda row: knowledge_share(row) if row["task_type"] != "all" else None,
-                           keep=has_expert_groups)
-    return _line_panels(series, path, "share of router mass on the knowledge group",
-                        "Expert-group share by task type over training", ref=0.5)
+    series = over_training(
+        runs, names, lambda row: knowledge_share(row) if row["task_type"] != "all" else None, keep=has_expert_groups
+    )
+    return _line_panels(
+        series,
+        path,
+        "share of router mass on the knowledge group",
+        "Expert-group share by task type over training",
+        ref=0.5,
+    )
 
 
 def real_experts_over_training(runs: list[Run], path: Path, names: dict[Path, str]) -> bool:
@@ -85,8 +91,9 @@ def real_experts_over_training(runs: list[Run], path: Path, names: dict[Path, st
     if not any(r.results and has_null_experts(r.results) for r in runs):
         return False
     series = over_training(runs, names, lambda row: row.get("real_experts_per_token"), keep=is_top_k)
-    return _line_panels(series, path, "real experts per token (mean over layers)",
-                        "Real experts per token over training")
+    return _line_panels(
+        series, path, "real experts per token (mean over layers)", "Real experts per token over training"
+    )
 
 
 def load_heatmap(runs: list[Run], label: str, path: Path, names: dict[Path, str]) -> bool:
@@ -115,8 +122,13 @@ def load_heatmap(runs: list[Run], label: str, path: Path, names: dict[Path, str]
             if len({len(v) for v in loads}) == 1:
                 grid[i, : len(loads[0])] = np.mean(loads, axis=0)
         im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0)
-        ax.set(title=f"{label}: {task} tokens", xlabel="expert", ylabel="layer", yticks=range(len(layers)),
-               yticklabels=layers)
+        ax.set(
+            title=f"{label}: {task} tokens",
+            xlabel="expert",
+            ylabel="layer",
+            yticks=range(len(layers)),
+            yticklabels=layers,
+        )
         fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -133,8 +145,11 @@ def knowledge_vs_instruction(rows: list[dict], path: Path) -> bool:
     for r in pts:
         (x, dx), (y, dy) = r["instruction EM"], r["knowledge retained"]
         ax.errorbar(x, y, xerr=dx, yerr=dy, fmt="o", capsize=3, label=r["label"])
-    ax.set(xlabel="instruction exact match", ylabel="knowledge retained (CBQA EM / base)",
-           title="Forgetting versus instruction learning")
+    ax.set(
+        xlabel="instruction exact match",
+        ylabel="knowledge retained (CBQA EM / base)",
+        title="Forgetting versus instruction learning",
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

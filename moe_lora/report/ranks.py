@@ -30,7 +30,7 @@ def final_ranks(runs: list[Run], names: dict[Path, str]) -> dict[str, dict[str, 
 def _split(module: str) -> tuple[int | None, str]:
     """(layer index, the linear's name within its layer); no index: (None, the whole name)."""
     m = _LAYER.search(module)
-    return (int(m.group(1)), module[m.end():]) if m else (None, module)
+    return (int(m.group(1)), module[m.end() :]) if m else (None, module)
 
 
 def _short(kinds: list[str]) -> dict[str, str]:
@@ -54,13 +54,17 @@ def markdown(ranks: dict[str, dict[str, float]]) -> str:
             grid[layer][kind] = rank
         kinds = sorted({k for row in grid.values() for k in row})
         short = _short(kinds)
-        lines = [f"**{label}** ({_num(sum(modules.values()))} active components in all)", "",
-                 "| layer | " + " | ".join(short[k] for k in kinds) + " | total |",
-                 "|" + "---|" * (len(kinds) + 2)]
+        lines = [
+            f"**{label}** ({_num(sum(modules.values()))} active components in all)",
+            "",
+            "| layer | " + " | ".join(short[k] for k in kinds) + " | total |",
+            "|" + "---|" * (len(kinds) + 2),
+        ]
         for layer in sorted(grid, key=lambda x: (x is None, x or 0)):
             row = grid[layer]
             cells = [_num(row[k]) if k in row else "-" for k in kinds]
-            lines.append(f"| {'-' if layer is None else layer} | " + " | ".join(cells)
-                         + f" | {_num(sum(row.values()))} |")
+            lines.append(
+                f"| {'-' if layer is None else layer} | " + " | ".join(cells) + f" | {_num(sum(row.values()))} |"
+            )
         parts.append("\n".join(lines) + "\n")
     return "\n".join(parts)

@@ -39,8 +39,9 @@ def is_top_k(results: dict) -> bool:
 
 def task_types(runs: list[Run]) -> list[str]:
     """Task types that appear in any run's final routing window, sorted (stable columns)."""
-    return sorted({t for r in runs if r.results for m in r.results.get("routing", {}).values()
-                   for t in m.get("by_task_type", {})})
+    return sorted(
+        {t for r in runs if r.results for m in r.results.get("routing", {}).values() for t in m.get("by_task_type", {})}
+    )
 
 
 def _mean(values: list[float | None]) -> float | None:
@@ -68,15 +69,20 @@ def final_knowledge_share(results: dict, task: str) -> float | None:
     arms without expert groups."""
     if not has_expert_groups(results):
         return None
-    return _mean([knowledge_share(m.get("by_task_type", {}).get(task, {}))
-                  for m in results.get("routing", {}).values()])
+    return _mean(
+        [knowledge_share(m.get("by_task_type", {}).get(task, {})) for m in results.get("routing", {}).values()]
+    )
 
 
 Series = dict[str, dict[str, dict[int, float]]]  # label -> task type -> step -> mean over modules and seeds
 
 
-def over_training(runs: list[Run], names: dict[Path, str], value: Callable[[dict], float | None],
-                  keep: Callable[[dict], bool] = lambda results: True) -> Series:
+def over_training(
+    runs: list[Run],
+    names: dict[Path, str],
+    value: Callable[[dict], float | None],
+    keep: Callable[[dict], bool] = lambda results: True,
+) -> Series:
     """A statistic of every routing.jsonl row, averaged over modules per (step, task type) within
     a run, then over the seeds of a label; only runs whose results pass ``keep``."""
     acc: dict[str, dict[str, dict[int, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
@@ -90,5 +96,7 @@ def over_training(runs: list[Run], names: dict[Path, str], value: Callable[[dict
                 per_step[row["task_type"], row["step"]].append(v)
         for (task, step), vs in per_step.items():
             acc[names.get(run.path, run.label)][task][step].append(sum(vs) / len(vs))
-    return {label: {task: {s: sum(v) / len(v) for s, v in steps.items()} for task, steps in tasks.items()}
-            for label, tasks in acc.items()}
+    return {
+        label: {task: {s: sum(v) / len(v) for s, v in steps.items()} for task, steps in tasks.items()}
+        for label, tasks in acc.items()
+    }

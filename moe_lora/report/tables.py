@@ -24,7 +24,8 @@ ROUTING_NOTE = (
     "importance over task type t's tokens only (LoRAMoE's LBC constrains it per type). `knowledge-group "
     "share@t`: share of t's router probability mass on the world-knowledge expert group (LoRAMoE's first "
     "half, or `lbc_expert_types` 0); the instruction group gets the rest, and 0.5 means no split by task "
-    "type; shown for LoRAMoE arms only. \"-\": the arm has no such statistic.")
+    'type; shown for LoRAMoE arms only. "-": the arm has no such statistic.'
+)
 
 
 def metric_columns(runs: list[Run]) -> list[tuple[str, str]]:
@@ -33,8 +34,9 @@ def metric_columns(runs: list[Run]) -> list[tuple[str, str]]:
     seen: dict[str, str] = {}
     for run in runs:
         declared = (run.results or {}).get("metric_columns")
-        for c in declared if declared is not None else [{"key": k, "header": h, "report": True}
-                                                         for h, k in DEFAULT_COLUMNS]:
+        for c in (
+            declared if declared is not None else [{"key": k, "header": h, "report": True} for h, k in DEFAULT_COLUMNS]
+        ):
             if c["report"]:
                 seen.setdefault(c["key"], c["header"])
     return [(h, k) for k, h in seen.items()] or DEFAULT_COLUMNS
@@ -43,15 +45,23 @@ def metric_columns(runs: list[Run]) -> list[tuple[str, str]]:
 def routing_headers(tasks: list[str]) -> list[str]:
     """The routing table's columns: each task type's CV beside the ``all`` CV, then AdaMoE's and
     LoRAMoE's statistics."""
-    return ["routing CV", *(f"CV@{t}" for t in tasks), "real experts/token", "null rate",
-            *(f"knowledge-group share@{t}" for t in tasks)]
+    return [
+        "routing CV",
+        *(f"CV@{t}" for t in tasks),
+        "real experts/token",
+        "null rate",
+        *(f"knowledge-group share@{t}" for t in tasks),
+    ]
 
 
 def _routing_values(results: dict, tasks: list[str]) -> dict[str, float | None]:
-    return {"routing CV": final_stat(results, "cv"), **{f"CV@{t}": final_stat(results, "cv", t) for t in tasks},
-            "real experts/token": final_stat(results, "real_experts_per_token"),
-            "null rate": final_stat(results, "null_rate"),
-            **{f"knowledge-group share@{t}": final_knowledge_share(results, t) for t in tasks}}
+    return {
+        "routing CV": final_stat(results, "cv"),
+        **{f"CV@{t}": final_stat(results, "cv", t) for t in tasks},
+        "real experts/token": final_stat(results, "real_experts_per_token"),
+        "null rate": final_stat(results, "null_rate"),
+        **{f"knowledge-group share@{t}": final_knowledge_share(results, t) for t in tasks},
+    }
 
 
 def without_routers(results: dict) -> int | None:
@@ -59,8 +69,6 @@ def without_routers(results: dict) -> int | None:
     MoE papers match their baselines on. None for results written before routers were counted."""
     params = results.get("params", {})
     return params["trainable"] - params["routers"] if "routers" in params else None
-
-
 
 
 def _flatten(d: dict) -> dict[str, object]:
@@ -71,8 +79,11 @@ def _condense(keys: list[str]) -> list[str]:
     """Where a whole config group differs (``model.name`` varies), its name stands for all of its
     fields: runs of two models read ``(model.name=gpt2)``, not every architecture field."""
     groups = {k.rsplit(".", 1)[0] for k in keys if k.endswith(".name") and "." in k}
-    return [k for k in keys if (k.endswith(".name") and k.rsplit(".", 1)[0] in groups)
-            or not any(k.startswith(g + ".") for g in groups)]
+    return [
+        k
+        for k in keys
+        if (k.endswith(".name") and k.rsplit(".", 1)[0] in groups) or not any(k.startswith(g + ".") for g in groups)
+    ]
 
 
 def row_labels(runs: list[Run]) -> dict[Path, str]:
@@ -104,9 +115,15 @@ def aggregate(runs: list[Run]) -> list[dict]:
             groups[names[run.path]].append(run.results)
     rows = []
     for label, results in groups.items():
-        row = {"label": label, "seeds": sorted({r["seed"] for r in results}), "n": len(results),
-               "trainable": results[0]["params"]["trainable"], "without routers": without_routers(results[0]),
-               "columns": [h for h, _ in columns] + ["wall s"], "routing columns": routing_headers(tasks)}
+        row = {
+            "label": label,
+            "seeds": sorted({r["seed"] for r in results}),
+            "n": len(results),
+            "trainable": results[0]["params"]["trainable"],
+            "without routers": without_routers(results[0]),
+            "columns": [h for h, _ in columns] + ["wall s"],
+            "routing columns": routing_headers(tasks),
+        }
         values = {h: [r["metrics"].get(k) for r in results] for h, k in columns}
         values["wall s"] = [r["wall_s"] for r in results]
         per_run = [_routing_values(r, tasks) for r in results]
@@ -136,8 +153,13 @@ def markdown(rows: list[dict]) -> str:
     head = ["variant", "seeds", "trainable params", "w/o routers", *headers]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["label"], str(r["n"]), f"{r['trainable']:,}", _count(r["without routers"]),
-                 *(_pm(r[h], 1 if h == "wall s" else 3) for h in headers)]
+        cells = [
+            r["label"],
+            str(r["n"]),
+            f"{r['trainable']:,}",
+            _count(r["without routers"]),
+            *(_pm(r[h], 1 if h == "wall s" else 3) for h in headers),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -158,11 +180,25 @@ def to_csv(rows: list[dict]) -> str:
     headers = _headers(rows) + (rows[0]["routing columns"] if rows else [])
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["variant", "seeds", "trainable_params", "trainable_params_without_routers",
-                *(f"{h.replace(' ', '_')}_{s}" for h in headers for s in ("mean", "std"))])
+    w.writerow(
+        [
+            "variant",
+            "seeds",
+            "trainable_params",
+            "trainable_params_without_routers",
+            *(f"{h.replace(' ', '_')}_{s}" for h in headers for s in ("mean", "std")),
+        ]
+    )
     for r in rows:
-        w.writerow([r["label"], r["n"], r["trainable"], "" if r["without routers"] is None else r["without routers"],
-                    *(x for h in headers for x in ((r[h][0], r[h][1]) if r[h] else ("", "")))])
+        w.writerow(
+            [
+                r["label"],
+                r["n"],
+                r["trainable"],
+                "" if r["without routers"] is None else r["without routers"],
+                *(x for h in headers for x in ((r[h][0], r[h][1]) if r[h] else ("", ""))),
+            ]
+        )
     return buf.getvalue()
 
 
@@ -171,8 +207,11 @@ def latex(rows: list[dict]) -> str:
     head = ["variant", "params", *metrics]
     lines = [r"\begin{tabular}{l" + "r" * (len(head) - 1) + "}", r"\toprule", " & ".join(head) + r" \\", r"\midrule"]
     for r in rows:
-        cells = [r["label"].replace("_", r"\_"), f"{r['trainable']:,}".replace(",", "{,}"),
-                 *(("-" if r[h] is None else f"{r[h][0]:.3f} $\\pm$ {r[h][1]:.3f}") for h in metrics)]
+        cells = [
+            r["label"].replace("_", r"\_"),
+            f"{r['trainable']:,}".replace(",", "{,}"),
+            *(("-" if r[h] is None else f"{r[h][0]:.3f} $\\pm$ {r[h][1]:.3f}") for h in metrics),
+        ]
         lines.append(" & ".join(cells) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]
     return "\n".join(lines) + "\n"

@@ -31,6 +31,7 @@ class AuxLossConfig:
     aux_mask_padding: bool = True  # the same for load balance and z-loss
     aux_scope: str = "local"  # local: each rank's own tokens; global: statistics summed over ranks
 
+
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -48,7 +49,11 @@ def importance_per_sample(probs: torch.Tensor, mask: torch.Tensor) -> torch.Tens
 
 
 def lbc_loss(
-    probs: torch.Tensor, mask: torch.Tensor, sample_type: torch.Tensor, expert_type: torch.Tensor, delta: float,
+    probs: torch.Tensor,
+    mask: torch.Tensor,
+    sample_type: torch.Tensor,
+    expert_type: torch.Tensor,
+    delta: float,
     reduce: Reduce | None = None,
 ) -> torch.Tensor:
     """LoRAMoE's localized balancing constraint: Var(Z) / Mean(Z)^2 with Z = I * Q (CV^2).
@@ -75,8 +80,9 @@ def _fractions(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(f, P): each output's share of the top-k slots and its mean probability, over real tokens."""
     m = mask.to(probs.dtype).unsqueeze(-1)
-    counts, mass, tokens = _sums([(selected.to(probs.dtype) * m).sum((-3, -2)), (probs * m).sum((-3, -2)),
-                                  m.sum()], reduce)
+    counts, mass, tokens = _sums(
+        [(selected.to(probs.dtype) * m).sum((-3, -2)), (probs * m).sum((-3, -2)), m.sum()], reduce
+    )
     tokens = tokens.clamp_min(1.0)
     return counts / (tokens * k), mass / tokens
 
@@ -95,8 +101,7 @@ def load_balance_loss(
 
 
 def null_load_balance_loss(
-    probs: torch.Tensor, selected: torch.Tensor, mask: torch.Tensor, k: int, num_null: int,
-    reduce: Reduce | None = None,
+    probs: torch.Tensor, selected: torch.Tensor, mask: torch.Tensor, k: int, num_null: int, reduce: Reduce | None = None
 ) -> torch.Tensor:
     """AdaMoE's load balance: as :func:`load_balance_loss`, with the null experts' load (f and P)
     replaced by their mean, so the loss does not push tokens away from null experts one by one."""
@@ -105,7 +110,9 @@ def null_load_balance_loss(
         n_real = probs.shape[-1] - num_null
 
         def average_nulls(x: torch.Tensor) -> torch.Tensor:
-            return torch.cat([x[..., :n_real], x[..., n_real:].mean(-1, keepdim=True).expand(*x.shape[:-1], num_null)], -1)
+            return torch.cat(
+                [x[..., :n_real], x[..., n_real:].mean(-1, keepdim=True).expand(*x.shape[:-1], num_null)], -1
+            )
 
         f, p = average_nulls(f), average_nulls(p)
     return probs.shape[-1] * (f * p).sum(-1)

@@ -36,8 +36,11 @@ class RoutingRecorder:
     """Collects router outputs for aux losses (per micro-batch) and statistics (per window)."""
 
     def __init__(
-        self, task_types: tuple[str, ...] = TASK_TYPES, statistics: bool = True,
-        reduce: losses.Reduce | None = None, grad_reduce: losses.Reduce | None = None,
+        self,
+        task_types: tuple[str, ...] = TASK_TYPES,
+        statistics: bool = True,
+        reduce: losses.Reduce | None = None,
+        grad_reduce: losses.Reduce | None = None,
     ) -> None:
         self.task_types = task_types
         self.statistics = statistics
@@ -95,8 +98,14 @@ class RoutingRecorder:
         groups: dict[tuple, list] = {}
         for item in self._pending:
             router, _, probs, selected = item
-            key = (tuple(probs.shape), router.num_experts, router.top_k, router.num_null, selected is None,
-                   router.aux or AuxLossConfig())
+            key = (
+                tuple(probs.shape),
+                router.num_experts,
+                router.top_k,
+                router.num_null,
+                selected is None,
+                router.aux or AuxLossConfig(),
+            )
             groups.setdefault(key, []).append(item)
         self._pending = []
         for (_, e, top_k, num_null, _, aux), items in groups.items():
@@ -113,8 +122,16 @@ class RoutingRecorder:
                     self._accumulate(routers, e, probs.detach(), selected, per_token)
 
     def _aux_loss(
-        self, routers: list[Router], aux: AuxLossConfig, e: int, top_k: int | None, num_null: int,
-        logits: torch.Tensor, probs: torch.Tensor, selected: torch.Tensor | None, mask: torch.Tensor,
+        self,
+        routers: list[Router],
+        aux: AuxLossConfig,
+        e: int,
+        top_k: int | None,
+        num_null: int,
+        logits: torch.Tensor,
+        probs: torch.Tensor,
+        selected: torch.Tensor | None,
+        mask: torch.Tensor,
     ) -> torch.Tensor | None:
         """Sum over the stacked routers of the auxiliary losses their config switches on. ``mask``
         marks real tokens; each loss counts padding too where its own ``*_mask_padding`` is off."""
@@ -163,8 +180,10 @@ class RoutingRecorder:
     def state_dict(self) -> list[dict]:
         """The open statistics window (a checkpoint may fall inside it), summed over ranks: rank 0
         resumes with the sums, the others with zeros; the next flush sums them again."""
-        rows = [{"modules": list(k), "sums": a["sums"].clone(), "tokens": a["tokens"].clone(), "width": a["width"]}
-                for k, a in self._stats.items()]
+        rows = [
+            {"modules": list(k), "sums": a["sums"].clone(), "tokens": a["tokens"].clone(), "width": a["width"]}
+            for k, a in self._stats.items()
+        ]
         self._sum_over_ranks([t for r in rows for t in (r["sums"], r["tokens"])])
         return [{**r, "sums": r["sums"].cpu(), "tokens": r["tokens"].cpu()} for r in rows]
 
@@ -178,9 +197,14 @@ class RoutingRecorder:
 
     def load_state_dict(self, rows: list[dict], device: torch.device, keep: bool = True) -> None:
         """Restore :meth:`state_dict`; ``keep=False`` (ranks other than 0) restores zeros."""
-        self._stats = {tuple(r["modules"]): {"sums": r["sums"].to(device) * float(keep),
-                                             "tokens": r["tokens"].to(device) * float(keep), "width": r["width"]}
-                       for r in rows}
+        self._stats = {
+            tuple(r["modules"]): {
+                "sums": r["sums"].to(device) * float(keep),
+                "tokens": r["tokens"].to(device) * float(keep),
+                "width": r["width"],
+            }
+            for r in rows
+        }
 
     # ------------------------------------------------------------------------------ statistics
     def flush(self, step: int) -> list[dict]:
@@ -199,14 +223,22 @@ class RoutingRecorder:
     def _rows(self, step: int, name: str, sums: torch.Tensor, tokens: torch.Tensor, n: int) -> list[dict]:
         router = self._routers[name]
         e = router.num_experts
-        cpu = {"importance": sums[:, :n], "load": sums[:, n:2 * n], "entropy": sums[:, 2 * n],
-               "null_slots": sums[:, n + e:2 * n].sum(-1), "real_used": sums[:, 2 * n + 1], "tokens": tokens}
+        cpu = {
+            "importance": sums[:, :n],
+            "load": sums[:, n : 2 * n],
+            "entropy": sums[:, 2 * n],
+            "null_slots": sums[:, n + e : 2 * n].sum(-1),
+            "real_used": sums[:, 2 * n + 1],
+            "tokens": tokens,
+        }
         groups = router.expert_type.cpu()
         per_task = [(t, {k: v[i] for k, v in cpu.items()}) for i, t in enumerate(self.task_types)]
         per_task.append(("all", {k: v.sum(0) for k, v in cpu.items()}))
-        return [{"step": step, "module": name, "task_type": task,
-                 **window_statistics(s, e, router.top_k or 1, groups)}
-                for task, s in per_task if float(s["tokens"]) > 0]
+        return [
+            {"step": step, "module": name, "task_type": task, **window_statistics(s, e, router.top_k or 1, groups)}
+            for task, s in per_task
+            if float(s["tokens"]) > 0
+        ]
 
 
 def window_statistics(s: dict[str, torch.Tensor], num_experts: int, k: int, groups: torch.Tensor) -> dict:

@@ -25,8 +25,9 @@ class RoutingSink(Protocol):
 
     active: bool
 
-    def record(self, router: Router, logits: torch.Tensor, probs: torch.Tensor, selected: torch.Tensor | None) -> None:
-        ...
+    def record(
+        self, router: Router, logits: torch.Tensor, probs: torch.Tensor, selected: torch.Tensor | None
+    ) -> None: ...
 
 
 def softmax_experts(logits: torch.Tensor) -> torch.Tensor:
@@ -56,15 +57,23 @@ class Router(nn.Module):
     """``p = softmax(W_r x)`` over ``num_experts + num_null`` outputs (the weight is ``W_r``)."""
 
     def __init__(
-        self, d_in: int, num_experts: int, *, top_k: int | None = None, num_null: int = 0,
-        jitter: float = 0.0, fp32: bool = True, device: torch.device | str | None = None,
+        self,
+        d_in: int,
+        num_experts: int,
+        *,
+        top_k: int | None = None,
+        num_null: int = 0,
+        jitter: float = 0.0,
+        fp32: bool = True,
+        device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self.num_experts, self.top_k, self.num_null = num_experts, top_k, num_null
         self.jitter, self.fp32 = jitter, fp32
-        self.weight = nn.Parameter(torch.empty(num_experts + num_null, d_in, device=device,
-                                               dtype=torch.float32 if fp32 else dtype))
+        self.weight = nn.Parameter(
+            torch.empty(num_experts + num_null, d_in, device=device, dtype=torch.float32 if fp32 else dtype)
+        )
         if self.weight.device.type != "meta":
             nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's default, as in LoRAMoE
         # Expert group of each real expert (LoRAMoE: first half world knowledge, second half the rest).

@@ -117,8 +117,12 @@ def _optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict
 
 
 def _rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
 
 
 def _set_rng_state(s: dict[str, Any]) -> None:
@@ -130,8 +134,16 @@ def _set_rng_state(s: dict[str, Any]) -> None:
 
 
 # ------------------------------------------------------------------------------------ save / load
-def save(run_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, trainer: dict[str, Any],
-         digest: str, keep: int, dist: Dist) -> Path:
+def save(
+    run_dir: Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    trainer: dict[str, Any],
+    digest: str,
+    keep: int,
+    dist: Dist,
+) -> Path:
     """Write ``checkpoints/step-<step>`` atomically (every rank calls it: FSDP gathers; each
     rank writes its RNG file); returns its path."""
     root = run_dir / CHECKPOINTS
@@ -153,15 +165,18 @@ def save(run_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Opti
             dist.barrier()
             if dist.is_main:  # last: the sizes of every file, checked before a resume starts
                 files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
-                (tmp / "checkpoint.json").write_text(json.dumps({"step": step, "config_hash": digest,
-                                                                 "ranks": dist.world_size, "files": files}) + "\n")
+                (tmp / "checkpoint.json").write_text(
+                    json.dumps({"step": step, "config_hash": digest, "ranks": dist.world_size, "files": files}) + "\n"
+                )
         if dist.is_main:
             for _, old in checkpoint_dirs(run_dir)[:-keep] if keep > 0 else []:
                 shutil.rmtree(old, ignore_errors=True)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise OutputError(f"cannot write checkpoint {final}: {exc.strerror or exc} (free space, or choose a "
-                          f"writable hydra.run.dir); the previous checkpoint is intact") from exc
+        raise OutputError(
+            f"cannot write checkpoint {final}: {exc.strerror or exc} (free space, or choose a "
+            f"writable hydra.run.dir); the previous checkpoint is intact"
+        ) from exc
     dist.barrier()
     return final
 
@@ -172,8 +187,10 @@ def _read(path: Path, what: str) -> Any:
         return load_file(str(path)) if path.suffix == ".safetensors" else torch.load(path, weights_only=False)
     except Exception as exc:  # safetensors, pickle and zip errors have no common base
         detail = first_line(exc, 120)
-        raise ConfigError(f"checkpoint file {path} is unreadable ({detail}): the {what} cannot be restored; "
-                          f"delete {path.parent} to resume from the checkpoint before it") from None
+        raise ConfigError(
+            f"checkpoint file {path} is unreadable ({detail}): the {what} cannot be restored; "
+            f"delete {path.parent} to resume from the checkpoint before it"
+        ) from None
 
 
 def read_meta(path: Path) -> dict[str, Any]:
@@ -182,13 +199,17 @@ def read_meta(path: Path) -> dict[str, Any]:
     try:
         meta = json.loads((path / "checkpoint.json").read_text())
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"checkpoint file {path / 'checkpoint.json'} is unreadable ({exc}); delete {path} to "
-                          "resume from the checkpoint before it") from None
+        raise ConfigError(
+            f"checkpoint file {path / 'checkpoint.json'} is unreadable ({exc}); delete {path} to "
+            "resume from the checkpoint before it"
+        ) from None
     for name, size in meta.get("files", {}).items():
         actual = (path / name).stat().st_size if (path / name).exists() else None
         if actual != size:
-            raise ConfigError(f"checkpoint file {path / name} is {'missing' if actual is None else 'truncated'} "
-                              f"({actual or 0} of {size} bytes); delete {path} to resume from the checkpoint before it")
+            raise ConfigError(
+                f"checkpoint file {path / name} is {'missing' if actual is None else 'truncated'} "
+                f"({actual or 0} of {size} bytes); delete {path} to resume from the checkpoint before it"
+            )
     return meta
 
 
@@ -244,27 +265,37 @@ def plan(run_dir: Path, resume: str | None, resolved: dict, sweep: bool) -> Plan
     sweep, ``resume=auto`` is implied: rerunning a sweep into its folder skips finished jobs,
     resumes checkpointed ones and reruns failed ones."""
     if resume not in (None, "auto") and Path(resume).resolve() != run_dir.resolve():
-        raise ConfigError(f"resume={resume!r} but hydra.run.dir={str(run_dir)!r}: a run resumes in its own directory "
-                          f"(add hydra.run.dir={resume})")
+        raise ConfigError(
+            f"resume={resume!r} but hydra.run.dir={str(run_dir)!r}: a run resumes in its own directory "
+            f"(add hydra.run.dir={resume})"
+        )
     auto = resume is not None or sweep
     newest = latest(run_dir) if run_dir.is_dir() else None
     if (run_dir / outputs.RESULTS).exists():
         if not auto:
-            raise ConfigError(f"hydra.run.dir={str(run_dir)!r} already holds results.json of an earlier run; choose "
-                              "another hydra.run.dir")
+            raise ConfigError(
+                f"hydra.run.dir={str(run_dir)!r} already holds results.json of an earlier run; choose "
+                "another hydra.run.dir"
+            )
         diff = _saved_config_diff(run_dir, resolved)
         if diff:
-            raise ConfigError(f"{run_dir} holds a finished run whose config differs in {', '.join(diff[:8])}; "
-                              "choose another directory")
+            raise ConfigError(
+                f"{run_dir} holds a finished run whose config differs in {', '.join(diff[:8])}; "
+                "choose another directory"
+            )
         return Plan("skip")
     if newest is not None:
         if not auto:
-            raise ConfigError(f"hydra.run.dir={str(run_dir)!r} holds checkpoints ({newest.name}): continue it with "
-                              f"resume={run_dir} (or resume=auto), or choose another hydra.run.dir")
+            raise ConfigError(
+                f"hydra.run.dir={str(run_dir)!r} holds checkpoints ({newest.name}): continue it with "
+                f"resume={run_dir} (or resume=auto), or choose another hydra.run.dir"
+            )
         if read_meta(newest).get("config_hash") != config_hash(resolved):
             diff = _saved_config_diff(run_dir, resolved) or ["(config.yaml of the run is missing)"]
-            raise ConfigError(f"resume: the config differs from the checkpointed run's in {', '.join(diff[:8])} "
-                              f"(resume with the run's own settings, or start a new run)")
+            raise ConfigError(
+                f"resume: the config differs from the checkpointed run's in {', '.join(diff[:8])} "
+                f"(resume with the run's own settings, or start a new run)"
+            )
         return Plan("resume", newest)
     if resume not in (None, "auto"):
         raise ConfigError(f"resume={resume!r} has no checkpoint to continue from (no checkpoints/step-<n> in it)")

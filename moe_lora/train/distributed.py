@@ -97,7 +97,7 @@ class Dist:
         """Put gathered :meth:`shard` parts back in their original order."""
         out: list[Any] = [None] * sum(len(p) for p in parts)
         for r, part in enumerate(parts):
-            out[r::self.world_size] = part
+            out[r :: self.world_size] = part
         return out
 
 
@@ -148,8 +148,10 @@ def rank_device(spec: str, d: Dist) -> str:
     """``recipe.device`` for this rank: each rank takes ``cuda:<LOCAL_RANK>``."""
     if not d.enabled or not (spec in ("auto", "cuda") and torch.cuda.is_available()):
         if d.enabled and spec.startswith("cuda:"):
-            raise ConfigError(f"recipe.device={spec!r} with {d.world_size} ranks: each rank takes cuda:<LOCAL_RANK>; "
-                              "use recipe.device=auto or cuda")
+            raise ConfigError(
+                f"recipe.device={spec!r} with {d.world_size} ranks: each rank takes cuda:<LOCAL_RANK>; "
+                "use recipe.device=auto or cuda"
+            )
         return spec
     return f"cuda:{d.local_rank}"
 
@@ -228,8 +230,14 @@ def free_port() -> int:
 
 
 def _worker(rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple) -> None:
-    os.environ |= {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
-                   "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    os.environ |= {
+        "RANK": str(rank),
+        "LOCAL_RANK": str(rank),
+        "WORLD_SIZE": str(world),
+        "LOCAL_WORLD_SIZE": str(world),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+    }
     try:
         fn(*args)
     finally:

@@ -44,7 +44,9 @@ def train_job(dcfg) -> float | None:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     sweep = hydra_cfg.mode == RunMode.MULTIRUN
-    n_jobs = OmegaConf.select(hydra_cfg, "launcher.n_jobs") if "joblib" in str(hydra_cfg.launcher.get("_target_")) else 1
+    n_jobs = (
+        OmegaConf.select(hydra_cfg, "launcher.n_jobs") if "joblib" in str(hydra_cfg.launcher.get("_target_")) else 1
+    )
     try:
         cfg = to_config(dcfg)
         if cfg.recipe.threads is None and n_jobs and n_jobs > 1:  # parallel local jobs share the cores
@@ -57,8 +59,11 @@ def train_job(dcfg) -> float | None:
         raise
     cfg, run_dir, job = dist.broadcast((cfg, run_dir, job))  # rank 0 decides; under torchrun the others wait here
     if dist.is_main and job.action != "new":
-        what = {"skip": "finished before with this config: skipped", "rerun": "the earlier attempt failed: rerun",
-                "resume": f"resuming from {job.checkpoint.name if job.checkpoint else ''}"}[job.action]
+        what = {
+            "skip": "finished before with this config: skipped",
+            "rerun": "the earlier attempt failed: rerun",
+            "resume": f"resuming from {job.checkpoint.name if job.checkpoint else ''}",
+        }[job.action]
         print(f"{run_dir}: {what}", flush=True)
     if job.action == "skip":
         results = json.loads((run_dir / outputs.RESULTS).read_text())
@@ -97,15 +102,21 @@ def run_or_record(cfg, run_dir: Path, dist, resume: Path | None, sweep: bool) ->
             return json.loads((run_dir / outputs.RESULTS).read_text())
         return run(cfg, run_dir, progress=True, dist=dist, resume=resume)
     except Preempted as exc:
-        print(f"moe-lora: stopped by signal {exc.signum} after a checkpoint in {run_dir / 'checkpoints'}; continue "
-              f"with resume={run_dir} hydra.run.dir={run_dir}", file=sys.stderr, flush=True)
+        print(
+            f"moe-lora: stopped by signal {exc.signum} after a checkpoint in {run_dir / 'checkpoints'}; continue "
+            f"with resume={run_dir} hydra.run.dir={run_dir}",
+            file=sys.stderr,
+            flush=True,
+        )
         preempt.chain(exc.signum)
         sys.exit(preempt.EX_TEMPFAIL)
     except Exception as exc:
         if dist.is_main:
             with contextlib.suppress(ConfigError):  # a full disk must not hide the first error
-                write_json_atomic(run_dir / outputs.FAILURE, {"error": f"{type(exc).__name__}: {exc}",
-                                                              "traceback": traceback.format_exc()})
+                write_json_atomic(
+                    run_dir / outputs.FAILURE,
+                    {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()},
+                )
         if isinstance(exc, ConfigError) and not sweep and not dist.enabled:
             sys.exit(fail(one_line(exc), code=1))
         raise
@@ -130,8 +141,10 @@ def check_launch(nproc_per_node: int) -> None:
     from moe_lora.train.distributed import env_world_size
 
     if nproc_per_node > 1 and env_world_size() > 1:
-        raise ConfigError(f"recipe.nproc_per_node={nproc_per_node} under a launcher that already started "
-                          f"{env_world_size()} ranks (torchrun or SLURM tasks): set recipe.nproc_per_node=1")
+        raise ConfigError(
+            f"recipe.nproc_per_node={nproc_per_node} under a launcher that already started "
+            f"{env_world_size()} ranks (torchrun or SLURM tasks): set recipe.nproc_per_node=1"
+        )
 
 
 def torchrun_rank(args: list[str], overrides: list[str]) -> int:
@@ -162,7 +175,9 @@ def launch(args: list[str]) -> int:
 
     flags, overrides = split_args(args)
     multirun = "-m" in flags or "--multirun" in flags
-    torchrun = "TORCHELASTIC_RUN_ID" in os.environ or ("WORLD_SIZE" in os.environ and "SUBMITIT_EXECUTOR" not in os.environ)
+    torchrun = "TORCHELASTIC_RUN_ID" in os.environ or (
+        "WORLD_SIZE" in os.environ and "SUBMITIT_EXECUTOR" not in os.environ
+    )
     if torchrun and env_world_size() > 1 and multirun:
         return fail("torchrun starts one job; for a sweep use `moe-lora train -m ... recipe.nproc_per_node=N`")
     if not any(f in SKIP_PRECHECK for f in flags) and "--cfg" not in flags and "-c" not in flags:

@@ -72,9 +72,15 @@ class TrainState:
         """Everything but the model and optimizer, for a checkpoint. Every rank calls it: the open
         loss window is summed over ranks (rank 0 resumes with the sum, the others with zeros)."""
         window = dist.all_reduce(self.window.clone()) if self.window is not None else None
-        return {"step": self.step, "order": list(self.order), "generator": self.generator.get_state(),
-                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None,
-                "window": window.cpu() if window is not None else None, "nonfinite_skips": self.nonfinite_skips}
+        return {
+            "step": self.step,
+            "order": list(self.order),
+            "generator": self.generator.get_state(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "window": window.cpu() if window is not None else None,
+            "nonfinite_skips": self.nonfinite_skips,
+        }
 
     def load_trainer_state(self, s: dict[str, Any], dist: Dist, device: torch.device) -> None:
         self.step, self.order, self.nonfinite_skips = s["step"], list(s["order"]), s["nonfinite_skips"]
@@ -115,13 +121,16 @@ class LoopIO:
     progress: bool = False
 
 
-def init_state(model: PreTrainedModel, recipe: RecipeConfig, seed: int, precision: Precision | None = None) -> TrainState:
+def init_state(
+    model: PreTrainedModel, recipe: RecipeConfig, seed: int, precision: Precision | None = None
+) -> TrainState:
     """Optimiser (``recipe.optimizer``) and schedule over the trainable parameters, a seeded data
     order, and fp16's loss scaler."""
     params = [p for p in model.parameters() if p.requires_grad]
     warmup = int(recipe.warmup_ratio * recipe.max_steps)
-    opt, sched = optimizer_with_schedule(recipe.optimizer, params, recipe.lr, recipe.weight_decay, recipe.scheduler,
-                                         warmup, recipe.max_steps)
+    opt, sched = optimizer_with_schedule(
+        recipe.optimizer, params, recipe.lr, recipe.weight_decay, recipe.scheduler, warmup, recipe.max_steps
+    )
     scaler = precision.grad_scaler() if precision is not None else None
     return TrainState(model, opt, sched, torch.Generator().manual_seed(seed), scaler)
 
@@ -142,26 +151,42 @@ class Throughput:
         peak memory is this rank's."""
         synchronize(self.device)
         now = time.perf_counter()
-        row = {"step": step, "tokens_per_s": tokens / max(now - self.window_start, 1e-9),
-               "peak_mem_bytes": peak_memory_bytes(self.device)}
+        row = {
+            "step": step,
+            "tokens_per_s": tokens / max(now - self.window_start, 1e-9),
+            "peak_mem_bytes": peak_memory_bytes(self.device),
+        }
         self.total_tokens += tokens
         self.tokens, self.window_start = 0, now
         return row
 
     def summary(self) -> dict[str, Any]:
         seconds = time.perf_counter() - self.start
-        return {"tokens": self.total_tokens, "train_s": seconds, "tokens_per_s": self.total_tokens / max(seconds, 1e-9),
-                "peak_mem_bytes": peak_memory_bytes(self.device)}
+        return {
+            "tokens": self.total_tokens,
+            "train_s": seconds,
+            "tokens_per_s": self.total_tokens / max(seconds, 1e-9),
+            "peak_mem_bytes": peak_memory_bytes(self.device),
+        }
 
 
-def _forward_backward(state: TrainState, batches: Batches, recorder: RoutingRecorder, recipe: RecipeConfig,
-                      precision: Precision, dist: Dist, net: torch.nn.Module, forward: Callable, scaler: Any,
-                      speed: Throughput) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def _forward_backward(
+    state: TrainState,
+    batches: Batches,
+    recorder: RoutingRecorder,
+    recipe: RecipeConfig,
+    precision: Precision,
+    dist: Dist,
+    net: torch.nn.Module,
+    forward: Callable,
+    scaler: Any,
+    speed: Throughput,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The step's micro-batches, forward and backward: (CE, aux, micro-batches) sums, last batch."""
     device, world, first = precision.device, dist.world_size, dist.rank * recipe.batch_size
     sums = torch.zeros(3, device=device)  # this step's CE, aux, micro-batches
     for micro in range(recipe.grad_accum):
-        indices = state.next_indices(recipe.batch_size * world, len(batches))[first:first + recipe.batch_size]
+        indices = state.next_indices(recipe.batch_size * world, len(batches))[first : first + recipe.batch_size]
         batch = batches.batch(indices)
         speed.tokens += int(batch["attention_mask"].sum())  # counted on the host, before the copy
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
@@ -170,8 +195,12 @@ def _forward_backward(state: TrainState, batches: Batches, recorder: RoutingReco
             kwargs["num_items_in_batch"] = dist.all_reduce((batch["labels"][:, 1:] != IGNORE).sum())
         with gradient_sync(net, micro == recipe.grad_accum - 1):  # DDP reduces at the last micro-batch
             with recorder.batch(batch["attention_mask"], batch["task_type"]), precision.autocast():
-                ce = forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                             labels=batch["labels"], **kwargs).loss
+                ce = forward(
+                    input_ids=batch["input_ids"],
+                    attention_mask=batch["attention_mask"],
+                    labels=batch["labels"],
+                    **kwargs,
+                ).loss
             aux = recorder.pop_aux_loss()
             aux = aux if aux is not None else ce.new_zeros(())
             # ranks' gradients are averaged: world x CE makes the sum of the ranks' CE sums
@@ -180,13 +209,17 @@ def _forward_backward(state: TrainState, batches: Batches, recorder: RoutingReco
     return sums, batch
 
 
-def _step_flags(state: TrainState, scaler: Any, params: list, sums: torch.Tensor, recipe: RecipeConfig,
-                io: LoopIO) -> tuple[int, int]:
+def _step_flags(
+    state: TrainState, scaler: Any, params: list, sums: torch.Tensor, recipe: RecipeConfig, io: LoopIO
+) -> tuple[int, int]:
     """Unscale and clip; (non-finite loss or gradient on any rank, preemption signal): the loop's
     one host read per step."""
     scaler.unscale_(state.optimizer)
-    norm = torch.nn.utils.clip_grad_norm_(params, recipe.max_grad_norm if recipe.max_grad_norm > 0 else math.inf) \
-        if params else sums.new_zeros(())
+    norm = (
+        torch.nn.utils.clip_grad_norm_(params, recipe.max_grad_norm if recipe.max_grad_norm > 0 else math.inf)
+        if params
+        else sums.new_zeros(())
+    )
     bad = ~torch.isfinite(sums[:2]).all()
     if not scaler.is_enabled():  # fp16's scaler skips steps with inf gradients itself
         bad = bad | ~torch.isfinite(full_tensor(norm))  # FSDP: the norm is a DTensor
@@ -210,14 +243,18 @@ def _apply_update(state: TrainState, scaler: Any, window: torch.Tensor, sums: to
     state.optimizer.zero_grad(set_to_none=True)
 
 
-def _log_window(state: TrainState, window: torch.Tensor, speed: Throughput, recorder: RoutingRecorder, io: LoopIO,
-                bar: Any) -> None:
+def _log_window(
+    state: TrainState, window: torch.Tensor, speed: Throughput, recorder: RoutingRecorder, io: LoopIO, bar: Any
+) -> None:
     dist = io.dist
     window[3] = speed.tokens
     ce_sum, aux_sum, n, tokens = dist.all_reduce(window).tolist()
-    row = {"step": state.step, "loss": ce_sum * dist.world_size / n if n else None,  # None: every step skipped
-           "aux_loss": aux_sum / n if n else None,
-           "lr": state.scheduler.get_last_lr()[0]}
+    row = {
+        "step": state.step,
+        "loss": ce_sum * dist.world_size / n if n else None,  # None: every step skipped
+        "aux_loss": aux_sum / n if n else None,
+        "lr": state.scheduler.get_last_lr()[0],
+    }
     io.log(row)
     speed.tokens = 0
     io.log(speed.row(state.step, round(tokens)))
@@ -228,8 +265,14 @@ def _log_window(state: TrainState, window: torch.Tensor, speed: Throughput, reco
 
 
 def train(
-    state: TrainState, batches: Batches, recorder: RoutingRecorder, recipe: RecipeConfig, precision: Precision,
-    io: LoopIO | None = None, hooks: Sequence[Callable[[TrainState], None]] = (), net: torch.nn.Module | None = None,
+    state: TrainState,
+    batches: Batches,
+    recorder: RoutingRecorder,
+    recipe: RecipeConfig,
+    precision: Precision,
+    io: LoopIO | None = None,
+    hooks: Sequence[Callable[[TrainState], None]] = (),
+    net: torch.nn.Module | None = None,
 ) -> dict[str, Any]:
     """Train from ``state.step`` until ``recipe.max_steps``; CE + auxiliary routing losses per
     micro-batch. ``hooks`` run after every optimiser step (ALoRA's rank reallocation). ``net`` is
@@ -257,8 +300,10 @@ def train(
         nonfinite, signal = _step_flags(state, scaler, params, sums, recipe, io)
         if nonfinite and recipe.on_nonfinite == "stop":
             where = io.diagnose(batch)
-            raise NonFiniteError(f"step {state.step + 1}: non-finite loss or gradient, first at {where} "
-                                 "(recipe.on_nonfinite=stop; skip would skip such steps)")
+            raise NonFiniteError(
+                f"step {state.step + 1}: non-finite loss or gradient, first at {where} "
+                "(recipe.on_nonfinite=stop; skip would skip such steps)"
+            )
         _apply_update(state, scaler, state.window, sums, nonfinite)
         state.step += 1
         for hook in hooks:

@@ -34,9 +34,13 @@ def resolve_device(spec: str) -> torch.device:
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
-            raise ConfigError(f"recipe.device={spec!r} but this machine has no CUDA device (use recipe.device=auto or cpu)")
+            raise ConfigError(
+                f"recipe.device={spec!r} but this machine has no CUDA device (use recipe.device=auto or cpu)"
+            )
         if device.index is not None and device.index >= count:
-            raise ConfigError(f"recipe.device={spec!r} but this machine has {count} CUDA device(s): cuda:0..cuda:{count - 1}")
+            raise ConfigError(
+                f"recipe.device={spec!r} but this machine has {count} CUDA device(s): cuda:0..cuda:{count - 1}"
+            )
     elif device.type == "mps":
         if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
             raise ConfigError(f"recipe.device={spec!r} but MPS is not available on this machine")
@@ -54,10 +58,14 @@ def check_precision(precision: str, model_dtype: str, adapter_dtype: str, trains
     """Combinations that cannot train, named before anything is built."""
     mode = resolve_precision(precision, model_dtype)
     if mode == "fp16" and adapter_dtype == "float16":
-        raise ConfigError("adapter.dtype=float16 with recipe.precision=fp16: the GradScaler needs float32 trainable "
-                          "weights (set adapter.dtype=float32)")
+        raise ConfigError(
+            "adapter.dtype=float16 with recipe.precision=fp16: the GradScaler needs float32 trainable "
+            "weights (set adapter.dtype=float32)"
+        )
     if mode == "fp16" and trains_base and model_dtype == "float16" and adapter_dtype != "float32":
-        raise ConfigError("full fine-tuning with recipe.precision=fp16 needs float32 master weights (adapter.dtype=float32)")
+        raise ConfigError(
+            "full fine-tuning with recipe.precision=fp16 needs float32 master weights (adapter.dtype=float32)"
+        )
 
 
 @dataclass(frozen=True)

@@ -14,14 +14,19 @@ from moe_lora.train.schedule import adamw_with_schedule
 
 
 def pretrain(
-    model: PreTrainedModel, tok: PreTrainedTokenizerBase, corpus: list[str], cfg: PretrainConfig, seed: int,
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    corpus: list[str],
+    cfg: PretrainConfig,
+    seed: int,
     progress: bool = True,
 ) -> list[float]:
     """Plain causal-LM training over shuffled documents; returns the loss per step."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    opt, sched = adamw_with_schedule(list(model.parameters()), cfg.lr, cfg.weight_decay, "cosine",
-                                     cfg.warmup_steps, cfg.steps)
+    opt, sched = adamw_with_schedule(
+        list(model.parameters()), cfg.lr, cfg.weight_decay, "cosine", cfg.warmup_steps, cfg.steps
+    )
     model.train()
     order: list[int] = []
     losses = []
@@ -31,7 +36,7 @@ def pretrain(
             fresh = list(range(len(corpus)))
             rng.shuffle(fresh)
             order += fresh
-        idx, order = order[: cfg.batch_size], order[cfg.batch_size:]
+        idx, order = order[: cfg.batch_size], order[cfg.batch_size :]
         batch = collate_text([corpus[i] for i in idx], tok, max_length=128)
         loss = model(**batch).loss
         loss.backward()

@@ -25,14 +25,29 @@ def build_results(cfg, resolved, base, tuned, params, adapted, routing, wall) ->
     metrics = compare(base, tuned)
     if "harness" in tuned:
         metrics["harness"] = tuned["harness"]
-    final = {m: {**rows["all"], "by_task_type": {t: r for t, r in rows.items() if t != "all"}}
-             for m, rows in routing.items() if "all" in rows}
+    final = {
+        m: {**rows["all"], "by_task_type": {t: r for t, r in rows.items() if t != "all"}}
+        for m, rows in routing.items()
+        if "all" in rows
+    }
     return {
-        "adapter": cfg.adapter.name, "model": cfg.model.name, "data": cfg.data.name, "layout": cfg.layout.name,
-        "recipe": cfg.recipe.name, "seed": cfg.seed, "model_path": cfg.model.name_or_path,
-        "params": {**params, "adapted_modules": len(adapted),
-                   "trainable_share": params["trainable"] / max(1, params["total"] - params["trainable"])},
-        "metrics": metrics, "metric_columns": declarations(), "routing": final, "wall_s": wall, "config": resolved,
+        "adapter": cfg.adapter.name,
+        "model": cfg.model.name,
+        "data": cfg.data.name,
+        "layout": cfg.layout.name,
+        "recipe": cfg.recipe.name,
+        "seed": cfg.seed,
+        "model_path": cfg.model.name_or_path,
+        "params": {
+            **params,
+            "adapted_modules": len(adapted),
+            "trainable_share": params["trainable"] / max(1, params["total"] - params["trainable"]),
+        },
+        "metrics": metrics,
+        "metric_columns": declarations(),
+        "routing": final,
+        "wall_s": wall,
+        "config": resolved,
         "adapter_config": dataclasses.asdict(cfg.adapter),
     }
 
@@ -61,12 +76,18 @@ def summary_table(results: dict) -> str:
     cvs = [r["cv"] for r in results["routing"].values()]
     perf = results.get("perf") or {}
     rows = [
-        ("adapter", results["adapter"]), ("model", results["model"]), ("seed", str(results["seed"])),
+        ("adapter", results["adapter"]),
+        ("model", results["model"]),
+        ("seed", str(results["seed"])),
         ("trainable params", f"{p['trainable']:,} / {p['total']:,}"),
         *metric_rows(m),
         ("routing CV (mean over layers)", _f(sum(cvs) / len(cvs)) if cvs else "-"),
-        ("tokens/s, peak memory", f"{perf['tokens_per_s']:,.0f}, {perf['peak_mem_bytes'] / 2**20:,.0f} MiB"
-         if perf.get("tokens_per_s") else "-"),
+        (
+            "tokens/s, peak memory",
+            f"{perf['tokens_per_s']:,.0f}, {perf['peak_mem_bytes'] / 2**20:,.0f} MiB"
+            if perf.get("tokens_per_s")
+            else "-",
+        ),
         ("wall time", f"{results['wall_s']:.1f} s"),
     ]
     width = max(len(k) for k, _ in rows)

@@ -103,13 +103,30 @@ def validation_loss(model: nn.Module, batch: dict[str, torch.Tensor], precision:
     return float(loss)
 
 
-def run_eval(model, tok, mixture: Mixture, cfg: TrainConfig, precision: Precision, progress: bool = False,
-             dist: Dist | None = None):
+def run_eval(
+    model,
+    tok,
+    mixture: Mixture,
+    cfg: TrainConfig,
+    precision: Precision,
+    progress: bool = False,
+    dist: Dist | None = None,
+):
     """(metrics, prediction records) of one model on every evaluation set of the mixture; given a
     ``dist``, each rank scores its shard of every set and the records are gathered."""
-    return evaluate(model, tok, mixture, fast_em=cfg.model.source == "world", limit=cfg.recipe.eval_limit,
-                    max_length=cfg.data.max_length, eval_cfg=cfg.eval, chat_template=cfg.data.chat_template,
-                    autocast=precision.autocast, progress=progress, shard=dist)
+    return evaluate(
+        model,
+        tok,
+        mixture,
+        fast_em=cfg.model.source == "world",
+        limit=cfg.recipe.eval_limit,
+        max_length=cfg.data.max_length,
+        eval_cfg=cfg.eval,
+        chat_template=cfg.data.chat_template,
+        autocast=precision.autocast,
+        progress=progress,
+        shard=dist,
+    )
 
 
 def prepare_trainable(model: nn.Module, cfg: TrainConfig, trains_base: bool) -> None:
@@ -147,13 +164,16 @@ class RunIO:
         self.keep_last(rows)
 
     def checkpoint(self, state: TrainState) -> None:
-        trainer = state.trainer_state(self.dist) | {"recorder": self.recorder.state_dict(),
-                                                     "logs": self.tracker.lengths() if self.tracker is not None else {}}
+        trainer = state.trainer_state(self.dist) | {
+            "recorder": self.recorder.state_dict(),
+            "logs": self.tracker.lengths() if self.tracker is not None else {},
+        }
         ckpt.save(self.run_dir, state.step, state.model, state.optimizer, trainer, self.digest, self.keep, self.dist)
 
 
-def run(cfg: TrainConfig, run_dir: Path, progress: bool = True, dist: Dist | None = None,
-        resume: Path | None = None) -> dict[str, Any] | None:
+def run(
+    cfg: TrainConfig, run_dir: Path, progress: bool = True, dist: Dist | None = None, resume: Path | None = None
+) -> dict[str, Any] | None:
     """Train, evaluate and write the run's files; the results (``None`` on ranks other than 0).
     ``resume``: a checkpoint folder of this run directory to continue from. Reads top to bottom:
     set up, evaluate the base, add the adapter, fine-tune, evaluate the tuned model, write."""
@@ -187,8 +207,12 @@ def run(cfg: TrainConfig, run_dir: Path, progress: bool = True, dist: Dist | Non
             write_predictions(run_dir / PREDICTIONS_FILE, base_predictions, tuned_predictions)
             save_file(adapter, str(run_dir / ADAPTER_FILE))
             results = build_results(cfg, resolved, base, tuned, params, adapted, io.final_routing, time.time() - start)
-            results |= {"perf": perf, "targets": targets, "nonfinite_skips": perf.get("nonfinite_skips", 0),
-                        "data": mixture.info}
+            results |= {
+                "perf": perf,
+                "targets": targets,
+                "nonfinite_skips": perf.get("nonfinite_skips", 0),
+                "data": mixture.info,
+            }
             if spec.report is not None:
                 results["adapter_report"] = spec.report(model)
             write_json_atomic(run_dir / outputs.RESULTS, results)
@@ -203,8 +227,9 @@ def add_adapter(model: nn.Module, cfg: TrainConfig, run_dir: Path, dist: Dist):
     """Seeded adapter injection with the routing recorder attached; (recorder, adapted module
     names, targets table). The targets table is printed and later stored in results.json."""
     torch.manual_seed(cfg.seed)  # adapter init depends on the run seed only
-    recorder = RoutingRecorder(reduce=dist.all_reduce if dist.enabled else None,
-                               grad_reduce=dist.all_reduce_grad if dist.enabled else None)
+    recorder = RoutingRecorder(
+        reduce=dist.all_reduce if dist.enabled else None, grad_reduce=dist.all_reduce_grad if dist.enabled else None
+    )
     targets = targets_table(model, cfg.adapter, cfg.model) if ADAPTERS.get(cfg.adapter.name).wrap is not None else {}
     if targets and dist.is_main:
         from moe_lora.targets import format_targets
@@ -216,9 +241,18 @@ def add_adapter(model: nn.Module, cfg: TrainConfig, run_dir: Path, dist: Dist):
     return recorder, adapted, targets
 
 
-def fine_tune(cfg: TrainConfig, model: nn.Module, tok, mixture: Mixture, precision: Precision,
-              recorder: RoutingRecorder, adapted: list[str], io: RunIO, resume: Path | None,
-              progress: bool) -> dict[str, Any]:
+def fine_tune(
+    cfg: TrainConfig,
+    model: nn.Module,
+    tok,
+    mixture: Mixture,
+    precision: Precision,
+    recorder: RoutingRecorder,
+    adapted: list[str],
+    io: RunIO,
+    resume: Path | None,
+    progress: bool,
+) -> dict[str, Any]:
     """The training loop with everything it needs: wrapped model, optimiser state (restored on a
     resume), the variant's hooks, tokenised batches, preemption; returns perf figures."""
     dist = io.dist
@@ -230,20 +264,39 @@ def fine_tune(cfg: TrainConfig, model: nn.Module, tok, mixture: Mixture, precisi
     with dist.main_first():  # rank 0 fills the tokenisation cache
         batches = training_batches(mixture, tok, cfg)
     if batches.truncated and dist.is_main:  # counted, never silent (also results.json["perf"]["truncated"])
-        log.warning("%d of %d training examples were cut to data.max_length=%d (%d of them inside the answer)",
-                    batches.truncated, len(batches), cfg.data.max_length, batches.answer_cut)
+        log.warning(
+            "%d of %d training examples were cut to data.max_length=%d (%d of them inside the answer)",
+            batches.truncated,
+            len(batches),
+            cfg.data.max_length,
+            batches.answer_cut,
+        )
     global_batch = cfg.recipe.batch_size * dist.world_size * cfg.recipe.grad_accum
     if dist.is_main and dist.enabled:
-        print(f"data parallel: {dist.world_size} ranks ({cfg.recipe.strategy}), global batch "
-              f"{global_batch} = recipe.batch_size "
-              f"{cfg.recipe.batch_size} x {dist.world_size} ranks x recipe.grad_accum {cfg.recipe.grad_accum}")
+        print(
+            f"data parallel: {dist.world_size} ranks ({cfg.recipe.strategy}), global batch "
+            f"{global_batch} = recipe.batch_size "
+            f"{cfg.recipe.batch_size} x {dist.world_size} ranks x recipe.grad_accum {cfg.recipe.grad_accum}"
+        )
     with preemption() as stop:
-        loop_io = LoopIO(io.log, io.log_routing, io.checkpoint, stop, dist=dist, progress=progress,
-                         diagnose=lambda batch: first_nonfinite(model, adapted, batch, precision))
+        loop_io = LoopIO(
+            io.log,
+            io.log_routing,
+            io.checkpoint,
+            stop,
+            dist=dist,
+            progress=progress,
+            diagnose=lambda batch: first_nonfinite(model, adapted, batch, precision),
+        )
         perf = train(state, batches, recorder, cfg.recipe, precision, loop_io, hooks, net)
-    return perf | {"nonfinite_skips": state.nonfinite_skips, "truncated": batches.truncated,
-                   "answer_cut": batches.answer_cut, "ranks": dist.world_size,
-                   "strategy": cfg.recipe.strategy if dist.enabled else None, "global_batch": global_batch}
+    return perf | {
+        "nonfinite_skips": state.nonfinite_skips,
+        "truncated": batches.truncated,
+        "answer_cut": batches.answer_cut,
+        "ranks": dist.world_size,
+        "strategy": cfg.recipe.strategy if dist.enabled else None,
+        "global_batch": global_batch,
+    }
 
 
 def variant_hooks(cfg: TrainConfig, model: nn.Module, tok, mixture: Mixture, precision: Precision, io: RunIO) -> list:
@@ -251,17 +304,23 @@ def variant_hooks(cfg: TrainConfig, model: nn.Module, tok, mixture: Mixture, pre
     spec = ADAPTERS.get(cfg.adapter.name)
     if spec.make_hook is None:
         return []
-    val = collate(mixture.validation[: cfg.recipe.realloc_val_examples], tok, cfg.data.max_length,
-                  chat_template=cfg.data.chat_template)
+    val = collate(
+        mixture.validation[: cfg.recipe.realloc_val_examples],
+        tok,
+        cfg.data.max_length,
+        chat_template=cfg.data.chat_template,
+    )
     val = {k: v.to(precision.device) for k, v in val.items()}
     # rank 0's value on every rank: the ranks' decisions (ALoRA's pruning) stay identical
-    ctx = HookContext(val_loss=lambda: io.dist.broadcast(validation_loss(model, val, precision)), recipe=cfg.recipe,
-                      log=io.log)
+    ctx = HookContext(
+        val_loss=lambda: io.dist.broadcast(validation_loss(model, val, precision)), recipe=cfg.recipe, log=io.log
+    )
     return [spec.make_hook(model, cfg.adapter, ctx)]
 
 
-def evaluate_tuned(cfg: TrainConfig, model: nn.Module, tok, mixture: Mixture, precision: Precision, progress: bool,
-                   dist: Dist):
+def evaluate_tuned(
+    cfg: TrainConfig, model: nn.Module, tok, mixture: Mixture, precision: Precision, progress: bool, dist: Dist
+):
     """The tuned model on every evaluation set (plus lm-eval harness tasks on rank 0)."""
     sharded = dist.enabled and cfg.recipe.strategy == "fsdp"
     # FSDP's forward gathers shards collectively: every rank must run every batch (no sharded eval)
@@ -269,8 +328,9 @@ def evaluate_tuned(cfg: TrainConfig, model: nn.Module, tok, mixture: Mixture, pr
     if cfg.eval.harness.tasks and dist.is_main:
         from moe_lora.eval.harness import run_harness
 
-        tuned["harness"] = run_harness(model, tok, cfg.eval.harness, device=precision.device,
-                                       autocast=precision.autocast)
+        tuned["harness"] = run_harness(
+            model, tok, cfg.eval.harness, device=precision.device, autocast=precision.autocast
+        )
     return tuned, predictions
 
 
@@ -288,8 +348,10 @@ def truncate_logs(run_dir: Path, lengths: dict[str, int]) -> None:
         path = run_dir / name
         size = path.stat().st_size if path.exists() else 0
         if size < n:
-            raise ConfigError(f"{path} is shorter ({size} bytes) than at the checkpoint ({n} bytes): the log was "
-                              "cut or replaced; it cannot be resumed byte for byte")
+            raise ConfigError(
+                f"{path} is shorter ({size} bytes) than at the checkpoint ({n} bytes): the log was "
+                "cut or replaced; it cannot be resumed byte for byte"
+            )
         with open(path, "r+b") as f:
             f.truncate(n)
 
@@ -305,6 +367,7 @@ def first_nonfinite(model: nn.Module, adapted: list[str], batch: dict[str, torch
             out = out[0] if isinstance(out, tuple) else out
             if not found and isinstance(out, torch.Tensor) and not bool(torch.isfinite(out).all()):
                 found.append(f"the output of {name}")
+
         return hook
 
     handles = [model.get_submodule(n).register_forward_hook(check(n)) for n in adapted]
@@ -329,5 +392,11 @@ def training_batches(mixture: Mixture, tok, cfg: TrainConfig):
     """The training examples tokenised once (``datasets.map``), batched by index in the loop."""
     from moe_lora.data.collate import encode_examples
 
-    return encode_examples(mixture.train, tok, cfg.data.max_length, chat_template=cfg.data.chat_template,
-                           num_proc=cfg.data.num_proc, cache_dir=str(Path(cfg.cache_dir) / "tokenized"))
+    return encode_examples(
+        mixture.train,
+        tok,
+        cfg.data.max_length,
+        chat_template=cfg.data.chat_template,
+        num_proc=cfg.data.num_proc,
+        cache_dir=str(Path(cfg.cache_dir) / "tokenized"),
+    )

@@ -24,8 +24,24 @@ def test_every_adapting_variant_is_traced() -> None:
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_no_graph_breaks(variant: str) -> None:
-    a = parse(["--hidden", "32", "--layers", "1", "--heads", "2", "--ffn", "64", "--vocab", "50", "--seq", "8",
-               "--batch", "2"])
+    a = parse(
+        [
+            "--hidden",
+            "32",
+            "--layers",
+            "1",
+            "--heads",
+            "2",
+            "--ffn",
+            "64",
+            "--vocab",
+            "50",
+            "--seq",
+            "8",
+            "--batch",
+            "2",
+        ]
+    )
     case, batch = build(variant, a), make_batch(a)
 
     def loss(ids: torch.Tensor) -> torch.Tensor:

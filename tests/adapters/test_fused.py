@@ -21,9 +21,20 @@ from moe_lora.config import LayoutConfig, ModelConfig
 from moe_lora.structure import FUSED_QKV, read_structure
 
 CFG = ModelConfig(name="t", source="world")
-DIMS = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=1,
-            rms_norm_eps=1e-5, rope_theta=10000.0)
+DIMS = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=1,
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+)
 
 
 def twins() -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -35,7 +46,11 @@ def twins() -> tuple[torch.nn.Module, torch.nn.Module]:
     for name, t in phi3.state_dict().items():
         if name.endswith("qkv_proj.weight"):
             stem = name.removesuffix("qkv_proj.weight")
-            state |= {f"{stem}q_proj.weight": t[:q], f"{stem}k_proj.weight": t[q:q + kv], f"{stem}v_proj.weight": t[q + kv:]}
+            state |= {
+                f"{stem}q_proj.weight": t[:q],
+                f"{stem}k_proj.weight": t[q : q + kv],
+                f"{stem}v_proj.weight": t[q + kv :],
+            }
         elif name.endswith("gate_up_proj.weight"):
             stem = name.removesuffix("gate_up_proj.weight")
             state |= {f"{stem}gate_proj.weight": t[:inter], f"{stem}up_proj.weight": t[inter:]}
@@ -72,18 +87,34 @@ def test_fused_phi3_equals_its_unfused_llama_twin_under_ia3_and_mov(adapter) -> 
 
 
 FAMILIES = {  # model_type -> extra config fields (tiny; the variants FUSED_QKV distinguishes)
-    "gpt2": {}, "phi3": {}, "mpt": {}, "gpt_neox": {}, "bloom": {}, "persimmon": {"qk_layernorm": False}, "codegen": {"rotary_dim": 4},
+    "gpt2": {},
+    "phi3": {},
+    "mpt": {},
+    "gpt_neox": {},
+    "bloom": {},
+    "persimmon": {"qk_layernorm": False},
+    "codegen": {"rotary_dim": 4},
     "falcon": {"new_decoder_architecture": False, "multi_query": True},
     "falcon-per-head": {"new_decoder_architecture": False, "multi_query": False},
     "falcon-new": {"new_decoder_architecture": True, "num_kv_heads": 2},
-    "gpt_bigcode": {"multi_query": True}, "gpt_bigcode-per-head": {"multi_query": False},
+    "gpt_bigcode": {"multi_query": True},
+    "gpt_bigcode-per-head": {"multi_query": False},
 }
 
 
 def tiny(family: str) -> torch.nn.Module:
     model_type = family.split("-")[0]
-    kw = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-              pad_token_id=0, bos_token_id=1, eos_token_id=1, max_position_embeddings=64)
+    kw = dict(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=1,
+        max_position_embeddings=64,
+    )
     if model_type in ("gpt2", "gpt_bigcode", "codegen"):
         kw |= {"n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 64}
     if model_type == "mpt":

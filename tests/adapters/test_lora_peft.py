@@ -19,24 +19,51 @@ from moe_lora.adapters.mola import MoLAConfig
 from moe_lora.config import LayoutConfig, ModelConfig
 from moe_lora.routing.recorder import RoutingRecorder
 
-MODULES = {"attention": ["q_proj", "k_proj", "v_proj", "o_proj"], "ffn": ["gate_proj", "up_proj", "down_proj"],
-           "query": ["q_proj"], "key": ["k_proj"], "value": ["v_proj"], "output": ["o_proj"], "ffn_out": ["down_proj"]}
-MODEL_CFG = ModelConfig(name="t", source="world", modules=MODULES, num_layers=2, hidden_size=32, intermediate_size=64,
-                        num_heads=4, num_kv_heads=4)
+MODULES = {
+    "attention": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "ffn": ["gate_proj", "up_proj", "down_proj"],
+    "query": ["q_proj"],
+    "key": ["k_proj"],
+    "value": ["v_proj"],
+    "output": ["o_proj"],
+    "ffn_out": ["down_proj"],
+}
+MODEL_CFG = ModelConfig(
+    name="t",
+    source="world",
+    modules=MODULES,
+    num_layers=2,
+    hidden_size=32,
+    intermediate_size=64,
+    num_heads=4,
+    num_kv_heads=4,
+)
 
 
 def tiny_llama(seed: int = 0, layers: int = 2) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
+    cfg = LlamaConfig(
+        vocab_size=50,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
 @pytest.mark.parametrize("targets", [["ffn"], ["all"], ["q_proj", "v_proj"]])
 def test_lora_matches_peft(targets: list[str]) -> None:
-    names = [n for t in targets for n in MODULES.get(t, [t])] if targets != ["all"] else MODULES["attention"] + MODULES["ffn"]
-    peft_model = get_peft_model(tiny_llama(), PeftLoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
-                                                             target_modules=names)).eval()
+    names = (
+        [n for t in targets for n in MODULES.get(t, [t])]
+        if targets != ["all"]
+        else MODULES["attention"] + MODULES["ffn"]
+    )
+    peft_model = get_peft_model(
+        tiny_llama(), PeftLoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=names)
+    ).eval()
     ours = tiny_llama()
     adapted = inject_adapter(ours, LoRAConfig(target_modules=targets, rank=8, alpha=16.0), MODEL_CFG, LayoutConfig())
     assert len(adapted) == 2 * len(names)
@@ -79,8 +106,9 @@ def test_loramoe_routers_report_to_the_recorder_and_add_the_lbc() -> None:
 def test_ia3_matches_peft() -> None:
     """k/v outputs and the down_proj input scaled, as peft's IA3 with down_proj a feed-forward module."""
     names = ["k_proj", "v_proj", "down_proj"]
-    peft_model = get_peft_model(tiny_llama(), PeftIA3Config(target_modules=names,
-                                                            feedforward_modules=["down_proj"])).eval()
+    peft_model = get_peft_model(
+        tiny_llama(), PeftIA3Config(target_modules=names, feedforward_modules=["down_proj"])
+    ).eval()
     ours = tiny_llama()
     adapted = inject_adapter(ours, IA3Config(), MODEL_CFG, LayoutConfig())
     assert len(adapted) == 2 * len(names)
@@ -100,8 +128,15 @@ def test_ia3_matches_peft() -> None:
 
 def _wide_llama() -> LlamaForCausalLM:
     """Wide enough (256 -> 4 x 128 A entries per linear) for distribution checks to be sharp."""
-    cfg = LlamaConfig(vocab_size=50, hidden_size=256, intermediate_size=256, num_hidden_layers=1,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
+    cfg = LlamaConfig(
+        vocab_size=50,
+        hidden_size=256,
+        intermediate_size=256,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -113,14 +148,17 @@ def test_initialisation_is_peft_kaiming_for_A_and_zero_for_B(variant: str) -> No
     peft_model = get_peft_model(_wide_llama(), PeftLoraConfig(r=64, lora_alpha=64, target_modules=["q_proj"]))
     theirs = peft_model.base_model.model.model.layers[0].self_attn.q_proj
     peft_A = theirs.lora_A["default"].weight.detach().flatten()
-    cfg = LoRAConfig(target_modules=["q_proj"], rank=64) if variant == "lora" else \
-        MoLAConfig(target_modules=["q_proj"], rank=16, num_experts=4)
+    cfg = (
+        LoRAConfig(target_modules=["q_proj"], rank=64)
+        if variant == "lora"
+        else MoLAConfig(target_modules=["q_proj"], rank=16, num_experts=4)
+    )
     model_cfg = MODEL_CFG.__class__(**{**MODEL_CFG.__dict__, "hidden_size": 256, "num_layers": 1})
     model = _wide_llama()
     torch.manual_seed(1)
     (name,) = inject_adapter(model, cfg, model_cfg, LayoutConfig())
     mine: LoRAExperts = model.get_submodule(name)
-    bound = 1 / 256 ** 0.5
+    bound = 1 / 256**0.5
     assert peft_A.abs().max() <= bound and mine.lora_A.abs().max() <= bound
     q = torch.linspace(0.01, 0.99, 99)
     for block in mine.lora_A.detach().split(mine.rank, dim=1):  # every expert's A on its own

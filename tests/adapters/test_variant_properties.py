@@ -32,7 +32,8 @@ def test_hydralora_has_one_A_per_linear_and_N_heads() -> None:
     x = torch.randn(5, layer.d_in)
     gate = layer.router(x)  # soft: sum_i p_i B_i A x
     expected = layer.base(x) + layer.scaling * sum(
-        gate[:, i: i + 1] * (x @ layer.lora_A @ layer.lora_B[4 * i: 4 * (i + 1)]) for i in range(3))
+        gate[:, i : i + 1] * (x @ layer.lora_A @ layer.lora_B[4 * i : 4 * (i + 1)]) for i in range(3)
+    )
     assert torch.allclose(layer(x), expected, atol=1e-5)
 
 
@@ -77,12 +78,15 @@ def test_mov_routes_on_the_activation_it_rescales() -> None:
         assert torch.allclose(k(x), expected.flatten(-2), atol=1e-6)
 
 
-@pytest.mark.parametrize(("layers", "experts", "expected"), [
-    (4, [2, 4, 6, 8], [2, 4, 6, 8]),  # one group per layer
-    (8, [8, 2, 2, 8], [8, 8, 2, 2, 2, 2, 8, 8]),  # hourglass over 8 layers: floor(l * 4 / 8)
-    (2, [3, 5], [3, 5]),  # an explicit per-layer list
-    (4, [6], [6, 6, 6, 6]),
-])
+@pytest.mark.parametrize(
+    ("layers", "experts", "expected"),
+    [
+        (4, [2, 4, 6, 8], [2, 4, 6, 8]),  # one group per layer
+        (8, [8, 2, 2, 8], [8, 8, 2, 2, 2, 2, 8, 8]),  # hourglass over 8 layers: floor(l * 4 / 8)
+        (2, [3, 5], [3, 5]),  # an explicit per-layer list
+        (4, [6], [6, 6, 6, 6]),
+    ],
+)
 def test_mola_per_layer_experts_follow_the_layout(layers, experts, expected) -> None:
     model = tiny_llama(layers=layers)
     cfg = MODEL_CFG.__class__(**{**MODEL_CFG.__dict__, "num_layers": layers})
@@ -103,8 +107,9 @@ def test_layout_misfits_are_errors_naming_the_key() -> None:
 
 def test_adamoe_null_experts_add_nothing() -> None:
     model, rec = tiny_llama(), RoutingRecorder()
-    names = inject_adapter(model, AdaMoEConfig(num_experts=4, num_null_experts=2, top_k=2), MODEL_CFG,
-                           LayoutConfig(), rec)
+    names = inject_adapter(
+        model, AdaMoEConfig(num_experts=4, num_null_experts=2, top_k=2), MODEL_CFG, LayoutConfig(), rec
+    )
     perturb(model)
     layer: LoRAExperts = model.get_submodule(names[0])
     assert layer.router.weight.shape[0] == 6 and layer.lora_B.shape[0] == 4 * layer.rank  # no weights for nulls
@@ -218,14 +223,19 @@ def test_settings_a_variant_would_ignore_are_errors_naming_the_key() -> None:
     with pytest.raises(ConfigError, match=r"adapter\.expert_compute"):
         HydraLoRAConfig(top_k=2, expert_compute="grouped")
     with pytest.raises(ConfigError, match=r"layout\.experts=\[1, 2, 3\] has 3 entries but the model has 4 layers"):
-        inject_adapter(tiny_llama(layers=4), MoLAConfig(), MODEL_CFG.__class__(**{**MODEL_CFG.__dict__, "num_layers": 4}),
-                       LayoutConfig(name="custom", experts=[1, 2, 3]))
+        inject_adapter(
+            tiny_llama(layers=4),
+            MoLAConfig(),
+            MODEL_CFG.__class__(**{**MODEL_CFG.__dict__, "num_layers": 4}),
+            LayoutConfig(name="custom", experts=[1, 2, 3]),
+        )
     with pytest.raises(ConfigError, match=r"layout\.rank"):
         inject_adapter(tiny_llama(), MoVConfig(), MODEL_CFG, LayoutConfig(name="custom", rank=[4, 8]))
     with pytest.raises(ConfigError, match=r"'lm_head' has no layer index"):
         inject_adapter(tiny_llama(), MoLAConfig(target_modules=["lm_head"]), MODEL_CFG, two_four)
-    lm_head = inject_adapter(tiny_llama(), MoLAConfig(target_modules=["lm_head"], num_experts=3), MODEL_CFG,
-                             LayoutConfig())  # a uniform layout has one plan for every module: no guess
+    lm_head = inject_adapter(
+        tiny_llama(), MoLAConfig(target_modules=["lm_head"], num_experts=3), MODEL_CFG, LayoutConfig()
+    )  # a uniform layout has one plan for every module: no guess
     assert lm_head == ["lm_head"]
 
 

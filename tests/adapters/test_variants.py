@@ -33,8 +33,11 @@ def expected_targets(model, targets: list[str]) -> list[str]:
     """The Llama linears that role, block and module-name targets name (written out here, not asked
     of moe_lora.structure)."""
     names = [n for t in targets for n in (MODULES["attention"] + MODULES["ffn"] if t == "all" else MODULES.get(t, [t]))]
-    return [n for n, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and any(n == p or n.endswith("." + p) for p in names)]
+    return [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and any(n == p or n.endswith("." + p) for p in names)
+    ]
 
 
 def batch(seed: int = 0):

@@ -28,8 +28,15 @@ def test_vectorised_equals_loop_reference(case: str, grouped: bool) -> None:
     c = CASES[case]
     torch.manual_seed(0)
     base = torch.nn.Linear(12, 8).requires_grad_(False)  # grouped GEMMs need 16-byte rows
-    ours = LoRAExperts(base, rank=4, alpha=6.0, num_experts=5, shared_A=c["shared_A"], grouped=grouped,
-                       router=Router(12, 5, top_k=c["top_k"], num_null=c["num_null"]))
+    ours = LoRAExperts(
+        base,
+        rank=4,
+        alpha=6.0,
+        num_experts=5,
+        shared_A=c["shared_A"],
+        grouped=grouped,
+        router=Router(12, 5, top_k=c["top_k"], num_null=c["num_null"]),
+    )
     assert ours.grouped == grouped
     with torch.no_grad():
         ours.lora_B.normal_()
@@ -53,9 +60,30 @@ def test_vectorised_equals_loop_reference(case: str, grouped: bool) -> None:
 
 def test_bench_runs_and_writes_ratios(tmp_path, capsys) -> None:
     out = tmp_path / "bench.json"
-    code = bench_main(["--hidden", "32", "--layers", "1", "--heads", "2", "--ffn", "64", "--vocab", "50",
-                       "--seq", "8", "--batch", "2", "--rounds", "2", "--out", str(out),
-                       "--variants", "lora,loramoe,loramoe_no_telemetry,mola,mola_grouped,loop_loramoe"])
+    code = bench_main(
+        [
+            "--hidden",
+            "32",
+            "--layers",
+            "1",
+            "--heads",
+            "2",
+            "--ffn",
+            "64",
+            "--vocab",
+            "50",
+            "--seq",
+            "8",
+            "--batch",
+            "2",
+            "--rounds",
+            "2",
+            "--out",
+            str(out),
+            "--variants",
+            "lora,loramoe,loramoe_no_telemetry,mola,mola_grouped,loop_loramoe",
+        ]
+    )
     assert code == 0
     res = json.loads(out.read_text())
     assert set(res["ratio_vs_peft_lora"]) == {"lora", "loramoe", "mola", "mola_grouped"}
@@ -96,8 +124,10 @@ def test_grouped_top_k_may_exceed_the_real_experts() -> None:
     """AdaMoE-style top-4 over 2 real + 4 null experts: the grouped path equals the dense one."""
     torch.manual_seed(0)
     base = torch.nn.Linear(16, 8).requires_grad_(False)
-    layers = [LoRAExperts(base, rank=4, alpha=8.0, num_experts=2, grouped=g, router=Router(16, 2, top_k=4, num_null=4))
-              for g in (False, True)]
+    layers = [
+        LoRAExperts(base, rank=4, alpha=8.0, num_experts=2, grouped=g, router=Router(16, 2, top_k=4, num_null=4))
+        for g in (False, True)
+    ]
     layers[1].load_state_dict(layers[0].state_dict())
     with torch.no_grad():
         for layer in layers:

@@ -42,10 +42,10 @@ def test_bos_first_and_labels_exactly_on_answer_and_eos(llama) -> None:
         assert batch["input_ids"][i, 0] == llama.bos_token_id
         joined = ex.answer if ex.prompt.endswith("\n") else " " + ex.answer  # no space after Alpaca's newline
         context = llama(ex.prompt)["input_ids"]  # lm-eval's rule: the answer's tokens in context
-        answer = [*llama(ex.prompt + joined)["input_ids"][len(context):], llama.eos_token_id]
+        answer = [*llama(ex.prompt + joined)["input_ids"][len(context) :], llama.eos_token_id]
         assert labelled(batch, i) == answer
         n = int(batch["attention_mask"][i].sum())
-        assert batch["input_ids"][i, n - len(answer): n].tolist() == answer  # labels sit on those positions
+        assert batch["input_ids"][i, n - len(answer) : n].tolist() == answer  # labels sit on those positions
         assert (batch["labels"][i, : n - len(answer)] == IGNORE).all()
     assert all(torch.equal(batch[k], collate(SHORT, llama, 256)[k]) for k in batch)  # one encoding rule
 
@@ -56,7 +56,7 @@ def test_truncation_keeps_bos_and_answer_and_is_counted(llama) -> None:
     batch = enc.batch([0])
     answer = [*llama("Answer: Paris", add_special_tokens=False)["input_ids"][2:], llama.eos_token_id]
     assert batch["input_ids"].shape[1] == 32 and batch["input_ids"][0, 0] == llama.bos_token_id
-    assert labelled(batch, 0) == answer and batch["input_ids"][0, -len(answer):].tolist() == answer
+    assert labelled(batch, 0) == answer and batch["input_ids"][0, -len(answer) :].tolist() == answer
     assert (enc.truncated, enc.answer_cut) == (1, 0)
     tiny = encode_examples([Example("Q:", "word " * 30, "instruction", "x")], llama, max_length=10)
     cut = tiny.batch([0])
@@ -95,10 +95,13 @@ def test_encoded_sets_are_cached_and_parallel_safe(llama, tmp_path: Path, monkey
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "qwen2"])
-@pytest.mark.parametrize(("prompt", "answer", "sep"), [
-    ("Question: Who wrote the novel about the white whale?\nAnswer:", "Herman Melville", " "),
-    ("### Instruction:\nGive three tips.\n\n### Response:\n", "Eat well, sleep, move.", ""),
-])
+@pytest.mark.parametrize(
+    ("prompt", "answer", "sep"),
+    [
+        ("Question: Who wrote the novel about the white whale?\nAnswer:", "Herman Melville", " "),
+        ("### Instruction:\nGive three tips.\n\n### Response:\n", "Eat well, sleep, move.", ""),
+    ],
+)
 def test_answer_tokens_are_those_of_the_joined_text(family, prompt, answer, sep) -> None:
     """lm-eval's _encode_pair: the answer is tokenised in the context of the prompt. With Llama-2's
     SentencePiece-style tokenizer a lone ' Herman' would start with a spurious '▁' token."""
@@ -106,4 +109,4 @@ def test_answer_tokens_are_those_of_the_joined_text(family, prompt, answer, sep)
     enc = encode_example(tok, prompt, answer, 256)
     joined = tok(prompt + sep + answer, add_special_tokens=True)["input_ids"]
     assert enc.ids == [*joined, tok.eos_token_id] and not enc.truncated
-    assert tok.decode(enc.ids[enc.start:-1]).strip() == answer
+    assert tok.decode(enc.ids[enc.start : -1]).strip() == answer

@@ -88,11 +88,13 @@ def test_fewshot_prompts_equal_lm_evals() -> None:
     assert fewshot_prompt(TEMPLATES["triviaqa"], query, shots) == (
         "Question: Who wrote Hamlet??\nAnswer: Shakespeare\n\n"
         "Question: What is 2+2??\nAnswer: 4\n\n"
-        "Question: Which planet do we live on??\nAnswer:")
+        "Question: Which planet do we live on??\nAnswer:"
+    )
     nq_shots = [({"question": "who wrote hamlet"}, "shakespeare"), ({"question": "what is 2+2"}, "4")]
     assert fewshot_prompt(TEMPLATES["nq_open"], {"question": "which planet do we live on"}, nq_shots) == (
         "Answer these questions:\n\nQ: who wrote hamlet?\nA: shakespeare\nQ: what is 2+2?\nA: 4\n"
-        "Q: which planet do we live on?\nA:")
+        "Q: which planet do we live on?\nA:"
+    )
     assert fewshot_prompt(TEMPLATES["nq_open"], {"question": "x"}) == "Answer these questions:\n\nQ: x?\nA:"
 
 
@@ -131,16 +133,26 @@ def test_sampling_is_deterministic_by_seed_and_weights_split_num_train(data_root
 
 
 def test_num_examples_wins_over_weight_and_counts_add_up() -> None:
-    cfg = data(None, 10, a=source("triviaqa", weight=1.0), b=source("nq_open", weight=2.0),
-               c=source("alpaca", num_examples=7), d=source("gsm8k", split=None, eval_split="test"))
+    cfg = data(
+        None,
+        10,
+        a=source("triviaqa", weight=1.0),
+        b=source("nq_open", weight=2.0),
+        c=source("alpaca", num_examples=7),
+        d=source("gsm8k", split=None, eval_split="test"),
+    )
     assert train_counts(cfg) == {"a": 3, "b": 7, "c": 7}  # 10 split 1:2 by largest remainder, plus 7
 
 
 # ----------------------------------------------------------------------------------- data files
 def test_jsonl_and_parquet_sources(data_root: Path) -> None:
     files = data_root / "_files"
-    cfg = data(None, 20, nq=source("nq_open", path=str(files / "nq_open")),
-               webqs=source("web_questions", path=str(files / "web_questions")))
+    cfg = data(
+        None,
+        20,
+        nq=source("nq_open", path=str(files / "nq_open")),
+        webqs=source("web_questions", path=str(files / "web_questions")),
+    )
     check_sources(cfg)
     mix = source_mixture(cfg, seed=0)
     assert {e.subtask for e in mix.train} == {"nq", "webqs"}
@@ -230,15 +242,19 @@ def test_data_configs_validate_against_a_prepared_root(data_root: Path, checkpoi
     from moe_lora.compose import load_config
 
     for name in ("cbqa_instruct_hub", "triviaqa_alpaca"):  # validate() runs check_sources
-        cfg = load_config([f"data={name}", f"data.root={data_root}", "model=gpt2",
-                           f"model.name_or_path={checkpoints['gpt2']}"])
+        cfg = load_config(
+            [f"data={name}", f"data.root={data_root}", "model=gpt2", f"model.name_or_path={checkpoints['gpt2']}"]
+        )
         assert cfg.data.sources and all(s.split for s in cfg.data.sources.values())
 
 
-@pytest.mark.parametrize(("override", "key"), [
-    ("data.sources.triviaqa.fields.answers=answer.valeu", "data.sources.triviaqa.fields.answers=answer.valeu"),
-    ("data.sources.alpaca.eval_split=test", "data.sources.alpaca.eval_split='test'"),
-])
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("data.sources.triviaqa.fields.answers=answer.valeu", "data.sources.triviaqa.fields.answers=answer.valeu"),
+        ("data.sources.alpaca.eval_split=test", "data.sources.alpaca.eval_split='test'"),
+    ],
+)
 def test_cli_stops_with_one_line_naming_the_key(run_cli, data_root: Path, override: str, key: str) -> None:
     code, out, err = run_cli("train", "data=triviaqa_alpaca", f"data.root={data_root}", override, tiny=False)
     assert code == 2 and err.startswith(f"moe-lora: error: {key}") and err.count("\n") == 1

@@ -22,15 +22,21 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def models(checkpoints) -> dict:
-    return {f: (AutoModelForCausalLM.from_pretrained(p), AutoTokenizer.from_pretrained(p))
-            for f, p in checkpoints.items()}
+    return {
+        f: (AutoModelForCausalLM.from_pretrained(p), AutoTokenizer.from_pretrained(p)) for f, p in checkpoints.items()
+    }
 
 
 def one_by_one(model, tok, prompt: str, max_new_tokens: int) -> str:
     ids = torch.tensor([prompt_ids(tok, prompt)])
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
-                         pad_token_id=tok.eos_token_id)
-    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=tok.eos_token_id,
+    )
+    return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
@@ -45,8 +51,15 @@ def test_model_card_sampling_defaults_do_not_change_greedy_output(models) -> Non
     model, tok = models["qwen2"]
     greedy = greedy_generate(model, tok, PROMPTS, max_new_tokens=10, stop=(), batch_size=5)
     noisy = copy.deepcopy(model)
-    noisy.generation_config.update(do_sample=True, top_k=3, temperature=3.0, repetition_penalty=10.0,
-                                   no_repeat_ngram_size=2, min_new_tokens=8, max_new_tokens=2)
+    noisy.generation_config.update(
+        do_sample=True,
+        top_k=3,
+        temperature=3.0,
+        repetition_penalty=10.0,
+        no_repeat_ngram_size=2,
+        min_new_tokens=8,
+        max_new_tokens=2,
+    )
     assert greedy_generate(noisy, tok, PROMPTS, max_new_tokens=10, stop=(), batch_size=5) == greedy
 
 
@@ -55,7 +68,7 @@ def test_stop_strings_cut_and_stop_early(models) -> None:
     full = greedy_generate(model, tok, PROMPTS, max_new_tokens=12, stop=(), batch_size=5)
     # a character the first continuation reaches half-way (not U+FFFD: a byte-level token sequence
     # can decode to it mid-way and to a real character once complete)
-    stop = next(c for c in full[0][len(full[0]) // 2:] if c != "\ufffd")
+    stop = next(c for c in full[0][len(full[0]) // 2 :] if c != "\ufffd")
     steps = []
     hook = model.register_forward_hook(lambda *_: steps.append(1))
     try:

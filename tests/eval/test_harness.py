@@ -35,12 +35,26 @@ def test_lm_eval_outside_the_pin_fails_naming_the_extra(monkeypatch) -> None:
 
 
 def test_flatten_results_keeps_numbers_and_stderr_only() -> None:
-    raw = {"arc_easy": {"alias": "arc_easy", "acc,none": 0.5, "acc_stderr,none": 0.1, "acc_norm,none": float("nan"),
-                        "exact_match,remove_whitespace": 1, "exact_match_stderr,remove_whitespace": "N/A",
-                        "sample_len": 3}}
-    assert flatten_results(raw) == {"arc_easy": {"acc": 0.5, "acc_stderr": 0.1, "acc_norm": None,
-                                                 "exact_match,remove_whitespace": 1.0,
-                                                 "exact_match_stderr,remove_whitespace": None}}
+    raw = {
+        "arc_easy": {
+            "alias": "arc_easy",
+            "acc,none": 0.5,
+            "acc_stderr,none": 0.1,
+            "acc_norm,none": float("nan"),
+            "exact_match,remove_whitespace": 1,
+            "exact_match_stderr,remove_whitespace": "N/A",
+            "sample_len": 3,
+        }
+    }
+    assert flatten_results(raw) == {
+        "arc_easy": {
+            "acc": 0.5,
+            "acc_stderr": 0.1,
+            "acc_norm": None,
+            "exact_match,remove_whitespace": 1.0,
+            "exact_match_stderr,remove_whitespace": None,
+        }
+    }
 
 
 @pytest.fixture(scope="module")
@@ -73,12 +87,17 @@ def test_generation_matches_lm_eval_generate_until(llama, task_dir) -> None:
 
     model, tok = llama
     manager = TaskManager(include_path=str(task_dir), include_defaults=False)
-    out = simple_evaluate(model=HFLM(pretrained=model, tokenizer=tok, batch_size=3), tasks=["tiny_gen"],
-                          task_manager=manager, log_samples=True)
+    out = simple_evaluate(
+        model=HFLM(pretrained=model, tokenizer=tok, batch_size=3),
+        tasks=["tiny_gen"],
+        task_manager=manager,
+        log_samples=True,
+    )
     samples = sorted(out["samples"]["tiny_gen"], key=lambda s: s["doc_id"])
     prompts = [s["arguments"][0][0] for s in samples]  # (context, generation kwargs) per request
     ours = greedy_generate(model, tok, prompts, max_new_tokens=8, stop=("\n", ".", ","), batch_size=2)
     assert [o.strip() for o in ours] == [s["filtered_resps"][0] for s in samples]
     assert any(s["filtered_resps"][0] for s in samples)  # not trivially equal: something was generated
-    assert [match_triviaqa(o, s["target"]) for o, s in zip(ours, samples, strict=True)] == \
-           [bool(s["exact_match"]) for s in samples]
+    assert [match_triviaqa(o, s["target"]) for o, s in zip(ours, samples, strict=True)] == [
+        bool(s["exact_match"]) for s in samples
+    ]

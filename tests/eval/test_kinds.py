@@ -21,13 +21,15 @@ from moe_lora.report.tables import aggregate, markdown
 @pytest.fixture
 def answer_length():
     """A new metric kind, declared the way a kind file does (then removed again)."""
+
     def score(s, eval_set, examples):
         lengths = [len(e.answer) for e in s.mine(examples)]
         return SetScore({"answer_chars": sum(lengths) / len(lengths) if lengths else None})
 
     register_kind(MetricKind("answer_length", score, ("answer_chars",)))
-    register_column(Column("answer_chars", "answer chars", "answer_chars", "instruction", by="answer_chars_by_set",
-                           report=True))
+    register_column(
+        Column("answer_chars", "answer chars", "answer_chars", "instruction", by="answer_chars_by_set", report=True)
+    )
     yield
     del KINDS._items["answer_length"], COLUMNS["answer_chars"]
 
@@ -43,8 +45,19 @@ def test_a_registered_kind_reaches_evaluator_results_and_report(answer_length, t
     assert metrics["n_instruction"] == 2 and metrics["cbqa_em"] is None and records == []
     results = compare(metrics, metrics | {"answer_chars": 5.0})
     assert results["answer_chars_base"] == 3.0 and results["answer_chars"] == 5.0
-    run = Run(tmp_path, {"adapter": "arm", "seed": 0, "params": {"trainable": 1}, "metrics": results, "wall_s": 1.0,
-                         "routing": {}, "config": {}, "metric_columns": declarations()})
+    run = Run(
+        tmp_path,
+        {
+            "adapter": "arm",
+            "seed": 0,
+            "params": {"trainable": 1},
+            "metrics": results,
+            "wall_s": 1.0,
+            "routing": {},
+            "config": {},
+            "metric_columns": declarations(),
+        },
+    )
     table = markdown(aggregate([run]))
     assert "answer chars" in table.splitlines()[0] and "5.000" in table
 
@@ -59,9 +72,24 @@ def test_shipped_columns_keep_the_result_keys() -> None:
     assert list(COLUMNS) == ["cbqa_em", "cbqa_candidate_acc", "knowledge_retained", "instruction_em", "response_loss"]
     assert set(KINDS) == {"teacher_forced", "generate", "response_loss"}
     keys = set(compare({}, {}))
-    assert keys >= {"cbqa_em", "cbqa_em_base", "cbqa_em_by_set", "cbqa_em_by_set_base", "cbqa_candidate_acc",
-                    "cbqa_candidate_acc_base", "instruction_em", "instruction_em_base", "instruction_em_by_task",
-                    "knowledge_retained", "knowledge_retained_by_set", "response_loss", "response_loss_base",
-                    "response_loss_by_source", "response_loss_by_source_base", "n_cbqa", "n_instruction"}
+    assert keys >= {
+        "cbqa_em",
+        "cbqa_em_base",
+        "cbqa_em_by_set",
+        "cbqa_em_by_set_base",
+        "cbqa_candidate_acc",
+        "cbqa_candidate_acc_base",
+        "instruction_em",
+        "instruction_em_base",
+        "instruction_em_by_task",
+        "knowledge_retained",
+        "knowledge_retained_by_set",
+        "response_loss",
+        "response_loss_base",
+        "response_loss_by_source",
+        "response_loss_by_source_base",
+        "n_cbqa",
+        "n_instruction",
+    }
     for c in COLUMNS.values():  # every averaged field is written by some kind
         assert c.ratio_of or any(c.field in KINDS.get(k).fields for k in KINDS), c.key

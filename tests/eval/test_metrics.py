@@ -37,8 +37,15 @@ def test_teacher_forced_em_equals_greedy_decoding(trained) -> None:
     fast = teacher_forced(model, tok, examples)
     preds, slow = [], []
     for task_type, match in (("cbqa", "nq_open"), ("instruction", "exact")):  # batched == one by one: test_generate
-        p, ok = generated_em(model, tok, [e for e in examples if e.task_type == task_type], match=match,
-                             stop=("\n",), max_new_tokens=8, batch_size=16)
+        p, ok = generated_em(
+            model,
+            tok,
+            [e for e in examples if e.task_type == task_type],
+            match=match,
+            stop=("\n",),
+            max_new_tokens=8,
+            batch_size=16,
+        )
         preds, slow = preds + p, slow + ok
     assert fast.em == slow
     assert 0 < sum(fast.em) < len(fast.em)  # a partly trained model: both outcomes are exercised
@@ -62,12 +69,20 @@ def test_evaluate_fast_and_generated_agree_and_records_match_metrics(trained) ->
         entered.append(1)
         yield
 
-    fast, fast_records = evaluate(model, tok, mix, fast_em=True, limit=4, max_length=64, eval_cfg=EVAL,
-                                  autocast=autocast)
+    fast, fast_records = evaluate(
+        model, tok, mix, fast_em=True, limit=4, max_length=64, eval_cfg=EVAL, autocast=autocast
+    )
     slow, slow_records = evaluate(model, tok, mix, fast_em=False, limit=4, max_length=64, eval_cfg=EVAL)
     assert entered == [1]
-    for key in ("cbqa_em", "cbqa_em_by_set", "cbqa_candidate_acc", "instruction_em", "instruction_em_by_task",
-                "n_cbqa", "n_instruction"):
+    for key in (
+        "cbqa_em",
+        "cbqa_em_by_set",
+        "cbqa_candidate_acc",
+        "instruction_em",
+        "instruction_em_by_task",
+        "n_cbqa",
+        "n_instruction",
+    ):
         assert fast[key] == slow[key], key
     tasks = {e.subtask for e in mix.eval["instruction"].examples}
     assert fast["n_cbqa"] == 4 and fast["n_instruction"] == 4 * len(tasks)  # instruction: limit per sub-task
@@ -90,15 +105,17 @@ def test_generate_sets_and_response_loss_sets(trained) -> None:
         "tf": EvalSet("tf", "cbqa", cbqa[:3], metric="teacher_forced", match="nq_open"),
         "held_out": EvalSet("held_out", "instruction", instr, metric="response_loss"),
     }
-    metrics, records = evaluate(model, tok, Mixture([], sets, []), fast_em=True, limit=None, max_length=64,
-                                eval_cfg=replace(EVAL, batch_size=2))
+    metrics, records = evaluate(
+        model, tok, Mixture([], sets, []), fast_em=True, limit=None, max_length=64, eval_cfg=replace(EVAL, batch_size=2)
+    )
     assert metrics["cbqa_em"] == pytest.approx((metrics["cbqa_em_by_set"]["gen"] + metrics["cbqa_em_by_set"]["tf"]) / 2)
     assert metrics["instruction_em"] is None and metrics["instruction_em_by_task"] == {}
     assert {r["task"] for r in records} == {"gen", "tf"}  # response-loss sets write no predictions
     batch = collate(instr, tok, 64)
     with torch.no_grad():  # one batch: HF's mean over label tokens is the token-weighted mean
-        expected = float(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                               labels=batch["labels"]).loss)
+        expected = float(
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+        )
     assert metrics["response_loss"] == metrics["response_loss_by_source"]["held_out"] == pytest.approx(expected, 1e-5)
     assert response_loss(model, tok, [], 64, 2) is None
     assert metrics["n_cbqa"] == 9 and metrics["n_instruction"] == 5
@@ -107,14 +124,19 @@ def test_generate_sets_and_response_loss_sets(trained) -> None:
 def test_capped_keeps_limit_per_instruction_subtask(trained) -> None:
     _, _, mix, _ = trained
     kept = capped(mix.eval["instruction"], 2)
-    assert {t: sum(e.subtask == t for e in kept) for t in {e.subtask for e in kept}} == {"reverse": 2, "sort": 2,
-                                                                                       "upper": 2}
+    assert {t: sum(e.subtask == t for e in kept) for t in {e.subtask for e in kept}} == {
+        "reverse": 2,
+        "sort": 2,
+        "upper": 2,
+    }
     assert capped(mix.eval["cbqa"], 3) == mix.eval["cbqa"].examples[:3]
 
 
 def test_knowledge_retained_is_tuned_over_base_per_set() -> None:
     base = {"cbqa_em": 0.5, "cbqa_em_by_set": {"triviaqa": 0.6, "nq_open": 0.4, "webq": 0.0}}
     tuned = {"cbqa_em": 0.25, "cbqa_em_by_set": {"triviaqa": 0.3, "nq_open": 0.2, "webq": 0.1}}
-    assert knowledge_retained(base, tuned) == {"overall": 0.5, "by_set": {"triviaqa": 0.5, "nq_open": 0.5,
-                                                                          "webq": None}}
+    assert knowledge_retained(base, tuned) == {
+        "overall": 0.5,
+        "by_set": {"triviaqa": 0.5, "nq_open": 0.5, "webq": None},
+    }
     assert knowledge_retained({"cbqa_em": None, "cbqa_em_by_set": {}}, tuned) == {"overall": None, "by_set": {}}

@@ -22,14 +22,27 @@ from moe_lora.report.collect import Run, collect
 from tests.report.test_report import fake_run
 
 ROOT = Path(__file__).resolve().parents[2]
-CLAIM = {"name": "a_beats_b", "metric": "metrics.instruction_em", "better": "higher", "arm": "a", "than": "b",
-         "at": {}, "kind": "superiority", "margin": 0.0}
+CLAIM = {
+    "name": "a_beats_b",
+    "metric": "metrics.instruction_em",
+    "better": "higher",
+    "arm": "a",
+    "than": "b",
+    "at": {},
+    "kind": "superiority",
+    "margin": 0.0,
+}
 B = [0.50, 0.55, 0.45, 0.52, 0.48]
 GAIN = [0.05, 0.06, 0.05, 0.04, 0.05]  # A - B per seed: mean 0.05, small spread
 
 
-def make_runs(root: Path, values: dict[str, list[float]], claim_list: list[dict] | None = None,
-              config: dict | None = None, seeds: dict[str, list[int]] | None = None) -> list[Run]:
+def make_runs(
+    root: Path,
+    values: dict[str, list[float]],
+    claim_list: list[dict] | None = None,
+    config: dict | None = None,
+    seeds: dict[str, list[int]] | None = None,
+) -> list[Run]:
     """One fake run per (label, seed) with instruction EM ``values[label][i]``, every run carrying
     the claims as results.json["config"]["claims"] does."""
     for label, vs in values.items():
@@ -70,15 +83,18 @@ def test_non_inferiority_within_its_margin_holds(tmp_path) -> None:
 
 
 # ------------------------------------------------------------------------------------------- the rule
-@pytest.mark.parametrize(("lo", "hi", "kind", "margin", "verdict"), [
-    (0.01, 0.2, "superiority", 0.0, "held"),
-    (0.0, 0.2, "superiority", 0.0, "inconclusive"),  # touching the threshold does not clear it
-    (-0.2, -0.01, "superiority", 0.0, "not held"),
-    (0.01, 0.2, "superiority", 0.05, "inconclusive"),
-    (-0.04, 0.01, "non_inferiority", 0.05, "held"),
-    (-0.06, 0.01, "non_inferiority", 0.05, "inconclusive"),
-    (-0.2, -0.06, "non_inferiority", 0.05, "not held"),
-])
+@pytest.mark.parametrize(
+    ("lo", "hi", "kind", "margin", "verdict"),
+    [
+        (0.01, 0.2, "superiority", 0.0, "held"),
+        (0.0, 0.2, "superiority", 0.0, "inconclusive"),  # touching the threshold does not clear it
+        (-0.2, -0.01, "superiority", 0.0, "not held"),
+        (0.01, 0.2, "superiority", 0.05, "inconclusive"),
+        (-0.04, 0.01, "non_inferiority", 0.05, "held"),
+        (-0.06, 0.01, "non_inferiority", 0.05, "inconclusive"),
+        (-0.2, -0.06, "non_inferiority", 0.05, "not held"),
+    ],
+)
 def test_decide(lo, hi, kind, margin, verdict) -> None:
     assert claims.decide(lo, hi, kind, margin) == verdict
 
@@ -102,17 +118,27 @@ def test_bootstrap_interval_is_deterministic_and_percentile() -> None:
 
 # -------------------------------------------------------------------------------------------- metrics
 def test_metric_paths() -> None:
-    results = {"metrics": {"instruction_em": 0.5, "by_task": {"reverse": 0.25}, "flag": True},
-               "routing": {"m1": {"cv": 0.2, "load": [1, 2], "by_task_type": {"cbqa": {"cv": 0.4}}},
-                           "m2": {"cv": 0.4, "by_task_type": {"cbqa": {"cv": 0.6}, "instruction": {"cv": 0.1}}}}}
+    results = {
+        "metrics": {"instruction_em": 0.5, "by_task": {"reverse": 0.25}, "flag": True},
+        "routing": {
+            "m1": {"cv": 0.2, "load": [1, 2], "by_task_type": {"cbqa": {"cv": 0.4}}},
+            "m2": {"cv": 0.4, "by_task_type": {"cbqa": {"cv": 0.6}, "instruction": {"cv": 0.1}}},
+        },
+    }
     value = claims.metric_value
     assert value(results, "metrics.instruction_em") == 0.5
     assert value(results, "metrics.by_task.reverse") == 0.25
     assert value(results, "routing.cv") == pytest.approx(0.3)
     assert value(results, "routing.cv@cbqa") == pytest.approx(0.5)
     assert value(results, "routing.cv@instruction") == pytest.approx(0.1)  # m1 has no instruction tokens
-    for missing in ("metrics.nope", "metrics.by_task.sort", "metrics.flag", "routing.load", "routing.cv@none",
-                    "params.trainable"):
+    for missing in (
+        "metrics.nope",
+        "metrics.by_task.sort",
+        "metrics.flag",
+        "routing.load",
+        "routing.cv@none",
+        "params.trainable",
+    ):
         assert value(results, missing) is None, missing
 
 
@@ -168,15 +194,18 @@ def test_claims_found_in_runs_are_deduplicated(tmp_path) -> None:
 
 
 # ------------------------------------------------------------------------------------------- config
-@pytest.mark.parametrize(("field", "value", "key"), [
-    ("better", "bigger", "claims[].better"),
-    ("kind", "equivalence", "claims[].kind"),
-    ("margin", -0.1, "claims[].margin"),
-    ("metric", "instruction_em", "claims[].metric"),
-    ("metric", "params.trainable", "claims[].metric"),
-    ("than", "a", "claims[].than"),
-    ("name", "", "claims[].name"),
-])
+@pytest.mark.parametrize(
+    ("field", "value", "key"),
+    [
+        ("better", "bigger", "claims[].better"),
+        ("kind", "equivalence", "claims[].kind"),
+        ("margin", -0.1, "claims[].margin"),
+        ("metric", "instruction_em", "claims[].metric"),
+        ("metric", "params.trainable", "claims[].metric"),
+        ("than", "a", "claims[].than"),
+        ("name", "", "claims[].name"),
+    ],
+)
 def test_claim_config_errors_name_the_key(field, value, key) -> None:
     from moe_lora.config import ClaimConfig
 
@@ -194,15 +223,22 @@ def test_claims_are_typed_by_the_train_schema() -> None:
     from moe_lora.config import ClaimConfig, TrainConfig
 
     schema = OmegaConf.structured(TrainConfig)
-    merged = OmegaConf.merge(schema, OmegaConf.create(
-        "claims: [{name: x, metric: routing.cv, arm: a, than: b, better: lower, at: {recipe.max_steps: 450}}]"))
+    merged = OmegaConf.merge(
+        schema,
+        OmegaConf.create(
+            "claims: [{name: x, metric: routing.cv, arm: a, than: b, better: lower, at: {recipe.max_steps: 450}}]"
+        ),
+    )
     claim = OmegaConf.to_object(merged.claims[0])
     assert claim == ClaimConfig("x", "routing.cv", "a", "b", "lower", {"recipe.max_steps": 450})
     with pytest.raises(ConfigKeyError, match="bettr"):
         OmegaConf.merge(schema, OmegaConf.create("claims: [{name: x, metric: routing.cv, arm: a, than: b, bettr: 1}]"))
     with pytest.raises(ConfigError, match=r"^claims\[\]\.kind="):
-        OmegaConf.to_object(OmegaConf.merge(schema, OmegaConf.create(
-            "claims: [{name: x, metric: routing.cv, arm: a, than: b, kind: equal}]")).claims[0])
+        OmegaConf.to_object(
+            OmegaConf.merge(
+                schema, OmegaConf.create("claims: [{name: x, metric: routing.cv, arm: a, than: b, kind: equal}]")
+            ).claims[0]
+        )
 
 
 def _preset_labels(preset: str) -> set[str]:
@@ -211,15 +247,22 @@ def _preset_labels(preset: str) -> set[str]:
     raw = yaml.safe_load((ROOT / "conf" / "experiment" / f"{preset}.yaml").read_text())
     params = raw["hydra"]["sweeper"]["params"]
     if "+arm" in params:
-        return {yaml.safe_load((ROOT / "conf" / "arm" / f"{a}.yaml").read_text())["label"]
-                for a in params["+arm"].split(",")}
+        return {
+            yaml.safe_load((ROOT / "conf" / "arm" / f"{a}.yaml").read_text())["label"]
+            for a in params["+arm"].split(",")
+        }
     adapter = next(d["override /adapter"] for d in raw["defaults"] if "override /adapter" in d)
-    return {Run(Path("."), {"adapter": adapter, "layout": layout, "config": {}}).label
-            for layout in params["layout"].split(",")}
+    return {
+        Run(Path("."), {"adapter": adapter, "layout": layout, "config": {}}).label
+        for layout in params["layout"].split(",")
+    }
 
 
-TOY = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml")
-             if not p.stem.endswith("_paper") and p.stem != "optuna_lr")
+TOY = sorted(
+    p.stem
+    for p in (ROOT / "conf" / "experiment").glob("*.yaml")
+    if not p.stem.endswith("_paper") and p.stem != "optuna_lr"
+)
 
 
 @pytest.mark.parametrize("preset", TOY)
@@ -273,14 +316,24 @@ def test_make_tables_ends_with_every_claim_line_despite_a_failing_preset(tmp_pat
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     stub = bin_dir / "moe-lora"
-    stub.write_text(f"#!/bin/sh\n[ \"$1\" = train ] && exit 0\nshift\nexec {sys.executable} -c "
-                    "'import sys; from moe_lora.report.build import main; sys.exit(main(sys.argv[1:]))' \"$@\"\n")
+    stub.write_text(
+        f'#!/bin/sh\n[ "$1" = train ] && exit 0\nshift\nexec {sys.executable} -c '
+        "'import sys; from moe_lora.report.build import main; sys.exit(main(sys.argv[1:]))' \"$@\"\n"
+    )
     stub.chmod(0o755)
-    proc = subprocess.run(["make", "-s", "-f", str(ROOT / "Makefile"), "tables", f"BIN={bin_dir}", "STAMP=",
-                           "PRESETS=good broken"], cwd=tmp_path, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    proc = subprocess.run(
+        ["make", "-s", "-f", str(ROOT / "Makefile"), "tables", f"BIN={bin_dir}", "STAMP=", "PRESETS=good broken"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=120,
+    )
     assert proc.returncode != 0, proc.stdout + proc.stderr
-    assert proc.stdout.splitlines()[-2:] == ["good: claim a_beats_b: INCONCLUSIVE (a vs b on metrics.instruction_em, "
-                                             "higher is better, superiority, margin 0, at -: n=5, mean diff +0.0000, "
-                                             "95% CI [+0.0000, +0.0000])", "broken: no report (see above)"]
+    assert proc.stdout.splitlines()[-2:] == [
+        "good: claim a_beats_b: INCONCLUSIVE (a vs b on metrics.instruction_em, "
+        "higher is better, superiority, margin 0, at -: n=5, mean diff +0.0000, "
+        "95% CI [+0.0000, +0.0000])",
+        "broken: no report (see above)",
+    ]
     assert (tmp_path / "multirun" / "good" / "2024-01-01" / "report" / "claims.md").exists()

@@ -12,19 +12,45 @@ from moe_lora.report.collect import collect
 from moe_lora.report.tables import aggregate
 
 
-def fake_run(path: Path, adapter: str, seed: int, cbqa: float, instr: float, cv: float, layout: str = "uniform",
-             label: str | None = None, config: dict | None = None, routers: int | None = None) -> None:
+def fake_run(
+    path: Path,
+    adapter: str,
+    seed: int,
+    cbqa: float,
+    instr: float,
+    cv: float,
+    layout: str = "uniform",
+    label: str | None = None,
+    config: dict | None = None,
+    routers: int | None = None,
+) -> None:
     """A finished run folder; ``config`` adds keys to results.json["config"] (claims, recipe...);
     ``routers``: trainable router parameters (absent from params when None, as in older results)."""
     path.mkdir(parents=True)
-    routing = {f"model.layers.{i}.mlp.up_proj": {
-        "cv": cv, "load": [3, 1], "by_task_type": {"cbqa": {"load": [3, 1]}, "instruction": {"load": [1, 3]}}}
-        for i in range(2)}
-    results = {"adapter": adapter, "layout": layout, "seed": seed, "wall_s": 10.0 + seed,
-               "params": {"trainable": 1000, **({} if routers is None else {"routers": routers})}, "config": {"label": label, **(config or {})},
-               "metrics": {"cbqa_em": cbqa, "cbqa_em_base": 0.9, "cbqa_candidate_acc": cbqa,
-                           "knowledge_retained": cbqa / 0.9, "instruction_em": instr},
-               "routing": routing}
+    routing = {
+        f"model.layers.{i}.mlp.up_proj": {
+            "cv": cv,
+            "load": [3, 1],
+            "by_task_type": {"cbqa": {"load": [3, 1]}, "instruction": {"load": [1, 3]}},
+        }
+        for i in range(2)
+    }
+    results = {
+        "adapter": adapter,
+        "layout": layout,
+        "seed": seed,
+        "wall_s": 10.0 + seed,
+        "params": {"trainable": 1000, **({} if routers is None else {"routers": routers})},
+        "config": {"label": label, **(config or {})},
+        "metrics": {
+            "cbqa_em": cbqa,
+            "cbqa_em_base": 0.9,
+            "cbqa_candidate_acc": cbqa,
+            "knowledge_retained": cbqa / 0.9,
+            "instruction_em": instr,
+        },
+        "routing": routing,
+    }
     (path / "results.json").write_text(json.dumps(results))
     rows = [{"step": s, "module": m, "task_type": "all", "cv": cv * s / 10} for s in (5, 10) for m in routing]
     (path / "routing.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -64,8 +90,12 @@ def test_report_folder_tables_plots_and_failures(sweep) -> None:
     assert csv[1].startswith("lora,2,1000,1000,0.7")
     index = (out / "index.md").read_text()
     assert "4 finished runs, 1 failed" in index and "RuntimeError: boom" in index
-    for png in ("cv_over_training.png", "knowledge_vs_instruction.png", "layout_comparison.png",
-                "expert_load_loramoe_lbc.png"):
+    for png in (
+        "cv_over_training.png",
+        "knowledge_vs_instruction.png",
+        "layout_comparison.png",
+        "expert_load_loramoe_lbc.png",
+    ):
         assert (out / png).read_bytes()[:4] == b"\x89PNG" and f"]({png})" in index
     assert "\\begin{tabular}" in (out / "results.tex").read_text()
 
@@ -112,8 +142,9 @@ def test_asymmetry_of_per_task_loras(tmp_path) -> None:
         b = np.zeros((2, 4), dtype=np.float32)
         b[0, i] = 1.0
         save_file({"m.lora_A": a + i, "m.lora_B": b}, str(run / "adapter_model.safetensors"))
-        save_file({"m.lora_A": np.full_like(a, float(i)), "m.lora_B": np.zeros_like(b)},
-                  str(run / "adapter_init.safetensors"))
+        save_file(
+            {"m.lora_A": np.full_like(a, float(i)), "m.lora_B": np.zeros_like(b)}, str(run / "adapter_init.safetensors")
+        )
     out = build_report([tmp_path])
     table = (out / "asymmetry.md").read_text()
     assert "| 0 | change since init | reverse, sort | 1.000 | 0.000 |" in table
@@ -127,8 +158,15 @@ def test_report_over_runs_of_two_models(tmp_path) -> None:
     for i, (model, path) in enumerate([("gpt2", "/ckpt/" + "g" * 120), ("qwen2_5_0_5b", "/ckpt/" + "q" * 120)]):
         fake_run(tmp_path / str(i), "loramoe", 0, 0.5, 0.5, 0.1)
         res = json.loads((tmp_path / str(i) / "results.json").read_text())
-        res["config"] = {"label": None, "model": {"name": model, "name_or_path": path, "hidden_size": 64 + i,
-                                                  "modules": {"ffn": [f"mlp.{'x' * 80}{i}"]}}}
+        res["config"] = {
+            "label": None,
+            "model": {
+                "name": model,
+                "name_or_path": path,
+                "hidden_size": 64 + i,
+                "modules": {"ffn": [f"mlp.{'x' * 80}{i}"]},
+            },
+        }
         (tmp_path / str(i) / "results.json").write_text(json.dumps(res))
     out = build_report([tmp_path])
     labels = {r["label"] for r in aggregate(collect([tmp_path]))}

@@ -54,7 +54,8 @@ def test_null_load_balance_averages_null_experts() -> None:
     sel = torch.tensor([[[1.0, 1.0, 0.0], [1.0, 0.0, 1.0]]])
     # f = [1, .5, .5] / 2 ; P = [.5, .2, .3] ; null experts (1 of them) unchanged with num_null=1
     assert losses.null_load_balance_loss(probs, sel, mask, 2, 1).item() == pytest.approx(
-        losses.load_balance_loss(probs, sel, mask, 2).item())
+        losses.load_balance_loss(probs, sel, mask, 2).item()
+    )
     # two null experts: f_null = mean(.25, .25) ; P_null = mean(.2, .3) = .25
     expected = 3 * (0.5 * 0.5 + 2 * 0.25 * 0.25)
     assert losses.null_load_balance_loss(probs, sel, mask, 2, 2).item() == pytest.approx(expected)

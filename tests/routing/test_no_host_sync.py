@@ -24,6 +24,7 @@ def no_host_reads() -> Iterator[None]:
     def trap(name: str):
         def read(*args, **kwargs):
             raise AssertionError(f"host sync: Tensor.{name}")
+
         return read
 
     saved = {name: getattr(torch.Tensor, name) for name in READS}
@@ -48,8 +49,15 @@ CASES = {
 def make_layer(c: dict) -> tuple[LoRAExperts, RoutingRecorder]:
     torch.manual_seed(0)
     base = torch.nn.Linear(16, 8).requires_grad_(False)
-    layer = LoRAExperts(base, rank=4, alpha=8.0, num_experts=4, shared_A=c["shared_A"], grouped=c["grouped"],
-                        router=Router(16, 4, top_k=c["top_k"], num_null=c["num_null"]))
+    layer = LoRAExperts(
+        base,
+        rank=4,
+        alpha=8.0,
+        num_experts=4,
+        shared_A=c["shared_A"],
+        grouped=c["grouped"],
+        router=Router(16, 4, top_k=c["top_k"], num_null=c["num_null"]),
+    )
     recorder = RoutingRecorder()
     aux = AuxLossConfig(lbc_beta=0.1, lbc_delta=0.1, lb_weight=0.01, z_loss_weight=1e-3)
     recorder.attach(layer.router, "layer", aux)

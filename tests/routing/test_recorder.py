@@ -72,8 +72,11 @@ def test_each_padding_switch_changes_only_its_own_loss(loss: str) -> None:
     from moe_lora.adapters.inject import aux_config
     from moe_lora.adapters.loramoe import LoRAMoEConfig
 
-    weights = {"lbc": dict(lbc_beta=1.0), "lb": dict(lbc_beta=0.0, lb_weight=1.0), "z": dict(lbc_beta=0.0,
-                                                                                            z_loss_weight=1.0)}[loss]
+    weights = {
+        "lbc": dict(lbc_beta=1.0),
+        "lb": dict(lbc_beta=0.0, lb_weight=1.0),
+        "z": dict(lbc_beta=0.0, z_loss_weight=1.0),
+    }[loss]
     torch.manual_seed(0)
     router, x = Router(3, 4, top_k=2), torch.randn(2, 5, 3)
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])

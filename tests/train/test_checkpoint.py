@@ -49,6 +49,7 @@ def killed_at(args: list[str], cache_dir: Path, arm: Callable[[], None], sig: in
 
 def kill_after_micro_batch(n: int, sig: int = signal.SIGKILL) -> Callable[[], None]:
     """Kill when the n-th micro-batch of the run has been recorded (mid-step, any step)."""
+
     def arm() -> None:
         from moe_lora.routing.recorder import RoutingRecorder
 
@@ -61,11 +62,13 @@ def kill_after_micro_batch(n: int, sig: int = signal.SIGKILL) -> Callable[[], No
             return original(self)
 
         RoutingRecorder.pop_aux_loss = pop
+
     return arm
 
 
 def kill_after_checkpoint(step: int) -> Callable[[], None]:
     """Kill just after ``checkpoints/step-<step>`` has appeared."""
+
     def arm() -> None:
         from moe_lora.train import checkpoint
 
@@ -78,12 +81,14 @@ def kill_after_checkpoint(step: int) -> Callable[[], None]:
             return path
 
         checkpoint.save = save
+
     return arm
 
 
 def kill_during_write(step: int) -> Callable[[], None]:
     """Kill inside the write of ``step-<step>``: the adapter file is in the temporary folder,
     the optimizer state not yet."""
+
     def arm() -> None:
         from moe_lora.train import checkpoint
 
@@ -95,6 +100,7 @@ def kill_during_write(step: int) -> Callable[[], None]:
                 os.kill(os.getpid(), signal.SIGKILL)
 
         checkpoint.save_file = save_file
+
     return arm
 
 
@@ -165,8 +171,9 @@ def test_alora_killed_after_a_reallocation_resumes_to_the_same_ranks(references,
     ranks = [json.loads((d / "results.json").read_text())["adapter_report"] for d in (run_dir, reference)]
     assert ranks[0] == ranks[1]
     realloc = [line for line in (reference / "metrics.jsonl").read_text().splitlines() if "alora_pruned" in line]
-    assert len(realloc) == 2 and realloc == [line for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-                                             if "alora_pruned" in line]
+    assert len(realloc) == 2 and realloc == [
+        line for line in (run_dir / "metrics.jsonl").read_text().splitlines() if "alora_pruned" in line
+    ]
 
 
 def test_sigterm_checkpoints_and_exits_75_then_resumes(references, cache_dir, tmp_path) -> None:
@@ -218,12 +225,15 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-@pytest.mark.parametrize(("extra", "message"), [
-    ([], "holds checkpoints (step-5): continue it with resume="),
-    (["resume=auto", "recipe.lr=0.01"], "config differs from the checkpointed run's in recipe.lr"),
-    (["resume=auto", "adapter.num_experts=4"], "adapter.num_experts"),
-    (["resume=/elsewhere"], "a run resumes in its own directory"),
-])
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ([], "holds checkpoints (step-5): continue it with resume="),
+        (["resume=auto", "recipe.lr=0.01"], "config differs from the checkpointed run's in recipe.lr"),
+        (["resume=auto", "adapter.num_experts=4"], "adapter.num_experts"),
+        (["resume=/elsewhere"], "a run resumes in its own directory"),
+    ],
+)
 def test_bad_resume_fails_in_one_line_and_touches_nothing(extra, message, checkpointed, run_cli, tmp_path) -> None:
     run_dir = _copy(checkpointed, tmp_path / "run")
     before = _snapshot(run_dir)
@@ -258,16 +268,38 @@ def test_keep_checkpoints_and_stale_temporary_folders(cache_dir, tmp_path) -> No
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints" / ".tmp-step-99").mkdir(parents=True)
     # resume=auto on a directory without checkpoints starts fresh
-    assert _main(["train", "adapter=lora", *RUN, "recipe.save_every=2", "recipe.keep_checkpoints=3", "resume=auto",
-                  f"hydra.run.dir={run_dir}"], cache_dir) == 0
+    assert (
+        _main(
+            [
+                "train",
+                "adapter=lora",
+                *RUN,
+                "recipe.save_every=2",
+                "recipe.keep_checkpoints=3",
+                "resume=auto",
+                f"hydra.run.dir={run_dir}",
+            ],
+            cache_dir,
+        )
+        == 0
+    )
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-10", "step-12", "step-8"]
 
 
 def test_a_real_checkpoint_resumes_bitwise(checkpoints, data_root, cache_dir, tmp_path) -> None:
     """Qwen2 (bf16 base, bf16 autocast, float32 adapters) with MoLA on fixture TriviaQA + Alpaca."""
-    real = ["model=qwen2_5_0_5b", f"model.name_or_path={checkpoints['qwen2']}", "adapter=mola", "data=triviaqa_alpaca",
-            f"data.root={data_root}", "data.num_train=48", "data.max_length=96", "eval.max_new_tokens=8",
-            "recipe.eval_limit=4", *RUN]
+    real = [
+        "model=qwen2_5_0_5b",
+        f"model.name_or_path={checkpoints['qwen2']}",
+        "adapter=mola",
+        "data=triviaqa_alpaca",
+        f"data.root={data_root}",
+        "data.num_train=48",
+        "data.max_length=96",
+        "eval.max_new_tokens=8",
+        "recipe.eval_limit=4",
+        *RUN,
+    ]
     reference, run_dir = tmp_path / "reference", tmp_path / "run"
     assert _main(["train", *real, f"hydra.run.dir={reference}"], cache_dir) == 0
     assert killed_at([*real, f"hydra.run.dir={run_dir}"], cache_dir, kill_after_micro_batch(8)) == -signal.SIGKILL

@@ -62,8 +62,13 @@ def _ranks_worker(cases: dict[str, list[str]], out: str, cache_dir: str) -> None
                 shutil.rmtree(run_dir / "checkpoints" / "step-4")
                 (run_dir / "results.json").unlink()
             d.barrier()
-            run(_config(overrides, B, cache_dir), run_dir, progress=False, dist=d,
-                resume=run_dir / "checkpoints" / "step-2")
+            run(
+                _config(overrides, B, cache_dir),
+                run_dir,
+                progress=False,
+                dist=d,
+                resume=run_dir / "checkpoints" / "step-2",
+            )
 
 
 _ORIGINAL_LOGITS = None
@@ -90,9 +95,17 @@ def _lines(run_dir: Path, name: str) -> list[dict]:
 def real_case(checkpoints: dict[str, Path], data_root: Path) -> list[str]:
     """A tiny Llama checkpoint on fixture files in TriviaQA's and Alpaca's schemas (Llama: no dropout in
     the base, which would draw different masks on each rank)."""
-    return ["model.source=hub", f"model.name_or_path={checkpoints['llama']}", "adapter=loramoe", "adapter.aux_scope=global",
-            "data=triviaqa_alpaca", f"data.root={data_root}", "data.num_train=48", "data.max_length=96",
-            "eval.max_new_tokens=8"]
+    return [
+        "model.source=hub",
+        f"model.name_or_path={checkpoints['llama']}",
+        "adapter=loramoe",
+        "adapter.aux_scope=global",
+        "data=triviaqa_alpaca",
+        f"data.root={data_root}",
+        "data.num_train=48",
+        "data.max_length=96",
+        "eval.max_new_tokens=8",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -100,10 +113,14 @@ def two_ranks(tmp_path_factory, cache_dir, checkpoints, data_root) -> Path:
     from moe_lora.train.distributed import spawn
 
     out = tmp_path_factory.mktemp("ranks")
-    cases = {**CASES, "llama_real_data": real_case(checkpoints, data_root), "idle_expert": ["adapter=mola", "adapter.top_k=2", "adapter.expert_compute=grouped"],
-             "fsdp_loramoe": ["adapter=loramoe", "adapter.aux_scope=global", "recipe.strategy=fsdp"],
-             "fsdp_bf16_base": ["adapter=loramoe", "recipe.strategy=fsdp", "model.dtype=bfloat16"],
-             "ddp_resume": ["adapter=loramoe", "recipe.save_every=2", "recipe.log_every=1", "adapter.dropout=0.1"]}
+    cases = {
+        **CASES,
+        "llama_real_data": real_case(checkpoints, data_root),
+        "idle_expert": ["adapter=mola", "adapter.top_k=2", "adapter.expert_compute=grouped"],
+        "fsdp_loramoe": ["adapter=loramoe", "adapter.aux_scope=global", "recipe.strategy=fsdp"],
+        "fsdp_bf16_base": ["adapter=loramoe", "recipe.strategy=fsdp", "model.dtype=bfloat16"],
+        "ddp_resume": ["adapter=loramoe", "recipe.save_every=2", "recipe.log_every=1", "adapter.dropout=0.1"],
+    }
     spawn(2, _ranks_worker, cases, str(out), str(cache_dir))
     return out
 
@@ -134,8 +151,9 @@ def assert_same_training(ranked: Path, single: Path) -> None:
     for k, t in tensors.items():
         torch.testing.assert_close(t, expected[k], rtol=1e-4, atol=1e-5, msg=k)
     rows, ref_rows = _lines(ranked, "routing.jsonl"), _lines(single, "routing.jsonl")
-    assert [(r["step"], r["module"], r["task_type"], r["tokens"], r["load"]) for r in rows] == \
-        [(r["step"], r["module"], r["task_type"], r["tokens"], r["load"]) for r in ref_rows]
+    assert [(r["step"], r["module"], r["task_type"], r["tokens"], r["load"]) for r in rows] == [
+        (r["step"], r["module"], r["task_type"], r["tokens"], r["load"]) for r in ref_rows
+    ]
     for a, b in zip(rows, ref_rows, strict=True):
         for key in ("cv", "entropy", "null_rate", "real_experts_per_token"):
             assert math.isclose(a[key], b[key], rel_tol=1e-4, abs_tol=1e-6), (key, a, b)
@@ -162,9 +180,23 @@ def test_torchrun_writes_one_run_directory(cache_dir, tmp_path) -> None:
     import sys
 
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "moe_lora",
-           "train", "adapter=mola", *TINY, *COMMON, f"recipe.batch_size={B}", f"cache_dir={cache_dir}",
-           f"hydra.run.dir={run_dir}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "moe_lora",
+        "train",
+        "adapter=mola",
+        *TINY,
+        *COMMON,
+        f"recipe.batch_size={B}",
+        f"cache_dir={cache_dir}",
+        f"hydra.run.dir={run_dir}",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -174,8 +206,16 @@ def test_torchrun_writes_one_run_directory(cache_dir, tmp_path) -> None:
 
 
 def test_nproc_per_node_inside_a_sweep(run_cli, tmp_path) -> None:
-    code, _, err = run_cli("train", "-m", "adapter=lora", "seed=0,1", "recipe.nproc_per_node=2", *COMMON,
-                           f"hydra.sweep.dir={tmp_path}", "hydra.sweep.subdir=job${hydra.job.num}")
+    code, _, err = run_cli(
+        "train",
+        "-m",
+        "adapter=lora",
+        "seed=0,1",
+        "recipe.nproc_per_node=2",
+        *COMMON,
+        f"hydra.sweep.dir={tmp_path}",
+        "hydra.sweep.subdir=job${hydra.job.num}",
+    )
     assert code == 0, err
     for job in ("job0", "job1"):
         results = json.loads((tmp_path / job / "results.json").read_text())
@@ -200,10 +240,14 @@ def test_global_aux_losses_equal_local_ones_in_one_process() -> None:
     types = torch.tensor([0, 1])
     expert_type = (torch.arange(6) >= 3).long().expand(3, 6)
     same = lambda t: t  # noqa: E731 (one rank: the sum over ranks is the tensor itself)
-    torch.testing.assert_close(losses.lbc_loss(probs, mask, types, expert_type, 0.1, same),
-                               losses.lbc_loss(probs, mask, types, expert_type, 0.1))
-    torch.testing.assert_close(losses.null_load_balance_loss(probs, selected, mask, 2, 2, same),
-                               losses.null_load_balance_loss(probs, selected, mask, 2, 2))
+    torch.testing.assert_close(
+        losses.lbc_loss(probs, mask, types, expert_type, 0.1, same),
+        losses.lbc_loss(probs, mask, types, expert_type, 0.1),
+    )
+    torch.testing.assert_close(
+        losses.null_load_balance_loss(probs, selected, mask, 2, 2, same),
+        losses.null_load_balance_loss(probs, selected, mask, 2, 2),
+    )
     torch.testing.assert_close(losses.z_loss(probs.log(), mask, same), losses.z_loss(probs.log(), mask))
 
 
@@ -217,15 +261,18 @@ def test_fsdp_shards_a_bf16_base_beside_float32_adapters(two_ranks) -> None:
     assert {t.dtype for t in load_file(str(run_dir / ADAPTER_FILE)).values()} == {torch.float32}
 
 
-def test_a_real_checkpoint_on_real_schema_data_matches_one_process(two_ranks, checkpoints, data_root, cache_dir,
-                                                                     tmp_path) -> None:
+def test_a_real_checkpoint_on_real_schema_data_matches_one_process(
+    two_ranks, checkpoints, data_root, cache_dir, tmp_path
+) -> None:
     """The hub path (config.json, tokenizer, datasets.map cache filled by rank 0 first, generated
     CBQA answers gathered from both ranks) on a Llama checkpoint."""
     from moe_lora.train.runner import run
 
     run(_config(real_case(checkpoints, data_root), 2 * B, str(cache_dir)), tmp_path, progress=False)
     assert_same_training(two_ranks / "llama_real_data", tmp_path)
-    ranked = [json.loads(line) for line in (two_ranks / "llama_real_data" / "predictions.jsonl").read_text().splitlines()]
+    ranked = [
+        json.loads(line) for line in (two_ranks / "llama_real_data" / "predictions.jsonl").read_text().splitlines()
+    ]
     single = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
     assert [(r["model"], r["id"]) for r in ranked] == [(r["model"], r["id"]) for r in single]  # each example once
 

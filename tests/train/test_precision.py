@@ -20,8 +20,10 @@ from moe_lora.train.loop import LoopIO, init_state, train
 from moe_lora.train.precision import Precision, check_precision, make_precision, resolve_precision
 from tests.adapters.test_lora_peft import MODEL_CFG
 
-EXAMPLES = [Example(f"Question: what is {i} plus {i}?\nAnswer:", str(2 * i), "cbqa" if i % 3 else "instruction",
-                    "t") for i in range(24)]
+EXAMPLES = [
+    Example(f"Question: what is {i} plus {i}?\nAnswer:", str(2 * i), "cbqa" if i % 3 else "instruction", "t")
+    for i in range(24)
+]
 
 
 def tiny_run(path, model_dtype: str, precision: str, adapter_dtype: str = "float32", lr: float = 1e-3, steps: int = 3):
@@ -74,8 +76,9 @@ def test_router_logits_stay_float32_under_autocast() -> None:
     base = torch.nn.Linear(16, 8, bias=False).requires_grad_(False)
     layer = LoRAExperts(base, rank=4, alpha=8.0, num_experts=4, router=Router(16, 4), dtype=torch.float32)
     seen = {}
-    layer.router.gate = lambda logits, dtype, _g=layer.router.gate: seen.setdefault("dtype", logits.dtype) and _g(
-        logits, dtype)
+    layer.router.gate = lambda logits, dtype, _g=layer.router.gate: (
+        seen.setdefault("dtype", logits.dtype) and _g(logits, dtype)
+    )
     with Precision(torch.device("cpu"), "bf16").autocast():
         out = layer(torch.randn(2, 3, 16))
     assert seen["dtype"] == torch.float32 and out.dtype == torch.bfloat16

@@ -35,8 +35,14 @@ def _arm_failures() -> None:
 
 
 def test_rerun_of_a_sweep_completes_it_without_redoing_finished_jobs(cache_dir, tmp_path, capfd) -> None:
-    args = ["-m", "adapter=lora", "seed=0,1,2,3", *RUN, f"hydra.sweep.dir={tmp_path}",
-            "hydra.sweep.subdir=job${hydra.job.num}"]
+    args = [
+        "-m",
+        "adapter=lora",
+        "seed=0,1,2,3",
+        *RUN,
+        f"hydra.sweep.dir={tmp_path}",
+        "hydra.sweep.subdir=job${hydra.job.num}",
+    ]
     assert killed_at(args, cache_dir, _arm_failures) == -signal.SIGKILL
     assert (tmp_path / "job0" / "results.json").exists()
     assert "transient" in json.loads((tmp_path / "job1" / "failure.json").read_text())["error"]

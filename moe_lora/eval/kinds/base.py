@@ -121,8 +121,12 @@ def _mean(xs: Sequence[float | bool | None]) -> float | None:
 
 def aggregate(column: Column, scored: list[tuple[EvalSet, list[Example], SetScore]]) -> dict[str, Any]:
     """The column's key (and breakdown) over the sets that carry its field."""
-    mine = [(s, ex, r) for s, ex, r in scored if column.task_type in (None, s.task_type)
-            and column.field in (r.values if column.over == "sets" else r.per_example)]
+    mine = [
+        (s, ex, r)
+        for s, ex, r in scored
+        if column.task_type in (None, s.task_type)
+        and column.field in (r.values if column.over == "sets" else r.per_example)
+    ]
     if column.over == "sets":
         value = _mean([r.values[column.field] for _, _, r in mine])
     else:
@@ -179,5 +183,14 @@ def compare(base: dict[str, Any], tuned: dict[str, Any]) -> dict[str, Any]:
 def declarations() -> list[dict[str, Any]]:
     """The columns as plain data (``results["metric_columns"]``): the report reads them from the
     result files, so it shows a new kind's keys without importing the evaluator."""
-    return [{"key": c.key, "header": c.header, "by": c.by, "ratio": c.ratio_of is not None, "report": c.report,
-             "higher_is_better": c.higher_is_better} for c in COLUMNS.values()]
+    return [
+        {
+            "key": c.key,
+            "header": c.header,
+            "by": c.by,
+            "ratio": c.ratio_of is not None,
+            "report": c.report,
+            "higher_is_better": c.higher_is_better,
+        }
+        for c in COLUMNS.values()
+    ]

@@ -11,8 +11,10 @@ from moe_lora.eval.metrics import answers, generated_em, teacher_forced
 
 
 def _records(name: str, examples: list[Example], preds: list[str], correct: list[bool]) -> list[dict]:
-    return [{"task": name, "id": e.id, "prompt": e.prompt, "prediction": p, "answers": answers(e), "correct": bool(c)}
-            for e, p, c in zip(examples, preds, correct, strict=True)]
+    return [
+        {"task": name, "id": e.id, "prompt": e.prompt, "prediction": p, "answers": answers(e), "correct": bool(c)}
+        for e, p, c in zip(examples, preds, correct, strict=True)
+    ]
 
 
 def _score_mine(s: Scoring, eval_set: EvalSet, examples: list[Example], with_candidates: bool):
@@ -26,25 +28,46 @@ def _score_mine(s: Scoring, eval_set: EvalSet, examples: list[Example], with_can
             return tf.em, tf.candidate, tf.prediction
         candidate = tf.candidate
     preds, correct = generated_em(
-        s.model, s.tok, examples, match=eval_set.match, stop=eval_set.stop, max_new_tokens=s.eval_cfg.max_new_tokens,
-        batch_size=s.eval_cfg.batch_size, chat_template=s.chat_template, progress=s.progress)
+        s.model,
+        s.tok,
+        examples,
+        match=eval_set.match,
+        stop=eval_set.stop,
+        max_new_tokens=s.eval_cfg.max_new_tokens,
+        batch_size=s.eval_cfg.batch_size,
+        chat_template=s.chat_template,
+        progress=s.progress,
+    )
     return correct, candidate, preds
 
 
 def score(s: Scoring, eval_set: EvalSet, examples: list[Example]) -> SetScore:
-    correct, candidate, preds = s.unshard(*_score_mine(s, eval_set, s.mine(examples),
-                                                       with_candidates=any(e.candidates for e in examples)))
+    correct, candidate, preds = s.unshard(
+        *_score_mine(s, eval_set, s.mine(examples), with_candidates=any(e.candidates for e in examples))
+    )
     em = sum(correct) / len(correct) if correct else None
-    return SetScore({"em": em}, {"em": list(correct), "candidate": list(candidate)},
-                    _records(eval_set.name, examples, list(preds), list(correct)))
+    return SetScore(
+        {"em": em},
+        {"em": list(correct), "candidate": list(candidate)},
+        _records(eval_set.name, examples, list(preds), list(correct)),
+    )
 
 
 register_kind(MetricKind("teacher_forced", score, ("em", "candidate")))
 register_kind(MetricKind("generate", score, ("em", "candidate")))
 register_column(Column("cbqa_em", "CBQA EM", "em", "cbqa", by="cbqa_em_by_set", report=True))
-register_column(Column("cbqa_candidate_acc", "CBQA candidate acc", "candidate", "cbqa", over="examples",
-                       report=True))
-register_column(Column("knowledge_retained", "knowledge retained", ratio_of="cbqa_em", by="knowledge_retained_by_set",
-                       report=True))
-register_column(Column("instruction_em", "instruction EM", "em", "instruction", by="instruction_em_by_task",
-                       by_subtask=True, report=True))
+register_column(Column("cbqa_candidate_acc", "CBQA candidate acc", "candidate", "cbqa", over="examples", report=True))
+register_column(
+    Column("knowledge_retained", "knowledge retained", ratio_of="cbqa_em", by="knowledge_retained_by_set", report=True)
+)
+register_column(
+    Column(
+        "instruction_em",
+        "instruction EM",
+        "em",
+        "instruction",
+        by="instruction_em_by_task",
+        by_subtask=True,
+        report=True,
+    )
+)

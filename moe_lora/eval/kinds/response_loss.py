@@ -15,5 +15,6 @@ def score(s: Scoring, eval_set: EvalSet, examples: list[Example]) -> SetScore:
 
 
 register_kind(MetricKind("response_loss", score, ("response_loss",)))
-register_column(Column("response_loss", "response loss", "response_loss", by="response_loss_by_source",
-                       higher_is_better=False))
+register_column(
+    Column("response_loss", "response loss", "response_loss", by="response_loss_by_source", higher_is_better=False)
+)
