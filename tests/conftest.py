@@ -13,7 +13,12 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["WANDB_MODE"] = "offline"
 os.environ["WANDB_SILENT"] = "true"
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# One share of the cores per pytest-xdist worker: two workers of two threads each on two cores made
+# OpenMP spin against each other (an ALoRA end-to-end run took 44 s instead of 5.5 s). Subprocesses
+# (torchrun, the SIGKILL tests) inherit OMP_NUM_THREADS; in-process CLI runs get recipe.threads.
+THREADS = max(1, min(2, os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+os.environ["OMP_NUM_THREADS"] = str(THREADS)
+torch.set_num_threads(THREADS)
 
 # A world small enough to pretrain in seconds; shared by every end-to-end test through one cache.
 TINY = [
@@ -29,6 +34,7 @@ TINY = [
     "data.num_train=200",
     "data.eval_per_task=8",
     "recipe=smoke",
+    f"recipe.threads={THREADS}",
 ]
 
 
