@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 __all__ = ["count_parameters", "inject_adapter", "is_adaptable", "plan_targets"]
 
 
+Planned = tuple[Structure, list[Site]]  # a model's structure and the sites the targets select in it
+
+
 def plan_targets(model: nn.Module, adapter: AdapterConfig, model_cfg: ModelConfig) -> tuple[Structure, list[Site]]:
     """The model's structure and the sites ``adapter.target_modules`` selects in it (no change to
     the model). Raises ``ConfigError`` naming the entry, the family and the linears that exist."""
@@ -49,9 +52,11 @@ def plan_targets(model: nn.Module, adapter: AdapterConfig, model_cfg: ModelConfi
     return structure, sites
 
 
-def targets_table(model: nn.Module, adapter: AdapterConfig, model_cfg: ModelConfig) -> dict[str, Any]:
+def targets_table(
+    model: nn.Module, adapter: AdapterConfig, model_cfg: ModelConfig, planned: Planned | None = None
+) -> dict[str, Any]:
     """What ``plan_targets`` selects, as results.json's ``targets`` (role -> modules -> per layer)."""
-    structure, sites = plan_targets(model, adapter, model_cfg)
+    structure, sites = planned or plan_targets(model, adapter, model_cfg)
     return targets_summary(structure, sites, ADAPTERS.get(adapter.name).slices_fused)
 
 
@@ -82,8 +87,10 @@ def inject_adapter(
     model_cfg: ModelConfig,
     layout: LayoutConfig,
     recorder: RoutingRecorder | None = None,
+    planned: Planned | None = None,
 ) -> list[str]:
-    """Freeze the base, wrap every target linear, attach routers to the recorder.
+    """Freeze the base, wrap every target linear, attach routers to the recorder; ``planned``: what
+    ``plan_targets`` returned for this model (read once for the targets table and the injection).
 
     Returns the names of the adapted modules.
     """
@@ -92,7 +99,7 @@ def inject_adapter(
         p.requires_grad_(spec.trains_base)
     if spec.wrap is None:
         return []
-    structure, sites = plan_targets(model, adapter, model_cfg)
+    structure, sites = planned or plan_targets(model, adapter, model_cfg)
     plans = resolve_layout(layout, adapter, structure.num_layers)
     if layout.experts is not None and hasattr(adapter, "num_experts"):
         log.info(

@@ -22,7 +22,7 @@ from torch import nn
 from moe_lora import outputs
 from moe_lora.adapters import ADAPTERS
 from moe_lora.adapters.base import HookContext
-from moe_lora.adapters.inject import count_parameters, inject_adapter, targets_table
+from moe_lora.adapters.inject import count_parameters, inject_adapter, plan_targets, targets_table
 from moe_lora.config import TrainConfig
 from moe_lora.data.collate import collate
 from moe_lora.data.example import Mixture
@@ -230,12 +230,13 @@ def add_adapter(model: nn.Module, cfg: TrainConfig, run_dir: Path, dist: Dist):
     recorder = RoutingRecorder(
         reduce=dist.all_reduce if dist.enabled else None, grad_reduce=dist.all_reduce_grad if dist.enabled else None
     )
-    targets = targets_table(model, cfg.adapter, cfg.model) if ADAPTERS.get(cfg.adapter.name).wrap is not None else {}
+    planned = plan_targets(model, cfg.adapter, cfg.model) if ADAPTERS.get(cfg.adapter.name).wrap is not None else None
+    targets = targets_table(model, cfg.adapter, cfg.model, planned) if planned else {}
     if targets and dist.is_main:
         from moe_lora.targets import format_targets
 
         print(format_targets(targets), flush=True)
-    adapted = inject_adapter(model, cfg.adapter, cfg.model, cfg.layout, recorder)
+    adapted = inject_adapter(model, cfg.adapter, cfg.model, cfg.layout, recorder, planned)
     if cfg.recipe.save_init_adapter and dist.is_main:
         save_file(adapter_state(model), str(run_dir / INIT_ADAPTER_FILE))
     return recorder, adapted, targets
