@@ -554,6 +554,11 @@ class ClaimConfig:
     ``routing.<stat>`` (mean over adapted modules of the final window) or ``routing.<stat>@<task
     type>``. ``superiority``: ``arm`` is better than ``than`` by more than ``margin``;
     ``non_inferiority``: ``arm`` is worse by less than ``margin`` ("without hurting accuracy").
+    ``arm_at`` / ``than_at`` add selections for one arm only ("forgetting grows from 150 to 450
+    steps": one label at two step counts). ``differs_in``: the settings (keys or prefixes, e.g.
+    ``adapter.lbc_beta``, ``layout``) the arms are meant to differ in; any other setting two runs of
+    a seed pair differ in is warned about. ``family``: claims sharing it are one intersection-union
+    claim ("beats all five"), held only if every member is.
     """
 
     name: str = MISSING
@@ -564,6 +569,10 @@ class ClaimConfig:
     at: Dict[str, Any] = field(default_factory=dict)
     kind: str = "superiority"
     margin: float = 0.0
+    arm_at: Dict[str, Any] = field(default_factory=dict)
+    than_at: Dict[str, Any] = field(default_factory=dict)
+    differs_in: List[str] = field(default_factory=list)
+    family: Optional[str] = None
 
     def __post_init__(self) -> None:
         why = f"(claim {self.name!r})"
@@ -577,7 +586,12 @@ class ClaimConfig:
         require(self.better in ("higher", "lower"), "claims[].better", self.better, f"must be higher or lower {why}")
         require(self.kind in CLAIM_KINDS, "claims[].kind", self.kind, f"must be superiority or non_inferiority {why}")
         require(self.margin >= 0, "claims[].margin", self.margin, f"must be >= 0 {why}")
-        require(self.arm != self.than, "claims[].than", self.than, f"must differ from claims[].arm {why}")
+        require(
+            self.arm != self.than or dict(self.arm_at) != dict(self.than_at),
+            "claims[].than",
+            self.than,
+            f"must differ from claims[].arm, or arm_at from than_at {why}",
+        )
 
 
 # ------------------------------------------------------------------------------------------------ root

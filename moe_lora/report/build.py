@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 from pathlib import Path
 
 from moe_lora import outputs
@@ -22,6 +23,7 @@ def _slug(label: str, limit: int = 60) -> str:
     return f"{slug[:limit]}_{hashlib.sha1(label.encode()).hexdigest()[:8]}"
 
 
+CLAIMS_JSON = "claims.json"  # per claim: n, mean, lo, hi, p, p_adjusted, verdict, warnings, power_n
 CLAIM_LINES = "claims.txt"  # one verdict line per claim: printed by `moe-lora report`, gathered by `make tables`
 
 
@@ -89,9 +91,17 @@ def write_report(runs: list[Run], folder: Path, bootstrap: int = 0) -> None:
     figures = write_figures(runs, rows, folder, names)
     analyses = write_analyses(runs, folder, names, figures)
     verdicts, claim_warnings = claims.evaluate_all(runs, bootstrap)
-    claims_md = claims.markdown(verdicts, claim_warnings, bootstrap)
+    records = [v.record() for v in verdicts]
+    (folder / CLAIMS_JSON).write_text(
+        json.dumps(
+            {"bootstrap": bootstrap, "rule": claims.RULE, "claims": records, "warnings": claim_warnings}, indent=2
+        )
+        + "\n"
+    )
+    records = json.loads((folder / CLAIMS_JSON).read_text())["claims"]  # the text is rendered from the file
+    claims_md = claims.markdown(records, claim_warnings, bootstrap)
     (folder / "claims.md").write_text(f"# Claims (paired by seed)\n\n{claims_md}")
-    (folder / CLAIM_LINES).write_text("".join(claims.summary_line(v) + "\n" for v in verdicts))
+    (folder / CLAIM_LINES).write_text("".join(claims.summary_line(r) + "\n" for r in records))
     failed = [r for r in runs if r.results is None]
     lines = [
         "# moe_lora report",

@@ -9,6 +9,7 @@ set against the margin. A verdict is never a judgement call made in prose after 
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import statistics
@@ -20,58 +21,42 @@ import numpy as np
 from moe_lora import outputs
 from moe_lora.report.collect import Run
 
+ALPHA = 0.025  # one-sided level of each verdict (the two-sided 95% interval's tail)
 RULE = (
     "Rule: runs of `arm` and `than` are paired by seed (only seeds both have count); "
     "d = arm - than per seed, sign flipped when lower is better, so d > 0 favours `arm`. "
-    "The 95% interval of mean(d) is a t interval (n - 1 degrees of freedom; a percentile bootstrap "
-    "with --bootstrap N). The threshold is +margin for superiority and -margin for non-inferiority: "
-    "held if the whole interval lies above it, not held if the whole interval lies below it, "
-    "otherwise inconclusive (always so with fewer than 2 pairs, or when an arm has several runs "
-    "for one seed: `at` must name the setting that separates them)."
+    "The threshold is +margin for superiority and -margin for non-inferiority. Each claim gets two "
+    "one-sided p-values from a paired t test (it assumes the per-seed differences are roughly normal): "
+    "p for 'mean(d) is above the threshold' and p for 'below'. Over the family (every claim of the "
+    "report, one preset's sweep under `make tables`; claims sharing a `family:` count as one "
+    "intersection-union claim, held only if every member is), both are Holm-adjusted; held if the "
+    "adjusted p for 'above' is under 0.025, not held if the adjusted p for 'below' is, otherwise "
+    "inconclusive (always so with fewer than 2 pairs, with no spread across seeds, or when an arm has "
+    "several runs for one seed: `at` must name the setting that separates them). With --bootstrap N, "
+    "intervals and p come from a percentile bootstrap at 10 pairs or more and from an exact "
+    "sign-flip test below that. The 95% interval of mean(d) is shown beside."
 )
 
-# Keys that never make two arms different settings; adapter.* and layout.* are what arms compare.
-_ARM_PREFIXES = ("adapter.", "layout.", "claims", "hydra.")
-# 97.5% quantiles of Student's t (two-sided 95%) for df 1..30, used when scipy is not installed.
-_T975 = (
-    12.706,
-    4.303,
-    3.182,
-    2.776,
-    2.571,
-    2.447,
-    2.365,
-    2.306,
-    2.262,
-    2.228,
-    2.201,
-    2.179,
-    2.160,
-    2.145,
-    2.131,
-    2.120,
-    2.110,
-    2.101,
-    2.093,
-    2.086,
-    2.080,
-    2.074,
-    2.069,
-    2.064,
-    2.060,
-    2.056,
-    2.052,
-    2.048,
-    2.045,
-    2.042,
-)
-_DEFAULTS = {"better": "higher", "at": {}, "kind": "superiority", "margin": 0.0}
+_EXEMPT = ("claims", "hydra.", "adapter.name")  # what an arm *is*: never a confounder
+_DEFAULTS = {
+    "better": "higher",
+    "at": {},
+    "arm_at": {},
+    "than_at": {},
+    "kind": "superiority",
+    "margin": 0.0,
+    "differs_in": [],
+    "family": None,
+}
+MIN_BOOTSTRAP_PAIRS = 10
 
 
 @dataclass
 class ClaimResult:
     """One claim with its numbers; ``mean``, ``lo`` and ``hi`` are in oriented units (> 0 favours
-    ``arm``)."""
+    ``arm``). ``p`` / ``p_below``: one-sided p for 'above' / 'below' the threshold, ``p_adjusted``
+    / ``p_below_adjusted`` after Holm over the family; ``power_n``: the seeds that would give 80%
+    power if the true difference were the observed one."""
 
     claim: dict[str, Any]
     verdict: str
@@ -79,41 +64,132 @@ class ClaimResult:
     mean: float | None = None
     lo: float | None = None
     hi: float | None = None
+    p: float | None = None
+    p_below: float | None = None
+    p_adjusted: float | None = None
+    p_below_adjusted: float | None = None
+    power_n: int | None = None
+    test: str = "t"
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
+    def record(self) -> dict[str, Any]:
+        """claims.json's entry (what claims.md and claims.txt are rendered from)."""
+        keys = (
+            "verdict",
+            "n",
+            "mean",
+            "lo",
+            "hi",
+            "p",
+            "p_adjusted",
+            "p_below",
+            "p_below_adjusted",
+            "power_n",
+            "test",
+            "notes",
+            "warnings",
+        )
+        return {"name": self.claim["name"], "claim": self.claim, **{k: getattr(self, k) for k in keys}}
+
 
 # ------------------------------------------------------------------------------------------ statistics
-def t_quantile(df: int) -> float:
-    """The 97.5% quantile of Student's t: scipy's when installed, else a table (normal beyond 30)."""
-    try:
-        from scipy.stats import t
-    except ImportError:
-        return _T975[df - 1] if df <= len(_T975) else 1.96
-    return float(t.ppf(0.975, df))
+def t_quantile(df: int, q: float = 0.975) -> float:
+    from scipy.stats import t
+
+    return float(t.ppf(q, df))
+
+
+def threshold(claim: dict[str, Any]) -> float:
+    return float(claim["margin"]) if claim["kind"] == "superiority" else -float(claim["margin"])
 
 
 def interval(d: list[float], bootstrap: int = 0, seed: int = 0) -> tuple[float, float]:
-    """95% interval of mean(d). With zero spread the interval is the point itself: identical arms
-    give [0, 0], which clears no threshold of a superiority claim."""
+    """95% interval of mean(d): t, or a percentile bootstrap. With zero spread the interval is the
+    point itself (and the claim is inconclusive: see :func:`evaluate`)."""
     mean = statistics.fmean(d)
     if len(d) < 2 or statistics.stdev(d) == 0.0:
         return mean, mean
     if bootstrap:
-        rng = np.random.default_rng(seed)  # fixed: the same files always give the same verdict
-        means = np.asarray(d)[rng.integers(0, len(d), size=(bootstrap, len(d)))].mean(axis=1)
+        means = _resampled_means(d, bootstrap, seed)
         lo, hi = np.percentile(means, [2.5, 97.5])
         return float(lo), float(hi)
     half = t_quantile(len(d) - 1) * statistics.stdev(d) / math.sqrt(len(d))
     return mean - half, mean + half
 
 
+def _resampled_means(d: list[float], bootstrap: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)  # fixed: the same files always give the same verdict
+    return np.asarray(d)[rng.integers(0, len(d), size=(bootstrap, len(d)))].mean(axis=1)
+
+
+def t_pvalues(d: list[float], thr: float) -> tuple[float, float]:
+    """One-sided paired-t p-values for 'mean(d) > thr' and 'mean(d) < thr' (spread > 0)."""
+    from scipy.stats import t
+
+    stat = (statistics.fmean(d) - thr) / (statistics.stdev(d) / math.sqrt(len(d)))
+    return float(t.sf(stat, len(d) - 1)), float(t.cdf(stat, len(d) - 1))
+
+
+def sign_flip_pvalues(d: list[float], thr: float) -> tuple[float, float]:
+    """Exact one-sided p-values of the sign-flip (randomisation) test on d - thr: every one of the
+    2^n sign patterns is equally likely under 'no difference from the threshold'. The smallest
+    attainable p is 1 / 2^n (0.125 at 3 pairs), so few seeds can never decide a claim."""
+    x = np.asarray(d) - thr
+    signs = np.array(list(itertools.product((1.0, -1.0), repeat=len(x))))
+    means, observed = (signs * np.abs(x)).mean(axis=1), x.mean()
+    eps = 1e-12 * max(1.0, float(np.abs(x).max()))
+    return float((means >= observed - eps).mean()), float((means <= observed + eps).mean())
+
+
+def bootstrap_pvalues(d: list[float], thr: float, bootstrap: int, seed: int = 0) -> tuple[float, float]:
+    """Shifted percentile-bootstrap p-values (the resampled means centred on the threshold)."""
+    means = _resampled_means(d, bootstrap, seed)
+    shifted = means - statistics.fmean(d) + thr
+    observed = statistics.fmean(d)
+    return float((1 + (shifted >= observed).sum()) / (bootstrap + 1)), float(
+        (1 + (shifted <= observed).sum()) / (bootstrap + 1)
+    )
+
+
+def power_seeds(sd: float, effect: float, alpha: float = ALPHA, power: float = 0.8, most: int = 1000) -> int | None:
+    """The fewest seed pairs whose one-sided paired t test at ``alpha`` has ``power`` when the true
+    mean difference beyond the threshold is ``effect`` with per-pair sd ``sd`` (noncentral t);
+    None when the effect does not favour the claim or more than ``most`` would be needed."""
+    from scipy.stats import nct, t
+
+    if effect <= 0 or sd <= 0:
+        return None
+    for n in range(2, most + 1):
+        if nct.sf(t.ppf(1 - alpha, n - 1), n - 1, effect * math.sqrt(n) / sd) >= power:
+            return n
+    return None
+
+
+def holm(ps: list[float]) -> list[float]:
+    """Holm's step-down adjusted p-values, in the input order."""
+    order = sorted(range(len(ps)), key=lambda i: ps[i])
+    adjusted, running = [0.0] * len(ps), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(ps) - rank) * ps[i]))
+        adjusted[i] = running
+    return adjusted
+
+
 def decide(lo: float, hi: float, kind: str, margin: float) -> str:
-    """The one rule (see :data:`RULE`): held, not held or inconclusive."""
+    """The interval reading of the rule for a family of one: held, not held or inconclusive."""
     threshold = margin if kind == "superiority" else -margin
     if lo > threshold:
         return "held"
     if hi < threshold:
+        return "not held"
+    return "inconclusive"
+
+
+def verdict_from(p_above: float, p_below: float) -> str:
+    if p_above < ALPHA:
+        return "held"
+    if p_below < ALPHA:
         return "not held"
     return "inconclusive"
 
@@ -180,24 +256,31 @@ def _by_seed(runs: list[Run]) -> tuple[dict[int, Run], list[int]]:
     return out, sorted(twice)
 
 
-def _differing(a: list[Run], b: list[Run], skip: set[str]) -> list[str]:
-    """Config keys outside the arms' own adapter/layout whose values differ between the arms."""
+def _declared(key: str, entries: list[str]) -> bool:
+    return any(key == e or key.startswith(e + ".") for e in entries)
 
-    def values(runs: list[Run]) -> dict[str, set[str]]:
-        acc: dict[str, set[str]] = {}
-        for run in runs:
-            for k, v in _config(run).items():
-                acc.setdefault(k, set()).add(json.dumps(v, sort_keys=True))
-        return acc
 
-    va, vb = values(a), values(b)
-    # the seed pairs the arms; settings that never change training (outputs.NOT_TRAINING) are not confounders
-    keys = sorted(k for k in (set(va) | set(vb)) - skip - {"seed"} if outputs.changes_training(k))
-    return [
-        f"{k} ({'/'.join(sorted(va.get(k, {'-'})))} vs {'/'.join(sorted(vb.get(k, {'-'})))})"
-        for k in keys
-        if not k.startswith(_ARM_PREFIXES) and va.get(k) != vb.get(k)
-    ]
+def confounders(claim: dict[str, Any], pairs: list[tuple[int, Run, Run]]) -> list[str]:
+    """Settings the two runs of a seed pair differ in that the claim does not declare
+    (``differs_in``, its ``at`` keys), pair by pair. A key only one arm has is that method's own
+    field (LoRAMoE's ``lbc_beta``); keys that never change training (``outputs.NOT_TRAINING``) and
+    the adapter's name are what an arm is or how it was run, never confounders."""
+    declared = [*claim["differs_in"], *claim["at"], *claim["arm_at"], *claim["than_at"]]
+    found: dict[str, list[tuple[int, str, str]]] = {}
+    for seed, ra, rb in pairs:
+        ca, cb = _config(ra), _config(rb)
+        for key in sorted(set(ca) & set(cb)):
+            if key == "seed" or key.startswith(_EXEMPT) or not outputs.changes_training(key):
+                continue
+            if ca[key] != cb[key] and not _declared(key, declared):
+                found.setdefault(key, []).append((seed, json.dumps(ca[key]), json.dumps(cb[key])))
+    out = []
+    for key, diffs in found.items():
+        if len({(a, b) for _, a, b in diffs}) == 1 and len(diffs) == len(pairs):
+            out.append(f"{key} ({diffs[0][1]} vs {diffs[0][2]})")
+        else:
+            out.append(f"{key} ({'; '.join(f'seed {s}: {a} vs {b}' for s, a, b in diffs)})")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- claims
@@ -217,9 +300,13 @@ def claims_in(runs: list[Run]) -> tuple[list[dict[str, Any]], list[str]]:
     return list(found.values()), list(warnings.values())
 
 
-def _differences(claim: dict[str, Any], a: list[Run], b: list[Run]) -> tuple[list[float] | None, list[str], bool]:
-    """Oriented per-seed differences over the seeds both arms have (None: the metric is missing),
-    notes for the reader, and whether the pairs can be judged at all."""
+def _arm_runs(claim: dict[str, Any], runs: list[Run]) -> tuple[list[Run], list[Run]]:
+    at = claim["at"]
+    return select(runs, claim["arm"], at | claim["arm_at"]), select(runs, claim["than"], at | claim["than_at"])
+
+
+def _pairs(claim: dict[str, Any], a: list[Run], b: list[Run]) -> tuple[list[tuple[int, Run, Run]], list[str], bool]:
+    """The seed pairs, notes for the reader, and whether the pairs can be judged at all."""
     (sa, twice_a), (sb, twice_b) = _by_seed(a), _by_seed(b)
     notes = [
         f"{label} has several runs for seed(s) {twice}: name the setting that separates them in `at`"
@@ -227,93 +314,184 @@ def _differences(claim: dict[str, Any], a: list[Run], b: list[Run]) -> tuple[lis
         if twice
     ]
     notes += [
-        f"no runs of {label}" + (f" at {_at(claim)}" if claim["at"] else "")
+        f"no runs of {label}" + (f" at {_at(claim)}" if _at(claim) != "-" else "")
         for label, runs in ((claim["arm"], a), (claim["than"], b))
         if not runs
     ]
     unpaired = sorted(set(sa) ^ set(sb))
     if unpaired and a and b:
         notes.append(f"seed(s) {unpaired} lack a partner run and are left out")
+    return [(s, sa[s], sb[s]) for s in sorted(set(sa) & set(sb))], notes, not (twice_a or twice_b)
+
+
+def _differences(claim: dict[str, Any], pairs: list[tuple[int, Run, Run]]) -> tuple[list[float] | None, str]:
+    """Oriented per-seed differences (None and a note when the metric is missing)."""
     sign = 1.0 if claim["better"] == "higher" else -1.0
     d = []
-    for seed in sorted(set(sa) & set(sb)):
-        va, vb = metric_value(sa[seed].results, claim["metric"]), metric_value(sb[seed].results, claim["metric"])
+    for seed, ra, rb in pairs:
+        va, vb = metric_value(ra.results, claim["metric"]), metric_value(rb.results, claim["metric"])
         if va is None or vb is None:
-            return None, [*notes, f"{claim['metric']} is missing for seed {seed}"], False
+            return None, f"{claim['metric']} is missing for seed {seed}"
         d.append(sign * (va - vb))
-    return d, notes, not (twice_a or twice_b)
+    return d, ""
+
+
+def _test(result: ClaimResult, d: list[float], bootstrap: int) -> None:
+    """Interval, the two one-sided p-values and the power note of a claim with spread."""
+    thr = threshold(result.claim)
+    if bootstrap and len(d) < MIN_BOOTSTRAP_PAIRS:
+        result.test = "sign-flip"
+        result.lo, result.hi = interval(d)
+        result.p, result.p_below = sign_flip_pvalues(d, thr)
+        result.notes.append(
+            f"{len(d)} pairs: below {MIN_BOOTSTRAP_PAIRS} a bootstrap is not trusted, so an exact sign-flip test "
+            f"decides (smallest attainable p = 1/2^{len(d)} = {0.5 ** len(d):.4f}); the interval shown is t"
+        )
+    elif bootstrap:
+        result.test = "bootstrap"
+        result.lo, result.hi = interval(d, bootstrap)
+        result.p, result.p_below = bootstrap_pvalues(d, thr, bootstrap)
+    else:
+        result.lo, result.hi = interval(d)
+        result.p, result.p_below = t_pvalues(d, thr)
+    result.power_n = power_seeds(statistics.stdev(d), statistics.fmean(d) - thr)
 
 
 def evaluate(claim: dict[str, Any], runs: list[Run], bootstrap: int = 0) -> ClaimResult:
-    """Judge one claim over the runs (see :data:`RULE`)."""
+    """Judge one claim over the runs as a family of one (see :data:`RULE`); :func:`evaluate_all`
+    adjusts the verdicts over the family."""
     claim = _DEFAULTS | claim
-    a, b = select(runs, claim["arm"], claim["at"]), select(runs, claim["than"], claim["at"])
-    d, notes, usable = _differences(claim, a, b)
-    extra = _differing(a, b, set(claim["at"]))
+    a, b = _arm_runs(claim, runs)
+    pairs, notes, usable = _pairs(claim, a, b)
+    extra = confounders(claim, pairs)
     warnings = [f"arms differ in settings the claim does not name: {', '.join(extra)}"] if extra else []
-    result = ClaimResult(claim, "missing metric" if d is None else "inconclusive", notes=notes, warnings=warnings)
+    d, missing = _differences(claim, pairs)
+    result = ClaimResult(claim, "inconclusive", notes=notes, warnings=warnings)
+    if d is None:
+        result.verdict, result.notes = "missing metric", [*notes, missing]
+        return result
     if not d:
         return result
     result.n, result.mean = len(d), statistics.fmean(d)
-    result.lo, result.hi = interval(d, bootstrap)
     if len(d) < 2:
+        result.lo = result.hi = result.mean
         result.notes.append(f"{len(d)} seed pair: at least 2 are needed for a verdict")
-    elif usable:
-        result.verdict = decide(result.lo, result.hi, claim["kind"], float(claim["margin"]))
+    elif statistics.stdev(d) == 0.0:
+        result.lo = result.hi = result.mean
+        result.notes.append("no spread across seeds: the same difference every seed gives no interval to judge by")
+    else:
+        _test(result, d, bootstrap)
+        if usable:
+            result.p_adjusted, result.p_below_adjusted = result.p, result.p_below
+            result.verdict = verdict_from(result.p, result.p_below)
     return result
 
 
+def _units(results: list[ClaimResult]) -> list[list[ClaimResult]]:
+    """The tests of the family: each claim alone, or the members of one ``family:`` together."""
+    groups: dict[str, list[ClaimResult]] = {}
+    units = []
+    for r in results:
+        if r.claim.get("family"):
+            if r.claim["family"] not in groups:
+                groups[r.claim["family"]] = []
+                units.append(groups[r.claim["family"]])
+            groups[r.claim["family"]].append(r)
+        else:
+            units.append([r])
+    return units
+
+
+def adjust(results: list[ClaimResult]) -> None:
+    """Holm over the family's tests; an intersection-union group is held when every member is
+    (its p is the largest member p, no correction inside) and not held when any member is not
+    (the smallest member p for 'below', Bonferroni over the members)."""
+    units = [u for u in _units(results) if all(r.p is not None and r.p_adjusted is not None for r in u)]
+    above = holm([max(r.p for r in u) for u in units])
+    below = holm([min(1.0, len(u) * min(r.p_below for r in u)) for u in units])
+    for unit, pa, pb in zip(units, above, below, strict=True):
+        for r in unit:
+            r.p_adjusted, r.p_below_adjusted = pa, pb
+            r.verdict = verdict_from(pa, pb)
+            if len(unit) > 1:
+                r.notes.append(f"verdict of family {r.claim['family']!r} ({len(unit)} claims, all must hold)")
+    for unit in _units(results):  # a group with an unjudgeable member cannot be held
+        if len(unit) > 1 and unit not in units:
+            for r in unit:
+                if r.verdict != "missing metric":
+                    r.verdict = "inconclusive"
+                r.notes.append(f"family {r.claim['family']!r} has a member that cannot be judged")
+
+
 def evaluate_all(runs: list[Run], bootstrap: int = 0) -> tuple[list[ClaimResult], list[str]]:
-    """Every claim the runs carry, judged; plus warnings about the claims themselves."""
+    """Every claim the runs carry, judged and Holm-adjusted over the family; plus warnings about
+    the claims themselves."""
     claims, warnings = claims_in(runs)
-    return [evaluate(c, runs, bootstrap) for c in claims], warnings
+    results = [evaluate(c, runs, bootstrap) for c in claims]
+    adjust(results)
+    return results, warnings
 
 
 # ---------------------------------------------------------------------------------------------- output
 def _at(claim: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v}" for k, v in claim["at"].items()) or "-"
+    parts = [f"{k}={v}" for k, v in claim["at"].items()]
+    parts += [f"{claim['arm']}: {k}={v}" for k, v in claim.get("arm_at", {}).items()]
+    parts += [f"{claim['than']}: {k}={v}" for k, v in claim.get("than_at", {}).items()]
+    return ", ".join(parts) or "-"
 
 
 def _num(x: float | None) -> str:
     return "-" if x is None else f"{x:+.4f}"
 
 
-def _ci(r: ClaimResult) -> str:
-    return "-" if r.lo is None else f"[{r.lo:+.4f}, {r.hi:+.4f}]"
+def _p(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3g}"
+
+
+def _ci(r: dict[str, Any]) -> str:
+    return "-" if r["lo"] is None else f"[{r['lo']:+.4f}, {r['hi']:+.4f}]"
 
 
 def _kind(c: dict[str, Any]) -> str:
     return "non-inferiority" if c["kind"] == "non_inferiority" else "superiority"
 
 
-def markdown(results: list[ClaimResult], warnings: list[str], bootstrap: int = 0) -> str:
-    """claims.md: the table, the rule under it, then notes and warnings per claim."""
-    if not results:
+def markdown(records: list[dict[str, Any]], warnings: list[str], bootstrap: int = 0) -> str:
+    """claims.md from claims.json's records: the table, the rule under it, then notes and warnings."""
+    if not records:
         return "No claims: the runs' configs declare none (`claims:` in the experiment preset).\n"
     lines = [
-        "| claim | metric | arm vs than | at | kind | n pairs | mean diff | 95% CI | margin | verdict |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| claim | metric | arm vs than | at | kind | n pairs | mean diff | 95% CI | margin | p | Holm p | "
+        "seeds for 80% power | verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in results:
-        c = r.claim
+    for r in records:
+        c = r["claim"]
         lines.append(
             f"| {c['name']} | {c['metric']} ({c['better']} is better) | {c['arm']} vs {c['than']} | "
-            f"{_at(c)} | {_kind(c)} | {r.n} | {_num(r.mean)} | {_ci(r)} | {c['margin']:g} | **{r.verdict}** |"
+            f"{_at(c)} | {_kind(c)} | {r['n']} | {_num(r['mean'])} | {_ci(r)} | {c['margin']:g} | {_p(r['p'])} | "
+            f"{_p(r['p_adjusted'])} | {r['power_n'] or '-'} | **{r['verdict']}** |"
         )
     interval_kind = f"percentile bootstrap, {bootstrap} resamples" if bootstrap else "t interval"
-    lines += ["", RULE, f"Intervals here: {interval_kind}.", ""]
-    remarks = [f"- {r.claim['name']}: {m}" for r in results for m in r.notes + r.warnings]
+    lines += [
+        "",
+        RULE,
+        f"Intervals here: {interval_kind}. p: one-sided, for 'above the threshold'. "
+        f"Seeds for 80% power: if the true difference were the observed one, at one-sided 0.025.",
+        "",
+    ]
+    remarks = [f"- {r['name']}: {m}" for r in records for m in r["notes"] + r["warnings"]]
     if remarks or warnings:
         lines += ["### Notes and warnings", "", *remarks, *(f"- {w}" for w in warnings), ""]
     return "\n".join(lines)
 
 
-def summary_line(r: ClaimResult) -> str:
-    """One line per claim for the end of `make tables`."""
-    c = r.claim
+def summary_line(r: dict[str, Any]) -> str:
+    """One line per claim for the end of `make tables` (from claims.json's record)."""
+    c = r["claim"]
     line = (
-        f"claim {c['name']}: {r.verdict.upper()} ({c['arm']} vs {c['than']} on {c['metric']}, "
+        f"claim {c['name']}: {r['verdict'].upper()} ({c['arm']} vs {c['than']} on {c['metric']}, "
         f"{c['better']} is better, {_kind(c)}, margin {c['margin']:g}, at {_at(c)}: "
-        f"n={r.n}, mean diff {_num(r.mean)}, 95% CI {_ci(r)})"
+        f"n={r['n']}, mean diff {_num(r['mean'])}, 95% CI {_ci(r)}, p {_p(r['p'])}, Holm p {_p(r['p_adjusted'])})"
     )
-    return line + (" [warning: see claims.md]" if r.warnings else "")
+    return line + (" [warning: see claims.md]" if r["warnings"] else "")
