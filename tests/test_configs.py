@@ -78,3 +78,37 @@ def test_null_expert_arms_differ_from_their_baseline_only_in_null_experts(nulls:
     assert (base.label, arm.label) == ("topk_no_null", f"adamoe_null{nulls}")
     assert dataclasses.replace(base.adapter, num_null_experts=nulls) == arm.adapter
     assert base.recipe == arm.recipe
+
+
+TOY_PRESETS = [p for p in PRESETS if not p.endswith("_paper") and p != "optuna_lr"]
+
+
+@pytest.mark.parametrize("preset", TOY_PRESETS)
+def test_preset_claims_compare_arms_that_differ_only_where_declared(preset: str) -> None:
+    """Every claim's two arms, composed as the sweep composes them, differ in no training setting
+    the claim does not declare (`differs_in`): the report would warn about it on every seed pair."""
+    from hydra import compose, initialize_config_dir
+
+    from moe_lora.compose import expand_sweeps
+    from moe_lora.report import claims
+    from moe_lora.report.collect import Run
+    from moe_lora.train.runner import resolved_config
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        hydra_cfg = compose("train", overrides=[f"experiment={preset}"], return_hydra_config=True)
+    params = {k: v for k, v in hydra_cfg.hydra.sweeper.params.items() if k != "seed"}
+    runs = []
+    for job in expand_sweeps([f"{k}={v}" for k, v in params.items()]):
+        cfg = load_config([f"experiment={preset}", *job, "seed=0"], check_files=False)
+        runs.append(
+            Run(
+                Path(),
+                {"adapter": cfg.adapter.name, "layout": cfg.layout.name, "seed": 0, "config": resolved_config(cfg)},
+            )
+        )
+    found, _ = claims.claims_in(runs)
+    assert found
+    for claim in found:
+        a, b = claims._arm_runs(claim, runs)
+        assert len(a) == len(b) == 1, claim["name"]
+        assert claims.confounders(claim, [(0, a[0], b[0])]) == [], claim["name"]
