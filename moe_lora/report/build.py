@@ -81,7 +81,7 @@ def write_analyses(runs: list[Run], folder: Path, names: dict, figures: list[tup
     return lines
 
 
-def write_report(runs: list[Run], folder: Path, bootstrap: int = 0) -> None:
+def write_report(runs: list[Run], folder: Path, bootstrap: int = 0, items: bool = False) -> None:
     rows, names = aggregate(runs), row_labels(runs)
     routing_md = routing_markdown(rows)
     routing_title = "## Routing statistics (final window; mean over modules, then mean ± std over seeds)"
@@ -90,11 +90,18 @@ def write_report(runs: list[Run], folder: Path, bootstrap: int = 0) -> None:
     (folder / "results.tex").write_text(latex(rows))
     figures = write_figures(runs, rows, folder, names)
     analyses = write_analyses(runs, folder, names, figures)
-    verdicts, claim_warnings = claims.evaluate_all(runs, bootstrap)
+    verdicts, claim_warnings = claims.evaluate_all(runs, bootstrap, items)
     records = [v.record() for v in verdicts]
     (folder / CLAIMS_JSON).write_text(
         json.dumps(
-            {"bootstrap": bootstrap, "rule": claims.RULE, "claims": records, "warnings": claim_warnings}, indent=2
+            {
+                "bootstrap": bootstrap,
+                "items": items,
+                "rule": claims.RULE,
+                "claims": records,
+                "warnings": claim_warnings,
+            },
+            indent=2,
         )
         + "\n"
     )
@@ -128,7 +135,7 @@ def write_report(runs: list[Run], folder: Path, bootstrap: int = 0) -> None:
     (folder / "index.md").write_text("\n".join(lines))
 
 
-def build_report(paths: list[Path], out: Path | None = None, bootstrap: int = 0) -> Path:
+def build_report(paths: list[Path], out: Path | None = None, bootstrap: int = 0, items: bool = False) -> Path:
     """Collect runs below ``paths`` and (re)write the report folder ``out`` as a whole: it is
     built in a temporary folder beside it and swapped in, so readers never see half a report and
     nothing outside ``out`` is touched."""
@@ -137,7 +144,7 @@ def build_report(paths: list[Path], out: Path | None = None, bootstrap: int = 0)
         raise FileNotFoundError(f"no moe-lora runs (results.json) below {', '.join(map(str, paths))}")
     out = out or (paths[0] if paths[0].is_dir() else paths[0].parent) / "report"
     with outputs.atomic_dir(out) as tmp:
-        write_report(runs, tmp, bootstrap)
+        write_report(runs, tmp, bootstrap, items)
     return out
 
 
@@ -150,13 +157,20 @@ def main(argv: list[str]) -> int:
         type=int,
         default=0,
         metavar="N",
-        help="claim intervals from N bootstrap resamples (fixed seed) instead of the t distribution",
+        help="claim intervals and p from N bootstrap resamples (fixed seed) instead of the t distribution; "
+        "below 10 seed pairs an exact sign-flip test decides",
+    )
+    p.add_argument(
+        "--items",
+        action="store_true",
+        help="also a two-level bootstrap interval (seeds x evaluation items, from predictions.jsonl) for claims "
+        "on exact-match metrics",
     )
     a = p.parse_args(argv)
     if a.bootstrap < 0:
         p.error("--bootstrap must be >= 0")
     try:
-        out = build_report(a.paths, a.out, a.bootstrap)
+        out = build_report(a.paths, a.out, a.bootstrap, a.items)
     except FileNotFoundError as exc:
         print(f"moe-lora: error: {exc}")
         return 2

@@ -20,6 +20,7 @@ import numpy as np
 
 from moe_lora import outputs
 from moe_lora.report.collect import Run
+from moe_lora.report.items import two_level_interval
 
 ALPHA = 0.025  # one-sided level of each verdict (the two-sided 95% interval's tail)
 RULE = (
@@ -69,6 +70,8 @@ class ClaimResult:
     p_adjusted: float | None = None
     p_below_adjusted: float | None = None
     power_n: int | None = None
+    item_lo: float | None = None  # the two-level (seeds x items) bootstrap interval, with --items
+    item_hi: float | None = None
     test: str = "t"
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -357,9 +360,23 @@ def _test(result: ClaimResult, d: list[float], bootstrap: int) -> None:
     result.power_n = power_seeds(statistics.stdev(d), statistics.fmean(d) - thr)
 
 
-def evaluate(claim: dict[str, Any], runs: list[Run], bootstrap: int = 0) -> ClaimResult:
+def _items(result: ClaimResult, pairs: list[tuple[int, Run, Run]], bootstrap: int) -> None:
+    """The two-level bootstrap interval beside the verdict (it does not decide it)."""
+    c = result.claim
+    found = two_level_interval(c["metric"], c["better"], pairs, bootstrap or 1000)
+    if found is None:
+        result.notes.append("no two-level interval: the metric is not per-item, or a run lacks predictions.jsonl")
+        return
+    result.item_lo, result.item_hi = found
+    result.notes.append(
+        f"two-level bootstrap (seeds x items, {bootstrap or 1000} resamples): 95% interval "
+        f"[{found[0]:+.4f}, {found[1]:+.4f}]; shown beside the verdict, which the rule decides"
+    )
+
+
+def evaluate(claim: dict[str, Any], runs: list[Run], bootstrap: int = 0, items: bool = False) -> ClaimResult:
     """Judge one claim over the runs as a family of one (see :data:`RULE`); :func:`evaluate_all`
-    adjusts the verdicts over the family."""
+    adjusts the verdicts over the family. ``items``: add the two-level (seeds x items) interval."""
     claim = _DEFAULTS | claim
     a, b = _arm_runs(claim, runs)
     pairs, notes, usable = _pairs(claim, a, b)
@@ -381,6 +398,8 @@ def evaluate(claim: dict[str, Any], runs: list[Run], bootstrap: int = 0) -> Clai
         result.notes.append("no spread across seeds: the same difference every seed gives no interval to judge by")
     else:
         _test(result, d, bootstrap)
+        if items:
+            _items(result, pairs, bootstrap)
         if usable:
             result.p_adjusted, result.p_below_adjusted = result.p, result.p_below
             result.verdict = verdict_from(result.p, result.p_below)
@@ -423,11 +442,11 @@ def adjust(results: list[ClaimResult]) -> None:
                 r.notes.append(f"family {r.claim['family']!r} has a member that cannot be judged")
 
 
-def evaluate_all(runs: list[Run], bootstrap: int = 0) -> tuple[list[ClaimResult], list[str]]:
+def evaluate_all(runs: list[Run], bootstrap: int = 0, items: bool = False) -> tuple[list[ClaimResult], list[str]]:
     """Every claim the runs carry, judged and Holm-adjusted over the family; plus warnings about
     the claims themselves."""
     claims, warnings = claims_in(runs)
-    results = [evaluate(c, runs, bootstrap) for c in claims]
+    results = [evaluate(c, runs, bootstrap, items) for c in claims]
     adjust(results)
     return results, warnings
 

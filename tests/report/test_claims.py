@@ -481,3 +481,30 @@ def test_report_writes_claims_json_with_every_field(tmp_path) -> None:
     assert {"name", "n", "mean", "lo", "hi", "p", "p_adjusted", "verdict", "warnings", "power_n"} <= set(record)
     assert record["verdict"] == "held" and record["n"] == 5 and record["p"] < 0.025
     assert f"Holm p {record['p_adjusted']:.3g}" in (out / "claims.txt").read_text()
+
+
+def _item_run(path: Path, label: str, seed: int, correct: list[bool]) -> None:
+    em = sum(correct) / len(correct)
+    fake_run(path, "lora", seed, 0.5, em, 0.1, label=label, config={"seed": seed, "claims": [CLAIM]})
+    rows = [{"model": "tuned", "task": "instruction", "id": str(i), "correct": c} for i, c in enumerate(correct)]
+    rows += [{"model": "base", "task": "instruction", "id": str(i), "correct": False} for i in range(len(correct))]
+    (path / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_two_level_bootstrap_resamples_items_and_seeds(tmp_path) -> None:
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    for seed in range(4):
+        _item_run(tmp_path / f"a{seed}", "a", seed, [bool(x) for x in rng.random(60) < 0.7])
+        _item_run(tmp_path / f"b{seed}", "b", seed, [bool(x) for x in rng.random(60) < 0.5])
+    runs = collect([tmp_path])
+    r = claims.evaluate(CLAIM, runs, bootstrap=500, items=True)
+    assert r.item_lo < r.mean < r.item_hi and r.item_hi - r.item_lo > 0.05  # 60 items per seed: wide
+    assert any("two-level bootstrap (seeds x items" in n for n in r.notes)
+    same = claims.evaluate(CLAIM | {"than": "a"} | {"arm_at": {"seed": 0}}, runs, bootstrap=100, items=True)
+    assert same.item_lo is None  # one pair only: no interval
+    from moe_lora.report.items import two_level_interval
+
+    pairs = [(0, runs[0], runs[1]), (1, runs[2], runs[3])]
+    assert two_level_interval("routing.cv", "higher", pairs, 100) is None  # not a per-item metric
