@@ -244,15 +244,69 @@ class MoEConfig(LowRankConfig, RoutedConfig):
 
 
 # ---------------------------------------------------------------------------------------------- layout
+# Named depth profiles, w(x) = 1 + a x + b (x^2 - mean x^2) over layer (or group) positions x in
+# [-1, 1]: (a, b). At 4 groups they give MoLA's 8,6,4,2 / 2,4,6,8 / 8,2,2,8 / 5,5,5,5 exactly at a
+# mean of 5 experts per layer; diamond (2,8,8,2) is our reading of "more experts in middle layers".
+PROFILES = {
+    "rectangle": (0.0, 0.0),
+    "triangle": (-0.8, 0.0),
+    "inverted_triangle": (0.8, 0.0),
+    "hourglass": (0.0, 2.4),
+    "diamond": (0.0, -2.4),
+}
+
+
+@dataclass
+class BudgetConfig:
+    """The experts a budget-first layout spends: ``total`` over all layers, or ``per_layer_mean``
+    times the layers; neither: the adapter's own ``num_experts`` per layer (so uniform spends the
+    same). ``unit``: ``experts``, or ``expert_rank`` (experts x rank, which equals experts x
+    ``adapter.rank`` while the rank is the same in every layer)."""
+
+    unit: str = "experts"
+    total: Optional[int] = None
+    per_layer_mean: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        require(
+            self.unit in ("experts", "expert_rank"), "layout.budget.unit", self.unit, "must be experts or expert_rank"
+        )
+        require(self.total is None or self.total >= 1, "layout.budget.total", self.total, "must be >= 1 or null")
+        require(
+            self.per_layer_mean is None or self.per_layer_mean > 0,
+            "layout.budget.per_layer_mean",
+            self.per_layer_mean,
+            "must be > 0 or null",
+        )
+        require(
+            self.total is None or self.per_layer_mean is None,
+            "layout.budget.total",
+            self.total,
+            "give total or per_layer_mean, not both",
+        )
+
+
 @dataclass
 class LayoutConfig:
-    """Experts (and optionally rank / top_k) per layer: a list of length L (per layer) or G (per
-    group of layers; layer l is in group floor(l * G / L)). ``experts=None`` is uniform."""
+    """Experts (and optionally rank / top_k) per layer.
+
+    Either explicit lists of length L (per layer) or G (per group of layers; layer l is in group
+    floor(l * G / L)), or budget-first: a depth ``profile`` (a name of :data:`PROFILES`) or
+    ``weights`` (per group or per layer) projected exactly onto ``budget`` within
+    [``min_experts``, ``max_experts``] (``layouts.project``); ``granularity: group`` gives every
+    layer of one of ``groups`` groups the same weight. Nothing set is uniform."""
 
     name: str = "uniform"
     experts: Optional[List[int]] = None
     rank: Optional[List[int]] = None
     top_k: Optional[List[int]] = None
+    profile: Optional[str] = None
+    weights: Optional[List[float]] = None
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    min_experts: Optional[int] = None  # default: the adapter's top_k (1 without top-k routing)
+    max_experts: Optional[int] = None
+    granularity: str = "group"
+    groups: int = 4
 
     def __post_init__(self) -> None:
         for key in ("experts", "rank", "top_k"):
@@ -264,6 +318,48 @@ class LayoutConfig:
                     values,
                     "must be a non-empty list of positive integers",
                 )
+        require(
+            self.profile is None or self.profile in PROFILES,
+            "layout.profile",
+            self.profile,
+            f"must be one of {', '.join(PROFILES)} or null",
+        )
+        require(
+            self.weights is None
+            or (len(self.weights) > 0 and all(w >= 0 for w in self.weights) and sum(self.weights) > 0),
+            "layout.weights",
+            self.weights,
+            "must be non-negative numbers, not all zero",
+        )
+        require(
+            self.profile is None or self.weights is None,
+            "layout.weights",
+            self.weights,
+            "give layout.profile or layout.weights, not both",
+        )
+        require(
+            self.experts is None or (self.profile is None and self.weights is None),
+            "layout.experts",
+            self.experts,
+            "an explicit list and a profile/weights exclude each other",
+        )
+        require(
+            self.granularity in ("group", "layer"), "layout.granularity", self.granularity, "must be group or layer"
+        )
+        require(self.groups >= 1, "layout.groups", self.groups, "must be >= 1")
+        require(
+            self.min_experts is None or self.min_experts >= 1, "layout.min_experts", self.min_experts, "must be >= 1"
+        )
+        require(
+            self.max_experts is None or self.max_experts >= (self.min_experts or 1),
+            "layout.max_experts",
+            self.max_experts,
+            "must be >= layout.min_experts",
+        )
+
+    @property
+    def budget_first(self) -> bool:
+        return self.profile is not None or self.weights is not None
 
 
 # ------------------------------------------------------------------------------------------------ data

@@ -1,7 +1,9 @@
 """Expert layouts: how many experts (and which rank / top_k) each layer gets.
 
 A layout is data (PEFT's ``rank_pattern`` idea), never a comma-joined string: a list of length L
-(one entry per layer) or G (one per group of layers; layer l is in group floor(l * G / L)).
+(one entry per layer) or G (one per group of layers; layer l is in group floor(l * G / L)), or a
+budget-first layout: a depth profile (or weights) projected exactly onto an expert budget
+(:func:`project`), so the same shape works for 4, 22 or 32 layers and spends what uniform spends.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moe_lora.config import AdapterConfig, LayoutConfig
+from moe_lora.config import PROFILES, AdapterConfig, LayoutConfig
 from moe_lora.errors import ConfigError
 from moe_lora.targets import Site
 
@@ -57,10 +59,108 @@ def _check_fields(layout: LayoutConfig, adapter: AdapterConfig) -> None:
             )
 
 
+def unit_positions(units: int) -> list[float]:
+    """Centres of ``units`` equal bins of [-1, 1] (groups or layers, bottom to top)."""
+    return [-1.0 + (2 * u + 1) / units for u in range(units)]
+
+
+def profile_weights(name: str, units: int) -> list[float]:
+    """w(x) = 1 + a x + b (x^2 - mean x^2) at the unit positions, negatives clipped to 0."""
+    a, b = PROFILES[name]
+    xs = unit_positions(units)
+    mean_sq = sum(x * x for x in xs) / units
+    return [max(0.0, 1.0 + a * x + b * (x * x - mean_sq)) for x in xs]
+
+
+def _water_fill(weights: list[float], budget: float, lo: int, hi: int) -> list[float]:
+    """Real targets per layer, clip(level x w, lo, hi), at the water level whose sum is the budget
+    (found by bisection: the sum only grows with the level). A zero weight sits at ``lo``."""
+    w = weights if any(x > 0 for x in weights) else [1.0] * len(weights)
+
+    def filled(level: float) -> list[float]:
+        return [min(float(hi), max(float(lo), level * x)) for x in w]
+
+    low, high = 0.0, hi / min(x for x in w if x > 0)
+    for _ in range(200):
+        mid = (low + high) / 2
+        low, high = (mid, high) if sum(filled(mid)) < budget else (low, mid)
+    return filled(high)
+
+
+def project(weights: list[float], total: int, lo: int, hi: int, key: str = "layout") -> list[int]:
+    """Integer experts per layer from one weight per layer, within [lo, hi], summing to exactly
+    ``total``: water-filled real targets, floored, and the remainder handed out one expert at a
+    time by largest fractional part (earlier layers win ties)."""
+    n = len(weights)
+    if not lo * n <= total <= hi * n:
+        raise ConfigError(f"{key}: a budget of {total} experts cannot be spread over {n} layers within [{lo}, {hi}]")
+    real = _water_fill(list(weights), float(total), lo, hi)
+    counts = [min(hi, int(t + 1e-9)) for t in real]
+    order = sorted(range(n), key=lambda i: (-(real[i] - counts[i]), i))
+    for i in order[: total - sum(counts)]:
+        counts[i] += 1
+    assert sum(counts) == total and all(lo <= c <= hi for c in counts), (counts, total)
+    return counts
+
+
+def layer_weights(layout: LayoutConfig, num_layers: int) -> list[float]:
+    """One weight per layer: ``layout.weights`` (per layer, or per group: layer l in group
+    floor(l * G / L)) or the named profile at the layers' positions, or at their group's
+    (``granularity: group``, ``layout.groups`` groups, uneven when they do not divide L)."""
+    if layout.weights is not None:
+        w = list(layout.weights)
+        if len(w) > num_layers:
+            raise ConfigError(f"layout.weights has {len(w)} entries but the model has {num_layers} layers")
+        return [w[layer * len(w) // num_layers] for layer in range(num_layers)]
+    units = min(layout.groups, num_layers) if layout.granularity == "group" else num_layers
+    w = profile_weights(layout.profile, units)
+    return [w[layer * units // num_layers] for layer in range(num_layers)]
+
+
+def budget_total(layout: LayoutConfig, adapter: AdapterConfig, num_layers: int) -> int:
+    """The experts a budget-first layout spends (``layout.budget``)."""
+    b = layout.budget
+    if b.unit == "expert_rank" and layout.rank is not None and len(set(layout.rank)) > 1:
+        raise ConfigError(
+            "layout.budget.unit=expert_rank with a per-layer layout.rank is not supported: the "
+            "projection counts experts; give one rank for every layer"
+        )
+    scale = getattr(adapter, "rank", 1) if b.unit == "expert_rank" else 1
+    if b.total is not None:
+        if b.total % scale:
+            raise ConfigError(f"layout.budget.total={b.total} expert-rank is not a multiple of adapter.rank={scale}")
+        return b.total // scale
+    if b.per_layer_mean is not None:
+        total = b.per_layer_mean * num_layers / scale
+        if abs(total - round(total)) > 1e-9:
+            raise ConfigError(
+                f"layout.budget.per_layer_mean={b.per_layer_mean} over {num_layers} layers is {total:g} experts, "
+                "not a whole number: give layout.budget.total"
+            )
+        return round(total)
+    return getattr(adapter, "num_experts", 1) * num_layers
+
+
+def budget_experts(layout: LayoutConfig, adapter: AdapterConfig, num_layers: int) -> list[int]:
+    """Experts per layer of a budget-first layout."""
+    if not hasattr(adapter, "num_experts"):
+        raise ConfigError(
+            f"layout.profile / layout.weights set experts per layer, but adapter={adapter.name!r} has no num_experts"
+        )
+    top_k = getattr(adapter, "top_k", None) or 1  # top-k over real and null experts: the real ones may be fewer
+    lo = layout.min_experts or max(1, top_k - getattr(adapter, "num_null_experts", 0))
+    total = budget_total(layout, adapter, num_layers)
+    hi = layout.max_experts or total
+    return project(layer_weights(layout, num_layers), total, lo, hi, f"layout={layout.name!r}")
+
+
 def resolve_layout(layout: LayoutConfig, adapter: AdapterConfig, num_layers: int) -> list[LayerPlan]:
     """One :class:`LayerPlan` per layer; raises ``ConfigError`` naming the key on a misfit."""
     _check_fields(layout, adapter)
-    experts = _per_layer(layout.experts, getattr(adapter, "num_experts", 1), num_layers, "layout.experts")
+    if layout.budget_first:
+        experts: list[int | None] = list(budget_experts(layout, adapter, num_layers))
+    else:
+        experts = _per_layer(layout.experts, getattr(adapter, "num_experts", 1), num_layers, "layout.experts")
     ranks = _per_layer(layout.rank, getattr(adapter, "rank", 0), num_layers, "layout.rank")
     top_ks = _per_layer(layout.top_k, getattr(adapter, "top_k", None), num_layers, "layout.top_k")
     null = getattr(adapter, "num_null_experts", 0)
@@ -75,4 +175,4 @@ def resolve_layout(layout: LayoutConfig, adapter: AdapterConfig, num_layers: int
 
 def is_per_layer(layout: LayoutConfig) -> bool:
     """Whether the layout gives layers different plans (else every layer gets the adapter's own)."""
-    return any(v is not None for v in (layout.experts, layout.rank, layout.top_k))
+    return layout.budget_first or any(v is not None for v in (layout.experts, layout.rank, layout.top_k))

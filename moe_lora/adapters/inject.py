@@ -81,6 +81,20 @@ def layer_plan(name: str, layer: int | None, plans: list[LayerPlan], layout: Lay
     return replace(plans[0], layer=None)
 
 
+def budget_summary(adapter: AdapterConfig, layout: LayoutConfig, planned: Planned) -> dict[str, Any]:
+    """What the layout spends (results.json ``budget``; the report's fairness columns): experts
+    per layer, expert slots (experts summed over adapted linears) and active expert-rank (sum of
+    top_k x rank, every expert for soft routing, over adapted linears)."""
+    structure, sites = planned
+    plans = resolve_layout(layout, adapter, structure.num_layers)
+    slots = active = 0
+    for site in sites:
+        plan = layer_plan(site.name, site.layer, plans, layout)
+        slots += plan.num_experts
+        active += (plan.top_k or plan.num_experts) * plan.rank
+    return {"experts_per_layer": [p.num_experts for p in plans], "expert_slots": slots, "active_expert_rank": active}
+
+
 def inject_adapter(
     model: nn.Module,
     adapter: AdapterConfig,
@@ -101,7 +115,7 @@ def inject_adapter(
         return []
     structure, sites = planned or plan_targets(model, adapter, model_cfg)
     plans = resolve_layout(layout, adapter, structure.num_layers)
-    if layout.experts is not None and hasattr(adapter, "num_experts"):
+    if (layout.experts is not None or layout.budget_first) and hasattr(adapter, "num_experts"):
         log.info(
             "layout=%s sets experts per layer %s; adapter.num_experts=%s is not used",
             layout.name,

@@ -263,6 +263,24 @@ def _declared(key: str, entries: list[str]) -> bool:
     return any(key == e or key.startswith(e + ".") for e in entries)
 
 
+PARAMS_TOLERANCE = 0.01  # trainable parameters of a claim's arms may differ by this share silently
+
+
+def params_mismatch(claim: dict[str, Any], pairs: list[tuple[int, Run, Run]]) -> str | None:
+    """A warning when the arms' trainable parameters differ by more than 1% and the claim does not
+    declare it (``differs_in: [params]``): an unequal budget decides many comparisons by itself."""
+    if "params" in claim["differs_in"] or not pairs:
+        return None
+    _, ra, rb = pairs[0]
+    a, b = ((r.results or {}).get("params", {}).get("trainable") for r in (ra, rb))
+    if not a or not b or abs(a - b) <= PARAMS_TOLERANCE * max(a, b):
+        return None
+    return (
+        f"the arms' trainable parameters differ by {abs(a - b) / max(a, b):.1%} ({a:,} vs {b:,}); "
+        "declare differs_in: [params] if that is the comparison"
+    )
+
+
 def confounders(claim: dict[str, Any], pairs: list[tuple[int, Run, Run]]) -> list[str]:
     """Settings the two runs of a seed pair differ in that the claim does not declare
     (``differs_in``, its ``at`` keys), pair by pair. A key only one arm has is that method's own
@@ -382,6 +400,8 @@ def evaluate(claim: dict[str, Any], runs: list[Run], bootstrap: int = 0, items: 
     pairs, notes, usable = _pairs(claim, a, b)
     extra = confounders(claim, pairs)
     warnings = [f"arms differ in settings the claim does not name: {', '.join(extra)}"] if extra else []
+    if mismatch := params_mismatch(claim, pairs):
+        warnings.append(mismatch)
     d, missing = _differences(claim, pairs)
     result = ClaimResult(claim, "inconclusive", notes=notes, warnings=warnings)
     if d is None:

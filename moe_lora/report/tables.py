@@ -121,6 +121,8 @@ def aggregate(runs: list[Run]) -> list[dict]:
             "n": len(results),
             "trainable": results[0]["params"]["trainable"],
             "without routers": without_routers(results[0]),
+            "expert slots": (results[0].get("budget") or {}).get("expert_slots"),
+            "active expert-rank": (results[0].get("budget") or {}).get("active_expert_rank"),
             "columns": [h for h, _ in columns] + ["wall s"],
             "routing columns": routing_headers(tasks),
         }
@@ -150,7 +152,7 @@ def _headers(rows: list[dict]) -> list[str]:
 
 def markdown(rows: list[dict]) -> str:
     headers = _headers(rows)
-    head = ["variant", "seeds", "trainable params", "w/o routers", *headers]
+    head = ["variant", "seeds", "trainable params", "w/o routers", "expert slots", "active expert-rank", *headers]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [
@@ -158,6 +160,8 @@ def markdown(rows: list[dict]) -> str:
             str(r["n"]),
             f"{r['trainable']:,}",
             _count(r["without routers"]),
+            _count(r.get("expert slots")),
+            _count(r.get("active expert-rank")),
             *(_pm(r[h], 1 if h == "wall s" else 3) for h in headers),
         ]
         lines.append("| " + " | ".join(cells) + " |")

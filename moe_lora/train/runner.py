@@ -22,7 +22,7 @@ from torch import nn
 from moe_lora import outputs
 from moe_lora.adapters import ADAPTERS
 from moe_lora.adapters.base import HookContext
-from moe_lora.adapters.inject import count_parameters, inject_adapter, plan_targets, targets_table
+from moe_lora.adapters.inject import budget_summary, count_parameters, inject_adapter, plan_targets, targets_table
 from moe_lora.config import TrainConfig
 from moe_lora.data.collate import collate
 from moe_lora.data.example import Mixture
@@ -188,7 +188,7 @@ def run(
     spec = ADAPTERS.get(cfg.adapter.name)
     prepare_trainable(model, cfg, spec.trains_base)  # before the base evaluation: base and tuned in one dtype
     base, base_predictions = run_eval(model, tok, mixture, cfg, precision, progress, dist)
-    recorder, adapted, targets = add_adapter(model, cfg, run_dir, dist)
+    recorder, adapted, targets, budget = add_adapter(model, cfg, run_dir, dist)
     params = count_parameters(model)
     if main and resume is not None:  # before the tracker appends: logs end where the checkpoint was taken
         truncate_logs(run_dir, ckpt.read_trainer(resume)["logs"])
@@ -210,6 +210,7 @@ def run(
             results |= {
                 "perf": perf,
                 "targets": targets,
+                "budget": budget,
                 "nonfinite_skips": perf.get("nonfinite_skips", 0),
                 "data": mixture.info,
             }
@@ -225,13 +226,15 @@ def run(
 
 def add_adapter(model: nn.Module, cfg: TrainConfig, run_dir: Path, dist: Dist):
     """Seeded adapter injection with the routing recorder attached; (recorder, adapted module
-    names, targets table). The targets table is printed and later stored in results.json."""
+    names, targets table with the layout's budget). The targets table is printed and later stored
+    in results.json, its ``budget`` in results.json["budget"]."""
     torch.manual_seed(cfg.seed)  # adapter init depends on the run seed only
     recorder = RoutingRecorder(
         reduce=dist.all_reduce if dist.enabled else None, grad_reduce=dist.all_reduce_grad if dist.enabled else None
     )
     planned = plan_targets(model, cfg.adapter, cfg.model) if ADAPTERS.get(cfg.adapter.name).wrap is not None else None
     targets = targets_table(model, cfg.adapter, cfg.model, planned) if planned else {}
+    budget = budget_summary(cfg.adapter, cfg.layout, planned) if planned else {}
     if targets and dist.is_main:
         from moe_lora.targets import format_targets
 
@@ -239,7 +242,7 @@ def add_adapter(model: nn.Module, cfg: TrainConfig, run_dir: Path, dist: Dist):
     adapted = inject_adapter(model, cfg.adapter, cfg.model, cfg.layout, recorder, planned)
     if cfg.recipe.save_init_adapter and dist.is_main:
         save_file(adapter_state(model), str(run_dir / INIT_ADAPTER_FILE))
-    return recorder, adapted, targets
+    return recorder, adapted, targets, budget
 
 
 def fine_tune(

@@ -508,3 +508,33 @@ def test_two_level_bootstrap_resamples_items_and_seeds(tmp_path) -> None:
 
     pairs = [(0, runs[0], runs[1]), (1, runs[2], runs[3])]
     assert two_level_interval("routing.cv", "higher", pairs, 100) is None  # not a per-item metric
+
+
+def test_unequal_trainable_parameters_warn_unless_declared(tmp_path) -> None:
+    for label, trainable in (("a", 1000), ("b", 1050)):
+        for seed in range(2):
+            path = tmp_path / f"{label}{seed}"
+            fake_run(
+                path,
+                "lora",
+                seed,
+                0.5,
+                0.5 + 0.1 * (label == "a") + 0.01 * seed,
+                0.1,
+                label=label,
+                config={"seed": seed, "claims": [CLAIM]},
+            )
+            res = json.loads((path / "results.json").read_text())
+            res["params"]["trainable"] = trainable
+            res["budget"] = {"expert_slots": 8, "active_expert_rank": 32}
+            (path / "results.json").write_text(json.dumps(res))
+    runs = collect([tmp_path])
+    r = claims.evaluate(CLAIM, runs)
+    assert r.warnings == [
+        "the arms' trainable parameters differ by 4.8% (1,000 vs 1,050); declare differs_in: "
+        "[params] if that is the comparison"
+    ]
+    assert not claims.evaluate(CLAIM | {"differs_in": ["params"]}, runs).warnings
+    from moe_lora.report.tables import aggregate, markdown
+
+    assert "| a | 2 | 1,000 | - | 8 | 32 |" in markdown(aggregate(runs))  # no router count in these files

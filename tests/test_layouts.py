@@ -1,0 +1,104 @@
+"""Budget-first layouts: named depth profiles reproduce MoLA's lists at any depth, every projection
+spends its budget exactly within its bounds, and a misfit is one line naming the key."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from moe_lora.compose import load_config
+from moe_lora.config import BudgetConfig, LayoutConfig
+from moe_lora.errors import ConfigError
+from moe_lora.layouts import budget_experts, project, resolve_layout
+
+MOLA = {
+    "triangle": [8, 6, 4, 2],
+    "inverted_triangle": [2, 4, 6, 8],
+    "hourglass": [8, 2, 2, 8],
+    "rectangle": [5, 5, 5, 5],
+    "diamond": [2, 8, 8, 2],
+}
+
+
+@pytest.fixture(scope="module")
+def mola():
+    return load_config(["adapter=mola"], check_files=False).adapter
+
+
+@pytest.mark.parametrize("name", sorted(MOLA))
+def test_named_profiles_are_mola_lists_at_4_and_32_layers(mola, name) -> None:
+    layout = load_config([f"layout={name}"], check_files=False).layout
+    assert budget_experts(layout, mola, 4) == MOLA[name]
+    assert budget_experts(layout, mola, 32) == [e for e in MOLA[name] for _ in range(8)]  # 160 experts
+
+
+@pytest.mark.parametrize("num_layers", [22, 28])
+def test_random_profiles_spend_the_budget_exactly(mola, num_layers) -> None:
+    rng = random.Random(num_layers)
+    for _ in range(200):
+        weights = [rng.random() ** 3 for _ in range(rng.choice([1, 2, num_layers // 2, num_layers]))]
+        lo, hi = rng.randint(1, 3), rng.randint(4, 12)
+        total = rng.randint(lo * num_layers, hi * num_layers)
+        counts = project([weights[i * len(weights) // num_layers] for i in range(num_layers)], total, lo, hi)
+        assert sum(counts) == total and min(counts) >= lo and max(counts) <= hi
+    for name in MOLA:
+        layout = LayoutConfig(name=name, profile=name, budget=BudgetConfig(per_layer_mean=5))
+        assert sum(budget_experts(layout, mola, num_layers)) == 5 * num_layers
+        by_layer = LayoutConfig(name=name, profile=name, budget=BudgetConfig(total=101), granularity="layer")
+        counts = budget_experts(by_layer, mola, num_layers)
+        assert sum(counts) == 101 and min(counts) >= mola.top_k
+
+
+def test_larger_weights_get_more_experts_and_bounds_are_water_filled() -> None:
+    counts = project([1, 1, 1, 10], 20, 2, 8)
+    assert counts == [4, 4, 4, 8]  # the heavy layer capped at 8; the rest spread evenly over the others
+    assert project([0, 0, 0, 1], 8, 1, 8) == [1, 1, 1, 5]
+
+
+def test_the_same_budget_as_uniform_has_the_same_trainable_count(run_cli) -> None:
+    counts = {}
+    for layout in ("layout=uniform", "layout=rectangle"):
+        code, out, _ = run_cli(
+            "params",
+            "model=llama2_7b",
+            "adapter=mola",
+            layout,
+            "layout.budget.per_layer_mean=8" if "rectangle" in layout else "seed=0",
+            tiny=False,
+        )
+        assert code == 0, out
+        counts[layout] = next(line for line in out.splitlines() if line.startswith("trainable:"))
+    assert counts["layout=uniform"] == counts["layout=rectangle"]
+
+
+@pytest.mark.parametrize(
+    ("layout", "key"),
+    [
+        (LayoutConfig(name="x", profile="triangle", budget=BudgetConfig(total=3)), "layout='x'"),
+        (
+            LayoutConfig(name="x", profile="triangle", budget=BudgetConfig(per_layer_mean=2.5)),
+            "layout.budget.per_layer_mean",
+        ),
+        (LayoutConfig(name="x", weights=[1, 2], max_experts=2, budget=BudgetConfig(total=30)), "layout='x'"),
+    ],
+)
+def test_infeasible_budgets_are_one_line_naming_the_key(mola, layout, key) -> None:
+    with pytest.raises(ConfigError, match=f"^{key}") as err:
+        resolve_layout(layout, mola, 4 if "2.5" not in str(layout.budget) else 3)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "key"),
+    [
+        ({"profile": "pyramid"}, "layout.profile"),
+        ({"profile": "triangle", "weights": [1.0]}, "layout.weights"),
+        ({"profile": "triangle", "experts": [2, 2]}, "layout.experts"),
+        ({"weights": [0.0, 0.0]}, "layout.weights"),
+        ({"granularity": "block"}, "layout.granularity"),
+    ],
+)
+def test_layout_config_errors_name_the_key(kwargs, key) -> None:
+    with pytest.raises(ConfigError, match=f"^{key}="):
+        LayoutConfig(name="x", **kwargs)
