@@ -653,7 +653,8 @@ class ClaimConfig:
     ``arm_at`` / ``than_at`` add selections for one arm only ("forgetting grows from 150 to 450
     steps": one label at two step counts). ``differs_in``: the settings (keys or prefixes, e.g.
     ``adapter.lbc_beta``, ``layout``) the arms are meant to differ in; any other setting two runs of
-    a seed pair differ in is warned about. ``family``: claims sharing it are one intersection-union
+    a seed pair differ in is warned about; ``params`` declares that the arms' trainable parameters
+    differ (else more than 1% is warned about). ``family``: claims sharing it are one intersection-union
     claim ("beats all five"), held only if every member is.
     """
 
