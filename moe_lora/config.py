@@ -291,8 +291,8 @@ class LayoutConfig:
     """Experts (and optionally rank / top_k) per layer.
 
     Either explicit lists of length L (per layer) or G (per group of layers; layer l is in group
-    floor(l * G / L)), or budget-first: a depth ``profile`` (a name of :data:`PROFILES`) or
-    ``weights`` (per group or per layer) projected exactly onto ``budget`` within
+    floor(l * G / L)), or budget-first: a depth ``profile`` (a name of :data:`PROFILES`, or an
+    unnamed ``slope`` / ``curvature``) or ``weights`` (per group or per layer) projected exactly onto ``budget`` within
     [``min_experts``, ``max_experts``] (``layouts.project``); ``granularity: group`` gives every
     layer of one of ``groups`` groups the same weight. Nothing set is uniform."""
 
@@ -302,6 +302,8 @@ class LayoutConfig:
     top_k: Optional[List[int]] = None
     profile: Optional[str] = None
     weights: Optional[List[float]] = None
+    slope: Optional[float] = None  # an unnamed profile: (a, b) of w(x) (layout search's space)
+    curvature: Optional[float] = None
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     min_experts: Optional[int] = None  # default: the adapter's top_k (1 without top-k routing)
     max_experts: Optional[int] = None
@@ -359,7 +361,16 @@ class LayoutConfig:
 
     @property
     def budget_first(self) -> bool:
-        return self.profile is not None or self.weights is not None
+        return any(v is not None for v in (self.profile, self.weights, self.slope, self.curvature))
+
+    @property
+    def shape(self) -> tuple[float, float] | None:
+        """(slope, curvature) of the depth profile: a named one's, or the unnamed one's."""
+        if self.profile is not None:
+            return PROFILES[self.profile]
+        if self.slope is not None or self.curvature is not None:
+            return (self.slope or 0.0, self.curvature or 0.0)
+        return None
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -504,6 +515,7 @@ class RecipeConfig:
     threads: Optional[int] = None  # torch intra-op threads; None = all cores
     compile: bool = False  # whole-model torch.compile for the training forward
     objective: str = "metrics.cbqa_em"  # what a sweeper optimises
+    objectives: List[str] = field(default_factory=list)  # several (multi-objective search): a tuple
     realloc_every: Optional[int] = None  # rank reallocation period (ALoRA); None = max_steps // 4
     realloc_prune: int = 4  # components moved per reallocation
     realloc_val_examples: int = 64  # validation examples that score components

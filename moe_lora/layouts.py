@@ -64,9 +64,10 @@ def unit_positions(units: int) -> list[float]:
     return [-1.0 + (2 * u + 1) / units for u in range(units)]
 
 
-def profile_weights(name: str, units: int) -> list[float]:
-    """w(x) = 1 + a x + b (x^2 - mean x^2) at the unit positions, negatives clipped to 0."""
-    a, b = PROFILES[name]
+def profile_weights(shape: str | tuple[float, float], units: int) -> list[float]:
+    """w(x) = 1 + a x + b (x^2 - mean x^2) at the unit positions, negatives clipped to 0; ``shape``
+    is a name of ``config.PROFILES`` or (a, b)."""
+    a, b = PROFILES[shape] if isinstance(shape, str) else shape
     xs = unit_positions(units)
     mean_sq = sum(x * x for x in xs) / units
     return [max(0.0, 1.0 + a * x + b * (x * x - mean_sq)) for x in xs]
@@ -113,7 +114,7 @@ def layer_weights(layout: LayoutConfig, num_layers: int) -> list[float]:
             raise ConfigError(f"layout.weights has {len(w)} entries but the model has {num_layers} layers")
         return [w[layer * len(w) // num_layers] for layer in range(num_layers)]
     units = min(layout.groups, num_layers) if layout.granularity == "group" else num_layers
-    w = profile_weights(layout.profile, units)
+    w = profile_weights(layout.shape, units)
     return [w[layer * units // num_layers] for layer in range(num_layers)]
 
 

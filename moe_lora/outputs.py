@@ -42,6 +42,7 @@ NOT_TRAINING = (
     "recipe.eval_limit",
     "recipe.on_nonfinite",
     "recipe.objective",
+    "recipe.objectives",
     "recipe.nproc_per_node",
     "recipe.name",
     "data.num_proc",

@@ -102,3 +102,20 @@ def test_infeasible_budgets_are_one_line_naming_the_key(mola, layout, key) -> No
 def test_layout_config_errors_name_the_key(kwargs, key) -> None:
     with pytest.raises(ConfigError, match=f"^{key}="):
         LayoutConfig(name="x", **kwargs)
+
+
+def test_slope_and_curvature_are_the_named_shapes_as_points(mola) -> None:
+    searched = load_config(["layout=searched"], check_files=False).layout
+    assert budget_experts(searched, mola, 4) == [5, 5, 5, 5]  # (0, 0): the rectangle
+    for name, (a, b) in {"triangle": (-0.8, 0.0), "hourglass": (0.0, 2.4), "diamond": (0.0, -2.4)}.items():
+        point = load_config(["layout=searched", f"layout.slope={a}", f"layout.curvature={b}"], check_files=False)
+        assert budget_experts(point.layout, mola, 32) == [e for e in MOLA[name] for _ in range(8)], name
+
+
+def test_a_list_of_objectives_is_returned_as_a_tuple() -> None:
+    from moe_lora.train.job import objective_value
+
+    results = {"metrics": {"a": 0.5, "b": 2}, "params": {"trainable": 10}}
+    assert objective_value(results, "metrics.a") == 0.5
+    assert objective_value(results, ["metrics.a", "params.trainable"]) == (0.5, 10.0)
+    assert objective_value(results, ["metrics.a", "metrics.missing"]) is None

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from moe_lora import outputs
-from moe_lora.report import asymmetry, claims, plots, ranks
+from moe_lora.report import asymmetry, claims, plots, ranks, search
 from moe_lora.report.collect import Run, collect
 from moe_lora.report.tables import aggregate, latex, markdown, routing_markdown, row_labels, to_csv
 
@@ -61,8 +61,19 @@ def write_figures(runs: list[Run], rows: list[dict], folder: Path, names: dict) 
 
 
 def write_analyses(runs: list[Run], folder: Path, names: dict, figures: list[tuple[str, str]]) -> list[str]:
-    """HydraLoRA's A/B asymmetry and ALoRA's final ranks, where the runs have them: index.md lines."""
+    """Layouts compared (search.md and its plots), HydraLoRA's A/B asymmetry and ALoRA's final
+    ranks, where the runs have them: index.md lines."""
     lines: list[str] = []
+    pts = search.points(runs)
+    if search.is_comparison(pts):
+        (folder / "search.md").write_text(search.markdown(pts))
+        lines += ["## Layouts: allocation, cost and scores", "", search.markdown(pts)]
+        for title, name, plot in (
+            ("Layouts: trainable parameters against knowledge retained", "pareto.png", search.pareto_plot),
+            ("Experts per layer", "allocation_heatmap.png", search.allocation_heatmap),
+        ):
+            if plot(pts, folder / name):
+                figures.append((title, name))
     alora_ranks = ranks.final_ranks(runs, names)
     if alora_ranks:
         (folder / "alora_ranks.md").write_text(ranks.markdown(alora_ranks))

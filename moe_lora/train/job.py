@@ -31,7 +31,8 @@ def remove_fresh_run_dir(run_dir: Path) -> None:
 
 
 def train_job(dcfg) -> float | None:
-    """The Hydra task function: the value `recipe.objective` names, for sweepers (rank 0)."""
+    """The Hydra task function: the value `recipe.objective` (or the tuple `recipe.objectives`)
+    names, for sweepers (rank 0)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
     from omegaconf import OmegaConf
@@ -75,8 +76,19 @@ def train_job(dcfg) -> float | None:
         return None
     print(summary_table(results))
     print(f"results: {run_dir / 'results.json'}")
-    value = OmegaConf.select(OmegaConf.create(results), cfg.recipe.objective)
-    return float(value) if isinstance(value, (int, float)) else None
+    return objective_value(results, cfg.recipe.objectives or cfg.recipe.objective)
+
+
+def objective_value(results: dict, paths: str | list[str]) -> float | tuple[float, ...] | None:
+    """The number (or, for a list of paths, the tuple: multi-objective Optuna) a sweeper optimises;
+    a missing or non-numeric one is None (a tuple with one is None as a whole: the trial failed)."""
+    from omegaconf import OmegaConf
+
+    tree = OmegaConf.create(results)
+    values = [OmegaConf.select(tree, p) for p in ([paths] if isinstance(paths, str) else paths)]
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        return None
+    return float(values[0]) if isinstance(paths, str) else tuple(float(v) for v in values)
 
 
 def run_or_record(cfg, run_dir: Path, dist, resume: Path | None, sweep: bool) -> dict | None:
