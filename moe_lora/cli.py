@@ -24,6 +24,7 @@ commands:
   eval     re-evaluate a saved run: moe-lora eval run_dir=outputs/<date>/<run>
   report   tables and plots from run folders: moe-lora report multirun/<date>/<time> [--out DIR]
   bench    step time and memory of every variant against peft LoRA (--help for options)
+  layout-from-probe   a layout YAML from a probe run's router telemetry (--help for options)
 
 examples:
   moe-lora train                                   # LoRAMoE on the built-in world
@@ -73,7 +74,20 @@ def cmd_bench(args: list[str]) -> int:
     return bench_main(args)
 
 
-COMMANDS = {"train": cmd_train, "params": cmd_params, "eval": cmd_eval, "report": cmd_report, "bench": cmd_bench}
+def cmd_layout_from_probe(args: list[str]) -> int:
+    from moe_lora.probe import main as probe_main
+
+    return probe_main(args)
+
+
+COMMANDS = {
+    "train": cmd_train,
+    "params": cmd_params,
+    "eval": cmd_eval,
+    "report": cmd_report,
+    "bench": cmd_bench,
+    "layout-from-probe": cmd_layout_from_probe,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,120 @@
+"""`moe-lora layout-from-probe RUN_DIR --rule usage|mi|entropy`: a layout from a short uniform probe
+run's router telemetry, a baseline no LoRA-MoE paper sets: experts go where the routers use them.
+
+Per layer, from the final logging window of ``routing.jsonl`` (all tokens), averaged over the
+layer's adapted linears, with q the router's importance share over experts:
+
+- ``usage``: exp(H(q)), the usage perplexity: how many experts the layer really spreads over;
+- ``mi``: H(q) - mean_t H(p_t), the router's mutual information between tokens and experts (how
+  much the choice depends on the token);
+- ``entropy``: mean_t H(p_t), the mean per-token routing entropy.
+
+Weights stat^beta (``--beta``, 2.5 by default) are projected exactly onto the budget
+(``layouts.project``; default: the probe's own total) and written as a layout YAML whose header
+records the provenance. AlphaLoRA's training-free ``alpha`` rule (heavy-tail exponents of the base
+weights) is not built here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+from collections import defaultdict
+from pathlib import Path
+
+from moe_lora import outputs
+from moe_lora.errors import ConfigError
+from moe_lora.layouts import project
+
+RULES = ("usage", "mi", "entropy")
+_LAYER = re.compile(r"\.(\d+)\.")
+
+
+def _entropy(q: list[float]) -> float:
+    total = sum(q)
+    return -sum(x / total * math.log(x / total) for x in q if x > 0) if total > 0 else 0.0
+
+
+def statistic(row: dict, rule: str) -> float:
+    """One module's statistic from its routing row."""
+    h_q = _entropy(row["importance"])
+    if rule == "usage":
+        return math.exp(h_q)
+    if rule == "mi":
+        return max(0.0, h_q - row["entropy"])
+    return row["entropy"]
+
+
+def layer_statistics(run_dir: Path, rule: str) -> dict[int, float]:
+    """Layer index -> the rule's statistic, mean over the layer's modules, final window, all tokens."""
+    path = run_dir / outputs.ROUTING
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    rows = [r for r in rows if r.get("task_type") == "all" and r.get("importance")]
+    if not rows:
+        raise ConfigError(
+            f"{path}: no routing rows with expert importance (probe with a routed adapter, e.g. adapter=mola)"
+        )
+    last = max(r["step"] for r in rows)
+    per_layer: dict[int, list[float]] = defaultdict(list)
+    for r in rows:
+        m = _LAYER.search(r["module"])
+        if r["step"] == last and m:
+            per_layer[int(m.group(1))].append(statistic(r, rule))
+    return {layer: sum(v) / len(v) for layer, v in sorted(per_layer.items())}
+
+
+def probe_layout(run_dir: Path, rule: str, beta: float, total: int | None, lo: int | None, hi: int | None):
+    """(experts per layer, per-layer statistics, the budget used)."""
+    results_path = run_dir / outputs.RESULTS
+    if not results_path.exists():
+        raise ConfigError(f"{run_dir} has no {outputs.RESULTS}: not a finished moe-lora run")
+    results = json.loads(results_path.read_text())
+    stats = layer_statistics(run_dir, rule)
+    adapter = results.get("adapter_config") or {}
+    probe = (results.get("budget") or {}).get("experts_per_layer") or [adapter.get("num_experts", 1)] * len(stats)
+    if len(probe) != len(stats):
+        raise ConfigError(f"{run_dir}: routing rows cover {len(stats)} layers but the run has {len(probe)}")
+    lo = lo or max(1, (adapter.get("top_k") or 1) - (adapter.get("num_null_experts") or 0))
+    total = total or sum(probe)
+    weights = [max(s, 0.0) ** beta for s in stats.values()]
+    return project(weights, total, lo, hi or total, key="--budget"), stats, total
+
+
+def write_layout(path: Path, name: str, experts: list[int], header: str, overwrite: bool) -> None:
+    if path.exists() and not overwrite:
+        raise ConfigError(f"--out {path} exists; pass --overwrite to replace it, or choose another file")
+    body = (
+        f"defaults:\n  - /schema/layout/base@_here_\n  - _self_\nname: {name}\n"
+        f"experts: [{', '.join(map(str, experts))}]\n"
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(header + body)
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="moe-lora layout-from-probe", description=__doc__.split("\n\n")[0])
+    p.add_argument("run_dir", type=Path, help="a finished probe run (a routed adapter, uniform layout)")
+    p.add_argument("--rule", choices=RULES, default="usage")
+    p.add_argument("--beta", type=float, default=2.5, help="weights are stat^beta (sharper with larger beta)")
+    p.add_argument("--budget", type=int, default=None, help="experts over all layers (default: the probe's)")
+    p.add_argument("--min", dest="lo", type=int, default=None, help="experts per layer at least (default top_k)")
+    p.add_argument("--max", dest="hi", type=int, default=None, help="experts per layer at most")
+    p.add_argument("--name", default=None, help="layout name (default probe_<rule>)")
+    p.add_argument("--out", type=Path, default=None, help="YAML to write (default conf/layout/<name>.yaml)")
+    p.add_argument("--overwrite", action="store_true")
+    a = p.parse_args(argv)
+    name = a.name or f"probe_{a.rule}"
+    experts, stats, total = probe_layout(a.run_dir, a.rule, a.beta, a.budget, a.lo, a.hi)
+    out = a.out or Path(__file__).resolve().parents[1] / "conf" / "layout" / f"{name}.yaml"
+    header = (
+        f"# Written by `moe-lora layout-from-probe {a.run_dir} --rule {a.rule} --beta {a.beta:g}`:\n"
+        f"# per-layer {a.rule} of the probe's routers {', '.join(f'{v:.3f}' for v in stats.values())},\n"
+        f"# weights stat^{a.beta:g} projected onto {total} experts.\n"
+    )
+    write_layout(out, name, experts, header, a.overwrite)
+    print(f"{a.rule} per layer: {', '.join(f'{v:.3f}' for v in stats.values())}")
+    print(f"experts per layer: {experts} (total {sum(experts)})")
+    print(f"written: {out} (use it with layout={name})")
+    return 0
