@@ -262,7 +262,7 @@ def _preset_labels(preset: str) -> set[str]:
 TOY = sorted(
     p.stem
     for p in (ROOT / "conf" / "experiment").glob("*.yaml")
-    if not p.stem.endswith("_paper") and p.stem != "optuna_lr"
+    if not p.stem.endswith("_paper") and "override /hydra/sweeper: optuna" not in p.read_text()
 )
 
 
