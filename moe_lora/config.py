@@ -93,6 +93,11 @@ class ModelConfig:
     head_dim: Optional[int] = None  # None: hidden_size // num_heads
     vocab_size: Optional[int] = None
     tie_word_embeddings: bool = False
+    # encoder-decoders (T5): auto reads config.is_encoder_decoder (else the family); num_layers is
+    # then the encoder's, num_decoder_layers the decoder's (None: as many), feed_forward_proj T5's
+    architecture: str = "auto"
+    num_decoder_layers: Optional[int] = None
+    feed_forward_proj: Optional[str] = None
     dtype: str = "float32"  # the frozen base weights; adapters have their own adapter.dtype
     trust_remote_code: bool = False
     # auto: sdpa where the architecture supports it, else what transformers picks (eager)
@@ -107,6 +112,12 @@ class ModelConfig:
                 bool(self.name_or_path), "model.name_or_path", self.name_or_path, "is required for model.source=hub"
             )
         require(self.num_layers >= 1, "model.num_layers", self.num_layers, "must be >= 1")
+        require(
+            self.architecture in ("auto", "causal", "seq2seq"),
+            "model.architecture",
+            self.architecture,
+            "must be auto, causal or seq2seq",
+        )
         require(self.dtype in DTYPES, "model.dtype", self.dtype, "must be float32, bfloat16 or float16")
         require(
             self.attn_implementation in ATTN_IMPLEMENTATIONS,
@@ -114,6 +125,13 @@ class ModelConfig:
             self.attn_implementation,
             f"must be one of {', '.join(ATTN_IMPLEMENTATIONS)}",
         )
+
+    @property
+    def total_layers(self) -> int:
+        """Layers a layout spans: the encoder's, then the decoder's, for an encoder-decoder."""
+        if self.architecture == "seq2seq":
+            return self.num_layers + (self.num_decoder_layers or self.num_layers)
+        return self.num_layers
 
 
 # ------------------------------------------------------------------------------------------ adapters

@@ -114,17 +114,47 @@ def check_attn_implementation(model: PreTrainedModel, cfg: ModelConfig) -> None:
         ) from None
 
 
+def is_seq2seq(cfg: ModelConfig, config=None) -> bool:
+    """Whether the model is an encoder-decoder: ``model.architecture``, else the checkpoint's
+    ``is_encoder_decoder``, else whether transformers knows the family only as seq2seq (t5, mt5, ...)."""
+    if cfg.architecture != "auto":
+        return cfg.architecture == "seq2seq"
+    if config is not None:
+        return bool(getattr(config, "is_encoder_decoder", False))
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
+    )
+
+    return (
+        cfg.family in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
+        and cfg.family not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    )
+
+
+def check_trainable_kind(cfg: ModelConfig) -> None:
+    """Training loads causal LMs only for now: an encoder-decoder fails before anything loads
+    (``moe-lora params`` counts it on the meta device)."""
+    config = checkpoint_config(cfg)
+    if is_seq2seq(cfg, config):
+        kind = config.model_type if config is not None else cfg.family
+        raise ConfigError(
+            f"model.name_or_path={cfg.name_or_path!r} is a {kind} encoder-decoder: `moe-lora params` "
+            "counts it, but training encoder-decoders (seq2seq batches and loss) is not built yet; "
+            "train a decoder-only causal LM (llama, mistral, qwen2, gemma, phi, olmo, gpt_neox, ...)"
+        )
+
+
 def check_causal(config, cfg: ModelConfig) -> None:
-    """Only causal LMs train here: an encoder-decoder or any other head fails naming the model."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    """A causal LM or an encoder-decoder (seq2seq LM); any other head fails naming the model."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
+    )
 
     kind = config.model_type
-    if getattr(config, "is_encoder_decoder", False):
-        raise ConfigError(
-            f"model.name_or_path={cfg.name_or_path!r} is a {kind} encoder-decoder; moe_lora trains "
-            "decoder-only causal LMs (AutoModelForCausalLM: llama, mistral, qwen2, gemma, phi, olmo, "
-            "gpt_neox, ...) only"
-        )
+    if getattr(config, "is_encoder_decoder", False) and kind in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES:
+        return
     if kind not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not cfg.trust_remote_code:
         raise ConfigError(
             f"model.name_or_path={cfg.name_or_path!r} is a {kind!r} model, which is not a causal LM "
@@ -176,15 +206,19 @@ def read_architecture(cfg: ModelConfig) -> ModelConfig:
     kv = _first(
         config, "num_key_value_heads", "num_kv_heads", default=1 if getattr(config, "multi_query", False) else heads
     )
+    seq2seq = is_seq2seq(cfg, config)
     fields = dict(
         family=config.model_type,
+        architecture="seq2seq" if seq2seq else "causal",
+        num_decoder_layers=_first(config, "num_decoder_layers", "decoder_layers") if seq2seq else None,
+        feed_forward_proj=getattr(config, "feed_forward_proj", None),
         num_layers=config.num_hidden_layers,
         hidden_size=hidden,
         num_heads=heads,
         num_kv_heads=kv,
-        head_dim=getattr(config, "head_dim", None) or hidden // heads,
+        head_dim=_first(config, "head_dim", "d_kv") or hidden // heads,
         intermediate_size=_first(
-            config, "intermediate_size", "n_inner", "ffn_dim", "ffn_hidden_size", default=4 * hidden
+            config, "intermediate_size", "n_inner", "ffn_dim", "ffn_hidden_size", "d_ff", default=4 * hidden
         ),
         vocab_size=config.vocab_size,
         tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
@@ -211,7 +245,19 @@ def arch_config(cfg: ModelConfig, vocab_size: int | None = None, **overrides):
         },
         **overrides,
     }
-    if cfg.family == "gpt2":
+    if cfg.family in ("t5", "mt5", "umt5"):
+        kw = dict(
+            d_model=fields["hidden_size"],
+            d_ff=fields["intermediate_size"],
+            num_layers=fields["num_layers"],
+            num_decoder_layers=cfg.num_decoder_layers or fields["num_layers"],
+            num_heads=fields["num_heads"],
+            d_kv=fields["head_dim"] or fields["hidden_size"] // fields["num_heads"],
+            feed_forward_proj=cfg.feed_forward_proj or "gated-gelu",
+            vocab_size=vocab,
+            tie_word_embeddings=cfg.tie_word_embeddings,
+        )
+    elif cfg.family == "gpt2":
         kw = dict(
             n_embd=fields["hidden_size"],
             n_layer=fields["num_layers"],
@@ -248,13 +294,14 @@ def meta_model(cfg: ModelConfig, vocab_size: int | None = None, **overrides) -> 
 
     A readable checkpoint builds from its own config.json (its real parameter count); otherwise the
     YAML's architecture fields are used."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     config = None if overrides or cfg.source == "world" else checkpoint_config(cfg)
     if config is None:
         config = arch_config(cfg, vocab_size, **overrides)
+    auto = AutoModelForSeq2SeqLM if is_seq2seq(cfg, config) else AutoModelForCausalLM
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
+        return auto.from_config(config, trust_remote_code=cfg.trust_remote_code)
 
 
 def _looks_local(path: str) -> bool:

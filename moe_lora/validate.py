@@ -16,7 +16,13 @@ from moe_lora.config import TrainConfig
 from moe_lora.data.world import INSTRUCTION_TASKS, World
 from moe_lora.errors import ConfigError
 from moe_lora.layouts import resolve_layout
-from moe_lora.models import check_attn_implementation, meta_model, read_architecture, resolve_hub_path
+from moe_lora.models import (
+    check_attn_implementation,
+    check_trainable_kind,
+    meta_model,
+    read_architecture,
+    resolve_hub_path,
+)
 from moe_lora.structure import cross_check_peft, read_structure
 from moe_lora.train.precision import check_precision, resolve_device, resolve_precision
 
@@ -51,6 +57,7 @@ def validate(cfg: TrainConfig, check_files: bool = True) -> None:
     if check_files:
         if cfg.model.source == "hub":
             resolve_hub_path(cfg.model)  # a missing model fails here, in well under a second
+            check_trainable_kind(cfg.model)
         resolve_device(cfg.recipe.device)
         if cfg.data.sources:
             from moe_lora.data.sources import check_sources
@@ -64,7 +71,7 @@ def validate(cfg: TrainConfig, check_files: bool = True) -> None:
     if getattr(cfg.adapter, "expert_compute", "dense") == "grouped":
         check_grouped(cfg)
     if spec.wrap is not None:
-        resolve_layout(cfg.layout, cfg.adapter, cfg.model.num_layers)
+        resolve_layout(cfg.layout, cfg.adapter, cfg.model.total_layers)
     check_targets(cfg, spec.wrap is not None)
 
 
