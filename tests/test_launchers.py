@@ -100,3 +100,35 @@ def test_slurm_requeue_resumes_in_the_same_folder() -> None:
     assert cfg.hydra.launcher.max_num_timeout > 0
     delayed = RequeueSlurmLauncher().checkpoint(["seed=1", "resume=null"], "hydra.sweep.dir", 0, "id", {})
     assert delayed.args[0] == ["seed=1", "resume=auto"] and delayed.args[1:] == ("hydra.sweep.dir", 0, "id", {})
+
+
+def test_pareto_layout_search_keeps_its_study_resumes_and_reports(run_cli, tmp_path) -> None:
+    """NSGA-II over (slope, curvature, budget) with a tuple objective: the study lives in sqlite in
+    the sweep folder, a second launch continues it, and the report draws the front."""
+    import optuna
+
+    from moe_lora.report.build import build_report
+
+    args = [
+        "train",
+        "-m",
+        "experiment=layout_search_pareto",
+        "hydra.sweeper.n_trials=2",
+        f"hydra.sweep.dir={tmp_path}",
+        "hydra.sweeper.sampler.population_size=2",
+        "recipe.max_steps=2",
+        "recipe.eval_limit=4",
+    ]
+    for launch in (1, 2):
+        code, out, err = run_cli(*args)
+        assert code == 0, out + err
+        study = optuna.load_study(study_name="layout_search_pareto", storage=f"sqlite:///{tmp_path}/study.db")
+        assert len([t for t in study.trials if t.state.name == "COMPLETE"]) == 2 * launch
+        assert all(len(t.values) == 3 for t in study.trials)  # knowledge, instruction EM, trainable
+    results = [json.loads(p.read_text()) for p in tmp_path.glob("*/results.json")]
+    means = {r["config"]["layout"]["budget"]["per_layer_mean"] for r in results}
+    assert all(
+        sum(r["budget"]["experts_per_layer"]) == 2 * r["config"]["layout"]["budget"]["per_layer_mean"] for r in results
+    ) and means <= {3, 5, 8}  # every trial spent its budget (2 layers)
+    out = build_report([tmp_path])
+    assert (out / "search.md").exists() and (out / "pareto.png").exists()
