@@ -25,6 +25,7 @@ commands:
   report   tables and plots from run folders: moe-lora report multirun/<date>/<time> [--out DIR]
   bench    step time and memory of every variant against peft LoRA (--help for options)
   layout-from-probe   a layout YAML from a probe run's router telemetry (--help for options)
+  search-confirm      a preset rerunning a layout search's best trials as claims (--help)
 
 examples:
   moe-lora train                                   # LoRAMoE on the built-in world
@@ -80,6 +81,12 @@ def cmd_layout_from_probe(args: list[str]) -> int:
     return probe_main(args)
 
 
+def cmd_search_confirm(args: list[str]) -> int:
+    from moe_lora.search import main as search_main
+
+    return search_main(args)
+
+
 COMMANDS = {
     "train": cmd_train,
     "params": cmd_params,
@@ -87,6 +94,7 @@ COMMANDS = {
     "report": cmd_report,
     "bench": cmd_bench,
     "layout-from-probe": cmd_layout_from_probe,
+    "search-confirm": cmd_search_confirm,
 }
 
 

@@ -119,3 +119,41 @@ def test_a_list_of_objectives_is_returned_as_a_tuple() -> None:
     assert objective_value(results, "metrics.a") == 0.5
     assert objective_value(results, ["metrics.a", "params.trainable"]) == (0.5, 10.0)
     assert objective_value(results, ["metrics.a", "metrics.missing"]) is None
+
+
+def test_search_confirm_writes_layouts_and_a_preset_of_claims(tmp_path) -> None:
+    import json
+
+    from moe_lora.search import main as confirm
+
+    sweep = tmp_path / "layout_search" / "study"
+    for i, (slope, curv, em) in enumerate([(0.5, -1.0, 0.40), (-0.3, 2.0, 0.70), (0.9, 0.0, 0.55)]):
+        (sweep / str(i)).mkdir(parents=True)
+        config = {
+            "layout": {
+                "name": "searched",
+                "slope": slope,
+                "curvature": curv,
+                "budget": {"per_layer_mean": 5.0},
+                "granularity": "group",
+                "groups": 4,
+            },
+            "recipe": {"objective": "metrics.instruction_em", "objectives": []},
+            "adapter": {"num_experts": 5},
+        }
+        (sweep / str(i) / "results.json").write_text(json.dumps({"config": config, "metrics": {"instruction_em": em}}))
+    conf = tmp_path / "conf"
+    assert confirm([str(sweep), "--top", "2", "--conf-dir", str(conf)]) == 0
+    search = [f"hydra.searchpath=[file://{conf}]"]
+    top1 = load_config(["layout=layout_search_top1", *search], check_files=False).layout
+    assert (top1.slope, top1.curvature, top1.budget.per_layer_mean) == (-0.3, 2.0, 5.0)  # the best trial
+    preset = load_config(["experiment=layout_search_confirm", "layout=layout_search_top2", *search], check_files=False)
+    assert preset.layout.slope == 0.9 and preset.recipe.max_steps == 400
+    names = {c.name for c in preset.claims}
+    assert "layout_search_top1_beats_hourglass" in names and len(names) == 2 * 5
+    assert {c.family for c in preset.claims} == {
+        "layout_search_top1_beats_every_named_shape",
+        "layout_search_top2_beats_every_named_shape",
+    }
+    with pytest.raises(ConfigError, match="exists"):
+        confirm([str(sweep), "--conf-dir", str(conf)])

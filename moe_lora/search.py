@@ -1,0 +1,144 @@
+"""`moe-lora search-confirm SWEEP_DIR --top N`: the second fidelity of a layout search.
+
+The sweeper has no pruner, so a search screens many layouts cheaply (few steps, one seed) and this
+command turns its best trials into a preset that reruns them beside the named shapes at full steps
+and several seeds, with claims the report judges by its paired rule: each top trial beats every
+named shape (one intersection-union family per trial). It writes one layout YAML per top trial
+(``conf/layout/<study>_top<i>.yaml``: its slope, curvature and budget) and the preset
+(``conf/experiment/<study>_confirm.yaml``); ``--conf-dir`` writes them elsewhere (then pass
+``hydra.searchpath=[file://<dir>]``). Trials are ranked by the study's objective as results.json
+holds it (``recipe.objective``, or the first of ``recipe.objectives``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from moe_lora import outputs
+from moe_lora.errors import ConfigError
+
+NAMED = ("triangle", "inverted_triangle", "hourglass", "rectangle", "diamond")
+
+
+def _value(results: dict[str, Any], path: str) -> float | None:
+    node: Any = results
+    for key in path.split("."):
+        node = node.get(key) if isinstance(node, dict) else None
+    return float(node) if isinstance(node, (int, float)) and not isinstance(node, bool) else None
+
+
+def top_trials(sweep: Path, top: int) -> tuple[list[dict[str, Any]], str]:
+    """The ``top`` finished trials by their objective (best first) and the objective's path."""
+    trials = [json.loads(p.read_text()) for p in sorted(sweep.glob(f"*/{outputs.RESULTS}"))]
+    trials = [t for t in trials if (t.get("config") or {}).get("layout", {}).get("name") == "searched"]
+    if not trials:
+        raise ConfigError(f"{sweep}: no finished trials of layout=searched (a layout_search sweep folder)")
+    recipe = trials[0]["config"]["recipe"]
+    objective = (recipe.get("objectives") or [recipe.get("objective") or "metrics.instruction_em"])[0]
+    scored = [(v, t) for t in trials if (v := _value(t, objective)) is not None]
+    scored.sort(key=lambda vt: -vt[0])
+    return [t for _, t in scored[:top]], objective
+
+
+def layout_yaml(name: str, layout: dict[str, Any], provenance: str) -> str:
+    budget = layout.get("budget") or {}
+    lines = [
+        provenance,
+        "defaults:",
+        "  - /schema/layout/base@_here_",
+        "  - _self_",
+        f"name: {name}",
+        f"slope: {layout.get('slope') or 0.0}",
+        f"curvature: {layout.get('curvature') or 0.0}",
+        "budget:",
+    ]
+    lines += [f"  {k}: {v}" for k, v in budget.items() if v is not None] or ["  {}"]
+    lines += [f"granularity: {layout.get('granularity', 'group')}", f"groups: {layout.get('groups', 4)}"]
+    return "\n".join(lines) + "\n"
+
+
+def preset_yaml(study: str, names: list[str], seeds: int, steps: int, objective: str, num_experts: int) -> str:
+    metric = objective if objective.startswith(("metrics.", "routing.")) else "metrics.instruction_em"
+    claims = [
+        f"  - {{name: {n}_beats_{shape}, metric: {metric}, arm: mola/{n}, than: mola/{shape}, "
+        f"differs_in: [layout], family: {n}_beats_every_named_shape}}"
+        for n in names
+        for shape in NAMED
+    ]
+    return (
+        "\n".join(
+            [
+                "# @package _global_",
+                f"# Written by `moe-lora search-confirm`: the top trials of study {study!r} beside the named shapes,",
+                f"# {steps} steps x {seeds} seeds, each trial claimed to beat every named shape (one family per trial).",
+                f"# Run: moe-lora train -m experiment={study}_confirm && moe-lora report multirun/{study}_confirm",
+                "defaults:",
+                "  - override /adapter: mola",
+                "adapter:",
+                f"  num_experts: {num_experts}",
+                "recipe:",
+                f"  max_steps: {steps}",
+                "claims:",
+                *claims,
+                "hydra:",
+                "  sweep:",
+                f"    dir: multirun/{study}_confirm/${{now:%Y-%m-%d_%H-%M-%S}}_${{moe_lora.uid:}}",
+                "    subdir: ${hydra.job.num}_${layout.name}_seed${seed}",
+                "  sweeper:",
+                "    params:",
+                f"      layout: {','.join([*names, *NAMED])}",
+                f"      seed: {','.join(map(str, range(seeds)))}",
+            ]
+        )
+        + "\n"
+    )
+
+
+def _write(path: Path, text: str, overwrite: bool) -> None:
+    if path.exists() and not overwrite:
+        raise ConfigError(f"{path} exists; pass --overwrite to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="moe-lora search-confirm", description=__doc__.split("\n\n")[0])
+    p.add_argument("sweep", type=Path, help="a layout_search sweep folder (multirun/layout_search/study)")
+    p.add_argument("--top", type=int, default=2)
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--study", default=None, help="name of the files (default: the sweep folder's parent)")
+    p.add_argument("--conf-dir", type=Path, default=Path(__file__).resolve().parents[1] / "conf")
+    p.add_argument("--overwrite", action="store_true")
+    a = p.parse_args(argv)
+    trials, objective = top_trials(a.sweep, a.top)
+    study = a.study or a.sweep.resolve().parent.name
+    names = [f"{study}_top{i + 1}" for i in range(len(trials))]
+    for name, trial in zip(names, trials, strict=True):
+        provenance = (
+            f"# Trial of {a.sweep} ranked by {objective} = {_value(trial, objective):.4f}, written by "
+            "`moe-lora search-confirm`"
+        )
+        _write(
+            a.conf_dir / "layout" / f"{name}.yaml",
+            layout_yaml(name, trial["config"]["layout"], provenance),
+            a.overwrite,
+        )
+    experts = trials[0]["config"]["adapter"].get("num_experts", 5)
+    _write(
+        a.conf_dir / "experiment" / f"{study}_confirm.yaml",
+        preset_yaml(study, names, a.seeds, a.steps, objective, experts),
+        a.overwrite,
+    )
+    for name, trial in zip(names, trials, strict=True):
+        print(
+            f"{name}: {objective} {_value(trial, objective):.4f}, experts per layer "
+            f"{(trial.get('budget') or {}).get('experts_per_layer')}"
+        )
+    print(
+        f"written: {a.conf_dir / 'experiment' / f'{study}_confirm.yaml'} (moe-lora train -m experiment={study}_confirm)"
+    )
+    return 0
