@@ -14,7 +14,7 @@ TORCH_INDEX ?=
 
 PRESETS ?= loramoe_forgetting mola_layouts mov_molora melora alora adamoe hydralora_matched hydralora_asymmetry
 
-.PHONY: help run test test-fast setup lint style bench tables clean-cache
+.PHONY: help run test test-fast setup lint style bench tables layouts clean-cache
 
 help:  ## this list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
@@ -66,6 +66,9 @@ tables: $(STAMP)  ## the toy paper presets (3 seeds each) and their reports, end
 		else status=1; echo "$$p: no report (see above)" >> $$verdicts; fi; \
 	done; echo; echo "Claims (paired by seed; the rule is under each report's claims.md):"; \
 	cat $$verdicts; rm -f $$verdicts; exit $$status
+
+layouts: $(STAMP)  ## probe heuristics, a layout search and its confirmation against the named shapes (ARGS=trials)
+	BIN=$(BIN) scripts/compare_layouts.sh $(ARGS)
 
 clean-cache:  ## forget the pretrained world model and tokenisation caches
 	rm -rf outputs/cache

@@ -1,9 +1,10 @@
 """`moe-lora search-confirm SWEEP_DIR --top N`: the second fidelity of a layout search.
 
 The sweeper has no pruner, so a search screens many layouts cheaply (few steps, one seed) and this
-command turns its best trials into a preset that reruns them beside the named shapes at full steps
-and several seeds, with claims the report judges by its paired rule: each top trial beats every
-named shape (one intersection-union family per trial). It writes one layout YAML per top trial
+command turns its best trials into a preset that reruns them beside the named shapes, uniform and
+any ``--with`` layouts (the probe heuristics) at full steps and several seeds, with claims the
+report judges by its paired rule: each top trial beats every other layout (one intersection-union
+family per trial), each ``--with`` layout beats uniform. It writes one layout YAML per top trial
 (``conf/layout/<study>_top<i>.yaml``: its slope, curvature and budget) and the preset
 (``conf/experiment/<study>_confirm.yaml``); ``--conf-dir`` writes them elsewhere (then pass
 ``hydra.searchpath=[file://<dir>]``). Trials are ranked by the study's objective as results.json
@@ -60,20 +61,34 @@ def layout_yaml(name: str, layout: dict[str, Any], provenance: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def preset_yaml(study: str, names: list[str], seeds: int, steps: int, objective: str, num_experts: int) -> str:
+def _label(layout: str) -> str:
+    return "mola" if layout == "uniform" else f"mola/{layout}"
+
+
+def preset_yaml(
+    study: str, names: list[str], seeds: int, steps: int, objective: str, num_experts: int, extra: list[str]
+) -> str:
+    """The confirmation preset: top trials, the named shapes, uniform and ``extra`` layouts (e.g. the
+    probe heuristics); each trial claimed to beat every other layout (one family per trial), each
+    extra layout to beat uniform."""
     metric = objective if objective.startswith(("metrics.", "routing.")) else "metrics.instruction_em"
+    others = [*NAMED, "uniform", *extra]
     claims = [
-        f"  - {{name: {n}_beats_{shape}, metric: {metric}, arm: mola/{n}, than: mola/{shape}, "
-        f"differs_in: [layout], family: {n}_beats_every_named_shape}}"
+        f"  - {{name: {n}_beats_{o}, metric: {metric}, arm: {_label(n)}, than: {_label(o)}, "
+        f"differs_in: [layout], family: {n}_beats_every_layout}}"
         for n in names
-        for shape in NAMED
+        for o in others
+    ]
+    claims += [
+        f"  - {{name: {e}_beats_uniform, metric: {metric}, arm: {_label(e)}, than: mola, differs_in: [layout]}}"
+        for e in extra
     ]
     return (
         "\n".join(
             [
                 "# @package _global_",
                 f"# Written by `moe-lora search-confirm`: the top trials of study {study!r} beside the named shapes,",
-                f"# {steps} steps x {seeds} seeds, each trial claimed to beat every named shape (one family per trial).",
+                f"# {steps} steps x {seeds} seeds, each trial claimed to beat every other layout (one family per trial).",
                 f"# Run: moe-lora train -m experiment={study}_confirm && moe-lora report multirun/{study}_confirm",
                 "defaults:",
                 "  - override /adapter: mola",
@@ -89,7 +104,7 @@ def preset_yaml(study: str, names: list[str], seeds: int, steps: int, objective:
                 "    subdir: ${hydra.job.num}_${layout.name}_seed${seed}",
                 "  sweeper:",
                 "    params:",
-                f"      layout: {','.join([*names, *NAMED])}",
+                f"      layout: {','.join([*names, *others])}",
                 f"      seed: {','.join(map(str, range(seeds)))}",
             ]
         )
@@ -111,6 +126,13 @@ def main(argv: list[str]) -> int:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--study", default=None, help="name of the files (default: the sweep folder's parent)")
+    p.add_argument(
+        "--with",
+        dest="extra",
+        default="",
+        help="more layouts to compare (comma-separated), e.g. the "
+        "layout-from-probe heuristics; each is also claimed to beat uniform",
+    )
     p.add_argument("--conf-dir", type=Path, default=Path(__file__).resolve().parents[1] / "conf")
     p.add_argument("--overwrite", action="store_true")
     a = p.parse_args(argv)
@@ -130,7 +152,7 @@ def main(argv: list[str]) -> int:
     experts = trials[0]["config"]["adapter"].get("num_experts", 5)
     _write(
         a.conf_dir / "experiment" / f"{study}_confirm.yaml",
-        preset_yaml(study, names, a.seeds, a.steps, objective, experts),
+        preset_yaml(study, names, a.seeds, a.steps, objective, experts, [x for x in a.extra.split(",") if x]),
         a.overwrite,
     )
     for name, trial in zip(names, trials, strict=True):

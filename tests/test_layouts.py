@@ -150,10 +150,10 @@ def test_search_confirm_writes_layouts_and_a_preset_of_claims(tmp_path) -> None:
     preset = load_config(["experiment=layout_search_confirm", "layout=layout_search_top2", *search], check_files=False)
     assert preset.layout.slope == 0.9 and preset.recipe.max_steps == 400
     names = {c.name for c in preset.claims}
-    assert "layout_search_top1_beats_hourglass" in names and len(names) == 2 * 5
+    assert "layout_search_top1_beats_hourglass" in names and len(names) == 2 * 6  # 5 named shapes + uniform
     assert {c.family for c in preset.claims} == {
-        "layout_search_top1_beats_every_named_shape",
-        "layout_search_top2_beats_every_named_shape",
+        "layout_search_top1_beats_every_layout",
+        "layout_search_top2_beats_every_layout",
     }
     with pytest.raises(ConfigError, match="exists"):
         confirm([str(sweep), "--conf-dir", str(conf)])
