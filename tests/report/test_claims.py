@@ -538,3 +538,90 @@ def test_unequal_trainable_parameters_warn_unless_declared(tmp_path) -> None:
     from moe_lora.report.tables import aggregate, markdown
 
     assert "| a | 2 | 1,000 | - | 8 | 32 |" in markdown(aggregate(runs))  # no router count in these files
+
+
+# --------------------------------------------------- mutants the AST mutation run left alive, killed
+def test_t_p_values_by_hand() -> None:
+    from scipy.stats import t
+
+    above, below = claims.t_pvalues([1.0, 2.0, 3.0], 0.0)  # t = 2 / (1 / sqrt 3), 2 degrees of freedom
+    assert above == pytest.approx(t.sf(2 * math.sqrt(3), 2)) == pytest.approx(0.0370, abs=1e-4)
+    assert below == pytest.approx(1 - above)
+    assert claims.t_pvalues([1.0, 2.0, 3.0], 2.0) == (pytest.approx(0.5), pytest.approx(0.5))
+
+
+def test_bootstrap_interval_is_the_95_percent_percentile_of_the_resampled_means() -> None:
+    import numpy as np
+
+    d = [0.1, 0.3, -0.05, 0.2, 0.15, 0.0, 0.12, 0.4, -0.1, 0.05]
+    means = claims._resampled_means(d, 4000)
+    assert claims.interval(d, bootstrap=4000) == pytest.approx(tuple(np.percentile(means, [2.5, 97.5])))
+    above, below = claims.bootstrap_pvalues(d, 0.0, 4000)
+    shifted = means - statistics.fmean(d)
+    assert above == pytest.approx((1 + (shifted >= statistics.fmean(d)).sum()) / 4001)
+    assert below == pytest.approx((1 + (shifted <= statistics.fmean(d)).sum()) / 4001) and below > 0.9
+    assert claims.bootstrap_pvalues(d, 0.5, 4000)[1] < 0.01  # far above the mean: 'below' is certain
+
+
+def test_boundaries_of_the_rule() -> None:
+    assert claims.verdict_from(claims.ALPHA, 0.5) == "inconclusive" == claims.verdict_from(0.5, claims.ALPHA)
+    assert claims.decide(-0.2, 0.0, "superiority", 0.0) == "inconclusive"  # touching from below
+    assert claims.interval([0.3]) == (0.3, 0.3)
+    assert claims.sign_flip_pvalues([1.0, 2.0, 3.0], 1.5)[0] == pytest.approx(3 / 8)  # d - 1.5 = -0.5, 0.5, 1.5
+    assert claims.power_seeds(sd=0.01, effect=1.0) == 2 and claims.power_seeds(1.0, 0.0) is None
+
+
+def test_ten_pairs_bootstrap_nine_pairs_sign_flip(tmp_path) -> None:
+    values = {"a": [0.5 + 0.01 * i + 0.003 * (i % 3) for i in range(10)], "b": [0.5] * 10}
+    runs = make_runs(tmp_path / "10", values)
+    assert claims.evaluate(CLAIM, runs, bootstrap=200).test == "bootstrap"
+    nine = make_runs(tmp_path / "9", {k: v[:9] for k, v in values.items()})
+    assert claims.evaluate(CLAIM, nine, bootstrap=200).test == "sign-flip"
+
+
+def test_lower_is_better_flips_the_sign_and_one_sided_gaps_are_reported(tmp_path) -> None:
+    r = judge(tmp_path / "0", {"a": [0.4, 0.5], "b": [0.5, 0.7]}, better="lower")
+    assert r.mean == pytest.approx(0.15)  # d = -(a - b)
+    make_runs(tmp_path / "1" / "x", {"a": [0.6, 0.7], "b": [0.5, 0.5]})
+    make_runs(tmp_path / "1" / "y", {"a": [0.8]})  # a second run of a at seed 0; b has one per seed
+    r = claims.evaluate(CLAIM, collect([tmp_path / "1"]))
+    assert r.verdict == "inconclusive" and any("a has several runs for seed(s) [0]" in n for n in r.notes)
+
+
+def test_a_metric_missing_in_one_arm_is_reported(tmp_path) -> None:
+    runs = make_runs(tmp_path, {"a": B[:2], "b": B[:2]})
+    for run in runs:
+        if run.label == "a":
+            run.results["metrics"].pop("instruction_em")
+    assert claims.evaluate(CLAIM, runs).verdict == "missing metric"
+
+
+def test_params_tolerance_is_one_percent(tmp_path) -> None:
+    def warned(other: int) -> bool:
+        runs = make_runs(tmp_path / str(other), {"a": B[:2], "b": B[:2]})
+        for run in runs:
+            run.results["params"]["trainable"] = 10_000 if run.label == "a" else other
+        return bool(
+            claims.params_mismatch(
+                claims._DEFAULTS | CLAIM,
+                claims._pairs(claims._DEFAULTS | CLAIM, *claims._arm_runs(claims._DEFAULTS | CLAIM, runs))[0],
+            )
+        )
+
+    assert warned(10_150) and not warned(10_050)  # 1.5% (HydraLoRA's 'matched' LoRA) warns, 0.5% does not
+
+
+def test_a_claim_alone_gets_no_family_note_and_items_default_to_1000_resamples(tmp_path) -> None:
+    alone = [_result("only", 0.001)]
+    claims.adjust(alone)
+    assert not any("family" in n for n in alone[0].notes)
+    rng_runs = []
+    import numpy as np
+
+    rng = np.random.default_rng(5)
+    for seed in range(3):
+        _item_run(tmp_path / f"a{seed}", "a", seed, [bool(x) for x in rng.random(30) < 0.7])
+        _item_run(tmp_path / f"b{seed}", "b", seed, [bool(x) for x in rng.random(30) < 0.4])
+    rng_runs = collect([tmp_path])
+    r = claims.evaluate(CLAIM, rng_runs, bootstrap=0, items=True)
+    assert r.item_lo is not None and any("1000 resamples" in n for n in r.notes)
