@@ -101,7 +101,7 @@ def markdown(pts: list[Point]) -> str:
 
 def pareto_plot(pts: list[Point], path: Path) -> bool:
     usable = [p for p in pts if p.knowledge is not None and p.instruction is not None]
-    if len(usable) < 2:
+    if len(usable) < 2 or len({p.trainable for p in usable}) < 2:  # one budget: no cost axis to draw
         return False
     front = sorted((p for p in pareto_set(usable)), key=lambda p: p.trainable)
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -133,9 +133,10 @@ def allocation_heatmap(pts: list[Point], path: Path) -> bool:
     rows = ranked[:TOP] + [p for p in ranked[TOP:] if p.layout != "searched"]
     if not rows or len({len(p.experts) for p in rows}) != 1:
         return False
-    fig, ax = plt.subplots(figsize=(1.2 + 0.5 * len(rows[0].experts), 1 + 0.35 * len(rows)))
+    fig, ax = plt.subplots(figsize=(4.5 + 0.5 * len(rows[0].experts), 1.2 + 0.3 * len(rows)))
     im = ax.imshow([list(p.experts) for p in rows], aspect="auto", cmap="magma")
-    ax.set_yticks(range(len(rows)), [f"{p.layout} ({p.name}) EM {_f(p.instruction)}" for p in rows], fontsize=7)
+    ax.set_yticks(range(len(rows)), [f"{p.name}: EM {_f(p.instruction)}" for p in rows], fontsize=7)
+    ax.set_xticks(range(len(rows[0].experts)))
     ax.set(xlabel="layer", title="Experts per layer")
     fig.colorbar(im, ax=ax, label="experts")
     fig.tight_layout()
