@@ -567,6 +567,8 @@ def test_boundaries_of_the_rule() -> None:
     assert claims.verdict_from(claims.ALPHA, 0.5) == "inconclusive" == claims.verdict_from(0.5, claims.ALPHA)
     assert claims.decide(-0.2, 0.0, "superiority", 0.0) == "inconclusive"  # touching from below
     assert claims.interval([0.3]) == (0.3, 0.3)
+    lo, hi = claims.interval([0.1, 0.3])  # two pairs already give an interval (t with 1 degree of freedom)
+    assert (lo, hi) == pytest.approx((0.2 - 12.706 * 0.1, 0.2 + 12.706 * 0.1), abs=1e-3)
     assert claims.sign_flip_pvalues([1.0, 2.0, 3.0], 1.5)[0] == pytest.approx(3 / 8)  # d - 1.5 = -0.5, 0.5, 1.5
     assert claims.power_seeds(sd=0.01, effect=1.0) == 2 and claims.power_seeds(1.0, 0.0) is None
 
@@ -582,8 +584,8 @@ def test_ten_pairs_bootstrap_nine_pairs_sign_flip(tmp_path) -> None:
 def test_lower_is_better_flips_the_sign_and_one_sided_gaps_are_reported(tmp_path) -> None:
     r = judge(tmp_path / "0", {"a": [0.4, 0.5], "b": [0.5, 0.7]}, better="lower")
     assert r.mean == pytest.approx(0.15)  # d = -(a - b)
-    make_runs(tmp_path / "1" / "x", {"a": [0.6, 0.7], "b": [0.5, 0.5]})
-    make_runs(tmp_path / "1" / "y", {"a": [0.8]})  # a second run of a at seed 0; b has one per seed
+    make_runs(tmp_path / "1" / "x", {"a": [0.9, 0.95], "b": [0.1, 0.12]})  # judged, this would be held
+    make_runs(tmp_path / "1" / "y", {"a": [0.91]})  # a second run of a at seed 0; b has one per seed
     r = claims.evaluate(CLAIM, collect([tmp_path / "1"]))
     assert r.verdict == "inconclusive" and any("a has several runs for seed(s) [0]" in n for n in r.notes)
 
