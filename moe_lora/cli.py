@@ -82,7 +82,7 @@ def cmd_layout_from_probe(args: list[str]) -> int:
 
 
 def cmd_search_confirm(args: list[str]) -> int:
-    from moe_lora.search import main as search_main
+    from moe_lora.search_confirm import main as search_main
 
     return search_main(args)
 

@@ -124,7 +124,7 @@ def test_a_list_of_objectives_is_returned_as_a_tuple() -> None:
 def test_search_confirm_writes_layouts_and_a_preset_of_claims(tmp_path) -> None:
     import json
 
-    from moe_lora.search import main as confirm
+    from moe_lora.search_confirm import main as confirm
 
     sweep = tmp_path / "layout_search" / "study"
     for i, (slope, curv, em) in enumerate([(0.5, -1.0, 0.40), (-0.3, 2.0, 0.70), (0.9, 0.0, 0.55)]):

@@ -179,17 +179,10 @@ def holm(ps: list[float]) -> list[float]:
     return adjusted
 
 
-def decide(lo: float, hi: float, kind: str, margin: float) -> str:
-    """The interval reading of the rule for a family of one: held, not held or inconclusive."""
-    threshold = margin if kind == "superiority" else -margin
-    if lo > threshold:
-        return "held"
-    if hi < threshold:
-        return "not held"
-    return "inconclusive"
-
-
 def verdict_from(p_above: float, p_below: float) -> str:
+    """The rule (see :data:`RULE`) on the family's adjusted p-values: held, not held or inconclusive.
+    For a family of one under the t test it reads like the interval: held iff the 95% interval lies
+    wholly above the threshold, not held iff wholly below."""
     if p_above < ALPHA:
         return "held"
     if p_below < ALPHA:

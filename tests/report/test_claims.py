@@ -84,20 +84,26 @@ def test_non_inferiority_within_its_margin_holds(tmp_path) -> None:
 
 
 # ------------------------------------------------------------------------------------------- the rule
-@pytest.mark.parametrize(
-    ("lo", "hi", "kind", "margin", "verdict"),
-    [
-        (0.01, 0.2, "superiority", 0.0, "held"),
-        (0.0, 0.2, "superiority", 0.0, "inconclusive"),  # touching the threshold does not clear it
-        (-0.2, -0.01, "superiority", 0.0, "not held"),
-        (0.01, 0.2, "superiority", 0.05, "inconclusive"),
-        (-0.04, 0.01, "non_inferiority", 0.05, "held"),
-        (-0.06, 0.01, "non_inferiority", 0.05, "inconclusive"),
-        (-0.2, -0.06, "non_inferiority", 0.05, "not held"),
-    ],
-)
-def test_decide(lo, hi, kind, margin, verdict) -> None:
-    assert claims.decide(lo, hi, kind, margin) == verdict
+def _interval_reading(lo: float, hi: float, thr: float) -> str:
+    return "held" if lo > thr else "not held" if hi < thr else "inconclusive"
+
+
+@pytest.mark.parametrize(("kind", "margin"), [("superiority", 0.0), ("superiority", 0.05), ("non_inferiority", 0.05)])
+def test_for_a_family_of_one_the_t_verdict_is_the_interval_reading(kind, margin) -> None:
+    """held iff the whole 95% t interval lies above the threshold (+margin for superiority, -margin
+    for non-inferiority), not held iff below: the p-value rule and the interval say the same."""
+    import numpy as np
+
+    rng = np.random.default_rng(7)
+    thr = claims.threshold({"kind": kind, "margin": margin})
+    seen = set()
+    for _ in range(400):
+        d = list(rng.normal(rng.uniform(-0.15, 0.15), rng.uniform(0.01, 0.1), int(rng.integers(2, 8))))
+        lo, hi = claims.interval(d)
+        verdict = claims.verdict_from(*claims.t_pvalues(d, thr))
+        assert verdict == _interval_reading(lo, hi, thr), (d, lo, hi)
+        seen.add(verdict)
+    assert seen == {"held", "not held", "inconclusive"}
 
 
 def test_t_interval_by_hand() -> None:
@@ -565,7 +571,6 @@ def test_bootstrap_interval_is_the_95_percent_percentile_of_the_resampled_means(
 
 def test_boundaries_of_the_rule() -> None:
     assert claims.verdict_from(claims.ALPHA, 0.5) == "inconclusive" == claims.verdict_from(0.5, claims.ALPHA)
-    assert claims.decide(-0.2, 0.0, "superiority", 0.0) == "inconclusive"  # touching from below
     assert claims.interval([0.3]) == (0.3, 0.3)
     lo, hi = claims.interval([0.1, 0.3])  # two pairs already give an interval (t with 1 degree of freedom)
     assert (lo, hi) == pytest.approx((0.2 - 12.706 * 0.1, 0.2 + 12.706 * 0.1), abs=1e-3)

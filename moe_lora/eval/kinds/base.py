@@ -69,7 +69,7 @@ class SetScore:
 @dataclass(frozen=True)
 class MetricKind:
     """``score(scoring, set, examples)`` for every set whose ``metric`` is ``name``; ``fields``: what
-    its SetScore holds (checked, so a column can never average a field nobody writes)."""
+    its SetScore holds (a test checks that every declared column averages a field some kind writes)."""
 
     name: str
     score: Callable[[Scoring, EvalSet, list[Example]], SetScore]
