@@ -25,3 +25,11 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver(
             "moe_lora.uid", lambda: os.environ.setdefault("MOE_LORA_UID", secrets.token_hex(3))
         )
+    if not OmegaConf.has_resolver("moe_lora.mkdir"):
+        # a folder that must exist before Hydra creates it (an Optuna study's sqlite file in the sweep folder)
+        OmegaConf.register_new_resolver("moe_lora.mkdir", _mkdir)
+
+
+def _mkdir(path: str) -> str:
+    os.makedirs(path, exist_ok=True)
+    return path

@@ -109,6 +109,7 @@ def test_pareto_layout_search_keeps_its_study_resumes_and_reports(run_cli, tmp_p
 
     from moe_lora.report.build import build_report
 
+    tmp_path = tmp_path / "sweep"  # not there yet: the study's folder is made for it (sqlite cannot)
     args = [
         "train",
         "-m",
