@@ -64,10 +64,12 @@ def split_args(args: list[str]) -> tuple[list[str], list[str]]:
 
 
 def expand_sweeps(overrides: list[str], limit: int = 256) -> list[list[str]]:
-    """Every combination a basic multirun would launch (hydra/* overrides are left out)."""
+    """Every combination a basic multirun would launch (hydra/* overrides are left out, except
+    ``hydra.searchpath``: it decides which config files composition finds)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    parsed = OverridesParser.create().parse_overrides([o for o in overrides if not o.lstrip("+~").startswith("hydra")])
+    kept = [o for o in overrides if not o.lstrip("+~").startswith("hydra") or o.startswith("hydra.searchpath")]
+    parsed = OverridesParser.create().parse_overrides(kept)
     axes = []
     for o in parsed:
         key = o.get_key_element()

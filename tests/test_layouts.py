@@ -157,3 +157,18 @@ def test_search_confirm_writes_layouts_and_a_preset_of_claims(tmp_path) -> None:
     }
     with pytest.raises(ConfigError, match="exists"):
         confirm([str(sweep), "--conf-dir", str(conf)])
+
+
+def test_multirun_precheck_keeps_the_search_path(tmp_path) -> None:
+    """Generated layouts and presets (search-confirm, layout-from-probe) live outside conf/: the
+    precheck of every sweep job must compose with the command line's hydra.searchpath."""
+    from moe_lora.compose import expand_sweeps, precheck
+
+    (tmp_path / "layout").mkdir()
+    (tmp_path / "layout" / "mine.yaml").write_text(
+        "defaults:\n  - /schema/layout/base@_here_\n  - _self_\nname: mine\nexperts: [3, 7, 5, 5]\n"
+    )
+    search = f"hydra.searchpath=[file://{tmp_path}]"
+    jobs = expand_sweeps(["adapter=mola", "layout=mine,triangle", search, "hydra.sweep.dir=/x"])
+    assert jobs == [["adapter=mola", "layout=mine", search], ["adapter=mola", "layout=triangle", search]]
+    assert precheck(["adapter=mola", "layout=mine,triangle", search], multirun=True).layout.experts == [3, 7, 5, 5]
