@@ -27,6 +27,7 @@ from pathlib import Path
 from moe_lora import outputs
 from moe_lora.errors import ConfigError
 from moe_lora.layouts import project
+from moe_lora.tracking import read_jsonl
 
 RULES = ("usage", "mi", "entropy")
 _LAYER = re.compile(r"\.(\d+)\.")
@@ -50,8 +51,7 @@ def statistic(row: dict, rule: str) -> float:
 def layer_statistics(run_dir: Path, rule: str) -> dict[int, float]:
     """Layer index -> the rule's statistic, mean over the layer's modules, final window, all tokens."""
     path = run_dir / outputs.ROUTING
-    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-    rows = [r for r in rows if r.get("task_type") == "all" and r.get("importance")]
+    rows = [r for r in read_jsonl(path) if r.get("task_type") == "all" and r.get("importance")]
     if not rows:
         raise ConfigError(
             f"{path}: no routing rows with expert importance (probe with a routed adapter, e.g. adapter=mola)"

@@ -20,15 +20,9 @@ from typing import Any
 
 from moe_lora import outputs
 from moe_lora.errors import ConfigError
+from moe_lora.train.job import objective_value
 
 NAMED = ("triangle", "inverted_triangle", "hourglass", "rectangle", "diamond")
-
-
-def _value(results: dict[str, Any], path: str) -> float | None:
-    node: Any = results
-    for key in path.split("."):
-        node = node.get(key) if isinstance(node, dict) else None
-    return float(node) if isinstance(node, (int, float)) and not isinstance(node, bool) else None
 
 
 def top_trials(sweep: Path, top: int) -> tuple[list[dict[str, Any]], str]:
@@ -39,7 +33,7 @@ def top_trials(sweep: Path, top: int) -> tuple[list[dict[str, Any]], str]:
         raise ConfigError(f"{sweep}: no finished trials of layout=searched (a layout_search sweep folder)")
     recipe = trials[0]["config"]["recipe"]
     objective = (recipe.get("objectives") or [recipe.get("objective") or "metrics.instruction_em"])[0]
-    scored = [(v, t) for t in trials if (v := _value(t, objective)) is not None]
+    scored = [(v, t) for t in trials if (v := objective_value(t, objective)) is not None]
     scored.sort(key=lambda vt: -vt[0])
     return [t for _, t in scored[:top]], objective
 
@@ -141,7 +135,7 @@ def main(argv: list[str]) -> int:
     names = [f"{study}_top{i + 1}" for i in range(len(trials))]
     for name, trial in zip(names, trials, strict=True):
         provenance = (
-            f"# Trial of {a.sweep} ranked by {objective} = {_value(trial, objective):.4f}, written by "
+            f"# Trial of {a.sweep} ranked by {objective} = {objective_value(trial, objective):.4f}, written by "
             "`moe-lora search-confirm`"
         )
         _write(
@@ -157,7 +151,7 @@ def main(argv: list[str]) -> int:
     )
     for name, trial in zip(names, trials, strict=True):
         print(
-            f"{name}: {objective} {_value(trial, objective):.4f}, experts per layer "
+            f"{name}: {objective} {objective_value(trial, objective):.4f}, experts per layer "
             f"{(trial.get('budget') or {}).get('experts_per_layer')}"
         )
     print(
