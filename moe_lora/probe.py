@@ -1,5 +1,6 @@
-"""`moe-lora layout-from-probe RUN_DIR --rule usage|mi|entropy`: a layout from a short uniform probe
-run's router telemetry, a baseline no LoRA-MoE paper sets: experts go where the routers use them.
+"""`moe-lora layout-from-probe RUN_DIR --rule usage|mi|entropy|alpha`: a layout from a short uniform
+probe run's router telemetry, a baseline no LoRA-MoE paper sets: experts go where the routers use
+them; or, training-free, from the spectra of the run's base weights (AlphaLoRA).
 
 Per layer, from the final logging window of ``routing.jsonl`` (all tokens), averaged over the
 layer's adapted linears, with q the router's importance share over experts:
@@ -11,8 +12,15 @@ layer's adapted linears, with q the router's importance share over experts:
 
 Weights stat^beta (``--beta``, 2.5 by default) are projected exactly onto the budget
 (``layouts.project``; default: the probe's own total) and written as a layout YAML whose header
-records the provenance. AlphaLoRA's training-free ``alpha`` rule (heavy-tail exponents of the base
-weights) is not built here.
+records the provenance.
+
+- ``alpha``: AlphaLoRA's PL_Alpha_Hill (Qing et al. 2024): per weight matrix W of the layer (every
+  adaptable linear, not only the adapted ones), the Hill estimate of the power-law exponent of the
+  eigenvalues of W^T W with xmin at the median eigenvalue, alpha = 1 + m / sum_i ln(lambda_i /
+  lambda_xmin) over the m eigenvalues from the median up; mean over the layer's matrices. A heavier
+  tail (smaller alpha) marks a better-trained layer, so larger alpha gets more experts, as in
+  AlphaLoRA. Only the base model is read (the run folder names it; its routing is not used), in
+  float32 on the CPU: seconds for the tiny model, tens of minutes for a 7B one.
 """
 
 from __future__ import annotations
@@ -24,12 +32,14 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
+import torch
+
 from moe_lora import outputs
 from moe_lora.errors import ConfigError
 from moe_lora.layouts import project
 from moe_lora.tracking import read_jsonl
 
-RULES = ("usage", "mi", "entropy")
+RULES = ("usage", "mi", "entropy", "alpha")
 _LAYER = re.compile(r"\.(\d+)\.")
 
 
@@ -65,13 +75,46 @@ def layer_statistics(run_dir: Path, rule: str) -> dict[int, float]:
     return {layer: sum(v) / len(v) for layer, v in sorted(per_layer.items())}
 
 
+def pl_alpha_hill(weight: torch.Tensor) -> float:
+    """The Hill estimate of the tail exponent of W^T W's eigenvalues, xmin at the median (see above)."""
+    eigs = torch.linalg.svdvals(weight.detach().float().cpu()).square().sort().values
+    tail = eigs[len(eigs) // 2 :].clamp_min(torch.finfo(torch.float32).tiny)
+    logs = (tail / tail[0]).log().sum().item()
+    return 1.0 + len(tail) / logs if logs > 0 else float("inf")
+
+
+def alpha_statistics(run_dir: Path) -> dict[int, float]:
+    """Layer index -> mean PL_Alpha_Hill of its adaptable linears' weights, for the run's base model."""
+    from omegaconf import OmegaConf
+
+    from moe_lora.compose import compose, to_config
+    from moe_lora.data.world import World
+    from moe_lora.structure import read_structure
+    from moe_lora.train.runner import load_base
+
+    path = run_dir / outputs.CONFIG
+    if not path.exists():
+        raise ConfigError(f"{run_dir} has no {outputs.CONFIG}: not a moe-lora run folder")
+    saved = OmegaConf.load(path)
+    cfg = to_config(OmegaConf.merge(compose([f"adapter={saved.adapter.name}"]), saved))
+    world = World(cfg.data.world) if cfg.model.source == "world" else None
+    model, _ = load_base(cfg, world, progress=False)
+    structure = read_structure(model, cfg.model.modules)
+    modules = dict(model.named_modules())
+    return {
+        layer: sum(pl_alpha_hill(modules[info.name].weight) for info in infos) / len(infos)
+        for layer in range(structure.num_layers)
+        if (infos := structure.in_layer(layer))
+    }
+
+
 def probe_layout(run_dir: Path, rule: str, beta: float, total: int | None, lo: int | None, hi: int | None):
     """(experts per layer, per-layer statistics, the budget used)."""
     results_path = run_dir / outputs.RESULTS
     if not results_path.exists():
         raise ConfigError(f"{run_dir} has no {outputs.RESULTS}: not a finished moe-lora run")
     results = json.loads(results_path.read_text())
-    stats = layer_statistics(run_dir, rule)
+    stats = alpha_statistics(run_dir) if rule == "alpha" else layer_statistics(run_dir, rule)
     adapter = results.get("adapter_config") or {}
     probe = (results.get("budget") or {}).get("experts_per_layer") or [adapter.get("num_experts", 1)] * len(stats)
     if len(probe) != len(stats):
@@ -110,7 +153,8 @@ def main(argv: list[str]) -> int:
     out = a.out or Path(__file__).resolve().parents[1] / "conf" / "layout" / f"{name}.yaml"
     header = (
         f"# Written by `moe-lora layout-from-probe {a.run_dir} --rule {a.rule} --beta {a.beta:g}`:\n"
-        f"# per-layer {a.rule} of the probe's routers {', '.join(f'{v:.3f}' for v in stats.values())},\n"
+        f"# per-layer {a.rule} of the probe's {'base weights' if a.rule == 'alpha' else 'routers'} "
+        f"{', '.join(f'{v:.3f}' for v in stats.values())},\n"
         f"# weights stat^{a.beta:g} projected onto {total} experts.\n"
     )
     write_layout(out, name, experts, header, a.overwrite)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -102,34 +104,68 @@ def test_slurm_requeue_resumes_in_the_same_folder() -> None:
     assert delayed.args[0] == ["seed=1", "resume=auto"] and delayed.args[1:] == ("hydra.sweep.dir", 0, "id", {})
 
 
-def test_pareto_layout_search_keeps_its_study_resumes_and_reports(run_cli, tmp_path) -> None:
-    """NSGA-II over (slope, curvature, budget) with a tuple objective: the study lives in sqlite in
-    the sweep folder, a second launch continues it, and the report draws the front."""
+def _kill_at_trial(prefix: str):
+    """Arm a forked launch: SIGKILL when the trial folder named ``prefix...`` starts training."""
+
+    def arm() -> None:
+        from moe_lora.train import runner
+
+        run = runner.run
+
+        def killing_run(cfg, run_dir, *args, **kwargs):
+            if run_dir.name.startswith(prefix):
+                os.kill(os.getpid(), signal.SIGKILL)
+            return run(cfg, run_dir, *args, **kwargs)
+
+        runner.run = killing_run
+
+    return arm
+
+
+@pytest.mark.slow
+def test_pareto_layout_search_is_killed_resumes_from_its_study_and_reports(run_cli, cache_dir, tmp_path) -> None:
+    """NSGA-II over (slope, curvature, budget) with a tuple objective, its study in sqlite in the
+    sweep folder: killed during its second trial, the same command completes the study (the
+    interrupted trial first, n_trials counted over the study), a third launch has nothing to do,
+    and the report draws the front, the allocations and the trials."""
     import optuna
 
     from moe_lora.report.build import build_report
+    from tests.train.test_checkpoint import killed_at
 
     tmp_path = tmp_path / "sweep"  # not there yet: the study's folder is made for it (sqlite cannot)
     args = [
-        "train",
         "-m",
         "experiment=layout_search_pareto",
-        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.n_trials=3",
         f"hydra.sweep.dir={tmp_path}",
         "hydra.sweeper.sampler.population_size=2",
         "recipe.max_steps=2",
         "recipe.eval_limit=4",
     ]
-    for launch in (1, 2):
-        code, out, err = run_cli(*args)
-        assert code == 0, out + err
-        study = optuna.load_study(study_name="layout_search_pareto", storage=f"sqlite:///{tmp_path}/study.db")
-        assert len([t for t in study.trials if t.state.name == "COMPLETE"]) == 2 * launch
-        assert all(len(t.values) == 3 for t in study.trials)  # knowledge, instruction EM, trainable
+    assert killed_at(args, cache_dir, _kill_at_trial("1_")) == -signal.SIGKILL
+
+    def trials():
+        return optuna.load_study(study_name="layout_search_pareto", storage=f"sqlite:///{tmp_path}/study.db").trials
+
+    assert [t.state.name for t in trials()] == ["COMPLETE", "RUNNING"]
+    interrupted = trials()[1].params
+    code, out, err = run_cli("train", *args)
+    assert code == 0, out + err
+    assert "1 finished, 1 interrupted and queued again, 2 to go" in out
+    after = trials()
+    assert [t.state.name for t in after] == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
+    assert after[2].params == interrupted and after[3].params != after[0].params  # rerun first; new draws
+    assert all(len(t.values) == 3 for t in after if t.values)  # knowledge, instruction EM, trainable
+    folders = sorted(p.parent.name for p in tmp_path.glob("*/results.json"))
+    assert len(folders) == 3 and folders[0].startswith("0_") and all(f.startswith("r1_") for f in folders[1:])
+    code, out, err = run_cli("train", *args)
+    assert code == 0 and "nothing to run" in out and len(trials()) == 4
     results = [json.loads(p.read_text()) for p in tmp_path.glob("*/results.json")]
     means = {r["config"]["layout"]["budget"]["per_layer_mean"] for r in results}
     assert all(
         sum(r["budget"]["experts_per_layer"]) == 2 * r["config"]["layout"]["budget"]["per_layer_mean"] for r in results
     ) and means <= {3, 5, 8}  # every trial spent its budget (2 layers)
     out = build_report([tmp_path])
-    assert (out / "search.md").exists() and (out / "pareto.png").exists()
+    for name in ("search.md", "pareto.png", "allocation_heatmap.png"):
+        assert (out / name).exists(), name

@@ -6,8 +6,9 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
-from moe_lora.probe import statistic
+from moe_lora.probe import pl_alpha_hill, statistic
 
 
 def test_statistics_by_hand() -> None:
@@ -19,11 +20,24 @@ def test_statistics_by_hand() -> None:
     assert statistic({"importance": [1.0, 1.0], "entropy": 1.0}, "mi") == 0.0  # clipped at zero
 
 
+def test_pl_alpha_hill_by_hand() -> None:
+    """W = U diag(s) V^T with chosen singular values: the eigenvalues of W^T W are s^2, and alpha is
+    1 + m / sum ln(lambda_i / median) over the m eigenvalues from the median up."""
+    s = torch.tensor([0.5, 1.0, 1.5, 2.0, 3.0, 5.0], dtype=torch.float64)
+    u, _ = torch.linalg.qr(torch.randn(8, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
+    v, _ = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1)))
+    tail = [2.0**2, 3.0**2, 5.0**2]  # from the median (index 3 of 6) up
+    expected = 1 + 3 / sum(math.log(x / tail[0]) for x in tail)
+    assert pl_alpha_hill(u @ torch.diag(s) @ v.T) == pytest.approx(expected, rel=1e-5)
+    heavier = torch.tensor([0.5, 1.0, 1.5, 2.0, 6.0, 20.0], dtype=torch.float64)
+    assert pl_alpha_hill(u @ torch.diag(heavier) @ v.T) < expected  # a heavier tail: a smaller exponent
+
+
 def test_a_probe_runs_layout_spends_its_budget_and_trains(run_cli, tmp_path) -> None:
     probe = tmp_path / "probe"
     code, out, err = run_cli("train", "adapter=mola", "adapter.num_experts=4", f"hydra.run.dir={probe}")
     assert code == 0, out + err
-    for rule in ("usage", "mi", "entropy"):
+    for rule in ("usage", "mi", "entropy", "alpha"):
         layout = tmp_path / "conf" / "layout" / f"from_{rule}.yaml"
         code, out, err = run_cli(
             "layout-from-probe",

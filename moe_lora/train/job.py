@@ -182,7 +182,8 @@ def launch(args: list[str]) -> int:
     """``moe-lora train``: precheck every job's config, then hand over to Hydra (and torchrun ranks)."""
     import hydra
 
-    from moe_lora.compose import CONF_DIR, SKIP_PRECHECK, precheck, split_args
+    from moe_lora.compose import CONF_DIR, SKIP_PRECHECK, compose, precheck, split_args
+    from moe_lora.studies import resume_overrides
     from moe_lora.train.distributed import env_world_size
 
     flags, overrides = split_args(args)
@@ -198,6 +199,13 @@ def launch(args: list[str]) -> int:
             check_launch(cfg.recipe.nproc_per_node)
             if int(os.environ.get("RANK", "0")) != 0:
                 return torchrun_rank(args, overrides)
+    if multirun and not any(f in SKIP_PRECHECK for f in flags):
+        resume = resume_overrides(compose(overrides, return_hydra_config=True).hydra)
+        if resume is not None:
+            print(resume.message, flush=True)
+            if resume.done:
+                return 0
+            args = [*args, *resume.overrides]
     sys.argv = ["moe-lora train", *args]
     main_fn = hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")(train_job)
     main_fn()
