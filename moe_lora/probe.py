@@ -2,17 +2,8 @@
 probe run's router telemetry, a baseline no LoRA-MoE paper sets: experts go where the routers use
 them; or, training-free, from the spectra of the run's base weights (AlphaLoRA).
 
-Per layer, from the final logging window of ``routing.jsonl`` (all tokens), averaged over the
-layer's adapted linears, with q the router's importance share over experts:
-
-- ``usage``: exp(H(q)), the usage perplexity: how many experts the layer really spreads over;
-- ``mi``: H(q) - mean_t H(p_t), the router's mutual information between tokens and experts (how
-  much the choice depends on the token);
-- ``entropy``: mean_t H(p_t), the mean per-token routing entropy.
-
-Weights stat^beta (``--beta``, 2.5 by default) are projected exactly onto the budget
-(``layouts.project``; default: the probe's own total) and written as a layout YAML whose header
-records the provenance.
+Per layer, the statistics of ``report/telemetry.py`` (usage perplexity, router mutual information,
+mean routing entropy) from the final logging window of ``routing.jsonl``, or:
 
 - ``alpha``: AlphaLoRA's PL_Alpha_Hill (Qing et al. 2024): per weight matrix W of the layer (every
   adaptable linear, not only the adapted ones), the Hill estimate of the power-law exponent of the
@@ -21,15 +12,16 @@ records the provenance.
   tail (smaller alpha) marks a better-trained layer, so larger alpha gets more experts, as in
   AlphaLoRA. Only the base model is read (the run folder names it; its routing is not used), in
   float32 on the CPU: seconds for the tiny model, tens of minutes for a 7B one.
+
+Weights stat^beta (``--beta``, 2.5 by default) are projected exactly onto the budget
+(``layouts.project``; default: the probe's own total) and written as a layout YAML whose header
+records the provenance.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
-import re
-from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -37,42 +29,21 @@ import torch
 from moe_lora import outputs
 from moe_lora.errors import ConfigError
 from moe_lora.layouts import project
+from moe_lora.report.telemetry import ROUTER_RULES, layer_statistics
 from moe_lora.tracking import read_jsonl
 
-RULES = ("usage", "mi", "entropy", "alpha")
-_LAYER = re.compile(r"\.(\d+)\.")
+RULES = (*ROUTER_RULES, "alpha")
 
 
-def _entropy(q: list[float]) -> float:
-    total = sum(q)
-    return -sum(x / total * math.log(x / total) for x in q if x > 0) if total > 0 else 0.0
-
-
-def statistic(row: dict, rule: str) -> float:
-    """One module's statistic from its routing row."""
-    h_q = _entropy(row["importance"])
-    if rule == "usage":
-        return math.exp(h_q)
-    if rule == "mi":
-        return max(0.0, h_q - row["entropy"])
-    return row["entropy"]
-
-
-def layer_statistics(run_dir: Path, rule: str) -> dict[int, float]:
-    """Layer index -> the rule's statistic, mean over the layer's modules, final window, all tokens."""
+def router_statistics(run_dir: Path, rule: str) -> dict[int, float]:
+    """Layer index -> the rule's statistic from the run's routing telemetry."""
     path = run_dir / outputs.ROUTING
-    rows = [r for r in read_jsonl(path) if r.get("task_type") == "all" and r.get("importance")]
-    if not rows:
+    stats = layer_statistics(read_jsonl(path), rule)
+    if not stats:
         raise ConfigError(
             f"{path}: no routing rows with expert importance (probe with a routed adapter, e.g. adapter=mola)"
         )
-    last = max(r["step"] for r in rows)
-    per_layer: dict[int, list[float]] = defaultdict(list)
-    for r in rows:
-        m = _LAYER.search(r["module"])
-        if r["step"] == last and m:
-            per_layer[int(m.group(1))].append(statistic(r, rule))
-    return {layer: sum(v) / len(v) for layer, v in sorted(per_layer.items())}
+    return stats
 
 
 def pl_alpha_hill(weight: torch.Tensor) -> float:
@@ -114,7 +85,7 @@ def probe_layout(run_dir: Path, rule: str, beta: float, total: int | None, lo: i
     if not results_path.exists():
         raise ConfigError(f"{run_dir} has no {outputs.RESULTS}: not a finished moe-lora run")
     results = json.loads(results_path.read_text())
-    stats = alpha_statistics(run_dir) if rule == "alpha" else layer_statistics(run_dir, rule)
+    stats = alpha_statistics(run_dir) if rule == "alpha" else router_statistics(run_dir, rule)
     adapter = results.get("adapter_config") or {}
     probe = (results.get("budget") or {}).get("experts_per_layer") or [adapter.get("num_experts", 1)] * len(stats)
     if len(probe) != len(stats):

@@ -6,7 +6,7 @@ any ``--with`` layouts (the probe heuristics) at full steps and several seeds, w
 report judges by its paired rule: each top trial beats every other layout (one intersection-union
 family per trial), each ``--with`` layout beats uniform. It writes one layout YAML per top trial
 (``conf/layout/<study>_top<i>.yaml``: its slope, curvature and budget) and the preset
-(``conf/experiment/<study>_confirm.yaml``); ``--conf-dir`` writes them elsewhere (then pass
+(``conf/experiment/<study>_confirm.yaml``, or ``--preset NAME``); ``--conf-dir`` writes them elsewhere (then pass
 ``hydra.searchpath=[file://<dir>]``). Trials are ranked by the study's objective as results.json
 holds it (``recipe.objective``, or the first of ``recipe.objectives``).
 """
@@ -40,16 +40,12 @@ def top_trials(sweep: Path, top: int) -> tuple[list[dict[str, Any]], str]:
 
 def layout_yaml(name: str, layout: dict[str, Any], provenance: str) -> str:
     budget = layout.get("budget") or {}
-    lines = [
-        provenance,
-        "defaults:",
-        "  - /schema/layout/base@_here_",
-        "  - _self_",
-        f"name: {name}",
-        f"slope: {layout.get('slope') or 0.0}",
-        f"curvature: {layout.get('curvature') or 0.0}",
-        "budget:",
-    ]
+    lines = [provenance, "defaults:", "  - /schema/layout/base@_here_", "  - _self_", f"name: {name}"]
+    if layout.get("weights"):  # a trial of the free per-group space (experiment=layout_search_free)
+        lines.append(f"weights: [{', '.join(f'{w:.6g}' for w in layout['weights'])}]")
+    else:
+        lines += [f"slope: {layout.get('slope') or 0.0}", f"curvature: {layout.get('curvature') or 0.0}"]
+    lines.append("budget:")
     lines += [f"  {k}: {v}" for k, v in budget.items() if v is not None] or ["  {}"]
     lines += [f"granularity: {layout.get('granularity', 'group')}", f"groups: {layout.get('groups', 4)}"]
     return "\n".join(lines) + "\n"
@@ -60,11 +56,19 @@ def _label(layout: str) -> str:
 
 
 def preset_yaml(
-    study: str, names: list[str], seeds: int, steps: int, objective: str, num_experts: int, extra: list[str]
+    study: str,
+    names: list[str],
+    seeds: int,
+    steps: int,
+    objective: str,
+    num_experts: int,
+    extra: list[str],
+    preset: str | None = None,
 ) -> str:
     """The confirmation preset: top trials, the named shapes, uniform and ``extra`` layouts (e.g. the
     probe heuristics); each trial claimed to beat every other layout (one family per trial), each
     extra layout to beat uniform."""
+    preset = preset or f"{study}_confirm"
     metric = objective if objective.startswith(("metrics.", "routing.")) else "metrics.instruction_em"
     others = [*NAMED, "uniform", *extra]
     claims = [
@@ -83,7 +87,7 @@ def preset_yaml(
                 "# @package _global_",
                 f"# Written by `moe-lora search-confirm`: the top trials of study {study!r} beside the named shapes,",
                 f"# {steps} steps x {seeds} seeds, each trial claimed to beat every other layout (one family per trial).",
-                f"# Run: moe-lora train -m experiment={study}_confirm && moe-lora report multirun/{study}_confirm",
+                f"# Run: moe-lora train -m experiment={preset} && moe-lora report multirun/{preset}",
                 "defaults:",
                 "  - override /adapter: mola",
                 "adapter:",
@@ -94,7 +98,7 @@ def preset_yaml(
                 *claims,
                 "hydra:",
                 "  sweep:",
-                f"    dir: multirun/{study}_confirm/${{now:%Y-%m-%d_%H-%M-%S}}_${{moe_lora.uid:}}",
+                f"    dir: multirun/{preset}/${{now:%Y-%m-%d_%H-%M-%S}}_${{moe_lora.uid:}}",
                 "    subdir: ${hydra.job.num}_${layout.name}_seed${seed}",
                 "  sweeper:",
                 "    params:",
@@ -127,6 +131,7 @@ def main(argv: list[str]) -> int:
         help="more layouts to compare (comma-separated), e.g. the "
         "layout-from-probe heuristics; each is also claimed to beat uniform",
     )
+    p.add_argument("--preset", default=None, help="the preset's name (default <study>_confirm)")
     p.add_argument("--conf-dir", type=Path, default=Path(__file__).resolve().parents[1] / "conf")
     p.add_argument("--overwrite", action="store_true")
     a = p.parse_args(argv)
@@ -144,9 +149,11 @@ def main(argv: list[str]) -> int:
             a.overwrite,
         )
     experts = trials[0]["config"]["adapter"].get("num_experts", 5)
+    preset = a.preset or f"{study}_confirm"
+    extra = [x for x in a.extra.split(",") if x]
     _write(
-        a.conf_dir / "experiment" / f"{study}_confirm.yaml",
-        preset_yaml(study, names, a.seeds, a.steps, objective, experts, [x for x in a.extra.split(",") if x]),
+        a.conf_dir / "experiment" / f"{preset}.yaml",
+        preset_yaml(study, names, a.seeds, a.steps, objective, experts, extra, preset),
         a.overwrite,
     )
     for name, trial in zip(names, trials, strict=True):
@@ -154,7 +161,5 @@ def main(argv: list[str]) -> int:
             f"{name}: {objective} {objective_value(trial, objective):.4f}, experts per layer "
             f"{(trial.get('budget') or {}).get('experts_per_layer')}"
         )
-    print(
-        f"written: {a.conf_dir / 'experiment' / f'{study}_confirm.yaml'} (moe-lora train -m experiment={study}_confirm)"
-    )
+    print(f"written: {a.conf_dir / 'experiment' / f'{preset}.yaml'} (moe-lora train -m experiment={preset})")
     return 0

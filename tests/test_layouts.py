@@ -157,6 +157,14 @@ def test_search_confirm_writes_layouts_and_a_preset_of_claims(tmp_path) -> None:
     }
     with pytest.raises(ConfigError, match="exists"):
         confirm([str(sweep), "--conf-dir", str(conf)])
+    free = tmp_path / "free" / "study"  # a trial of the free per-group space keeps its weights
+    (free / "0").mkdir(parents=True)
+    config = {**config, "layout": {**config["layout"], "slope": None, "curvature": None, "weights": [0.1, 1, 0.5, 0.2]}}
+    (free / "0" / "results.json").write_text(json.dumps({"config": config, "metrics": {"instruction_em": 0.5}}))
+    assert confirm([str(free), "--top", "1", "--conf-dir", str(conf), "--preset", "mine", "--with", "triangle"]) == 0
+    mine = load_config(["experiment=mine", "layout=free_top1", *search], check_files=False)
+    assert mine.layout.weights == [0.1, 1, 0.5, 0.2] and mine.layout.slope is None
+    assert "triangle_beats_uniform" in {c.name for c in mine.claims}
 
 
 def test_multirun_precheck_keeps_the_search_path(tmp_path) -> None:

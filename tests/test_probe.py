@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from moe_lora.probe import pl_alpha_hill, statistic
+from moe_lora.probe import pl_alpha_hill
+from moe_lora.report.telemetry import statistic
 
 
 def test_statistics_by_hand() -> None:

@@ -66,14 +66,14 @@ def write_analyses(runs: list[Run], folder: Path, names: dict, figures: list[tup
     lines: list[str] = []
     pts = search.points(runs)
     if search.is_comparison(pts):
-        (folder / "search.md").write_text(search.markdown(pts))
-        lines += ["## Layouts: allocation, cost and scores", "", search.markdown(pts)]
-        for title, name, plot in (
-            ("Layouts: trainable parameters against knowledge retained", "pareto.png", search.pareto_plot),
-            ("Experts per layer", "allocation_heatmap.png", search.allocation_heatmap),
-        ):
-            if plot(pts, folder / name):
-                figures.append((title, name))
+        text = search.markdown(pts, search.read_studies(runs))
+        (folder / "search.md").write_text(text)
+        lines += ["## Layouts: allocation, cost and scores", "", text]
+        if search.pareto_plot(pts, folder / "pareto.png"):
+            figures.append(("Layouts: trainable parameters against knowledge retained", "pareto.png"))
+        probe = search.probe_statistics(runs, len(pts[0].experts))
+        if search.allocation_heatmap(pts, folder / "allocation_heatmap.png", probe):
+            figures.append(("Experts per layer", "allocation_heatmap.png"))
     alora_ranks = ranks.final_ranks(runs, names)
     if alora_ranks:
         (folder / "alora_ranks.md").write_text(ranks.markdown(alora_ranks))
