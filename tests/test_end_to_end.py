@@ -38,6 +38,10 @@ def test_train_writes_valid_results(run_cli, tmp_path, adapter) -> None:
         set(r) == {"step", "tokens_per_s", "peak_mem_bytes"} for r in perf
     )
     assert res["perf"]["tokens"] > 0 and res["perf"]["peak_mem_bytes"] > 0
+    ev = res["perf"]["eval"]  # evaluation's own time, tokens and share of the wall time
+    assert set(ev["seconds"]) == {"base", "tuned"} and all(v > 0 for v in ev["seconds"].values())
+    assert all(n > 0 for n in ev["tokens"].values()) and 0 < ev["share_of_wall"] < 1
+    assert ev["tokens_per_s"] == pytest.approx(sum(ev["tokens"].values()) / sum(ev["seconds"].values()))
     predictions = read_jsonl(tmp_path / adapter / "predictions.jsonl")
     for model in ("base", "tuned"):
         for task in ("cbqa", "instruction"):

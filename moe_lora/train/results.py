@@ -71,6 +71,16 @@ def metric_rows(m: dict[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
+def _eval_line(ev: dict | None) -> str:
+    """Evaluation's seconds per phase, share of the wall time and model-input tokens/s."""
+    if not ev or not ev.get("seconds"):
+        return "-"
+    phases = " + ".join(f"{k} {v:.1f} s" for k, v in ev["seconds"].items())
+    share = f", {ev['share_of_wall']:.0%} of wall" if ev.get("share_of_wall") is not None else ""
+    rate = f", {ev['tokens_per_s']:,.0f} tokens/s" if ev.get("tokens_per_s") else ""
+    return phases + share + rate
+
+
 def summary_table(results: dict) -> str:
     m, p = results["metrics"], results["params"]
     cvs = [r["cv"] for r in results["routing"].values()]
@@ -88,6 +98,7 @@ def summary_table(results: dict) -> str:
             if perf.get("tokens_per_s")
             else "-",
         ),
+        ("evaluation", _eval_line(perf.get("eval"))),
         ("wall time", f"{results['wall_s']:.1f} s"),
     ]
     width = max(len(k) for k, _ in rows)

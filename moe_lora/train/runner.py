@@ -7,9 +7,11 @@ Data parallel, every rank runs it with the same config and directory; only rank 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,6 +105,44 @@ def validation_loss(model: nn.Module, batch: dict[str, torch.Tensor], precision:
     return float(loss)
 
 
+class EvalClock:
+    """Seconds and model-input tokens of the evaluations of a run (``perf["eval"]``): every forward
+    of the model while it runs counts its ``input_ids`` (padding included; one token per row per
+    decoding step of generation), so evaluation's share of the wall time and its throughput sit on
+    their own lines beside training's."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.tokens: dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def phase(self, name: str, model: nn.Module) -> Iterator[None]:
+        count = [0]
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            if isinstance(ids, torch.Tensor):
+                count[0] += ids.numel()
+
+        handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            handle.remove()
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+            self.tokens[name] = self.tokens.get(name, 0) + count[0]
+
+    def summary(self, wall: float) -> dict[str, Any]:
+        seconds, tokens = sum(self.seconds.values()), sum(self.tokens.values())
+        return {
+            "seconds": dict(self.seconds),
+            "tokens": dict(self.tokens),
+            "tokens_per_s": tokens / seconds if seconds > 0 else None,
+            "share_of_wall": seconds / wall if wall > 0 else None,
+        }
+
+
 def run_eval(
     model,
     tok,
@@ -187,7 +227,9 @@ def run(
     precision, model, tok, mixture = setup(cfg, progress, dist)
     spec = ADAPTERS.get(cfg.adapter.name)
     prepare_trainable(model, cfg, spec.trains_base)  # before the base evaluation: base and tuned in one dtype
-    base, base_predictions = run_eval(model, tok, mixture, cfg, precision, progress, dist)
+    clock = EvalClock()
+    with clock.phase("base", model):
+        base, base_predictions = run_eval(model, tok, mixture, cfg, precision, progress, dist)
     recorder, adapted, targets, budget = add_adapter(model, cfg, run_dir, dist)
     params = count_parameters(model)
     if main and resume is not None:  # before the tracker appends: logs end where the checkpoint was taken
@@ -201,14 +243,16 @@ def run(
         perf: dict[str, Any] = {}
         if params["trainable"] > 0:
             perf = fine_tune(cfg, model, tok, mixture, precision, recorder, adapted, io, resume, progress)
-        tuned, tuned_predictions = evaluate_tuned(cfg, model, tok, mixture, precision, progress, dist)
+        with clock.phase("tuned", model):
+            tuned, tuned_predictions = evaluate_tuned(cfg, model, tok, mixture, precision, progress, dist)
         adapter = adapter_state(model) if main or ckpt.sharded(model) else None  # collective under FSDP
         if main:
             write_predictions(run_dir / PREDICTIONS_FILE, base_predictions, tuned_predictions)
             save_file(adapter, str(run_dir / ADAPTER_FILE))
-            results = build_results(cfg, resolved, base, tuned, params, adapted, io.final_routing, time.time() - start)
+            wall = time.time() - start
+            results = build_results(cfg, resolved, base, tuned, params, adapted, io.final_routing, wall)
             results |= {
-                "perf": perf,
+                "perf": perf | {"eval": clock.summary(wall)},
                 "targets": targets,
                 "budget": budget,
                 "nonfinite_skips": perf.get("nonfinite_skips", 0),
