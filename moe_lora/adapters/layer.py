@@ -72,28 +72,33 @@ def base_and_update(base: nn.Module, x: torch.Tensor, update: Callable[[torch.Te
 
 
 def grouped_update_(
-    out: torch.Tensor, x: torch.Tensor, gate: torch.Tensor, A: torch.Tensor, B: torch.Tensor, k: int, scaling: float
+    out: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    expert: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    num_experts: int,
+    scaling: float,
 ) -> None:
-    """``out += scaling * sum_e gate_e B_e A_e x`` over each token's k chosen experts only.
+    """``out += scaling * sum_j weight_j B_e(j) A_e(j) x`` over each token's k choices only.
 
     The (token, expert) pairs are sorted by expert and each expert's rows go through one grouped
     GEMM (``torch._grouped_mm`` with device-side offsets: no host sync), then are added back with
-    ``index_add_``. ``out`` (T, d_out), ``x`` (T, d_in), ``gate`` (T, E) dense with zeros for
-    unselected experts (a token that chose null experts has fewer than k non-zero gates: those pairs
-    carry weight 0, as in the dense path, whose gradients they match)."""
-    num_experts, rank = gate.shape[-1], A.shape[1] // gate.shape[-1]
-    k = min(k, num_experts)  # top-k may count null experts; picks beyond the real ones have weight 0
-    weight, expert = gate.topk(k, dim=-1)  # (T, k)
+    ``index_add_``. ``out`` (T, d_out), ``x`` (T, d_in), ``weight`` and ``expert`` (T, k) from
+    :meth:`Router.choose` (a pick of a null expert has weight 0, as in the dense path, whose
+    gradients these match)."""
+    k, rank = expert.shape[-1], A.shape[1] // num_experts
     expert = expert.flatten()
     order = expert.argsort(stable=True)
     token = order // k
-    counts = torch.zeros(num_experts, dtype=torch.long, device=x.device).scatter_add_(
-        0, expert, torch.ones_like(expert)
-    )
+    counts = torch.bincount(expert, minlength=num_experts)
     offsets = counts.cumsum(0).to(torch.int32)
     A3 = A.view(A.shape[0], num_experts, rank).transpose(0, 1)  # (E, d_in, r)
-    h = torch._grouped_mm(x[token], A3, offs=offsets)  # (T*k, r)
-    h = h * (weight.flatten()[order] * scaling).unsqueeze(-1).to(h.dtype)
+    h = torch._grouped_mm(
+        x.index_select(0, token), A3, offs=offsets
+    )  # (T*k, r); index_select: faster than x[token] both ways
+    h = h * (weight.flatten().index_select(0, order) * scaling).unsqueeze(-1).to(h.dtype)
     y = torch._grouped_mm(h, B.view(num_experts, rank, B.shape[1]), offs=offsets)  # (T*k, d_out)
     out.index_add_(0, token, y.to(out.dtype))
 
@@ -176,7 +181,7 @@ class LoRAExperts(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.grouped:
-            gate = self.router(x)
+            weight, expert = self.router.choose(x)
             # grouped GEMMs are not autocast ops: run them in the autocast dtype by hand (CUDA's
             # kernel is bfloat16-only), in the adapter's dtype otherwise
             on = torch.is_autocast_enabled(x.device.type)
@@ -188,10 +193,11 @@ class LoRAExperts(nn.Module):
                 lambda out: grouped_update_(
                     out,
                     xd.reshape(-1, self.d_in),
-                    gate.reshape(-1, self.num_experts),
+                    weight.reshape(-1, weight.shape[-1]),
+                    expert.reshape(-1, expert.shape[-1]),
                     self.lora_A.to(dt),
                     self.lora_B.to(dt),
-                    self.router.top_k,
+                    self.num_experts,
                     self.scaling,
                 ),
             )

@@ -110,6 +110,24 @@ class Router(nn.Module):
             self.recorder.record(self, logits, probs, selected)
         return gate.to(dtype)
 
+    def choose(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k routing as each token's k choices: ``(weights, experts)``, both ``(..., k)``, for
+        the grouped expert compute. The weights are the dense gate's values at the chosen experts
+        (the chosen real experts' probabilities renormalised among themselves, so the gradients
+        match the dense path's), without building the ``(..., E)`` gate or choosing twice; a pick
+        of a null expert gets weight 0 and a real index (its pair then adds nothing)."""
+        logits = self.logits(x)
+        probs = softmax_experts(logits.float() if self.fp32 else logits)
+        experts = probs.detach().topk(self.top_k, dim=-1, sorted=False).indices
+        if self.recorder is not None and self.recorder.active:
+            self.recorder.record(self, logits, probs, torch.zeros_like(probs).scatter_(-1, experts, 1.0))
+        weights = probs.gather(-1, experts)
+        if self.num_null:
+            weights = weights * (experts < self.num_experts)
+            experts = experts.clamp_max(self.num_experts - 1)
+        weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-12)
+        return weights.to(x.dtype), experts
+
     def extra_repr(self) -> str:
         k = "soft" if self.top_k is None else f"top_k={self.top_k}"
         return f"experts={self.num_experts}, null={self.num_null}, {k}"

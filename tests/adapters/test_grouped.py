@@ -1,0 +1,61 @@
+"""The grouped top-k path (adapter.expert_compute=grouped) equals the dense masked gate: outputs
+and every gradient, in float32 and under bfloat16 autocast, with many experts and null experts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moe_lora.adapters.layer import LoRAExperts
+from moe_lora.routing.router import Router, route, softmax_experts
+
+
+def _pair(num_experts: int, top_k: int, num_null: int) -> tuple[LoRAExperts, LoRAExperts]:
+    torch.manual_seed(0)
+    base = torch.nn.Linear(32, 48).requires_grad_(False)
+    layers = []
+    for grouped in (False, True):
+        layer = LoRAExperts(
+            base,
+            rank=8,
+            alpha=16.0,
+            num_experts=num_experts,
+            grouped=grouped,
+            router=Router(32, num_experts, top_k=top_k, num_null=num_null),
+        )
+        layers.append(layer)
+    dense, grouped = layers
+    with torch.no_grad():
+        dense.lora_B.normal_()
+    grouped.load_state_dict(dense.state_dict())
+    return dense, grouped
+
+
+@pytest.mark.parametrize("num_experts,top_k,num_null", [(8, 2, 0), (64, 2, 0), (6, 3, 2)])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_grouped_equals_dense(num_experts: int, top_k: int, num_null: int, autocast: bool) -> None:
+    dense, grouped = _pair(num_experts, top_k, num_null)
+    assert grouped.grouped and not dense.grouped
+    x = torch.randn(3, 40, 32)
+    outs, grads = [], []
+    for layer in (dense, grouped):
+        xi = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = layer(xi)
+        (out.float() * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        outs.append(out.float())
+        grads.append([xi.grad, layer.lora_A.grad, layer.lora_B.grad, layer.router.weight.grad])
+    tol = dict(rtol=3e-2, atol=3e-2) if autocast else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outs[1], outs[0], **tol)
+    for g_grouped, g_dense in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(g_grouped, g_dense, **tol)
+
+
+def test_choose_gives_the_dense_gate_at_the_chosen_experts() -> None:
+    torch.manual_seed(1)
+    router = Router(16, 5, top_k=3, num_null=2)
+    x = torch.randn(50, 16)
+    weights, experts = router.choose(x)
+    gate, _ = route(softmax_experts(router.logits(x)), 3, 5)
+    assert weights.shape == experts.shape == (50, 3) and int(experts.max()) < 5
+    torch.testing.assert_close(torch.zeros_like(gate).scatter_add_(-1, experts, weights), gate)
