@@ -82,6 +82,23 @@ def expand_sweeps(overrides: list[str], limit: int = 256) -> list[list[str]]:
     return [list(c) for c in itertools.islice(itertools.product(*axes), limit)]
 
 
+def first_job(overrides: list[str]) -> list[str]:
+    """The command line of a multirun's first job, hydra/* overrides included: every sweep
+    (``a=1,2``, ``range``, ``interval``) replaced by its first value, so that it composes."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    out = []
+    for o in OverridesParser.create().parse_overrides(overrides):
+        key = o.get_key_element()
+        if o.is_interval_sweep():
+            out.append(f"{key}={o.value().start}")
+        elif o.is_sweep_override():
+            out.append(f"{key}={next(iter(o.sweep_string_iterator()))}")
+        else:
+            out.append(o.input_line)
+    return out
+
+
 def compose(overrides: list[str], return_hydra_config: bool = False):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir

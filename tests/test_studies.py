@@ -72,3 +72,10 @@ def test_free_weights_suggests_one_weight_per_group() -> None:
     assert all(0.05 <= v <= 1.0 for v in trial.params.values())
     with pytest.raises(ValueError, match=r"layout\.weights"):
         free_weights(OmegaConf.create({"layout": {"weights": None}}), study.ask())
+
+
+def test_first_job_keeps_hydra_overrides_and_takes_each_sweeps_first_value() -> None:
+    from moe_lora.compose import first_job
+
+    line = ["adapter=lora,mola", "seed=range(3)", "layout.slope=interval(-1.0, 1.0)", "hydra.sweep.dir=/x"]
+    assert first_job(line) == ["adapter=lora", "seed=0", "layout.slope=-1.0", "hydra.sweep.dir=/x"]

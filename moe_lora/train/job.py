@@ -182,7 +182,7 @@ def launch(args: list[str]) -> int:
     """``moe-lora train``: precheck every job's config, then hand over to Hydra (and torchrun ranks)."""
     import hydra
 
-    from moe_lora.compose import CONF_DIR, SKIP_PRECHECK, compose, precheck, split_args
+    from moe_lora.compose import CONF_DIR, SKIP_PRECHECK, compose, first_job, precheck, split_args
     from moe_lora.studies import resume_overrides
     from moe_lora.train.distributed import env_world_size
 
@@ -200,7 +200,7 @@ def launch(args: list[str]) -> int:
             if int(os.environ.get("RANK", "0")) != 0:
                 return torchrun_rank(args, overrides)
     if multirun and not any(f in SKIP_PRECHECK for f in flags):
-        resume = resume_overrides(compose(overrides, return_hydra_config=True).hydra)
+        resume = resume_overrides(compose(first_job(overrides), return_hydra_config=True).hydra)
         if resume is not None:
             print(resume.message, flush=True)
             if resume.done:
