@@ -222,7 +222,9 @@ class MoEConfig(LowRankConfig, RoutedConfig):
     # CPU); "grouped": top-k (token, expert) pairs sorted by expert and computed with grouped GEMMs
     # (``torch._grouped_mm``), E/k times fewer expert FLOPs, for large E*r and GPUs. Same results up
     # to summation order; on CUDA its index_add_ uses atomics, so runs are bitwise reproducible only
-    # under torch.use_deterministic_algorithms(True).
+    # under torch.use_deterministic_algorithms(True). "auto": grouped in the layers where it is the
+    # faster path (top-k routing with num_experts >= 16 x top_k, measured on CPU; its 16-byte rows;
+    # bfloat16 compute on CUDA or compiled), dense elsewhere (adapters/layer.py).
     expert_compute: str = "dense"
 
     def router_outputs(self) -> tuple[int, str]:
@@ -233,10 +235,10 @@ class MoEConfig(LowRankConfig, RoutedConfig):
         require(self.num_null_experts >= 0, "adapter.num_null_experts", self.num_null_experts, "must be >= 0")
         super().__post_init__()
         require(
-            self.expert_compute in ("dense", "grouped"),
+            self.expert_compute in ("dense", "grouped", "auto"),
             "adapter.expert_compute",
             self.expert_compute,
-            "must be 'dense' or 'grouped'",
+            "must be 'dense', 'grouped' or 'auto'",
         )
         if self.expert_compute == "grouped":
             import torch

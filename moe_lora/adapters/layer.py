@@ -80,20 +80,28 @@ def grouped_update_(
     B: torch.Tensor,
     num_experts: int,
     scaling: float,
+    drop_null: bool | None = None,
 ) -> None:
     """``out += scaling * sum_j weight_j B_e(j) A_e(j) x`` over each token's k choices only.
 
     The (token, expert) pairs are sorted by expert and each expert's rows go through one grouped
     GEMM (``torch._grouped_mm`` with device-side offsets: no host sync), then are added back with
     ``index_add_``. ``out`` (T, d_out), ``x`` (T, d_in), ``weight`` and ``expert`` (T, k) from
-    :meth:`Router.choose` (a pick of a null expert has weight 0, as in the dense path, whose
-    gradients these match)."""
+    :meth:`Router.choose`, whose picks of null experts (AdaMoE) have index ``num_experts`` and
+    weight 0. On the CPU those pairs are dropped (a host sync costs nothing there), so the work
+    follows the real experts chosen; on a GPU they ride with the last expert at weight 0, keeping
+    shapes static and the step free of syncs. The gradients match the dense path's."""
     k, rank = expert.shape[-1], A.shape[1] // num_experts
     expert = expert.flatten()
     order = expert.argsort(stable=True)
+    counts = torch.bincount(expert, minlength=num_experts + 1)  # the last bin: null picks
+    offsets = counts[:num_experts].cumsum(0)
+    if x.device.type == "cpu" if drop_null is None else drop_null:
+        order = order[: int(offsets[-1])]
+    else:
+        offsets = torch.cat([offsets[:-1], offsets.new_full((1,), expert.numel())])
+    offsets = offsets.to(torch.int32)
     token = order // k
-    counts = torch.bincount(expert, minlength=num_experts)
-    offsets = counts.cumsum(0).to(torch.int32)
     A3 = A.view(A.shape[0], num_experts, rank).transpose(0, 1)  # (E, d_in, r)
     h = torch._grouped_mm(
         x.index_select(0, token), A3, offs=offsets
@@ -101,6 +109,12 @@ def grouped_update_(
     h = h * (weight.flatten().index_select(0, order) * scaling).unsqueeze(-1).to(h.dtype)
     y = torch._grouped_mm(h, B.view(num_experts, rank, B.shape[1]), offs=offsets)  # (T*k, d_out)
     out.index_add_(0, token, y.to(out.dtype))
+
+
+# expert_compute=auto: grouped from this many experts per top-k choice. Measured with `moe-lora bench
+# --experts 8,16,32,64 --variants mola,mola_grouped` (tiny shape, r=8, top-2, one CPU thread): the
+# grouped step is slower than the dense gate at 16 experts and faster from 32 on.
+AUTO_GROUPED_PER_CHOICE = 16
 
 
 class LoRAExperts(nn.Module):
@@ -117,7 +131,7 @@ class LoRAExperts(nn.Module):
         router: Router | None = None,
         init_A: str = "kaiming",
         shared_A: bool = False,
-        grouped: bool = False,
+        grouped: bool | str = False,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
@@ -127,7 +141,11 @@ class LoRAExperts(nn.Module):
         self.d_in, self.d_out = linear_dims(base)
         self.rank, self.num_experts, self.scaling = rank, num_experts, alpha / rank
         self.shared_A = shared_A
-        self.grouped = grouped and router is not None and router.top_k is not None and not shared_A
+        routed_top_k = router is not None and router.top_k is not None and not shared_A
+        # "auto" (adapter.expert_compute=auto): grouped where it is the faster path, decided per
+        # forward for the compute dtype and device (see use_grouped); False/True: dense/grouped
+        self.auto = grouped == "auto" and routed_top_k and num_experts >= AUTO_GROUPED_PER_CHOICE * router.top_k
+        self.grouped = grouped is True and routed_top_k
         w = base.weight
         dtype = dtype or w.dtype  # adapter.dtype (float32) when injected; the base's dtype otherwise
         if self.grouped and any(n * dtype.itemsize % 16 for n in (self.d_in, self.d_out, rank)):
@@ -179,12 +197,22 @@ class LoRAExperts(nn.Module):
         # as a matmul its backward is a small GEMM rather than a strided sum over r
         return h * ((gate.to(h.dtype) * self.scaling) @ self.gate_expand.to(h.dtype)), 1.0
 
+    def use_grouped(self, x: torch.Tensor, dt: torch.dtype) -> bool:
+        """Whether this forward computes the chosen pairs with grouped GEMMs: always for
+        ``grouped``; for ``auto`` where the kernel takes the compute dtype ``dt`` (16-byte rows;
+        bfloat16 only on CUDA and when compiled)."""
+        if self.grouped or not self.auto:
+            return self.grouped
+        if any(n * dt.itemsize % 16 for n in (self.d_in, self.d_out, self.rank)):
+            return False
+        return dt == torch.bfloat16 or (x.device.type == "cpu" and not torch.compiler.is_compiling())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.grouped:
+        on = torch.is_autocast_enabled(x.device.type)
+        if self.use_grouped(x, torch.get_autocast_dtype(x.device.type) if on else self.lora_A.dtype):
             weight, expert = self.router.choose(x)
             # grouped GEMMs are not autocast ops: run them in the autocast dtype by hand (CUDA's
             # kernel is bfloat16-only), in the adapter's dtype otherwise
-            on = torch.is_autocast_enabled(x.device.type)
             dt = torch.get_autocast_dtype(x.device.type) if on else self.lora_A.dtype
             xd = self.lora_dropout(x).to(dt)
             return base_and_update(
@@ -225,6 +253,6 @@ def routed_lora(base: nn.Module, cfg, plan, *, shared_A: bool = False) -> LoRAEx
         router=make_router(base, cfg, plan.num_experts, plan.top_k, plan.dtype),
         init_A=cfg.init_A,
         shared_A=shared_A,
-        grouped=getattr(cfg, "expert_compute", "dense") == "grouped",
+        grouped={"grouped": True, "auto": "auto"}.get(getattr(cfg, "expert_compute", "dense"), False),
         dtype=plan.dtype,
     )

@@ -115,7 +115,7 @@ class Router(nn.Module):
         the grouped expert compute. The weights are the dense gate's values at the chosen experts
         (the chosen real experts' probabilities renormalised among themselves, so the gradients
         match the dense path's), without building the ``(..., E)`` gate or choosing twice; a pick
-        of a null expert gets weight 0 and a real index (its pair then adds nothing)."""
+        of a null expert gets weight 0 and the index ``num_experts`` (one past the real ones)."""
         logits = self.logits(x)
         probs = softmax_experts(logits.float() if self.fp32 else logits)
         experts = probs.detach().topk(self.top_k, dim=-1, sorted=False).indices
@@ -124,7 +124,7 @@ class Router(nn.Module):
         weights = probs.gather(-1, experts)
         if self.num_null:
             weights = weights * (experts < self.num_experts)
-            experts = experts.clamp_max(self.num_experts - 1)
+            experts = experts.clamp_max(self.num_experts)
         weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-12)
         return weights.to(x.dtype), experts
 

@@ -57,5 +57,47 @@ def test_choose_gives_the_dense_gate_at_the_chosen_experts() -> None:
     x = torch.randn(50, 16)
     weights, experts = router.choose(x)
     gate, _ = route(softmax_experts(router.logits(x)), 3, 5)
-    assert weights.shape == experts.shape == (50, 3) and int(experts.max()) < 5
-    torch.testing.assert_close(torch.zeros_like(gate).scatter_add_(-1, experts, weights), gate)
+    assert weights.shape == experts.shape == (50, 3) and int(experts.max()) <= 5  # 5: a null pick
+    assert (weights[experts == 5] == 0).all() and (experts == 5).any()
+    scattered = torch.zeros(50, 6).scatter_add_(-1, experts, weights)
+    torch.testing.assert_close(scattered[:, :5], gate)
+
+
+def test_auto_groups_where_it_is_faster_and_the_kernel_applies() -> None:
+    from moe_lora.adapters.layer import AUTO_GROUPED_PER_CHOICE
+
+    base = torch.nn.Linear(32, 48).requires_grad_(False)
+    x = torch.randn(4, 32)
+
+    def layer(experts: int, rank: int = 8, top_k: int | None = 2) -> LoRAExperts:
+        return LoRAExperts(
+            base, rank=rank, alpha=8.0, num_experts=experts, grouped="auto", router=Router(32, experts, top_k=top_k)
+        )
+
+    many = 2 * AUTO_GROUPED_PER_CHOICE
+    assert layer(many).use_grouped(x, torch.float32) and layer(many).use_grouped(x, torch.bfloat16)
+    assert not layer(AUTO_GROUPED_PER_CHOICE).use_grouped(x, torch.float32)  # 16 experts, top-2: dense
+    assert not layer(many, top_k=None).use_grouped(x, torch.float32)  # soft routing: every expert
+    assert not layer(many, rank=6).use_grouped(x, torch.float32)  # 24-byte rows: the kernel refuses them
+    assert layer(many, rank=8).use_grouped(x, torch.bfloat16)
+    auto, dense = layer(many), layer(many)
+    dense.auto = False
+    dense.load_state_dict(auto.state_dict())
+    torch.testing.assert_close(auto(x), dense(x), rtol=1e-5, atol=1e-5)
+
+
+def test_null_picks_dropped_or_kept_at_weight_zero_give_the_same_update() -> None:
+    """The CPU drops the pairs of null picks; a GPU keeps them with the last expert at weight 0
+    (static shapes): both are the same sum."""
+    from moe_lora.adapters.layer import grouped_update_
+
+    torch.manual_seed(2)
+    x, A, B = torch.randn(30, 16), torch.randn(16, 4 * 8), torch.randn(4 * 8, 24)
+    weights, experts = Router(16, 4, top_k=3, num_null=3).choose(x)
+    assert (experts == 4).any()
+    outs = []
+    for drop in (True, False):
+        out = torch.zeros(30, 24)
+        grouped_update_(out, x, weights, experts, A, B, 4, 0.5, drop_null=drop)
+        outs.append(out)
+    torch.testing.assert_close(outs[0], outs[1])
