@@ -28,9 +28,9 @@ NAMED = ("triangle", "inverted_triangle", "hourglass", "rectangle", "diamond")
 def top_trials(sweep: Path, top: int) -> tuple[list[dict[str, Any]], str]:
     """The ``top`` finished trials by their objective (best first) and the objective's path."""
     trials = [json.loads(p.read_text()) for p in sorted(sweep.glob(f"*/{outputs.RESULTS}"))]
-    trials = [t for t in trials if (t.get("config") or {}).get("layout", {}).get("name") == "searched"]
+    trials = [t for t in trials if str((t.get("config") or {}).get("layout", {}).get("name")).startswith("searched")]
     if not trials:
-        raise ConfigError(f"{sweep}: no finished trials of layout=searched (a layout_search sweep folder)")
+        raise ConfigError(f"{sweep}: no finished trials of layout=searched* (a layout_search sweep folder)")
     recipe = trials[0]["config"]["recipe"]
     objective = (recipe.get("objectives") or [recipe.get("objective") or "metrics.instruction_em"])[0]
     scored = [(v, t) for t in trials if (v := objective_value(t, objective)) is not None]

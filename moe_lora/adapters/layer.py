@@ -146,6 +146,8 @@ class LoRAExperts(nn.Module):
         # forward for the compute dtype and device (see use_grouped); False/True: dense/grouped
         self.auto = grouped == "auto" and routed_top_k and num_experts >= AUTO_GROUPED_PER_CHOICE * router.top_k
         self.grouped = grouped is True and routed_top_k
+        # the grouped path drops null experts' picks where a host sync is free (None: on the CPU)
+        self.drop_null: bool | None = None
         w = base.weight
         dtype = dtype or w.dtype  # adapter.dtype (float32) when injected; the base's dtype otherwise
         if self.grouped and any(n * dtype.itemsize % 16 for n in (self.d_in, self.d_out, rank)):
@@ -227,6 +229,7 @@ class LoRAExperts(nn.Module):
                     self.lora_B.to(dt),
                     self.num_experts,
                     self.scaling,
+                    self.drop_null,
                 ),
             )
         h, gate = self.hidden_and_gate(x)

@@ -43,9 +43,14 @@ class Point:
     instruction_sd: float = 0.0
 
 
+def is_trial(layout: str) -> bool:
+    """A layout search's trial (conf/layout/searched*.yaml), not a named or generated layout."""
+    return layout.startswith("searched")
+
+
 def method_of(run: Run, layout: str) -> str:
     """Trials of a search share their sweep folder; any other layout is its own method."""
-    return f"search ({run.path.parent.name})" if layout == "searched" else layout
+    return f"search ({run.path.parent.name})" if is_trial(layout) else layout
 
 
 def points(runs: list[Run]) -> list[Point]:
@@ -304,7 +309,7 @@ def pareto_plot(pts: list[Point], path: Path) -> bool:
     )
     ax.plot([p.trainable for p in front], [p.knowledge for p in front], "r--", lw=1, label="Pareto set")
     for p in usable:
-        if p.layout != "searched":
+        if not is_trial(p.layout):
             ax.annotate(p.layout, (p.trainable, p.knowledge), fontsize=7, xytext=(3, 3), textcoords="offset points")
     fig.colorbar(sc, ax=ax, label="instruction EM")
     ax.set(xlabel="trainable parameters", ylabel="knowledge retained", title="Layouts: cost against knowledge")
@@ -332,7 +337,7 @@ def allocation_heatmap(pts: list[Point], path: Path, probe: dict[str, list[float
     """Rows: the best runs by instruction EM and every named layout; columns: layers; under it, the
     probe's per-layer statistics (each row scaled to its maximum, values printed)."""
     ranked = sorted(pts, key=lambda p: -(p.instruction or 0.0))
-    rows = ranked[:TOP] + [p for p in ranked[TOP:] if p.layout != "searched"]
+    rows = ranked[:TOP] + [p for p in ranked[TOP:] if not is_trial(p.layout)]
     if not rows or len({len(p.experts) for p in rows}) != 1:
         return False
     width = len(rows[0].experts)

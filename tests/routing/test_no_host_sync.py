@@ -58,6 +58,7 @@ def make_layer(c: dict) -> tuple[LoRAExperts, RoutingRecorder]:
         grouped=c["grouped"],
         router=Router(16, 4, top_k=c["top_k"], num_null=c["num_null"]),
     )
+    layer.drop_null = False  # a GPU's path: null picks kept at weight 0 (the CPU drops them with one read)
     recorder = RoutingRecorder()
     aux = AuxLossConfig(lbc_beta=0.1, lbc_delta=0.1, lb_weight=0.01, z_loss_weight=1e-3)
     recorder.attach(layer.router, "layer", aux)
