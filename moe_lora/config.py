@@ -632,6 +632,9 @@ class EvalConfig:
     num_fewshot: int = 0  # CBQA shots taken from each source's train split
     max_new_tokens: int = 32
     batch_size: int = 32
+    # rank classification: a choice's score is the summed log-probability of its tokens plus EOS
+    # (T0 and the MoV paper); true divides it by that token count (lm-eval's acc_norm is per byte)
+    rank_length_normalize: bool = False
     harness: HarnessConfig = field(default_factory=HarnessConfig)
 
     def __post_init__(self) -> None:

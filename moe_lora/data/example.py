@@ -19,6 +19,8 @@ class Example:
     candidates: tuple[str, ...] = ()  # possible answers (world cbqa: every value of the attribute)
     aliases: tuple[str, ...] = ()  # other accepted answers (TriviaQA aliases, NQ's answer list)
     id: str = ""  # stable id within its set (predictions.jsonl)
+    choices: tuple[str, ...] = ()  # answer choices of a multiple-choice example (rank classification)
+    template: str = ""  # the prompt template it was written with (rank classification: per template)
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
 """Per-example scores, computed in batches on the model's device: teacher-forced exact match,
-generated exact match, response loss.
+generated exact match, response loss, the log-probabilities of answer choices.
 
 Teacher-forced exact match (the built-in world) takes one forward pass: greedy decoding reproduces
 the gold answer iff every gold answer token and the end token are the model's top prediction. That
@@ -12,6 +12,7 @@ lm-eval rules (``eval/normalize.py``).
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from typing import NamedTuple
 
 import torch
@@ -150,3 +151,36 @@ def response_loss_sums(
         total += float(F.cross_entropy(logits[:, :-1][scored].float(), labels[scored], reduction="sum"))
         count += int(scored.sum())
     return total, count
+
+
+def choice_logprobs(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    examples: Sequence[Example],
+    max_length: int,
+    batch_size: int,
+    chat_template: bool = False,
+    normalize: bool = False,
+) -> list[list[float]]:
+    """Per example, per choice: the summed log-probability of the choice's tokens plus EOS after
+    the prompt (lm-eval's loglikelihood of a continuation; the tokens as training sees an answer,
+    :func:`~moe_lora.data.collate.answer_ids`), divided by their count with ``normalize``. A
+    causal LM reads the prompt once per choice; every (example, choice) pair is one row."""
+    pairs = [replace(e, answer=c) for e in examples for c in e.choices]
+    scores: list[float] = []
+    for chunk in batches(pairs, batch_size):
+        batch = collate(chunk, tok, max_length, chat_template=chat_template)
+        with torch.no_grad():
+            logits = _logits(model, batch)
+        labels = batch["labels"][:, 1:].to(logits.device)
+        scored = labels != IGNORE
+        logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, labels.clamp_min(0).unsqueeze(-1))
+        sums = (logp.squeeze(-1) * scored).sum(-1)
+        if normalize:
+            sums = sums / scored.sum(-1).clamp_min(1)
+        scores += sums.tolist()
+    out, i = [], 0
+    for e in examples:
+        out.append(scores[i : i + len(e.choices)])
+        i += len(e.choices)
+    return out

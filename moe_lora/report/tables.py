@@ -30,14 +30,18 @@ ROUTING_NOTE = (
 
 def metric_columns(runs: list[Run]) -> list[tuple[str, str]]:
     """The main table's metric columns: those the runs' results.json declare for the report
-    (``metric_columns``, written from the metric kinds' declarations), in first-seen order."""
+    (``metric_columns``, written from the metric kinds' declarations), in first-seen order; a
+    declared column that no run scored (rank classification in a run without multiple-choice sets)
+    is left out."""
     seen: dict[str, str] = {}
     for run in runs:
         declared = (run.results or {}).get("metric_columns")
         for c in (
             declared if declared is not None else [{"key": k, "header": h, "report": True} for h, k in DEFAULT_COLUMNS]
         ):
-            if c["report"]:
+            if (c["report"] and c.get("optional") is not True) or (
+                c["report"] and ((run.results or {}).get("metrics") or {}).get(c["key"]) is not None
+            ):
                 seen.setdefault(c["key"], c["header"])
     return [(h, k) for k, h in seen.items()] or DEFAULT_COLUMNS
 

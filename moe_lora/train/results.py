@@ -56,6 +56,10 @@ def _f(x: float | None) -> str:
     return "-" if x is None else f"{x:.3f}"
 
 
+def _flat(nested: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    return {f"{k}/{t}": v for k, by_t in nested.items() for t, v in (by_t or {}).items()}
+
+
 def metric_rows(m: dict[str, Any]) -> list[tuple[str, str]]:
     """One row per declared column (base -> tuned; a ratio alone), and its breakdown where it has
     more than one entry."""
@@ -66,6 +70,8 @@ def metric_rows(m: dict[str, Any]) -> list[tuple[str, str]]:
             continue
         rows.append((f"{c.header} (base -> tuned)", f"{_f(m.get(c.key + '_base'))} -> {_f(m.get(c.key))}"))
         by, by_base = (m.get(c.by) or {}, m.get(f"{c.by}_base") or {}) if c.by else ({}, {})
+        if c.by_template:  # {set: {template: value}} -> one row per set/template
+            by, by_base = _flat(by), _flat(by_base)
         if len(by) > 1 or c.by_subtask:
             rows += [(f"  {k}", f"{_f(by_base.get(k))} -> {_f(v)}" if k in by_base else _f(v)) for k, v in by.items()]
     return rows

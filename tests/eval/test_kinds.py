@@ -69,8 +69,16 @@ def test_unknown_kind_is_one_line_naming_it() -> None:
 
 
 def test_shipped_columns_keep_the_result_keys() -> None:
-    assert list(COLUMNS) == ["cbqa_em", "cbqa_candidate_acc", "knowledge_retained", "instruction_em", "response_loss"]
-    assert set(KINDS) == {"teacher_forced", "generate", "response_loss"}
+    assert list(COLUMNS) == [
+        "cbqa_em",
+        "cbqa_candidate_acc",
+        "knowledge_retained",
+        "instruction_em",
+        "t0_score",
+        "rank_acc_mean",
+        "response_loss",
+    ]
+    assert set(KINDS) == {"teacher_forced", "generate", "response_loss", "rank_classification"}
     keys = set(compare({}, {}))
     assert keys >= {
         "cbqa_em",

@@ -92,8 +92,10 @@ class Column:
     over: Literal["sets", "examples"] = "sets"
     by: str | None = None
     by_subtask: bool = False
+    by_template: bool = False  # the breakdown per set, then per example template (rank classification)
     ratio_of: str | None = None
     report: bool = False  # a column of the report's main table
+    optional: bool = False  # shown only where a run scored it (a kind few runs have)
     higher_is_better: bool = True
 
 
@@ -138,6 +140,12 @@ def aggregate(column: Column, scored: list[tuple[EvalSet, list[Example], SetScor
             for e, v in zip(examples, r.per_example[column.field], strict=True):
                 groups[e.subtask].append(v)
         out[column.by] = {t: _mean(v) for t, v in groups.items()}
+    elif column.by and column.by_template:
+        nested: dict[str, dict[str, list]] = {}
+        for s, examples, r in mine:
+            for e, v in zip(examples, r.per_example[column.field], strict=True):
+                nested.setdefault(s.name, {}).setdefault(e.template, []).append(v)
+        out[column.by] = {n: {t: _mean(v) for t, v in by_t.items()} for n, by_t in nested.items()}
     elif column.by:
         out[column.by] = {s.name: r.values[column.field] for s, _, r in mine}
     return out
@@ -190,6 +198,7 @@ def declarations() -> list[dict[str, Any]]:
             "by": c.by,
             "ratio": c.ratio_of is not None,
             "report": c.report,
+            "optional": c.optional,
             "higher_is_better": c.higher_is_better,
         }
         for c in COLUMNS.values()
