@@ -22,7 +22,7 @@ from moe_lora.errors import require
 
 TASK_TYPES = ("cbqa", "instruction")
 DTYPES = ("float32", "bfloat16", "float16")
-OPTIMIZERS = ("adamw", "adafactor")
+OPTIMIZERS = ("adamw", "adafactor", "adafactor_t5x")
 ATTN_IMPLEMENTATIONS = ("auto", "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
 
 
@@ -522,7 +522,9 @@ class RecipeConfig:
     device: str = "auto"  # auto (cuda if available, else cpu), cpu, cuda, cuda:N, mps
     precision: str = "auto"  # auto (follows model.dtype), fp32, bf16 (autocast), fp16 (autocast + GradScaler)
     max_steps: int = 600
-    optimizer: str = "adamw"  # adamw | adafactor (transformers', fixed lr: needs scheduler=constant)
+    # adamw | adafactor (transformers', fixed lr, T-Few's) | adafactor_t5x (the MoV paper's T5X
+    # settings: parameter-scaled, clip 1.0, decay 0.8, no momentum): both need scheduler=constant
+    optimizer: str = "adamw"
     lr: float = 1e-3
     batch_size: int = 16
     grad_accum: int = 1
@@ -570,10 +572,10 @@ class RecipeConfig:
         # The MoV paper trains Adafactor at a constant rate; a schedule on top of it would be a third
         # recipe that no paper ran, so it is refused rather than silently dropped.
         require(
-            self.optimizer != "adafactor" or self.scheduler == "constant",
+            not self.optimizer.startswith("adafactor") or self.scheduler == "constant",
             "recipe.scheduler",
             self.scheduler,
-            "must be constant with recipe.optimizer=adafactor (the MoV paper's constant rate)",
+            f"must be constant with recipe.optimizer={self.optimizer} (the MoV paper's constant rate)",
         )
         require(self.log_every >= 1, "recipe.log_every", self.log_every, "must be >= 1")
         require(

@@ -16,6 +16,38 @@ def param_groups(params: Params, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
+def t5x_adafactor(groups: list[dict], lr: float) -> torch.optim.Optimizer:
+    """``recipe.optimizer=adafactor_t5x``: Adafactor as the MoV paper trains T5 in T5X (for-ai's
+    released gin configs): parameter-scaled updates (lr x max(1e-3, RMS(param))), update clipping
+    at RMS 1.0, second-moment decay 1 - t^-0.8, no first moment (no momentum), at the recipe's
+    constant rate (3e-4 in the paper, 1e-3 for full fine-tuning), with T5X's factoring rule
+    (:class:`T5XAdafactor`). transformers' Adafactor has the same update otherwise (eps 1e-30 and
+    1e-3 as T5X's epsilon1 / epsilon2)."""
+    from transformers.optimization import Adafactor
+
+    class T5XAdafactor(Adafactor):
+        """T5X factors a tensor's second moment only when its second-largest dimension is at least
+        ``min_dim_size_to_factor`` = 128 (a LoRA A of rank 4 keeps a full one); transformers
+        factors every matrix. Factored tensors are factored over their last two dimensions as in
+        transformers (T5X picks the two largest: the same for matrices)."""
+
+        @staticmethod
+        def _get_options(param_group, param_shape):
+            dims = sorted(param_shape)
+            return len(dims) >= 2 and dims[-2] >= 128, param_group["beta1"] is not None
+
+    return T5XAdafactor(
+        groups,
+        lr=lr,
+        scale_parameter=True,
+        relative_step=False,
+        warmup_init=False,
+        clip_threshold=1.0,
+        decay_rate=-0.8,
+        beta1=None,
+    )
+
+
 def can_fuse(params: Params) -> bool:
     """torch's fused AdamW (one kernel over parameter, gradient and both moments) takes plain
     floating tensors on the CPU or a GPU; sharded (FSDP2 DTensor) parameters keep the default."""
@@ -33,6 +65,8 @@ def make_optimizer(
     the way the MoV paper and T-Few train their vectors; its relative-step mode would ignore
     ``recipe.lr``."""
     groups = param_groups(params, weight_decay)
+    if name == "adafactor_t5x":
+        return t5x_adafactor(groups, lr)
     if name == "adafactor":
         from transformers.optimization import Adafactor
 
