@@ -133,6 +133,18 @@ def response_loss(
     return total / count if count else None
 
 
+def answer_logprobs(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The log-probability of every answer token of a collated batch (flattened, float32) and the
+    batch row of each. Only answer positions get a log-softmax: B x T x V in float32 would not fit
+    at paper scale."""
+    with torch.no_grad():
+        logits = _logits(model, batch)
+    labels = batch["labels"][:, 1:].to(logits.device)
+    scored = labels != IGNORE
+    logp = -F.cross_entropy(logits[:, :-1][scored].float(), labels[scored], reduction="none")
+    return logp, scored.nonzero()[:, 0]
+
+
 def response_loss_sums(
     model: PreTrainedModel,
     tok: PreTrainedTokenizerBase,
@@ -144,12 +156,8 @@ def response_loss_sums(
     """(summed cross-entropy, response tokens): shards of a set add up."""
     total, count = 0.0, 0
     for chunk in batches(examples, batch_size):
-        batch = collate(chunk, tok, max_length, chat_template=chat_template)
-        logits = _logits(model, batch)
-        labels = batch["labels"][:, 1:].to(logits.device)
-        scored = labels != IGNORE  # response positions only: B x T x V in float32 would not fit at paper scale
-        total += float(F.cross_entropy(logits[:, :-1][scored].float(), labels[scored], reduction="sum"))
-        count += int(scored.sum())
+        logp, _ = answer_logprobs(model, collate(chunk, tok, max_length, chat_template=chat_template))
+        total, count = total - float(logp.sum()), count + logp.numel()
     return total, count
 
 
@@ -169,15 +177,10 @@ def choice_logprobs(
     pairs = [replace(e, answer=c) for e in examples for c in e.choices]
     scores: list[float] = []
     for chunk in batches(pairs, batch_size):
-        batch = collate(chunk, tok, max_length, chat_template=chat_template)
-        with torch.no_grad():
-            logits = _logits(model, batch)
-        labels = batch["labels"][:, 1:].to(logits.device)
-        scored = labels != IGNORE
-        logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, labels.clamp_min(0).unsqueeze(-1))
-        sums = (logp.squeeze(-1) * scored).sum(-1)
+        logp, rows = answer_logprobs(model, collate(chunk, tok, max_length, chat_template=chat_template))
+        sums = torch.zeros(len(chunk), device=logp.device).index_add_(0, rows, logp)
         if normalize:
-            sums = sums / scored.sum(-1).clamp_min(1)
+            sums = sums / torch.bincount(rows, minlength=len(chunk)).clamp_min(1)
         scores += sums.tolist()
     out, i = [], 0
     for e in examples:

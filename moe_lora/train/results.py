@@ -68,6 +68,8 @@ def metric_rows(m: dict[str, Any]) -> list[tuple[str, str]]:
         if c.ratio_of is not None:
             rows.append((c.header, _f(m.get(c.key))))
             continue
+        if c.optional and m.get(c.key) is None and m.get(c.key + "_base") is None:
+            continue  # a kind this run has no sets of (rank classification)
         rows.append((f"{c.header} (base -> tuned)", f"{_f(m.get(c.key + '_base'))} -> {_f(m.get(c.key))}"))
         by, by_base = (m.get(c.by) or {}, m.get(f"{c.by}_base") or {}) if c.by else ({}, {})
         if c.by_template:  # {set: {template: value}} -> one row per set/template

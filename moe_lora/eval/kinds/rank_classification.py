@@ -64,16 +64,15 @@ def score(s: Scoring, eval_set: EvalSet, examples: list[Example]) -> SetScore:
 
 
 register_kind(MetricKind("rank_classification", score, ("rank_median", "rank")))
+register_column(Column("t0_score", "T0 score", "rank_median", by="rank_acc_by_set", report=True, optional=True))
 register_column(
     Column(
-        "t0_score",
-        "T0 score (mean over sets of the template median)",
-        "rank_median",
-        by="rank_acc_by_set",
-        report=True,
+        "rank_acc_mean",
+        "rank classification acc",
+        "rank",
+        over="examples",
+        by="rank_acc",
+        by_template=True,
         optional=True,
     )
-)
-register_column(
-    Column("rank_acc_mean", "rank classification acc", "rank", over="examples", by="rank_acc", by_template=True)
 )
