@@ -98,3 +98,34 @@ def test_t5_model_configs_build_on_the_meta_device_with_both_stacks(size) -> Non
     model = meta_model(cfg)
     assert type(model).__name__ == "T5ForConditionalGeneration" and cfg.total_layers == 48
     assert find_stacks(model) == (("encoder.block", 24), ("decoder.block", 24))
+
+
+@pytest.mark.parametrize("version", ["v1_1", "v1_0"])
+@pytest.mark.parametrize(
+    "adapter", ["mov", "ia3", "molora", "lora", "loramoe", "mola", "adamoe", "hydralora", "melora", "alora"]
+)
+def test_every_variant_runs_a_t5_and_starts_as_the_base(t5_checkpoints, version, adapter) -> None:
+    """T5's FFN reads ``wo.weight`` of whatever sits there: every wrapper exposes the base's weight.
+    At initialisation MoV's vectors are 1 and every LoRA B is 0, so the logits are the base's."""
+    from transformers import T5ForConditionalGeneration
+
+    from moe_lora.adapters.inject import inject_adapter
+    from moe_lora.compose import load_config
+
+    path = t5_checkpoints[version]
+    extra = [] if adapter in ("mov", "ia3") else ["adapter.target_modules=[all]"]
+    cfg = load_config(
+        ["model.source=hub", f"model.name_or_path={path}", f"adapter={adapter}", *extra], check_files=False
+    )
+    model = T5ForConditionalGeneration.from_pretrained(path).eval()
+    wo = model.encoder.block[0].layer[1].DenseReluDense.wo
+    ids, labels = torch.randint(1, 64, (2, 7)), torch.randint(1, 64, (2, 5))
+    with torch.no_grad():
+        before = model(input_ids=ids, labels=labels).logits
+    torch.manual_seed(0)
+    assert inject_adapter(model, cfg.adapter, cfg.model, cfg.layout)
+    wrapped = model.encoder.block[0].layer[1].DenseReluDense.wo
+    assert wrapped is not wo and wrapped.weight is wo.weight
+    with torch.no_grad():
+        after = model(input_ids=ids, labels=labels).logits
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-4)

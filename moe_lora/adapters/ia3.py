@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from moe_lora.adapters.base import LayerPlan, register_adapter
-from moe_lora.adapters.layer import linear_dims
+from moe_lora.adapters.layer import WrapsLinear, linear_dims
 from moe_lora.adapters.slices import SlicedOutput
 from moe_lora.config import AdapterConfig
 
@@ -36,7 +36,7 @@ class IA3Scale(nn.Module):
         return h * self.ia3_l.to(h.dtype)
 
 
-class IA3Linear(nn.Module):
+class IA3Linear(WrapsLinear):
     """``y = l * W0 x`` (output site) or ``y = W0 (l * x)`` (input site)."""
 
     def __init__(self, base: nn.Module, scale_input: bool, dtype: torch.dtype | None = None) -> None:

@@ -34,6 +34,22 @@ def linear_dims(base: nn.Module) -> tuple[int, int]:
     return dims(base)
 
 
+class WrapsLinear(nn.Module):
+    """An adapter module around a base linear (``self.base``). Its ``weight`` and ``bias`` are the
+    base's, so model code that reads the wrapped linear's parameters still finds them (T5's FFN
+    casts to ``wo.weight.dtype``; peft's layers expose theirs the same way)."""
+
+    base: nn.Module
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base, "bias", None)
+
+
 def kaiming_uniform_(t: torch.Tensor, fan_in: int) -> None:
     """peft's kaiming-uniform(a=sqrt 5) on an (r, fan_in) matrix is U(-1/sqrt fan_in, 1/sqrt fan_in)."""
     if t.device.type != "meta":
@@ -117,7 +133,7 @@ def grouped_update_(
 AUTO_GROUPED_PER_CHOICE = 16
 
 
-class LoRAExperts(nn.Module):
+class LoRAExperts(WrapsLinear):
     """``y = W0 x + s * sum_e g_e(x) B_e A_e dropout(x)`` with ``s = alpha / r``."""
 
     def __init__(

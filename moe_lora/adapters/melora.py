@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from moe_lora.adapters.base import LayerPlan, register_adapter
-from moe_lora.adapters.layer import base_and_update, kaiming_uniform_, linear_dims
+from moe_lora.adapters.layer import WrapsLinear, base_and_update, kaiming_uniform_, linear_dims
 from moe_lora.config import LowRankConfig
 from moe_lora.errors import ConfigError, require
 
@@ -33,7 +33,7 @@ class MELoRAConfig(LowRankConfig):
         require(self.num_minis >= 1, "adapter.num_minis", self.num_minis, "must be >= 1")
 
 
-class MELoRALinear(nn.Module):
+class MELoRALinear(WrapsLinear):
     """``y = W0 x + s * blockdiag(B_1 A_1, ..., B_n A_n) x``; A: (n, d_in/n, r), B: (n, r, d_out/n)."""
 
     def __init__(

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from moe_lora.adapters.base import LayerPlan, register_adapter
-from moe_lora.adapters.layer import linear_dims
+from moe_lora.adapters.layer import WrapsLinear, linear_dims
 from moe_lora.adapters.slices import SlicedOutput
 from moe_lora.config import RoutedConfig
 from moe_lora.errors import ConfigError
@@ -60,7 +60,7 @@ class MoVScale(nn.Module):
         return self._rescale(h)
 
 
-class MoVLinear(MoVScale):
+class MoVLinear(MoVScale, WrapsLinear):
     """A base linear with :class:`MoVScale` on its input (FFN output projection) or its output."""
 
     def __init__(

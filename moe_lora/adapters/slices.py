@@ -11,8 +11,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from moe_lora.adapters.layer import WrapsLinear
 
-class SlicedOutput(nn.Module):
+
+class SlicedOutput(WrapsLinear):
     """``y = base(x)`` with ``y[..., cols_r] = parts[r](y[..., cols_r])`` for every role r."""
 
     def __init__(self, base: nn.Module, parts: dict[str, nn.Module], columns: dict[str, list[int]]) -> None:
@@ -24,10 +26,6 @@ class SlicedOutput(nn.Module):
             self.register_buffer(
                 f"cols_{role}", torch.tensor(columns[role], dtype=torch.long, device=device), persistent=False
             )
-
-    @property
-    def weight(self) -> torch.Tensor:  # code that reads the wrapped linear's weight still finds it
-        return self.base.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
