@@ -63,15 +63,13 @@ def split_args(args: list[str]) -> tuple[list[str], list[str]]:
     return flags, overrides
 
 
-def expand_sweeps(overrides: list[str], limit: int = 256) -> list[list[str]]:
-    """Every combination a basic multirun would launch (hydra/* overrides are left out, except
-    ``hydra.searchpath``: it decides which config files composition finds)."""
+def _axes(overrides: list[str]) -> list[list[str]]:
+    """Per override, the values a basic multirun would take (``key=value`` each): a sweep's values,
+    both ends of a search interval (Optuna), or the override itself."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    kept = [o for o in overrides if not o.lstrip("+~").startswith("hydra") or o.startswith("hydra.searchpath")]
-    parsed = OverridesParser.create().parse_overrides(kept)
     axes = []
-    for o in parsed:
+    for o in OverridesParser.create().parse_overrides(overrides):
         key = o.get_key_element()
         if o.is_interval_sweep():  # a search space (Optuna): check both of its ends
             axes.append([f"{key}={o.value().start}", f"{key}={o.value().end}"])
@@ -79,24 +77,20 @@ def expand_sweeps(overrides: list[str], limit: int = 256) -> list[list[str]]:
             axes.append([f"{key}={v}" for v in o.sweep_string_iterator()])
         else:
             axes.append([o.input_line])
-    return [list(c) for c in itertools.islice(itertools.product(*axes), limit)]
+    return axes
+
+
+def expand_sweeps(overrides: list[str], limit: int = 256) -> list[list[str]]:
+    """Every combination a basic multirun would launch (hydra/* overrides are left out, except
+    ``hydra.searchpath``: it decides which config files composition finds)."""
+    kept = [o for o in overrides if not o.lstrip("+~").startswith("hydra") or o.startswith("hydra.searchpath")]
+    return [list(c) for c in itertools.islice(itertools.product(*_axes(kept)), limit)]
 
 
 def first_job(overrides: list[str]) -> list[str]:
     """The command line of a multirun's first job, hydra/* overrides included: every sweep
     (``a=1,2``, ``range``, ``interval``) replaced by its first value, so that it composes."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    out = []
-    for o in OverridesParser.create().parse_overrides(overrides):
-        key = o.get_key_element()
-        if o.is_interval_sweep():
-            out.append(f"{key}={o.value().start}")
-        elif o.is_sweep_override():
-            out.append(f"{key}={next(iter(o.sweep_string_iterator()))}")
-        else:
-            out.append(o.input_line)
-    return out
+    return [axis[0] for axis in _axes(overrides)]
 
 
 def compose(overrides: list[str], return_hydra_config: bool = False):

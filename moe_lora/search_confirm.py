@@ -20,6 +20,7 @@ from typing import Any
 
 from moe_lora import outputs
 from moe_lora.errors import ConfigError
+from moe_lora.report.search import is_trial
 from moe_lora.train.job import objective_value
 
 NAMED = ("triangle", "inverted_triangle", "hourglass", "rectangle", "diamond")
@@ -28,7 +29,7 @@ NAMED = ("triangle", "inverted_triangle", "hourglass", "rectangle", "diamond")
 def top_trials(sweep: Path, top: int) -> tuple[list[dict[str, Any]], str]:
     """The ``top`` finished trials by their objective (best first) and the objective's path."""
     trials = [json.loads(p.read_text()) for p in sorted(sweep.glob(f"*/{outputs.RESULTS}"))]
-    trials = [t for t in trials if str((t.get("config") or {}).get("layout", {}).get("name")).startswith("searched")]
+    trials = [t for t in trials if is_trial(str((t.get("config") or {}).get("layout", {}).get("name")))]
     if not trials:
         raise ConfigError(f"{sweep}: no finished trials of layout=searched* (a layout_search sweep folder)")
     recipe = trials[0]["config"]["recipe"]

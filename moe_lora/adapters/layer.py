@@ -112,16 +112,17 @@ def grouped_update_(
     order = expert.argsort(stable=True)
     counts = torch.bincount(expert, minlength=num_experts + 1)  # the last bin: null picks
     offsets = counts[:num_experts].cumsum(0)
-    if x.device.type == "cpu" if drop_null is None else drop_null:
+    if drop_null is None:
+        drop_null = x.device.type == "cpu"
+    if drop_null:
         order = order[: int(offsets[-1])]
     else:
         offsets = torch.cat([offsets[:-1], offsets.new_full((1,), expert.numel())])
     offsets = offsets.to(torch.int32)
     token = order // k
     A3 = A.view(A.shape[0], num_experts, rank).transpose(0, 1)  # (E, d_in, r)
-    h = torch._grouped_mm(
-        x.index_select(0, token), A3, offs=offsets
-    )  # (T*k, r); index_select: faster than x[token] both ways
+    # index_select: faster than x[token] on the CPU, forward and backward
+    h = torch._grouped_mm(x.index_select(0, token), A3, offs=offsets)  # (T*k, r)
     h = h * (weight.flatten().index_select(0, order) * scaling).unsqueeze(-1).to(h.dtype)
     y = torch._grouped_mm(h, B.view(num_experts, rank, B.shape[1]), offs=offsets)  # (T*k, d_out)
     out.index_add_(0, token, y.to(out.dtype))
@@ -166,7 +167,7 @@ class LoRAExperts(WrapsLinear):
         self.drop_null: bool | None = None
         w = base.weight
         dtype = dtype or w.dtype  # adapter.dtype (float32) when injected; the base's dtype otherwise
-        if self.grouped and any(n * dtype.itemsize % 16 for n in (self.d_in, self.d_out, rank)):
+        if self.grouped and not self.rows_fit(dtype):
             raise ConfigError(
                 f"adapter.expert_compute=grouped needs rank ({rank}) and layer widths ({self.d_in}, "
                 f"{self.d_out}) whose rows are multiples of 16 bytes in {dtype}; use dense"
@@ -215,23 +216,27 @@ class LoRAExperts(WrapsLinear):
         # as a matmul its backward is a small GEMM rather than a strided sum over r
         return h * ((gate.to(h.dtype) * self.scaling) @ self.gate_expand.to(h.dtype)), 1.0
 
+    def rows_fit(self, dtype: torch.dtype) -> bool:
+        """Grouped GEMMs need rows of 16 bytes' multiples: the layer's widths and rank in ``dtype``."""
+        return not any(n * dtype.itemsize % 16 for n in (self.d_in, self.d_out, self.rank))
+
     def use_grouped(self, x: torch.Tensor, dt: torch.dtype) -> bool:
         """Whether this forward computes the chosen pairs with grouped GEMMs: always for
         ``grouped``; for ``auto`` where the kernel takes the compute dtype ``dt`` (16-byte rows;
         bfloat16 only on CUDA and when compiled)."""
         if self.grouped or not self.auto:
             return self.grouped
-        if any(n * dt.itemsize % 16 for n in (self.d_in, self.d_out, self.rank)):
+        if not self.rows_fit(dt):
             return False
         return dt == torch.bfloat16 or (x.device.type == "cpu" and not torch.compiler.is_compiling())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # grouped GEMMs are not autocast ops: they run in the autocast dtype by hand (CUDA's kernel
+        # is bfloat16-only), in the adapter's dtype otherwise
         on = torch.is_autocast_enabled(x.device.type)
-        if self.use_grouped(x, torch.get_autocast_dtype(x.device.type) if on else self.lora_A.dtype):
+        dt = torch.get_autocast_dtype(x.device.type) if on else self.lora_A.dtype
+        if self.use_grouped(x, dt):
             weight, expert = self.router.choose(x)
-            # grouped GEMMs are not autocast ops: run them in the autocast dtype by hand (CUDA's
-            # kernel is bfloat16-only), in the adapter's dtype otherwise
-            dt = torch.get_autocast_dtype(x.device.type) if on else self.lora_A.dtype
             xd = self.lora_dropout(x).to(dt)
             return base_and_update(
                 self.base,

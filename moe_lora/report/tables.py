@@ -39,9 +39,8 @@ def metric_columns(runs: list[Run]) -> list[tuple[str, str]]:
         for c in (
             declared if declared is not None else [{"key": k, "header": h, "report": True} for h, k in DEFAULT_COLUMNS]
         ):
-            if (c["report"] and c.get("optional") is not True) or (
-                c["report"] and ((run.results or {}).get("metrics") or {}).get(c["key"]) is not None
-            ):
+            scored = ((run.results or {}).get("metrics") or {}).get(c["key"]) is not None
+            if c["report"] and (not c.get("optional") or scored):
                 seen.setdefault(c["key"], c["header"])
     return [(h, k) for k, h in seen.items()] or DEFAULT_COLUMNS
 
