@@ -473,6 +473,30 @@ class SourceConfig:
 
 
 @dataclass
+class P3Config:
+    """The T0 mixture from P3's configs under ``data.root`` (``data/p3.py``): datasets by P3's config
+    prefix, their task clusters, T0's per-dataset cap, splits, and evaluation templates."""
+
+    train_datasets: List[str] = field(default_factory=list)
+    eval_datasets: List[str] = field(default_factory=list)
+    clusters: Dict[str, str] = field(default_factory=dict)  # dataset -> task cluster (kept as subtask)
+    cap: int = 500_000  # examples per dataset, split evenly over its templates (T0)
+    train_split: str = "train"
+    eval_split: str = "validation"
+    eval_examples: Optional[int] = None  # rows per evaluation template (recipe.eval_limit also applies)
+    eval_templates: Dict[str, List[str]] = field(default_factory=dict)  # dataset -> templates (default: all)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.train_datasets or self.eval_datasets)
+
+    def __post_init__(self) -> None:
+        require(self.cap >= 1, "data.p3.cap", self.cap, "must be >= 1")
+        for name in self.eval_templates:
+            require(name in self.eval_datasets, f"data.p3.eval_templates.{name}", name, "is not in data.p3.eval_datasets")
+
+
+@dataclass
 class DataConfig:
     """The fine-tuning mix. With ``sources`` empty it is the built-in world: instruction examples
     plus a ``cbqa_ratio`` share of CBQA pairs about trained people. With ``sources`` it is real
@@ -481,6 +505,7 @@ class DataConfig:
 
     name: str = "world_mix"
     sources: Dict[str, SourceConfig] = field(default_factory=dict)
+    p3: P3Config = field(default_factory=P3Config)  # the T0 mixture (data=p3_t0) instead of sources
     root: Optional[str] = None  # folder of prepared datasets (<root>/<source name>), checked first
     chat_template: bool = False  # wrap prompts in the tokenizer's chat template
     num_proc: Optional[int] = None  # datasets.map workers for tokenisation
@@ -491,12 +516,21 @@ class DataConfig:
     min_items: int = 2  # list length of instruction examples
     max_items: int = 3
     eval_per_task: int = 100
-    max_length: int = 64
+    max_length: int = 64  # causal LMs: prompt + answer tokens
+    # encoder-decoders: source (prompt + EOS) and target (answer + EOS) tokens; null: data.max_length
+    max_source_length: Optional[int] = None
+    max_target_length: Optional[int] = None
+
+    def lengths(self, seq2seq: bool) -> int | tuple[int, int]:
+        """What ``data.collate`` encodes to: one length, or (source, target) for an encoder-decoder."""
+        if not seq2seq:
+            return self.max_length
+        return (self.max_source_length or self.max_length, self.max_target_length or self.max_length)
 
     @property
     def source(self) -> str:
-        """``world`` (built-in) or ``hub`` (real datasets through ``datasets``)."""
-        return "hub" if self.sources else "world"
+        """``world`` (built-in), ``hub`` (real datasets through ``datasets``) or ``p3``."""
+        return "p3" if self.p3.enabled else "hub" if self.sources else "world"
 
     def __post_init__(self) -> None:
         require(0.0 <= self.cbqa_ratio <= 1.0, "data.cbqa_ratio", self.cbqa_ratio, "must be in [0, 1]")
@@ -509,6 +543,9 @@ class DataConfig:
             f"must be in [data.min_items={self.min_items}, 10]",
         )
         require(self.max_length >= 8, "data.max_length", self.max_length, "must be >= 8")
+        for key in ("max_source_length", "max_target_length"):
+            value = getattr(self, key)
+            require(value is None or value >= 2, f"data.{key}", value, "must be >= 2 or null")
         require(self.num_proc is None or self.num_proc >= 1, "data.num_proc", self.num_proc, "must be >= 1 or null")
 
 
@@ -549,6 +586,10 @@ class RecipeConfig:
     keep_checkpoints: int = 2  # newest checkpoints kept
     on_nonfinite: str = "stop"  # stop: fail naming the step and module; skip: skip the step (counted)
     nproc_per_node: int = 1  # local worker processes a Hydra job starts itself (1 under torchrun/SLURM tasks)
+    # token: cross-entropy summed over the global batch's label tokens / their count (every token
+    # weighs the same); sequence: each sequence's mean, averaged over sequences (T5X's per-sequence
+    # average, the MoV paper's)
+    loss_normalization: str = "token"
 
     def __post_init__(self) -> None:
         require(self.max_steps >= 1, "recipe.max_steps", self.max_steps, "must be >= 1")
@@ -601,6 +642,12 @@ class RecipeConfig:
         )
         require(self.keep_checkpoints >= 1, "recipe.keep_checkpoints", self.keep_checkpoints, "must be >= 1")
         require(self.on_nonfinite in ("stop", "skip"), "recipe.on_nonfinite", self.on_nonfinite, "must be stop or skip")
+        require(
+            self.loss_normalization in ("token", "sequence"),
+            "recipe.loss_normalization",
+            self.loss_normalization,
+            "must be token or sequence",
+        )
 
 
 # ------------------------------------------------------------------------------------------------ eval

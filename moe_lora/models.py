@@ -132,19 +132,6 @@ def is_seq2seq(cfg: ModelConfig, config=None) -> bool:
     )
 
 
-def check_trainable_kind(cfg: ModelConfig) -> None:
-    """Training loads causal LMs only for now: an encoder-decoder fails before anything loads
-    (``moe-lora params`` counts it on the meta device)."""
-    config = checkpoint_config(cfg)
-    if is_seq2seq(cfg, config):
-        kind = config.model_type if config is not None else cfg.family
-        raise ConfigError(
-            f"model.name_or_path={cfg.name_or_path!r} is a {kind} encoder-decoder: `moe-lora params` "
-            "counts it, but training encoder-decoders (seq2seq batches and loss) is not built yet; "
-            "train a decoder-only causal LM (llama, mistral, qwen2, gemma, phi, olmo, gpt_neox, ...)"
-        )
-
-
 def check_causal(config, cfg: ModelConfig) -> None:
     """A causal LM or an encoder-decoder (seq2seq LM); any other head fails naming the model."""
     from transformers.models.auto.modeling_auto import (
@@ -330,12 +317,15 @@ def resolve_hub_path(cfg: ModelConfig) -> str:
 
 
 def hub_model(cfg: ModelConfig):
-    """Any Hugging Face causal LM (weights in ``model.dtype``) and its tokenizer (pad token set to
-    EOS if missing). The architecture was read from the same config.json in ``validate``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Any Hugging Face causal LM or encoder-decoder (``model.architecture``; weights in
+    ``model.dtype``) and its tokenizer (pad token set to EOS if missing). The architecture was read
+    from the same config.json in ``validate``. T5 keeps its ``wo`` in float32 under a bf16 / fp16
+    ``model.dtype`` (transformers' ``_keep_in_fp32_modules``: T5's FFN output overflows in fp16)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     path = resolve_hub_path(cfg)
-    model = AutoModelForCausalLM.from_pretrained(
+    auto = AutoModelForSeq2SeqLM if is_seq2seq(cfg, checkpoint_config(cfg)) else AutoModelForCausalLM
+    model = auto.from_pretrained(
         path,
         dtype=getattr(torch, cfg.dtype),
         attn_implementation=attn_implementation(cfg),

@@ -138,6 +138,11 @@ FUSED_GATE_UP = {
 }
 
 
+# Cross-attention submodules of encoder-decoders (T5; BART, mBART, Pegasus, Marian, Whisper; others):
+# their keys and values are computed from the encoder's output.
+CROSS_ATTENTION = frozenset({"EncDecAttention", "encoder_attn", "crossattention", "cross_attn", "cross_attention"})
+
+
 # ------------------------------------------------------------------------------------- structure
 @dataclass(frozen=True)
 class LinearInfo:

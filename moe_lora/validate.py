@@ -16,13 +16,7 @@ from moe_lora.config import TrainConfig
 from moe_lora.data.world import INSTRUCTION_TASKS, World
 from moe_lora.errors import ConfigError
 from moe_lora.layouts import resolve_layout
-from moe_lora.models import (
-    check_attn_implementation,
-    check_trainable_kind,
-    meta_model,
-    read_architecture,
-    resolve_hub_path,
-)
+from moe_lora.models import check_attn_implementation, meta_model, read_architecture, resolve_hub_path
 from moe_lora.structure import cross_check_peft, read_structure
 from moe_lora.train.precision import check_precision, resolve_device, resolve_precision
 
@@ -54,20 +48,30 @@ def validate(cfg: TrainConfig, check_files: bool = True) -> None:
             )
 
         check_harness(cfg.eval.harness)
+    if cfg.data.p3.enabled and cfg.model.source == "world":
+        raise ConfigError(
+            f"data={cfg.data.name!r} reads P3 (data.p3) but model.source=world: the built-in model's "
+            "vocabulary only covers the built-in world; choose a hub model (model=... model.name_or_path=...)"
+        )
+    if cfg.data.p3.enabled and cfg.data.sources:
+        raise ConfigError("data.p3 and data.sources are both set: a mixture is P3's or the sources', not both")
     if check_files:
         if cfg.model.source == "hub":
             resolve_hub_path(cfg.model)  # a missing model fails here, in well under a second
-            check_trainable_kind(cfg.model)
         resolve_device(cfg.recipe.device)
         if cfg.data.sources:
             from moe_lora.data.sources import check_sources
 
             check_sources(cfg.data)
+        if cfg.data.p3.enabled:
+            from moe_lora.data.p3 import check_p3
+
+            check_p3(cfg.data)
+    cfg.model = read_architecture(cfg.model)
     if cfg.data.sources:
         check_real_data(cfg, spec.wrap is not None or spec.trains_base)
         if check_files and (spec.wrap is not None or spec.trains_base):
             check_max_length(cfg)
-    cfg.model = read_architecture(cfg.model)
     if getattr(cfg.adapter, "expert_compute", "dense") == "grouped":
         check_grouped(cfg)
     if spec.wrap is not None:
@@ -103,10 +107,12 @@ def check_max_length(cfg: TrainConfig, n: int = 16) -> None:
 
     examples = first_examples(cfg.data, n)
     tok = AutoTokenizer.from_pretrained(resolve_hub_path(cfg.model), trust_remote_code=cfg.model.trust_remote_code)
-    max_length, chat = cfg.data.max_length, cfg.data.chat_template
+    seq2seq = cfg.model.architecture == "seq2seq"
+    max_length, chat = cfg.data.lengths(seq2seq), cfg.data.chat_template
     if examples and all(encode_example(tok, e.prompt, e.answer, max_length, chat).truncated for e in examples):
+        key = "data.max_source_length / data.max_target_length" if seq2seq else "data.max_length"
         raise ConfigError(
-            f"data.max_length={max_length} is shorter than every training example checked (the first "
+            f"{key}={max_length} is shorter than every training example checked (the first "
             f"{n} of each source, {len(examples)} in all): their prompts would be cut; raise it"
         )
 

@@ -1,6 +1,7 @@
 """Encoder-decoders (T5) on the meta device: the MoV paper's parameter counts from conf/model, and
 tiny random T5 checkpoints (v1.1 gated and v1.0 `wi`) adapted in both stacks, self- and
-cross-attention alike; training them is refused with one line until seq2seq batches exist."""
+cross-attention alike; seq2seq batches, loss and the encode-once choice scoring of rank
+classification (P3 runs end to end: tests/test_p3.py)."""
 
 from __future__ import annotations
 
@@ -75,19 +76,6 @@ def test_tiny_t5_checkpoints_adapt_both_stacks_and_cross_attention(run_cli, t5_c
     assert not any(n.endswith(tuple(ffn_in)) for n in names)
 
 
-def test_training_an_encoder_decoder_is_refused_in_one_line(run_cli, t5_checkpoints, tmp_path) -> None:
-    code, out, err = run_cli(
-        "train",
-        "model.source=hub",
-        f"model.name_or_path={t5_checkpoints['v1_1']}",
-        "adapter=ia3",
-        f"hydra.run.dir={tmp_path / 'run'}",
-        tiny=False,
-    )
-    assert code != 0 and "is a t5 encoder-decoder" in out + err and "model.name_or_path=" in out + err
-    assert not (tmp_path / "run").exists()
-
-
 @pytest.mark.parametrize("size", ["large", "xl", "xxl"])
 def test_t5_model_configs_build_on_the_meta_device_with_both_stacks(size) -> None:
     from moe_lora.compose import load_config
@@ -129,3 +117,118 @@ def test_every_variant_runs_a_t5_and_starts_as_the_base(t5_checkpoints, version,
     with torch.no_grad():
         after = model(input_ids=ids, labels=labels).logits
     torch.testing.assert_close(after, before, rtol=0, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def t5_with_tokenizer(tmp_path_factory):
+    from tests.fixtures.checkpoints import make_t5_checkpoint
+
+    return make_t5_checkpoint(tmp_path_factory.mktemp("t5tok") / "t5")
+
+
+def test_seq2seq_batches_put_the_prompt_in_the_source_and_the_answer_in_the_labels(t5_with_tokenizer) -> None:
+    from transformers import AutoTokenizer
+
+    from moe_lora.data.collate import IGNORE, collate, encode_examples
+    from moe_lora.data.example import Example
+
+    tok = AutoTokenizer.from_pretrained(t5_with_tokenizer)
+    exs = [
+        Example("Q: what is the capital?", "paris", "cbqa", "x"),
+        Example("A long prompt " * 20, "no", "instruction", "y"),
+    ]
+    batch = collate(exs, tok, (32, 8))
+    eos = tok.eos_token_id
+    src0 = tok(exs[0].prompt, add_special_tokens=False)["input_ids"]
+    assert batch["input_ids"][0, : len(src0) + 1].tolist() == [*src0, eos]  # prompt + EOS, nothing in front
+    assert batch["input_ids"].shape[1] == 32 and batch["input_ids"][1, -1] == eos  # cut from the right, EOS kept
+    tgt0 = tok("paris", add_special_tokens=False)["input_ids"][:5]
+    assert batch["labels"][0, : len(tgt0) + 1].tolist() == [*tgt0, eos] and (batch["labels"] == IGNORE).any()
+    assert batch["attention_mask"][0].sum() == len(src0) + 1
+    encoded = encode_examples(exs, tok, (32, 8))
+    assert encoded.seq2seq and encoded.truncated == 1
+    for key, value in encoded.batch([0, 1]).items():
+        torch.testing.assert_close(value, batch[key])
+
+
+def test_seq2seq_loss_matches_t5s_own_and_sequence_normalisation_averages_sequences(t5_with_tokenizer) -> None:
+    from transformers import T5ForConditionalGeneration
+
+    from moe_lora.data.collate import IGNORE
+    from moe_lora.train.loss import batch_loss
+
+    model = T5ForConditionalGeneration.from_pretrained(t5_with_tokenizer).eval()
+    ids = torch.randint(3, 60, (3, 7))
+    labels = torch.randint(3, 60, (3, 5))
+    labels[0, 2:] = IGNORE
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    with torch.no_grad():
+        own = model(input_ids=ids, labels=labels).loss  # T5's mean over label tokens
+        token = batch_loss(model, model.config, batch, seq2seq=True)
+        seq = batch_loss(model, model.config, batch, seq2seq=True, normalization="sequence")
+        logits = model(input_ids=ids, labels=labels).logits
+    torch.testing.assert_close(token, own)
+    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE, reduction="none")
+    per_row = ce.sum(1) / (labels != IGNORE).sum(1)
+    torch.testing.assert_close(seq, per_row.mean())
+    assert not torch.allclose(seq, token)
+
+
+def test_choices_are_scored_with_one_encoding_per_example_and_equal_pairwise_scoring(t5_with_tokenizer) -> None:
+    from transformers import AutoTokenizer, T5ForConditionalGeneration
+
+    from moe_lora.data.collate import collate
+    from moe_lora.data.example import Example
+    from moe_lora.eval.metrics import answer_logprobs, choice_logprobs
+
+    tok = AutoTokenizer.from_pretrained(t5_with_tokenizer)
+    model = T5ForConditionalGeneration.from_pretrained(t5_with_tokenizer).eval()
+    exs = [
+        Example("it rains. Does it follow?", "yes", "instruction", "rte", choices=("yes", "no"), template="a"),
+        Example(
+            "the cat sleeps. Question: a dog runs?", "Maybe", "instruction", "anli", choices=("Yes", "Maybe", "No")
+        ),
+    ]
+    calls = []
+    handle = model.get_encoder().register_forward_hook(
+        lambda m, a, k, o: calls.append(k["input_ids"].shape[0]), with_kwargs=True
+    )
+    scores = choice_logprobs(model, tok, exs, (32, 8), batch_size=16)
+    handle.remove()
+    assert calls == [2]  # one encoder row per example, not per choice
+    for ex, row in zip(exs, scores, strict=True):
+        pairs = [Example(ex.prompt, c, "instruction", "x") for c in ex.choices]
+        logp, rows = answer_logprobs(model, collate(pairs, tok, (32, 8)))
+        want = torch.zeros(len(pairs)).index_add_(0, rows, logp)
+        torch.testing.assert_close(torch.tensor(row), want, rtol=1e-5, atol=1e-5)
+
+
+def test_routers_of_the_decoder_are_masked_with_the_target_tokens(t5_with_tokenizer) -> None:
+    from transformers import T5ForConditionalGeneration
+
+    from moe_lora.adapters.inject import inject_adapter
+    from moe_lora.compose import load_config
+    from moe_lora.routing.recorder import RoutingRecorder
+    from moe_lora.train.loss import batch_loss
+
+    cfg = load_config(["model.source=hub", f"model.name_or_path={t5_with_tokenizer}", "adapter=mov"], check_files=False)
+    model = T5ForConditionalGeneration.from_pretrained(t5_with_tokenizer)
+    rec = RoutingRecorder()
+    inject_adapter(model, cfg.adapter, cfg.model, cfg.layout, rec)
+    streams = {n: r.stream for n, r in rec.routers.items()}
+    assert streams["encoder.block.0.layer.0.SelfAttention.k"] == "input"
+    assert streams["decoder.block.0.layer.1.EncDecAttention.v"] == "input"  # cross-attention reads the encoder
+    assert streams["decoder.block.0.layer.0.SelfAttention.k"] == "target"
+    assert streams["decoder.block.0.layer.2.DenseReluDense.wo"] == "target"
+    ids, mask = torch.randint(3, 60, (2, 9)), torch.ones(2, 9, dtype=torch.long)
+    mask[1, 6:] = 0
+    labels = torch.randint(3, 60, (2, 4))
+    labels[0, 3:] = -100
+    with rec.batch(mask, torch.tensor([0, 1]), (labels != -100).long()):
+        batch_loss(model, model.config, {"input_ids": ids, "attention_mask": mask, "labels": labels}, seq2seq=True)
+    rows = {(r["module"], r["task_type"]): r for r in rec.flush(1)}
+    heads = cfg.model.num_heads or 4
+    assert rows[("encoder.block.0.layer.0.SelfAttention.k", "all")]["tokens"] == 15 * heads  # 9 + 6 real source tokens
+    assert rows[("decoder.block.0.layer.1.EncDecAttention.k", "all")]["tokens"] == 15 * heads
+    assert rows[("decoder.block.0.layer.0.SelfAttention.k", "all")]["tokens"] == 7 * heads  # 3 + 4 target tokens
+    assert rows[("decoder.block.0.layer.2.DenseReluDense.wo", "all")]["tokens"] == 7

@@ -26,7 +26,7 @@ from moe_lora.errors import ConfigError
 from moe_lora.layouts import is_per_layer, resolve_layout
 from moe_lora.routing.recorder import AuxLossConfig, RoutingRecorder
 from moe_lora.routing.router import Router
-from moe_lora.structure import Structure, is_adaptable, read_structure
+from moe_lora.structure import CROSS_ATTENTION, Structure, is_adaptable, read_structure
 from moe_lora.targets import Site, resolve_targets, targets_summary
 
 log = logging.getLogger(__name__)
@@ -133,10 +133,24 @@ def inject_adapter(
     names = [site.name for site in sites]
     if recorder is not None:
         aux = aux_config(adapter)
+        seq2seq = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
         for name, mod in model.named_modules():
             if isinstance(mod, Router):
-                recorder.attach(mod, name.removesuffix(".router"), aux)
+                site = max((s for s in sites if name.startswith(f"{s.name}.")), key=lambda s: len(s.name), default=None)
+                stream = token_stream(structure, site) if seq2seq and site is not None else "input"
+                recorder.attach(mod, name.removesuffix(".router"), aux, stream)
     return names
+
+
+def token_stream(structure: Structure, site: Site) -> str:
+    """Which tokens a router of an encoder-decoder sees: the encoder's (its stack, and the keys and
+    values of cross-attention, read from the encoder's output) or the decoder's (``target``). The
+    recorder checks the shapes, so a misread model fails instead of masking with the wrong mask."""
+    encoder = structure.stacks[0][0]
+    if site.name.startswith(f"{encoder}."):
+        return "input"
+    cross = any(part in CROSS_ATTENTION for part in site.name.split("."))
+    return "input" if cross and set(site.roles) & {"key", "value"} else "target"
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:

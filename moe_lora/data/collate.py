@@ -16,6 +16,9 @@ from moe_lora.data.example import Example
 from moe_lora.outputs import atomic_dir
 
 IGNORE = -100  # the label of positions without loss (prompt, padding), as transformers
+# How examples become tokens: an int is a causal LM's total length (prompt + answer in one
+# sequence); a (max_source, max_target) pair is an encoder-decoder's source and target lengths.
+Lengths = int | tuple[int, int]
 
 
 def adds_bos(tok: PreTrainedTokenizerBase) -> bool:
@@ -103,18 +106,37 @@ def fit(prompt: list[int], answer: list[int], max_length: int, bos: int | None) 
     return Encoded(prompt + answer[: max_length - len(prompt)], len(prompt), True, cut)
 
 
+def encode_seq2seq(
+    tok: PreTrainedTokenizerBase, prompt: str, answer: str, lengths: tuple[int, int], chat_template: bool = False
+) -> Encoded:
+    """An encoder-decoder's example: source = prompt tokens + EOS, target = answer tokens + EOS,
+    each cut from the right to its length with EOS kept last (seqio's trim with EOS appended, as
+    T5X feeds T0's mixture). ``ids`` is source then target, ``start`` where the target begins; the
+    answer is tokenised on its own (the decoder never sees the prompt's text)."""
+    max_source, max_target = lengths
+    eos = tok.eos_token_id
+    src = tok(format_prompt(tok, prompt, chat_template), add_special_tokens=False)["input_ids"]
+    tgt = tok(answer, add_special_tokens=False)["input_ids"]
+    source, target = [*src[: max_source - 1], eos], [*tgt[: max_target - 1], eos]
+    cut = len(tgt) >= max_target
+    return Encoded(source + target, len(source), cut or len(src) >= max_source, cut)
+
+
 def encode_example(
-    tok: PreTrainedTokenizerBase, prompt: str, answer: str, max_length: int, chat_template: bool = False
+    tok: PreTrainedTokenizerBase, prompt: str, answer: str, max_length: Lengths, chat_template: bool = False
 ) -> Encoded:
     """The one encoding rule of training, response loss and ``encode_examples``: the prompt's
     tokens (with BOS) and the answer's tokens in the context of the prompt (:func:`answer_ids`), so
-    the answer boundary is exact for any tokenizer."""
+    the answer boundary is exact for any tokenizer. A (source, target) ``max_length`` encodes for
+    an encoder-decoder (:func:`encode_seq2seq`)."""
+    if isinstance(max_length, tuple):
+        return encode_seq2seq(tok, prompt, answer, max_length, chat_template)
     context, ctx, bos = _context(tok, prompt, chat_template)  # the prompt is tokenised once
     prompt_tokens = ctx if bos is None else [bos, *ctx]
     return fit(prompt_tokens, answer_ids(tok, context, ctx, answer, chat_template), max_length, bos)
 
 
-def encode(ex: Example, tok: PreTrainedTokenizerBase, max_length: int) -> tuple[list[int], int]:
+def encode(ex: Example, tok: PreTrainedTokenizerBase, max_length: Lengths) -> tuple[list[int], int]:
     """Token ids of ``prompt answer <eos>`` and the index where the answer starts."""
     enc = encode_example(tok, ex.prompt, ex.answer, max_length)
     return enc.ids, enc.start
@@ -124,10 +146,39 @@ def pad_id(tok: PreTrainedTokenizerBase) -> int:
     return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
 
-def pad_batch(
-    encoded: Sequence[tuple[list[int], int]], task_types: Sequence[int], pad: int, train_on_prompt: bool = False
+def _right_pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.as_tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = 1
+    return ids, mask
+
+
+def pad_seq2seq(
+    encoded: Sequence[tuple[list[int], int]], task_types: Sequence[int], pad: int
 ) -> dict[str, torch.Tensor]:
-    """Right-padded ``input_ids`` / ``attention_mask``, ``labels`` from each answer start on."""
+    """Right-padded sources (``input_ids`` / ``attention_mask``) and targets (``labels``, -100 past
+    each end; the model shifts them right into decoder inputs, so there is no causal shift here)."""
+    input_ids, mask = _right_pad([ids[:start] for ids, start in encoded], pad)
+    targets, target_mask = _right_pad([ids[start:] for ids, start in encoded], pad)
+    labels = targets.masked_fill(target_mask == 0, IGNORE)
+    task = torch.as_tensor(list(task_types), dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels, "task_type": task}
+
+
+def pad_batch(
+    encoded: Sequence[tuple[list[int], int]],
+    task_types: Sequence[int],
+    pad: int,
+    train_on_prompt: bool = False,
+    seq2seq: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids`` / ``attention_mask``, ``labels`` from each answer start on
+    (``seq2seq``: :func:`pad_seq2seq`)."""
+    if seq2seq:
+        return pad_seq2seq(encoded, task_types, pad)
     width = max(len(ids) for ids, _ in encoded)
     input_ids = torch.full((len(encoded), width), pad, dtype=torch.long)
     labels = torch.full_like(input_ids, IGNORE)
@@ -144,7 +195,7 @@ def pad_batch(
 def collate(
     examples: Sequence[Example],
     tok: PreTrainedTokenizerBase,
-    max_length: int,
+    max_length: Lengths,
     train_on_prompt: bool = False,
     chat_template: bool = False,
 ) -> dict[str, torch.Tensor]:
@@ -155,6 +206,7 @@ def collate(
         [TASK_TYPES.index(e.task_type) for e in examples],
         pad_id(tok),
         train_on_prompt,
+        seq2seq=isinstance(max_length, tuple),
     )
 
 
@@ -185,6 +237,7 @@ class EncodedSet:
     pad: int
     truncated: int
     answer_cut: int
+    seq2seq: bool = False  # ids are source then target (``starts``: where the target begins)
 
     def __len__(self) -> int:
         return len(self.starts)
@@ -192,7 +245,7 @@ class EncodedSet:
     def batch(self, indices: Sequence[int], train_on_prompt: bool = False) -> dict[str, torch.Tensor]:
         """Exactly what :func:`collate` returns for the same examples."""
         encoded = [(self.flat[self.offsets[i] : self.offsets[i + 1]], int(self.starts[i])) for i in indices]
-        return pad_batch(encoded, self.task_type[list(indices)].tolist(), self.pad, train_on_prompt)
+        return pad_batch(encoded, self.task_type[list(indices)].tolist(), self.pad, train_on_prompt, self.seq2seq)
 
 
 def tokenizer_key(tok: PreTrainedTokenizerBase) -> str:
@@ -209,7 +262,7 @@ def tokenizer_key(tok: PreTrainedTokenizerBase) -> str:
 def encode_examples(
     examples: Sequence[Example],
     tok: PreTrainedTokenizerBase,
-    max_length: int,
+    max_length: Lengths,
     *,
     chat_template: bool = False,
     num_proc: int | None = None,
@@ -229,7 +282,7 @@ def encode_examples(
         return {"ids": enc.ids, "start": enc.start, "truncated": enc.truncated, "answer_cut": enc.answer_cut}
 
     if path is not None and path.exists():
-        return _to_set(datasets.load_from_disk(str(path)), pad_id(tok))
+        return _to_set(datasets.load_from_disk(str(path)), pad_id(tok), isinstance(max_length, tuple))
     source = (
         datasets.Dataset.from_list(rows)
         if rows
@@ -244,16 +297,16 @@ def encode_examples(
     if path is not None:  # one folder whatever num_proc was; another job of a sweep may write it first
         with atomic_dir(path, keep_existing=True) as tmp:
             ds.save_to_disk(str(tmp))
-    return _to_set(ds, pad_id(tok))
+    return _to_set(ds, pad_id(tok), isinstance(max_length, tuple))
 
 
-def _to_set(ds, pad: int) -> EncodedSet:
+def _to_set(ds, pad: int, seq2seq: bool = False) -> EncodedSet:
     """Arrow columns -> flat tensors without a Python list per token."""
     import numpy as np
 
     if len(ds) == 0:
         empty = torch.zeros(0, dtype=torch.long)
-        return EncodedSet(empty, torch.zeros(1, dtype=torch.long), empty, empty, pad, 0, 0)
+        return EncodedSet(empty, torch.zeros(1, dtype=torch.long), empty, empty, pad, 0, 0, seq2seq)
     table = ds.with_format("arrow")[:]
     ids = table.column("ids").combine_chunks()
     offsets = np.asarray(ids.offsets, dtype=np.int64)
@@ -269,4 +322,5 @@ def _to_set(ds, pad: int) -> EncodedSet:
         pad,
         truncated=int(col("truncated").sum()),
         answer_cut=int(col("answer_cut").sum()),
+        seq2seq=seq2seq,
     )

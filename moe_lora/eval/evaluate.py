@@ -49,7 +49,7 @@ def evaluate(
     *,
     fast_em: bool,
     limit: int | None,
-    max_length: int,
+    max_length: int | tuple[int, int],
     eval_cfg: EvalConfig,
     chat_template: bool = False,
     autocast: Callable[[], ContextManager] = contextlib.nullcontext,

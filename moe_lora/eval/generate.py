@@ -22,7 +22,7 @@ from transformers import (
     StoppingCriteriaList,
 )
 
-from moe_lora.data.collate import left_truncate, pad_id, prompt_ids
+from moe_lora.data.collate import encode_seq2seq, left_truncate, pad_id, prompt_ids
 
 
 @contextmanager
@@ -81,6 +81,23 @@ def left_pad(rows: Sequence[list[int]], pad: int, device: torch.device) -> tuple
     return ids.to(device), mask.to(device)
 
 
+def _seq2seq_cache(seq2seq: bool) -> dict:
+    """An empty cache made here for encoder-decoders: the one ``generate`` builds from the config
+    sizes the decoder's self-attention cache by the *encoder's* layer count (transformers 5.24), so
+    a T5 with more decoder than encoder layers fails with an IndexError."""
+    if not seq2seq:
+        return {}
+    from transformers import DynamicCache, EncoderDecoderCache
+
+    return {"cache": EncoderDecoderCache(DynamicCache(), DynamicCache())}
+
+
+def _right_padded(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A left-padded batch moved to the right (padding after each row's tokens)."""
+    order = torch.argsort(1 - mask, dim=1, stable=True)  # real positions first, in their order
+    return ids.gather(1, order), mask.gather(1, order)
+
+
 def _continuation(tokens: list[int], stop_ids: set[int]) -> list[int]:
     """New tokens up to (without) the first EOS: rows that finished early are padded afterwards."""
     for i, t in enumerate(tokens):
@@ -106,8 +123,12 @@ def greedy_generate(
     batch_size: int,
     chat_template: bool = False,
     progress: bool = False,
+    max_source: int | None = None,
 ) -> list[str]:
     """Greedy continuations of ``prompts``, each cut at its first stop string, in input order.
+
+    An encoder-decoder reads each prompt as its source (prompt tokens + EOS, cut to ``max_source``
+    as in training, right-padded) and writes the answer from the decoder start token.
 
     Decoding is pure arg-max whatever a model card's ``generation_config.json`` says: transformers
     fills every field we leave unset from it (Qwen2.5 ships ``do_sample`` and a repetition
@@ -115,8 +136,12 @@ def greedy_generate(
     """
     device = next(model.parameters()).device
     eos = eos_ids(model, tok)
-    limit = context_limit(model, max_new_tokens)
-    encoded = [left_truncate(prompt_ids(tok, p, chat_template), limit, tok.bos_token_id) for p in prompts]
+    seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
+    if seq2seq:
+        encoded = [encode_seq2seq(tok, p, "", (max_source or 1 << 30, 1), chat_template).ids[:-1] for p in prompts]
+    else:
+        limit = context_limit(model, max_new_tokens)
+        encoded = [left_truncate(prompt_ids(tok, p, chat_template), limit, tok.bos_token_id) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))  # longest first, like lm-eval
     config = GenerationConfig(
         max_new_tokens=max_new_tokens,
@@ -134,12 +159,16 @@ def greedy_generate(
     with eval_mode(model):
         for batch in tqdm(batches, desc="generate", disable=not progress, leave=False):
             ids, mask = left_pad([encoded[i] for i in batch], pad_id(tok), device)
+            if seq2seq:  # the encoder reads right-padded sources; the output starts at the decoder start
+                ids, mask = _right_padded(ids, mask)
+            width = 1 if seq2seq else ids.shape[1]
             gen = model.generate(
                 input_ids=ids,
                 attention_mask=mask,
                 generation_config=config,
-                stopping_criteria=StoppingCriteriaList([StopOnStrings(tok, stop, ids.shape[1])]),
+                stopping_criteria=StoppingCriteriaList([StopOnStrings(tok, stop, width)]),
+                **_seq2seq_cache(seq2seq),
             )
-            for i, row in zip(batch, gen[:, ids.shape[1] :].tolist(), strict=True):
+            for i, row in zip(batch, gen[:, width:].tolist(), strict=True):
                 out[i] = cut_at_stop(tok.decode(_continuation(row, set(eos)), skip_special_tokens=True), stop)
     return out

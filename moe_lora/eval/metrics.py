@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from moe_lora.data.collate import IGNORE, collate
+from moe_lora.data.collate import IGNORE, Lengths, collate
 from moe_lora.data.example import Example
 from moe_lora.eval.generate import eval_mode, greedy_generate
 from moe_lora.eval.normalize import MATCHERS
@@ -35,11 +35,24 @@ def answers(ex: Example) -> list[str]:
     return [ex.answer, *ex.aliases]
 
 
-def _logits(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Logits of a right-padded batch, moved to the model's device, in eval mode."""
+def is_seq2seq(model: PreTrainedModel) -> bool:
+    return bool(getattr(model.config, "is_encoder_decoder", False))
+
+
+def aligned_logits(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, labels) of a right-padded batch on the model's device, in eval mode, position t of
+    the logits predicting label t: a causal LM's shifted by one, an encoder-decoder's decoder fed
+    the labels shifted right."""
+    from moe_lora.train.loss import decoder_inputs
+
     device = next(model.parameters()).device
+    ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
     with eval_mode(model):
-        return model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+        if is_seq2seq(model):
+            return model(
+                input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_inputs(model.config, labels)
+            ).logits, labels
+        return model(input_ids=ids, attention_mask=mask).logits[:, :-1], labels[:, 1:]
 
 
 class TeacherForced(NamedTuple):
@@ -57,7 +70,7 @@ def teacher_forced(
     model: PreTrainedModel,
     tok: PreTrainedTokenizerBase,
     examples: Sequence[Example],
-    max_length: int = 64,
+    max_length: Lengths = 64,
     batch_size: int = 128,
     chat_template: bool = False,
 ) -> TeacherForced:
@@ -68,9 +81,9 @@ def teacher_forced(
     """
     out = TeacherForced([], [], [])
     for chunk in batches(examples, batch_size):
-        batch = collate(chunk, tok, max_length, chat_template=chat_template)
-        logits = _logits(model, batch).float().cpu()
-        pred, target = logits[:, :-1].argmax(-1), batch["labels"][:, 1:]
+        logits, target = aligned_logits(model, collate(chunk, tok, max_length, chat_template=chat_template))
+        logits, target = logits.float().cpu(), target.cpu()
+        pred = logits.argmax(-1)
         answer = target != IGNORE
         out.em.extend(((pred == target) | ~answer).all(-1).tolist())
         first = answer.int().argmax(-1)  # position predicting the first answer token
@@ -101,6 +114,7 @@ def generated_em(
     batch_size: int,
     chat_template: bool = False,
     progress: bool = False,
+    max_source: int | None = None,
 ) -> tuple[list[str], list[bool]]:
     """(prediction, correct) per example: greedy generation cut at ``stop``, then ``MATCHERS[match]``
     against the answer and its aliases (the best match, as lm-eval scores multiple targets)."""
@@ -113,6 +127,7 @@ def generated_em(
         batch_size=batch_size,
         chat_template=chat_template,
         progress=progress,
+        max_source=max_source,
     )
     matcher = MATCHERS[match]
     return preds, [matcher(p, answers(e)) for p, e in zip(preds, examples, strict=True)]
@@ -123,7 +138,7 @@ def response_loss(
     model: PreTrainedModel,
     tok: PreTrainedTokenizerBase,
     examples: Sequence[Example],
-    max_length: int,
+    max_length: Lengths,
     batch_size: int,
     chat_template: bool = False,
 ) -> float | None:
@@ -138,10 +153,9 @@ def answer_logprobs(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> t
     batch row of each. Only answer positions get a log-softmax: B x T x V in float32 would not fit
     at paper scale."""
     with torch.no_grad():
-        logits = _logits(model, batch)
-    labels = batch["labels"][:, 1:].to(logits.device)
+        logits, labels = aligned_logits(model, batch)
     scored = labels != IGNORE
-    logp = -F.cross_entropy(logits[:, :-1][scored].float(), labels[scored], reduction="none")
+    logp = -F.cross_entropy(logits[scored].float(), labels[scored], reduction="none")
     return logp, scored.nonzero()[:, 0]
 
 
@@ -149,7 +163,7 @@ def response_loss_sums(
     model: PreTrainedModel,
     tok: PreTrainedTokenizerBase,
     examples: Sequence[Example],
-    max_length: int,
+    max_length: Lengths,
     batch_size: int,
     chat_template: bool = False,
 ) -> tuple[float, int]:
@@ -165,19 +179,26 @@ def choice_logprobs(
     model: PreTrainedModel,
     tok: PreTrainedTokenizerBase,
     examples: Sequence[Example],
-    max_length: int,
+    max_length: Lengths,
     batch_size: int,
     chat_template: bool = False,
     normalize: bool = False,
 ) -> list[list[float]]:
     """Per example, per choice: the summed log-probability of the choice's tokens plus EOS after
     the prompt (lm-eval's loglikelihood of a continuation; the tokens as training sees an answer,
-    :func:`~moe_lora.data.collate.answer_ids`), divided by their count with ``normalize``. A
-    causal LM reads the prompt once per choice; every (example, choice) pair is one row."""
+    :func:`~moe_lora.data.collate.answer_ids`), divided by their count with ``normalize``. Every
+    (example, choice) pair is one row of at most ``batch_size``; a causal LM reads the prompt once
+    per choice, an encoder-decoder encodes it once per example (T0's way) and decodes each choice."""
     pairs = [replace(e, answer=c) for e in examples for c in e.choices]
+    owner = [i for i, e in enumerate(examples) for _ in e.choices]
     scores: list[float] = []
-    for chunk in batches(pairs, batch_size):
-        logp, rows = answer_logprobs(model, collate(chunk, tok, max_length, chat_template=chat_template))
+    for start in range(0, len(pairs), batch_size):
+        chunk, rows_of = pairs[start : start + batch_size], owner[start : start + batch_size]
+        batch = collate(chunk, tok, max_length, chat_template=chat_template)
+        if is_seq2seq(model):
+            logp, rows = _seq2seq_answer_logprobs(model, batch, rows_of)
+        else:
+            logp, rows = answer_logprobs(model, batch)
         sums = torch.zeros(len(chunk), device=logp.device).index_add_(0, rows, logp)
         if normalize:
             sums = sums / torch.bincount(rows, minlength=len(chunk)).clamp_min(1)
@@ -187,3 +208,30 @@ def choice_logprobs(
         out.append(scores[i : i + len(e.choices)])
         i += len(e.choices)
     return out
+
+
+@torch.no_grad()
+def _seq2seq_answer_logprobs(
+    model: PreTrainedModel, batch: dict[str, torch.Tensor], owners: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`answer_logprobs` of an encoder-decoder whose rows repeat sources: each distinct source
+    (consecutive rows of one ``owners`` entry) is encoded once and its states reused for every choice."""
+    from transformers.modeling_outputs import BaseModelOutput
+
+    from moe_lora.train.loss import decoder_inputs
+
+    device = next(model.parameters()).device
+    ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
+    own = torch.as_tensor(owners, device=device)
+    first = torch.cat([own.new_ones(1, dtype=torch.bool), own[1:] != own[:-1]])  # one row per source
+    expand = torch.cumsum(first.long(), 0) - 1  # pair row -> its source's encoded row
+    with eval_mode(model):
+        hidden = model.get_encoder()(input_ids=ids[first], attention_mask=mask[first]).last_hidden_state
+        logits = model(
+            encoder_outputs=BaseModelOutput(last_hidden_state=hidden[expand]),
+            attention_mask=mask,
+            decoder_input_ids=decoder_inputs(model.config, labels),
+        ).logits
+    scored = labels != IGNORE
+    logp = -F.cross_entropy(logits[scored].float(), labels[scored], reduction="none")
+    return logp, scored.nonzero()[:, 0]

@@ -46,16 +46,18 @@ class RoutingRecorder:
         self.statistics = statistics
         self.reduce, self.grad_reduce = reduce, grad_reduce
         self.active = False
-        self._mask: torch.Tensor | None = None
+        self._masks: dict[str, torch.Tensor] = {}  # stream -> (B, S) mask of real tokens
         self._task: torch.Tensor | None = None
-        self._weights: torch.Tensor | None = None  # (B, S, K) mask x one-hot task type
+        self._weights: dict[str, torch.Tensor] = {}  # stream -> (B, S, K) mask x one-hot task type
         self._aux: torch.Tensor | None = None
         self._pending: list[tuple] = []
         self._stats: dict[tuple[str, ...], dict] = {}
         self._routers: dict[str, Router] = {}
 
-    def attach(self, router: Router, name: str, aux: AuxLossConfig) -> None:
-        router.module_name, router.recorder, router.aux = name, self, aux
+    def attach(self, router: Router, name: str, aux: AuxLossConfig, stream: str = "input") -> None:
+        """``stream``: which tokens the router sees, ``input`` (a causal LM's, an encoder's, and
+        cross-attention keys and values) or ``target`` (an encoder-decoder's decoder tokens)."""
+        router.module_name, router.recorder, router.aux, router.stream = name, self, aux, stream
         self._routers[name] = router
 
     @property
@@ -63,11 +65,15 @@ class RoutingRecorder:
         return self._routers
 
     @contextmanager
-    def batch(self, attention_mask: torch.Tensor, task_type: torch.Tensor) -> Iterator[None]:
-        """Record the routers' outputs for one micro-batch forward."""
-        self._mask, self._task = attention_mask, task_type
-        onehot = torch.nn.functional.one_hot(task_type, len(self.task_types)).to(torch.float32)
-        self._weights = attention_mask.to(torch.float32).unsqueeze(-1) * onehot.unsqueeze(1)
+    def batch(
+        self, attention_mask: torch.Tensor, task_type: torch.Tensor, target_mask: torch.Tensor | None = None
+    ) -> Iterator[None]:
+        """Record the routers' outputs for one micro-batch forward. ``target_mask``: an
+        encoder-decoder's decoder tokens (routers of the ``target`` stream are masked with it)."""
+        self._task = task_type
+        self._masks = {"input": attention_mask, "target": attention_mask if target_mask is None else target_mask}
+        onehot = torch.nn.functional.one_hot(task_type, len(self.task_types)).to(torch.float32).unsqueeze(1)
+        self._weights = {k: m.to(torch.float32).unsqueeze(-1) * onehot for k, m in self._masks.items()}
         self.active = True
         try:
             yield
@@ -75,7 +81,8 @@ class RoutingRecorder:
         finally:
             self.active = False
             self._pending = []
-            self._mask = self._task = self._weights = None
+            self._task = None
+            self._masks, self._weights = {}, {}
 
     # ------------------------------------------------------------------------------ recording
     def record(self, router: Router, logits: torch.Tensor, probs: torch.Tensor, selected: torch.Tensor | None) -> None:
@@ -84,11 +91,11 @@ class RoutingRecorder:
         from a model that flattens tokens (OPT's FFN) is unflattened with the batch's mask. The work
         is deferred to the end of the micro-batch, where routers of one shape are stacked and their
         losses and statistics computed together: a few ops per layer stack instead of per router."""
-        mask = self._mask
+        mask = self._masks.get(router.stream)
         if mask is not None and probs.shape[:2] != mask.shape and probs.shape[0] == mask.numel():
             # (B*S, ..., E): OPT flattens the tokens before its FFN
-            logits, probs = logits.unflatten(0, self._mask.shape), probs.unflatten(0, self._mask.shape)
-            selected = selected.unflatten(0, self._mask.shape) if selected is not None else None
+            logits, probs = logits.unflatten(0, mask.shape), probs.unflatten(0, mask.shape)
+            selected = selected.unflatten(0, mask.shape) if selected is not None else None
         if probs.dim() > 3:
             logits, probs = logits.flatten(1, -2), probs.flatten(1, -2)
             selected = selected.flatten(1, -2) if selected is not None else None
@@ -99,6 +106,7 @@ class RoutingRecorder:
         for item in self._pending:
             router, _, probs, selected = item
             key = (
+                router.stream,
                 tuple(probs.shape),
                 router.num_experts,
                 router.top_k,
@@ -108,18 +116,24 @@ class RoutingRecorder:
             )
             groups.setdefault(key, []).append(item)
         self._pending = []
-        for (_, e, top_k, num_null, _, aux), items in groups.items():
+        for (stream, _, e, top_k, num_null, _, aux), items in groups.items():
             routers = [it[0] for it in items]
             logits, probs = torch.stack([it[1] for it in items]), torch.stack([it[2] for it in items])
             selected = None if items[0][3] is None else torch.stack([it[3] for it in items])
-            per_token = probs.shape[2] // self._mask.shape[1]
-            mask = self._mask.repeat_interleave(per_token, 1) if per_token > 1 else self._mask
+            mask = self._masks[stream]
+            per_token = probs.shape[2] // mask.shape[1]
+            if probs.shape[1] != mask.shape[0] or per_token * mask.shape[1] != probs.shape[2]:
+                raise ValueError(
+                    f"router {routers[0].module_name} saw {tuple(probs.shape[1:3])} tokens, but its {stream} "
+                    f"tokens are {tuple(mask.shape)}: the router is on the wrong stream"
+                )
+            mask = mask.repeat_interleave(per_token, 1) if per_token > 1 else mask
             loss = self._aux_loss(routers, aux, e, top_k, num_null, logits, probs, selected, mask)
             if loss is not None:
                 self._aux = loss if self._aux is None else self._aux + loss
             if self.statistics:
                 with torch.no_grad():
-                    self._accumulate(routers, e, probs.detach(), selected, per_token)
+                    self._accumulate(routers, e, probs.detach(), selected, per_token, stream)
 
     def _aux_loss(
         self,
@@ -151,10 +165,17 @@ class RoutingRecorder:
         return torch.stack(terms).sum() if terms else None
 
     def _accumulate(
-        self, routers: list[Router], e: int, probs: torch.Tensor, selected: torch.Tensor | None, per_token: int
+        self,
+        routers: list[Router],
+        e: int,
+        probs: torch.Tensor,
+        selected: torch.Tensor | None,
+        per_token: int,
+        stream: str = "input",
     ) -> None:
         """Add this micro-batch's sums: one einsum over [probs | load | entropy | experts used]."""
-        w = self._weights.repeat_interleave(per_token, 1) if per_token > 1 else self._weights
+        w = self._weights[stream]
+        w = w.repeat_interleave(per_token, 1) if per_token > 1 else w
         n = probs.shape[-1]
         if selected is None:  # soft routing: every expert is used; load counts the arg-max expert
             selected = torch.zeros_like(probs).scatter_(-1, probs.argmax(-1, keepdim=True), 1.0)

@@ -80,6 +80,7 @@ class Router(nn.Module):
         groups = (torch.arange(num_experts, device=device) >= num_experts / 2).long()
         self.register_buffer("expert_type", groups, persistent=False)
         self.module_name = ""
+        self.stream = "input"  # input | target (an encoder-decoder's decoder tokens): which mask applies
         self.recorder: RoutingSink | None = None
         self.aux: AuxLossConfig | None = None
 

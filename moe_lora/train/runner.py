@@ -38,6 +38,7 @@ from moe_lora.train import checkpoint as ckpt
 from moe_lora.train.checkpoint import adapter_state
 from moe_lora.train.distributed import Dist, current, rank_device, wrap_model
 from moe_lora.train.loop import LoopIO, TrainState, init_state, train
+from moe_lora.train.loss import batch_loss, is_seq2seq_model
 from moe_lora.train.precision import Precision, make_precision
 from moe_lora.train.preempt import preemption
 from moe_lora.train.results import build_results, write_predictions
@@ -58,6 +59,10 @@ def load_base(cfg: TrainConfig, world: World | None, progress: bool = True):
 
 
 def build_mixture(cfg: TrainConfig, world: World | None) -> Mixture:
+    if cfg.data.p3.enabled:
+        from moe_lora.data.p3 import p3_mixture
+
+        return p3_mixture(cfg.data, cfg.seed, eval_limit=cfg.recipe.eval_limit)
     if cfg.data.sources:
         from moe_lora.data.sources import source_mixture
 
@@ -74,7 +79,7 @@ def setup(cfg: TrainConfig, progress: bool = True, dist: Dist | None = None):
     torch.set_num_threads(cfg.recipe.threads or os.cpu_count() or 1)
     torch.manual_seed(cfg.seed)
     precision = make_precision(rank_device(cfg.recipe.device, dist), cfg.recipe.precision, cfg.model.dtype)
-    world = World(cfg.data.world) if cfg.model.source == "world" or not cfg.data.sources else None
+    world = World(cfg.data.world) if cfg.model.source == "world" or cfg.data.source == "world" else None
     with dist.main_first():
         model, tok = load_base(cfg, world, progress and dist.is_main)
     model.to(precision.device)
@@ -100,7 +105,7 @@ def validation_loss(model: nn.Module, batch: dict[str, torch.Tensor], precision:
     was_training = model.training
     model.eval()
     with precision.autocast():
-        loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+        loss = batch_loss(model, model.config, batch, seq2seq=is_seq2seq_model(model))
     model.train(was_training)
     return float(loss)
 
@@ -160,7 +165,7 @@ def run_eval(
         mixture,
         fast_em=cfg.model.source == "world",
         limit=cfg.recipe.eval_limit,
-        max_length=cfg.data.max_length,
+        max_length=lengths(cfg, model),
         eval_cfg=cfg.eval,
         chat_template=cfg.data.chat_template,
         autocast=precision.autocast,
@@ -310,13 +315,13 @@ def fine_tune(
         restore(state, recorder, resume, dist, precision.device)
     hooks = variant_hooks(cfg, model, tok, mixture, precision, io)
     with dist.main_first():  # rank 0 fills the tokenisation cache
-        batches = training_batches(mixture, tok, cfg)
+        batches = training_batches(mixture, tok, cfg, model)
     if batches.truncated and dist.is_main:  # counted, never silent (also results.json["perf"]["truncated"])
         log.warning(
-            "%d of %d training examples were cut to data.max_length=%d (%d of them inside the answer)",
+            "%d of %d training examples were cut to %s (%d of them inside the answer)",
             batches.truncated,
             len(batches),
-            cfg.data.max_length,
+            length_keys(cfg, model),
             batches.answer_cut,
         )
     global_batch = cfg.recipe.batch_size * dist.world_size * cfg.recipe.grad_accum
@@ -355,7 +360,7 @@ def variant_hooks(cfg: TrainConfig, model: nn.Module, tok, mixture: Mixture, pre
     val = collate(
         mixture.validation[: cfg.recipe.realloc_val_examples],
         tok,
-        cfg.data.max_length,
+        lengths(cfg, model),
         chat_template=cfg.data.chat_template,
     )
     val = {k: v.to(precision.device) for k, v in val.items()}
@@ -423,7 +428,7 @@ def first_nonfinite(model: nn.Module, adapted: list[str], batch: dict[str, torch
     try:
         model.eval()
         with precision.autocast():
-            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            batch_loss(model, model.config, batch, seq2seq=is_seq2seq_model(model))
     finally:
         model.train(was_training)
         for h in handles:
@@ -436,14 +441,26 @@ def first_nonfinite(model: nn.Module, adapted: list[str], batch: dict[str, torch
     return "the loss (every adapted output and gradient is finite)"
 
 
-def training_batches(mixture: Mixture, tok, cfg: TrainConfig):
+def lengths(cfg: TrainConfig, model: nn.Module) -> int | tuple[int, int]:
+    """``data.max_length``, or (source, target) lengths for an encoder-decoder."""
+    return cfg.data.lengths(is_seq2seq_model(model))
+
+
+def length_keys(cfg: TrainConfig, model: nn.Module) -> str:
+    if not is_seq2seq_model(model):
+        return f"data.max_length={cfg.data.max_length}"
+    source, target = lengths(cfg, model)
+    return f"data.max_source_length={source} / data.max_target_length={target}"
+
+
+def training_batches(mixture: Mixture, tok, cfg: TrainConfig, model: nn.Module):
     """The training examples tokenised once (``datasets.map``), batched by index in the loop."""
     from moe_lora.data.collate import encode_examples
 
     return encode_examples(
         mixture.train,
         tok,
-        cfg.data.max_length,
+        lengths(cfg, model),
         chat_template=cfg.data.chat_template,
         num_proc=cfg.data.num_proc,
         cache_dir=str(Path(cfg.cache_dir) / "tokenized"),

@@ -38,7 +38,7 @@ class Scoring:
     model: Any
     tok: Any
     eval_cfg: EvalConfig
-    max_length: int
+    max_length: int | tuple[int, int]  # data.collate.Lengths: (source, target) for an encoder-decoder
     chat_template: bool = False
     fast_em: bool = False  # teacher-forced sets in one forward pass (exact for the world tokenizer)
     progress: bool = False

@@ -37,6 +37,7 @@ def _score_mine(s: Scoring, eval_set: EvalSet, examples: list[Example], with_can
         batch_size=s.eval_cfg.batch_size,
         chat_template=s.chat_template,
         progress=s.progress,
+        max_source=s.max_length[0] if isinstance(s.max_length, tuple) else None,
     )
     return correct, candidate, preds
 
