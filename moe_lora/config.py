@@ -493,7 +493,9 @@ class P3Config:
     def __post_init__(self) -> None:
         require(self.cap >= 1, "data.p3.cap", self.cap, "must be >= 1")
         for name in self.eval_templates:
-            require(name in self.eval_datasets, f"data.p3.eval_templates.{name}", name, "is not in data.p3.eval_datasets")
+            require(
+                name in self.eval_datasets, f"data.p3.eval_templates.{name}", name, "is not in data.p3.eval_datasets"
+            )
 
 
 @dataclass

@@ -15,8 +15,9 @@ CASES = [(g, p.stem) for g in GROUPS for p in sorted((CONF_DIR / g).glob("*.yaml
 
 @pytest.mark.parametrize(("group", "name"), CASES, ids=[f"{g}={n}" for g, n in CASES])
 def test_every_yaml_composes_and_validates(group: str, name: str) -> None:
-    real_data = group == "data" and "sources" in (CONF_DIR / "data" / f"{name}.yaml").read_text()
-    extra = ["model=gpt2"] if real_data else []  # real datasets need a hub model's tokenizer
+    text = (CONF_DIR / "data" / f"{name}.yaml").read_text() if group == "data" else ""
+    # real datasets need a hub model's tokenizer (P3: an encoder-decoder's)
+    extra = ["model=t5_v1_1_lm_adapt_large"] if "p3:" in text else ["model=gpt2"] if "sources" in text else []
     cfg = load_config([f"{group}={name}", *extra], check_files=False)  # hub models are not downloaded here
     assert getattr(cfg, group).name == name
 

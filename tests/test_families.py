@@ -230,16 +230,3 @@ def test_what_a_family_lacks_fails_in_one_line_before_anything_runs(
     assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert re.search(expected, err), err
     assert not run_dir.exists() and time.time() - start < 5
-
-
-def test_an_encoder_decoder_is_refused_naming_the_model(run_cli, tmp_path, capsys) -> None:
-    from transformers import T5Config, T5ForConditionalGeneration
-
-    path = tmp_path / "t5"
-    T5ForConditionalGeneration(
-        T5Config(vocab_size=64, d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8)
-    ).save_pretrained(path)
-    capsys.readouterr()  # the saving's progress bar
-    code, _out, err = run_cli("train", "model.source=hub", f"model.name_or_path={path}", tiny=False)
-    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
-    assert f"model.name_or_path='{path}' is a t5 encoder-decoder" in err

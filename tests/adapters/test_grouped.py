@@ -47,8 +47,11 @@ def test_grouped_equals_dense(num_experts: int, top_k: int, num_null: int, autoc
         grads.append([xi.grad, layer.lora_A.grad, layer.lora_B.grad, layer.router.weight.grad])
     tol = dict(rtol=3e-2, atol=3e-2) if autocast else dict(rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(outs[1], outs[0], **tol)
+    # the gradients sum over tokens in another order (per expert group, not per token): float32
+    # round-off of ~1e-5 on sums of 120 terms
+    grad_tol = tol if autocast else dict(rtol=1e-4, atol=5e-5)
     for g_grouped, g_dense in zip(grads[1], grads[0], strict=True):
-        torch.testing.assert_close(g_grouped, g_dense, **tol)
+        torch.testing.assert_close(g_grouped, g_dense, **grad_tol)
 
 
 def test_choose_gives_the_dense_gate_at_the_chosen_experts() -> None:
