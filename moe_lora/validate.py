@@ -38,35 +38,13 @@ def validate(cfg: TrainConfig, check_files: bool = True) -> None:
             f"(known: {', '.join(INSTRUCTION_TASKS)})"
         )
     check_precision(cfg.recipe.precision, cfg.model.dtype, cfg.adapter.dtype, spec.trains_base)
-    if cfg.eval.harness.tasks:
-        from moe_lora.eval.harness import check_harness
-
-        if cfg.recipe.strategy == "fsdp":  # lm-eval runs on rank 0 only; an FSDP forward needs every rank
-            raise ConfigError(
-                "eval.harness.tasks with recipe.strategy=fsdp is not supported: use ddp, or run "
-                "`moe-lora eval` on the saved adapter"
-            )
-
-        check_harness(cfg.eval.harness)
-    if cfg.data.p3.enabled and cfg.model.source == "world":
-        raise ConfigError(
-            f"data={cfg.data.name!r} reads P3 (data.p3) but model.source=world: the built-in model's "
-            "vocabulary only covers the built-in world; choose a hub model (model=... model.name_or_path=...)"
-        )
-    if cfg.data.p3.enabled and cfg.data.sources:
-        raise ConfigError("data.p3 and data.sources are both set: a mixture is P3's or the sources', not both")
+    check_eval(cfg)
+    check_p3_model(cfg)
     if check_files:
         if cfg.model.source == "hub":
             resolve_hub_path(cfg.model)  # a missing model fails here, in well under a second
         resolve_device(cfg.recipe.device)
-        if cfg.data.sources:
-            from moe_lora.data.sources import check_sources
-
-            check_sources(cfg.data)
-        if cfg.data.p3.enabled:
-            from moe_lora.data.p3 import check_p3
-
-            check_p3(cfg.data)
+        check_data_files(cfg)
     cfg.model = read_architecture(cfg.model)
     if cfg.data.sources:
         check_real_data(cfg, spec.wrap is not None or spec.trains_base)
@@ -77,6 +55,42 @@ def validate(cfg: TrainConfig, check_files: bool = True) -> None:
     if spec.wrap is not None:
         resolve_layout(cfg.layout, cfg.adapter, cfg.model.total_layers)
     check_targets(cfg, spec.wrap is not None)
+
+
+def check_eval(cfg: TrainConfig) -> None:
+    if cfg.eval.harness.tasks:
+        from moe_lora.eval.harness import check_harness
+
+        if cfg.recipe.strategy == "fsdp":  # lm-eval runs on rank 0 only; an FSDP forward needs every rank
+            raise ConfigError(
+                "eval.harness.tasks with recipe.strategy=fsdp is not supported: use ddp, or run "
+                "`moe-lora eval` on the saved adapter"
+            )
+
+        check_harness(cfg.eval.harness)
+
+
+def check_p3_model(cfg: TrainConfig) -> None:
+    """P3 needs a real tokenizer and is a mixture of its own."""
+    if cfg.data.p3.enabled and cfg.model.source == "world":
+        raise ConfigError(
+            f"data={cfg.data.name!r} reads P3 (data.p3) but model.source=world: the built-in model's "
+            "vocabulary only covers the built-in world; choose a hub model (model=... model.name_or_path=...)"
+        )
+    if cfg.data.p3.enabled and cfg.data.sources:
+        raise ConfigError("data.p3 and data.sources are both set: a mixture is P3's or the sources', not both")
+
+
+def check_data_files(cfg: TrainConfig) -> None:
+    """The datasets are there and readable (one line naming the key otherwise)."""
+    if cfg.data.sources:
+        from moe_lora.data.sources import check_sources
+
+        check_sources(cfg.data)
+    if cfg.data.p3.enabled:
+        from moe_lora.data.p3 import check_p3
+
+        check_p3(cfg.data)
 
 
 def check_real_data(cfg: TrainConfig, trains: bool) -> None:

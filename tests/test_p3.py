@@ -12,7 +12,6 @@ import pytest
 
 from moe_lora.config import DataConfig, P3Config
 from moe_lora.data.p3 import allocate, capped_sizes, p3_mixture, templates_of
-from moe_lora.errors import ConfigError
 
 
 @pytest.fixture(scope="module")
