@@ -186,6 +186,8 @@ class RoutedConfig(AdapterConfig):
     aux_scope: str = "local"
     router_jitter: float = 0.0
     router_fp32: bool = True
+    # kaiming: nn.Linear's default (LoRAMoE's code); normal: N(0, 0.02^2) (the MoV paper's T5X router)
+    router_init: str = "kaiming"
 
     def router_outputs(self) -> tuple[int, str]:
         """The router's number of outputs, and how an error message names it."""
@@ -210,6 +212,7 @@ class RoutedConfig(AdapterConfig):
         for key in ("lb_weight", "z_loss_weight", "router_jitter"):
             require(getattr(self, key) >= 0, f"adapter.{key}", getattr(self, key), "must be >= 0")
         require(self.aux_scope in ("local", "global"), "adapter.aux_scope", self.aux_scope, "must be local or global")
+        require(self.router_init in ("kaiming", "normal"), "adapter.router_init", self.router_init, "must be kaiming or normal")
 
 
 @dataclass

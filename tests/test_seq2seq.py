@@ -232,3 +232,37 @@ def test_routers_of_the_decoder_are_masked_with_the_target_tokens(t5_with_tokeni
     assert rows[("decoder.block.0.layer.1.EncDecAttention.k", "all")]["tokens"] == 15 * heads
     assert rows[("decoder.block.0.layer.0.SelfAttention.k", "all")]["tokens"] == 7 * heads  # 3 + 4 target tokens
     assert rows[("decoder.block.0.layer.2.DenseReluDense.wo", "all")]["tokens"] == 7
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_movs_ffn_site_equals_a_hand_written_router_on_the_activation(tmp_path, gated) -> None:
+    """The paper's FFN site: h = act(wi_0 x), p = softmax(W_r h) in float32, s = sum_e p_e v_e, and
+    the FFN's output wo((s * h) * wi_1 x) (v1.0: wo(s * act(wi x))); routers initialised N(0, 0.02^2)."""
+    from transformers import T5ForConditionalGeneration
+
+    from moe_lora.adapters.inject import inject_adapter
+    from moe_lora.compose import load_config
+    from tests.fixtures.checkpoints import make_t5_checkpoint
+
+    path = make_t5_checkpoint(tmp_path / "t5", gated=gated)
+    cfg = load_config(
+        ["model.source=hub", f"model.name_or_path={path}", "adapter=mov", "adapter.num_experts=3"]
+        + ["adapter.ffn_route_on=activation", "adapter.router_init=normal"],
+        check_files=False,
+    )
+    model = T5ForConditionalGeneration.from_pretrained(path).eval()
+    torch.manual_seed(0)
+    inject_adapter(model, cfg.adapter, cfg.model, cfg.layout)
+    ffn = model.decoder.block[1].layer[2].DenseReluDense
+    assert 0.01 < float(ffn.wo.router.weight.std()) < 0.03  # N(0, 0.02^2)
+    with torch.no_grad():
+        ffn.wo.ia3_v.normal_(1.0, 0.5)
+        ffn.wo.router.weight.normal_(0.0, 1.0)
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        h = ffn.act(ffn.wi_0(x) if gated else ffn.wi(x))
+        p = torch.softmax(h.float() @ ffn.wo.router.weight.T.float(), -1)
+        s = p @ ffn.wo.ia3_v
+        want = ffn.wo.base((s * h) * ffn.wi_1(x) if gated else s * h)
+        got = ffn(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

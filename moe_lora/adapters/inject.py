@@ -129,7 +129,14 @@ def inject_adapter(
         )
         parent_name, _, child = site.name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, spec.wrap(getattr(parent, child), adapter, plan).train(model.training))
+        wrapped = spec.wrap(getattr(parent, child), adapter, plan).train(model.training)
+        setattr(parent, child, wrapped)
+        if hasattr(wrapped, "on_inject"):  # a wrapper that reads a sibling module (MoV on the FFN activation)
+            wrapped.on_inject(parent, site.name)
+    if getattr(adapter, "router_init", "kaiming") == "normal":
+        for mod in model.modules():
+            if isinstance(mod, Router) and mod.weight.device.type != "meta":
+                torch.nn.init.normal_(mod.weight, std=0.02)
     names = [site.name for site in sites]
     if recorder is not None:
         aux = aux_config(adapter)

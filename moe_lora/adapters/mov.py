@@ -33,6 +33,14 @@ class MoVConfig(RoutedConfig):
     name: str = "mov"
     target_modules: List[str] = field(default_factory=lambda: ["key", "value", "ffn_out"])
     num_experts: int = 10
+    # what the FFN site's router reads: input (the activation entering ffn_out, gate x up for a gated
+    # FFN) or activation (the FFN's activation module's output, act(wi_0 x): the paper's T5 site)
+    ffn_route_on: str = "input"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.ffn_route_on not in ("input", "activation"):
+            raise ConfigError(f"adapter.ffn_route_on={self.ffn_route_on!r} must be input or activation")
 
 
 class MoVScale(nn.Module):
@@ -77,6 +85,48 @@ class MoVLinear(MoVScale, WrapsLinear):
         return self._rescale(self.base(x))
 
 
+class MoVActivationRouted(MoVLinear):
+    """MoV on the input of ``ffn_out`` with the router reading the FFN's activation ``act(g)``
+    (``adapter.ffn_route_on=activation``). Scaling elementwise commutes with the gate product and
+    dropout, so ``wo(s * (act(g) * u))`` is ``wo((s * act(g)) * u)``: the paper's site exactly, with
+    the activation captured by a forward hook on the sibling activation module."""
+
+    def __init__(self, base: nn.Module, router: Router, head_dim: int, dtype: torch.dtype | None = None) -> None:
+        super().__init__(base, router, True, head_dim, dtype)
+        self._act: torch.Tensor | None = None
+
+    def on_inject(self, parent: nn.Module, name: str) -> None:
+        acts = [m for m in parent.children() if is_activation(m)]
+        if len(acts) != 1:
+            raise ConfigError(
+                f"adapter.ffn_route_on=activation: {name}'s FFN has {len(acts)} activation modules "
+                f"({[type(m).__name__ for m in acts]}), not one; use adapter.ffn_route_on=input"
+            )
+        acts[0].register_forward_hook(self._capture)
+
+    def _capture(self, module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        self._act = out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        act, self._act = self._act, None
+        if act is None or act.shape != x.shape:
+            raise RuntimeError(
+                "adapter.ffn_route_on=activation: the FFN's activation did not run just before its output "
+                "projection (or has another width); this FFN needs adapter.ffn_route_on=input"
+            )
+        gate = self.router(act).to(x.dtype)  # (..., E) on act(wi_0 x)
+        scale = gate @ self.ia3_v.to(x.dtype)
+        return self.base(x * scale)
+
+
+def is_activation(module: nn.Module) -> bool:
+    """An activation function module (transformers' ``ACT2FN`` classes or torch's)."""
+    kind = type(module).__module__
+    return not any(True for _ in module.parameters()) and (
+        kind.startswith("transformers.activations") or kind.startswith("torch.nn.modules.activation")
+    )
+
+
 def _router(cfg: MoVConfig, plan: LayerPlan, dim: int, device: torch.device) -> Router:
     return Router(
         dim,
@@ -103,4 +153,6 @@ def wrap_mov(base: nn.Module, cfg: MoVConfig, plan: LayerPlan) -> nn.Module:
     d_in, _d_out = linear_dims(base)
     scale_input = site.input_site  # peft's feedforward_modules: the input of ffn_out
     router = _router(cfg, plan, d_in if scale_input else plan.head_dim, device)
+    if scale_input and cfg.ffn_route_on == "activation":
+        return MoVActivationRouted(base, router, plan.head_dim, dtype=plan.dtype)
     return MoVLinear(base, router, scale_input, plan.head_dim, dtype=plan.dtype)
