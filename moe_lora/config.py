@@ -212,7 +212,12 @@ class RoutedConfig(AdapterConfig):
         for key in ("lb_weight", "z_loss_weight", "router_jitter"):
             require(getattr(self, key) >= 0, f"adapter.{key}", getattr(self, key), "must be >= 0")
         require(self.aux_scope in ("local", "global"), "adapter.aux_scope", self.aux_scope, "must be local or global")
-        require(self.router_init in ("kaiming", "normal"), "adapter.router_init", self.router_init, "must be kaiming or normal")
+        require(
+            self.router_init in ("kaiming", "normal"),
+            "adapter.router_init",
+            self.router_init,
+            "must be kaiming or normal",
+        )
 
 
 @dataclass
@@ -521,6 +526,10 @@ class DataConfig:
     min_items: int = 2  # list length of instruction examples
     max_items: int = 3
     eval_per_task: int = 100
+    # the toy T0 (data=world_t0): multiple-choice world tasks of these clusters (data/world.py
+    # MC_CLUSTERS) train; those of mc_eval_clusters are held out and judged by rank classification
+    mc_train_clusters: List[str] = field(default_factory=list)
+    mc_eval_clusters: List[str] = field(default_factory=list)
     max_length: int = 64  # causal LMs: prompt + answer tokens
     # encoder-decoders: source (prompt + EOS) and target (answer + EOS) tokens; null: data.max_length
     max_source_length: Optional[int] = None

@@ -54,6 +54,8 @@ def cache_key(world: WorldConfig, model: ModelConfig) -> str:
         k: getattr(model, k)
         for k in ("hidden_size", "num_layers", "intermediate_size", "num_heads", "num_kv_heads", "tie_word_embeddings")
     }
+    if model.family != "llama":  # the T5 twin (the Llama's key is unchanged, so its cache stays valid)
+        arch |= {k: getattr(model, k) for k in ("family", "num_decoder_layers", "feed_forward_proj")}
     blob = json.dumps(
         {"v": CACHE_VERSION, "world": asdict(world), "arch": arch, "pretrain": asdict(model.pretrain)}, sort_keys=True
     )
@@ -66,12 +68,13 @@ def world_model(cfg: ModelConfig, world: World, cache_dir: str | Path, progress:
     A file lock makes parallel sweep jobs wait for one pretraining instead of racing; the cache
     entry appears atomically (written to a temporary folder, then renamed).
     """
-    from transformers import LlamaForCausalLM
-
     from moe_lora.data.tokenizer import word_tokenizer
     from moe_lora.train.pretrain import pretrain  # local: pretraining is only needed on a cache miss
 
-    tok = word_tokenizer(world.vocab)
+    t5 = cfg.family == "t5"
+    vocab, corpus = world_t5_text(world) if t5 else (world.vocab, None)
+    tok = word_tokenizer(vocab)
+    cls = _world_class(cfg)
     root = Path(cache_dir)
     root.mkdir(parents=True, exist_ok=True)
     entry = root / f"world-model-{cache_key(world.cfg, cfg)}"
@@ -80,17 +83,53 @@ def world_model(cfg: ModelConfig, world: World, cache_dir: str | Path, progress:
         if not (entry / "model.safetensors").exists():
             print(f"pretraining the world model (cached afterwards in {entry})", flush=True)
             torch.manual_seed(world.cfg.seed)
-            model = LlamaForCausalLM(world_model_config(cfg, len(world.vocab)))
+            model = cls(world_t5_config(cfg, len(vocab)) if t5 else world_model_config(cfg, len(vocab)))
             start = time.time()
-            losses = pretrain(model, tok, world.pretraining_corpus(), cfg.pretrain, world.cfg.seed, progress)
+            losses = pretrain(model, tok, corpus or world.pretraining_corpus(), cfg.pretrain, world.cfg.seed, progress)
             with atomic_dir(entry) as tmp:
                 model.save_pretrained(tmp)
                 (tmp / "pretrain.json").write_text(json.dumps({"seconds": time.time() - start, "loss": losses}))
-    model = LlamaForCausalLM.from_pretrained(
-        entry, dtype=getattr(torch, cfg.dtype), attn_implementation=attn_implementation(cfg)
-    )
+    model = cls.from_pretrained(entry, dtype=getattr(torch, cfg.dtype), attn_implementation=attn_implementation(cfg))
     model.eval()
     return model, tok
+
+
+def _world_class(cfg: ModelConfig):
+    from transformers import LlamaForCausalLM, T5ForConditionalGeneration
+
+    if cfg.family not in ("llama", "t5"):
+        raise ConfigError(f"model.family={cfg.family!r} with model.source=world: the built-in models are llama and t5")
+    return T5ForConditionalGeneration if cfg.family == "t5" else LlamaForCausalLM
+
+
+def world_t5_text(world: World) -> tuple[list[str], list[str]]:
+    """The T5 twin's vocabulary and pretraining corpus: the world's, plus the multiple-choice words
+    (data=world_t0's templates) in filler lines that teach no task format."""
+    from moe_lora.data.world import MC_WORDS, mc_filler
+
+    vocab = [*world.vocab, *(w for w in MC_WORDS if w not in world.vocab)]
+    return vocab, world.pretraining_corpus() + mc_filler(200, world.cfg.seed)
+
+
+def world_t5_config(cfg: ModelConfig, vocab_size: int):
+    """The T5 twin (v1.1 style: gated-GELU FFN, untied head), ids as the world tokenizer's:
+    pad 0 (also the decoder start, as in T5), EOS 1."""
+    from transformers import T5Config
+
+    return T5Config(
+        vocab_size=vocab_size,
+        d_model=cfg.hidden_size,
+        d_ff=cfg.intermediate_size,
+        d_kv=cfg.head_dim or cfg.hidden_size // cfg.num_heads,
+        num_heads=cfg.num_heads,
+        num_layers=cfg.num_layers,
+        num_decoder_layers=cfg.num_decoder_layers or cfg.num_layers,
+        feed_forward_proj=cfg.feed_forward_proj or "gated-gelu",
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
 
 
 def attn_implementation(cfg: ModelConfig) -> str | None:

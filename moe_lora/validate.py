@@ -37,6 +37,7 @@ def validate(cfg: TrainConfig, check_files: bool = True) -> None:
             f"data.instruction_tasks={list(cfg.data.instruction_tasks)} has unknown tasks {unknown} "
             f"(known: {', '.join(INSTRUCTION_TASKS)})"
         )
+    check_world_t0(cfg)
     check_precision(cfg.recipe.precision, cfg.model.dtype, cfg.adapter.dtype, spec.trains_base)
     check_eval(cfg)
     check_p3_model(cfg)
@@ -55,6 +56,25 @@ def validate(cfg: TrainConfig, check_files: bool = True) -> None:
     if spec.wrap is not None:
         resolve_layout(cfg.layout, cfg.adapter, cfg.model.total_layers)
     check_targets(cfg, spec.wrap is not None)
+
+
+def check_world_t0(cfg: TrainConfig) -> None:
+    """Known clusters, none both trained and held out."""
+    from moe_lora.data.world import MC_CLUSTERS
+
+    for key in ("mc_train_clusters", "mc_eval_clusters"):
+        unknown = [c for c in getattr(cfg.data, key) if c not in MC_CLUSTERS]
+        if unknown:
+            raise ConfigError(f"data.{key} has unknown clusters {unknown} (known: {', '.join(MC_CLUSTERS)})")
+    both = sorted(set(cfg.data.mc_train_clusters) & set(cfg.data.mc_eval_clusters))
+    if both:
+        raise ConfigError(
+            f"data.mc_eval_clusters: {both} are trained too (data.mc_train_clusters); held out means not trained"
+        )
+    if cfg.data.mc_eval_clusters and not cfg.data.mc_train_clusters:
+        raise ConfigError(
+            "data.mc_train_clusters is empty: the toy T0 trains on some clusters and holds out the others"
+        )
 
 
 def check_eval(cfg: TrainConfig) -> None:

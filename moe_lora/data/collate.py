@@ -223,6 +223,26 @@ def collate_text(texts: Sequence[str], tok: PreTrainedTokenizerBase, max_length:
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
+def collate_prefix_lm(
+    texts: Sequence[str], tok: PreTrainedTokenizerBase, max_length: int, rng
+) -> dict[str, torch.Tensor]:
+    """An encoder-decoder's pretraining batch: T5's LM-adapt objective (prefix language modelling),
+    each document split at a random word into source and target; a QA line ``... A : answer`` is
+    split after ``A :``, so the question is always the source (as the Llama sees it before its answer)."""
+    pairs = []
+    for text in texts:
+        words = text.split()
+        if " A : " in text:
+            k = words.index("A", words.index("?")) + 2 if "?" in words else len(words) - 1
+        else:
+            k = rng.randint(1, max(1, len(words) - 1))
+        enc = encode_seq2seq(tok, " ".join(words[:k]), " ".join(words[k:]), (max_length, max_length))
+        pairs.append((enc.ids, enc.start))
+    batch = pad_seq2seq(pairs, [0] * len(pairs), pad_id(tok))
+    batch.pop("task_type")
+    return batch
+
+
 # ------------------------------------------------------------------------------ whole sets, cached
 @dataclass
 class EncodedSet:

@@ -52,3 +52,29 @@ def world_mixture(cfg: DataConfig, world: World, seed: int) -> Mixture:
     return Mixture(
         train=train, eval=sets, validation=validation, info={"train": {"cbqa": n_cbqa, "instruction": n_instr}}
     )
+
+
+def world_t0_mixture(cfg: DataConfig, world: World, seed: int) -> Mixture:
+    """The toy T0: ``num_train`` multiple-choice examples of the tasks of ``data.mc_train_clusters``
+    (knowledge tasks about the trained people), split evenly over tasks; one rank-classification set
+    per task of ``data.mc_eval_clusters`` (knowledge tasks about the held-out test people), its
+    ``eval_per_task`` examples spread over the three templates. Evaluation sets depend on the world
+    seed only, as in :func:`world_mixture`."""
+    from moe_lora.data.world import MC_CLUSTERS, mc_examples
+
+    rng = random.Random(seed)
+    tasks = [(c, t) for c in cfg.mc_train_clusters for t in MC_CLUSTERS[c]]
+    counts = [cfg.num_train // len(tasks) + (i < cfg.num_train % len(tasks)) for i in range(len(tasks))]
+    train = [e for (c, t), n in zip(tasks, counts, strict=True) for e in mc_examples(world, t, c, n, "train", rng)]
+    rng.shuffle(train)
+    fixed = random.Random(cfg.world.seed + 3000)
+    held = [(c, t) for c in cfg.mc_eval_clusters for t in MC_CLUSTERS[c]]
+    sets = {
+        t: EvalSet(
+            t, "instruction", mc_examples(world, t, c, cfg.eval_per_task, "test", fixed), metric="rank_classification"
+        )
+        for c, t in held
+    }
+    validation = [e for c, t in tasks for e in mc_examples(world, t, c, 8, "validation", fixed)]
+    by_type = {k: sum(e.task_type == k for e in train) for k in ("cbqa", "instruction")}
+    return Mixture(train=train, eval=sets, validation=validation, info={"train": by_type})

@@ -197,3 +197,107 @@ def instruction_examples(
 ) -> list[Example]:
     rng = random.Random(seed)
     return [instruction_example(t, rng, items) for t in tasks for _ in range(n_per_task)]
+
+
+# ------------------------------------------------------------------ multiple choice (toy T0 twin)
+# Tasks with answer choices, grouped in clusters as T0 groups its datasets; data=world_t0 trains on
+# some clusters and judges the others zero-shot by rank classification. A knowledge task asks one
+# attribute of a person (the trained people in training, the held-out test people in evaluation);
+# a symbol task is an instruction task. Every task has three prompt templates.
+MC_CLUSTERS: dict[str, tuple[str, ...]] = {
+    "places": ("birth_city", "university"),
+    "time": ("birth_year",),
+    "work": ("employer",),
+    "symbols": ("reverse", "upper"),
+    "numbers": ("sort",),
+}
+MC_TEMPLATES = ("choices", "options", "pick")
+MC_WORDS = ("choices", "options", "question", "answer", "pick", "one", ",", "or")  # the T5 twin's extra words
+MC_CHOICES = 4
+
+
+def _mc_prompt(template: str, question: str, choices: list[str]) -> str:
+    """``question`` ends in ``?`` (knowledge) or ``=>`` (symbols); the answer follows the prompt."""
+    if template == "choices":
+        return f"{question} choices : {' , '.join(choices)} A :"
+    if template == "options":
+        return f"question : {question} options : {' or '.join(choices)} . answer :"
+    return f"pick one : {' , '.join(choices)} . {question} A :"
+
+
+def _distractors(answer: str, pool: list[str], rng: random.Random) -> list[str]:
+    others = [v for v in dict.fromkeys(pool) if v != answer]
+    choices = [answer, *rng.sample(others, min(MC_CHOICES - 1, len(others)))]
+    rng.shuffle(choices)
+    return choices
+
+
+def _symbol_choices(task: str, rng: random.Random, items: tuple[int, int]) -> tuple[str, list[str]]:
+    ex = instruction_example(task, rng, items)
+    source = ex.prompt.split(" : ", 1)[1].removesuffix(" =>").split()
+    pool = [" ".join(source), " ".join(reversed(ex.answer.split())), " ".join(sorted(source))]
+    if task == "upper":
+        pool = [
+            " ".join(source),
+            " ".join(UPPER[rng.choice(SYMBOLS)] for _ in source),
+            " ".join(s.upper() for s in reversed(source)),
+        ]
+    kind = {"reverse": SYMBOLS, "sort": NUMBERS, "upper": list(UPPER.values())}[task]
+    while len(set(pool) - {ex.answer}) < MC_CHOICES - 1:  # random answers of the right kind and length
+        pool.append(" ".join(rng.choice(kind) for _ in source))
+    return ex.prompt, _distractors(ex.answer, pool, rng)
+
+
+def mc_examples(
+    world: World, task: str, cluster: str, n: int, split: str, rng: random.Random, items=(2, 3)
+) -> list[Example]:
+    """``n`` examples of one task, templates in turn; knowledge tasks ask about ``split``'s people."""
+    out = []
+    people = world.splits[split]
+    for i in range(n):
+        template = MC_TEMPLATES[i % len(MC_TEMPLATES)]
+        if task in ATTRIBUTES:
+            person = people[rng.randrange(len(people))]
+            answer = person.facts[task]
+            question = QUESTIONS[task].format(n=person.name).removesuffix(" A :")
+            choices = _distractors(answer, list(ATTRIBUTES[task]), rng)
+            kind = "cbqa"
+        else:
+            question, choices = _symbol_choices(task, rng, items)
+            answer = next(c for c in choices if c == instruction_answer(question))
+            kind = "instruction"
+        out.append(
+            Example(
+                _mc_prompt(template, question, choices),
+                answer,
+                kind,
+                cluster,
+                id=f"{task}/{template}/{i}",
+                choices=tuple(choices),
+                template=template,
+            )
+        )
+    return out
+
+
+def instruction_answer(prompt: str) -> str:
+    """The exact answer of an instruction prompt ``task : items =>``."""
+    task, rest = prompt.split(" : ", 1)
+    items = rest.removesuffix(" =>").split()
+    if task == "reverse":
+        return " ".join(reversed(items))
+    if task == "sort":
+        return " ".join(sorted(items, key=int))
+    return " ".join(UPPER[s] for s in items)
+
+
+def mc_filler(n: int, seed: int) -> list[str]:
+    """Pretraining lines that put the multiple-choice words into the T5 twin's text without any task
+    format (lists of words joined by them), as ``vocabulary_text`` does for the instruction words."""
+    rng = random.Random(seed + 3)
+    words = SYMBOLS + NUMBERS + [v for vals in ATTRIBUTES.values() for v in vals]
+    lines = []
+    for _ in range(n):
+        a, b, c = rng.sample(words, 3)
+        lines.append(f"{rng.choice(MC_WORDS[:6])} : {a} , {b} or {c} .")
+    return lines

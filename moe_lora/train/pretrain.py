@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from moe_lora.config import PretrainConfig
-from moe_lora.data.collate import collate_text
+from moe_lora.data.collate import collate_prefix_lm, collate_text
 from moe_lora.train.schedule import adamw_with_schedule
 
 
@@ -21,7 +21,9 @@ def pretrain(
     seed: int,
     progress: bool = True,
 ) -> list[float]:
-    """Plain causal-LM training over shuffled documents; returns the loss per step."""
+    """Plain causal-LM training over shuffled documents (an encoder-decoder: prefix LM, T5's
+    LM-adapt objective); returns the loss per step."""
+    seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
     torch.manual_seed(seed)
     rng = random.Random(seed)
     opt, sched = adamw_with_schedule(
@@ -37,7 +39,8 @@ def pretrain(
             rng.shuffle(fresh)
             order += fresh
         idx, order = order[: cfg.batch_size], order[cfg.batch_size :]
-        batch = collate_text([corpus[i] for i in idx], tok, max_length=128)
+        texts = [corpus[i] for i in idx]
+        batch = collate_prefix_lm(texts, tok, 128, rng) if seq2seq else collate_text(texts, tok, max_length=128)
         loss = model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

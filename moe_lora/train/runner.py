@@ -67,8 +67,10 @@ def build_mixture(cfg: TrainConfig, world: World | None) -> Mixture:
         from moe_lora.data.sources import source_mixture
 
         return source_mixture(cfg.data, cfg.seed, num_fewshot=cfg.eval.num_fewshot, eval_limit=cfg.recipe.eval_limit)
-    from moe_lora.data.mixture import world_mixture
+    from moe_lora.data.mixture import world_mixture, world_t0_mixture
 
+    if cfg.data.mc_train_clusters:
+        return world_t0_mixture(cfg.data, world, cfg.seed)
     return world_mixture(cfg.data, world, cfg.seed)
 
 
