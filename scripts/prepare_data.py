@@ -4,6 +4,7 @@ Run it where there is internet (a login node); training nodes then read ``data.r
 
     python scripts/prepare_data.py --data cbqa_instruct_hub --root /shared/data
     python scripts/prepare_data.py --sources triviaqa nq_open --root /shared/data
+    python scripts/prepare_data.py --data p3_t0 --root /shared/p3   # P3: one folder per config
     moe-lora train data=cbqa_instruct_hub data.root=/shared/data ...
 
 Each source is written with ``save_to_disk`` into a temporary folder and renamed into place, so an
@@ -90,6 +91,52 @@ def prepare(
     return written
 
 
+P3 = "bigscience/P3"
+
+
+def hub_configs(path: str) -> list[str]:
+    import datasets
+
+    from moe_lora.errors import ConfigError, first_line
+
+    try:
+        return datasets.get_dataset_config_names(path)
+    except Exception as exc:  # offline, or the hub refused: one line, not a traceback
+        raise ConfigError(f"cannot list the configs of {path} ({first_line(exc)})") from None
+
+
+def p3_configs(p3: Any, available: list[str]) -> list[str]:
+    """The P3 configs of ``data.p3``'s datasets (``_score_eval`` twins left out), by the rule the
+    reader uses (``data/p3.py``: a config goes to the longest dataset name it starts with)."""
+    from moe_lora.data.p3 import _matches
+
+    names = [*p3.train_datasets, *p3.eval_datasets]
+    return [c for c in available if not c.endswith("_score_eval") and any(_matches(n, c) for n in names)]
+
+
+def prepare_p3(
+    p3: Any,
+    root: Path,
+    overwrite: bool = False,
+    dry_run: bool = False,
+    list_configs: Callable[[str], list[str]] = hub_configs,
+    load: Callable[[str, str | None], Any] = hub_loader,
+) -> list[Path]:
+    """Every P3 config of the listed datasets saved as ``<root>/<config>``."""
+    configs = p3_configs(p3, list_configs(P3))
+    missing = [
+        n for n in [*p3.train_datasets, *p3.eval_datasets] if not p3_configs(type(p3)(train_datasets=[n]), configs)
+    ]
+    for name in missing:
+        print(f"warn   {name}: no config of {P3} starts with it")
+    return prepare({c: _P3Source(P3, c) for c in configs}, root, overwrite, dry_run, load)
+
+
+class _P3Source:
+    def __init__(self, path: str, config: str) -> None:
+        self.path, self.config = path, config
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     os.environ["HF_DATASETS_OFFLINE"] = "0"  # before datasets is imported: this script downloads
@@ -100,6 +147,13 @@ def main(argv: list[str] | None = None) -> int:
     from moe_lora.errors import ConfigError, one_line
 
     try:
+        if args.data:
+            from moe_lora.compose import load_config
+
+            data = load_config([f"data={args.data}"], check_files=False).data
+            if data.p3.enabled:
+                prepare_p3(data.p3, Path(args.root), args.overwrite, args.dry_run)
+                return 0
         sources = wanted(args)
     except (ConfigError, HydraException, OmegaConfBaseException) as exc:
         print(f"prepare_data: error: {one_line(exc)}", file=sys.stderr)

@@ -136,3 +136,64 @@ def test_t5_trains_on_p3_and_predictions_reproduce_rank_accuracy(
 def test_p3_with_the_world_model_is_refused(run_cli, p3_root, tmp_path) -> None:
     code, out, err = run_cli("train", "data=p3_t0", f"data.root={p3_root}", f"hydra.run.dir={tmp_path / 'run'}")
     assert code != 0 and "model.source=world" in out + err
+
+
+def test_prepare_data_fetches_the_p3_configs_of_the_listed_datasets(tmp_path) -> None:
+    import datasets
+
+    from scripts.prepare_data import prepare_p3
+
+    available = [
+        "ag_news_classify",
+        "ag_news_classify_score_eval",
+        "imdb_x",
+        "anli_GPT_3_style_r1",
+        "anli_GPT_3_style_r2",
+    ]
+    loaded = []
+
+    def load(path: str, config: str | None):
+        loaded.append((path, config))
+        return datasets.DatasetDict(
+            {"train": datasets.Dataset.from_list([{"inputs_pretokenized": "a", "targets_pretokenized": "b"}])}
+        )
+
+    p3 = P3Config(train_datasets=["ag_news"], eval_datasets=["anli_r1"])
+    written = prepare_p3(p3, tmp_path, list_configs=lambda path: available, load=load)
+    assert [c for _, c in loaded] == ["ag_news_classify", "anli_GPT_3_style_r1"] and {p.name for p in written} == {
+        "ag_news_classify",
+        "anli_GPT_3_style_r1",
+    }
+    assert all(path == "bigscience/P3" for path, _ in loaded)
+    assert templates_of(p3, str(tmp_path)) == {
+        "ag_news": {"classify": "ag_news_classify"},
+        "anli_r1": {"GPT_3_style": "anli_GPT_3_style_r1"},
+    }
+
+
+def test_the_paper_preset_runs_end_to_end_on_a_tiny_t5_and_p3_files(run_cli, p3_root, t5s, tmp_path) -> None:
+    """experiment=mov_molora_t0_paper with the T5-XL swapped for a tiny T5 and P3-shaped files."""
+    code, out, err = run_cli(
+        "train",
+        "experiment=mov_molora_t0_paper",
+        f"model.name_or_path={t5s['v1_1']}",
+        f"data.root={p3_root}",
+        "data.p3.train_datasets=[ag_news,imdb]",
+        "data.p3.eval_datasets=[super_glue_rte]",
+        "data.num_train=32",
+        "recipe=smoke",
+        "recipe.optimizer=adafactor_t5x",
+        "recipe.scheduler=constant",
+        "recipe.loss_normalization=sequence",
+        "recipe.threads=1",
+        "+arm=mov_t5_e10",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        tiny=False,
+    )
+    assert code == 0, out + err
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert (
+        results["config"]["recipe"]["optimizer"] == "adafactor_t5x"
+        and results["config"]["adapter"]["num_experts"] == 10
+    )
+    assert set(results["metrics"]["rank_acc"]) == {"super_glue_rte"} and results["metrics"]["t0_score"] is not None

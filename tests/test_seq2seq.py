@@ -246,8 +246,14 @@ def test_movs_ffn_site_equals_a_hand_written_router_on_the_activation(tmp_path, 
 
     path = make_t5_checkpoint(tmp_path / "t5", gated=gated)
     cfg = load_config(
-        ["model.source=hub", f"model.name_or_path={path}", "adapter=mov", "adapter.num_experts=3"]
-        + ["adapter.ffn_route_on=activation", "adapter.router_init=normal"],
+        [
+            "model.source=hub",
+            f"model.name_or_path={path}",
+            "adapter=mov",
+            "adapter.num_experts=3",
+            "adapter.ffn_route_on=activation",
+            "adapter.router_init=normal",
+        ],
         check_files=False,
     )
     model = T5ForConditionalGeneration.from_pretrained(path).eval()
@@ -266,3 +272,21 @@ def test_movs_ffn_site_equals_a_hand_written_router_on_the_activation(tmp_path, 
         want = ffn.wo.base((s * h) * ffn.wi_1(x) if gated else s * h)
         got = ffn(x)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_routing_layers_count_the_encoder_first_and_stacks_are_reported_apart() -> None:
+    from moe_lora.report.telemetry import layer_indices
+    from moe_lora.train.results import by_stack
+
+    modules = ["decoder.block.0.layer.0.SelfAttention.k", "encoder.block.1.layer.0.SelfAttention.k"]
+    modules += ["encoder.block.0.layer.1.DenseReluDense.wo", "decoder.block.2.layer.2.DenseReluDense.wo", "lm_head"]
+    assert layer_indices(modules) == {
+        "encoder.block.0.layer.1.DenseReluDense.wo": 0,
+        "encoder.block.1.layer.0.SelfAttention.k": 1,
+        "decoder.block.0.layer.0.SelfAttention.k": 2,
+        "decoder.block.2.layer.2.DenseReluDense.wo": 4,
+    }
+    assert layer_indices(["model.layers.3.mlp.down_proj"]) == {"model.layers.3.mlp.down_proj": 3}
+    routing = {m: {"cv": cv, "entropy": 1.0} for m, cv in zip(modules[:4], [0.1, 0.3, 0.2, 0.5], strict=True)}
+    stacks = by_stack(routing)
+    assert stacks["encoder.block"]["cv"] == pytest.approx(0.25) and stacks["decoder.block"]["cv"] == pytest.approx(0.3)

@@ -125,7 +125,10 @@ def run_harness(
     limit = cfg.limit if cfg.limit is None or cfg.limit < 1 else int(cfg.limit)
     try:
         with kept_random_state(), autocast():
-            lm = HFLM(pretrained=model, tokenizer=tok, batch_size=cfg.batch_size, device=str(device))
+            # an encoder-decoder (T5) gets lm-eval's seq2seq backend: the context is the encoder's input,
+            # each continuation is scored by the decoder (one prompt per task, unlike T0's templates)
+            backend = "seq2seq" if getattr(model.config, "is_encoder_decoder", False) else "causal"
+            lm = HFLM(pretrained=model, tokenizer=tok, batch_size=cfg.batch_size, device=str(device), backend=backend)
             out = simple_evaluate(
                 model=lm,
                 tasks=list(cfg.tasks),

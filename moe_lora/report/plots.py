@@ -21,6 +21,7 @@ from moe_lora.report.routing_stats import (
     knowledge_share,
     over_training,
 )
+from moe_lora.report.telemetry import layer_indices
 
 _LAYER = re.compile(r"\.(\d+)\.")
 
@@ -103,12 +104,13 @@ def load_heatmap(runs: list[Run], label: str, path: Path, names: dict[Path, str]
     for run in runs:
         if run.results is None or names.get(run.path) != label:
             continue
-        for module, stats in run.results.get("routing", {}).items():
-            m = _LAYER.search(module)
+        routing = run.results.get("routing", {})
+        index = layer_indices(routing)
+        for module, stats in routing.items():
             for task, s in stats.get("by_task_type", {}).items():
                 load = np.asarray(s["load"], dtype=float)
-                if m and load.sum() > 0:
-                    acc[task][int(m.group(1))].append(load / load.sum())
+                if module in index and load.sum() > 0:
+                    acc[task][index[module]].append(load / load.sum())
     if not acc:
         return False
     tasks = sorted(acc)

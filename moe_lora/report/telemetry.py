@@ -40,6 +40,23 @@ def usable_rows(rows: list[dict]) -> list[dict]:
     return [r for r in rows if r.get("task_type") == "all" and r.get("importance")]
 
 
+def layer_indices(modules) -> dict[str, int]:
+    """Module -> layer index over all stacks, as injection counts them: one stack's own index for a
+    causal LM; an encoder-decoder's encoder layers first, then its decoder's (``encoder.block.1``
+    is 1, ``decoder.block.1`` is ``encoder layers + 1``). Modules outside the layers are left out."""
+    found = {}
+    for module in modules:
+        m = _LAYER.search(module)
+        if m:
+            found[module] = (module[: m.start()], int(m.group(1)))
+    order = sorted({s for s, _ in found.values()}, key=lambda s: (not s.startswith("encoder"), s))
+    offsets, total = {}, 0
+    for stack in order:
+        offsets[stack] = total
+        total += 1 + max(i for s, i in found.values() if s == stack)
+    return {module: offsets[s] + i for module, (s, i) in found.items()}
+
+
 def layer_statistics(rows: list[dict], rule: str) -> dict[int, float]:
     """Layer index -> the rule's statistic, mean over the layer's modules, final window, all tokens
     ({} without usable rows)."""
@@ -48,8 +65,8 @@ def layer_statistics(rows: list[dict], rule: str) -> dict[int, float]:
         return {}
     last = max(r["step"] for r in rows)
     per_layer: dict[int, list[float]] = defaultdict(list)
+    index = layer_indices({r["module"] for r in rows})
     for r in rows:
-        m = _LAYER.search(r["module"])
-        if r["step"] == last and m:
-            per_layer[int(m.group(1))].append(statistic(r, rule))
+        if r["step"] == last and r["module"] in index:
+            per_layer[index[r["module"]]].append(statistic(r, rule))
     return {layer: sum(v) / len(v) for layer, v in sorted(per_layer.items())}

@@ -5,6 +5,7 @@ which results.json also carries (``metric_columns``) for the report."""
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 from typing import Any
 
@@ -46,9 +47,28 @@ def build_results(cfg, resolved, base, tuned, params, adapted, routing, wall) ->
         "metrics": metrics,
         "metric_columns": declarations(),
         "routing": final,
+        "routing_by_stack": by_stack(final),
         "wall_s": wall,
         "config": resolved,
         "adapter_config": dataclasses.asdict(cfg.adapter),
+    }
+
+
+def stack_of(module: str) -> str:
+    """The layer list a module sits in (``model.layers``, ``encoder.block``, ``decoder.block``)."""
+    m = re.search(r"\.\d+\.", module)
+    return module[: m.start()] if m else ""
+
+
+def by_stack(routing: dict[str, dict]) -> dict[str, dict[str, float]]:
+    """Mean CV and routing entropy over each stack's adapted linears: an encoder-decoder's encoder
+    and decoder side by side (one entry for a causal LM)."""
+    groups: dict[str, list[dict]] = {}
+    for module, row in routing.items():
+        groups.setdefault(stack_of(module), []).append(row)
+    return {
+        stack: {k: sum(r[k] for r in rows) / len(rows) for k in ("cv", "entropy") if all(k in r for r in rows)}
+        for stack, rows in groups.items()
     }
 
 
@@ -89,6 +109,12 @@ def _eval_line(ev: dict | None) -> str:
     return phases + share + rate
 
 
+def _stack_rows(stacks: dict[str, dict]) -> list[tuple[str, str]]:
+    if len(stacks) < 2:
+        return []
+    return [(f"  {stack}", _f(v.get("cv"))) for stack, v in stacks.items()]
+
+
 def summary_table(results: dict) -> str:
     m, p = results["metrics"], results["params"]
     cvs = [r["cv"] for r in results["routing"].values()]
@@ -100,6 +126,7 @@ def summary_table(results: dict) -> str:
         ("trainable params", f"{p['trainable']:,} / {p['total']:,}"),
         *metric_rows(m),
         ("routing CV (mean over layers)", _f(sum(cvs) / len(cvs)) if cvs else "-"),
+        *_stack_rows(results.get("routing_by_stack") or {}),
         (
             "tokens/s, peak memory",
             f"{perf['tokens_per_s']:,.0f}, {perf['peak_mem_bytes'] / 2**20:,.0f} MiB"

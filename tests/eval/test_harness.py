@@ -101,3 +101,26 @@ def test_generation_matches_lm_eval_generate_until(llama, task_dir) -> None:
     assert [match_triviaqa(o, s["target"]) for o, s in zip(ours, samples, strict=True)] == [
         bool(s["exact_match"]) for s in samples
     ]
+
+
+def test_run_harness_scores_an_adapted_t5_with_the_seq2seq_backend(task_dir, tmp_path) -> None:
+    from transformers import T5ForConditionalGeneration
+
+    from moe_lora.adapters.inject import inject_adapter
+    from moe_lora.compose import load_config
+    from tests.fixtures.checkpoints import make_t5_checkpoint
+
+    path = make_t5_checkpoint(tmp_path / "t5")
+    cfg = load_config(["model.source=hub", f"model.name_or_path={path}", "adapter=mov"], check_files=False)
+    model = T5ForConditionalGeneration.from_pretrained(path)
+    inject_adapter(model, cfg.adapter, cfg.model, cfg.layout)
+    seen = []
+    model.get_encoder().register_forward_hook(lambda m, a, o: seen.append(1))
+    out = run_harness(
+        model,
+        AutoTokenizer.from_pretrained(path),
+        HarnessConfig(tasks=["tiny_mc", "tiny_gen"], limit=3, batch_size=2, include_path=str(task_dir)),
+        device="cpu",
+    )
+    assert 0.0 <= out["tiny_mc"]["acc"] <= 1.0 and 0.0 <= out["tiny_gen"]["exact_match,remove_whitespace"] <= 1.0
+    assert seen  # the context went through the encoder
