@@ -3,7 +3,9 @@
 Every ``v_e`` starts at 1 (identity at init). The router's input is the activation it rescales:
 for k/v outputs it routes each head separately with one router shared across heads (its input is
 one head's slice, so ``router.weight`` is (E, head_dim)); for the FFN it routes on the intermediate
-activation that enters the FFN's output projection (``ffn_out``: down_proj, fc2, ...). On a fused
+activation that enters the FFN's output projection (``ffn_out``: down_proj, fc2, ...), or with
+``adapter.ffn_route_on=activation`` on the FFN's activation ``act(wi_0 x)`` (the paper's T5 site:
+for a gated FFN the router then reads the activation before the gate product). On a fused
 q|k|v linear (Phi-3's ``qkv_proj``, GPT-NeoX's ``query_key_value``) the key and value columns get a
 router and experts each, exactly as the unfused twin's k_proj and v_proj. Defaults: E=10, soft routing, router in fp32, sites k_proj and
 v_proj outputs and down_proj input. The schema is :class:`RoutedConfig`'s, without the low-rank

@@ -305,3 +305,29 @@ def test_a_real_checkpoint_resumes_bitwise(checkpoints, data_root, cache_dir, tm
     assert killed_at([*real, f"hydra.run.dir={run_dir}"], cache_dir, kill_after_micro_batch(8)) == -signal.SIGKILL
     assert _main(["train", *real, f"hydra.run.dir={run_dir}", "resume=auto"], cache_dir) == 0
     assert_same_end(run_dir, reference)
+
+
+def test_a_t5_killed_mid_training_resumes_bitwise(references, cache_dir, tmp_path, tmp_path_factory) -> None:
+    """An encoder-decoder (tiny T5 with dropout, MoV, P3 files, per-sequence loss) killed in step 8
+    resumes to the uninterrupted run's bytes."""
+    from tests.fixtures.checkpoints import make_t5_checkpoint
+    from tests.fixtures.p3 import write_p3_root
+
+    root = tmp_path_factory.mktemp("t5_kill")
+    t5 = make_t5_checkpoint(root / "t5", encoder_layers=1, decoder_layers=2)
+    extra = (
+        "model.source=hub",
+        f"model.name_or_path={t5}",
+        "data=p3_t0",
+        f"data.root={write_p3_root(root / 'p3')}",
+        "data.p3.train_datasets=[ag_news,imdb]",
+        "data.p3.eval_datasets=[super_glue_rte]",
+        "data.max_source_length=40",
+        "data.max_target_length=6",
+        "recipe.loss_normalization=sequence",
+    )
+    run_dir = tmp_path / "run"
+    args = ["adapter=mov", *RUN, *extra, f"hydra.run.dir={run_dir}"]
+    assert killed_at(args, cache_dir, kill_after_micro_batch(8)) == -signal.SIGKILL
+    assert _main(["train", *args, "resume=auto"], cache_dir) == 0
+    assert_same_end(run_dir, references("mov", extra))

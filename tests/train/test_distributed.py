@@ -53,7 +53,7 @@ def _ranks_worker(cases: dict[str, list[str]], out: str, cache_dir: str) -> None
             _starve_expert_zero(d.rank == 1)
         run(_config(overrides, B, cache_dir), run_dir, progress=False, dist=d)
         _starve_expert_zero(False)
-        if name == "ddp_resume":  # again from step-2: per-rank RNG, summed open windows, log cut-back
+        if name.endswith("_resume"):  # again from step-2: per-rank RNG, summed open windows, log cut-back
             if d.is_main:
                 import shutil
 
@@ -109,7 +109,37 @@ def real_case(checkpoints: dict[str, Path], data_root: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory, cache_dir, checkpoints, data_root) -> Path:
+def t5_p3(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """Tiny T5s (no dropout: each rank would draw its own masks; and with dropout, for resume) and
+    P3-shaped files."""
+    from tests.fixtures.checkpoints import make_t5_checkpoint
+    from tests.fixtures.p3 import write_p3_root
+
+    root = tmp_path_factory.mktemp("t5_p3")
+    plain = make_t5_checkpoint(root / "t5", dropout_rate=0.0, encoder_layers=1, decoder_layers=2)
+    dropout = make_t5_checkpoint(root / "t5_dropout", encoder_layers=1, decoder_layers=2)
+    return plain, dropout, write_p3_root(root / "p3")
+
+
+def t5_case(model: Path, p3: Path) -> list[str]:
+    """An encoder-decoder on P3 files, per-sequence loss (its global normalisation is what is tested)."""
+    return [
+        "model.source=hub",
+        f"model.name_or_path={model}",
+        "adapter=mov",
+        "data=p3_t0",
+        f"data.root={p3}",
+        "data.p3.train_datasets=[ag_news,imdb]",
+        "data.p3.eval_datasets=[super_glue_rte]",
+        "data.num_train=48",
+        "data.max_source_length=40",
+        "data.max_target_length=6",
+        "recipe.loss_normalization=sequence",
+    ]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory, cache_dir, checkpoints, data_root, t5_p3) -> Path:
     from moe_lora.train.distributed import spawn
 
     out = tmp_path_factory.mktemp("ranks")
@@ -120,6 +150,8 @@ def two_ranks(tmp_path_factory, cache_dir, checkpoints, data_root) -> Path:
         "fsdp_loramoe": ["adapter=loramoe", "adapter.aux_scope=global", "recipe.strategy=fsdp"],
         "fsdp_bf16_base": ["adapter=loramoe", "recipe.strategy=fsdp", "model.dtype=bfloat16"],
         "ddp_resume": ["adapter=loramoe", "recipe.save_every=2", "recipe.log_every=1", "adapter.dropout=0.1"],
+        "t5_p3": t5_case(t5_p3[0], t5_p3[2]),
+        "t5_resume": [*t5_case(t5_p3[1], t5_p3[2]), "recipe.save_every=2", "recipe.log_every=1"],
     }
     spawn(2, _ranks_worker, cases, str(out), str(cache_dir))
     return out
@@ -277,10 +309,23 @@ def test_a_real_checkpoint_on_real_schema_data_matches_one_process(
     assert [(r["model"], r["id"]) for r in ranked] == [(r["model"], r["id"]) for r in single]  # each example once
 
 
-def test_two_ranks_resume_bitwise(two_ranks) -> None:
+def test_an_encoder_decoder_on_two_ranks_matches_one_process(two_ranks, t5_p3, cache_dir, tmp_path) -> None:
+    """A T5 on P3 files with per-sequence loss: sequences of the global batch, routers of both
+    stacks (decoder masked by the targets), rank classification gathered from both ranks."""
+    from moe_lora.train.runner import run
+
+    run(_config(t5_case(t5_p3[0], t5_p3[2]), 2 * B, str(cache_dir)), tmp_path, progress=False)
+    assert_same_training(two_ranks / "t5_p3", tmp_path)
+    ranked = json.loads((two_ranks / "t5_p3" / "results.json").read_text())["metrics"]
+    single = json.loads((tmp_path / "results.json").read_text())["metrics"]
+    assert ranked["rank_acc"] == single["rank_acc"] and ranked["t0_score"] == single["t0_score"]
+
+
+@pytest.mark.parametrize("case", ["ddp_resume", "t5_resume"])
+def test_two_ranks_resume_bitwise(two_ranks, case) -> None:
     """A two-rank run resumed from its step-2 checkpoint ends as it ended uninterrupted (dropout on:
-    each rank's RNG state comes back from its own file)."""
-    run_dir = two_ranks / "ddp_resume"
+    each rank's RNG state comes back from its own file); a Llama with LoRAMoE, a T5 with MoV."""
+    run_dir = two_ranks / case
     assert (run_dir / "adapter_model.safetensors").read_bytes() == (run_dir / "first.safetensors").read_bytes()
     first = [line for line in (run_dir / "first_metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     again = [line for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]

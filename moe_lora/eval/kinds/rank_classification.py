@@ -6,9 +6,9 @@ templates of the per-template accuracy, and ``t0_score`` the mean over datasets,
 MoV paper report. Prediction rows gain ``choices``, ``choice_scores`` and ``template``; their
 ``prediction`` is the chosen answer, so the rows reproduce every accuracy reported.
 
-Deviation for causal LMs: the prompt is read once per choice (one row per pair, lm-eval's way);
-an encoder-decoder reads it once per example when that path lands (issue: MoV and MoLoRA in their
-own setting)."""
+A causal LM reads the prompt once per choice (one row per pair, lm-eval's way); an encoder-decoder
+encodes it once per example and decodes every choice from the same encoder states (T0's way;
+``metrics.choice_logprobs``)."""
 
 from __future__ import annotations
 
