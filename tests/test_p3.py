@@ -104,8 +104,7 @@ def _train_args(root, model, adapter, tmp_path) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    ("version", "adapter"),
-    [("v1_1", "ia3"), ("v1_1", "mov"), ("v1_1", "lora"), ("v1_1", "molora"), ("v1_1", "full"), ("v1_0", "mov")],
+    ("version", "adapter"), [(v, a) for v in ("v1_1", "v1_0") for a in ("ia3", "mov", "lora", "molora", "full")]
 )
 def test_t5_trains_on_p3_and_predictions_reproduce_rank_accuracy(
     run_cli, p3_root, t5s, tmp_path, version, adapter

@@ -261,6 +261,11 @@ def test_movs_ffn_site_equals_a_hand_written_router_on_the_activation(tmp_path, 
     inject_adapter(model, cfg.adapter, cfg.model, cfg.layout)
     ffn = model.decoder.block[1].layer[2].DenseReluDense
     assert 0.01 < float(ffn.wo.router.weight.std()) < 0.03  # N(0, 0.02^2)
+    default = load_config(["model.source=hub", f"model.name_or_path={path}", "adapter=mov"], check_files=False)
+    assert default.adapter.ffn_route_on == "auto"  # activation on an encoder-decoder: the paper's site
+    plain = T5ForConditionalGeneration.from_pretrained(path)
+    inject_adapter(plain, default.adapter, default.model, default.layout)
+    assert type(plain.decoder.block[1].layer[2].DenseReluDense.wo) is type(ffn.wo)
     with torch.no_grad():
         ffn.wo.ia3_v.normal_(1.0, 0.5)
         ffn.wo.router.weight.normal_(0.0, 1.0)

@@ -123,6 +123,7 @@ def inject_adapter(
             adapter.num_experts,
         )
     dtype = getattr(torch, adapter.dtype)
+    adapter = for_model(adapter, model)
     for site in sites:
         plan = replace(
             layer_plan(site.name, site.layer, plans, layout), head_dim=structure.head_dim, dtype=dtype, site=site
@@ -137,16 +138,33 @@ def inject_adapter(
         for mod in model.modules():
             if isinstance(mod, Router) and mod.weight.device.type != "meta":
                 torch.nn.init.normal_(mod.weight, std=0.02)
-    names = [site.name for site in sites]
     if recorder is not None:
-        aux = aux_config(adapter)
-        seq2seq = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
-        for name, mod in model.named_modules():
-            if isinstance(mod, Router):
-                site = max((s for s in sites if name.startswith(f"{s.name}.")), key=lambda s: len(s.name), default=None)
-                stream = token_stream(structure, site) if seq2seq and site is not None else "input"
-                recorder.attach(mod, name.removesuffix(".router"), aux, stream)
-    return names
+        attach_routers(model, structure, sites, aux_config(adapter), recorder)
+    return [site.name for site in sites]
+
+
+def _is_seq2seq(model: nn.Module) -> bool:
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
+def for_model(adapter: AdapterConfig, model: nn.Module) -> AdapterConfig:
+    """Settings that depend on the model: MoV's ``ffn_route_on=auto`` is the paper's T5 site
+    (``activation``) on an encoder-decoder, the causal-LM site (``input``) elsewhere."""
+    if getattr(adapter, "ffn_route_on", None) == "auto":
+        return replace(adapter, ffn_route_on="activation" if _is_seq2seq(model) else "input")
+    return adapter
+
+
+def attach_routers(
+    model: nn.Module, structure: Structure, sites: list[Site], aux: AuxLossConfig, recorder: RoutingRecorder
+) -> None:
+    """Every router reports to the recorder under its site's name, on its token stream."""
+    seq2seq = _is_seq2seq(model)
+    for name, mod in model.named_modules():
+        if isinstance(mod, Router):
+            site = max((s for s in sites if name.startswith(f"{s.name}.")), key=lambda s: len(s.name), default=None)
+            stream = token_stream(structure, site) if seq2seq and site is not None else "input"
+            recorder.attach(mod, name.removesuffix(".router"), aux, stream)
 
 
 def token_stream(structure: Structure, site: Site) -> str:

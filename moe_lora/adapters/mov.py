@@ -36,13 +36,14 @@ class MoVConfig(RoutedConfig):
     target_modules: List[str] = field(default_factory=lambda: ["key", "value", "ffn_out"])
     num_experts: int = 10
     # what the FFN site's router reads: input (the activation entering ffn_out, gate x up for a gated
-    # FFN) or activation (the FFN's activation module's output, act(wi_0 x): the paper's T5 site)
-    ffn_route_on: str = "input"
+    # FFN: the causal-LM site, down_proj's input), activation (the FFN's activation module's output,
+    # act(wi_0 x): the paper's T5 site), auto (activation on encoder-decoders, else input)
+    ffn_route_on: str = "auto"
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.ffn_route_on not in ("input", "activation"):
-            raise ConfigError(f"adapter.ffn_route_on={self.ffn_route_on!r} must be input or activation")
+        if self.ffn_route_on not in ("auto", "input", "activation"):
+            raise ConfigError(f"adapter.ffn_route_on={self.ffn_route_on!r} must be auto, input or activation")
 
 
 class MoVScale(nn.Module):

@@ -322,8 +322,8 @@ def test_a_t5_killed_mid_training_resumes_bitwise(references, cache_dir, tmp_pat
         f"data.root={write_p3_root(root / 'p3')}",
         "data.p3.train_datasets=[ag_news,imdb]",
         "data.p3.eval_datasets=[super_glue_rte]",
-        "data.max_source_length=40",
-        "data.max_target_length=6",
+        "data.max_source_length=64",
+        "data.max_target_length=8",
         "recipe.loss_normalization=sequence",
     )
     run_dir = tmp_path / "run"
