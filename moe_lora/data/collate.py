@@ -114,12 +114,24 @@ def encode_seq2seq(
     T5X feeds T0's mixture). ``ids`` is source then target, ``start`` where the target begins; the
     answer is tokenised on its own (the decoder never sees the prompt's text)."""
     max_source, max_target = lengths
-    eos = tok.eos_token_id
     src = tok(format_prompt(tok, prompt, chat_template), add_special_tokens=False)["input_ids"]
     tgt = tok(answer, add_special_tokens=False)["input_ids"]
-    source, target = [*src[: max_source - 1], eos], [*tgt[: max_target - 1], eos]
+    source, target = _with_eos(src, max_source, tok.eos_token_id), _with_eos(tgt, max_target, tok.eos_token_id)
     cut = len(tgt) >= max_target
     return Encoded(source + target, len(source), cut or len(src) >= max_source, cut)
+
+
+def _with_eos(ids: list[int], limit: int | None, eos: int) -> list[int]:
+    """``ids`` cut from the right to ``limit`` tokens with EOS last (seqio's trim, EOS appended)."""
+    return [*(ids if limit is None else ids[: limit - 1]), eos]
+
+
+def source_ids(
+    tok: PreTrainedTokenizerBase, prompt: str, max_source: int | None, chat_template: bool = False
+) -> list[int]:
+    """An encoder-decoder's source for generation: the prompt as :func:`encode_seq2seq` encodes it."""
+    ids = tok(format_prompt(tok, prompt, chat_template), add_special_tokens=False)["input_ids"]
+    return _with_eos(ids, max_source, tok.eos_token_id)
 
 
 def encode_example(
@@ -154,6 +166,17 @@ def _right_pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, t
         ids[i, : len(r)] = torch.as_tensor(r, dtype=torch.long)
         mask[i, : len(r)] = 1
     return ids, mask
+
+
+def decoder_inputs(config, labels: torch.Tensor) -> torch.Tensor:
+    """The decoder's inputs: labels shifted right behind ``decoder_start_token_id``, -100 -> pad
+    (what T5's ``_shift_right`` and BART's ``shift_tokens_right`` compute)."""
+    start = config.decoder_start_token_id
+    if start is None:
+        raise ValueError(f"{config.model_type} has no decoder_start_token_id: its decoder inputs are unknown")
+    shifted = labels.new_full(labels.shape, start)
+    shifted[:, 1:] = labels[:, :-1]
+    return shifted.masked_fill(shifted == IGNORE, config.pad_token_id or 0)
 
 
 def pad_seq2seq(

@@ -22,7 +22,7 @@ from transformers import (
     StoppingCriteriaList,
 )
 
-from moe_lora.data.collate import encode_seq2seq, left_truncate, pad_id, prompt_ids
+from moe_lora.data.collate import left_truncate, pad_id, prompt_ids, source_ids
 
 
 @contextmanager
@@ -138,7 +138,7 @@ def greedy_generate(
     eos = eos_ids(model, tok)
     seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
     if seq2seq:
-        encoded = [encode_seq2seq(tok, p, "", (max_source or 1 << 30, 1), chat_template).ids[:-1] for p in prompts]
+        encoded = [source_ids(tok, p, max_source, chat_template) for p in prompts]
     else:
         limit = context_limit(model, max_new_tokens)
         encoded = [left_truncate(prompt_ids(tok, p, chat_template), limit, tok.bos_token_id) for p in prompts]

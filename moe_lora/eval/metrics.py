@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from moe_lora.data.collate import IGNORE, Lengths, collate
+from moe_lora.data.collate import IGNORE, Lengths, collate, decoder_inputs
 from moe_lora.data.example import Example
 from moe_lora.eval.generate import eval_mode, greedy_generate
 from moe_lora.eval.normalize import MATCHERS
@@ -43,8 +43,6 @@ def aligned_logits(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> tu
     """(logits, labels) of a right-padded batch on the model's device, in eval mode, position t of
     the logits predicting label t: a causal LM's shifted by one, an encoder-decoder's decoder fed
     the labels shifted right."""
-    from moe_lora.train.loss import decoder_inputs
-
     device = next(model.parameters()).device
     ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
     with eval_mode(model):
@@ -153,7 +151,11 @@ def answer_logprobs(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> t
     batch row of each. Only answer positions get a log-softmax: B x T x V in float32 would not fit
     at paper scale."""
     with torch.no_grad():
-        logits, labels = aligned_logits(model, batch)
+        return label_logprobs(*aligned_logits(model, batch))
+
+
+def label_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities of the labelled positions of aligned logits (float32), and their rows."""
     scored = labels != IGNORE
     logp = -F.cross_entropy(logits[scored].float(), labels[scored], reduction="none")
     return logp, scored.nonzero()[:, 0]
@@ -218,8 +220,6 @@ def _seq2seq_answer_logprobs(
     (consecutive rows of one ``owners`` entry) is encoded once and its states reused for every choice."""
     from transformers.modeling_outputs import BaseModelOutput
 
-    from moe_lora.train.loss import decoder_inputs
-
     device = next(model.parameters()).device
     ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
     own = torch.as_tensor(owners, device=device)
@@ -232,6 +232,4 @@ def _seq2seq_answer_logprobs(
             attention_mask=mask,
             decoder_input_ids=decoder_inputs(model.config, labels),
         ).logits
-    scored = labels != IGNORE
-    logp = -F.cross_entropy(logits[scored].float(), labels[scored], reduction="none")
-    return logp, scored.nonzero()[:, 0]
+    return label_logprobs(logits, labels)

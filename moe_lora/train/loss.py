@@ -17,22 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe_lora.data.collate import IGNORE
+from moe_lora.data.collate import IGNORE, decoder_inputs
 
 
 def is_seq2seq_model(model: nn.Module) -> bool:
     return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
-
-
-def decoder_inputs(config, labels: torch.Tensor) -> torch.Tensor:
-    """The decoder's inputs: labels shifted right behind ``decoder_start_token_id``, -100 -> pad
-    (what T5's ``_shift_right`` and BART's ``shift_tokens_right`` compute)."""
-    start = config.decoder_start_token_id
-    if start is None:
-        raise ValueError(f"{config.model_type} has no decoder_start_token_id: its decoder inputs are unknown")
-    shifted = labels.new_full(labels.shape, start)
-    shifted[:, 1:] = labels[:, :-1]
-    return shifted.masked_fill(shifted == IGNORE, config.pad_token_id or 0)
 
 
 def label_count(labels: torch.Tensor, seq2seq: bool) -> torch.Tensor:
