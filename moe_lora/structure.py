@@ -182,6 +182,11 @@ class Structure:
         return ", ".join(parts)
 
 
+def is_encoder_decoder(model: nn.Module) -> bool:
+    """Whether ``model`` is an encoder-decoder (T5): its transformers config says so."""
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
 def is_adaptable(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 

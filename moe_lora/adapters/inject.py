@@ -26,7 +26,7 @@ from moe_lora.errors import ConfigError
 from moe_lora.layouts import is_per_layer, resolve_layout
 from moe_lora.routing.recorder import AuxLossConfig, RoutingRecorder
 from moe_lora.routing.router import Router
-from moe_lora.structure import CROSS_ATTENTION, Structure, is_adaptable, read_structure
+from moe_lora.structure import CROSS_ATTENTION, Structure, is_adaptable, is_encoder_decoder, read_structure
 from moe_lora.targets import Site, resolve_targets, targets_summary
 
 log = logging.getLogger(__name__)
@@ -143,15 +143,11 @@ def inject_adapter(
     return [site.name for site in sites]
 
 
-def _is_seq2seq(model: nn.Module) -> bool:
-    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
-
-
 def for_model(adapter: AdapterConfig, model: nn.Module) -> AdapterConfig:
     """Settings that depend on the model: MoV's ``ffn_route_on=auto`` is the paper's T5 site
     (``activation``) on an encoder-decoder, the causal-LM site (``input``) elsewhere."""
     if getattr(adapter, "ffn_route_on", None) == "auto":
-        return replace(adapter, ffn_route_on="activation" if _is_seq2seq(model) else "input")
+        return replace(adapter, ffn_route_on="activation" if is_encoder_decoder(model) else "input")
     return adapter
 
 
@@ -159,7 +155,7 @@ def attach_routers(
     model: nn.Module, structure: Structure, sites: list[Site], aux: AuxLossConfig, recorder: RoutingRecorder
 ) -> None:
     """Every router reports to the recorder under its site's name, on its token stream."""
-    seq2seq = _is_seq2seq(model)
+    seq2seq = is_encoder_decoder(model)
     for name, mod in model.named_modules():
         if isinstance(mod, Router):
             site = max((s for s in sites if name.startswith(f"{s.name}.")), key=lambda s: len(s.name), default=None)

@@ -23,6 +23,7 @@ from transformers import (
 )
 
 from moe_lora.data.collate import left_truncate, pad_id, prompt_ids, source_ids
+from moe_lora.structure import is_encoder_decoder
 
 
 @contextmanager
@@ -136,7 +137,7 @@ def greedy_generate(
     """
     device = next(model.parameters()).device
     eos = eos_ids(model, tok)
-    seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
+    seq2seq = is_encoder_decoder(model)
     if seq2seq:
         encoded = [source_ids(tok, p, max_source, chat_template) for p in prompts]
     else:

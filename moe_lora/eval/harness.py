@@ -22,6 +22,7 @@ import torch
 
 from moe_lora.config import HarnessConfig
 from moe_lora.errors import ConfigError
+from moe_lora.structure import is_encoder_decoder
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -127,7 +128,7 @@ def run_harness(
         with kept_random_state(), autocast():
             # an encoder-decoder (T5) gets lm-eval's seq2seq backend: the context is the encoder's input,
             # each continuation is scored by the decoder (one prompt per task, unlike T0's templates)
-            backend = "seq2seq" if getattr(model.config, "is_encoder_decoder", False) else "causal"
+            backend = "seq2seq" if is_encoder_decoder(model) else "causal"
             lm = HFLM(pretrained=model, tokenizer=tok, batch_size=cfg.batch_size, device=str(device), backend=backend)
             out = simple_evaluate(
                 model=lm,

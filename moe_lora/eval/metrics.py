@@ -23,6 +23,7 @@ from moe_lora.data.collate import IGNORE, Lengths, collate, decoder_inputs
 from moe_lora.data.example import Example
 from moe_lora.eval.generate import eval_mode, greedy_generate
 from moe_lora.eval.normalize import MATCHERS
+from moe_lora.structure import is_encoder_decoder as is_seq2seq
 
 
 def batches(examples: Sequence[Example], size: int) -> Iterator[Sequence[Example]]:
@@ -33,10 +34,6 @@ def batches(examples: Sequence[Example], size: int) -> Iterator[Sequence[Example
 def answers(ex: Example) -> list[str]:
     """Every accepted answer: the training target first, then its aliases."""
     return [ex.answer, *ex.aliases]
-
-
-def is_seq2seq(model: PreTrainedModel) -> bool:
-    return bool(getattr(model.config, "is_encoder_decoder", False))
 
 
 def aligned_logits(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -31,8 +31,9 @@ from moe_lora.config import RecipeConfig
 from moe_lora.data.collate import IGNORE
 from moe_lora.errors import ConfigError
 from moe_lora.routing.recorder import RoutingRecorder
+from moe_lora.structure import is_encoder_decoder
 from moe_lora.train.distributed import Dist, full_tensor, gradient_sync
-from moe_lora.train.loss import batch_loss, is_seq2seq_model, label_count
+from moe_lora.train.loss import batch_loss, label_count
 from moe_lora.train.precision import Precision, peak_memory_bytes, synchronize
 from moe_lora.train.schedule import optimizer_with_schedule
 
@@ -185,22 +186,25 @@ def _forward_backward(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The step's micro-batches, forward and backward: (CE, aux, micro-batches) sums, last batch."""
     device, world, first = precision.device, dist.world_size, dist.rank * recipe.batch_size
-    seq2seq, config = is_seq2seq_model(state.model), state.model.config
+    seq2seq, config = is_encoder_decoder(state.model), state.model.config
     sums = torch.zeros(3, device=device)  # this step's CE, aux, micro-batches
     for micro in range(recipe.grad_accum):
         indices = state.next_indices(recipe.batch_size * world, len(batches))[first : first + recipe.batch_size]
         batch = batches.batch(indices)
         speed.tokens += int(batch["attention_mask"].sum())  # counted on the host, before the copy
-        if seq2seq:
-            speed.tokens += int((batch["labels"] != IGNORE).sum())
+        if seq2seq:  # the decoder's tokens too, and its routers' mask
+            batch["target_mask"] = (batch["labels"] != IGNORE).long()
+            speed.tokens += int(batch["target_mask"].sum())
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         kwargs = {}
         if dist.enabled:  # CE summed over this rank's label tokens (sequences) / those of the global batch
             kwargs["num_items"] = dist.all_reduce(label_count(batch["labels"], seq2seq))
             kwargs["num_sequences"] = recipe.batch_size * world
-        target_mask = (batch["labels"] != IGNORE).long() if seq2seq else None
         with gradient_sync(net, micro == recipe.grad_accum - 1):  # DDP reduces at the last micro-batch
-            with recorder.batch(batch["attention_mask"], batch["task_type"], target_mask), precision.autocast():
+            with (
+                recorder.batch(batch["attention_mask"], batch["task_type"], batch.get("target_mask")),
+                precision.autocast(),
+            ):
                 ce = batch_loss(
                     forward, config, batch, seq2seq=seq2seq, normalization=recipe.loss_normalization, **kwargs
                 )

@@ -20,10 +20,6 @@ from torch import nn
 from moe_lora.data.collate import IGNORE, decoder_inputs
 
 
-def is_seq2seq_model(model: nn.Module) -> bool:
-    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
-
-
 def label_count(labels: torch.Tensor, seq2seq: bool) -> torch.Tensor:
     """Tokens with a loss: every label of an encoder-decoder, all but each row's first of a causal LM."""
     return ((labels if seq2seq else labels[:, 1:]) != IGNORE).sum()

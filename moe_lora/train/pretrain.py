@@ -10,6 +10,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from moe_lora.config import PretrainConfig
 from moe_lora.data.collate import collate_prefix_lm, collate_text
+from moe_lora.structure import is_encoder_decoder
 from moe_lora.train.schedule import adamw_with_schedule
 
 
@@ -23,7 +24,7 @@ def pretrain(
 ) -> list[float]:
     """Plain causal-LM training over shuffled documents (an encoder-decoder: prefix LM, T5's
     LM-adapt objective); returns the loss per step."""
-    seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
+    seq2seq = is_encoder_decoder(model)
     torch.manual_seed(seed)
     rng = random.Random(seed)
     opt, sched = adamw_with_schedule(

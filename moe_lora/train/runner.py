@@ -33,12 +33,13 @@ from moe_lora.errors import ConfigError
 from moe_lora.eval.evaluate import evaluate
 from moe_lora.models import hub_model, world_model
 from moe_lora.routing.recorder import RoutingRecorder
+from moe_lora.structure import is_encoder_decoder
 from moe_lora.tracking import Tracker, read_jsonl, write_json_atomic
 from moe_lora.train import checkpoint as ckpt
 from moe_lora.train.checkpoint import adapter_state
 from moe_lora.train.distributed import Dist, current, rank_device, wrap_model
 from moe_lora.train.loop import LoopIO, TrainState, init_state, train
-from moe_lora.train.loss import batch_loss, is_seq2seq_model
+from moe_lora.train.loss import batch_loss
 from moe_lora.train.precision import Precision, make_precision
 from moe_lora.train.preempt import preemption
 from moe_lora.train.results import build_results, write_predictions
@@ -107,7 +108,7 @@ def validation_loss(model: nn.Module, batch: dict[str, torch.Tensor], precision:
     was_training = model.training
     model.eval()
     with precision.autocast():
-        loss = batch_loss(model, model.config, batch, seq2seq=is_seq2seq_model(model))
+        loss = batch_loss(model, model.config, batch, seq2seq=is_encoder_decoder(model))
     model.train(was_training)
     return float(loss)
 
@@ -430,7 +431,7 @@ def first_nonfinite(model: nn.Module, adapted: list[str], batch: dict[str, torch
     try:
         model.eval()
         with precision.autocast():
-            batch_loss(model, model.config, batch, seq2seq=is_seq2seq_model(model))
+            batch_loss(model, model.config, batch, seq2seq=is_encoder_decoder(model))
     finally:
         model.train(was_training)
         for h in handles:
@@ -445,11 +446,11 @@ def first_nonfinite(model: nn.Module, adapted: list[str], batch: dict[str, torch
 
 def lengths(cfg: TrainConfig, model: nn.Module) -> int | tuple[int, int]:
     """``data.max_length``, or (source, target) lengths for an encoder-decoder."""
-    return cfg.data.lengths(is_seq2seq_model(model))
+    return cfg.data.lengths(is_encoder_decoder(model))
 
 
 def length_keys(cfg: TrainConfig, model: nn.Module) -> str:
-    if not is_seq2seq_model(model):
+    if not is_encoder_decoder(model):
         return f"data.max_length={cfg.data.max_length}"
     source, target = lengths(cfg, model)
     return f"data.max_source_length={source} / data.max_target_length={target}"
