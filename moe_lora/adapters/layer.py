@@ -22,6 +22,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from moe_lora.adapters.csr import csr_update_
 from moe_lora.errors import ConfigError
 from moe_lora.routing.router import Router
 from moe_lora.structure import dims, is_adaptable
@@ -165,6 +166,9 @@ class LoRAExperts(WrapsLinear):
         self.grouped = grouped is True and routed_top_k
         # the grouped path drops null experts' picks where a host sync is free (None: on the CPU)
         self.drop_null: bool | None = None
+        # how grouped compute runs: "csr" (sparse kernels, the CPU's default) or "grouped_mm"
+        # (torch's grouped GEMM, elsewhere); None: by the input's device
+        self.kernel: str | None = None
         w = base.weight
         dtype = dtype or w.dtype  # adapter.dtype (float32) when injected; the base's dtype otherwise
         if self.grouped and not self.rows_fit(dtype):
@@ -237,6 +241,21 @@ class LoRAExperts(WrapsLinear):
         dt = torch.get_autocast_dtype(x.device.type) if on else self.lora_A.dtype
         if self.use_grouped(x, dt):
             weight, expert = self.router.choose(x)
+            if (self.kernel or ("csr" if x.device.type == "cpu" else "grouped_mm")) == "csr":
+                return base_and_update(
+                    self.base,
+                    x,
+                    lambda out: csr_update_(
+                        out,
+                        self.lora_dropout(x).reshape(-1, self.d_in),
+                        weight.reshape(-1, weight.shape[-1]),
+                        expert.reshape(-1, expert.shape[-1]),
+                        self.lora_A,
+                        self.lora_B,
+                        self.num_experts,
+                        self.scaling,
+                    ),
+                )
             xd = self.lora_dropout(x).to(dt)
             return base_and_update(
                 self.base,

@@ -9,6 +9,8 @@ import torch
 from moe_lora.adapters.layer import LoRAExperts
 from moe_lora.routing.router import Router, route, softmax_experts
 
+KERNELS = ["csr", *(["grouped_mm"] if hasattr(torch, "_grouped_mm") else [])]
+
 
 def _pair(num_experts: int, top_k: int, num_null: int) -> tuple[LoRAExperts, LoRAExperts]:
     torch.manual_seed(0)
@@ -37,21 +39,36 @@ def test_grouped_equals_dense(num_experts: int, top_k: int, num_null: int, autoc
     dense, grouped = _pair(num_experts, top_k, num_null)
     assert grouped.grouped and not dense.grouped
     x = torch.randn(3, 40, 32)
-    outs, grads = [], []
-    for layer in (dense, grouped):
-        xi = x.clone().requires_grad_(True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            out = layer(xi)
-        (out.float() * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
-        outs.append(out.float())
-        grads.append([xi.grad, layer.lora_A.grad, layer.lora_B.grad, layer.router.weight.grad])
-    tol = dict(rtol=3e-2, atol=3e-2) if autocast else dict(rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(outs[1], outs[0], **tol)
-    # the gradients sum over tokens in another order (per expert group, not per token): float32
-    # round-off of ~1e-5 on sums of 120 terms
-    grad_tol = tol if autocast else dict(rtol=1e-4, atol=5e-5)
-    for g_grouped, g_dense in zip(grads[1], grads[0], strict=True):
-        torch.testing.assert_close(g_grouped, g_dense, **grad_tol)
+    runs_of = [("dense", dense, False), ("grouped", grouped, False)]
+    if autocast:
+        runs_of += [("dense_bf16", dense, True), ("grouped_bf16", grouped, True)]
+    for kernel in KERNELS:  # the CPU's CSR kernels, and the grouped GEMM a GPU runs
+        grouped.kernel = kernel
+        runs = {name: _run(layer, x, cast) for name, layer, cast in runs_of}
+        if autocast and kernel == "csr":
+            # the CSR kernels compute in float32 under autocast too: no further from float32 than the
+            # dense gate's bfloat16 GEMMs are (the base layer and the output stay bfloat16 in both)
+            for got, bf16, ref in zip(runs["grouped_bf16"], runs["dense_bf16"], runs["dense"], strict=True):
+                assert (got - ref).abs().max() <= 1.01 * (bf16 - ref).abs().max() + 1e-6, kernel
+            continue
+        got, ref = runs["grouped_bf16" if autocast else "grouped"], runs["dense_bf16" if autocast else "dense"]
+        tol = dict(rtol=3e-2, atol=3e-2) if autocast else dict(rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got[0], ref[0], **tol, msg=lambda m, k=kernel: f"{k}: {m}")
+        # the gradients sum over tokens in another order (per expert group, not per token): float32
+        # round-off of ~1e-5 on sums of 120 terms
+        grad_tol = tol if autocast else dict(rtol=1e-4, atol=5e-5)
+        for g, g_ref in zip(got[1:], ref[1:], strict=True):
+            torch.testing.assert_close(g, g_ref, **grad_tol, msg=lambda m, k=kernel: f"{k}: {m}")
+
+
+def _run(layer: LoRAExperts, x: torch.Tensor, autocast: bool) -> list[torch.Tensor]:
+    """The output and the gradients of input, A, B and router of one forward and backward."""
+    xi = x.clone().requires_grad_(True)
+    layer.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = layer(xi)
+    (out.float() * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+    return [out.float(), xi.grad, layer.lora_A.grad, layer.lora_B.grad, layer.router.weight.grad]
 
 
 def test_choose_gives_the_dense_gate_at_the_chosen_experts() -> None:
@@ -104,3 +121,28 @@ def test_null_picks_dropped_or_kept_at_weight_zero_give_the_same_update() -> Non
         grouped_update_(out, x, weights, experts, A, B, 4, 0.5, drop_null=drop)
         outs.append(out)
     torch.testing.assert_close(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("num_null", [0, 3])
+def test_csr_update_equals_the_grouped_gemm_with_null_and_empty_picks(num_null: int) -> None:
+    """The CPU's CSR kernels give the grouped GEMM's update and gradients, with null picks (some
+    tokens pick only null experts) and with a batch in which nothing picks a real expert."""
+    from moe_lora.adapters.csr import csr_update_
+    from moe_lora.adapters.layer import grouped_update_
+
+    torch.manual_seed(3)
+    router = Router(16, 4, top_k=3, num_null=num_null)
+    x = torch.randn(30, 16)
+    weights, experts = router.choose(x)
+    A, B = torch.randn(16, 32), torch.randn(32, 24)
+    cases = [(weights, experts), (weights, torch.full_like(experts, 4))] if num_null else [(weights, experts)]
+    for w, e in cases:
+        results = []
+        for update in (csr_update_, grouped_update_):
+            leaves = [t.detach().clone().requires_grad_(True) for t in (x, w, A, B)]
+            out = torch.zeros(30, 24)
+            update(out, leaves[0], leaves[1], e, leaves[2], leaves[3], 4, 0.5)
+            (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+            results.append([out.detach(), *(t.grad for t in leaves)])
+        for got, ref in zip(*results, strict=True):
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)

@@ -59,6 +59,7 @@ def make_layer(c: dict) -> tuple[LoRAExperts, RoutingRecorder]:
         router=Router(16, 4, top_k=c["top_k"], num_null=c["num_null"]),
     )
     layer.drop_null = False  # a GPU's path: null picks kept at weight 0 (the CPU drops them with one read)
+    layer.kernel = "grouped_mm"  # a GPU's kernel (the CPU's CSR kernels build their pattern on the host)
     recorder = RoutingRecorder()
     aux = AuxLossConfig(lbc_beta=0.1, lbc_delta=0.1, lb_weight=0.01, z_loss_weight=1e-3)
     recorder.attach(layer.router, "layer", aux)
