@@ -226,19 +226,39 @@ def memory_bytes(case: Case, batch: dict[str, torch.Tensor], device: str) -> int
     return sum(seen.values()) + weights + (trainable * 3 if case.optimizer else 0)  # grads + two AdamW moments
 
 
+def nonzeros(t: torch.Tensor) -> int:
+    """Rows x columns of a dense matrix; the stored entries of a sparse one."""
+    return t._nnz() if t.layout == torch.sparse_csr else t.shape[0] * t.shape[1]
+
+
 def flop_count(case: Case, batch: dict[str, torch.Tensor]) -> int:
     """Matmul FLOPs of one training step (forward and backward), torch's FLOP counter plus the
-    in-place ``addmm_`` and the grouped GEMM it does not know: the arithmetic a variant asks for."""
+    in-place ``addmm_``, the grouped GEMM and the CSR kernels it does not know: the arithmetic a
+    variant asks for."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    def addmm_flop(out, a, b, *args, out_shape=None, **kwargs) -> int:  # out (M,N) += a (M,K) @ b (K,N)
-        return 2 * a[0] * a[1] * b[1]
+    def addmm_flop(out, a, b, *args, out_val=None, **kwargs) -> int:  # out (M,N) += a (M,K) @ b (K,N)
+        return 2 * nonzeros(a) * b.shape[1]
+
+    def sparse_addmm_flop(out, a, b, *args, out_val=None, **kwargs) -> int:  # a sparse (CSR kernels)
+        return 2 * nonzeros(a) * b.shape[1]
+
+    def sampled_flop(pattern, a, b, *args, out_val=None, **kwargs) -> int:  # (a @ b) at the pattern's entries
+        return 2 * nonzeros(pattern) * a.shape[1]
+
+    for f in (addmm_flop, sparse_addmm_flop, sampled_flop):
+        f._get_raw = True  # the tensors, not their shapes: a sparse matrix's work is its nonzeros
 
     def grouped_flop(a, b, *args, out_shape=None, **kwargs) -> int:  # (M,K)x(E,K,N) or (K,M)x(M,N)->(E,K,N)
         return 2 * out_shape[-2] * out_shape[-1] * a[-1]
 
     aten = torch.ops.aten
-    mapping = {aten.addmm_: addmm_flop, **({aten._grouped_mm: grouped_flop} if hasattr(aten, "_grouped_mm") else {})}
+    mapping = {
+        aten.addmm_: addmm_flop,
+        aten._sparse_addmm: sparse_addmm_flop,
+        aten.sparse_sampled_addmm: sampled_flop,
+        **({aten._grouped_mm: grouped_flop} if hasattr(aten, "_grouped_mm") else {}),
+    }
     with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
         train_step(case, batch)
     return counter.get_total_flops()

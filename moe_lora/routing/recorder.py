@@ -32,6 +32,17 @@ from moe_lora.routing.losses import AuxLossConfig
 from moe_lora.routing.router import Router
 
 
+def stack_kept(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack`` that keeps an expert-major layout: the routers' probabilities are transposed
+    views of contiguous ``(.., E, S)`` tensors (:func:`moe_lora.routing.router.softmax_experts`),
+    and stacking them as they are would copy across that layout (slow: 7 MB per layer stack at 64
+    experts); stacked transposed, it is a straight copy and the result has the same layout."""
+    t = tensors[0]
+    if t.dim() >= 2 and t.stride(-1) != 1 and t.stride(-2) == 1:
+        return torch.stack([x.transpose(-1, -2) for x in tensors]).transpose(-1, -2)
+    return torch.stack(tensors)
+
+
 class RoutingRecorder:
     """Collects router outputs for aux losses (per micro-batch) and statistics (per window)."""
 
@@ -118,8 +129,8 @@ class RoutingRecorder:
         self._pending = []
         for (stream, _, e, top_k, num_null, _, aux), items in groups.items():
             routers = [it[0] for it in items]
-            logits, probs = torch.stack([it[1] for it in items]), torch.stack([it[2] for it in items])
-            selected = None if items[0][3] is None else torch.stack([it[3] for it in items])
+            logits, probs = stack_kept([it[1] for it in items]), stack_kept([it[2] for it in items])
+            selected = None if items[0][3] is None else stack_kept([it[3] for it in items])
             mask = self._masks[stream]
             per_token = probs.shape[2] // mask.shape[1]
             if probs.shape[1] != mask.shape[0] or per_token * mask.shape[1] != probs.shape[2]:
@@ -182,8 +193,12 @@ class RoutingRecorder:
             used = probs.new_full((*probs.shape[:-1], 1), float(e))
         else:
             used = selected[..., :e].sum(-1, keepdim=True)
-        feats = torch.cat([probs, selected, losses.entropy(probs).unsqueeze(-1), used], -1)
-        sums = torch.einsum("rbsf,bsk->rkf", feats, w.to(feats.dtype))
+        # features along dim -2, tokens last: the routers' expert-major probabilities (see
+        # stack_kept) are copied straight, and the token sums are one batched GEMM per (router,
+        # sequence) with no transposed copy of the (2E+2)-wide features
+        ent = losses.entropy(probs).unsqueeze(-1)
+        feats = torch.cat([t.transpose(-1, -2) for t in (probs, selected, ent, used)], -2)  # (R, B, F, S)
+        sums = torch.matmul(feats, w.to(feats.dtype)).sum(1).transpose(-1, -2)  # (R, K, F)
         key = tuple(r.module_name for r in routers)
         acc = self._stats.get(key)
         if acc is None:
