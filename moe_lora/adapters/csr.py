@@ -32,6 +32,13 @@ def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: tup
     return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
 
 
+def _spmm(sparse: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    """``sparse @ dense`` into a fresh row-major result: ``torch.sparse.mm`` zero-fills a result and
+    copies it back (3.4 against 1.0 ms for a (1024 x 128, 16 a row) @ (128 x 688) product); with
+    ``beta=0`` the uninitialised result is never read (NaNs in it stay out, tested)."""
+    return dense.new_empty(sparse.shape[0], dense.shape[1]).addmm_(sparse, dense, beta=0.0)
+
+
 class Pattern:
     """Where the ``(T, E*r)`` hidden is needed, as CSR twice: token-major rows (``crow``, ``col``)
     and, for the transposed products, expert-column-major rows (``crow_t``, ``col_t``) with
@@ -43,15 +50,20 @@ class Pattern:
 
     def __init__(self, expert: torch.Tensor, num_experts: int, rank: int) -> None:
         tokens, k = expert.shape
-        flat = expert.reshape(-1).numpy().astype(np.int32)
+        choices = expert.numpy().astype(np.int32)
+        # each row's picks in ascending expert order (CSR rows with sorted columns), the real ones only
+        pairs = (
+            np.argsort(choices, axis=1, kind="stable") + np.arange(0, tokens * k, k, dtype=np.int32)[:, None]
+        ).ravel()
+        flat = choices.ravel()[pairs]
         real = flat < num_experts
-        self.all_real = bool(real.all())
-        pairs = np.arange(flat.size, dtype=np.int32) if self.all_real else np.flatnonzero(real).astype(np.int32)
-        e = flat[pairs]
+        if not real.all():
+            pairs, flat = pairs[real], flat[real]
+        e = flat
         r = np.arange(rank, dtype=np.int32)
-        per_token = real.reshape(tokens, k).sum(-1, dtype=np.int32) * rank
-        self.shape = (tokens, num_experts * rank)
-        self.pairs = torch.from_numpy(pairs)
+        per_token = (choices < num_experts).sum(-1, dtype=np.int32) * rank
+        self.shape, self.rank = (tokens, num_experts * rank), rank
+        self.pairs = torch.from_numpy(pairs.astype(np.int64))
         self.crow = torch.from_numpy(np.concatenate([[0], np.cumsum(per_token)]).astype(np.int32))
         self.col = torch.from_numpy(((e * rank)[:, None] + r).reshape(-1))
         # row e*r+i of the transposed pattern lists expert e's pairs in token order (stable sort)
@@ -89,11 +101,12 @@ class _CSRExperts(torch.autograd.Function):
     def forward(ctx, out, x, A, B, w, pattern: Pattern):
         a_t = A.t().contiguous()  # (E*r, d_in): both SDDMM and dx's SpMM read it row by row
         h = pattern.sample(x, a_t)
+        w = w.repeat_interleave(pattern.rank)  # each pick's weight on its r entries
         delta = pattern.matrix(h * w)
         if out.dtype == B.dtype:
             out.addmm_(delta, B)
         else:  # bfloat16 autocast: computed in float32, added in the base output's dtype
-            out.add_(torch.sparse.mm(delta, B).to(out.dtype))
+            out.add_(_spmm(delta, B).to(out.dtype))
         ctx.mark_dirty(out)
         ctx.save_for_backward(x, a_t, B, w, h)
         ctx.pattern = pattern
@@ -107,10 +120,10 @@ class _CSRExperts(torch.autograd.Function):
         d_hw = pattern.sample(g32, B)  # d(w*h) at the entries
         dh = d_hw * w
         need_x, need_a, need_b = ctx.needs_input_grad[1:4]
-        dx = torch.sparse.mm(pattern.matrix(dh), a_t).to(x.dtype) if need_x else None
-        d_a = torch.sparse.mm(pattern.transposed(dh), x.to(B.dtype)).t() if need_a else None
-        d_b = torch.sparse.mm(pattern.transposed(h * w), g32) if need_b else None
-        return g, dx, d_a, d_b, d_hw * h, None
+        dx = _spmm(pattern.matrix(dh), a_t) if need_x else None
+        d_a = _spmm(pattern.transposed(dh), x).t() if need_a else None
+        d_b = _spmm(pattern.transposed(h * w), g32) if need_b else None
+        return g, dx, d_a, d_b, (d_hw * h).view(-1, pattern.rank).sum(-1), None
 
 
 def csr_update_(
@@ -127,10 +140,7 @@ def csr_update_(
     kernels. Arguments as :func:`moe_lora.adapters.layer.grouped_update_`'s; ``A`` and ``B`` in the
     adapter's float32 (``x`` is cast to it)."""
     rank = A.shape[1] // num_experts
-    expert, o = expert.sort(-1)  # CSR rows with ascending columns
-    weight = weight.gather(-1, o)
     pattern = Pattern(expert, num_experts, rank)
-    weight = weight.reshape(-1) if pattern.all_real else weight.reshape(-1).index_select(0, pattern.pairs)
-    w = (weight.to(A.dtype) * scaling).repeat_interleave(rank)
+    w = weight.reshape(-1).index_select(0, pattern.pairs).to(A.dtype) * scaling  # (P,): one per real pick
     with torch.autocast(x.device.type, enabled=False):  # autocast would cast the kernels' inputs to 16 bits
         _CSRExperts.apply(out, x.to(A.dtype).contiguous(), A, B, w, pattern)
