@@ -98,7 +98,10 @@ def test_auto_groups_where_it_is_faster_and_the_kernel_applies() -> None:
     assert layer(many).use_grouped(x, torch.float32) and layer(many).use_grouped(x, torch.bfloat16)
     assert not layer(AUTO_GROUPED_PER_CHOICE).use_grouped(x, torch.float32)  # 16 experts, top-2: dense
     assert not layer(many, top_k=None).use_grouped(x, torch.float32)  # soft routing: every expert
-    assert not layer(many, rank=6).use_grouped(x, torch.float32)  # 24-byte rows: the kernel refuses them
+    assert layer(many, rank=6).use_grouped(x, torch.float32)  # the CPU's CSR kernels take any rank
+    gpu_kernel = layer(many, rank=6)
+    gpu_kernel.kernel = "grouped_mm"
+    assert not gpu_kernel.use_grouped(x, torch.float32)  # 24-byte rows: the grouped GEMM refuses them
     assert layer(many, rank=8).use_grouped(x, torch.bfloat16)
     auto, dense = layer(many), layer(many)
     dense.auto = False
