@@ -9,7 +9,7 @@ from moe_lora.routing.recorder import stack_kept
 from moe_lora.routing.router import softmax_experts, top_choices
 
 
-@pytest.mark.parametrize("experts,k", [(8, 1), (8, 2), (64, 2), (6, 4), (3, 3)])
+@pytest.mark.parametrize("experts,k", [(8, 1), (8, 2), (16, 1), (16, 2), (64, 2), (6, 4), (3, 3), (20, 4)])
 def test_top_choices_are_topk(experts: int, k: int) -> None:
     probs = softmax_experts(torch.randn(4, 33, experts))
     got = top_choices(probs, k).sort(-1).values
@@ -17,8 +17,8 @@ def test_top_choices_are_topk(experts: int, k: int) -> None:
     assert torch.equal(got, want)
 
 
-def test_top_choices_break_ties_by_the_first_expert() -> None:
-    probs = torch.full((5, 6), 1 / 6)  # a router whose logits are all equal
+def test_top_choices_of_max_passes_break_ties_by_the_first_expert() -> None:
+    probs = torch.full((5, 16), 1 / 16)  # a router whose logits are all equal
     assert torch.equal(top_choices(probs, 2), torch.tensor([[0, 1]] * 5))
 
 
