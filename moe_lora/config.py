@@ -226,13 +226,14 @@ class MoEConfig(LowRankConfig, RoutedConfig):
     router, plus null experts and the expert compute path."""
 
     num_null_experts: int = 0
-    # "dense": every expert on every token, unselected ones gated by zero (fastest for E <= 16 on
-    # CPU); "grouped": top-k (token, expert) pairs sorted by expert and computed with grouped GEMMs
-    # (``torch._grouped_mm``), E/k times fewer expert FLOPs, for large E*r and GPUs. Same results up
-    # to summation order; on CUDA its index_add_ uses atomics, so runs are bitwise reproducible only
-    # under torch.use_deterministic_algorithms(True). "auto": grouped in the layers where it is the
-    # faster path (top-k routing with num_experts >= 16 x top_k, measured on CPU; its 16-byte rows;
-    # bfloat16 compute on CUDA or compiled), dense elsewhere (adapters/layer.py).
+    # "dense": every expert on every token, unselected ones gated by zero (fastest for E < 16 x
+    # top_k on CPU); "grouped": only the top-k (token, expert) pairs, E/k times fewer expert FLOPs:
+    # CSR kernels on the CPU (adapters/csr.py), grouped GEMMs (``torch._grouped_mm``) on a GPU and
+    # compiled. Same results up to summation order; on CUDA its index_add_ uses atomics, so runs are
+    # bitwise reproducible only under torch.use_deterministic_algorithms(True). "auto": grouped in
+    # the layers where it is the faster path (top-k routing with num_experts >= 16 x top_k, measured
+    # on CPU; for the grouped GEMM its 16-byte rows and bfloat16 compute on CUDA or compiled), dense
+    # elsewhere (adapters/layer.py).
     expert_compute: str = "dense"
 
     def router_outputs(self) -> tuple[int, str]:

@@ -83,7 +83,7 @@ def adapter_config(name: str, a: argparse.Namespace, grouped: bool = False):
     over = {"target_modules": target_modules(a.modules), "dropout": 0.0, "rank": a.rank, "num_experts": a.experts}
     if getattr(a, "top_k", None) is not None and (getattr(cfg, "top_k", None) is not None or grouped):
         over["top_k"] = a.top_k
-    if grouped:  # top-k through grouped GEMMs instead of the dense masked gate
+    if grouped:  # top-k through the grouped path (CSR on the CPU, grouped GEMMs on a GPU), not the masked gate
         over["expert_compute"] = "grouped"
     return replace(cfg, **{k: v for k, v in over.items() if k in names})
 
@@ -101,8 +101,8 @@ def adapted_variants() -> list[str]:
 
 def split_variant(variant: str) -> tuple[str, set[str]]:
     """``'loramoe_no_telemetry_compiled'`` -> ``('loramoe', {'_no_telemetry', '_compiled'})``:
-    ``_compiled`` compiles that model only, ``_grouped`` computes top-k with grouped GEMMs,
-    ``_no_telemetry`` switches routing statistics and auxiliary losses off."""
+    ``_compiled`` compiles that model only, ``_grouped`` computes only the top-k pairs (CSR on the
+    CPU, grouped GEMMs on a GPU), ``_no_telemetry`` switches routing statistics and auxiliary losses off."""
     flags: set[str] = set()
     while suffix := next((x for x in SUFFIXES if variant.endswith(x)), None):
         flags.add(suffix)
