@@ -33,7 +33,7 @@ def _pair(num_experts: int, top_k: int, num_null: int) -> tuple[LoRAExperts, LoR
     return dense, grouped
 
 
-@pytest.mark.parametrize("num_experts,top_k,num_null", [(8, 2, 0), (64, 2, 0), (6, 3, 2)])
+@pytest.mark.parametrize("num_experts,top_k,num_null", [(8, 2, 0), (64, 2, 0), (6, 3, 2), (10, 2, 3)])
 @pytest.mark.parametrize("autocast", [False, True])
 def test_grouped_equals_dense(num_experts: int, top_k: int, num_null: int, autocast: bool) -> None:
     dense, grouped = _pair(num_experts, top_k, num_null)
