@@ -252,37 +252,20 @@ class LoRAExperts(WrapsLinear):
         dt = torch.get_autocast_dtype(x.device.type) if on else self.lora_A.dtype
         if self.use_grouped(x, dt):
             weight, expert = self.router.choose(x)
-            if self.kernel_for(x) == "csr":
-                return base_and_update(
-                    self.base,
-                    x,
-                    lambda out: csr_update_(
-                        out,
-                        self.lora_dropout(x).reshape(-1, self.d_in),
-                        weight.reshape(-1, weight.shape[-1]),
-                        expert.reshape(-1, expert.shape[-1]),
-                        self.lora_A,
-                        self.lora_B,
-                        self.num_experts,
-                        self.scaling,
-                    ),
-                )
-            xd = self.lora_dropout(x).to(dt)
-            return base_and_update(
-                self.base,
-                x,
-                lambda out: grouped_update_(
-                    out,
-                    xd.reshape(-1, self.d_in),
-                    weight.reshape(-1, weight.shape[-1]),
-                    expert.reshape(-1, expert.shape[-1]),
-                    self.lora_A.to(dt),
-                    self.lora_B.to(dt),
-                    self.num_experts,
-                    self.scaling,
-                    self.drop_null,
-                ),
-            )
+            weight, expert = weight.reshape(-1, weight.shape[-1]), expert.reshape(-1, expert.shape[-1])
+            xd = self.lora_dropout(x).reshape(-1, self.d_in)
+            E, s = self.num_experts, self.scaling
+            if self.kernel_for(x) == "csr":  # float32 kernels: A, B as they are, x cast inside
+
+                def update(out: torch.Tensor) -> None:
+                    csr_update_(out, xd, weight, expert, self.lora_A, self.lora_B, E, s)
+            else:
+
+                def update(out: torch.Tensor) -> None:
+                    A, B = self.lora_A.to(dt), self.lora_B.to(dt)
+                    grouped_update_(out, xd.to(dt), weight, expert, A, B, E, s, self.drop_null)
+
+            return base_and_update(self.base, x, update)
         h, gate = self.hidden_and_gate(x)
         h, alpha = self.scale_hidden(h, gate)
         h = h.reshape(-1, h.shape[-1])

@@ -237,16 +237,13 @@ def flop_count(case: Case, batch: dict[str, torch.Tensor]) -> int:
     variant asks for."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    def addmm_flop(out, a, b, *args, out_val=None, **kwargs) -> int:  # out (M,N) += a (M,K) @ b (K,N)
-        return 2 * nonzeros(a) * b.shape[1]
-
-    def sparse_addmm_flop(out, a, b, *args, out_val=None, **kwargs) -> int:  # a sparse (CSR kernels)
+    def addmm_flop(out, a, b, *args, out_val=None, **kwargs) -> int:  # out (M,N) += a (M,K) @ b (K,N), a dense or CSR
         return 2 * nonzeros(a) * b.shape[1]
 
     def sampled_flop(pattern, a, b, *args, out_val=None, **kwargs) -> int:  # (a @ b) at the pattern's entries
         return 2 * nonzeros(pattern) * a.shape[1]
 
-    for f in (addmm_flop, sparse_addmm_flop, sampled_flop):
+    for f in (addmm_flop, sampled_flop):
         f._get_raw = True  # the tensors, not their shapes: a sparse matrix's work is its nonzeros
 
     def grouped_flop(a, b, *args, out_shape=None, **kwargs) -> int:  # (M,K)x(E,K,N) or (K,M)x(M,N)->(E,K,N)
@@ -255,7 +252,7 @@ def flop_count(case: Case, batch: dict[str, torch.Tensor]) -> int:
     aten = torch.ops.aten
     mapping = {
         aten.addmm_: addmm_flop,
-        aten._sparse_addmm: sparse_addmm_flop,
+        aten._sparse_addmm: addmm_flop,  # torch.sparse.mm's product
         aten.sparse_sampled_addmm: sampled_flop,
         **({aten._grouped_mm: grouped_flop} if hasattr(aten, "_grouped_mm") else {}),
     }
