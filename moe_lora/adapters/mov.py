@@ -1,17 +1,23 @@
 """MoV (Zadouri et al. 2023): IA3 experts with soft merging, ``h' = h * sum_e p_e(h) v_e``.
 
-Every ``v_e`` starts at 1 (identity at init). The router's input is the activation it rescales:
-for k/v outputs it routes each head separately with one router shared across heads (its input is
-one head's slice, so ``router.weight`` is (E, head_dim)); for the FFN it routes on the intermediate
+Every ``v_e`` starts at 1 (identity at init). The router's input is the activation it rescales.
+The site rule (:func:`routed_width`): per head only where the vector is made of heads, the outputs of
+the attention's query, key and value projections: one router shared across the heads reads one
+head's slice, so ``router.weight`` is (E, head_dim). Everywhere else (the FFN's gate and up outputs,
+the attention output projection, a linear targeted by name that plays no head role) one router reads
+the whole vector, so ``router.weight`` is (E, width): FFN columns are never cut into blocks of the
+head size. For the FFN's default site it routes on the intermediate
 activation that enters the FFN's output projection (``ffn_out``: down_proj, fc2, ...), or with
 ``adapter.ffn_route_on=activation`` on the FFN's activation ``act(wi_0 x)`` (the paper's T5 site:
 for a gated FFN the router then reads the activation before the gate product). On a fused
 q|k|v linear (Phi-3's ``qkv_proj``, GPT-NeoX's ``query_key_value``) the key and value columns get a
-router and experts each, exactly as the unfused twin's k_proj and v_proj. Defaults: E=10, soft routing, router in fp32, sites k_proj and
-v_proj outputs and down_proj input. The schema is :class:`RoutedConfig`'s, without the low-rank
-fields (rank, alpha, dropout, init_A) or null experts and grouped compute, which IA3 experts do not
-have: setting one fails at composition instead of being ignored. The paper trains with Adafactor at
-a constant rate: ``recipe.optimizer=adafactor recipe.scheduler=constant`` (the MoV arms set it).
+router and experts each, exactly as the unfused twin's k_proj and v_proj (a fused gate|up slice is
+routed whole, as the unfused gate_proj and up_proj are). Defaults: E=10, soft routing, router in
+fp32, sites k_proj and v_proj outputs and down_proj input. The schema is :class:`RoutedConfig`'s,
+without the low-rank fields (rank, alpha, dropout, init_A) or null experts and grouped compute,
+which IA3 experts do not have: setting one fails at composition instead of being ignored. The
+paper trains with Adafactor at a constant rate: ``recipe.optimizer=adafactor
+recipe.scheduler=constant`` (the MoV arms set it).
 """
 
 from __future__ import annotations
@@ -46,9 +52,19 @@ class MoVConfig(RoutedConfig):
             raise ConfigError(f"adapter.ffn_route_on={self.ffn_route_on!r} must be auto, input or activation")
 
 
+HEAD_ROLES = ("query", "key", "value")  # the outputs that are made of attention heads
+
+
+def routed_width(roles: tuple[str, ...] | list[str], dim: int, head_dim: int) -> int:
+    """How many columns one router reads on a ``dim``-wide output playing ``roles``: a head
+    (``head_dim``) where every role is a query, key or value projection, else the whole vector."""
+    return head_dim if roles and set(roles) <= set(HEAD_ROLES) else dim
+
+
 class MoVScale(nn.Module):
-    """IA3 experts ``ia3_v`` (E, dim) merged by a router on the activation they rescale, per head
-    of ``head_dim`` columns (one router shared by the heads)."""
+    """IA3 experts ``ia3_v`` (E, dim) merged by a router on the activation they rescale, per group
+    of ``head_dim`` columns (one router shared by the groups): a head on query/key/value outputs,
+    the whole vector (``head_dim == dim``) elsewhere (:func:`routed_width`)."""
 
     def __init__(self, dim: int, head_dim: int, router: Router, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
@@ -72,14 +88,15 @@ class MoVScale(nn.Module):
 
 
 class MoVLinear(MoVScale, WrapsLinear):
-    """A base linear with :class:`MoVScale` on its input (FFN output projection) or its output."""
+    """A base linear with :class:`MoVScale` on its input (FFN output projection) or its output;
+    ``width`` is the columns one router reads (:func:`routed_width`; the whole input when scaling it)."""
 
     def __init__(
-        self, base: nn.Module, router: Router, scale_input: bool, head_dim: int, dtype: torch.dtype | None = None
+        self, base: nn.Module, router: Router, scale_input: bool, width: int, dtype: torch.dtype | None = None
     ) -> None:
         d_in, d_out = linear_dims(base)
         dim = d_in if scale_input else d_out
-        super().__init__(dim, dim if scale_input else head_dim, router, dtype or base.weight.dtype, base.weight.device)
+        super().__init__(dim, dim if scale_input else width, router, dtype or base.weight.dtype, base.weight.device)
         self.base, self.scale_input = base, scale_input
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -94,8 +111,9 @@ class MoVActivationRouted(MoVLinear):
     dropout, so ``wo(s * (act(g) * u))`` is ``wo((s * act(g)) * u)``: the paper's site exactly, with
     the activation captured by a forward hook on the sibling activation module."""
 
-    def __init__(self, base: nn.Module, router: Router, head_dim: int, dtype: torch.dtype | None = None) -> None:
-        super().__init__(base, router, True, head_dim, dtype)
+    def __init__(self, base: nn.Module, router: Router, dtype: torch.dtype | None = None) -> None:
+        d_in, _d_out = linear_dims(base)
+        super().__init__(base, router, True, d_in, dtype)
         self._act: torch.Tensor | None = None
 
     def on_inject(self, parent: nn.Module, name: str) -> None:
@@ -146,16 +164,18 @@ def _router(cfg: MoVConfig, plan: LayerPlan, dim: int, device: torch.device) -> 
 def wrap_mov(base: nn.Module, cfg: MoVConfig, plan: LayerPlan) -> nn.Module:
     device = base.weight.device
     site = plan.site
-    if site.partial:  # k and v of a fused q|k|v: one router and expert set per role
+    if site.partial:  # k and v of a fused q|k|v (or gate, up of a gate|up): one router and expert set per role
         columns = {r: site.fused.columns(r) for r in site.targeted}
+        widths = {r: routed_width((r,), len(c), plan.head_dim) for r, c in columns.items()}
         parts = {
-            r: MoVScale(len(c), plan.head_dim, _router(cfg, plan, plan.head_dim, device), plan.dtype, device)
+            r: MoVScale(len(c), widths[r], _router(cfg, plan, widths[r], device), plan.dtype, device)
             for r, c in columns.items()
         }
         return SlicedOutput(base, parts, columns)
-    d_in, _d_out = linear_dims(base)
+    d_in, d_out = linear_dims(base)
     scale_input = site.input_site  # peft's feedforward_modules: the input of ffn_out
-    router = _router(cfg, plan, d_in if scale_input else plan.head_dim, device)
+    width = d_in if scale_input else routed_width(site.roles, d_out, plan.head_dim)
+    router = _router(cfg, plan, width, device)
     if scale_input and cfg.ffn_route_on == "activation":
-        return MoVActivationRouted(base, router, plan.head_dim, dtype=plan.dtype)
-    return MoVLinear(base, router, scale_input, plan.head_dim, dtype=plan.dtype)
+        return MoVActivationRouted(base, router, dtype=plan.dtype)
+    return MoVLinear(base, router, scale_input, width, dtype=plan.dtype)
