@@ -754,7 +754,8 @@ class ClaimConfig:
     ``adapter.lbc_beta``, ``layout``) the arms are meant to differ in; any other setting two runs of
     a seed pair differ in is warned about; ``params`` declares that the arms' trainable parameters
     differ (else more than 1% is warned about). ``family``: claims sharing it are one intersection-union
-    claim ("beats all five"), held only if every member is.
+    claim ("beats all five"), held only if every member is. ``effect``: the smallest true difference of
+    interest (oriented: > 0 favours ``arm``), for the seeds-for-80%-power figure only.
     """
 
     name: str = MISSING
@@ -769,9 +770,12 @@ class ClaimConfig:
     than_at: Dict[str, Any] = field(default_factory=dict)
     differs_in: List[str] = field(default_factory=list)
     family: Optional[str] = None
+    effect: Optional[float] = None
 
     def __post_init__(self) -> None:
         why = f"(claim {self.name!r})"
+        if self.effect is not None:
+            require(math.isfinite(self.effect), "claims[].effect", self.effect, f"must be a finite number {why}")
         require(bool(self.name), "claims[].name", self.name, "must be a non-empty string")
         require(
             self.metric.split(".", 1)[0] in ("metrics", "routing") and "." in self.metric,

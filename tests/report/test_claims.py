@@ -113,7 +113,7 @@ def test_t_interval_by_hand() -> None:
     assert claims.t_quantile(2) == pytest.approx(4.303, abs=1e-3)
 
 
-def test_bootstrap_interval_is_deterministic_and_percentile() -> None:
+def test_bootstrap_t_interval_is_deterministic_and_not_the_t_interval() -> None:
     d = [0.1, 0.3, -0.05, 0.2, 0.15, 0.0]
     first = claims.interval(d, bootstrap=2000)
     assert first == claims.interval(d, bootstrap=2000)
@@ -299,7 +299,7 @@ def test_report_writes_claims_md_index_section_and_lines(tmp_path, capsys) -> No
     d = statistics.fmean(GAIN)
     assert f"| a_beats_b | metrics.instruction_em (higher is better) | a vs b | - | superiority | 5 | +{d:.4f} |" in md
     assert "| **held** |" in md and "| **inconclusive** |" in md and "| **missing metric** |" in md
-    assert claims.RULE in md and "Intervals here: t interval." in md
+    assert claims.RULE in md and "Decided by the paired t test (t interval)." in md
     assert "- gone: metrics.nope is missing for seed 0" in md
     assert "## Claims (paired by seed)" in (out / "index.md").read_text()
     printed = capsys.readouterr().out.splitlines()
@@ -307,7 +307,8 @@ def test_report_writes_claims_md_index_section_and_lines(tmp_path, capsys) -> No
     assert [line.split(":")[0] for line in printed[1:]] == ["claim a_beats_b", "claim b_routes_less", "claim gone"]
     assert printed[1].startswith("claim a_beats_b: HELD (a vs b on metrics.instruction_em")
     build_report([tmp_path / "runs"], out, bootstrap=300)
-    assert "percentile bootstrap, 300 resamples" in (out / "claims.md").read_text()
+    md = (out / "claims.md").read_text()  # 5 pairs: the sign-flip test decided, and the footer says so
+    assert "Decided by the exact sign-flip test (t interval shown beside)." in md and "percentile" not in md
 
 
 def test_report_without_claims_says_so(tmp_path) -> None:
@@ -369,7 +370,8 @@ def test_holm_by_hand_turns_two_small_p_of_ten_inconclusive() -> None:
 def test_an_intersection_union_family_needs_every_member_and_no_correction() -> None:
     members = [_result(f"beats_{i}", p, family="best_of_all") for i, p in enumerate([0.001, 0.004, 0.02])]
     claims.adjust(members)
-    assert {r.verdict for r in members} == {"held"} and members[0].p_adjusted == pytest.approx(0.02)
+    assert {r.verdict for r in members} == {"held"}
+    assert [r.p_adjusted for r in members] == pytest.approx([0.001, 0.004, 0.02])  # each its own, uncorrected
     weak = [_result(f"beats_{i}", p, family="best") for i, p in enumerate([0.001, 0.03])]
     claims.adjust(weak)
     assert {r.verdict for r in weak} == {"inconclusive"}
@@ -556,16 +558,21 @@ def test_t_p_values_by_hand() -> None:
     assert claims.t_pvalues([1.0, 2.0, 3.0], 2.0) == (pytest.approx(0.5), pytest.approx(0.5))
 
 
-def test_bootstrap_interval_is_the_95_percent_percentile_of_the_resampled_means() -> None:
+def test_bootstrap_t_interval_and_p_values_by_hand() -> None:
     import numpy as np
 
     d = [0.1, 0.3, -0.05, 0.2, 0.15, 0.0, 0.12, 0.4, -0.1, 0.05]
-    means = claims._resampled_means(d, 4000)
-    assert claims.interval(d, bootstrap=4000) == pytest.approx(tuple(np.percentile(means, [2.5, 97.5])))
+    x = np.asarray(d)
+    rng = np.random.default_rng(0)
+    xs = x[rng.integers(0, len(x), size=(4000, len(x)))]
+    ts = (xs.mean(1) - x.mean()) / (xs.std(1, ddof=1) / math.sqrt(len(x)))
+    se = statistics.stdev(d) / math.sqrt(len(d))
+    q_lo, q_hi = np.quantile(ts, [0.025, 0.975])
+    assert claims.interval(d, bootstrap=4000) == pytest.approx((x.mean() - q_hi * se, x.mean() - q_lo * se))
     above, below = claims.bootstrap_pvalues(d, 0.0, 4000)
-    shifted = means - statistics.fmean(d)
-    assert above == pytest.approx((1 + (shifted >= statistics.fmean(d)).sum()) / 4001)
-    assert below == pytest.approx((1 + (shifted <= statistics.fmean(d)).sum()) / 4001) and below > 0.9
+    observed = x.mean() / se
+    assert above == pytest.approx((1 + (ts >= observed).sum()) / 4001)
+    assert below == pytest.approx((1 + (ts <= observed).sum()) / 4001) and below > 0.9
     assert claims.bootstrap_pvalues(d, 0.5, 4000)[1] < 0.01  # far above the mean: 'below' is certain
 
 
@@ -578,12 +585,13 @@ def test_boundaries_of_the_rule() -> None:
     assert claims.power_seeds(sd=0.01, effect=1.0) == 2 and claims.power_seeds(1.0, 0.0) is None
 
 
-def test_ten_pairs_bootstrap_nine_pairs_sign_flip(tmp_path) -> None:
-    values = {"a": [0.5 + 0.01 * i + 0.003 * (i % 3) for i in range(10)], "b": [0.5] * 10}
-    runs = make_runs(tmp_path / "10", values)
-    assert claims.evaluate(CLAIM, runs, bootstrap=200).test == "bootstrap"
-    nine = make_runs(tmp_path / "9", {k: v[:9] for k, v in values.items()})
-    assert claims.evaluate(CLAIM, nine, bootstrap=200).test == "sign-flip"
+def test_seventeen_pairs_bootstrap_t_sixteen_pairs_exact_sign_flip(tmp_path) -> None:
+    values = {"a": [0.51 + 0.01 * i + 0.003 * (i % 3) for i in range(17)], "b": [0.5] * 17}
+    runs = make_runs(tmp_path / "17", values)
+    assert claims.evaluate(CLAIM, runs, bootstrap=200).test == "bootstrap-t"
+    sixteen = make_runs(tmp_path / "16", {k: v[:16] for k, v in values.items()})
+    r = claims.evaluate(CLAIM, sixteen, bootstrap=200)
+    assert r.test == "sign-flip" and r.p == pytest.approx(1 / 2**16)  # every difference positive: one pattern
 
 
 def test_lower_is_better_flips_the_sign_and_one_sided_gaps_are_reported(tmp_path) -> None:
