@@ -12,7 +12,8 @@ itself; each YAML pulls its schema in with ``- /schema/<group>/<name>@_here_`` i
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -24,6 +25,30 @@ TASK_TYPES = ("cbqa", "instruction")
 DTYPES = ("float32", "bfloat16", "float16")
 OPTIMIZERS = ("adamw", "adafactor", "adafactor_t5x")
 ATTN_IMPLEMENTATIONS = ("auto", "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+# torch.manual_seed and torch.Generator.manual_seed take [0, 2**64 - 1] (a negative seed aliases a
+# large one, numpy refuses it); seeds beyond would fail only once the run folder exists
+SEED_MAX = 2**64 - 1
+
+
+def check_finite(node: Any, key: str = "") -> None:
+    """Refuse a non-finite float anywhere in a config tree (dataclasses, dicts, lists), naming its
+    dotted key. Range checks alone let them through: ``inf > 0`` holds, and ``nan`` fails every
+    comparison, so ``x if x > 0 else default`` turns it into the default without a word."""
+    if isinstance(node, float):
+        require(math.isfinite(node), key, node, "must be a finite number")
+    elif is_dataclass(node) and not isinstance(node, type):
+        for f in fields(node):
+            check_finite(getattr(node, f.name), f"{key}.{f.name}" if key else f.name)
+    elif isinstance(node, dict):
+        for k, v in node.items():
+            check_finite(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(node, (list, tuple)):
+        for i, v in enumerate(node):
+            check_finite(v, f"{key}[{i}]")
+
+
+def check_seed(key: str, seed: int) -> None:
+    require(0 <= seed <= SEED_MAX, key, seed, "must be in [0, 2**64 - 1] (torch.manual_seed's range)")
 
 
 # --------------------------------------------------------------------------------------------- model
@@ -38,8 +63,12 @@ class PretrainConfig:
     weight_decay: float = 0.0
 
     def __post_init__(self) -> None:
+        check_finite(self, "model.pretrain")
         require(self.steps >= 1, "model.pretrain.steps", self.steps, "must be >= 1")
+        require(self.batch_size >= 1, "model.pretrain.batch_size", self.batch_size, "must be >= 1")
         require(self.lr > 0, "model.pretrain.lr", self.lr, "must be > 0")
+        require(self.warmup_steps >= 0, "model.pretrain.warmup_steps", self.warmup_steps, "must be >= 0")
+        require(self.weight_decay >= 0, "model.pretrain.weight_decay", self.weight_decay, "must be >= 0")
 
 
 @dataclass
@@ -112,6 +141,11 @@ class ModelConfig:
                 bool(self.name_or_path), "model.name_or_path", self.name_or_path, "is required for model.source=hub"
             )
         require(self.num_layers >= 1, "model.num_layers", self.num_layers, "must be >= 1")
+        for key in ("hidden_size", "intermediate_size", "num_heads"):
+            require(getattr(self, key) >= 1, f"model.{key}", getattr(self, key), "must be >= 1")
+        for key in ("num_kv_heads", "head_dim", "vocab_size", "num_decoder_layers"):
+            value = getattr(self, key)
+            require(value is None or value >= 1, f"model.{key}", value, "must be >= 1 or null")
         require(
             self.architecture in ("auto", "causal", "seq2seq"),
             "model.architecture",
@@ -147,6 +181,7 @@ class AdapterConfig:
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
+        check_finite(self, "adapter")  # the whole variant's config: subclasses call this first
         require(len(self.target_modules) > 0, "adapter.target_modules", self.target_modules, "must not be empty")
         require(self.dtype in DTYPES, "adapter.dtype", self.dtype, "must be float32, bfloat16 or float16")
 
@@ -163,6 +198,9 @@ class LowRankConfig(AdapterConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         require(self.rank >= 1, "adapter.rank", self.rank, "must be >= 1")
+        # the update is scaled by alpha / rank: 0 trains nothing (B's gradient is 0 too) and reports
+        # the base model as the tuned one; a negative alpha flips the update's sign
+        require(self.alpha > 0, "adapter.alpha", self.alpha, "must be > 0 (the update is scaled by alpha / rank)")
         require(0.0 <= self.dropout < 1.0, "adapter.dropout", self.dropout, "must be in [0, 1)")
         require(self.init_A in ("kaiming", "normal"), "adapter.init_A", self.init_A, "must be 'kaiming' or 'normal'")
 
@@ -297,6 +335,7 @@ class BudgetConfig:
     per_layer_mean: Optional[float] = None
 
     def __post_init__(self) -> None:
+        check_finite(self, "layout.budget")
         require(
             self.unit in ("experts", "expert_rank"), "layout.budget.unit", self.unit, "must be experts or expert_rank"
         )
@@ -340,6 +379,7 @@ class LayoutConfig:
     groups: int = 4
 
     def __post_init__(self) -> None:
+        check_finite(self, "layout")  # a nan slope or weight would give a uniform layout silently
         for key in ("experts", "rank", "top_k"):
             values = getattr(self, key)
             if values is not None:
@@ -413,6 +453,8 @@ class WorldConfig:
     trained_fraction: float = 0.5  # people whose QA pairs appear in pretraining and fine-tuning
 
     def __post_init__(self) -> None:
+        check_finite(self, "data.world")
+        check_seed("data.world.seed", self.seed)
         require(self.num_people >= 8, "data.world.num_people", self.num_people, "must be >= 8")
         require(self.bios_per_person >= 1, "data.world.bios_per_person", self.bios_per_person, "must be >= 1")
         require(
@@ -454,6 +496,7 @@ class SourceConfig:
     stop: List[str] = field(default_factory=lambda: ["\n", ".", ","])
 
     def __post_init__(self) -> None:
+        check_finite(self, "data.sources.<name>")
         require(
             self.task_type in TASK_TYPES,
             "data.sources.<name>.task_type",
@@ -548,6 +591,7 @@ class DataConfig:
         return "p3" if self.p3.enabled else "hub" if self.sources else "world"
 
     def __post_init__(self) -> None:
+        check_finite(self, "data")
         require(0.0 <= self.cbqa_ratio <= 1.0, "data.cbqa_ratio", self.cbqa_ratio, "must be in [0, 1]")
         require(self.num_train >= 1, "data.num_train", self.num_train, "must be >= 1")
         require(self.eval_per_task >= 1, "data.eval_per_task", self.eval_per_task, "must be >= 1")
@@ -607,6 +651,7 @@ class RecipeConfig:
     loss_normalization: str = "token"
 
     def __post_init__(self) -> None:
+        check_finite(self, "recipe")
         require(self.max_steps >= 1, "recipe.max_steps", self.max_steps, "must be >= 1")
         require(
             self.precision in ("auto", "fp32", "bf16", "fp16"),
@@ -615,6 +660,8 @@ class RecipeConfig:
             "must be auto, fp32, bf16 or fp16",
         )
         require(self.lr > 0, "recipe.lr", self.lr, "must be > 0")
+        require(self.weight_decay >= 0, "recipe.weight_decay", self.weight_decay, "must be >= 0")
+        require(self.threads is None or self.threads >= 1, "recipe.threads", self.threads, "must be >= 1 or null")
         require(self.batch_size >= 1, "recipe.batch_size", self.batch_size, "must be >= 1")
         require(self.grad_accum >= 1, "recipe.grad_accum", self.grad_accum, "must be >= 1")
         require(
@@ -647,6 +694,12 @@ class RecipeConfig:
             "must be >= 1 or null",
         )
         require(self.realloc_prune >= 0, "recipe.realloc_prune", self.realloc_prune, "must be >= 0")
+        require(
+            self.realloc_val_examples >= 1,
+            "recipe.realloc_val_examples",
+            self.realloc_val_examples,
+            "must be >= 1 (ALoRA scores components on them)",
+        )
         require(self.strategy in ("ddp", "fsdp"), "recipe.strategy", self.strategy, "must be ddp or fsdp")
         require(self.nproc_per_node >= 1, "recipe.nproc_per_node", self.nproc_per_node, "must be >= 1")
         require(
@@ -677,6 +730,7 @@ class HarnessConfig:
     include_path: Optional[str] = None  # folder of custom task YAMLs (TaskManager(include_path=...))
 
     def __post_init__(self) -> None:
+        check_finite(self, "eval.harness")
         require(self.limit is None or self.limit > 0, "eval.harness.limit", self.limit, "must be > 0 or null")
         require(
             self.num_fewshot is None or self.num_fewshot >= 0,
@@ -776,6 +830,7 @@ class ClaimConfig:
         why = f"(claim {self.name!r})"
         if self.effect is not None:
             require(math.isfinite(self.effect), "claims[].effect", self.effect, f"must be a finite number {why}")
+        require(math.isfinite(self.margin), "claims[].margin", self.margin, f"must be a finite number {why}")
         require(bool(self.name), "claims[].name", self.name, "must be a non-empty string")
         require(
             self.metric.split(".", 1)[0] in ("metrics", "routing") and "." in self.metric,
@@ -814,6 +869,10 @@ class TrainConfig:
     # job's own directory if it has a checkpoint, else a fresh start: sweeps and requeued jobs)
     resume: Optional[str] = None
     claims: List[ClaimConfig] = field(default_factory=list)  # judged by `moe-lora report`
+
+    def __post_init__(self) -> None:
+        check_seed("seed", self.seed)
+        check_finite(self)  # the groups check their own; this catches any float a schema adds later
 
 
 def store_schemas() -> None:

@@ -8,6 +8,8 @@ meta device, so target matching and every per-layer shape check run here too.
 
 from __future__ import annotations
 
+import os
+
 from torch import nn
 
 from moe_lora.adapters import ADAPTERS
@@ -55,7 +57,9 @@ def validate(cfg: TrainConfig, check_files: bool = True) -> None:
         check_grouped(cfg)
     if spec.wrap is not None:
         resolve_layout(cfg.layout, cfg.adapter, cfg.model.total_layers)
-    check_targets(cfg, spec.wrap is not None)
+    state = check_targets(cfg, spec.wrap is not None)
+    if check_files:
+        check_memory(cfg, state)
 
 
 def check_world_t0(cfg: TrainConfig) -> None:
@@ -157,24 +161,67 @@ def base_meta_model(cfg: TrainConfig) -> nn.Module:
     return meta_model(cfg.model, vocab)
 
 
-def check_targets(cfg: TrainConfig, inject: bool = True) -> None:
+def check_targets(cfg: TrainConfig, inject: bool = True) -> int:
     """Build the architecture on the meta device: an attention implementation it refuses fails
     here, and injecting the adapter into it surfaces every target, layout and shape error (a role
     the family lacks, a module list that misses layers, a head size that does not divide, MELoRA's
-    minis). Sweep jobs that differ only in other keys (seeds, learning rates) are checked once."""
+    minis). Sweep jobs that differ only in other keys (seeds, learning rates) are checked once.
+    Returns :func:`adapter_state_bytes` of the injected adapter."""
     key = repr((cfg.model, cfg.adapter, cfg.layout, cfg.data.world if cfg.model.source == "world" else None))
     if key not in _CHECKED_TARGETS:
         model = base_meta_model(cfg)
         check_attn_implementation(model, cfg.model)
         structure = read_structure(model, cfg.model.modules)
-        if inject:
-            inject_adapter(model, cfg.adapter, cfg.model, cfg.layout)
+        names = inject_adapter(model, cfg.adapter, cfg.model, cfg.layout) if inject else []
         if cfg.model.source == "hub":  # after the fast checks: importing peft's tables takes seconds
             cross_check_peft(structure)
-        _CHECKED_TARGETS.add(key)
+        _CHECKED_TARGETS[key] = adapter_state_bytes(model, names)
+    return _CHECKED_TARGETS[key]
 
 
-_CHECKED_TARGETS: set[str] = set()
+_CHECKED_TARGETS: dict[str, int] = {}
+
+
+def adapter_state_bytes(model: nn.Module, names: list[str]) -> int:
+    """Bytes the adapted modules hold during training, from their meta-device tensors: every
+    trainable tensor four times (weights, gradients, AdamW's two moments) plus their buffers (a
+    routed layer's ``gate_expand`` is E x E*r: it grows with the square of the experts)."""
+    total = 0
+    for name in names:
+        module = model.get_submodule(name)
+        total += sum(4 * p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
+        total += sum(b.numel() * b.element_size() for b in module.buffers())
+    return total
+
+
+def machine_memory() -> int | None:
+    """Physical memory of this machine in bytes (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_memory(cfg: TrainConfig, state: int) -> None:
+    """An adapter that cannot fit in this machine's memory (``adapter.num_experts=100000``) fails
+    here, in one line, rather than by the kernel's OOM killer once the run folder exists. The
+    bound is the host's physical memory: a sanity bound, not a promise that a smaller adapter fits
+    (activations and the base model come on top; a GPU has less)."""
+    memory = machine_memory()
+    if memory is None or state <= memory:
+        return
+    gib = 2**30
+    if cfg.layout.experts is not None:
+        key, value = "layout.experts", cfg.layout.experts
+    elif hasattr(cfg.adapter, "num_experts"):
+        key, value = "adapter.num_experts", cfg.adapter.num_experts
+    else:
+        key, value = "adapter.rank", getattr(cfg.adapter, "rank", None)
+    raise ConfigError(
+        f"{key}={value} makes an adapter needing about {state / gib:,.1f} GiB (weights, gradients, "
+        f"optimizer state and buffers of adapter={cfg.adapter.name}), more than this machine's "
+        f"{memory / gib:,.1f} GiB of memory: lower it"
+    )
 
 
 def check_grouped(cfg: TrainConfig) -> None:

@@ -12,6 +12,7 @@ in ``tests/train/test_checkpoint.py``, next to the real checkpoints they need.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -70,6 +71,11 @@ def empty_jsonl(tmp: Path) -> None:
     (tmp / "empty.jsonl").write_text("")
 
 
+def empty_targets(tmp: Path) -> None:
+    rows = [{"instruction": f"task {i}", "input": "", "output": ""} for i in range(10)]
+    (tmp / "no_outputs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
 def junk_data_root(tmp: Path) -> None:
     (tmp / "root" / "triviaqa").mkdir(parents=True)
     (tmp / "root" / "triviaqa" / "README.txt").write_text("not a dataset")
@@ -108,6 +114,10 @@ ROWS = [
     Bad("layout not fitting depth", ("train", "layout.experts=[2,4,6,8,10]", "model.num_layers=4"), "layout.experts"),
     Bad("delta out of range", ("train", "adapter.lbc_delta=2"), "adapter.lbc_delta"),
     Bad("device not present", ("train", "recipe.device=cuda:7"), "recipe.device"),
+    # values validation once let through to the run (issue 28, item 5; more in tests/test_value_checks.py)
+    Bad("non-finite float", ("train", "recipe.lr=inf"), "recipe.lr=inf"),
+    Bad("alpha that trains nothing", ("train", "adapter=lora", "adapter.alpha=0"), "adapter.alpha=0.0"),
+    Bad("seed beyond torch's range", ("train", "seed=18446744073709551616"), "seed=18446744073709551616"),
     Bad("one bad job in a sweep", ("train", "-m", "adapter=lora,loramoe", "adapter.dropout=2"), "adapter.dropout"),
     # --- model paths (subprocess)
     Bad(
@@ -158,6 +168,23 @@ ROWS = [
     ),
     Bad("unknown split", ("train", *REAL, "data.sources.triviaqa.split=nope"), "data.sources.triviaqa.split"),
     Bad("empty dataset", ("train", *alpaca_from("empty.jsonl")), "{tmp}/empty.jsonl", setup=empty_jsonl),
+    Bad(
+        "split slice selecting no rows",
+        ("train", *alpaca_from("no_outputs.jsonl")),
+        "data.sources.alpaca.eval_split='train[98%:]' selects no rows",
+        setup=empty_targets,
+    ),
+    Bad(
+        "every target empty",
+        (
+            "train",
+            *alpaca_from("no_outputs.jsonl"),
+            "data.sources.alpaca.split=train",
+            "data.sources.alpaca.eval_split=null",
+        ),
+        "data.sources.alpaca.split: all 10 rows taken from {tmp}/no_outputs.jsonl",
+        setup=empty_targets,
+    ),
     Bad("max_length shorter than every prompt", ("train", *REAL, "data.max_length=8"), "data.max_length"),
     # --- output folders (subprocess; adapter=none: whatever the adapter, and no meta-device model to build)
     Bad(

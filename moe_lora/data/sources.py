@@ -19,6 +19,7 @@ import contextlib
 import functools
 import glob
 import json
+import logging
 import os
 import random
 import re
@@ -36,6 +37,8 @@ from moe_lora.errors import ConfigError, first_line
 BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 OPTIONAL_ROLES = ("aliases", "id", "input")
 VALIDATION_PER_SOURCE = 32  # tail rows of each train split kept out of training (ALoRA's scoring batch)
+
+log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------ resolution
@@ -197,6 +200,9 @@ def select_split(splits: Any, spec: str, key: str) -> Any:
         parts = instruction.to_absolute(sizes)
     except (ValueError, KeyError, AssertionError):
         raise ConfigError(f"{key}={spec!r} is not a split of this dataset (splits: {', '.join(sizes)})") from None
+    if all(p.from_ >= p.to for p in parts):  # datasets' select raises IndexError on an empty range
+        rows = ", ".join(f"{n}: {k}" for n, k in sizes.items())
+        raise ConfigError(f"{key}={spec!r} selects no rows of this dataset (rows per split: {rows})")
     picked = [
         splits[p.splitname].select(range(p.from_, p.to))
         if (p.from_, p.to) != (0, sizes[p.splitname])
@@ -378,15 +384,21 @@ def rows(ds: Any, indices: list[int], roles: dict[str, str]) -> list[dict]:
 
 
 def first_examples(cfg: DataConfig, n: int = 16) -> list[Example]:
-    """The first ``n`` training rows of each source as examples: what checks before a run look at."""
+    """The first ``n`` training rows of each source as examples: what checks before a run look at.
+    A split read whole (``n`` rows or fewer) whose every target is empty fails here, before a run
+    starts (a larger one fails when its mixture is built)."""
     out: list[Example] = []
     for name, src in cfg.sources.items():
         if src.split is None:
             continue
-        ds, roles = open_split(name, src, resolve_source(name, src, cfg.root), "split")
+        resolved = resolve_source(name, src, cfg.root)
+        ds, roles = open_split(name, src, resolved, "split")
         template = get_template(src.template, f"data.sources.{name}.template")
         picked = rows(ds, list(range(min(n, len(ds)))), roles)
-        out += [e for i, r in enumerate(picked) if (e := to_example(name, src, template, roles, r, i)) is not None]
+        built = [e for i, r in enumerate(picked) if (e := to_example(name, src, template, roles, r, i)) is not None]
+        if picked and not built and len(picked) == len(ds):
+            raise no_targets(name, src, roles, resolved.location, "split", len(picked))
+        out += built
     return out
 
 
@@ -444,14 +456,50 @@ def eval_set(name: str, src: SourceConfig, resolved: ResolvedSource, num_fewshot
             query = _texts(_values(eval_rows[i], roles))
             shots = [shot_pair(template, pool_roles, by_index[j]) for j in pick]
             prompts[i] = fewshot_prompt(template, query, shots, src.description or None)
-    examples = [
-        e
-        for i, row in enumerate(eval_rows)
-        if (e := to_example(name, src, template, roles, row, i, prompts[i])) is not None
-    ]
+    built = [to_example(name, src, template, roles, row, i, prompts[i]) for i, row in enumerate(eval_rows)]
+    examples = [e for e in built if e is not None]
+    require_targets(name, src, roles, resolved, "eval_split", len(built), len(examples))
     if src.task_type == "cbqa":
         return EvalSet(name, "cbqa", examples, metric="generate", match=src.match, stop=tuple(src.stop))
     return EvalSet(name, "instruction", examples, metric="response_loss")
+
+
+def target_column(src: SourceConfig, roles: dict[str, str]) -> str:
+    """The column a source's training target comes from (``answers`` or ``output`` mapped)."""
+    role = "answers" if src.task_type == "cbqa" else "output"
+    return roles.get(role, role)
+
+
+def no_targets(
+    name: str, src: SourceConfig, roles: dict[str, str], location: str, which: str, taken: int
+) -> ConfigError:
+    """The one-line error of a split whose every row taken has an empty target."""
+    return ConfigError(
+        f"data.sources.{name}.{which}: all {taken} rows taken from {location} [{getattr(src, which)}] have an "
+        f"empty target ({target_column(src, roles)}): no usable example"
+    )
+
+
+def require_targets(
+    name: str, src: SourceConfig, roles: dict[str, str], resolved: ResolvedSource, which: str, taken: int, kept: int
+) -> None:
+    """Rows whose target is empty are skipped, never silently: one warning line per source and split
+    counts them, and a split whose rows all are fails in one line naming the source and its file
+    (it would train, or evaluate, on nothing)."""
+    if kept == taken:
+        return
+    if not kept:
+        raise no_targets(name, src, roles, resolved.location, which, taken)
+    log.warning(
+        "data.sources.%s.%s: %d of the %d rows taken from %s [%s] have an empty target (%s) and are skipped",
+        name,
+        which,
+        taken - kept,
+        taken,
+        resolved.location,
+        getattr(src, which),
+        target_column(src, roles),
+    )
 
 
 def source_parts(
@@ -473,6 +521,7 @@ def source_parts(
         tail = list(range(pool, len(ds)))
         val = [to_example(name, src, template, roles, r, i) for i, r in zip(tail, rows(ds, tail, roles), strict=True)]
         parts.train = [e for e in built if e is not None]
+        require_targets(name, src, roles, resolved, "split", len(built), len(parts.train))
         parts.validation = [e for e in val if e is not None]
         parts.info |= {
             "train": len(parts.train),
