@@ -517,6 +517,12 @@ class SourceConfig:
         )
         require(self.weight >= 0, "data.sources.<name>.weight", self.weight, "must be >= 0")
         require(
+            self.eval_examples is None or self.eval_examples >= 1,
+            "data.sources.<name>.eval_examples",
+            self.eval_examples,
+            "must be >= 1 or null (no evaluation: eval_split=null)",
+        )
+        require(
             self.split is not None or self.eval_split is not None,
             "data.sources.<name>.split",
             self.split,
@@ -544,6 +550,12 @@ class P3Config:
 
     def __post_init__(self) -> None:
         require(self.cap >= 1, "data.p3.cap", self.cap, "must be >= 1")
+        require(
+            self.eval_examples is None or self.eval_examples >= 1,
+            "data.p3.eval_examples",
+            self.eval_examples,
+            "must be >= 1 or null",
+        )
         for name in self.eval_templates:
             require(
                 name in self.eval_datasets, f"data.p3.eval_templates.{name}", name, "is not in data.p3.eval_datasets"

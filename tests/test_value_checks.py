@@ -68,6 +68,8 @@ PROBES = [
     (["recipe.max_grad_norm=nan"], "recipe.max_grad_norm=nan must be a finite number"),
     (["data.cbqa_ratio=nan"], "data.cbqa_ratio=nan must be a finite number"),
     (["eval.harness.limit=inf"], "eval.harness.limit=inf must be a finite number"),
+    (["data=triviaqa_alpaca", "data.sources.alpaca.eval_examples=0"], "data.sources.<name>.eval_examples=0"),
+    (["data.p3.eval_examples=0"], "data.p3.eval_examples=0 must be >= 1 or null"),
     (["-m", "seed=0,-1"], "seed=-1"),  # the bad job of a sweep, before the sweep folder
 ]
 
