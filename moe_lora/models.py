@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from moe_lora.config import ModelConfig, WorldConfig
-from moe_lora.errors import ConfigError
+from moe_lora.errors import ConfigError, first_line
 from moe_lora.outputs import atomic_dir
 
 if TYPE_CHECKING:  # transformers' modelling imports cost seconds: loaded when a model is built
@@ -206,12 +206,24 @@ def checkpoint_config(cfg: ModelConfig):
         path = cfg.name_or_path
     try:
         config = AutoConfig.from_pretrained(str(path), trust_remote_code=cfg.trust_remote_code)
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # OSError, ValueError (not JSON), transformers 5's StrictDataclass*Error, ...
+        where = Path(path) / "config.json" if isinstance(path, Path) else "config.json"
         raise ConfigError(
-            f"model.name_or_path={cfg.name_or_path!r}: config.json cannot be read ({str(exc).splitlines()[0]})"
+            f"model.name_or_path={cfg.name_or_path!r}: {where} cannot be read ({config_reason(exc)})"
         ) from None
     check_causal(config, cfg)
     return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def config_reason(exc: BaseException) -> str:
+    """One line for a config.json that transformers refuses. Transformers 5 validates fields with
+    huggingface_hub's strict dataclasses, whose first line ("Validation error for field
+    'hidden_size':") leaves the reason to its cause ("expected int, got str")."""
+    head = first_line(exc, 160)
+    cause = exc.__cause__
+    if cause is not None and head.endswith(":"):
+        return f"{head} {first_line(cause, 160)}"
+    return head
 
 
 def _first(config, *keys: str, default=None):
@@ -339,8 +351,9 @@ def resolve_hub_path(cfg: ModelConfig) -> str:
     path = str(cfg.name_or_path)
     local = Path(path).expanduser()
     if local.is_dir():
-        if not (local / "config.json").exists():
+        if not (local / "config.json").is_file():
             raise ConfigError(f"model.name_or_path={path!r} is a directory without config.json")
+        check_model_folder(local, path)
         return str(local)
     if _looks_local(path) or local.exists():
         raise ConfigError(f"model.name_or_path={path!r}: no such directory")
@@ -355,22 +368,65 @@ def resolve_hub_path(cfg: ModelConfig) -> str:
     return path
 
 
+TOKENIZER_FILES = (  # what AutoTokenizer loads from: a fast tokenizer, its config, or a slow one's vocabulary
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "vocab.json",
+    "vocab.txt",
+)
+
+
+def check_model_folder(folder: Path, key: str) -> None:
+    """A local model folder has a tokenizer and whole safetensors weights (their headers parse and
+    cover each file: no tensor is read), so a folder copied without its tokenizer or cut short fails
+    in the precheck, naming the file, before any run folder exists."""
+    from safetensors import safe_open
+
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ConfigError(
+            f"model.name_or_path={key!r}: {folder} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
+            "copy the model's tokenizer files into it"
+        )
+    for weights in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(weights), "pt"):
+                pass
+        except Exception as exc:  # SafetensorError (cut short, bad header), OSError
+            raise ConfigError(
+                f"model.name_or_path={key!r}: {weights} cannot be read ({first_line(exc, 160)})"
+            ) from None
+
+
 def hub_model(cfg: ModelConfig):
     """Any Hugging Face causal LM or encoder-decoder (``model.architecture``; weights in
     ``model.dtype``) and its tokenizer (pad token set to EOS if missing). The architecture was read
     from the same config.json in ``validate``. T5 keeps its ``wo`` in float32 under a bf16 / fp16
     ``model.dtype`` (transformers' ``_keep_in_fp32_modules``: T5's FFN output overflows in fp16)."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     path = resolve_hub_path(cfg)
     auto = AutoModelForSeq2SeqLM if is_seq2seq(cfg, checkpoint_config(cfg)) else AutoModelForCausalLM
-    model = auto.from_pretrained(
-        path,
-        dtype=getattr(torch, cfg.dtype),
-        attn_implementation=attn_implementation(cfg),
-        trust_remote_code=cfg.trust_remote_code,
-    )
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    except Exception as exc:  # tokenizers raises a bare Exception for a damaged tokenizer.json
+        raise ConfigError(
+            f"model.name_or_path={cfg.name_or_path!r}: the tokenizer in {path} cannot be loaded ({first_line(exc, 160)})"
+        ) from None
+    try:
+        model = auto.from_pretrained(
+            path,
+            dtype=getattr(torch, cfg.dtype),
+            attn_implementation=attn_implementation(cfg),
+            trust_remote_code=cfg.trust_remote_code,
+        )
+    except (OSError, ValueError, SafetensorError) as exc:  # missing or damaged weights (not memory: re-raised)
+        raise ConfigError(
+            f"model.name_or_path={cfg.name_or_path!r}: the weights in {path} cannot be loaded ({first_line(exc, 160)})"
+        ) from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model.eval()

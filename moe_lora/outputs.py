@@ -66,6 +66,15 @@ def flatten(d: dict, prefix: str = "", keep_empty: bool = False) -> dict[str, An
     return out
 
 
+def umask() -> int:
+    """The process's umask (Python has no getter: it is set and restored at once). Files and folders
+    moe-lora renames into place get ``0o666`` / ``0o777`` less it, like those ``open`` and ``mkdir``
+    make, rather than the 0600 / 0700 of ``tempfile``."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_dir(final: Path, tmp: Path | None = None, keep_existing: bool = False) -> Iterator[Path]:
     """A folder written in full or not at all (checkpoints, caches, the report, prepared datasets).
@@ -77,6 +86,7 @@ def atomic_dir(final: Path, tmp: Path | None = None, keep_existing: bool = False
     final.parent.mkdir(parents=True, exist_ok=True)
     if tmp is None:
         tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
+        tmp.chmod(0o777 & ~umask())  # mkdtemp's 0700 would make the folder owner-only, unlike its neighbours
     else:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)

@@ -5,7 +5,9 @@ prompts for a key and never blocks on a missing network (``offline`` is the defa
 mirror, never the record: when it fails (``init``, ``log`` or ``finish`` raising: an unwritable
 offline folder, no network online) the run warns once and goes on with the JSONL files alone. The
 JSONL files are the record, so a failure to write them (a full disk, an unwritable folder) stops the
-run with an :class:`OutputError` naming the file.
+run with an :class:`OutputError` naming the file. Files written whole (results.json,
+predictions.jsonl, the adapter, config.yaml, evaluations) go through :func:`atomic_path`: a
+temporary file renamed into place with the mode of the logs (0644 under the usual umask).
 """
 
 from __future__ import annotations
@@ -14,40 +16,79 @@ import contextlib
 import json
 import logging
 import os
+import re
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
 from moe_lora import outputs
 from moe_lora.config import LoggerConfig
-from moe_lora.errors import OutputError
+from moe_lora.errors import OutputError, first_line
 
 log = logging.getLogger(__name__)
 
 
-def output_error(path: Path, exc: OSError) -> OutputError:
-    reason = exc.strerror or type(exc).__name__
-    return OutputError(f"cannot write {path}: {reason} (free space, or choose a writable hydra.run.dir)")
+def file_mode() -> int:
+    """The mode ``open()`` gives a new file: 0o666 less the umask (0644 under the usual 022).
+    ``mkstemp`` creates 0600 and safetensors writes through a 0600 temporary file of its own; files
+    renamed into a run folder get this mode instead, so they are as readable as the logs beside them."""
+    return 0o666 & ~outputs.umask()
+
+
+_OS_ERROR = re.compile(r"os error (\d+)|Os \{ code: (\d+)")  # safetensors (Rust): >= 0.5 and older
+
+
+def write_reason(exc: BaseException) -> str | None:
+    """Why a write failed when ``exc`` is an I/O failure (None for any other error): an ``OSError``'s
+    text, safetensors' ``SafetensorError`` carrying an OS error code, torch's ``file write failed``
+    (a ``RuntimeError`` without an errno: how ``torch.save`` reports a full disk)."""
+    if isinstance(exc, OSError):
+        return exc.strerror or first_line(exc)
+    text = str(exc)
+    if m := _OS_ERROR.search(text):
+        return os.strerror(int(m.group(1) or m.group(2)))
+    if "file write failed" in text:
+        return "the write failed (is the disk full?)"
+    return None
+
+
+def output_error(path: Path, exc: BaseException, hint: str = "choose a writable hydra.run.dir") -> OutputError:
+    reason = write_reason(exc) or first_line(exc)
+    return OutputError(f"cannot write {path}: {reason} (free space, or {hint})")
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary file beside ``path`` for the block to write (by name: safetensors, OmegaConf,
+    torch), renamed onto ``path`` with :func:`file_mode` when the block ends. Readers never see half
+    a file; a failed write (a full disk) leaves the previous version in place and no temporary file;
+    an I/O failure of any writer (:func:`write_reason`) is one :class:`OutputError` naming ``path``."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+    except OSError as exc:
+        raise output_error(path, exc) from exc
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.chmod(tmp, file_mode())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if write_reason(exc) is not None:
+            raise output_error(path, exc) from exc
+        raise
 
 
 def _write_atomic(path: Path, write: Callable[[TextIO], None]) -> None:
-    """Write to a temporary file in the same folder, then rename: readers never see half a file, and
-    a failed write (full disk) leaves the previous version in place."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as exc:
-        raise output_error(path, exc) from exc
-    try:
-        with os.fdopen(fd, "w") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise output_error(path, exc) from exc
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        write(f)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    _write_atomic(path, lambda f: f.write(text))
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

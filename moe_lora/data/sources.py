@@ -62,22 +62,31 @@ class ResolvedSource:
         try:
             return _load(self.kind, self.location, self.config)
         except Exception as exc:  # datasets raises StopIteration, IndexError, ArrowInvalid, ...
-            detail = first_line(exc, 160)
+            detail = first_line(_root_cause(exc), 160)
             raise ConfigError(
                 f"data.sources.{self.name}: {self.location} cannot be read as a dataset ({detail})"
             ) from None
 
 
+def _root_cause(exc: BaseException) -> BaseException:
+    """The parser's own error under datasets' "An error occurred while generating the dataset"."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return exc
+
+
 @contextlib.contextmanager
 def quiet() -> Iterator[None]:
-    """No progress bars for loads that take milliseconds (they would swamp the one-line errors)."""
+    """No progress bars for loads that take milliseconds (they would swamp the one-line errors), and
+    none of datasets' log lines: a file it cannot read is logged at ERROR (with its absolute path)
+    before the exception that :meth:`ResolvedSource.load` turns into the one-line error."""
     import datasets
     from datasets.utils import logging as ds_logging
 
     was_on = not datasets.are_progress_bars_disabled()
     level = ds_logging.get_verbosity()
     datasets.disable_progress_bars()
-    ds_logging.set_verbosity_error()
+    ds_logging.set_verbosity(ds_logging.CRITICAL)
     try:
         yield
     finally:

@@ -11,13 +11,31 @@ so its change is B itself).
 from __future__ import annotations
 
 import itertools
+import logging
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+from safetensors import safe_open
 from safetensors.numpy import load_file
 
+from moe_lora.errors import first_line
 from moe_lora.report.collect import Run
+
+log = logging.getLogger(__name__)
+
+
+def readable(path: Path) -> bool:
+    """Whether a safetensors file is whole (its header parses and covers the file; cheap: no tensor
+    is read). A damaged one is left out of the analysis with a warning naming it."""
+    if not path.exists():
+        return False
+    try:
+        with safe_open(str(path), "numpy"):
+            return True
+    except Exception as exc:  # SafetensorError (cut short, bad header), OSError
+        log.warning("left out of the A/B analysis: %s cannot be read (%s)", path, first_line(exc, 120))
+        return False
 
 
 def task_loras(runs: list[Run]) -> dict[int, dict[str, Path]]:
@@ -25,7 +43,7 @@ def task_loras(runs: list[Run]) -> dict[int, dict[str, Path]]:
     out: dict[int, dict[str, Path]] = defaultdict(dict)
     for run in runs:
         r = run.results
-        if r is None or r.get("adapter") != "lora" or not (run.path / "adapter_model.safetensors").exists():
+        if r is None or r.get("adapter") != "lora" or not readable(run.path / "adapter_model.safetensors"):
             continue
         tasks = r.get("config", {}).get("data", {}).get("instruction_tasks", [])
         if len(tasks) == 1:
@@ -49,7 +67,7 @@ def similarities(groups: dict[int, dict[str, Path]]) -> list[dict]:
     """Mean pairwise cosine of A and of B over modules and task pairs, per seed and measure."""
     rows = []
     for seed, tasks in sorted(groups.items()):
-        has_init = all((p / "adapter_init.safetensors").exists() for p in tasks.values())
+        has_init = all(readable(p / "adapter_init.safetensors") for p in tasks.values())
         for measure in ("raw", "change since init") if has_init else ("raw",):
             mats = {t: _matrices(p, measure != "raw") for t, p in tasks.items()}
             cos = {"A": [], "B": []}

@@ -12,6 +12,7 @@ from moe_lora import outputs
 from moe_lora.report import asymmetry, claims, plots, ranks, search
 from moe_lora.report.collect import Run, collect
 from moe_lora.report.tables import aggregate, latex, markdown, routing_markdown, row_labels, to_csv
+from moe_lora.tracking import output_error
 
 
 def _slug(label: str, limit: int = 60) -> str:
@@ -154,8 +155,11 @@ def build_report(paths: list[Path], out: Path | None = None, bootstrap: int = 0,
     if not runs:
         raise FileNotFoundError(f"no moe-lora runs (results.json) below {', '.join(map(str, paths))}")
     out = out or (paths[0] if paths[0].is_dir() else paths[0].parent) / "report"
-    with outputs.atomic_dir(out) as tmp:
-        write_report(runs, tmp, bootstrap, items)
+    try:
+        with outputs.atomic_dir(out) as tmp:
+            write_report(runs, tmp, bootstrap, items)
+    except OSError as exc:  # a full disk, an unwritable folder: one line; the earlier report stays
+        raise output_error(out, exc, "choose a writable --out") from exc
     return out
 
 

@@ -1,13 +1,19 @@
-"""Find runs below some paths: finished ones (results.json) and failed ones (no results.json)."""
+"""Find runs below some paths: finished ones (results.json), failed ones (no results.json) and
+unreadable ones (a results, routing or failure file cut short or not JSON: listed, never a crash)."""
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from moe_lora import outputs
+from moe_lora.errors import first_line
+
+log = logging.getLogger(__name__)
+UNREADABLE = "unreadable:"  # the error of a run whose files are damaged (``Run.unreadable``)
 
 
 @dataclass
@@ -16,6 +22,11 @@ class Run:
     results: dict | None  # None: the run failed or never finished
     routing: list[dict] = field(default_factory=list)
     error: str | None = None
+
+    @property
+    def unreadable(self) -> bool:
+        """A file the report needs is damaged (``error`` names it)."""
+        return (self.error or "").startswith(UNREADABLE)
 
     @property
     def label(self) -> str:
@@ -53,18 +64,69 @@ def collect(paths: list[Path]) -> list[Run]:
             and _is_run_dir(d)
             and not any(p == "report" or p.startswith(".") for p in d.parts[len(root.parts) :])
         }
-    runs = []
-    for d in sorted(dirs, key=_natural):
+    return [read_run(d) for d in sorted(dirs, key=_natural)]
+
+
+class Unreadable(Exception):
+    """A run file that exists but cannot be read (cut short, not JSON, not a file); the message
+    names the file."""
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from ``path``, or :class:`Unreadable` naming it."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:  # ValueError: JSONDecodeError, UnicodeDecodeError
+        raise Unreadable(f"{path} ({first_line(exc, 120)})") from None
+    if not isinstance(value, dict):
+        raise Unreadable(f"{path} (not a JSON object)")
+    return value
+
+
+REQUIRED = ("metrics", "params", "seed", "wall_s")  # what every table reads of a results.json
+
+
+def read_results(path: Path) -> dict:
+    """A run's results.json, with the keys every table reads."""
+    results = read_json(path)
+    missing = [k for k in REQUIRED if k not in results]
+    if missing:
+        raise Unreadable(f"{path} (no {', '.join(missing)}: not a moe-lora results file)")
+    return results
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The JSON objects of a JSONL file (none if it does not exist), or :class:`Unreadable` naming
+    it and the first bad line."""
+    if not path.exists():
+        return []
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, ValueError) as exc:
+        raise Unreadable(f"{path} ({first_line(exc, 120)})") from None
+    rows = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as exc:
+            raise Unreadable(f"{path} (line {i}: {first_line(exc, 120)})") from None
+        if not isinstance(row, dict):
+            raise Unreadable(f"{path} (line {i}: not a JSON object)")
+        rows.append(row)
+    return rows
+
+
+def read_run(d: Path) -> Run:
+    """One run folder: finished (results.json and routing.jsonl read), failed, or unreadable (a file
+    the report needs is damaged: listed with the failed runs, naming the file, and the rest of the
+    report is written)."""
+    try:
         if (d / outputs.RESULTS).exists():
-            routing = (
-                [json.loads(x) for x in (d / outputs.ROUTING).read_text().splitlines() if x.strip()]
-                if (d / outputs.ROUTING).exists()
-                else []
-            )
-            runs.append(Run(d, json.loads((d / outputs.RESULTS).read_text()), routing))
-        else:
-            err = None
-            if (d / outputs.FAILURE).exists():
-                err = json.loads((d / outputs.FAILURE).read_text()).get("error")
-            runs.append(Run(d, None, error=err or "no results.json (failed or still running)"))
-    return runs
+            return Run(d, read_results(d / outputs.RESULTS), read_rows(d / outputs.ROUTING))
+        err = read_json(d / outputs.FAILURE).get("error") if (d / outputs.FAILURE).exists() else None
+    except Unreadable as exc:
+        log.warning("unreadable run file: %s", exc)
+        return Run(d, None, error=f"{UNREADABLE} {exc}")
+    return Run(d, None, error=str(err) if err else "no results.json (failed or still running)")

@@ -9,14 +9,16 @@ follow the seed), so items are resampled once per pair and shared by the two arm
 
 from __future__ import annotations
 
-import json
+import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from moe_lora import outputs
-from moe_lora.report.collect import Run
+from moe_lora.report.collect import Run, Unreadable, read_rows
+
+log = logging.getLogger(__name__)
 
 PER_ITEM = ("metrics.cbqa_em", "metrics.instruction_em", "metrics.cbqa_em_by_set.")
 
@@ -32,13 +34,18 @@ def _sets(results: dict[str, Any], metric: str, tasks: set[str]) -> list[str]:
 
 
 def item_table(run: Run, metric: str) -> dict[str, dict[str, bool]] | None:
-    """set -> item id -> correct, for the sets ``metric`` averages over (None without predictions)."""
+    """set -> item id -> correct, for the sets ``metric`` averages over (None without readable
+    predictions)."""
     path = Path(run.path) / outputs.PREDICTIONS
     if not path.exists():
         return None
+    try:
+        rows = read_rows(path)
+    except Unreadable as exc:  # the claim keeps its seed-level interval
+        log.warning("no item-level interval: unreadable %s", exc)
+        return None
     table: dict[str, dict[str, bool]] = {}
-    for line in path.read_text().splitlines():
-        row = json.loads(line)
+    for row in rows:
         if row.get("model") == "tuned":
             table.setdefault(row["task"], {})[str(row["id"])] = bool(row["correct"])
     keep = _sets(run.results or {}, metric, set(table))

@@ -10,6 +10,7 @@ allocations (a layout sweep, an Optuna search); read from result files only."""
 
 from __future__ import annotations
 
+import logging
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass, replace
@@ -20,8 +21,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from moe_lora.errors import first_line
 from moe_lora.report.collect import Run
 from moe_lora.report.telemetry import ROUTER_RULES, layer_statistics
+
+log = logging.getLogger(__name__)
 
 TOP = 12  # rows of the heatmap: the best runs by instruction EM, then every named layout
 
@@ -220,25 +224,35 @@ def read_studies(runs: list[Run]) -> list[dict]:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     out = []
     for db in dbs:
-        storage = f"sqlite:///{db}"
-        for summary in optuna.get_all_study_summaries(storage):
-            study = optuna.load_study(study_name=summary.study_name, storage=storage)
-            trials = study.get_trials(deepcopy=False)
-            states = defaultdict(int)
-            for t in trials:
-                states[t.state.name.lower()] += 1
-            entry = {
-                "name": study.study_name,
-                "path": str(db),
-                "directions": [d.name.lower() for d in study.directions],
-                "states": dict(states),
-                "best": None,
-                "importances": None,
-            }
-            if len(study.directions) == 1 and states.get("complete"):
-                entry["best"] = {"value": study.best_value, "params": study.best_params}
-                entry["importances"] = importances(study)
-            out.append(entry)
+        try:
+            out += _study_entries(db, optuna)
+        except Exception as exc:  # a damaged or foreign study.db: sqlite's and optuna's errors
+            log.warning("left out of the report: %s cannot be read as an Optuna study (%s)", db, first_line(exc, 120))
+    return out
+
+
+def _study_entries(db: Path, optuna) -> list[dict]:
+    """One entry per study in one ``study.db``."""
+    out = []
+    storage = f"sqlite:///{db}"
+    for summary in optuna.get_all_study_summaries(storage):
+        study = optuna.load_study(study_name=summary.study_name, storage=storage)
+        trials = study.get_trials(deepcopy=False)
+        states = defaultdict(int)
+        for t in trials:
+            states[t.state.name.lower()] += 1
+        entry = {
+            "name": study.study_name,
+            "path": str(db),
+            "directions": [d.name.lower() for d in study.directions],
+            "states": dict(states),
+            "best": None,
+            "importances": None,
+        }
+        if len(study.directions) == 1 and states.get("complete"):
+            entry["best"] = {"value": study.best_value, "params": study.best_params}
+            entry["importances"] = importances(study)
+        out.append(entry)
     return out
 
 

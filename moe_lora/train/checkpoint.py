@@ -290,8 +290,15 @@ def plan(run_dir: Path, resume: str | None, resolved: dict, sweep: bool) -> Plan
                 f"hydra.run.dir={str(run_dir)!r} holds checkpoints ({newest.name}): continue it with "
                 f"resume={run_dir} (or resume=auto), or choose another hydra.run.dir"
             )
-        if read_meta(newest).get("config_hash") != config_hash(resolved):
-            diff = _saved_config_diff(run_dir, resolved) or ["(config.yaml of the run is missing)"]
+        saved_hash = read_meta(newest).get("config_hash")
+        if saved_hash != config_hash(resolved):
+            diff = _saved_config_diff(run_dir, resolved)
+            if not diff:  # no config.yaml to name the keys, or one that matches while the hash does not
+                why = "is missing" if diff is None else "matches this config: one of them was edited or copied"
+                raise ConfigError(
+                    f"resume: this config's hash {config_hash(resolved)} differs from {saved_hash!r} in "
+                    f"{newest / 'checkpoint.json'}, and {run_dir / outputs.CONFIG} {why} (start a new run)"
+                )
             raise ConfigError(
                 f"resume: the config differs from the checkpointed run's in {', '.join(diff[:8])} "
                 f"(resume with the run's own settings, or start a new run)"

@@ -1,5 +1,5 @@
-"""What a finished run writes about itself: ``results.json``, ``predictions.jsonl`` and the summary
-printed at the end. Metric keys come from the metric kinds' column declarations (``eval/kinds/``),
+"""What a finished run writes about itself: ``results.json``, ``predictions.jsonl``, the adapter and
+the summary printed at the end. Metric keys come from the metric kinds' column declarations (``eval/kinds/``),
 which results.json also carries (``metric_columns``) for the report."""
 
 from __future__ import annotations
@@ -11,7 +11,17 @@ from typing import Any
 
 from moe_lora.eval.kinds import COLUMNS, compare
 from moe_lora.eval.kinds.base import declarations
-from moe_lora.tracking import write_jsonl_atomic
+from moe_lora.tracking import atomic_path, write_jsonl_atomic
+
+
+def write_adapter(path: Path, tensors: dict) -> None:
+    """``adapter_model.safetensors`` (or the init adapter) through a temporary file and a rename of
+    the project's own: whole or absent on every safetensors version (only 0.8 renames by itself),
+    readable like the other run files, and a full disk is one line naming the file."""
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp))
 
 
 def write_predictions(path: Path, base: list[dict], tuned: list[dict]) -> None:

@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 from omegaconf import OmegaConf
-from safetensors.torch import save_file
 from torch import nn
 
 from moe_lora import outputs
@@ -34,7 +33,7 @@ from moe_lora.eval.evaluate import evaluate
 from moe_lora.models import hub_model, world_model
 from moe_lora.routing.recorder import RoutingRecorder
 from moe_lora.structure import is_encoder_decoder
-from moe_lora.tracking import Tracker, read_jsonl, write_json_atomic
+from moe_lora.tracking import Tracker, read_jsonl, write_json_atomic, write_text_atomic
 from moe_lora.train import checkpoint as ckpt
 from moe_lora.train.checkpoint import adapter_state
 from moe_lora.train.distributed import Dist, current, rank_device, wrap_model
@@ -42,7 +41,7 @@ from moe_lora.train.loop import LoopIO, TrainState, init_state, train
 from moe_lora.train.loss import batch_loss
 from moe_lora.train.precision import Precision, make_precision
 from moe_lora.train.preempt import preemption
-from moe_lora.train.results import build_results, write_predictions
+from moe_lora.train.results import build_results, write_adapter, write_predictions
 
 ADAPTER_FILE, INIT_ADAPTER_FILE, PREDICTIONS_FILE = outputs.ADAPTER, outputs.INIT_ADAPTER, outputs.PREDICTIONS
 log = logging.getLogger(__name__)
@@ -231,7 +230,7 @@ def run(
     progress = progress and main
     resolved = resolved_config(cfg)
     if main:
-        OmegaConf.save(OmegaConf.create(resolved), run_dir / outputs.CONFIG)
+        write_text_atomic(run_dir / outputs.CONFIG, OmegaConf.to_yaml(OmegaConf.create(resolved)))
     precision, model, tok, mixture = setup(cfg, progress, dist)
     spec = ADAPTERS.get(cfg.adapter.name)
     prepare_trainable(model, cfg, spec.trains_base)  # before the base evaluation: base and tuned in one dtype
@@ -256,7 +255,7 @@ def run(
         adapter = adapter_state(model) if main or ckpt.sharded(model) else None  # collective under FSDP
         if main:
             write_predictions(run_dir / PREDICTIONS_FILE, base_predictions, tuned_predictions)
-            save_file(adapter, str(run_dir / ADAPTER_FILE))
+            write_adapter(run_dir / ADAPTER_FILE, adapter)
             wall = time.time() - start
             results = build_results(cfg, resolved, base, tuned, params, adapted, io.final_routing, wall)
             results |= {
@@ -293,7 +292,7 @@ def add_adapter(model: nn.Module, cfg: TrainConfig, run_dir: Path, dist: Dist):
         print(format_targets(targets), flush=True)
     adapted = inject_adapter(model, cfg.adapter, cfg.model, cfg.layout, recorder, planned)
     if cfg.recipe.save_init_adapter and dist.is_main:
-        save_file(adapter_state(model), str(run_dir / INIT_ADAPTER_FILE))
+        write_adapter(run_dir / INIT_ADAPTER_FILE, adapter_state(model))
     return recorder, adapted, targets, budget
 
 
