@@ -12,9 +12,9 @@ WORKERS ?= 2
 TORCH_SPEC  ?= torch==2.13.0
 TORCH_INDEX ?=
 
-PRESETS ?= loramoe_forgetting mola_layouts mov_molora melora alora adamoe hydralora_matched hydralora_asymmetry
+PRESETS ?= loramoe_forgetting mola_layouts mov_molora mov_molora_t5 melora alora adamoe hydralora_matched hydralora_asymmetry
 
-.PHONY: help run test test-fast setup lint style bench tables layouts clean-cache
+.PHONY: help run test test-fast setup lint style bench tables pages layouts clean-cache
 
 help:  ## this list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
@@ -66,6 +66,14 @@ tables: $(STAMP)  ## the toy paper presets (3 seeds each) and their reports, end
 		else status=1; echo "$$p: no report (see above)" >> $$verdicts; fi; \
 	done; echo; echo "Claims (paired by seed; the rule is under each report's claims.md):"; \
 	cat $$verdicts; rm -f $$verdicts; exit $$status
+
+# Each preset's newest report (from `make tables`) copied to docs/results/sources/<preset>/, then every
+# results page regenerated from the sources there; `moe-lora pages --check` only compares.
+pages: $(STAMP)  ## docs/results/<preset>.md from each preset's newest report, then every page regenerated
+	@from=""; for p in $(PRESETS); do \
+		latest=$$(ls -td multirun/$$p/*/report 2>/dev/null | head -n 1); \
+		if [ -n "$$latest" ] && [ -f $$latest/claims.json ]; then from="$$from --from $$p=$$latest"; fi; \
+	done; $(BIN)/moe-lora pages $$from $(ARGS)
 
 layouts: $(STAMP)  ## probe heuristics, a layout search and its confirmation against the named shapes (ARGS=trials)
 	BIN=$(BIN) scripts/compare_layouts.sh $(ARGS)

@@ -26,6 +26,7 @@ commands:
   bench    step time and memory of every variant against peft LoRA (--help for options)
   layout-from-probe   a layout YAML from a probe run's router telemetry (--help for options)
   search-confirm      a preset rerunning a layout search's best trials as claims (--help)
+  pages    docs/results pages from report files: moe-lora pages [--check] [--from NAME=REPORT]
 
 examples:
   moe-lora train                                   # LoRAMoE on the built-in world
@@ -87,6 +88,12 @@ def cmd_search_confirm(args: list[str]) -> int:
     return search_main(args)
 
 
+def cmd_pages(args: list[str]) -> int:
+    from moe_lora.report.pages import main as pages_main
+
+    return pages_main(args)
+
+
 COMMANDS = {
     "train": cmd_train,
     "params": cmd_params,
@@ -95,6 +102,7 @@ COMMANDS = {
     "bench": cmd_bench,
     "layout-from-probe": cmd_layout_from_probe,
     "search-confirm": cmd_search_confirm,
+    "pages": cmd_pages,
 }
 
 
