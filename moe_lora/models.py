@@ -7,11 +7,13 @@ well under a second with a message that names ``model.name_or_path``.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -76,9 +78,11 @@ def world_model(cfg: ModelConfig, world: World, cache_dir: str | Path, progress:
     tok = word_tokenizer(vocab)
     cls = _world_class(cfg)
     root = Path(cache_dir)
-    root.mkdir(parents=True, exist_ok=True)
     entry = root / f"world-model-{cache_key(world.cfg, cfg)}"
-    with open(root / f"{entry.name}.lock", "w") as lock:
+    with _cache_writes(entry):
+        root.mkdir(parents=True, exist_ok=True)
+        lock = open(root / f"{entry.name}.lock", "w")  # noqa: SIM115 (closed below, outside the write guard)
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (entry / "model.safetensors").exists():
             print(f"pretraining the world model (cached afterwards in {entry})", flush=True)
@@ -86,12 +90,26 @@ def world_model(cfg: ModelConfig, world: World, cache_dir: str | Path, progress:
             model = cls(world_t5_config(cfg, len(vocab)) if t5 else world_model_config(cfg, len(vocab)))
             start = time.time()
             losses = pretrain(model, tok, corpus or world.pretraining_corpus(), cfg.pretrain, world.cfg.seed, progress)
-            with atomic_dir(entry) as tmp:
+            with _cache_writes(entry), atomic_dir(entry) as tmp:
                 model.save_pretrained(tmp)
                 (tmp / "pretrain.json").write_text(json.dumps({"seconds": time.time() - start, "loss": losses}))
     model = cls.from_pretrained(entry, dtype=getattr(torch, cfg.dtype), attn_implementation=attn_implementation(cfg))
     model.eval()
     return model, tok
+
+
+@contextlib.contextmanager
+def _cache_writes(entry: Path) -> Iterator[None]:
+    """A cache that cannot be written (a full disk, an unwritable ``cache_dir``) is one line naming
+    the entry; errors that are not I/O pass through."""
+    from moe_lora.tracking import output_error, write_reason
+
+    try:
+        yield
+    except Exception as exc:
+        if write_reason(exc) is None:
+            raise
+        raise output_error(entry, exc, "choose a writable cache_dir") from exc
 
 
 def _world_class(cfg: ModelConfig):

@@ -367,3 +367,27 @@ def test_a_hash_mismatch_with_a_matching_config_yaml_is_not_called_missing(tmp_p
     (run_dir / "config.yaml").unlink()
     with pytest.raises(ConfigError, match=re.escape(f"{run_dir / 'config.yaml'} is missing")):
         checkpoint.plan(run_dir, "auto", resolved, sweep=False)
+
+
+def test_a_cache_dir_that_cannot_be_written_is_one_line(run_cli, tmp_path, capsys) -> None:
+    from tests.conftest import TINY
+
+    (tmp_path / "cache").write_text("a file where the cache folder should be")
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli("train", *TINY, f"cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}", tiny=False)
+    assert exit_info.value.code == 1
+    line = one_line(capsys.readouterr().err)
+    assert line.startswith(f"moe-lora: error: cannot write {tmp_path / 'cache'}/world-model-")
+    assert line.endswith("(free space, or choose a writable cache_dir)")
+
+
+def test_a_full_disk_while_caching_the_world_model_is_one_line(tmp_path) -> None:
+    from safetensors import SafetensorError
+
+    from moe_lora.models import _cache_writes
+
+    expected = re.escape(f"cannot write {tmp_path}: No space left on device")
+    with pytest.raises(OutputError, match=expected), _cache_writes(tmp_path):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    with pytest.raises(KeyError), _cache_writes(tmp_path):  # not I/O: passes through
+        raise KeyError("a bug")
