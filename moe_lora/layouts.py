@@ -4,6 +4,8 @@ A layout is data (PEFT's ``rank_pattern`` idea), never a comma-joined string: a 
 (one entry per layer) or G (one per group of layers; layer l is in group floor(l * G / L)), or a
 budget-first layout: a depth profile (or weights) projected exactly onto an expert budget
 (:func:`project`), so the same shape works for 4, 22 or 32 layers and spends what uniform spends.
+Uniform with a budget (``layout.budget.total`` or ``per_layer_mean``) spends it exactly too
+(:func:`even_experts`): as evenly as integers allow, the remainder spread over the depth.
 """
 
 from __future__ import annotations
@@ -142,17 +144,53 @@ def budget_total(layout: LayoutConfig, adapter: AdapterConfig, num_layers: int) 
     return getattr(adapter, "num_experts", 1) * num_layers
 
 
+def has_budget(layout: LayoutConfig) -> bool:
+    """Whether ``layout.budget`` names a spend (``total`` or ``per_layer_mean``)."""
+    return layout.budget.total is not None or layout.budget.per_layer_mean is not None
+
+
+def _fewest_experts(layout: LayoutConfig, adapter: AdapterConfig, what: str) -> int:
+    """The fewest experts a layer may get (``layout.min_experts``, else enough for top-k); refuses
+    an adapter without experts, whose budget would be ignored."""
+    if not hasattr(adapter, "num_experts"):
+        raise ConfigError(f"{what} set experts per layer, but adapter={adapter.name!r} has no num_experts")
+    top_k = getattr(adapter, "top_k", None) or 1  # top-k over real and null experts: the real ones may be fewer
+    return layout.min_experts or max(1, top_k - getattr(adapter, "num_null_experts", 0))
+
+
 def budget_experts(layout: LayoutConfig, adapter: AdapterConfig, num_layers: int) -> list[int]:
     """Experts per layer of a budget-first layout."""
-    if not hasattr(adapter, "num_experts"):
-        raise ConfigError(
-            f"layout.profile / layout.weights set experts per layer, but adapter={adapter.name!r} has no num_experts"
-        )
-    top_k = getattr(adapter, "top_k", None) or 1  # top-k over real and null experts: the real ones may be fewer
-    lo = layout.min_experts or max(1, top_k - getattr(adapter, "num_null_experts", 0))
+    lo = _fewest_experts(layout, adapter, "layout.profile / layout.weights")
     total = budget_total(layout, adapter, num_layers)
     hi = layout.max_experts or total
     return project(layer_weights(layout, num_layers), total, lo, hi, f"layout={layout.name!r}")
+
+
+def even_experts(total: int, num_layers: int) -> list[int]:
+    """``total`` experts over the layers as evenly as integers allow: ``total // L`` on every layer
+    and one more on ``r = total % L`` layers spread over the depth (the j-th at layer
+    ``floor((j + 1/2) L / r)``), so no end of the stack is favoured: 113 over 22 layers is 6 on
+    layers 3, 11 and 18 and 5 on the other 19; 113 over 28 is 5 on layer 14 and 4 elsewhere."""
+    base, extra = divmod(total, num_layers)
+    more = {int((j + 0.5) * num_layers / extra) for j in range(extra)}
+    return [base + (layer in more) for layer in range(num_layers)]
+
+
+def uniform_budget_experts(layout: LayoutConfig, adapter: AdapterConfig, num_layers: int) -> list[int]:
+    """Experts per layer of a uniform layout given a budget: exactly the budget, evenly
+    (:func:`even_experts`), or refused in one line where a layer would fall outside
+    [``min_experts`` (else top-k), ``max_experts``]."""
+    lo = _fewest_experts(layout, adapter, "layout.budget.total / per_layer_mean")
+    total = budget_total(layout, adapter, num_layers)
+    counts = even_experts(total, num_layers)
+    hi = layout.max_experts or total
+    if min(counts) < lo or max(counts) > hi:
+        raise ConfigError(
+            f"layout={layout.name!r}: a budget of {total} experts over {num_layers} layers gives "
+            f"{min(counts)} to {max(counts)} per layer, outside [{lo}, {hi}] (layout.min_experts / "
+            "max_experts, or the adapter's top_k)"
+        )
+    return counts
 
 
 def resolve_layout(layout: LayoutConfig, adapter: AdapterConfig, num_layers: int) -> list[LayerPlan]:
@@ -160,6 +198,13 @@ def resolve_layout(layout: LayoutConfig, adapter: AdapterConfig, num_layers: int
     _check_fields(layout, adapter)
     if layout.budget_first:
         experts: list[int | None] = list(budget_experts(layout, adapter, num_layers))
+    elif has_budget(layout):
+        if layout.experts is not None:
+            raise ConfigError(
+                f"layout.experts={list(layout.experts)} lists every layer's experts, so layout.budget "
+                "would be ignored: give one or the other (layout.budget.total=null layout.budget.per_layer_mean=null)"
+            )
+        experts = list(uniform_budget_experts(layout, adapter, num_layers))
     else:
         experts = _per_layer(layout.experts, getattr(adapter, "num_experts", 1), num_layers, "layout.experts")
     ranks = _per_layer(layout.rank, getattr(adapter, "rank", 0), num_layers, "layout.rank")
@@ -176,4 +221,8 @@ def resolve_layout(layout: LayoutConfig, adapter: AdapterConfig, num_layers: int
 
 def is_per_layer(layout: LayoutConfig) -> bool:
     """Whether the layout gives layers different plans (else every layer gets the adapter's own)."""
-    return layout.budget_first or any(v is not None for v in (layout.experts, layout.rank, layout.top_k))
+    return (
+        layout.budget_first
+        or has_budget(layout)
+        or any(v is not None for v in (layout.experts, layout.rank, layout.top_k))
+    )

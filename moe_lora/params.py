@@ -7,18 +7,20 @@ from __future__ import annotations
 
 def print_params(cfg) -> None:
     from moe_lora.adapters import ADAPTERS
-    from moe_lora.adapters.inject import count_parameters, inject_adapter, plan_targets
+    from moe_lora.adapters.inject import budget_summary, count_parameters, inject_adapter, plan_targets
     from moe_lora.routing.router import Router
     from moe_lora.targets import format_targets, targets_summary
     from moe_lora.validate import base_meta_model
 
     model = base_meta_model(cfg)
     base_total = sum(p.numel() for p in model.parameters())
-    spec, layers = ADAPTERS.get(cfg.adapter.name), {}
+    spec, layers, budget = ADAPTERS.get(cfg.adapter.name), {}, None
     if spec.wrap is not None:
         structure, sites = plan_targets(model, cfg.adapter, cfg.model)
         print(format_targets(targets_summary(structure, sites, spec.slices_fused)) + "\n")
         layers = {site.name: site.layer for site in sites}
+        if hasattr(cfg.adapter, "num_experts"):
+            budget = budget_summary(cfg.adapter, cfg.layout, (structure, sites))
     names = inject_adapter(model, cfg.adapter, cfg.model, cfg.layout)
     counts = count_parameters(model)
     if names:
@@ -38,3 +40,15 @@ def print_params(cfg) -> None:
         f"trainable: {t:,} ({100 * t / base_total:.4f}% of base) | without routers: {t - r:,} "
         f"({100 * (t - r) / base_total:.4f}%) | routers: {r:,} | total: {counts['total']:,}"
     )
+    if budget is not None:
+        per_layer = budget["experts_per_layer"]
+        print(
+            f"experts: {sum(per_layer)} over {len(per_layer)} layers ({experts_range(per_layer)} per layer) | "
+            f"expert slots over adapted linears: {budget['expert_slots']:,}"
+        )
+
+
+def experts_range(per_layer: list[int]) -> str:
+    """``5`` or ``5-6``: how many experts a layer gets."""
+    lo, hi = min(per_layer), max(per_layer)
+    return str(lo) if lo == hi else f"{lo}-{hi}"

@@ -180,3 +180,77 @@ def test_multirun_precheck_keeps_the_search_path(tmp_path) -> None:
     jobs = expand_sweeps(["adapter=mola", "layout=mine,triangle", search, "hydra.sweep.dir=/x"])
     assert jobs == [["adapter=mola", "layout=mine", search], ["adapter=mola", "layout=triangle", search]]
     assert precheck(["adapter=mola", "layout=mine,triangle", search], multirun=True).layout.experts == [3, 7, 5, 5]
+
+
+# ------------------------------------------------------------------ uniform spends a given budget
+def test_even_experts_spreads_the_remainder_over_the_depth() -> None:
+    from moe_lora.layouts import even_experts
+
+    counts = even_experts(113, 22)
+    assert sum(counts) == 113 and [i for i, c in enumerate(counts) if c == 6] == [3, 11, 18]
+    assert set(counts) == {5, 6}
+    assert even_experts(113, 28) == [4] * 14 + [5] + [4] * 13
+    assert even_experts(88, 22) == [4] * 22
+
+
+def _experts(out: str) -> tuple[list[int], int]:
+    """The per-layer experts of the q_proj rows of `moe-lora params`, and its experts line's total."""
+    import re
+
+    rows = re.findall(r"model\.layers\.(\d+)\.self_attn\.q_proj\s+\d+\s+(\d+)\s", out)
+    total = int(re.search(r"^experts: (\d+) over", out, re.MULTILINE).group(1))
+    return [int(e) for _, e in sorted(rows, key=lambda r: int(r[0]))], total
+
+
+@pytest.mark.parametrize(("layers", "shape"), [(22, "triangle"), (28, "inverted_triangle")])
+def test_uniform_and_named_shapes_spend_a_given_total_exactly(run_cli, layers, shape) -> None:
+    """The issue's command (uniform once counted 8 per layer, 176 slots at 22 layers), and a named
+    shape whose preset says per_layer_mean: the total given on the command line replaces it."""
+    seen = {}
+    for layout in ("uniform", shape):
+        extra = ["layout.budget.per_layer_mean=null"] if layout == "uniform" else []
+        args = ["model=llama2_7b", f"model.num_layers={layers}", "adapter=mola", f"layout={layout}"]
+        code, out, err = run_cli("params", *args, *extra, "layout.budget.total=113", tiny=False)
+        assert code == 0, err
+        per_layer, total = _experts(out)
+        assert len(per_layer) == layers and sum(per_layer) == total == 113
+        seen[layout] = (per_layer, next(line for line in out.splitlines() if line.startswith("trainable:")))
+    assert max(seen["uniform"][0]) - min(seen["uniform"][0]) == 1  # as even as integers allow
+    assert seen["uniform"][1] == seen[shape][1]  # same budget, same trainable count
+
+
+@pytest.mark.parametrize("layers", [22, 28])
+def test_every_layout_preset_spends_a_command_line_total(mola, layers) -> None:
+    from moe_lora.compose import CONF_DIR
+
+    for path in sorted((CONF_DIR / "layout").glob("*.yaml")):
+        if path.stem == "custom":  # an explicit list: a budget beside it is refused (below)
+            continue
+        cfg = load_config([f"layout={path.stem}", "adapter=mola", "layout.budget.total=113"], check_files=False)
+        assert cfg.layout.budget.per_layer_mean is None, path.stem
+        assert sum(p.num_experts for p in resolve_layout(cfg.layout, cfg.adapter, layers)) == 113, path.stem
+    mean = load_config(["layout=triangle", "adapter=mola", "layout.budget.per_layer_mean=3"], check_files=False)
+    assert (mean.layout.budget.total, mean.layout.budget.per_layer_mean) == (None, 3.0)
+    assert load_config(["layout=triangle", "adapter=mola"], check_files=False).layout.budget.per_layer_mean == 5.0
+    with pytest.raises(ConfigError, match=r"^layout\.budget\.total=113 give total or per_layer_mean, not both"):
+        load_config(["layout=triangle", "layout.budget.total=113", "layout.budget.per_layer_mean=3"], check_files=False)
+
+
+@pytest.mark.parametrize(
+    ("layout", "adapter", "match"),
+    [
+        (LayoutConfig(budget=BudgetConfig(total=10)), "mola", r"^layout='uniform': a budget of 10 experts over 22"),
+        (LayoutConfig(budget=BudgetConfig(total=44)), "mola", None),  # 2 per layer: top-2 fits
+        (LayoutConfig(budget=BudgetConfig(total=30)), "mola", r"1 to 2 per layer, outside \[2, 30\]"),  # top_k 2
+        (LayoutConfig(name="custom", experts=[4], budget=BudgetConfig(total=88)), "mola", r"^layout\.experts=\[4\]"),
+        (LayoutConfig(budget=BudgetConfig(total=88)), "lora", r"adapter='lora' has no num_experts"),
+    ],
+)
+def test_uniform_refuses_a_budget_it_cannot_spend_in_one_line(layout, adapter, match) -> None:
+    cfg = load_config([f"adapter={adapter}"], check_files=False).adapter
+    if match is None:
+        assert [p.num_experts for p in resolve_layout(layout, cfg, 22)] == [2] * 22
+        return
+    with pytest.raises(ConfigError, match=match) as err:
+        resolve_layout(layout, cfg, 22)
+    assert "\n" not in str(err.value)
