@@ -172,8 +172,9 @@ def main(argv: list[str]) -> int:
         type=int,
         default=0,
         metavar="N",
-        help="claim intervals and p from N bootstrap resamples (fixed seed) instead of the t distribution; "
-        "below 10 seed pairs an exact sign-flip test decides",
+        help="claim p from an exact sign-flip test below "
+        f"{claims.MIN_BOOTSTRAP_PAIRS} seed pairs, and intervals and p from N bootstrap-t resamples (fixed "
+        "seed) from there, instead of the t distribution",
     )
     p.add_argument(
         "--items",
