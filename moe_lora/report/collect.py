@@ -72,12 +72,17 @@ class Unreadable(Exception):
     names the file."""
 
 
+def _reason(exc: Exception) -> str:
+    """An ``OSError``'s reason without the path it repeats, else the error's first line."""
+    return (exc.strerror if isinstance(exc, OSError) else None) or first_line(exc, 120)
+
+
 def read_json(path: Path) -> dict:
     """A JSON object from ``path``, or :class:`Unreadable` naming it."""
     try:
         value = json.loads(path.read_text())
     except (OSError, ValueError) as exc:  # ValueError: JSONDecodeError, UnicodeDecodeError
-        raise Unreadable(f"{path} ({first_line(exc, 120)})") from None
+        raise Unreadable(f"{path} ({_reason(exc)})") from None
     if not isinstance(value, dict):
         raise Unreadable(f"{path} (not a JSON object)")
     return value
@@ -103,7 +108,7 @@ def read_rows(path: Path) -> list[dict]:
     try:
         lines = path.read_text().splitlines()
     except (OSError, ValueError) as exc:
-        raise Unreadable(f"{path} ({first_line(exc, 120)})") from None
+        raise Unreadable(f"{path} ({_reason(exc)})") from None
     rows = []
     for i, line in enumerate(lines, 1):
         if not line.strip():
@@ -111,7 +116,7 @@ def read_rows(path: Path) -> list[dict]:
         try:
             row = json.loads(line)
         except ValueError as exc:
-            raise Unreadable(f"{path} (line {i}: {first_line(exc, 120)})") from None
+            raise Unreadable(f"{path} (line {i}: {_reason(exc)})") from None
         if not isinstance(row, dict):
             raise Unreadable(f"{path} (line {i}: not a JSON object)")
         rows.append(row)

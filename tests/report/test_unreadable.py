@@ -149,3 +149,11 @@ def test_a_full_disk_while_writing_the_report_is_one_line_and_keeps_the_earlier_
     assert f"cannot write {out}: No space left on device" in err and "--out" in err
     assert (out / "index.md").read_text() == before
     assert sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")) == []
+
+
+def test_a_results_path_that_is_a_folder_is_unreadable(tmp_path) -> None:
+    fake_run(tmp_path / "0", "lora", 0, 0.6, 0.5, 0.0)
+    (tmp_path / "0" / "results.json").unlink()
+    (tmp_path / "0" / "results.json").mkdir()
+    (run,) = collect([tmp_path])
+    assert run.error == f"unreadable: {tmp_path / '0' / 'results.json'} (Is a directory)"
