@@ -86,7 +86,8 @@ def atomic_dir(final: Path, tmp: Path | None = None, keep_existing: bool = False
     final.parent.mkdir(parents=True, exist_ok=True)
     if tmp is None:
         tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
-        tmp.chmod(0o777 & ~umask())  # mkdtemp's 0700 would make the folder owner-only, unlike its neighbours
+        with contextlib.suppress(OSError):  # mkdtemp's 0700 would make it owner-only, unlike its neighbours
+            tmp.chmod(0o777 & ~umask())
     else:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)

@@ -73,7 +73,8 @@ def atomic_path(path: Path) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
-        os.chmod(tmp, file_mode())
+        with contextlib.suppress(OSError):  # a file system without modes (some network mounts) still gets the file
+            os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
