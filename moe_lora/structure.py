@@ -71,7 +71,7 @@ class Fused:
 
     groups: int
     parts: tuple[tuple[str, int], ...]
-    rule: str  # the modelling code's split, for the targets table and the README
+    rule: str  # the modelling code's split, for the targets table and docs/real-models.md
 
     @property
     def width(self) -> int:

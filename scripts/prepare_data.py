@@ -41,14 +41,23 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def wanted(args: argparse.Namespace) -> dict[str, Any]:
-    """Source name -> SourceConfig, composed by Hydra exactly as a training run composes them."""
-    from moe_lora.compose import load_config
+def data_config(overrides: list[str]) -> Any:
+    """The ``data`` group composed by Hydra exactly as a training run composes it, checked by its
+    schema; not the cross-group checks of a run, which refuse real data for the default (built-in
+    world) model: preparing files needs no model."""
+    from omegaconf import OmegaConf
 
+    from moe_lora.compose import compose
+
+    return OmegaConf.to_object(compose(overrides)).data
+
+
+def wanted(args: argparse.Namespace) -> dict[str, Any]:
+    """Source name -> SourceConfig."""
     if args.data:
-        return dict(load_config([f"data={args.data}"], check_files=False).data.sources)
+        return dict(data_config([f"data={args.data}"]).sources)
     overrides = [f"+source@data.sources.{name}={name}" for name in args.sources]
-    return dict(load_config(["data=world_mix", *overrides], check_files=False).data.sources)
+    return dict(data_config(["data=world_mix", *overrides]).sources)
 
 
 def hub_loader(path: str, config: str | None) -> Any:
@@ -148,9 +157,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.data:
-            from moe_lora.compose import load_config
-
-            data = load_config([f"data={args.data}"], check_files=False).data
+            data = data_config([f"data={args.data}"])
             if data.p3.enabled:
                 prepare_p3(data.p3, Path(args.root), args.overwrite, args.dry_run)
                 return 0
