@@ -306,6 +306,29 @@ def test_documented_command_works(command: Command, run_cli, tmp_path, monkeypat
     exercise(command, run_cli, tmp_path)
 
 
+def inline_commands(doc: Path) -> list[str]:
+    """`moe-lora ...`, `make ...` and `python scripts/...` spans in the prose (outside code blocks)."""
+    text = re.sub(r"^```.*?^```", "", doc.read_text(), flags=re.S | re.M).replace("\n", " ")
+    return re.findall(r"`((?:moe-lora|make|python) [^`]*)`", text)
+
+
+@pytest.mark.parametrize("doc", DOCUMENTS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_commands_named_in_the_prose_exist(doc: Path) -> None:
+    """Prose mentions (often usage forms such as `moe-lora report PATH... [--out DIR]`) are not run,
+    but the subcommand, make target or script each names must exist."""
+    from moe_lora.cli import COMMANDS as SUBCOMMANDS
+
+    targets = set(re.findall(r"^([a-z][\w-]*):", (ROOT / "Makefile").read_text(), flags=re.M))
+    for span in inline_commands(doc):
+        words = span.split()
+        if words[0] == "moe-lora":
+            assert words[1] in SUBCOMMANDS or words[1] in ("--help", "-h"), f"{doc.name}: `{span}`"
+        elif words[0] == "make":
+            assert words[1] in targets, f"{doc.name}: `{span}`: no target {words[1]!r}"
+        else:
+            assert (ROOT / words[1]).is_file(), f"{doc.name}: `{span}`: no {words[1]}"
+
+
 def test_the_documents_show_the_commands_that_matter() -> None:
     shown = {" ".join(c.argv[:2]) for c in COMMANDS}
     for wanted in ("make run", "make test", "moe-lora train", "moe-lora params", "moe-lora report", "moe-lora bench"):
