@@ -58,9 +58,7 @@ def arms_table(csv_text: str) -> str:
     lines = ["| " + " | ".join(names) + " |", "|" + "---|" * len(names)]
     for r in body:
         cell = dict(zip(head, r, strict=False))
-        values = [
-            _pm(_float(cell[f"{m}_mean"]), _float(cell[f"{m}_std"]), 1 if m == "wall_s" else 3) for m in metrics
-        ]
+        values = [_pm(_float(cell[f"{m}_mean"]), _float(cell[f"{m}_std"]), 1 if m == "wall_s" else 3) for m in metrics]
         lines.append(
             "| "
             + " | ".join(
@@ -91,23 +89,39 @@ def _kind(claim: dict[str, Any]) -> str:
     return f"{kind}, margin {margin:g}" if margin else kind
 
 
+def _interval(lo: float | None, hi: float | None) -> str:
+    return "-" if lo is None or hi is None else f"[{lo:+.4f}, {hi:+.4f}]"
+
+
 def claims_table(report: dict[str, Any]) -> str:
-    """claims.json -> the verdict table, the tally, the rule the report applied and its remarks."""
+    """claims.json -> the verdict table, the tally, the rule the report applied and its remarks
+    (the item interval column only where the report computed one)."""
     records = report.get("claims", [])
     if not records:
         return "No claims: the runs declare none.\n"
-    lines = [
-        "| claim | metric | arm vs than | kind | n pairs | mean diff | 95% CI | p | Holm p | test | verdict |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    items = any(r.get("item_lo") is not None for r in records)
+    head = "| claim | metric | arm vs than | kind | n pairs | mean diff | 95% CI |"
+    head += " 95% CI, seeds x items |" if items else ""
+    head += " p | Holm p | test | seeds for 80% power | verdict |"
+    lines = [head, "|" + "---|" * head.count(" |")]
     for r in records:
         c = r["claim"]
-        ci = "-" if r.get("lo") is None else f"[{r['lo']:+.4f}, {r['hi']:+.4f}]"
-        lines.append(
-            f"| {r['name']} | {c['metric']} ({c.get('better', 'higher')} is better) | {c['arm']} vs {c['than']} | "
-            f"{_kind(c)} | {r.get('n', '-')} | {_signed(r.get('mean'))} | {ci} | {_p(r.get('p'))} | "
-            f"{_p(r.get('p_adjusted'))} | {r.get('test', '-')} | **{r['verdict']}** |"
-        )
+        cells = [
+            r["name"],
+            f"{c['metric']} ({c.get('better', 'higher')} is better)",
+            f"{c['arm']} vs {c['than']}",
+            _kind(c),
+            str(r.get("n", "-")),
+            _signed(r.get("mean")),
+            _interval(r.get("lo"), r.get("hi")),
+            *([_interval(r.get("item_lo"), r.get("item_hi"))] if items else []),
+            _p(r.get("p")),
+            _p(r.get("p_adjusted")),
+            str(r.get("test", "-")),
+            str(r.get("power_n") or "-"),
+            f"**{r['verdict']}**",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
     counts = tally(report)
     lines += ["", f"{len(records)} claims: " + ", ".join(f"{counts[v]} {v}" for v in VERDICTS) + "."]
     if report.get("rule"):

@@ -96,3 +96,14 @@ def test_the_cli_dispatches_pages(results_dir, capsys) -> None:
     assert main(["pages", "--dir", str(results_dir)]) == 0
     assert main(["pages", "--check", "--dir", str(results_dir)]) == 0
     assert "| (none yet) |" in (results_dir / "index.md").read_text()
+
+
+def test_item_intervals_get_a_column_only_when_the_report_has_them() -> None:
+    claim = {"metric": "metrics.cbqa_em", "arm": "a", "than": "b", "kind": "superiority", "margin": 0.0}
+    record = {"name": "c", "claim": claim, "verdict": "held", "n": 3, "mean": 0.1, "lo": 0.05, "hi": 0.15}
+    without = pages.claims_table({"claims": [record]})
+    assert "seeds x items" not in without
+    with_items = pages.claims_table({"claims": [record | {"item_lo": 0.02, "item_hi": 0.18, "power_n": 4}]})
+    head, rule, row = with_items.splitlines()[:3]
+    assert "seeds x items" in head and head.count("|") == rule.count("|") == row.count("|")
+    assert "| [+0.0500, +0.1500] | [+0.0200, +0.1800] |" in row and "| 4 | **held** |" in row
