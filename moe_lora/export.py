@@ -1,0 +1,388 @@
+"""Export a trained run (``moe-lora export``): merged into the base, peft's adapter format, or
+moe_lora's own self-contained folder (``docs/export-format.md``).
+
+- ``merged``: every adapted linear's update folded into its weight, the wrappers replaced by the
+  base linears, saved with ``save_pretrained`` (a plain transformers checkpoint plus tokenizer).
+  Exact only where the update does not depend on the input: LoRA, ALoRA (gate x active mask folded
+  into A), MELoRA (block-diagonal update), IA3 (a row or column scaling), full fine-tuning. A routed
+  variant weighs its experts per token, so no single weight equals it: it is refused.
+- ``peft``: LoRA-type updates as peft LoRA (MELoRA as the block-diagonal LoRA of rank n*r it is,
+  ALoRA as its active components with the gates folded into A; per-module ranks in
+  ``rank_pattern``, scalings in ``alpha_pattern``) and IA3 as peft IA3.
+- ``moe_lora``: the run's adapter tensors, an ``adapter_config.json`` (variant, targets, adapted
+  modules, layout, base model, the resolved config), the run's ``results.json`` and a model card.
+
+Every format is written to a temporary folder beside ``--out`` and swapped in (``atomic_dir``), so
+a failed export leaves nothing half-written; an existing ``--out`` is replaced only with
+``--overwrite`` and only when an earlier export made it (its ``.moe_lora_export`` marker).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from moe_lora import outputs
+from moe_lora.api import EXPORT_CONFIG, FORMAT, Saved, build, read_saved
+from moe_lora.errors import ConfigError
+
+FORMATS = ("merged", "peft", "moe_lora")
+MARKER = ".moe_lora_export"  # in every folder `moe-lora export` writes: --overwrite replaces only those
+FORMAT_VERSION = 1
+
+
+# ---------------------------------------------------------------------------- the updates
+def lora_factors(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+    """``(A (d_in, r), B (r, d_out), scaling)`` with ``update = scaling * x A B`` for an unrouted
+    LoRA-type layer (float32), else None."""
+    from moe_lora.adapters.layer import LoRAExperts
+    from moe_lora.adapters.melora import MELoRALinear
+
+    if isinstance(module, MELoRALinear):  # blockdiag(B_i A_i) = blockdiag(A_i) blockdiag(B_i)
+        return torch.block_diag(*module.lora_A.float()), torch.block_diag(*module.lora_B.float()), module.scaling
+    if isinstance(module, LoRAExperts) and module.router is None and module.num_experts == 1:
+        A, B = module.lora_A.float(), module.lora_B.float()
+        gate, scaling = module.scale_hidden(torch.ones(A.shape[1], device=A.device), None)  # ALoRA: gate x active
+        keep = gate.float().nonzero().flatten()
+        if keep.numel() == 0:  # every component pruned: a zero update of rank 1
+            return A[:, :1] * 0, B[:1] * 0, scaling
+        return A[:, keep] * gate.float()[keep], B[keep], scaling
+    return None
+
+
+def ia3_scales(module: nn.Module) -> list[tuple[str, torch.Tensor, list[int] | None]] | None:
+    """IA3's scalings of one wrapped linear: ``(site, vector, output columns or None)`` with site
+    ``input`` or ``output``; None for any other module."""
+    from moe_lora.adapters.ia3 import IA3Linear, IA3Scale
+    from moe_lora.adapters.slices import SlicedOutput
+
+    if isinstance(module, IA3Linear):
+        return [("input" if module.scale_input else "output", module.ia3_l.float(), None)]
+    if isinstance(module, SlicedOutput) and all(isinstance(p, IA3Scale) for p in module.parts.values()):
+        return [
+            ("output", part.ia3_l.float(), getattr(module, f"cols_{role}").tolist())
+            for role, part in module.parts.items()
+        ]
+    return None
+
+
+def adapted_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The wrapper modules that injection put in place of base linears (outermost only)."""
+    from moe_lora.adapters.layer import WrapsLinear
+
+    found: dict[str, nn.Module] = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, WrapsLinear) and not any(name.startswith(f"{n}.") for n in found):
+            found[name] = mod
+    return found
+
+
+def refuse_routed(model: nn.Module, variant: str, fmt: str) -> None:
+    from moe_lora.routing.router import Router
+
+    if any(isinstance(m, Router) for m in model.modules()):
+        routed_error(variant, fmt)
+
+
+def routed_error(variant: str, fmt: str) -> None:
+    raise ConfigError(
+        f"adapter={variant} cannot be exported as {fmt}: its update depends on the input (a router "
+        "weighs the experts per token), so no fixed weight or peft adapter equals it; use --format moe_lora"
+    )
+
+
+# ---------------------------------------------------------------------------- merged
+@torch.no_grad()
+def merge(model: nn.Module, variant: str) -> list[str]:
+    """Fold every adapter into its base linear and put the base back in the wrapper's place;
+    returns the merged module names. Refuses routed variants and anything it cannot fold."""
+    refuse_routed(model, variant, "merged")
+    tied = (
+        {id(p) for p in model.get_input_embeddings().parameters()} if hasattr(model, "get_input_embeddings") else set()
+    )
+    merged = []
+    for name, wrapper in adapted_modules(model).items():
+        base = wrapper.base
+        if id(base.weight) in tied:
+            raise ConfigError(
+                f"adapter={variant} adapts {name}, whose weight is tied to the input embeddings: merging "
+                "would change both; use --format moe_lora"
+            )
+        factors, scales = lora_factors(wrapper), ia3_scales(wrapper)
+        if factors is not None:
+            A, B, s = factors
+            _add(base, s * (A @ B).T)
+        elif scales is not None:
+            for site, vec, cols in scales:
+                _scale(base, site, vec, cols)
+        else:
+            raise ConfigError(f"adapter={variant}: moe-lora does not know how to merge {type(wrapper).__name__}")
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, base)
+        merged.append(name)
+    return merged
+
+
+def _transposed(base: nn.Module) -> bool:
+    """GPT-2's Conv1D stores its weight as (d_in, d_out)."""
+    return not isinstance(base, nn.Linear)
+
+
+def _add(base: nn.Module, delta: torch.Tensor) -> None:
+    """``W += delta`` with ``delta`` (d_out, d_in), in float32 then back to the weight's dtype."""
+    w = base.weight
+    d = delta.T if _transposed(base) else delta
+    w.copy_((w.float() + d.to(w.device)).to(w.dtype))
+
+
+def _scale(base: nn.Module, site: str, vec: torch.Tensor, cols: list[int] | None) -> None:
+    """IA3 folded: the output site scales the weight's output rows (and the bias), the input site
+    its input columns."""
+    w = base.weight
+    out_dim = 1 if _transposed(base) else 0
+    dim = out_dim if site == "output" else 1 - out_dim
+    index = torch.arange(w.shape[dim], device=w.device) if cols is None else torch.tensor(cols, device=w.device)
+    shape = [1, 1]
+    shape[dim] = -1
+    scaled = w.float().index_select(dim, index) * vec.to(w.device).view(shape)
+    w.index_copy_(dim, index, scaled.to(w.dtype))
+    bias = getattr(base, "bias", None)
+    if site == "output" and bias is not None:
+        bias.index_copy_(0, index, (bias.float().index_select(0, index) * vec.to(bias.device)).to(bias.dtype))
+
+
+def write_merged(model: nn.Module, tok: Any, variant: str, folder: Path) -> None:
+    merge(model, variant)
+    model.save_pretrained(folder, safe_serialization=True)
+    tok.save_pretrained(folder)
+
+
+# ---------------------------------------------------------------------------- peft
+def base_path(cfg: Any) -> str:
+    """What the base is called for another tool: the hub id or folder, or the cached world model."""
+    if cfg.model.source == "hub":
+        return str(cfg.model.name_or_path)
+    from moe_lora.models import cache_key
+
+    return str(Path(cfg.cache_dir) / f"world-model-{cache_key(cfg.data.world, cfg.model)}")
+
+
+def peft_lora(model: nn.Module, cfg: Any, task_type: str):
+    """(peft LoraConfig, tensors) of every unrouted LoRA-type layer."""
+    from peft import LoraConfig
+
+    tensors: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    alphas: dict[str, float] = {}
+    fan_in_fan_out = False
+    for name, mod in adapted_modules(model).items():
+        A, B, s = lora_factors(mod)
+        tensors[f"base_model.model.{name}.lora_A.weight"] = A.T.contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = B.T.contiguous()
+        ranks[name], alphas[name] = A.shape[1], s * A.shape[1]  # peft's scaling is lora_alpha / r
+        fan_in_fan_out |= _transposed(mod.base)
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = next(a for n, a in alphas.items() if ranks[n] == r)
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        target_modules=sorted(ranks),
+        rank_pattern={n: k for n, k in ranks.items() if k != r},
+        alpha_pattern={n: a for n, a in alphas.items() if not math.isclose(a, alpha, rel_tol=1e-9)},
+        lora_dropout=float(getattr(cfg.adapter, "dropout", 0.0)),
+        fan_in_fan_out=fan_in_fan_out,
+        bias="none",
+        task_type=task_type,
+        base_model_name_or_path=base_path(cfg),
+        inference_mode=True,
+    )
+    return config, tensors
+
+
+def peft_ia3(model: nn.Module, cfg: Any, task_type: str):
+    """(peft IA3Config, tensors): output-site vectors as (d_out, 1), input-site as (1, d_in)."""
+    from peft import IA3Config
+
+    tensors: dict[str, torch.Tensor] = {}
+    targets, feedforward = [], []
+    for name, mod in adapted_modules(model).items():
+        scales = ia3_scales(mod)
+        if scales is None or scales[0][2] is not None:
+            raise ConfigError(
+                f"adapter={cfg.adapter.name}: {name} scales some columns of a fused linear, which peft's IA3 "
+                "cannot (it scales whole modules); use --format moe_lora or merged"
+            )
+        site, vec, _ = scales[0]
+        targets.append(name)
+        if site == "input":
+            feedforward.append(name)
+        tensors[f"base_model.model.{name}.ia3_l"] = vec.view(1, -1) if site == "input" else vec.view(-1, 1)
+    config = IA3Config(
+        target_modules=targets,
+        feedforward_modules=feedforward,
+        fan_in_fan_out=any(_transposed(m.base) for m in adapted_modules(model).values()),
+        task_type=task_type,
+        base_model_name_or_path=base_path(cfg),
+        inference_mode=True,
+    )
+    return config, tensors
+
+
+def write_peft(model: nn.Module, cfg: Any, folder: Path) -> None:
+    from safetensors.torch import save_file
+
+    from moe_lora.structure import is_encoder_decoder
+
+    variant = cfg.adapter.name
+    refuse_routed(model, variant, "peft")
+    modules = adapted_modules(model)
+    task_type = "SEQ_2_SEQ_LM" if is_encoder_decoder(model) else "CAUSAL_LM"
+    if modules and all(lora_factors(m) is not None for m in modules.values()):
+        config, tensors = peft_lora(model, cfg, task_type)
+    elif modules and all(ia3_scales(m) is not None for m in modules.values()):
+        config, tensors = peft_ia3(model, cfg, task_type)
+    else:
+        raise ConfigError(
+            f"adapter={variant} has no peft equivalent (peft's format holds LoRA-type adapters and IA3); "
+            "use --format moe_lora" + (" or merged" if variant == "full" else "")
+        )
+    config.save_pretrained(str(folder))
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(folder / "adapter_model.safetensors"))
+
+
+# ---------------------------------------------------------------------------- moe_lora
+def layout_plans(cfg: Any) -> list[dict[str, Any]]:
+    """The layout resolved per layer (experts, rank, top-k), as injection resolved it."""
+    from moe_lora.layouts import resolve_layout
+
+    try:
+        plans = resolve_layout(cfg.layout, cfg.adapter, cfg.model.num_layers)
+    except ConfigError:
+        return []
+    return [{"layer": i, "num_experts": p.num_experts, "rank": p.rank, "top_k": p.top_k} for i, p in enumerate(plans)]
+
+
+def export_config(saved: Saved, adapted: list[str]) -> dict[str, Any]:
+    """``adapter_config.json`` of the moe_lora format (docs/export-format.md)."""
+    from moe_lora.train.runner import resolved_config
+
+    cfg = saved.cfg
+    resolved = resolved_config(cfg)
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "variant": cfg.adapter.name,
+        "base_model": {
+            "source": cfg.model.source,
+            "name_or_path": base_path(cfg),
+            "name": cfg.model.name,
+            "family": cfg.model.family,
+            "dtype": cfg.model.dtype,
+        },
+        "targets": list(cfg.adapter.target_modules),
+        "adapted_modules": adapted,
+        "layout": {"name": cfg.layout.name, "per_layer": layout_plans(cfg)},
+        "adapter": resolved["adapter"],
+        "tensors": outputs.ADAPTER,
+        "config": resolved,
+    }
+
+
+def write_moe_lora(saved: Saved, adapted: list[str], folder: Path) -> None:
+    from moe_lora.export_card import model_card
+
+    shutil.copyfile(saved.folder / outputs.ADAPTER, folder / outputs.ADAPTER)
+    results = read_results(saved.folder)
+    if results is not None:
+        (folder / outputs.RESULTS).write_text(json.dumps(results, indent=1))
+    meta = export_config(saved, adapted)
+    (folder / EXPORT_CONFIG).write_text(json.dumps(meta, indent=1))
+    (folder / "README.md").write_text(model_card(meta, results))
+
+
+def read_results(folder: Path) -> dict[str, Any] | None:
+    path = folder / outputs.RESULTS
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except ValueError:
+        return None
+
+
+# ---------------------------------------------------------------------------- the command
+def check_out(out: Path, overwrite: bool) -> None:
+    """An existing ``--out`` is replaced only with ``--overwrite``, and only an earlier export."""
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return
+    if not overwrite:
+        raise ConfigError(f"--out {out} exists: pass --overwrite to replace it")
+    if not (out / MARKER).is_file():
+        raise ConfigError(
+            f"--out {out} exists and was not written by moe-lora export (no {MARKER}): "
+            "moe-lora replaces only its own exports; remove it or choose another --out"
+        )
+
+
+def check_push(repo: str | None) -> None:
+    """Uploading needs the network: with downloads off it fails before anything is exported."""
+    if repo and os.environ.get("HF_HUB_OFFLINE", "1") not in ("0", "false", "False"):
+        raise ConfigError(
+            f"--push-to-hub {repo} needs the network, but HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '1')} "
+            "(moe-lora is offline unless HF_HUB_OFFLINE=0 is set): set HF_HUB_OFFLINE=0, or export and upload later"
+        )
+
+
+def export(
+    run_dir: str | Path,
+    fmt: str,
+    out: str | Path,
+    overwrite: bool = False,
+    push_to_hub: str | None = None,
+    device: str = "cpu",
+) -> Path:
+    """Write ``run_dir``'s adapter to ``out`` in ``fmt``; returns ``out``."""
+    from moe_lora.outputs import atomic_dir
+
+    if fmt not in FORMATS:
+        raise ConfigError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
+    out = Path(out)
+    check_push(push_to_hub)
+    check_out(out, overwrite)
+    saved = read_saved(run_dir)
+    if fmt in ("merged", "peft"):
+        _refuse_routed_early(saved, fmt)
+    model, tok, _ = build(saved, device)
+    with atomic_dir(out) as tmp:
+        if fmt == "merged":
+            write_merged(model, tok, saved.cfg.adapter.name, tmp)
+        elif fmt == "peft":
+            write_peft(model, saved.cfg, tmp)
+        else:
+            write_moe_lora(saved, model._moe_lora.adapted, tmp)
+        marker = {"format": fmt, "source": str(Path(run_dir).resolve()), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        (tmp / MARKER).write_text(json.dumps(marker))
+    if push_to_hub:
+        upload(out, push_to_hub)
+    return out
+
+
+def _refuse_routed_early(saved: Saved, fmt: str) -> None:
+    """Routed variants are refused before the base model loads (their tensors name a router)."""
+    if any(name.endswith("router.weight") for name in saved.state):
+        routed_error(saved.cfg.adapter.name, fmt)
+
+
+def upload(folder: Path, repo: str) -> None:
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo, exist_ok=True)
+    api.upload_folder(folder_path=str(folder), repo_id=repo, ignore_patterns=[MARKER])
