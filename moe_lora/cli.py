@@ -27,6 +27,8 @@ commands:
   layout-from-probe   a layout YAML from a probe run's router telemetry (--help for options)
   search-confirm      a preset rerunning a layout search's best trials as claims (--help)
   pages    docs/results pages from report files: moe-lora pages [--check] [--from NAME=REPORT]
+  generate greedy completions of a trained run: moe-lora generate <run_dir> --prompt TEXT [--routes]
+  export   merged | peft | moe_lora folder of a run: moe-lora export <run_dir> --format F --out DIR
 
 examples:
   moe-lora train                                   # LoRAMoE on the built-in world
@@ -94,6 +96,18 @@ def cmd_pages(args: list[str]) -> int:
     return pages_main(args)
 
 
+def cmd_generate(args: list[str]) -> int:
+    from moe_lora.use import generate_main
+
+    return generate_main(args)
+
+
+def cmd_export(args: list[str]) -> int:
+    from moe_lora.use import export_main
+
+    return export_main(args)
+
+
 COMMANDS = {
     "train": cmd_train,
     "params": cmd_params,
@@ -103,6 +117,8 @@ COMMANDS = {
     "layout-from-probe": cmd_layout_from_probe,
     "search-confirm": cmd_search_confirm,
     "pages": cmd_pages,
+    "generate": cmd_generate,
+    "export": cmd_export,
 }
 
 
