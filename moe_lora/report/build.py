@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 from moe_lora import outputs
+from moe_lora.errors import ConfigError, fail
 from moe_lora.report import asymmetry, claims, plots, ranks, search
 from moe_lora.report.collect import Run, collect
 from moe_lora.report.tables import aggregate, latex, markdown, routing_markdown, row_labels, to_csv
@@ -150,14 +151,18 @@ def write_report(runs: list[Run], folder: Path, bootstrap: int = 0, items: bool 
 def build_report(paths: list[Path], out: Path | None = None, bootstrap: int = 0, items: bool = False) -> Path:
     """Collect runs below ``paths`` and (re)write the report folder ``out`` as a whole: it is
     built in a temporary folder beside it and swapped in, so readers never see half a report and
-    nothing outside ``out`` is touched."""
+    nothing outside ``out`` is touched. Only a new or empty folder, or one a report wrote before
+    (its marker, :data:`~moe_lora.outputs.REPORT_MARKER`), is replaced; a folder that is, holds or
+    lies inside a run or a reported folder is refused (a ``ConfigError``) before anything is read."""
+    out = out or (paths[0] if paths[0].is_dir() else paths[0].parent) / "report"
+    outputs.check_report_folder(out, [p if p.is_dir() else p.parent for p in paths])
     runs = collect(paths)
     if not runs:
         raise FileNotFoundError(f"no moe-lora runs (results.json) below {', '.join(map(str, paths))}")
-    out = out or (paths[0] if paths[0].is_dir() else paths[0].parent) / "report"
     try:
         with outputs.atomic_dir(out) as tmp:
             write_report(runs, tmp, bootstrap, items)
+            outputs.write_report_marker(tmp)
     except OSError as exc:  # a full disk, an unwritable folder: one line; the earlier report stays
         raise output_error(out, exc, "choose a writable --out") from exc
     return out
@@ -190,6 +195,8 @@ def main(argv: list[str]) -> int:
     except FileNotFoundError as exc:
         print(f"moe-lora: error: {exc}")
         return 2
+    except ConfigError as exc:  # an --out the report must not replace
+        return fail(str(exc))
     print(f"report: {out / 'index.md'}")
     print((out / CLAIM_LINES).read_text(), end="")
     return 0

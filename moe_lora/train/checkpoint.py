@@ -263,12 +263,17 @@ def _saved_config_diff(run_dir: Path, resolved: dict) -> list[str] | None:
 def plan(run_dir: Path, resume: str | None, resolved: dict, sweep: bool) -> Plan:
     """Decide before anything is written; conflicts are one-line errors naming ``resume``. In a
     sweep, ``resume=auto`` is implied: rerunning a sweep into its folder skips finished jobs,
-    resumes checkpointed ones and reruns failed ones."""
+    resumes checkpointed ones and reruns failed ones. A folder is reused only when moe-lora made it
+    (:func:`moe_lora.outputs.foreign_entries` says which folders, old ones without the marker
+    included) and no live job holds its lock: otherwise a one-line error, and nothing is touched."""
     if resume not in (None, "auto") and Path(resume).resolve() != run_dir.resolve():
         raise ConfigError(
             f"resume={resume!r} but hydra.run.dir={str(run_dir)!r}: a run resumes in its own directory "
             f"(add hydra.run.dir={resume})"
         )
+    outputs.check_run_folder(run_dir)
+    if _launching_process():
+        outputs.check_not_live(run_dir)
     auto = resume is not None or sweep
     newest = latest(run_dir) if run_dir.is_dir() else None
     if (run_dir / outputs.RESULTS).exists():
@@ -311,11 +316,21 @@ def plan(run_dir: Path, resume: str | None, resolved: dict, sweep: bool) -> Plan
     return Plan("new")
 
 
+def _launching_process() -> bool:
+    """Not a torchrun rank other than 0: those check the config beside rank 0, which may already
+    hold the run folder's lock (only the planning process takes it)."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
 RUN_FILES = outputs.RUN_FILES
 
 
 def clear_failed_attempt(run_dir: Path) -> None:
-    """The files of an attempt that failed before its first checkpoint (a rerun starts clean)."""
+    """The files of an attempt that failed before its first checkpoint (a rerun starts clean); in a
+    folder moe-lora made only (checked again here: these names are common)."""
+    outputs.check_run_folder(run_dir)
     for name in RUN_FILES:
         (run_dir / name).unlink(missing_ok=True)
     remove_stale(run_dir)

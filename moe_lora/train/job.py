@@ -19,12 +19,13 @@ from moe_lora.errors import fail, one_line
 
 
 def remove_fresh_run_dir(run_dir: Path) -> None:
-    """Undo what Hydra created for a job that never started, in a folder holding nothing else (a
-    folder with a run in it is never touched)."""
-    if not run_dir.is_dir() or set(os.listdir(run_dir)) - {".hydra", "train.log", "moe_lora.log"}:
+    """Undo what Hydra (and moe-lora's marker) made for a job that never started, in a folder
+    holding nothing else: a folder with a run in it, or with a lock file, is never touched."""
+    fresh = {*outputs.HYDRA_FILES, outputs.RUN_MARKER}
+    if not run_dir.is_dir() or set(os.listdir(run_dir)) - fresh:
         return
     shutil.rmtree(run_dir / ".hydra", ignore_errors=True)
-    for name in ("train.log", "moe_lora.log"):
+    for name in sorted(fresh - {".hydra"}):
         (run_dir / name).unlink(missing_ok=True)
     with contextlib.suppress(OSError):
         run_dir.rmdir()  # only if now empty
@@ -32,19 +33,38 @@ def remove_fresh_run_dir(run_dir: Path) -> None:
 
 def train_job(dcfg) -> float | None:
     """The Hydra task function: the value `recipe.objective` (or the tuple `recipe.objectives`)
-    names, for sweepers (rank 0)."""
+    names, for sweepers (rank 0). Rank 0 holds the run folder (its lock, see
+    :func:`moe_lora.outputs.run_folder`) from before the plan to the end of the job."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
-    from omegaconf import OmegaConf
 
-    from moe_lora.errors import ConfigError
-    from moe_lora.train import checkpoint, distributed
     from moe_lora.train.results import summary_table
-    from moe_lora.train.runner import resolved_config
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     sweep = hydra_cfg.mode == RunMode.MULTIRUN
+    with contextlib.ExitStack() as held:
+        cfg, dist, job = start_job(dcfg, hydra_cfg, run_dir, sweep, held)
+        cfg, run_dir, job = dist.broadcast((cfg, run_dir, job))  # rank 0 decides; under torchrun the others wait
+        results = run_planned(cfg, run_dir, dist, job, sweep)
+    if not dist.is_main:
+        return None
+    print(summary_table(results))
+    print(f"results: {run_dir / 'results.json'}")
+    return objective_value(results, cfg.recipe.objectives or cfg.recipe.objective)
+
+
+def start_job(dcfg, hydra_cfg, run_dir: Path, sweep: bool, held: contextlib.ExitStack):
+    """The validated config, the rank group and (rank 0) the plan, with the run folder held in
+    ``held``. A folder moe-lora did not make, or one a live job holds, is refused untouched; a
+    config error undoes what Hydra made. Either ends a single run with one line, and a refused
+    folder a sweep too (its jobs go on no further: the folder is someone else's, or in use)."""
+    from omegaconf import OmegaConf
+
+    from moe_lora.errors import ConfigError
+    from moe_lora.train import checkpoint, distributed
+    from moe_lora.train.runner import resolved_config
+
     n_jobs = (
         OmegaConf.select(hydra_cfg, "launcher.n_jobs") if "joblib" in str(hydra_cfg.launcher.get("_target_")) else 1
     )
@@ -54,11 +74,24 @@ def train_job(dcfg) -> float | None:
             cfg.recipe.threads = max(1, (os.cpu_count() or 1) // n_jobs)
         check_launch(cfg.recipe.nproc_per_node)
         dist = distributed.init_distributed(cfg.recipe.device)  # ranks from torchrun or submitit's tasks
+        if dist.is_main:  # only the planning process locks: other ranks never wait on it
+            held.enter_context(outputs.run_folder(run_dir))
         job = checkpoint.plan(run_dir, cfg.resume, resolved_config(cfg), sweep) if dist.is_main else None
-    except ConfigError:
-        remove_fresh_run_dir(run_dir)
-        raise
-    cfg, run_dir, job = dist.broadcast((cfg, run_dir, job))  # rank 0 decides; under torchrun the others wait here
+    except ConfigError as exc:
+        if not isinstance(exc, outputs.RunFolderError):
+            held.close()  # the lock goes first, then what Hydra made
+            remove_fresh_run_dir(run_dir)
+        if sweep and not isinstance(exc, outputs.RunFolderError):
+            raise
+        sys.exit(fail(one_line(exc)))
+    return cfg, dist, job
+
+
+def run_planned(cfg, run_dir: Path, dist, job, sweep: bool) -> dict | None:
+    """Carry out the plan: skip (the earlier results), rerun (after clearing the failed attempt),
+    resume or start."""
+    from moe_lora.train import checkpoint
+
     if dist.is_main and job.action != "new":
         what = {
             "skip": "finished before with this config: skipped",
@@ -67,16 +100,10 @@ def train_job(dcfg) -> float | None:
         }[job.action]
         print(f"{run_dir}: {what}", flush=True)
     if job.action == "skip":
-        results = json.loads((run_dir / outputs.RESULTS).read_text())
-    else:
-        if dist.is_main and job.action == "rerun":
-            checkpoint.clear_failed_attempt(run_dir)
-        results = run_or_record(cfg, run_dir, dist, job.checkpoint, sweep)
-    if not dist.is_main:
-        return None
-    print(summary_table(results))
-    print(f"results: {run_dir / 'results.json'}")
-    return objective_value(results, cfg.recipe.objectives or cfg.recipe.objective)
+        return json.loads((run_dir / outputs.RESULTS).read_text())
+    if dist.is_main and job.action == "rerun":
+        checkpoint.clear_failed_attempt(run_dir)
+    return run_or_record(cfg, run_dir, dist, job.checkpoint, sweep)
 
 
 def objective_value(results: dict, paths: str | list[str]) -> float | tuple[float, ...] | None:
