@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import os
 import re
 import resource
@@ -29,6 +30,13 @@ from moe_lora.train.results import write_adapter
 
 ENOSPC = OSError(errno.ENOSPC, "No space left on device")
 TENSORS = {"layer.lora_A": torch.arange(12.0).reshape(3, 4), "layer.lora_B": torch.zeros(4, 3)}
+
+
+@pytest.fixture(autouse=True)
+def fresh_logging(monkeypatch) -> None:
+    """No root handlers left by earlier in-process commands (Hydra's, bound to a closed capture
+    stream): a warning would otherwise add a "Logging error" block to the stderr checked here."""
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])
 
 
 def one_line(err: str) -> str:
