@@ -53,13 +53,16 @@ def write_reason(exc: BaseException) -> str | None:
     return None
 
 
-def output_error(path: Path, exc: BaseException, hint: str = "choose a writable hydra.run.dir") -> OutputError:
+RUN_HINT = "choose a writable hydra.run.dir"  # what a user can do besides freeing space (a new run)
+
+
+def output_error(path: Path, exc: BaseException, hint: str = RUN_HINT) -> OutputError:
     reason = write_reason(exc) or first_line(exc)
     return OutputError(f"cannot write {path}: {reason} (free space, or {hint})")
 
 
 @contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
+def atomic_path(path: Path, hint: str = RUN_HINT) -> Iterator[Path]:
     """A temporary file beside ``path`` for the block to write (by name: safetensors, OmegaConf,
     torch), renamed onto ``path`` with :func:`file_mode` when the block ends. Readers never see half
     a file; a failed write (a full disk) leaves the previous version in place and no temporary file;
@@ -69,7 +72,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
         fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.close(fd)
     except OSError as exc:
-        raise output_error(path, exc) from exc
+        raise output_error(path, exc, hint) from exc
     tmp = Path(name)
     try:
         yield tmp
@@ -79,21 +82,21 @@ def atomic_path(path: Path) -> Iterator[Path]:
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
         if write_reason(exc) is not None:
-            raise output_error(path, exc) from exc
+            raise output_error(path, exc, hint) from exc
         raise
 
 
-def _write_atomic(path: Path, write: Callable[[TextIO], None]) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w") as f:
+def _write_atomic(path: Path, write: Callable[[TextIO], None], hint: str = RUN_HINT) -> None:
+    with atomic_path(path, hint) as tmp, open(tmp, "w") as f:
         write(f)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    _write_atomic(path, lambda f: f.write(text))
+def write_text_atomic(path: Path, text: str, hint: str = RUN_HINT) -> None:
+    _write_atomic(path, lambda f: f.write(text), hint)
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    _write_atomic(path, lambda f: f.write(json.dumps(obj, indent=2) + "\n"))
+def write_json_atomic(path: Path, obj: Any, hint: str = RUN_HINT) -> None:
+    _write_atomic(path, lambda f: f.write(json.dumps(obj, indent=2) + "\n"), hint)
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -101,9 +104,9 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
+def write_jsonl_atomic(path: Path, rows: list[dict], hint: str = RUN_HINT) -> None:
     """One JSON object per line (predictions.jsonl), written atomically."""
-    _write_atomic(path, lambda f: f.writelines(json.dumps(row) + "\n" for row in rows))
+    _write_atomic(path, lambda f: f.writelines(json.dumps(row) + "\n" for row in rows), hint)
 
 
 class JsonlFile:

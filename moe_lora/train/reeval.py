@@ -36,8 +36,10 @@ def reevaluate(run_dir: Path, overrides: list[str]) -> tuple[Path, dict]:
     metrics, predictions = run_eval(model, tok, mixture, cfg, precision, progress=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = run_dir / f"eval-{stamp}.json"
-    write_jsonl_atomic(run_dir / f"eval-{stamp}-predictions.jsonl", [{"model": "tuned", **r} for r in predictions])
-    write_json_atomic(out, {"run_dir": str(run_dir), "metrics": metrics})
+    hint = "make the run folder writable"
+    rows = [{"model": "tuned", **r} for r in predictions]
+    write_jsonl_atomic(run_dir / f"eval-{stamp}-predictions.jsonl", rows, hint)
+    write_json_atomic(out, {"run_dir": str(run_dir), "metrics": metrics}, hint)
     return out, metrics
 
 
