@@ -13,13 +13,14 @@ Training moe_lora's adapters on your own model (your loop, HF ``Trainer``, TRL):
     model = moe_lora.add_adapter(model, "loramoe", num_experts=4)
     loss = model(**batch).loss + moe_lora.aux_loss(model)  # LBC / load balance of that forward
     stats = moe_lora.routing_stats(model)  # per module: importance, load, CV, entropy ...
+    model = moe_lora.merge(model)  # LoRA, ALoRA, MELoRA, IA3: folded into the base weights
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["add_adapter", "aux_loss", "load", "routing_stats"]
+__all__ = ["add_adapter", "aux_loss", "load", "merge", "routing_stats"]
 
 
 def __getattr__(name: str) -> Any:

@@ -121,7 +121,7 @@ def build(saved: Saved, device: str | torch.device = "cpu", progress: bool = Fal
     adapted = inject_adapter(model, cfg.adapter, cfg.model, cfg.layout, recorder)
     set_adapter(model, saved.state, saved.folder / outputs.ADAPTER)
     model.eval()
-    attach(model, recorder, adapted)
+    attach(model, recorder, adapted, cfg.adapter.name)
     return model, tok, recorder
 
 
@@ -171,16 +171,17 @@ def add_adapter(
     recorder = RoutingRecorder()
     path = str(getattr(model, "name_or_path", "") or "in-memory")  # only its module names are read
     model_cfg = ModelConfig(name="user", source="hub", name_or_path=path)
-    attach(model, recorder, inject_adapter(model, adapter, model_cfg, layout_cfg, recorder))
+    attach(model, recorder, inject_adapter(model, adapter, model_cfg, layout_cfg, recorder), adapter.name)
     return model
 
 
 class Attached:
     """The hooks that record routing around every forward of the whole model."""
 
-    def __init__(self, recorder: Any, adapted: list[str]) -> None:
+    def __init__(self, recorder: Any, adapted: list[str], variant: str) -> None:
         self.recorder = recorder
         self.adapted = adapted  # the adapted module names
+        self.variant = variant
         self.open: Any = None  # the recorder's batch context of the forward running now
         self.last: torch.Tensor | None = None  # the summed aux loss of the last forward
         self.handles: list = []
@@ -233,9 +234,9 @@ def _task_ids(task: Any, batch: int, device: torch.device) -> torch.Tensor:
     return torch.as_tensor(task, dtype=torch.long, device=device).reshape(batch)
 
 
-def attach(model: nn.Module, recorder: Any, adapted: list[str]) -> Attached:
+def attach(model: nn.Module, recorder: Any, adapted: list[str], variant: str) -> Attached:
     """Hook the recorder around the model's forwards (see the module docstring)."""
-    hooks = Attached(recorder, adapted)
+    hooks = Attached(recorder, adapted, variant)
     hooks.handles = [
         model.register_forward_pre_hook(hooks.before, with_kwargs=True),
         model.register_forward_hook(hooks.after, always_call=True),
@@ -260,6 +261,20 @@ def aux_loss(model: nn.Module) -> torch.Tensor:
         return hooks.last
     param = next(model.parameters())
     return torch.zeros((), device=param.device)
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Fold the adapter into the base weights in place and take the wrappers out (peft's
+    ``merge_and_unload``); exact for LoRA, ALoRA, MELoRA and IA3. A routed variant is refused: its
+    update depends on the input."""
+    from moe_lora.export import merge as fold
+
+    hooks = _attached(model)
+    fold(model, hooks.variant)
+    for handle in hooks.handles:
+        handle.remove()
+    del model._moe_lora
+    return model
 
 
 def routing_stats(model: nn.Module) -> dict[str, dict[str, dict]]:

@@ -204,6 +204,7 @@ def test_add_adapter_trains_inside_hf_trainer_with_the_aux_loss(checkpoints, tmp
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
     import moe_lora
+    from moe_lora.errors import ConfigError
 
     tok = AutoTokenizer.from_pretrained(checkpoints["llama"])
     tok.pad_token = tok.eos_token
@@ -251,3 +252,70 @@ def test_add_adapter_trains_inside_hf_trainer_with_the_aux_loss(checkpoints, tmp
     stats = moe_lora.routing_stats(model)
     assert len(stats) == 6 and {"cbqa", "instruction", "all"} <= set(next(iter(stats.values())))
     assert all(s["all"]["cv"] > 0 for s in stats.values())
+    with pytest.raises(ConfigError, match="depends on the input"):
+        moe_lora.merge(model)
+
+
+@pytest.mark.slow
+def test_on_the_built_in_world_generate_reproduces_every_exact_prediction(cache_dir, tmp_path, capsys) -> None:
+    """The world's evaluation scores by teacher forcing (one forward pass): its stored prediction
+    is the greedy output wherever the example is exact, and generate reproduces those; MoV's
+    per-head routers are traced."""
+    run = tmp_path / "mov"
+    args = [
+        "train",
+        "adapter=mov",
+        *TINY,
+        f"recipe.threads={THREADS}",
+        f"cache_dir={cache_dir}",
+        f"hydra.run.dir={run}",
+    ]
+    assert cli(capsys, *args)[0] == 0
+    tuned = [r for r in read_jsonl(run / "predictions.jsonl") if r["model"] == "tuned"]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": r["prompt"]}) + "\n" for r in tuned))
+    code, out, err = cli(capsys, "generate", str(run), "--file", str(prompts), "--jsonl")
+    assert code == 0, err
+    got = [json.loads(line)["completion"] for line in out.splitlines() if line.startswith("{")]
+    exact = [(r["prediction"], g) for r, g in zip(tuned, got, strict=True) if r["correct"]]
+    assert exact and all(stored == generated for stored, generated in exact)
+    code, out, err = cli(
+        capsys, "generate", str(run), "--prompt", tuned[0]["prompt"], "--routes", "--routes-dir", str(tmp_path)
+    )
+    assert code == 0 and out.split("per layer):\n")[1].split()[:3] == ["token", "L0", "L1"], err
+
+
+@pytest.mark.parametrize("variant", ["lora", "ia3"])
+def test_merge_and_peft_on_gpt2_conv1d_and_fused_qkv(checkpoints, tmp_path, variant) -> None:
+    """GPT-2's Conv1D stores weights transposed, and IA3 by role scales only the key and value
+    columns of the fused c_attn: merged logits equal the adapted ones; LoRA's peft form too."""
+    from types import SimpleNamespace
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    import moe_lora
+    from moe_lora.export import write_peft
+
+    path = checkpoints["gpt2"]
+    targets = ["attention", "ffn"] if variant == "lora" else ["key", "value", "ffn_out"]
+    model = moe_lora.add_adapter(AutoModelForCausalLM.from_pretrained(path), variant, target_modules=targets).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:  # away from the identity init, so that a wrong axis or site shows
+                p.add_(torch.randn_like(p) * 0.1)
+    ids = IDS % model.config.vocab_size
+    expected = logits(model, ids)
+    if variant == "lora":
+        cfg = SimpleNamespace(
+            adapter=SimpleNamespace(name="lora", dropout=0.0),
+            model=SimpleNamespace(source="hub", name_or_path=str(path)),
+        )
+        write_peft(model, cfg, tmp_path)
+        assert json.loads((tmp_path / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+        theirs = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(path), tmp_path).eval()
+        assert torch.allclose(logits(theirs, ids), expected, atol=1e-5, rtol=1e-5)
+    assert moe_lora.merge(model) is model and not hasattr(model, "_moe_lora")
+    assert not any("base" in n.split(".") or "ia3" in n for n, _ in model.named_parameters())
+    assert torch.allclose(logits(model, ids), expected, atol=1e-5, rtol=1e-5)

@@ -138,12 +138,14 @@ def routes_heatmap(tok, trace: RouteTrace, steps: list[Step], path: Path, title:
     edges = torch.tensor([0, *routes.widths]).cumsum(0).tolist()
     for edge in edges[1:-1]:
         ax.axvline(edge - 0.5, color="white", linewidth=1)
-    ax.set_xticks([(a + b - 1) / 2 for a, b in itertools.pairwise(edges)], routes.layers)
+    ax.set_xticks(range(n_cols), [str(e) for w in routes.widths for e in range(w)], fontsize=6)
+    top = ax.secondary_xaxis("top")
+    top.set_xticks([(a + b - 1) / 2 for a, b in itertools.pairwise(edges)], routes.layers)
     ax.set_yticks(range(n_tokens), [repr(tok.decode([s.token])) for s in steps], fontsize=7)
-    ax.set_xlabel("experts, per layer (mean router probability over the layer's adapted modules)")
+    ax.set_xlabel("expert, per layer (mean router probability over the layer's adapted modules)")
     ax.set_ylabel("generated token")
     if title:
-        ax.set_title(title[:80], fontsize=9)
+        fig.suptitle(title[:80], fontsize=9)
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
