@@ -13,6 +13,7 @@ import contextlib
 import errno
 import fcntl
 import json
+import logging
 import os
 import shutil
 import socket
@@ -237,14 +238,24 @@ def _in_use(run_dir: Path) -> RunFolderError:
     )
 
 
+_NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)  # a file system without flock (some Lustre mounts)
+
+
 def _try_lock(fd: int, how: int, tries: int = 3) -> bool:
     """``flock`` without waiting on a live holder; a few short retries ride out another process's
-    probe (:func:`check_not_live`)."""
+    probe (:func:`check_not_live`). On a file system without locks the job goes on unguarded,
+    with a warning (refusing every run there would be worse)."""
     for i in range(tries):
         try:
             fcntl.flock(fd, how | fcntl.LOCK_NB)
             return True
         except OSError as exc:
+            if exc.errno in _NO_LOCKS:
+                logging.getLogger(__name__).warning(
+                    "run folders on this file system cannot be locked (%s): two jobs in one folder go undetected",
+                    exc.strerror,
+                )
+                return True
             if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise
             if i + 1 < tries:

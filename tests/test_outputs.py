@@ -199,3 +199,16 @@ def test_report_out_may_be_new_empty_or_a_report(sweep: Path) -> None:
         (root / "old" / name).write_text("x")
     for out in ("new/rep", "empty", "marked", "old", "sweep/report", "sweep/reports/v2", "sweep/0_lora/report"):
         outputs.check_report_folder(root / out, [sweep])
+
+
+def test_a_file_system_without_locks_runs_unguarded_with_a_warning(tmp_path: Path, monkeypatch, caplog) -> None:
+    import errno
+    import fcntl
+
+    def no_locks(fd: int, how: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with outputs.run_folder(tmp_path / "run"):
+        outputs.check_not_live(tmp_path / "run")
+    assert "cannot be locked (No locks available)" in caplog.text
