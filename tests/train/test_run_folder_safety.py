@@ -18,7 +18,9 @@ import pytest
 from moe_lora import outputs
 from tests.report.test_report import fake_run
 from tests.test_outputs import _held_by_child, _snapshot
-from tests.train.test_checkpoint import RUN, _main, kill_after_checkpoint, killed_at
+from tests.train.test_checkpoint import _main, kill_after_checkpoint, killed_at
+
+RUN = ["recipe.max_steps=6", "recipe.save_every=3", "recipe.log_every=2", "recipe.threads=1"]
 
 
 def _one_error_line(err: str, *needles: str) -> None:
@@ -134,7 +136,7 @@ def test_a_second_train_on_a_live_run_fails_in_one_line_and_the_first_finishes(
         try:
             os.close(go_w)
             os.close(ready_r)
-            paused_after_checkpoint(5, ready_w, go_r)()
+            paused_after_checkpoint(3, ready_w, go_r)()
             code = _main(args, cache_dir)
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 1
@@ -163,7 +165,7 @@ def test_a_second_train_on_a_live_run_fails_in_one_line_and_the_first_finishes(
     steps = [
         json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in line
     ]
-    assert steps == sorted(set(steps)) and steps[-1] == 12, steps  # one run's loss lines, none twice
+    assert steps == sorted(set(steps)) and steps[-1] == 6, steps  # one run's loss lines, none twice
     assert (run_dir / "results.json").exists() and not (run_dir / outputs.RUN_LOCK).exists()
 
 
@@ -172,7 +174,7 @@ def test_a_second_train_on_a_live_run_fails_in_one_line_and_the_first_finishes(
 def test_an_old_run_folder_without_the_marker_resumes_and_reports(run_cli, cache_dir, tmp_path: Path) -> None:
     run_dir = tmp_path / "sweep" / "run"
     args = ["adapter=lora", *RUN, f"hydra.run.dir={run_dir}"]
-    assert killed_at(args, cache_dir, kill_after_checkpoint(5)) == -signal.SIGKILL
+    assert killed_at(args, cache_dir, kill_after_checkpoint(3)) == -signal.SIGKILL
     lock = json.loads((run_dir / outputs.RUN_LOCK).read_text())  # left by the SIGKILL, naming a dead pid
     with pytest.raises(ProcessLookupError):
         os.kill(lock["pid"], 0)
