@@ -299,9 +299,12 @@ def run_folder(run_dir: Path) -> Iterator[None]:
     _HELD[key] = fd
     try:
         holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
-        write_run_marker(run_dir)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+            write_run_marker(run_dir)
+        except OSError as exc:  # a full disk before the job starts: one line
+            raise RunFolderError(f"cannot write to run folder {run_dir}: {exc.strerror or exc}") from exc
         yield
     finally:
         _HELD.pop(key, None)
