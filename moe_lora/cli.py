@@ -9,6 +9,7 @@ are off unless ``HF_HUB_OFFLINE=0`` is set, before transformers is imported.
 from __future__ import annotations
 
 import difflib
+import signal
 import sys
 from pathlib import Path
 
@@ -141,11 +142,17 @@ def main(argv: list[str] | None = None) -> int:
     from omegaconf.errors import OmegaConfBaseException
 
     from moe_lora.errors import ConfigError
+    from moe_lora.train.preempt import interruptible
 
     try:
-        return COMMANDS[cmd](rest)
+        with interruptible():  # SIGTERM too: one line, not a silent end
+            return COMMANDS[cmd](rest)
     except (ConfigError, HydraException, OmegaConfBaseException) as exc:
         return fail(one_line(exc))
+    except KeyboardInterrupt as exc:  # ^C or SIGTERM outside training (training checkpoints first)
+        signum = getattr(exc, "signum", signal.SIGINT)
+        print(f"moe-lora: interrupted ({signal.Signals(signum).name})", file=sys.stderr, flush=True)
+        return 128 + signum
 
 
 if __name__ == "__main__":

@@ -7,9 +7,16 @@ resumed bitwise.
 state (``trainer.pt``: scheduler, GradScaler, data-order generator and position, the open loss
 window, the routing recorder's open window, the byte lengths of ``metrics.jsonl`` and
 ``routing.jsonl``), one RNG file per rank (python, numpy, torch CPU, every CUDA device) and
-``checkpoint.json`` (step, hash of the training-relevant config). It is written to
-``checkpoints/.tmp-step-<n>`` and renamed, so a crash mid-write leaves the previous checkpoint as
-it was; stale temporary folders are removed; the ``keep`` newest are kept.
+``checkpoint.json`` (step, hash of the training-relevant config, size and SHA-256 of every file).
+It is written to ``checkpoints/.tmp-step-<n>`` and renamed, so a crash or a full disk mid-write
+leaves the previous checkpoint as it was; stale temporary folders are removed; the ``keep`` newest
+are kept.
+
+A checkpoint holds data, never code: the ``.pt`` files hold tensors and plain values only (the
+numpy RNG state as a list) and are read with ``torch.load(weights_only=True)``; before a resume
+starts, every file is checked against its size and SHA-256 and every pickle is scanned for the
+callables it would import, so a damaged file or one carrying a payload is named in one line and
+never run.
 """
 
 from __future__ import annotations
@@ -20,12 +27,14 @@ import json
 import random
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -117,9 +126,12 @@ def _optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict
 
 
 def _rng_state() -> dict[str, Any]:
+    """Plain values and tensors only (loadable with ``weights_only=True``): numpy's key array as a
+    list of ints, python's state as nested tuples of ints."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
     return {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": (kind, keys.tolist(), pos, has_gauss, gauss),
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
@@ -127,7 +139,7 @@ def _rng_state() -> dict[str, Any]:
 
 def _set_rng_state(s: dict[str, Any]) -> None:
     random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
+    np.random.set_state(tuple(s["numpy"]))  # a list (this format) or an ndarray (older checkpoints)
     torch.set_rng_state(s["torch"])
     if s["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
@@ -157,35 +169,87 @@ def save(
         # rank 0 owns the folder (a re-save of a step replaces it: the end of a resumed, finished run)
         with atomic_dir(final, tmp) if dist.is_main else contextlib.nullcontext(tmp):
             dist.barrier()
-            torch.save(_rng_state(), tmp / f"rng-rank{dist.rank}.pt")
+            _write(torch.save, _rng_state(), tmp / f"rng-rank{dist.rank}.pt")
             if dist.is_main:
-                save_file(adapter, str(tmp / "adapter.safetensors"))
-                torch.save(optim, tmp / "optimizer.pt")
-                torch.save(trainer, tmp / "trainer.pt")
+                _write(save_file, adapter, tmp / "adapter.safetensors")
+                _write(torch.save, optim, tmp / "optimizer.pt")
+                _write(torch.save, trainer, tmp / "trainer.pt")
             dist.barrier()
-            if dist.is_main:  # last: the sizes of every file, checked before a resume starts
-                files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
-                (tmp / "checkpoint.json").write_text(
-                    json.dumps({"step": step, "config_hash": digest, "ranks": dist.world_size, "files": files}) + "\n"
-                )
+            if dist.is_main:  # last: size and SHA-256 of every file, checked before a resume starts
+                files = sorted(tmp.iterdir())
+                meta = {
+                    "step": step,
+                    "config_hash": digest,
+                    "ranks": dist.world_size,
+                    "files": {p.name: p.stat().st_size for p in files},
+                    "sha256": {p.name: sha256(p) for p in files},
+                }
+                (tmp / "checkpoint.json").write_text(json.dumps(meta) + "\n")
         if dist.is_main:
             for _, old in checkpoint_dirs(run_dir)[:-keep] if keep > 0 else []:
                 shutil.rmtree(old, ignore_errors=True)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise OutputError(
-            f"cannot write checkpoint {final}: {exc.strerror or exc} (free space, or choose a "
-            f"writable hydra.run.dir); the previous checkpoint is intact"
+            f"cannot write checkpoint {final}: {exc.strerror or exc}{_free_space(root)} (free space, "
+            f"or choose a writable hydra.run.dir); the previous checkpoint is intact"
         ) from exc
     dist.barrier()
     return final
 
 
-def _read(path: Path, what: str) -> Any:
-    """One file of a checkpoint; a missing or unreadable one is a one-line error naming it."""
+def _write(writer: Callable[[Any, Any], None], obj: Any, path: Path) -> None:
+    """``torch.save`` / ``save_file`` whose failures are ``OSError`` s: torch reports a full disk as
+    a ``RuntimeError`` ("unexpected pos ..."), safetensors as a ``SafetensorError``; a failure of
+    the write itself, never of the state gathered before it."""
     try:
-        return load_file(str(path)) if path.suffix == ".safetensors" else torch.load(path, weights_only=False)
+        writer(obj, str(path) if writer is save_file else path)
+    except (RuntimeError, SafetensorError) as exc:
+        raise OSError(f"{path.name}: {first_line(exc, 120)}") from exc
+
+
+def _free_space(folder: Path) -> str:
+    with contextlib.suppress(OSError):
+        return f"; {shutil.disk_usage(folder).free / 2**20:.0f} MiB free there"
+    return ""
+
+
+def sha256(path: Path) -> str:
+    """The file's SHA-256 (a file just written is read back from the page cache)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# What a ``.pt`` file of a checkpoint may name besides torch's own data types: numpy's array
+# reconstruction, for RNG files written before the numpy state was stored as a list. They build an
+# array of a dtype and shape from bytes and call nothing the file chooses.
+try:
+    from numpy._core.multiarray import _reconstruct
+except ImportError:  # numpy 1
+    from numpy.core.multiarray import _reconstruct
+SAFE_GLOBALS = [
+    np.ndarray,
+    np.dtype,
+    type(np.dtype(np.uint32)),  # numpy 2 builds the key array's dtype through its class
+    (_reconstruct, "numpy._core.multiarray._reconstruct"),  # written by numpy 2
+    (_reconstruct, "numpy.core.multiarray._reconstruct"),  # written by numpy 1
+]
+
+
+def _read(path: Path, what: str) -> Any:
+    """One file of a checkpoint, as data only (``weights_only=True``: a pickle that names any
+    other callable is refused before it runs); a missing or unreadable one is a one-line error."""
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, weights_only=True)
     except Exception as exc:  # safetensors, pickle and zip errors have no common base
+        if code := _not_data(exc):
+            raise ConfigError(_refused(path, code)) from None
         detail = first_line(exc, 120)
         raise ConfigError(
             f"checkpoint file {path} is unreadable ({detail}): the {what} cannot be restored; "
@@ -193,9 +257,39 @@ def _read(path: Path, what: str) -> Any:
         ) from None
 
 
+def _not_data(exc: Exception) -> str:
+    """The global a weights-only load refused ("posix.system"), else ''."""
+    found = re.search(r"(?:unsupported GLOBAL|Unsupported global: GLOBAL) ([\w.]+)", str(exc))
+    return found.group(1) if found else ""
+
+
+def _refused(path: Path, names: str) -> str:
+    return (
+        f"checkpoint file {path} holds code, not only data (it would call {names}): refused, nothing "
+        "in it ran (moe-lora's checkpoints hold tensors and plain values only)"
+    )
+
+
+def scan(path: Path) -> None:
+    """Refuse a ``.pt`` file whose pickle names a callable beyond torch's data types and
+    :data:`SAFE_GLOBALS` (a static scan of its ``data.pkl``: nothing is unpickled)."""
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception as exc:  # not a zip written by torch.save, a damaged archive
+        raise ConfigError(
+            f"checkpoint file {path} is unreadable ({first_line(exc, 120)}); delete {path.parent} to "
+            "resume from the checkpoint before it"
+        ) from None
+    if unsafe:
+        raise ConfigError(_refused(path, ", ".join(sorted(unsafe)[:3])))
+
+
 def read_meta(path: Path) -> dict[str, Any]:
-    """``checkpoint.json``, after checking that every file has the size it was written with (a
-    truncated or missing file is named before anything starts)."""
+    """``checkpoint.json``, after checking that every file has the size and SHA-256 it was written
+    with and that no ``.pt`` file carries code: a damaged, truncated or foreign file is named
+    before anything starts. (Checkpoints written before SHA-256s were recorded are checked by
+    size.)"""
     try:
         meta = json.loads((path / "checkpoint.json").read_text())
     except (OSError, ValueError) as exc:
@@ -203,13 +297,23 @@ def read_meta(path: Path) -> dict[str, Any]:
             f"checkpoint file {path / 'checkpoint.json'} is unreadable ({exc}); delete {path} to "
             "resume from the checkpoint before it"
         ) from None
+    hashes = meta.get("sha256", {})
     for name, size in meta.get("files", {}).items():
-        actual = (path / name).stat().st_size if (path / name).exists() else None
+        file = path / name
+        actual = file.stat().st_size if file.exists() else None
         if actual != size:
+            state = "missing" if actual is None else "truncated" if actual < size else "longer than written"
             raise ConfigError(
-                f"checkpoint file {path / name} is {'missing' if actual is None else 'truncated'} "
-                f"({actual or 0} of {size} bytes); delete {path} to resume from the checkpoint before it"
+                f"checkpoint file {file} is {state} ({actual or 0} of {size} bytes); delete {path} to "
+                "resume from the checkpoint before it"
             )
+        if name in hashes and sha256(file) != hashes[name]:
+            raise ConfigError(
+                f"checkpoint file {file} is damaged (its SHA-256 differs from the one written with "
+                f"it); delete {path} to resume from the checkpoint before it"
+            )
+        if file.suffix == ".pt":
+            scan(file)
     return meta
 
 

@@ -52,6 +52,13 @@ class Dist:
             dist.all_reduce(t)
         return t
 
+    def all_max(self, t: torch.Tensor) -> torch.Tensor:
+        """Maximum over ranks, in place: flags and signal numbers, which a sum would change (two
+        ranks that both got SIGTERM (15) must not report 30)."""
+        if self.enabled:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t
+
     def all_reduce_grad(self, t: torch.Tensor) -> torch.Tensor:
         """Sum over ranks that autograd differentiates (its backward sums the gradients), on a
         group of its own so that it never interleaves with DDP's gradient buckets."""

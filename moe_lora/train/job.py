@@ -121,8 +121,9 @@ def objective_value(results: dict, paths: str | list[str]) -> float | tuple[floa
 def run_or_record(cfg, run_dir: Path, dist, resume: Path | None, sweep: bool) -> dict | None:
     """Run (or spawn the ranks that run) one job. A failure is recorded in ``failure.json`` for
     `moe-lora report`; in a sweep the other jobs go on. A preemption exits with 75 after the
-    checkpoint, handing the signal on (submitit requeues); a ``ConfigError`` raised while running
-    (non-finite loss, full disk) ends a single run with its one line, not a traceback."""
+    checkpoint, handing the signal to the handler installed before for it (submitit requeues), a
+    ^C with 130; a ``ConfigError`` raised while running (non-finite loss, full disk) ends a single
+    run with its one line, not a traceback."""
     from moe_lora.errors import ConfigError
     from moe_lora.tracking import write_json_atomic
     from moe_lora.train import distributed, preempt
@@ -142,13 +143,14 @@ def run_or_record(cfg, run_dir: Path, dist, resume: Path | None, sweep: bool) ->
         return run(cfg, run_dir, progress=True, dist=dist, resume=resume)
     except Preempted as exc:
         print(
-            f"moe-lora: stopped by signal {exc.signum} after a checkpoint in {run_dir / 'checkpoints'}; continue "
-            f"with resume={run_dir} hydra.run.dir={run_dir}",
+            f"moe-lora: stopped by {preempt.name(exc.signum)} (signal {exc.signum}) after a checkpoint in "
+            f"{run_dir / outputs.CHECKPOINTS}; continue with the same command and resume=auto "
+            f"hydra.run.dir={run_dir}",
             file=sys.stderr,
             flush=True,
         )
         preempt.chain(exc.signum)
-        sys.exit(preempt.EX_TEMPFAIL)
+        sys.exit(preempt.exit_code(exc.signum))
     except Exception as exc:
         if dist.is_main:
             with contextlib.suppress(ConfigError):  # a full disk must not hide the first error
@@ -170,8 +172,8 @@ def rank_worker(cfg, run_dir: Path, resume: Path | None = None) -> None:
 
     try:
         run(cfg, run_dir, progress=True, dist=distributed.init_distributed(cfg.recipe.device), resume=resume)
-    except Preempted:
-        sys.exit(preempt.EX_TEMPFAIL)
+    except Preempted as exc:  # the parent reports it and hands the signal on
+        sys.exit(preempt.exit_code(exc.signum))
 
 
 def check_launch(nproc_per_node: int) -> None:
@@ -199,8 +201,8 @@ def torchrun_rank(args: list[str], overrides: list[str]) -> int:
     if job.action != "skip":
         try:
             run(cfg, run_dir, progress=False, dist=dist, resume=job.checkpoint)
-        except Preempted:
-            return preempt.EX_TEMPFAIL
+        except Preempted as exc:  # rank 0 reports it and hands the signal on
+            return preempt.exit_code(exc.signum)
     distributed.destroy()
     return 0
 

@@ -32,6 +32,7 @@ from moe_lora.data.collate import IGNORE
 from moe_lora.errors import ConfigError
 from moe_lora.routing.recorder import RoutingRecorder
 from moe_lora.structure import is_encoder_decoder
+from moe_lora.train import preempt
 from moe_lora.train.distributed import Dist, full_tensor, gradient_sync
 from moe_lora.train.loss import batch_loss, label_count
 from moe_lora.train.precision import Precision, peak_memory_bytes, synchronize
@@ -43,10 +44,11 @@ class NonFiniteError(ConfigError):
 
 
 class Preempted(Exception):
-    """SIGTERM / SIGUSR2 arrived: the step finished and a checkpoint was written."""
+    """SIGTERM / SIGUSR2 / SIGINT arrived (on any rank): the step finished and a checkpoint was
+    written."""
 
     def __init__(self, signum: int) -> None:
-        super().__init__(f"stopped by signal {signum} after a checkpoint")
+        super().__init__(f"stopped by {preempt.name(signum)} (signal {signum}) after a checkpoint")
         self.signum = signum
 
 
@@ -230,10 +232,12 @@ def _step_flags(
     bad = ~torch.isfinite(sums[:2]).all()
     if not scaler.is_enabled():  # fp16's scaler skips steps with inf gradients itself
         bad = bad | ~torch.isfinite(full_tensor(norm))  # FSDP: the norm is a DTensor
-    signal = io.stop()
-    flags = io.dist.all_reduce(torch.stack([bad.float(), bad.new_tensor(float(signal))]))
-    nonfinite, signal = (int(v) for v in flags.tolist())
-    return nonfinite, signal
+    # float flags (a bool tensor would turn every signal number into 1), the maximum over ranks (a
+    # sum would add up the ranks' signal numbers); signal numbers are exact in float32
+    signal = torch.tensor(float(io.stop()), device=sums.device)
+    flags = io.dist.all_max(torch.stack([bad.float(), signal]))
+    nonfinite, signum = (int(v) for v in flags.tolist())
+    return nonfinite, signum
 
 
 def _apply_update(state: TrainState, scaler: Any, window: torch.Tensor, sums: torch.Tensor, nonfinite: int) -> None:

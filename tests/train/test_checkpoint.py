@@ -252,16 +252,17 @@ def test_truncated_checkpoint_is_named_before_anything_starts(checkpointed, run_
     assert _snapshot(run_dir) == before
 
 
-def test_corrupt_checkpoint_is_named(checkpointed, run_cli, tmp_path) -> None:
+def test_corrupt_checkpoint_is_named(checkpointed, run_cli, capsys, tmp_path) -> None:
     run_dir = _copy(checkpointed, tmp_path / "run")
     optimizer = run_dir / "checkpoints" / "step-5" / "optimizer.pt"
-    optimizer.write_bytes(bytes(len(optimizer.read_bytes())))  # same size, garbage: found when it is read
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli("train", "adapter=loramoe", *RUN, f"resume={run_dir}", f"hydra.run.dir={run_dir}")
-    assert exit_info.value.code == 1
-    failure = json.loads((run_dir / "failure.json").read_text())
-    assert f"checkpoint file {optimizer} is unreadable" in failure["error"]
-    assert optimizer.parent.exists()  # the checkpoint is left for the user to look at
+    optimizer.write_bytes(bytes(len(optimizer.read_bytes())))  # same size, garbage: its SHA-256 differs
+    before = _snapshot(run_dir)
+    try:
+        code, _, err = run_cli("train", "adapter=loramoe", *RUN, f"resume={run_dir}", f"hydra.run.dir={run_dir}")
+    except SystemExit as exc:
+        code, err = exc.code, capsys.readouterr().err
+    assert code == 2 and f"checkpoint file {optimizer} is damaged" in err, err
+    assert _snapshot(run_dir) == before  # named before anything starts; left for the user to look at
 
 
 def test_keep_checkpoints_and_stale_temporary_folders(cache_dir, tmp_path) -> None:
