@@ -215,9 +215,9 @@ def write_run_marker(run_dir: Path) -> None:
         ours = version("moe_lora")
     except PackageNotFoundError:
         ours = "unknown"
-    tmp = path.with_name(f"{path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps({"moe_lora": ours, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
-    os.replace(tmp, path)
+    # written in place: a cut marker only counts as none (the folder's own files still say whose it
+    # is), where a temporary file left by a crash would be a foreign entry
+    path.write_text(json.dumps({"moe_lora": ours, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
 
 
 _HELD: dict[Path, int] = {}  # run folders whose lock this process holds -> the lock file's descriptor
