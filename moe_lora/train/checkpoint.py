@@ -414,7 +414,10 @@ def plan(run_dir: Path, resume: str | None, resolved: dict, sweep: bool) -> Plan
             )
         return Plan("resume", newest)
     if resume not in (None, "auto"):
-        raise ConfigError(f"resume={resume!r} has no checkpoint to continue from (no checkpoints/step-<n> in it)")
+        raise ConfigError(
+            f"resume={resume!r} has no checkpoint to continue from (no checkpoints/step-<n> in it); "
+            "resume=auto continues where there is one and starts afresh where there is none"
+        )
     if any((run_dir / n).exists() for n in (outputs.FAILURE, outputs.METRICS, outputs.CONFIG)):
         return Plan("rerun")
     return Plan("new")

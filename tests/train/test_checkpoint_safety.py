@@ -175,3 +175,8 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_previous(
     checkpoint.read_meta(step(run_dir))  # sizes and hashes as written
     monkeypatch.undo()
     assert train(run_cli, capsys, *RUN, "resume=auto", f"hydra.run.dir={run_dir}")[0] == 0
+
+
+def test_resume_of_a_folder_without_checkpoints_points_to_resume_auto(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="resume=auto continues where there is one"):
+        checkpoint.plan(tmp_path, str(tmp_path), {}, sweep=False)
