@@ -13,7 +13,7 @@ import torch
 
 from tests.conftest import THREADS, TINY, read_jsonl
 
-VARIANTS = ("lora", "melora", "ia3", "loramoe")
+VARIANTS = ("lora", "melora", "loramoe")
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +99,7 @@ def test_merged_export_is_a_plain_checkpoint_with_the_adapted_logits(runs, capsy
     assert not torch.allclose(logits(base, IDS), expected, atol=1e-4)  # the adapter changed the model
 
 
-@pytest.mark.parametrize("variant", ["lora", "melora", "ia3"])
+@pytest.mark.parametrize("variant", ["lora", "melora"])
 def test_peft_export_loads_with_peft_and_matches(runs, capsys, tmp_path, variant) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -110,7 +110,7 @@ def test_peft_export_loads_with_peft_and_matches(runs, capsys, tmp_path, variant
     code, _, err = cli(capsys, "export", str(runs[variant]), "--format", "peft", "--out", str(out))
     assert code == 0, err
     meta = json.loads((out / "adapter_config.json").read_text())
-    assert meta["peft_type"] == ("IA3" if variant == "ia3" else "LORA")
+    assert meta["peft_type"] == "LORA"
     base = AutoModelForCausalLM.from_pretrained(meta["base_model_name_or_path"]).eval()
     before = logits(base, IDS)
     theirs = PeftModel.from_pretrained(base, out).eval()
@@ -179,8 +179,9 @@ def test_bad_input_is_one_line_and_writes_nothing(runs, capsys, tmp_path, monkey
     err = one_line_error(capsys, "export", str(runs["lora"]), "--format", "peft", "--out", str(mine), "--overwrite")
     assert "not written by moe-lora export" in err and (mine / "notes.txt").read_text() == "keep"
     assert cli(capsys, "export", str(runs["lora"]), "--format", "peft", "--out", str(out))[0] == 0
-    assert cli(capsys, "export", str(runs["ia3"]), "--format", "peft", "--out", str(out), "--overwrite")[0] == 0
-    assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "IA3"
+    assert cli(capsys, "export", str(runs["melora"]), "--format", "peft", "--out", str(out), "--overwrite")[0] == 0
+    replaced = json.loads((out / "adapter_config.json").read_text())["target_modules"]
+    assert all(t.endswith(("q_proj", "v_proj")) for t in replaced)  # melora's targets, not lora's
     # a base that is not available offline names model.name_or_path
     moved = tmp_path / "moved"
     shutil.copytree(runs["lora"], moved, ignore=shutil.ignore_patterns("checkpoints"))
@@ -285,37 +286,49 @@ def test_on_the_built_in_world_generate_reproduces_every_exact_prediction(cache_
     assert code == 0 and out.split("per layer):\n")[1].split()[:3] == ["token", "L0", "L1"], err
 
 
-@pytest.mark.parametrize("variant", ["lora", "ia3"])
-def test_merge_and_peft_on_gpt2_conv1d_and_fused_qkv(checkpoints, tmp_path, variant) -> None:
-    """GPT-2's Conv1D stores weights transposed, and IA3 by role scales only the key and value
-    columns of the fused c_attn: merged logits equal the adapted ones; LoRA's peft form too."""
+@pytest.mark.parametrize(
+    ("family", "variant"), [("gpt2", "lora"), ("gpt2", "ia3"), ("llama", "ia3"), ("llama", "alora")]
+)
+def test_merge_and_peft_of_an_added_adapter(checkpoints, tmp_path, family, variant) -> None:
+    """GPT-2's Conv1D stores weights transposed; IA3 by role on GPT-2 scales only the key and value
+    columns of the fused c_attn (no peft form); ALoRA's pruned components drop out of its peft rank.
+    Merged and peft logits equal the adapted model's."""
     from types import SimpleNamespace
 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     import moe_lora
+    from moe_lora.errors import ConfigError
     from moe_lora.export import write_peft
 
-    path = checkpoints["gpt2"]
-    targets = ["attention", "ffn"] if variant == "lora" else ["key", "value", "ffn_out"]
+    path = checkpoints[family]
+    targets = ["key", "value", "ffn_out"] if variant == "ia3" else ["attention", "ffn"]
     model = moe_lora.add_adapter(AutoModelForCausalLM.from_pretrained(path), variant, target_modules=targets).eval()
     torch.manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:  # away from the identity init, so that a wrong axis or site shows
                 p.add_(torch.randn_like(p) * 0.1)
+        for name, b in model.named_buffers():
+            if name.endswith("adapter_active"):  # ALoRA: one component pruned, one granted
+                b[0], b[-1] = 0.0, 1.0
     ids = IDS % model.config.vocab_size
     expected = logits(model, ids)
-    if variant == "lora":
-        cfg = SimpleNamespace(
-            adapter=SimpleNamespace(name="lora", dropout=0.0),
-            model=SimpleNamespace(source="hub", name_or_path=str(path)),
-        )
+    cfg = SimpleNamespace(
+        adapter=SimpleNamespace(name=variant, dropout=0.0), model=SimpleNamespace(source="hub", name_or_path=str(path))
+    )
+    if (family, variant) == ("gpt2", "ia3"):
+        with pytest.raises(ConfigError, match="fused linear"):
+            write_peft(model, cfg, tmp_path)
+    else:
         write_peft(model, cfg, tmp_path)
-        assert json.loads((tmp_path / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+        meta = json.loads((tmp_path / "adapter_config.json").read_text())
+        assert meta["fan_in_fan_out"] is (family == "gpt2")
+        if variant == "alora":  # rank 8 active of max_rank 16, one moved: still 8 per module
+            assert meta["r"] == 8 and meta["lora_alpha"] == 16
         theirs = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(path), tmp_path).eval()
         assert torch.allclose(logits(theirs, ids), expected, atol=1e-5, rtol=1e-5)
     assert moe_lora.merge(model) is model and not hasattr(model, "_moe_lora")
-    assert not any("base" in n.split(".") or "ia3" in n for n, _ in model.named_parameters())
+    assert not any("base" in n.split(".") or "ia3" in n or "lora" in n for n, _ in model.named_parameters())
     assert torch.allclose(logits(model, ids), expected, atol=1e-5, rtol=1e-5)
