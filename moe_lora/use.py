@@ -19,8 +19,8 @@ GENERATE_HELP = """Greedy completions of prompts by a trained run (or a moe_lora
 
 The prompts are formatted as evaluation formats them: with the tokenizer's chat template when the
 run trained with data.chat_template=true (override with --chat-template / --no-chat-template).
-Completions are cut at the first --stop string (default: a newline, as evaluation's sets; none
-with the chat template), like predictions.jsonl."""
+Completions are cut at the first --stop string (default: a newline, as evaluation's sets cut
+them in predictions.jsonl; --no-stop for free-running text)."""
 
 EXPORT_HELP = """Export a trained run: merged (a plain transformers checkpoint with the adapter folded in;
 LoRA, MELoRA, ALoRA, IA3, full), peft (peft's adapter format: LoRA-type and IA3) or moe_lora
@@ -89,7 +89,7 @@ def generate_main(argv: list[str]) -> int:
             "prompts are plain (--chat-template to use it)",
             file=sys.stderr,
         )
-    stop = () if args.no_stop else tuple(args.stop) if args.stop else (() if chat else ("\n",))
+    stop = () if args.no_stop else tuple(args.stop) if args.stop else ("\n",)
     options = {
         "max_new_tokens": args.max_new_tokens or cfg.eval.max_new_tokens,
         "stop": stop,

@@ -145,8 +145,9 @@ def test_moe_lora_export_loads_without_the_run(runs, capsys, tmp_path) -> None:
 
 def one_line_error(capsys, *args: str) -> str:
     code, _, err = cli(capsys, *args)
-    assert code == 2 and err.count("\n") == 1, err
-    return err
+    lines = [line for line in err.split("\n") if line and "\r" not in line]  # not transformers' loading bar
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("moe-lora: error:"), err
+    return lines[0]
 
 
 def test_bad_input_is_one_line_and_writes_nothing(runs, capsys, tmp_path, monkeypatch) -> None:
@@ -191,6 +192,8 @@ def test_bad_input_is_one_line_and_writes_nothing(runs, capsys, tmp_path, monkey
     )
     with pytest.raises(ConfigError, match=r"model\.name_or_path='nobody/no-such-model'"):
         moe_lora.load(moved)
+    err = one_line_error(capsys, "generate", str(runs["lora"]), "--prompt", "hi", "--chat-template")
+    assert "has none" in err  # the tiny Llama's tokenizer has no chat template
     for command in ("generate", "export"):
         with pytest.raises(SystemExit) as exit_:
             cli(capsys, command, "--help")
@@ -332,3 +335,22 @@ def test_merge_and_peft_of_an_added_adapter(checkpoints, tmp_path, family, varia
     assert moe_lora.merge(model) is model and not hasattr(model, "_moe_lora")
     assert not any("base" in n.split(".") or "ia3" in n or "lora" in n for n, _ in model.named_parameters())
     assert torch.allclose(logits(model, ids), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_generate_uses_the_chat_template_as_the_run_did(checkpoints, cache_dir, tmp_path, capsys) -> None:
+    """A run trained with data.chat_template=true (the tiny Qwen2's template): generate formats
+    prompts the same way and reproduces the stored greedy predictions."""
+    run = tmp_path / "chat"
+    hub = ["model.source=hub", f"model.name_or_path={checkpoints['qwen2']}", "data.chat_template=true"]
+    args = ["train", "adapter=lora", *TINY, f"recipe.threads={THREADS}", *hub, "recipe.eval_limit=4"]
+    assert cli(capsys, *args, f"cache_dir={cache_dir}", f"hydra.run.dir={run}")[0] == 0
+    tuned = [r for r in read_jsonl(run / "predictions.jsonl") if r["model"] == "tuned"]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": r["prompt"]}) + "\n" for r in tuned))
+    code, out, err = cli(capsys, "generate", str(run), "--file", str(prompts), "--jsonl")
+    assert code == 0, err
+    got = [json.loads(line)["completion"] for line in out.splitlines() if line.startswith("{")]
+    assert got == [r["prediction"] for r in tuned]
+    code, out, _ = cli(capsys, "generate", str(run), "--file", str(prompts), "--jsonl", "--no-chat-template")
+    assert [json.loads(line)["completion"] for line in out.splitlines() if line.startswith("{")] != got
