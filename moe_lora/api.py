@@ -116,8 +116,7 @@ def build(saved: Saved, device: str | torch.device = "cpu", progress: bool = Fal
     model.to(device)
     if ADAPTERS.get(cfg.adapter.name).trains_base:  # full fine-tuning trained (and saved) in adapter.dtype
         model.to(getattr(torch, cfg.adapter.dtype))
-    torch.manual_seed(cfg.seed)
-    recorder = RoutingRecorder()
+    recorder = RoutingRecorder()  # every adapter tensor is then overwritten: no seed needed (nor set)
     adapted = inject_adapter(model, cfg.adapter, cfg.model, cfg.layout, recorder)
     set_adapter(model, saved.state, saved.folder / outputs.ADAPTER)
     model.eval()
