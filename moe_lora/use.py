@@ -33,7 +33,9 @@ def generate_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--file", help='a JSONL file of prompts: {"prompt": ...} per line (predictions.jsonl works)')
     p.add_argument("--max-new-tokens", type=int, help="default: the run's eval.max_new_tokens")
-    p.add_argument("--stop", action="append", help="cut at this string (repeatable; default: a newline)")
+    p.add_argument(
+        "--stop", action="append", help=r"cut at this string (repeatable; \n, \t escapes; default: a newline)"
+    )
     p.add_argument("--no-stop", action="store_true", help="no stop string: generate to EOS or --max-new-tokens")
     chat = p.add_mutually_exclusive_group()
     chat.add_argument("--chat-template", dest="chat", action="store_const", const=True, help="use the chat template")
@@ -89,7 +91,7 @@ def generate_main(argv: list[str]) -> int:
             "prompts are plain (--chat-template to use it)",
             file=sys.stderr,
         )
-    stop = () if args.no_stop else tuple(args.stop) if args.stop else ("\n",)
+    stop = () if args.no_stop else tuple(unescape(s) for s in args.stop) if args.stop else ("\n",)
     options = {
         "max_new_tokens": args.max_new_tokens or cfg.eval.max_new_tokens,
         "stop": stop,
@@ -104,6 +106,11 @@ def generate_main(argv: list[str]) -> int:
     for prompt, completion in zip(prompts, completions, strict=True):
         show(prompt, completion, args.jsonl)
     return 0
+
+
+def unescape(text: str) -> str:
+    """``--stop '\\n'`` typed in a shell is a backslash and an n: read it as the newline it means."""
+    return text.replace("\\n", "\n").replace("\\t", "\t")
 
 
 def show(prompt: str, completion: str, jsonl: bool) -> None:

@@ -354,3 +354,10 @@ def test_generate_uses_the_chat_template_as_the_run_did(checkpoints, cache_dir, 
     assert got == [r["prediction"] for r in tuned]
     code, out, _ = cli(capsys, "generate", str(run), "--file", str(prompts), "--jsonl", "--no-chat-template")
     assert [json.loads(line)["completion"] for line in out.splitlines() if line.startswith("{")] != got
+
+
+def test_stop_strings_typed_with_escapes_mean_the_characters() -> None:
+    from moe_lora.use import generate_parser, unescape
+
+    args = generate_parser().parse_args(["run", "--prompt", "p", "--stop", r"\n", "--stop", "."])
+    assert [unescape(s) for s in args.stop] == ["\n", "."] and unescape(r"a\tb") == "a\tb"
