@@ -3,9 +3,15 @@
 A layout is data (PEFT's ``rank_pattern`` idea), never a comma-joined string: a list of length L
 (one entry per layer) or G (one per group of layers; layer l is in group floor(l * G / L)), or a
 budget-first layout: a depth profile (or weights) projected exactly onto an expert budget
-(:func:`project`), so the same shape works for 4, 22 or 32 layers and spends what uniform spends.
-Uniform with a budget (``layout.budget.total`` or ``per_layer_mean``) spends it exactly too
-(:func:`even_experts`): as evenly as integers allow, the remainder spread over the depth.
+(:func:`project`), so the same shape works for 4, 22 or 32 layers.
+
+One default budget for every layout, so that layouts compare at equal cost unless told otherwise:
+the adapter's ``num_experts`` per layer (``num_experts`` x L experts), which is what uniform
+spends. ``layout=triangle adapter=mola`` and ``layout=uniform adapter=mola`` therefore hold the
+same expert slots; ``adapter.num_experts=5`` gives MoLA's 160 experts over 32 layers. A budget
+(``layout.budget.total`` or ``per_layer_mean``) replaces the default for every layout, uniform
+included, which then spends it exactly too (:func:`even_experts`): as evenly as integers allow,
+the remainder spread over the depth.
 """
 
 from __future__ import annotations
@@ -121,7 +127,8 @@ def layer_weights(layout: LayoutConfig, num_layers: int) -> list[float]:
 
 
 def budget_total(layout: LayoutConfig, adapter: AdapterConfig, num_layers: int) -> int:
-    """The experts a budget-first layout spends (``layout.budget``)."""
+    """The experts a layout spends: ``layout.budget``, else every layout's default, the adapter's
+    ``num_experts`` per layer (what uniform spends)."""
     b = layout.budget
     if b.unit == "expert_rank" and layout.rank is not None and len(set(layout.rank)) > 1:
         raise ConfigError(

@@ -4,6 +4,7 @@ spends its budget exactly within its bounds, and a misfit is one line naming the
 from __future__ import annotations
 
 import random
+import re
 
 import pytest
 
@@ -23,7 +24,9 @@ MOLA = {
 
 @pytest.fixture(scope="module")
 def mola():
-    return load_config(["adapter=mola"], check_files=False).adapter
+    """MoLA at the paper's budget: 5 experts per layer on average (160 over 32 layers), which every
+    layout spends by default (the adapter's num_experts per layer)."""
+    return load_config(["adapter=mola", "adapter.num_experts=5"], check_files=False).adapter
 
 
 @pytest.mark.parametrize("name", sorted(MOLA))
@@ -56,20 +59,19 @@ def test_larger_weights_get_more_experts_and_bounds_are_water_filled() -> None:
     assert project([0, 0, 0, 1], 8, 1, 8) == [1, 1, 1, 5]
 
 
-def test_the_same_budget_as_uniform_has_the_same_trainable_count(run_cli) -> None:
-    counts = {}
-    for layout in ("layout=uniform", "layout=rectangle"):
-        code, out, _ = run_cli(
-            "params",
-            "model=llama2_7b",
-            "adapter=mola",
-            layout,
-            "layout.budget.per_layer_mean=8" if "rectangle" in layout else "seed=0",
-            tiny=False,
-        )
-        assert code == 0, out
-        counts[layout] = next(line for line in out.splitlines() if line.startswith("trainable:"))
-    assert counts["layout=uniform"] == counts["layout=rectangle"]
+def test_uniform_and_a_named_shape_spend_the_same_by_default(run_cli) -> None:
+    """One default budget for every layout (the adapter's num_experts per layer): a layout sweep
+    compares at equal cost unless it says otherwise."""
+    seen = {}
+    for layout in ("uniform", "triangle"):
+        code, out, err = run_cli("params", "model=llama2_7b", "adapter=mola", f"layout={layout}", tiny=False)
+        assert code == 0, err
+        per_layer, total = _experts(out)
+        slots = re.search(r"expert slots over adapted linears: ([\d,]+)", out).group(1)
+        trainable = next(line for line in out.splitlines() if line.startswith("trainable:"))
+        seen[layout] = (per_layer, total, slots, trainable)
+    assert seen["uniform"][0] == [8] * 32 and seen["triangle"][0] != seen["uniform"][0]
+    assert seen["uniform"][1:] == seen["triangle"][1:] == (256, "1,792", seen["uniform"][3])
 
 
 @pytest.mark.parametrize(
@@ -195,8 +197,6 @@ def test_even_experts_spreads_the_remainder_over_the_depth() -> None:
 
 def _experts(out: str) -> tuple[list[int], int]:
     """The per-layer experts of the q_proj rows of `moe-lora params`, and its experts line's total."""
-    import re
-
     rows = re.findall(r"model\.layers\.(\d+)\.self_attn\.q_proj\s+\d+\s+(\d+)\s", out)
     total = int(re.search(r"^experts: (\d+) over", out, re.MULTILINE).group(1))
     return [int(e) for _, e in sorted(rows, key=lambda r: int(r[0]))], total
@@ -205,12 +205,11 @@ def _experts(out: str) -> tuple[list[int], int]:
 @pytest.mark.parametrize(("layers", "shape"), [(22, "triangle"), (28, "inverted_triangle")])
 def test_uniform_and_named_shapes_spend_a_given_total_exactly(run_cli, layers, shape) -> None:
     """The issue's command (uniform once counted 8 per layer, 176 slots at 22 layers), and a named
-    shape whose preset says per_layer_mean: the total given on the command line replaces it."""
+    shape: the total given on the command line replaces the default (8 per layer) for both."""
     seen = {}
     for layout in ("uniform", shape):
-        extra = ["layout.budget.per_layer_mean=null"] if layout == "uniform" else []
         args = ["model=llama2_7b", f"model.num_layers={layers}", "adapter=mola", f"layout={layout}"]
-        code, out, err = run_cli("params", *args, *extra, "layout.budget.total=113", tiny=False)
+        code, out, err = run_cli("params", *args, "layout.budget.total=113", tiny=False)
         assert code == 0, err
         per_layer, total = _experts(out)
         assert len(per_layer) == layers and sum(per_layer) == total == 113
@@ -231,7 +230,14 @@ def test_every_layout_preset_spends_a_command_line_total(mola, layers) -> None:
         assert sum(p.num_experts for p in resolve_layout(cfg.layout, cfg.adapter, layers)) == 113, path.stem
     mean = load_config(["layout=triangle", "adapter=mola", "layout.budget.per_layer_mean=3"], check_files=False)
     assert (mean.layout.budget.total, mean.layout.budget.per_layer_mean) == (None, 3.0)
-    assert load_config(["layout=triangle", "adapter=mola"], check_files=False).layout.budget.per_layer_mean == 5.0
+    for adapter in ("mola", "loramoe", "hydralora"):  # no budget: every layout spends uniform's, E per layer
+        for path in sorted((CONF_DIR / "layout").glob("*.yaml")):
+            if path.stem == "custom":  # an explicit list spends what it lists
+                continue
+            cfg = load_config([f"layout={path.stem}", f"adapter={adapter}"], check_files=False)
+            assert cfg.layout.budget.per_layer_mean is None and cfg.layout.budget.total is None, path.stem
+            spent = sum(p.num_experts for p in resolve_layout(cfg.layout, cfg.adapter, layers))
+            assert spent == cfg.adapter.num_experts * layers, (adapter, path.stem)
     with pytest.raises(ConfigError, match=r"^layout\.budget\.total=113 give total or per_layer_mean, not both"):
         load_config(["layout=triangle", "layout.budget.total=113", "layout.budget.per_layer_mean=3"], check_files=False)
 

@@ -24,7 +24,7 @@ def _numbers(out: str, key: str) -> int:
 @pytest.mark.parametrize(
     ("args", "trainable", "without_routers"),
     [
-        (["model=llama2_7b", "adapter=mola", "layout=inverted_triangle"], 105_635_840, None),
+        (["model=llama2_7b", "adapter=mola", "adapter.num_experts=5", "layout=inverted_triangle"], 105_635_840, None),
         (["model=llama2_7b", "adapter=hydralora"], 18_284_544, 15_826_944),
     ],
 )
