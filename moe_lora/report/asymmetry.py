@@ -107,7 +107,7 @@ def projection_plot(groups: dict[int, dict[str, Path]], path: Path) -> bool:
     points = [(seed, task, _matrices(p, False)) for seed, tasks in groups.items() for task, p in tasks.items()]
     if len(points) < 3:
         return False
-    fig, axes = plt.subplots(1, 2, figsize=(9, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4), layout="constrained")
     for ax, kind in zip(axes, ("lora_A", "lora_B"), strict=True):
         x = np.stack([np.concatenate([m[k].ravel() for k in sorted(m) if k.endswith(kind)]) for _, _, m in points])
         x = x - x.mean(0)
@@ -118,7 +118,6 @@ def projection_plot(groups: dict[int, dict[str, Path]], path: Path) -> bool:
             ax.scatter(xy[idx, 0], xy[idx, 1], label=task)
         ax.set(title=f"{kind[-1]} matrices (PCA)", xlabel="PC 1", ylabel="PC 2")
         ax.legend(fontsize=8)
-    fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True

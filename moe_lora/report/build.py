@@ -6,68 +6,86 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
+import re
 from pathlib import Path
 
 from moe_lora import outputs
 from moe_lora.errors import ConfigError, fail
-from moe_lora.report import asymmetry, claims, plots, ranks, search
+from moe_lora.report import asymmetry, claims, curves, plots, ranks, search, sweep, tables
 from moe_lora.report.collect import Run, collect
-from moe_lora.report.tables import aggregate, latex, markdown, routing_markdown, row_labels, to_csv
 from moe_lora.tracking import output_error
+
+log = logging.getLogger(__name__)
+LOSS_CURVES = "loss_curves.png"  # train and validation loss per row, mean and band over seeds
 
 
 def _slug(label: str, limit: int = 60) -> str:
-    """A file-name-safe form of a row label; long labels are cut and keep a hash so that they stay
-    unique (file names have a 255-byte limit)."""
-    slug = "".join(c if c.isalnum() or c in "-_" else "_" for c in label)
+    """A file-name-safe form of a row label: lower case, every run of other characters one ``_``
+    (``loramoe (model=gpt2)`` -> ``loramoe_model_gpt2``); long labels are cut and keep a hash so
+    that they stay unique (file names have a 255-byte limit)."""
+    slug = re.sub(r"[^a-z0-9.-]+", "_", label.lower()).strip("_.") or "row"
     if len(slug) <= limit:
         return slug
     return f"{slug[:limit]}_{hashlib.sha1(label.encode()).hexdigest()[:8]}"
+
+
+def _slugs(labels: list[str]) -> dict[str, str]:
+    """Label -> slug, a hash added where two labels would share one (``a+b`` and ``a b``)."""
+    slugs = {label: _slug(label) for label in labels}
+    clash = {s for s in slugs.values() if list(slugs.values()).count(s) > 1}
+    return {
+        label: f"{s}_{hashlib.sha1(label.encode()).hexdigest()[:8]}" if s in clash else s for label, s in slugs.items()
+    }
 
 
 CLAIMS_JSON = "claims.json"  # per claim: n, mean, lo, hi, p, p_adjusted, verdict, warnings, power_n
 CLAIM_LINES = "claims.txt"  # one verdict line per claim: printed by `moe-lora report`, gathered by `make tables`
 
 
-def write_figures(runs: list[Run], rows: list[dict], folder: Path, names: dict) -> list[tuple[str, str]]:
-    """Every plot the runs have data for; (title, file name) of those written."""
+def write_figures(runs: list[Run], rows: list[dict], folder: Path, names: dict, varies: sweep.Varies) -> list:
+    """Every plot the runs have data for and the sweep calls for; (title, file name) of those written."""
+    figures = []
+    bands = curves.curves(runs, names)
+    if plots.loss_curves(bands, folder / LOSS_CURVES):
+        kinds = "train and validation" if bands.get("validation") else "train; no run recorded a validation loss"
+        figures.append((f"Loss curves ({kinds})", LOSS_CURVES))
     candidates = [
-        ("CV of expert importance over training", "cv_over_training.png", plots.cv_over_training, runs, names),
+        ("CV of expert importance over training", "cv_over_training.png", plots.cv_over_training),
         (
             "Expert-group share by task type over training",
             "group_share_over_training.png",
             plots.group_share_over_training,
-            runs,
-            names,
         ),
-        (
-            "Real experts per token over training",
-            "real_experts_over_training.png",
-            plots.real_experts_over_training,
-            runs,
-            names,
-        ),
+        ("Real experts per token over training", "real_experts_over_training.png", plots.real_experts_over_training),
     ]
-    figures = [(title, f) for title, f, plot, data, extra in candidates if plot(data, folder / f, extra)]
-    if plots.knowledge_vs_instruction(rows, folder / "knowledge_vs_instruction.png"):
-        figures.append(("Knowledge retained versus instruction accuracy", "knowledge_vs_instruction.png"))
-    if len({r.results.get("layout") for r in runs if r.results}) > 1 and plots.metric_bars(
-        rows, folder / "layout_comparison.png", "Layouts compared"
+    figures += [(title, f) for title, f, plot in candidates if plot(runs, folder / f, names)]
+    if len(rows) > 1:
+        if plots.knowledge_vs_instruction(rows, folder / "knowledge_vs_instruction.png"):
+            figures.append(("Knowledge retained versus instruction accuracy", "knowledge_vs_instruction.png"))
+        compared = ", ".join(n for n in varies.names() if n != "seeds") or "rows"
+        if plots.metric_bars(rows, folder / "comparison.png", f"Scores by row ({compared} vary)"):
+            figures.append((f"Scores compared ({compared})", "comparison.png"))
+    if varies.steps and plots.scores_vs_steps(
+        tables.by_steps(runs), [h for h in rows[0]["columns"] if h != "wall s"], folder / "scores_vs_steps.png"
     ):
-        figures.append(("Layout comparison", "layout_comparison.png"))
+        figures.append(("Scores against training steps", "scores_vs_steps.png"))
+    slugs = _slugs([row["label"] for row in rows])
     for row in rows:
-        name = f"expert_load_{_slug(row['label'])}.png"
+        name = f"expert_load_{slugs[row['label']]}.png"
         if plots.load_heatmap(runs, row["label"], folder / name, names):
             figures.append((f"Expert load by task type: {row['label']}", name))
     return figures
 
 
-def write_analyses(runs: list[Run], folder: Path, names: dict, figures: list[tuple[str, str]]) -> list[str]:
-    """Layouts compared (search.md and its plots), HydraLoRA's A/B asymmetry and ALoRA's final
-    ranks, where the runs have them: index.md lines."""
+def write_analyses(
+    runs: list[Run], folder: Path, names: dict, figures: list[tuple[str, str]], varies: sweep.Varies
+) -> list[str]:
+    """Layouts compared (search.md and its plots: only when the layouts vary), HydraLoRA's A/B
+    asymmetry and ALoRA's final ranks, where the runs have them: index.md lines."""
     lines: list[str] = []
-    pts = search.points(runs)
-    if search.is_comparison(pts):
+    pts = search.points(runs, names)
+    if varies.layouts and search.is_comparison(pts):
         text = search.markdown(pts, search.read_studies(runs))
         (folder / "search.md").write_text(text)
         lines += ["## Layouts: allocation, cost and scores", "", text]
@@ -94,15 +112,61 @@ def write_analyses(runs: list[Run], folder: Path, names: dict, figures: list[tup
     return lines
 
 
+def results_tables(rows: list[dict], varies: sweep.Varies) -> str:
+    """The main table, one per model when the models vary (parameters are compared within a
+    model); above any table whose rows' trainable parameters differ by more than 1%, a warning
+    line (also on stderr)."""
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(row["model"] if varies.models else "", []).append(row)
+    parts = []
+    for model, group in groups.items():
+        gap = tables.params_gap(group)
+        if gap:
+            log.warning("warning: results table%s: %s", f" of model {model}" if model else "", gap)
+        parts += [
+            f"### Model {model}\n" if model else "",
+            f"> **Warning:** {gap}.\n" if gap else "",
+            tables.markdown(group),
+        ]
+    if any(r.get("repeated seeds") for r in rows):
+        parts.append(
+            "\nA row with runs that repeat a seed averages them as one seed: repeats measure run-to-run "
+            "noise, not the spread over seeds.\n"
+        )
+    return "\n".join(p for p in parts if p)
+
+
+def _results_heading(rows: list[dict]) -> str:
+    if len(rows) == 1 and rows[0]["n"] == 1:
+        return "## Results"
+    if all(len(r["seeds"]) <= 1 for r in rows):
+        return "## Results (one seed per row: no spread over seeds, ± is 0)"
+    return "## Results (mean ± std over distinct seeds)"
+
+
+def _header(runs: list[Run], varies: sweep.Varies) -> list[str]:
+    """The report's first lines: how many runs, what they vary in, the settings behind the row labels."""
+    failed = len(runs) - varies.runs
+    lines = ["# moe_lora report", "", f"{varies.runs} finished runs, {failed} failed.", "", sweep.summary(varies)]
+    if varies.runs == 1:
+        lines += ["", f"Run folder: `{next(r.path for r in runs if r.results is not None)}`."]
+    keys = tables.varied_keys(runs)
+    if keys:
+        lines += ["", "Settings that differ within a variant: " + ", ".join(f"`{k}`" for k in keys) + "."]
+    return [*lines, ""]
+
+
 def write_report(runs: list[Run], folder: Path, bootstrap: int = 0, items: bool = False) -> None:
-    rows, names = aggregate(runs), row_labels(runs)
-    routing_md = routing_markdown(rows)
+    rows, names, varies = tables.aggregate(runs), tables.row_labels(runs), sweep.what_varies(runs)
+    results_md = results_tables(rows, varies)
+    routing_md = tables.routing_markdown(rows)
     routing_title = "## Routing statistics (final window; mean over modules, then mean ± std over seeds)"
-    (folder / "results.md").write_text(markdown(rows) + (f"\n{routing_title}\n\n{routing_md}" if routing_md else ""))
-    (folder / "results.csv").write_text(to_csv(rows))
-    (folder / "results.tex").write_text(latex(rows))
-    figures = write_figures(runs, rows, folder, names)
-    analyses = write_analyses(runs, folder, names, figures)
+    (folder / "results.md").write_text(results_md + (f"\n{routing_title}\n\n{routing_md}" if routing_md else ""))
+    (folder / "results.csv").write_text(tables.to_csv(rows))
+    (folder / "results.tex").write_text(tables.latex(rows))
+    figures = write_figures(runs, rows, folder, names, varies)
+    analyses = write_analyses(runs, folder, names, figures, varies)
     verdicts, claim_warnings = claims.evaluate_all(runs, bootstrap, items)
     records = [v.record() for v in verdicts]
     (folder / CLAIMS_JSON).write_text(
@@ -124,21 +188,18 @@ def write_report(runs: list[Run], folder: Path, bootstrap: int = 0, items: bool 
     (folder / CLAIM_LINES).write_text("".join(claims.summary_line(r) + "\n" for r in records))
     failed = [r for r in runs if r.results is None]
     lines = [
-        "# moe_lora report",
+        *_header(runs, varies),
+        _results_heading(rows),
         "",
-        f"{len(runs) - len(failed)} finished runs, {len(failed)} failed.",
-        "",
-        "## Results (mean ± std over seeds)",
-        "",
-        markdown(rows),
+        results_md,
         "Also as [CSV](results.csv) and [LaTeX](results.tex).",
         "",
         *([routing_title, "", routing_md] if routing_md else []),
-        "## Claims (paired by seed)",
-        "",
-        claims_md,
-        "Also in [claims.md](claims.md).",
-        "",
+        *(
+            ["## Claims (paired by seed)", "", claims_md, "Also in [claims.md](claims.md).", ""]
+            if varies.runs > 1
+            else []
+        ),
         *analyses,
     ]
     if failed:

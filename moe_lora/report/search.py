@@ -42,6 +42,7 @@ class Point:
     curvature: float | None
     budget: float | None
     method: str = ""  # how the layout was chosen: "search (<study folder>)" or the layout's name
+    label: str = ""  # the run's report row (variant, layout, the settings that tell it apart)
     seeds: int = 1  # runs averaged into this point (aggregate)
     knowledge_sd: float = 0.0
     instruction_sd: float = 0.0
@@ -57,7 +58,16 @@ def method_of(run: Run, layout: str) -> str:
     return f"search ({run.path.parent.name})" if is_trial(layout) else layout
 
 
-def points(runs: list[Run]) -> list[Point]:
+def _label(row: str | None, layout: str) -> str:
+    """A point's name in the plots: its report row, with the layout where the row does not name it
+    (``mola`` runs ``uniform``: ``mola [uniform]``)."""
+    if not row:
+        return layout
+    return row if layout in row else f"{row} [{layout}]"
+
+
+def points(runs: list[Run], names: dict[Path, str] | None = None) -> list[Point]:
+    """One point per run with an allocation; ``names``: the report's row labels (else the layout)."""
     out = []
     for run in runs:
         r = run.results
@@ -78,6 +88,7 @@ def points(runs: list[Run]) -> list[Point]:
                 layout.get("curvature"),
                 (layout.get("budget") or {}).get("per_layer_mean"),
                 method_of(run, str(r.get("layout"))),
+                _label((names or {}).get(run.path), str(r.get("layout"))),
             )
         )
     return out
@@ -87,7 +98,7 @@ def aggregate(pts: list[Point]) -> list[Point]:
     """One point per layout (method and allocation): seeds averaged, their standard deviations kept."""
     groups: dict[tuple, list[Point]] = defaultdict(list)
     for p in pts:
-        groups[(p.method, p.layout, p.experts, p.trainable)].append(p)
+        groups[(p.method, p.label, p.experts, p.trainable)].append(p)
     out = []
     for same in groups.values():
         if len(same) == 1:
@@ -98,7 +109,7 @@ def aggregate(pts: list[Point]) -> list[Point]:
         out.append(
             replace(
                 same[0],
-                name=f"{same[0].layout} ({len(same)} runs)",
+                name=f"{same[0].label} ({len(same)} runs)",
                 knowledge=statistics.fmean(k) if k else None,
                 instruction=statistics.fmean(i) if i else None,
                 seeds=len(same),
@@ -298,7 +309,7 @@ def pareto_plot(pts: list[Point], path: Path) -> bool:
     if len(usable) < 2 or len({p.trainable for p in usable}) < 2:  # one budget: no cost axis to draw
         return False
     front = sorted((p for p in pareto_set(usable)), key=lambda p: p.trainable)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
     repeated = [p for p in usable if p.seeds > 1]
     if repeated:
         ax.errorbar(
@@ -324,11 +335,10 @@ def pareto_plot(pts: list[Point], path: Path) -> bool:
     ax.plot([p.trainable for p in front], [p.knowledge for p in front], "r--", lw=1, label="Pareto set")
     for p in usable:
         if not is_trial(p.layout):
-            ax.annotate(p.layout, (p.trainable, p.knowledge), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            ax.annotate(p.label, (p.trainable, p.knowledge), fontsize=7, xytext=(3, 3), textcoords="offset points")
     fig.colorbar(sc, ax=ax, label="instruction EM")
     ax.set(xlabel="trainable parameters", ylabel="knowledge retained", title="Layouts: cost against knowledge")
     ax.legend(loc="best", fontsize=8)
-    fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
@@ -347,10 +357,16 @@ def probe_statistics(runs: list[Run], layers: int) -> dict[str, list[float]]:
     return out
 
 
+def _row_name(p: Point) -> str:
+    """A heatmap row: a search trial by its run folder, any other layout by its report row."""
+    name = p.name if is_trial(p.layout) or not p.label else p.label
+    return f"{name} ({p.seeds} runs)" if p.seeds > 1 and not name.endswith("runs)") else name
+
+
 def allocation_heatmap(pts: list[Point], path: Path, probe: dict[str, list[float]] | None = None) -> bool:
-    """Rows: the best runs by instruction EM and every named layout; columns: layers; under it, the
+    """Rows: the best layouts by instruction EM (seeds averaged) and every named layout; columns: layers; under it, the
     probe's per-layer statistics (each row scaled to its maximum, values printed)."""
-    ranked = sorted(pts, key=lambda p: -(p.instruction or 0.0))
+    ranked = sorted(aggregate(pts), key=lambda p: -(p.instruction or 0.0))  # seeds of a layout: one row
     rows = ranked[:TOP] + [p for p in ranked[TOP:] if not is_trial(p.layout)]
     if not rows or len({len(p.experts) for p in rows}) != 1:
         return False
@@ -363,10 +379,11 @@ def allocation_heatmap(pts: list[Point], path: Path, probe: dict[str, list[float
         figsize=(4.5 + 0.5 * width, sum(heights)),
         gridspec_kw={"height_ratios": heights},
         squeeze=False,
+        layout="constrained",
     )
     ax = axes[0][0]
     im = ax.imshow([list(p.experts) for p in rows], aspect="auto", cmap="magma")
-    ax.set_yticks(range(len(rows)), [f"{p.name}: EM {_f(p.instruction)}" for p in rows], fontsize=7)
+    ax.set_yticks(range(len(rows)), [f"{_row_name(p)}: EM {_f(p.instruction)}" for p in rows], fontsize=7)
     ax.set_xticks(range(width))
     ax.set(xlabel="layer", title="Experts per layer")
     fig.colorbar(im, ax=ax, label="experts")
@@ -384,7 +401,6 @@ def allocation_heatmap(pts: list[Point], path: Path, probe: dict[str, list[float
         pax.set_yticks(range(len(probe)), [f"uniform runs: {k}" for k in probe], fontsize=7)
         pax.set_xticks(range(width))
         pax.set(xlabel="layer")
-    fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
