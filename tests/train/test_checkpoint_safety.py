@@ -16,7 +16,8 @@ import torch
 
 from moe_lora.errors import ConfigError
 from moe_lora.train import checkpoint
-from tests.train.test_checkpoint import _main, _snapshot, kill_after_checkpoint, killed_at
+from tests.train.forked import in_child, main
+from tests.train.test_checkpoint import _snapshot, kill_after_checkpoint
 
 RUN = ["adapter=lora", "recipe.max_steps=6", "recipe.save_every=3", "recipe.log_every=3", "recipe.threads=1"]
 
@@ -25,24 +26,25 @@ RUN = ["adapter=lora", "recipe.max_steps=6", "recipe.save_every=3", "recipe.log_
 def checkpointed(tmp_path_factory, cache_dir) -> Path:
     """A run killed just after its step-3 checkpoint (read-only: tests copy it)."""
     run_dir = tmp_path_factory.mktemp("safety") / "run"
-    assert killed_at([*RUN, f"hydra.run.dir={run_dir}"], cache_dir, kill_after_checkpoint(3)) == -9
+    assert in_child([*RUN, f"hydra.run.dir={run_dir}"], cache_dir, kill_after_checkpoint(3)) == -9
     return run_dir
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, cache_dir) -> Path:
     run_dir = tmp_path_factory.mktemp("safety_ref") / "run"
-    assert _main(["train", *RUN, f"hydra.run.dir={run_dir}"], cache_dir) == 0
+    assert main([*RUN, f"hydra.run.dir={run_dir}"], cache_dir) == 0
     return run_dir
 
 
-def train(run_cli, capsys, *args: str) -> tuple[int, str]:
+def train(cache_dir, capsys, *args: str) -> tuple[int, str]:
     """``moe-lora train``'s exit code and stderr, whether it returns or exits."""
+    capsys.readouterr()
     try:
-        code, _, err = run_cli("train", *args)
+        code = main(list(args), cache_dir)
     except SystemExit as exc:
-        code, err = exc.code, capsys.readouterr().err
-    return code, err
+        code = exc.code
+    return code, capsys.readouterr().err
 
 
 def step(run_dir: Path) -> Path:
@@ -83,7 +85,7 @@ def test_checkpoint_files_are_data_with_their_sizes_and_hashes(checkpointed) -> 
 
 
 @pytest.mark.parametrize("name", ["trainer.pt", "optimizer.pt", "rng-rank0.pt"])
-def test_a_pickled_payload_is_refused_and_never_runs(name, checkpointed, run_cli, capsys, tmp_path) -> None:
+def test_a_pickled_payload_is_refused_and_never_runs(name, checkpointed, cache_dir, capsys, tmp_path) -> None:
     run_dir = tmp_path / "run"
     shutil.copytree(checkpointed, run_dir)
     folder, marker = step(run_dir), tmp_path / "ran"
@@ -91,7 +93,7 @@ def test_a_pickled_payload_is_refused_and_never_runs(name, checkpointed, run_cli
     torch.save({**state, "extra": Payload(marker)}, folder / name)
     rewrite_meta(folder)  # the sizes and hashes fit: only the contents betray it
     before = _snapshot(run_dir)
-    code, err = train(run_cli, capsys, *RUN, "resume=auto", f"hydra.run.dir={run_dir}")
+    code, err = train(cache_dir, capsys, *RUN, "resume=auto", f"hydra.run.dir={run_dir}")
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert f"checkpoint file {folder / name} holds code, not only data (it would call posix.system)" in err
     with pytest.raises(ConfigError, match="holds code"):  # the load itself refuses it too
@@ -101,7 +103,7 @@ def test_a_pickled_payload_is_refused_and_never_runs(name, checkpointed, run_cli
 
 
 @pytest.mark.parametrize("name", ["adapter.safetensors", "optimizer.pt"])
-def test_same_size_corruption_is_named_before_anything_starts(name, checkpointed, run_cli, capsys, tmp_path) -> None:
+def test_same_size_corruption_is_named_before_anything_starts(name, checkpointed, cache_dir, capsys, tmp_path) -> None:
     run_dir = tmp_path / "run"
     shutil.copytree(checkpointed, run_dir)
     damaged = step(run_dir) / name
@@ -109,7 +111,7 @@ def test_same_size_corruption_is_named_before_anything_starts(name, checkpointed
     data[len(data) * 3 // 4] ^= 0x01  # one bit inside the tensor data: the file still parses
     damaged.write_bytes(bytes(data))
     before = _snapshot(run_dir)
-    code, err = train(run_cli, capsys, *RUN, "resume=auto", f"hydra.run.dir={run_dir}")
+    code, err = train(cache_dir, capsys, *RUN, "resume=auto", f"hydra.run.dir={run_dir}")
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert f"checkpoint file {damaged} is damaged (its SHA-256 differs" in err
     assert _snapshot(run_dir) == before
@@ -126,7 +128,7 @@ def test_an_older_checkpoint_still_resumes_bitwise(checkpointed, reference, cach
     torch.save({**rng, "numpy": (kind, np.array(keys, dtype=np.uint32), *rest)}, folder / "rng-rank0.pt")
     assert "numpy.ndarray" in torch.serialization.get_unsafe_globals_in_checkpoint(str(folder / "rng-rank0.pt"))
     rewrite_meta(folder, drop_hashes=True)
-    assert _main(["train", *RUN, "resume=auto", f"hydra.run.dir={run_dir}"], cache_dir) == 0
+    assert main([*RUN, "resume=auto", f"hydra.run.dir={run_dir}"], cache_dir) == 0
     assert (run_dir / "adapter_model.safetensors").read_bytes() == (
         reference / "adapter_model.safetensors"
     ).read_bytes()
@@ -159,14 +161,14 @@ def _full_disk_safetensors(target: str):
 
 @pytest.mark.parametrize("writer", ["torch", "safetensors"])
 def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_previous(
-    writer, run_cli, capsys, monkeypatch, tmp_path
+    writer, cache_dir, capsys, monkeypatch, tmp_path
 ) -> None:
     run_dir = tmp_path / "run"
     if writer == "torch":
         monkeypatch.setattr(torch, "save", _full_disk_torch(".tmp-step-6/optimizer.pt"))
     else:
         monkeypatch.setattr(checkpoint, "save_file", _full_disk_safetensors(".tmp-step-6/adapter.safetensors"))
-    code, err = train(run_cli, capsys, *RUN, f"hydra.run.dir={run_dir}")
+    code, err = train(cache_dir, capsys, *RUN, f"hydra.run.dir={run_dir}")
     assert code == 1 and err.count("moe-lora: error:") == 1 and "Traceback" not in err, err
     line = err.split("moe-lora: error:")[1].splitlines()[0]  # after the progress bars
     assert f"cannot write checkpoint {run_dir / 'checkpoints' / 'step-6'}" in line
@@ -174,7 +176,7 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_previous(
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-3"]
     checkpoint.read_meta(step(run_dir))  # sizes and hashes as written
     monkeypatch.undo()
-    assert train(run_cli, capsys, *RUN, "resume=auto", f"hydra.run.dir={run_dir}")[0] == 0
+    assert train(cache_dir, capsys, *RUN, "resume=auto", f"hydra.run.dir={run_dir}")[0] == 0
 
 
 def test_resume_of_a_folder_without_checkpoints_points_to_resume_auto(tmp_path) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,7 +15,8 @@ import pytest
 import torch
 
 from moe_lora.train import preempt
-from tests.train.test_checkpoint import _main, kill_after_micro_batch
+from tests.train.forked import in_child
+from tests.train.test_checkpoint import kill_after_micro_batch
 
 RUN = ["adapter=lora", "recipe.max_steps=6", "recipe.save_every=5", "recipe.log_every=3", "recipe.threads=1"]
 
@@ -81,26 +81,6 @@ def test_two_ranks_agree_on_the_real_signal(tmp_path) -> None:
     spawn(2, _flags_worker, str(tmp_path))
     expected = [[int(v) for v in flags] for _, flags in CASES]
     assert [json.loads((tmp_path / f"rank{r}").read_text()) for r in range(2)] == [expected, expected]
-
-
-def in_child(args: list[str], cache_dir: Path, arm: Callable[[], None], err: Path) -> int:
-    """``moe-lora train args`` in a forked child in which ``arm()`` ran, its stderr in ``err``;
-    the child's exit status (negative: the signal that ended it)."""
-    pid = os.fork()
-    if pid == 0:  # the child: never returns into pytest
-        code = 1
-        try:
-            fd = os.open(err, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-            os.dup2(fd, 2)
-            sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115  (pytest replaced it)
-            arm()
-            code = _main(["train", *args], cache_dir)
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
 
 
 def _stub_scheduler(sig: int, record: Path) -> Callable[[], None]:
