@@ -161,7 +161,7 @@ def load_heatmap(runs: list[Run], label: str, path: Path, names: dict[Path, str]
 
 def knowledge_vs_instruction(rows: list[dict], path: Path) -> bool:
     """Knowledge retained against instruction accuracy, mean +- std over seeds."""
-    pts = [r for r in rows if r["knowledge retained"] and r["instruction EM"]]
+    pts = [r for r in rows if r.get("knowledge retained") and r.get("instruction EM")]
     if not pts:
         return False
     fig, axes = _subplots(1, 1, (5.5, 4.5))

@@ -75,10 +75,13 @@ def test_a_variant_sweep_has_no_layout_section_and_has_loss_curves(tmp_path) -> 
 
 def test_a_layout_sweep_keeps_its_section_labelled_by_row(tmp_path) -> None:
     run(tmp_path / "u", "mola", 0, experts=[5, 5], trainable=1000)
-    run(tmp_path / "t", "mola", 0, experts=[8, 2], trainable=1000, layout="triangle")
+    run(tmp_path / "t", "mola", 0, 0.6, experts=[8, 2], trainable=1200, layout="triangle")
     assert sweep.what_varies(collect([tmp_path])).layouts
-    index = (build_report([tmp_path]) / "index.md").read_text()
-    assert "## Layouts: allocation, cost and scores" in index and "](allocation_heatmap.png)" in index
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the Pareto plot and the heatmap lay out without warnings
+        index = (build_report([tmp_path]) / "index.md").read_text()
+    assert "## Layouts: allocation, cost and scores" in index
+    assert "](allocation_heatmap.png)" in index and "](pareto.png)" in index
     pts = {p.label for p in search.points(collect([tmp_path]), tables.row_labels(collect([tmp_path])))}
     assert pts == {"mola [uniform]", "mola/triangle"}  # what the Pareto plot and the heatmap write beside each point
 
@@ -120,8 +123,8 @@ def test_labels_name_the_varied_keys_only_rounded(tmp_path) -> None:
         {"recipe": {"lr": 1.0002e-3, "warmup_ratio": 0.1, "max_steps": 100}},  # 3 digits would merge these
     ]
     for i, cfg in enumerate(settings):
-        run(tmp_path / f"r{i}", "lora", 0, config={"label": "lora+long name/v2", **cfg})
-    labels = sorted(set(tables.row_labels(collect([tmp_path])).values()))
+        run(tmp_path / "r" / str(i), "lora", 0, config={"label": "lora+long name/v2", **cfg})
+    labels = sorted(set(tables.row_labels(collect([tmp_path / "r"])).values()))
     assert labels == [
         "lora+long name/v2 (lr=0.000123457)",
         "lora+long name/v2 (lr=0.0003)",
@@ -141,7 +144,7 @@ def test_labels_name_the_varied_keys_only_rounded(tmp_path) -> None:
         "mola (experts=[0,1,2,3,4,5,6,7,8,9,10,11])",
         "mola (experts=[1,2,3,4,5,6,7,8,9,10,11,12])",
     ]
-    out = build_report([tmp_path])
+    out = build_report([tmp_path / "r"])
     assert all(re.fullmatch(r"[a-z0-9_.-]+", p.name) for p in out.glob("*.png"))
     assert (out / "expert_load_lora_long_name_v2_lr_0.0003.png").exists()
 
@@ -198,12 +201,12 @@ def test_a_single_run_gives_its_curves_and_routing(tmp_path, capsys) -> None:
 
 
 def test_many_long_rows_and_deep_models_draw_without_warnings(tmp_path, capsys) -> None:
-    """Eight rows with long labels and 32 layers: no matplotlib warning (tight_layout, legends)."""
-    for i in range(8):
+    """Five rows with long labels and 32 layers: no matplotlib warning (tight_layout, legends)."""
+    for i in range(5):
         label = f"loramoe+lbc_{i}_" + "x" * 30
         run(tmp_path / str(i), "loramoe", 0, losses=[3.0 - i / 10, 2.0], layers=32, config={"label": label})
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         out = build_report([tmp_path])
     assert capsys.readouterr().err == ""
-    assert len(list(out.glob("expert_load_*.png"))) == 8
+    assert len(list(out.glob("expert_load_*.png"))) == 5
