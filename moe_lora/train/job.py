@@ -12,6 +12,8 @@ import sys
 import traceback
 from pathlib import Path
 
+from hydra.experimental.callback import Callback
+
 from moe_lora import outputs
 from moe_lora.compose import load_config, to_config
 from moe_lora.env import set_environment
@@ -51,7 +53,26 @@ def train_job(dcfg) -> float | None:
         return None
     print(summary_table(results))
     print(f"results: {run_dir / 'results.json'}")
+    if not sweep:  # a sweep's jobs leave the line to the sweep's end (SweepEnd)
+        print(report_line(run_dir), flush=True)
     return objective_value(results, cfg.recipe.objectives or cfg.recipe.objective)
+
+
+def report_line(folder: Path) -> str:
+    """The command that turns a run (a sweep) folder into tables and plots, ready to paste."""
+    import shlex
+
+    return f"report: moe-lora report {shlex.quote(str(folder))}"
+
+
+class SweepEnd(Callback):
+    """Hydra callback (``hydra.callbacks.sweep_end`` in conf/train.yaml): a sweep ends by printing
+    its folder and the report command, whichever launcher or sweeper ran its jobs."""
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        folder = Path(str(config.hydra.sweep.dir))  # the launcher's: Hydra caches ${now:} per config
+        print(f"sweep: {folder}", flush=True)
+        print(report_line(folder), flush=True)
 
 
 def start_job(dcfg, hydra_cfg, run_dir: Path, sweep: bool, held: contextlib.ExitStack):
@@ -132,7 +153,7 @@ def run_or_record(cfg, run_dir: Path, dist, resume: Path | None, sweep: bool) ->
 
     try:
         if cfg.recipe.nproc_per_node > 1:
-            with preempt.preemption() as stop:  # the workers checkpoint; this process waits for them
+            with preempt.preemption(forward=True) as stop:  # the workers checkpoint; this process waits
                 try:
                     distributed.spawn(cfg.recipe.nproc_per_node, rank_worker, cfg, run_dir, resume)
                 except Exception:
@@ -207,11 +228,25 @@ def torchrun_rank(args: list[str], overrides: list[str]) -> int:
     return 0
 
 
+# Hydra's flags that pick what it does (Hydra raises a ValueError on two of them)
+_MODE_FLAGS = {"-m": "-m", "--multirun": "-m", "--cfg": "--cfg", "-c": "--cfg", "--info": "--info", "-i": "--info"}
+_MODE_FLAGS |= {"--run": "--run", "-r": "--run", "--shell-completion": "-sc", "-sc": "-sc"}
+
+
 def launch(args: list[str]) -> int:
     """``moe-lora train``: precheck every job's config, then hand over to Hydra (and torchrun ranks)."""
     import hydra
 
-    from moe_lora.compose import CONF_DIR, SKIP_PRECHECK, compose, first_job, precheck, split_args
+    from moe_lora.compose import (
+        CONF_DIR,
+        CONFIG_SOURCE_FLAGS,
+        SHOW_FLAGS,
+        SKIP_PRECHECK,
+        compose,
+        first_job,
+        precheck,
+        split_args,
+    )
     from moe_lora.studies import resume_overrides
     from moe_lora.train.distributed import env_world_size
 
@@ -220,6 +255,9 @@ def launch(args: list[str]) -> int:
     torchrun = "TORCHELASTIC_RUN_ID" in os.environ or (
         "WORLD_SIZE" in os.environ and "SUBMITIT_EXECUTOR" not in os.environ
     )
+    modes = [f for f in flags if f in _MODE_FLAGS]
+    if len({_MODE_FLAGS[f] for f in modes}) > 1:
+        return fail(f"{' and '.join(modes)}: one at a time (a sweep's config: --cfg job with one value per key)")
     if torchrun and env_world_size() > 1 and multirun:
         return fail("torchrun starts one job; for a sweep use `moe-lora train -m ... recipe.nproc_per_node=N`")
     if not any(f in SKIP_PRECHECK for f in flags) and "--cfg" not in flags and "-c" not in flags:
@@ -228,6 +266,8 @@ def launch(args: list[str]) -> int:
             check_launch(cfg.recipe.nproc_per_node)
             if int(os.environ.get("RANK", "0")) != 0:
                 return torchrun_rank(args, overrides)
+    elif SHOW_FLAGS & set(flags) and not CONFIG_SOURCE_FLAGS & set(flags):
+        compose(first_job(overrides))  # --help, --cfg, --info: a typo is one line, as for a run
     if multirun and not any(f in SKIP_PRECHECK for f in flags):
         resume = resume_overrides(compose(first_job(overrides), return_hydra_config=True).hydra)
         if resume is not None:
@@ -235,6 +275,9 @@ def launch(args: list[str]) -> int:
             if resume.done:
                 return 0
             args = [*args, *resume.overrides]
+    import moe_lora.adapters
+    import moe_lora.config  # noqa: F401  (the schemas, for Hydra's own --help, --cfg and --info too)
+
     sys.argv = ["moe-lora train", *args]
     main_fn = hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")(train_job)
     main_fn()

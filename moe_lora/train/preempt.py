@@ -6,6 +6,9 @@ or with 130 after a ^C. Outside the loop, :func:`interruptible` turns SIGINT and
 
 from __future__ import annotations
 
+import contextlib
+import multiprocessing
+import os
 import signal
 import threading
 from collections.abc import Callable, Iterator
@@ -63,10 +66,13 @@ def interruptible(signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) ->
 
 
 @contextmanager
-def preemption(signals: tuple[int, ...] = SIGNALS) -> Iterator[Callable[[], int]]:
+def preemption(signals: tuple[int, ...] = SIGNALS, forward: bool = False) -> Iterator[Callable[[], int]]:
     """Within the block, a listed signal is only noted; the yielded function returns it (0: none).
-    A second ^C does not wait for the step: it raises :class:`Interrupted`. Outside the main
-    thread (where handlers cannot be set) nothing is installed."""
+    A second ^C does not wait for the step: it raises :class:`Interrupted`. ``forward``: a
+    scheduler's signal is passed on to this process's child processes (the local ranks of
+    ``recipe.nproc_per_node``, which a signal sent to this process alone would not reach; a ^C
+    reaches them from the terminal, and a second one would stop them before their checkpoint).
+    Outside the main thread (where handlers cannot be set) nothing is installed."""
     received = [0]
     if threading.current_thread() is not threading.main_thread():
         yield lambda: received[0]
@@ -76,6 +82,8 @@ def preemption(signals: tuple[int, ...] = SIGNALS) -> Iterator[Callable[[], int]
         if signum == signal.SIGINT and received[0] == signal.SIGINT:
             raise Interrupted(signum)
         received[0] = signum
+        if forward and signum != signal.SIGINT:
+            _forward(signum)
 
     saved = {s: signal.signal(s, note) for s in signals}
     _previous.update(saved)
@@ -84,6 +92,13 @@ def preemption(signals: tuple[int, ...] = SIGNALS) -> Iterator[Callable[[], int]
     finally:
         for s, handler in saved.items():
             signal.signal(s, handler)
+
+
+def _forward(signum: int) -> None:
+    """Send ``signum`` to the live child processes (one that just exited is skipped)."""
+    for child in multiprocessing.active_children():
+        with contextlib.suppress(ProcessLookupError, TypeError):  # gone, or not started (pid None)
+            os.kill(child.pid, signum)
 
 
 def chain(signum: int) -> None:

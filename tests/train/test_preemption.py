@@ -139,3 +139,42 @@ def test_an_interrupt_outside_training_ends_in_one_line(sig, code, cache_dir, tm
     run_dir, err = tmp_path / "run", tmp_path / "err"
     assert in_child([*RUN, f"hydra.run.dir={run_dir}"], cache_dir, _signal_in_base_evaluation(sig), err) == code
     assert _line(err) == f"moe-lora: interrupted ({signal.Signals(sig).name})"
+
+
+@pytest.mark.slow
+def test_a_signal_to_the_parent_of_local_ranks_reaches_them(cache_dir, tmp_path) -> None:
+    """``recipe.nproc_per_node=2``: SIGUSR2 sent to the job's process alone (as ``kill`` or a
+    batch-shell-only ``--signal`` does) is passed on to both ranks, which checkpoint; the parent
+    hands it to the scheduler's handler."""
+    import time
+
+    run_dir, record, err = tmp_path / "run", tmp_path / "handed", tmp_path / "err"
+    args = [*RUN, "recipe.nproc_per_node=2", "recipe.max_steps=2000", "recipe.save_every=5000", "recipe.log_every=2"]
+    pid = os.fork()
+    if pid == 0:  # the job's process; the test sends the signal from outside
+        os._exit(in_child([*args, f"hydra.run.dir={run_dir}"], cache_dir, _handler(signal.SIGUSR2, record), err))
+    metrics, deadline = run_dir / "metrics.jsonl", time.monotonic() + 200
+    while time.monotonic() < deadline and not (metrics.exists() and '"loss"' in metrics.read_text()):
+        time.sleep(0.05)
+    job = [int(p) for p in os.listdir("/proc") if p.isdigit() and _parent(int(p)) == pid]
+    assert len(job) == 1, "the job's process did not start"
+    os.kill(job[0], signal.SIGUSR2)
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 75, err.read_text()
+    assert record.read_text() == str(int(signal.SIGUSR2))
+    (step,) = (run_dir / "checkpoints").iterdir()
+    assert int(step.name.split("-")[1]) < 2000 and {"rng-rank0.pt", "rng-rank1.pt"} <= set(os.listdir(step))
+
+
+def _handler(sig: int, record: Path) -> Callable[[], None]:
+    def arm() -> None:
+        signal.signal(sig, lambda signum, frame: record.write_text(str(signum)))
+
+    return arm
+
+
+def _parent(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1
