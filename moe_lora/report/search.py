@@ -43,7 +43,9 @@ class Point:
     budget: float | None
     method: str = ""  # how the layout was chosen: "search (<study folder>)" or the layout's name
     label: str = ""  # the run's report row (variant, layout, the settings that tell it apart)
-    seeds: int = 1  # runs averaged into this point (aggregate)
+    seeds: int = 1  # distinct seeds averaged into this point (aggregate)
+    runs: int = 1  # runs behind it (a seed run twice counts once in ``seeds``)
+    seed: object = None  # a single run's seed
     knowledge_sd: float = 0.0
     instruction_sd: float = 0.0
 
@@ -89,13 +91,24 @@ def points(runs: list[Run], names: dict[Path, str] | None = None) -> list[Point]
                 (layout.get("budget") or {}).get("per_layer_mean"),
                 method_of(run, str(r.get("layout"))),
                 _label((names or {}).get(run.path), str(r.get("layout"))),
+                seed=r.get("seed"),
             )
         )
     return out
 
 
+def _per_seed(pts: list[Point], field: str) -> list[float]:
+    """One value of ``field`` per distinct seed (runs of one seed averaged)."""
+    by_seed: dict[object, list[float]] = defaultdict(list)
+    for p in pts:
+        if getattr(p, field) is not None:
+            by_seed[p.seed].append(getattr(p, field))
+    return [statistics.fmean(v) for v in by_seed.values()]
+
+
 def aggregate(pts: list[Point]) -> list[Point]:
-    """One point per layout (method and allocation): seeds averaged, their standard deviations kept."""
+    """One point per layout (method and allocation): runs of one seed averaged first, then the
+    distinct seeds, their standard deviation kept (repeats of a seed are no spread over seeds)."""
     groups: dict[tuple, list[Point]] = defaultdict(list)
     for p in pts:
         groups[(p.method, p.label, p.experts, p.trainable)].append(p)
@@ -104,15 +117,16 @@ def aggregate(pts: list[Point]) -> list[Point]:
         if len(same) == 1:
             out.append(same[0])
             continue
-        k = [p.knowledge for p in same if p.knowledge is not None]
-        i = [p.instruction for p in same if p.instruction is not None]
+        k = _per_seed(same, "knowledge")
+        i = _per_seed(same, "instruction")
         out.append(
             replace(
                 same[0],
                 name=f"{same[0].label} ({len(same)} runs)",
                 knowledge=statistics.fmean(k) if k else None,
                 instruction=statistics.fmean(i) if i else None,
-                seeds=len(same),
+                seeds=len({p.seed for p in same}),
+                runs=len(same),
                 knowledge_sd=statistics.stdev(k) if len(k) > 1 else 0.0,
                 instruction_sd=statistics.stdev(i) if len(i) > 1 else 0.0,
             )
@@ -360,7 +374,7 @@ def probe_statistics(runs: list[Run], layers: int) -> dict[str, list[float]]:
 def _row_name(p: Point) -> str:
     """A heatmap row: a search trial by its run folder, any other layout by its report row."""
     name = p.name if is_trial(p.layout) or not p.label else p.label
-    return f"{name} ({p.seeds} runs)" if p.seeds > 1 and not name.endswith("runs)") else name
+    return f"{name} ({p.runs} runs)" if p.runs > 1 and not name.endswith("runs)") else name
 
 
 def allocation_heatmap(pts: list[Point], path: Path, probe: dict[str, list[float]] | None = None) -> bool:

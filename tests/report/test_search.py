@@ -73,10 +73,15 @@ def test_hypervolume_per_method_and_seed_aggregates(tmp_path) -> None:
     hv = search.hypervolumes(pts)
     assert set(hv) == {"triangle", "search (" + tmp_path.name + ")"}
     assert hv["search (" + tmp_path.name + ")"] > hv["triangle"] > 0  # the search's runs reach more corners
-    twice = [*pts, search.replace(pts[0], name="t0b", knowledge=0.6)]
+    twice = [*pts, search.replace(pts[0], name="t0b", knowledge=0.6, seed=1)]
     agg = {p.layout: p for p in search.aggregate(twice) if p.layout == "triangle"}
     assert agg["triangle"].seeds == 2 and agg["triangle"].knowledge == 0.7
     assert agg["triangle"].knowledge_sd == statistics.stdev([0.8, 0.6])
+    again = [*twice, search.replace(pts[0], name="t0c", knowledge=0.4, seed=1)]  # seed 1 twice: 0.5
+    agg = {p.layout: p for p in search.aggregate(again) if p.layout == "triangle"}
+    assert (agg["triangle"].seeds, agg["triangle"].runs) == (2, 3)
+    assert agg["triangle"].knowledge == pytest.approx(0.65)  # (0.8 + (0.6 + 0.4) / 2) / 2
+    assert agg["triangle"].knowledge_sd == pytest.approx(statistics.stdev([0.8, 0.5]))
 
 
 def test_a_single_objective_study_reports_its_importances(tmp_path) -> None:
