@@ -71,11 +71,22 @@ def write_figures(runs: list[Run], rows: list[dict], folder: Path, names: dict, 
     ):
         figures.append(("Scores against training steps", "scores_vs_steps.png"))
     slugs = _slugs([row["label"] for row in rows])
-    for row in rows:
+    for row in load_map_rows(runs, rows, names):
         name = f"expert_load_{slugs[row['label']]}.png"
         if plots.load_heatmap(runs, row["label"], folder / name, names):
             figures.append((f"Expert load by task type: {row['label']}", name))
     return figures
+
+
+MAX_LOAD_MAPS = 12  # expert-load heatmaps per report: a search's trials beyond these are left out
+
+
+def load_map_rows(runs: list[Run], rows: list[dict], names: dict) -> list[dict]:
+    """The rows that get an expert-load heatmap: every row that is not a layout search's trial, then
+    trials up to :data:`MAX_LOAD_MAPS` in all (fifty trials make fifty pictures no one reads)."""
+    trial_rows = {names[r.path] for r in runs if r.results and search.is_trial(str(r.results.get("layout")))}
+    named = [r for r in rows if r["label"] not in trial_rows]
+    return named + [r for r in rows if r["label"] in trial_rows][: max(0, MAX_LOAD_MAPS - len(named))]
 
 
 def write_analyses(

@@ -12,6 +12,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 
 from moe_lora.report.collect import Run
 from moe_lora.report.routing_stats import (
@@ -225,8 +226,13 @@ def loss_curves(bands: dict[str, dict[str, dict[int, tuple[float, float, float]]
             if (hi > lo).any():
                 ax.fill_between(xs, lo, hi, color=colours[label], alpha=0.2, linewidth=0)
         ax.set(xlabel="step", ylabel=f"{kind} loss", title=f"{kind.capitalize()} loss")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     _legend(fig, axes[0][0])
-    fig.suptitle("Loss over training (line: mean over seeds; band: min to max)", fontsize=10)
+    spread = any(v[2] > v[1] for by_label in bands.values() for b in by_label.values() for v in b.values())
+    fig.suptitle(
+        "Loss over training " + ("(line: mean over seeds; band: min to max)" if spread else "(one seed per row)"),
+        fontsize=10,
+    )
     _save(fig, path)
     return True
 

@@ -297,7 +297,8 @@ def params_gap(rows: list[dict]) -> str | None:
     gap = (hi["trainable"] - lo["trainable"]) / hi["trainable"]
     return (
         f"trainable parameters differ by {gap:.1%} between rows ({lo['label']}: {lo['trainable']:,}, "
-        f"{hi['label']}: {hi['trainable']:,}); differences in scores may come from the budget"
+        f"{hi['label']}: {hi['trainable']:,}); score differences may come from the budget: match it (rank, experts, "
+        "layout budget) or read the table with that in mind"
     )
 
 

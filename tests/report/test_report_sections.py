@@ -157,7 +157,8 @@ def test_a_parameter_gap_warns_above_its_table_and_once_on_stderr(tmp_path, capl
     gap = [r.getMessage() for r in caplog.records if "trainable parameters differ" in r.getMessage()]
     assert gap == [
         "warning: results table: trainable parameters differ by 4.8% between rows (lora: 1,000, loramoe: 1,050); "
-        "differences in scores may come from the budget"
+        "score differences may come from the budget: match it (rank, experts, layout budget) or read the table "
+        "with that in mind"
     ]
     index = (out / "index.md").read_text()
     warning = index.index("> **Warning:** trainable parameters differ by 4.8%")
@@ -210,3 +211,16 @@ def test_many_long_rows_and_deep_models_draw_without_warnings(tmp_path, capsys) 
         out = build_report([tmp_path])
     assert capsys.readouterr().err == ""
     assert len(list(out.glob("expert_load_*.png"))) == 5
+
+
+def test_a_search_draws_load_maps_of_its_named_layouts_and_a_few_trials(tmp_path) -> None:
+    from moe_lora.report.build import MAX_LOAD_MAPS, load_map_rows
+
+    run(tmp_path / "u", "mola", 0, layout="uniform")
+    for k in range(MAX_LOAD_MAPS + 3):
+        run(tmp_path / f"t{k}", "mola", 0, layout="searched", config={"layout": {"name": "searched", "slope": k / 10}})
+    runs = collect([tmp_path])
+    rows = tables.aggregate(runs)
+    chosen = [r["label"] for r in load_map_rows(runs, rows, tables.row_labels(runs))]
+    assert len(rows) == MAX_LOAD_MAPS + 4 and len(chosen) == MAX_LOAD_MAPS
+    assert chosen[0] == "mola" and all(c.startswith("mola/searched (slope=") for c in chosen[1:])
