@@ -206,6 +206,23 @@ def check_causal(config, cfg: ModelConfig) -> None:
         )
 
 
+def check_latent_attention(config, cfg: ModelConfig) -> None:
+    """Multi-head latent attention (DeepSeek-V2/V3: a ``kv_lora_rank``) expands its compressed keys
+    and values to ``num_attention_heads`` heads, and transformers' attention then repeats them
+    ``num_attention_heads / num_key_value_heads`` times: a config with fewer key/value heads (a
+    tiny checkpoint written with GQA defaults) fails deep in the first forward with a shape
+    mismatch. The released checkpoints set both equal; anything else fails here, in one line."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads, kv = getattr(text, "num_attention_heads", None), getattr(text, "num_key_value_heads", None)
+    if getattr(text, "kv_lora_rank", None) and heads and kv and kv != heads:
+        raise ConfigError(
+            f"model.name_or_path={cfg.name_or_path!r}: {text.model_type} uses multi-head latent attention "
+            f"(kv_lora_rank={text.kv_lora_rank}), which expands keys to num_attention_heads={heads}, but its "
+            f"config.json sets num_key_value_heads={kv}: transformers' attention would fail on the first "
+            f"forward; set num_key_value_heads={heads} in config.json"
+        )
+
+
 def checkpoint_config(cfg: ModelConfig):
     """The transformers config of a hub model when its ``config.json`` is readable here (a local
     directory, or a hub id in the local Hugging Face cache), else None. Reads one small file."""
@@ -230,6 +247,7 @@ def checkpoint_config(cfg: ModelConfig):
             f"model.name_or_path={cfg.name_or_path!r}: {where} cannot be read ({config_reason(exc)})"
         ) from None
     check_causal(config, cfg)
+    check_latent_attention(config, cfg)
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 

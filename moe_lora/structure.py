@@ -17,6 +17,16 @@ OPT's ``fc1``/``fc2``), and classifies them:
   ``ffn_gate`` / ``ffn_up`` are named only where names or a known fused layout tell them apart.
   Router linears of MoE blocks (``out = num_experts`` or 1) are left out.
 
+Mixture-of-experts blocks are read from the model, not from family names (:func:`find_moe`): a
+module holding routed experts (an ``experts`` child with fused 3-D parameters, ``[E, out, in]`` as
+Mixtral's ``gate_up_proj`` or ``[E, in, out]`` as gpt-oss's, or a ``ModuleList`` of per-expert
+MLPs) and a router (a child whose weight has ``num_experts`` rows, a Linear or transformers 5's
+``TopKRouter``), with optional shared experts (``shared_expert(s)``) and their gate. Layers without
+one (DeepSeek's ``first_k_dense_replace``, Qwen-MoE's ``decoder_sparse_step`` / ``mlp_only_layers``)
+are dense. Linears inside an MoE block are tagged with their ``part`` (routed, shared, shared_gate,
+router), so targets can tell the shared experts from the routed ones and never adapt one of them
+silently for the other.
+
 The result is cross-checked against peft's per-family target tables (imported, not copied): every
 module peft names must exist in every layer, and peft's IA3 feed-forward modules must be this
 module's ``ffn_out``. ``model.modules`` overrides any key (a role or a block) with module-name
@@ -43,6 +53,16 @@ ATTENTION_ROLES = ("query", "key", "value", "output")
 FFN_ROLES = ("ffn_in", "ffn_gate", "ffn_up", "ffn_out")
 ROLES = ATTENTION_ROLES + FFN_ROLES
 BLOCKS = ("attention", "ffn")
+# Targets of MoE layers: all routed experts, their fused projections, the shared experts, the router.
+EXPERT_ROLES = ("expert_gate_up", "expert_gate", "expert_up", "expert_down")
+MOE_TARGETS = ("experts", "shared_experts", "router", *EXPERT_ROLES)
+# num_experts and top_k under each family's config name (Mixtral/gpt-oss, OLMoE/Qwen-MoE, DeepSeek; Hunyuan)
+NUM_EXPERTS_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+TOP_K_KEYS = ("num_experts_per_tok", "moe_topk", "moe_top_k", "num_selected_experts")
+AUX_COEF_KEYS = ("router_aux_loss_coef", "aux_loss_alpha")
+_EXPERTS_CHILD = re.compile(r"experts|expert_mlps|moe_experts", re.IGNORECASE)
+_SHARED_CHILD = re.compile(r"shared_experts?|shared_mlp", re.IGNORECASE)
+_SHARED_GATE = re.compile(r"shared_experts?_gate", re.IGNORECASE)
 
 _HINTS = {  # the last name segment, lower-cased
     "query": r"q|q_proj|query|wq|q_lin|query_proj|q_attn",
@@ -156,6 +176,62 @@ class LinearInfo:
     fused: Fused | None = None  # the column layout, for a linear with several q/k/v or gate/up roles
     d_in: int = 0
     d_out: int = 0
+    part: str | None = None  # inside an MoE block: routed | shared | shared_gate | router
+
+
+@dataclass(frozen=True)
+class ExpertTensor:
+    """One fused 3-D parameter of the routed experts, e.g. ``mlp.experts.gate_up_proj [E, 2I, H]``."""
+
+    name: str  # path in the model
+    role: str  # one of EXPERT_ROLES
+    shape: tuple[int, ...]
+    order: str  # "[E, out, in]" (Mixtral, OLMoE, Qwen-MoE, DeepSeek) or "[E, in, out]" (gpt-oss)
+    bias: str | None = None  # its per-expert bias (gpt-oss's ``gate_up_proj_bias``)
+
+    def describe(self) -> str:
+        return f"{self.name} {list(self.shape)}"
+
+
+@dataclass(frozen=True)
+class MoEBlock:
+    """The MoE block of one sparse layer, read from the model."""
+
+    layer: int
+    path: str  # e.g. model.layers.1.mlp
+    experts: str  # the routed experts' module
+    num_experts: int
+    top_k: int | None
+    tensors: tuple[ExpertTensor, ...] = ()  # fused routed experts; empty for a ModuleList of MLPs
+    router: str | None = None
+    router_shape: tuple[int, ...] = ()
+    router_bias: bool = False
+    shared: str | None = None  # the shared experts' module
+    shared_gate: str | None = None
+    aux_loss_coef: float | None = None
+
+    @property
+    def fused(self) -> bool:
+        return bool(self.tensors)
+
+    def describe(self) -> str:
+        """``routed 4 x [mlp.experts.gate_up_proj [4, 128, 32], ...] (top-2), shared mlp.shared_expert``"""
+        where = len(self.path) + 1
+        if self.fused:
+            routed = ", ".join(
+                f"{t.name[where:]} {list(t.shape)} {t.order}" + (" +bias" if t.bias else "") for t in self.tensors
+            )
+        else:
+            routed = f"{self.experts[where:]} ModuleList of per-expert MLPs"
+        out = f"{self.path}: routed experts {routed}"
+        out += f", top-{self.top_k}" if self.top_k else ""
+        if self.router:
+            out += f", router {self.router[where:]} {list(self.router_shape)}" + (" +bias" if self.router_bias else "")
+        if self.shared:
+            out += f", shared experts {self.shared[where:]}"
+        if self.shared_gate:
+            out += f" (gate {self.shared_gate[where:]})"
+        return out
 
 
 @dataclass(frozen=True)
@@ -165,10 +241,20 @@ class Structure:
     linears: tuple[LinearInfo, ...]
     head_dim: int
     found: dict[str, str] = field(default_factory=dict)  # role or block -> "detected" | "model.modules"
+    moe: tuple[MoEBlock, ...] = ()  # one per sparse layer; the other layers are dense
+    unread_experts: tuple[str, ...] = ()  # 3-D parameters with num_experts rows outside any MoE block read
 
     @property
     def num_layers(self) -> int:
         return sum(n for _, n in self.stacks)
+
+    @property
+    def sparse_layers(self) -> list[int]:
+        return [b.layer for b in self.moe]
+
+    @property
+    def dense_layers(self) -> list[int]:
+        return [i for i in range(self.num_layers) if i not in set(self.sparse_layers)] if self.moe else []
 
     def in_layer(self, layer: int) -> list[LinearInfo]:
         return [li for li in self.linears if li.layer == layer]
@@ -178,7 +264,17 @@ class Structure:
         parts = []
         for li in self.in_layer(layer):
             roles = "+".join(r for r in li.roles if r != "ffn_in" or len(li.roles) == 1) or li.block or "unclassified"
+            if li.part == "shared_gate":
+                roles = "shared experts' gate"
+            elif li.part in ("routed", "shared"):
+                roles = f"{li.part} expert {roles}"
             parts.append(f"{li.local} ({roles})")
+        block = next((b for b in self.moe if b.layer == layer), None)
+        if block is not None and block.fused:
+            parts += [
+                f"{t.name.removeprefix(block.path.rsplit('.', 1)[0] + '.')} {list(t.shape)} (fused routed experts)"
+                for t in block.tensors
+            ]
         return ", ".join(parts)
 
 
@@ -239,23 +335,159 @@ def read_structure(model: nn.Module, modules: Any = None) -> Structure:
     heads, head_dim = attention_shape(config, hidden)
     stacks = find_stacks(model)
     linears: list[LinearInfo] = []
+    moe: list[MoEBlock] = []
     offset = 0
     for path, n in stacks:
         layers = model.get_submodule(path)
         for i in range(n):
-            linears += _classify_layer(layers[i], f"{path}.{i}", offset + i, family, config, hidden, heads, head_dim)
+            block = find_moe(layers[i], f"{path}.{i}", offset + i, config, hidden)
+            moe += [block] if block is not None else []
+            found = _classify_layer(
+                layers[i], f"{path}.{i}", offset + i, family, config, hidden, heads, head_dim, block
+            )
+            linears += _tag_moe(found, block) if block is not None else found
         offset += n
-    structure = Structure(family, stacks, tuple(linears), head_dim, {k: "detected" for k in ROLES + BLOCKS})
+    found = {k: "detected" for k in ROLES + BLOCKS + (MOE_TARGETS if moe else ())}
+    unread = _unread_experts(model, stacks, config, moe)
+    structure = Structure(family, stacks, tuple(linears), head_dim, found, tuple(moe), unread)
     overrides = module_overrides(modules) if modules is not None else {}
     if overrides:
         structure = _override(structure, overrides)
     return structure
 
 
+def _unread_experts(model: nn.Module, stacks: Any, config: Any, moe: list[MoEBlock]) -> tuple[str, ...]:
+    """A safety net for MoE layouts :func:`find_moe` does not know: 3-D parameters of the decoder
+    layers with ``num_experts`` (from the config) rows that no MoE block read. Targets of the FFN
+    refuse them rather than adapt the rest."""
+    num = _first_attr(config, NUM_EXPERTS_KEYS)
+    if not num:
+        return ()
+    known = {t.name for b in moe for t in b.tensors}
+    return tuple(
+        f"{path}.{name} {list(p.shape)}"
+        for path, _n in stacks
+        for name, p in model.get_submodule(path).named_parameters()
+        if p.ndim == 3 and p.shape[0] == num and f"{path}.{name}" not in known
+    )
+
+
+def _first_attr(config: Any, keys: tuple[str, ...]) -> Any:
+    return next((getattr(config, k) for k in keys if getattr(config, k, None) is not None), None)
+
+
+def find_moe(layer: nn.Module, prefix: str, index: int, config: Any, hidden: int) -> MoEBlock | None:
+    """The MoE block of a decoder layer, or None for a dense layer: a module with routed experts
+    (an ``experts`` child holding fused 3-D parameters, or a ``ModuleList`` of per-expert MLPs),
+    its router (a child whose weight has ``num_experts`` rows) and optional shared experts."""
+    for local, mod in layer.named_modules():
+        children = dict(mod.named_children())
+        ename = next((n for n in children if _EXPERTS_CHILD.fullmatch(n)), None)
+        if ename is None:
+            continue
+        experts = children[ename]
+        fused = [(n, p) for n, p in experts.named_parameters(recurse=False) if p.ndim == 3]
+        if fused:
+            num = int(fused[0][1].shape[0])
+        elif (
+            isinstance(experts, nn.ModuleList) and len(experts) > 1 and any(is_adaptable(m) for m in experts.modules())
+        ):
+            num = len(experts)
+        else:
+            continue
+        path = f"{prefix}.{local}" if local else prefix
+        shared = next((n for n in children if _SHARED_CHILD.fullmatch(n)), None)
+        shared_gate = next((n for n in children if _SHARED_GATE.fullmatch(n)), None)
+        router = next(
+            (
+                n
+                for n, c in children.items()
+                if n not in (ename, shared, shared_gate)
+                and getattr(c, "weight", None) is not None
+                and c.weight.ndim == 2
+                and c.weight.shape[0] == num
+            ),
+            None,
+        )
+        top_k = _first_attr(config, TOP_K_KEYS)
+        return MoEBlock(
+            layer=index,
+            path=path,
+            experts=f"{path}.{ename}",
+            num_experts=num,
+            top_k=int(top_k) if top_k is not None else None,
+            tensors=_expert_tensors(f"{path}.{ename}", experts, fused, hidden),
+            router=f"{path}.{router}" if router else None,
+            router_shape=tuple(children[router].weight.shape) if router else (),
+            router_bias=router is not None and getattr(children[router], "bias", None) is not None,
+            shared=f"{path}.{shared}" if shared else None,
+            shared_gate=f"{path}.{shared_gate}" if shared_gate else None,
+            aux_loss_coef=_first_attr(config, AUX_COEF_KEYS),
+        )
+    return None
+
+
+def _expert_tensors(prefix: str, experts: nn.Module, fused: list, hidden: int) -> tuple[ExpertTensor, ...]:
+    """Role and axis order of each fused expert parameter: ``[E, out, in]`` where the last axis
+    reads ``hidden`` (an input projection) or the middle one writes it (``down``), else ``[E, in, out]``;
+    a square tensor takes the order of its siblings."""
+    params = dict(experts.named_parameters(recurse=False))
+    found = []
+    for name, p in fused:
+        _e, a, b = p.shape
+        low = name.lower()
+        if "gate_up" in low:
+            role = "expert_gate_up"
+        elif "down" in low or low == "w2":
+            role = "expert_down"
+        elif "gate" in low or low == "w1":
+            role = "expert_gate"
+        elif "up" in low or low == "w3":
+            role = "expert_up"
+        else:  # no name says which projection: targetable as `experts` only
+            role = "expert"
+        if a == b:
+            order = None
+        elif role == "expert_down":
+            order = "[E, out, in]" if a == hidden else "[E, in, out]"
+        else:
+            order = "[E, out, in]" if b == hidden else "[E, in, out]"
+        bias = f"{name}_bias" if params.get(f"{name}_bias") is not None else None
+        found.append([f"{prefix}.{name}", role, tuple(p.shape), order, f"{prefix}.{bias}" if bias else None])
+    known = next((f[3] for f in found if f[3] is not None), "[E, out, in]")
+    return tuple(ExpertTensor(n, r, sh, o or known, bi) for n, r, sh, o, bi in found)
+
+
+def _tag_moe(linears: list[LinearInfo], block: MoEBlock) -> list[LinearInfo]:
+    """Linears of an MoE block with their part: a router or the shared experts' gate is neither
+    block; per-expert MLP linears (a ModuleList) and shared experts stay in the FFN."""
+    out = []
+    for li in linears:
+        if block.router and li.name == block.router:
+            li = replace(li, block=None, roles=("router",), fused=None, part="router")
+        elif block.shared_gate and li.name == block.shared_gate:
+            li = replace(li, block=None, roles=(), fused=None, part="shared_gate")
+        elif block.shared and li.name.startswith(f"{block.shared}."):
+            li = replace(li, block="ffn", part="shared")
+        elif li.name.startswith(f"{block.experts}."):
+            li = replace(li, block="ffn", part="routed")
+        out.append(li)
+    return out
+
+
 def _classify_layer(
-    layer: nn.Module, prefix: str, index: int, family: str, config: Any, hidden: int, heads: int, head_dim: int
+    layer: nn.Module,
+    prefix: str,
+    index: int,
+    family: str,
+    config: Any,
+    hidden: int,
+    heads: int,
+    head_dim: int,
+    moe: MoEBlock | None = None,
 ) -> list[LinearInfo]:
     attn_roots = _attention_roots(layer)
+    in_moe = moe.path.removeprefix(prefix).lstrip(".") if moe is not None else None
     groups: dict[str, list[tuple[str, int, int]]] = {}  # attention root or "ffn" -> (local, d_in, d_out)
     other: list[tuple[str, int, int]] = []
     for local, mod in layer.named_modules():
@@ -265,7 +497,11 @@ def _classify_layer(
         root = next((r for r in attn_roots if local.startswith(f"{r}.")), None)
         if root is not None:
             groups.setdefault(root, []).append((local, d_in, d_out))
-        elif "." not in local or any(_FFN_MODULE.search(part) for part in local.split(".")[:-1]):
+        elif (
+            "." not in local
+            or any(_FFN_MODULE.search(part) for part in local.split(".")[:-1])
+            or (in_moe is not None and (not in_moe or local.startswith(f"{in_moe}.")))
+        ):
             groups.setdefault("ffn", []).append((local, d_in, d_out))
         else:
             other.append((local, d_in, d_out))
@@ -417,7 +653,7 @@ def _override(structure: Structure, modules: dict[str, list[str]]) -> Structure:
                 fused = li.fused if li.fused is not None and set(roles) <= set(li.fused.roles) | {"ffn_in"} else None
                 linears[i] = replace(li, roles=roles, fused=fused)
     found = {**structure.found, **{k: "model.modules" for k in modules}}
-    return Structure(structure.family, structure.stacks, tuple(linears), structure.head_dim, found)
+    return replace(structure, linears=tuple(linears), found=found)
 
 
 def check_every_layer(structure: Structure, hits: list[LinearInfo], key: str, entry: str) -> None:
@@ -446,8 +682,11 @@ def cross_check_peft(structure: Structure) -> None:
     named = getattr(peft_tables, "TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING", {}).get(family, []) + getattr(
         peft_tables, "TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING", {}
     ).get(family, [])
+    fused_moe = any(b.fused for b in structure.moe)
     for name in dict.fromkeys(named):
         if not any(name_matches(li.name, [name]) for li in layer0):
+            if fused_moe:  # peft's tables name per-expert linears (Mixtral's w2): fused 3-D tensors here
+                continue
             raise ConfigError(
                 f"peft targets {name!r} in {family} models, but layer 0 of this checkpoint has no such "
                 f"linear ({structure.describe_layer(0)}): name the modules in model.modules"

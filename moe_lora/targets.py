@@ -4,6 +4,17 @@ table printed by ``moe-lora params`` and at the start of every run (``results.js
 Entries are roles, blocks (``attention``, ``ffn``, ``all``) or module names. Roles and blocks must
 exist in every decoder layer; a module name must match in every layer it matches in any (or only
 outside the layers, as ``lm_head``): a setting never selects silently less than it says.
+
+Mixture-of-experts layers (:class:`moe_lora.structure.MoEBlock`). On a sparse layer the FFN is the
+routed experts *and* the shared experts: ``ffn``, ``all`` and the FFN roles (``ffn_in``, ``ffn_gate``,
+``ffn_up``, ``ffn_out``) mean both, and so do the targets ``experts`` (the routed experts) and
+their projections (``expert_gate_up``, ``expert_gate``, ``expert_up``, ``expert_down``). Routed
+experts stored as fused 3-D parameters (transformers 5) cannot be adapted yet, so any of these
+entries fails in one line naming the layer and the expert tensors, as does a module name that
+matches one (``down_proj`` is also ``experts.down_proj``). Routed experts held as a ``ModuleList``
+of per-expert MLPs are Linears: every one of them is a site. ``shared_experts`` selects exactly
+the shared experts' linears of every sparse layer; ``router`` fails (no variant adapts a base
+router yet); ``attention`` is the attention of every layer, dense or sparse.
 """
 
 from __future__ import annotations
@@ -16,6 +27,8 @@ from torch import nn
 from moe_lora.errors import ConfigError
 from moe_lora.structure import (
     BLOCKS,
+    EXPERT_ROLES,
+    FFN_ROLES,
     ROLES,
     Fused,
     LinearInfo,
@@ -78,6 +91,10 @@ def _entry_hits(
     structure: Structure, model: nn.Module, entry: str, targets: list[str]
 ) -> list[tuple[LinearInfo, tuple[str, ...] | None]]:
     where = f"adapter.target_modules={targets}"
+    if entry in ("experts", "shared_experts", "router", *EXPERT_ROLES):
+        return _moe_hits(structure, entry, where)
+    if (structure.moe or structure.unread_experts) and entry in (*FFN_ROLES, "ffn", "all"):
+        refuse_fused_experts(structure, entry, where)
     if entry in ROLES:
         hits = [li for li in structure.linears if entry in li.roles]
         _require_every_layer(structure, hits, entry, where, "role")
@@ -87,6 +104,13 @@ def _entry_hits(
         hits = [li for li in structure.linears if li.block in blocks]
         _require_every_layer(structure, hits, entry, where, "block")
         return [(li, None) for li in hits]
+    tensors = [t for b in structure.moe for t in b.tensors if name_matches(t.name, [entry])]
+    if tensors:
+        raise ConfigError(
+            f"{where}: {entry!r} names the fused routed-expert tensor {tensors[0].describe()} ({len(tensors)} "
+            f"in {structure.family}), which moe_lora cannot adapt yet: target attention, shared_experts or "
+            "linear module names instead"
+        )
     known = {li.name: li for li in structure.linears}
     hits = []
     for name, mod in model.named_modules():  # a linear outside the layers (lm_head) has no layer
@@ -100,6 +124,69 @@ def _entry_hits(
     in_layers = [li for li in hits if li.layer is not None]
     if in_layers:
         check_every_layer(structure, in_layers, "adapter.target_modules", entry)
+    return [(li, None) for li in hits]
+
+
+def refuse_fused_experts(structure: Structure, entry: str, where: str) -> None:
+    """``entry`` covers the FFN of every sparse layer; fused routed experts cannot be adapted yet,
+    so adapting the rest (shared experts, dense layers) would be a silent subset: fail, naming them."""
+    if structure.unread_experts:
+        raise ConfigError(
+            f"{where}: {entry!r} on {structure.family} would miss expert parameters moe_lora cannot read "
+            f"({structure.unread_experts[0]}, {len(structure.unread_experts)} in all): target attention or "
+            "linear module names"
+        )
+    fused = [b for b in structure.moe if b.fused]
+    if not fused:
+        return
+    block = fused[0]
+    tensors = ", ".join(t.describe() for t in block.tensors)
+    shared = (
+        ", or attention and the shared experts (adapter.target_modules=[attention, shared_experts])"
+        if all(b.shared for b in structure.moe)
+        else ""
+    )
+    dense = f"; layers {structure.dense_layers} are dense" if structure.dense_layers else ""
+    raise ConfigError(
+        f"{where}: {entry!r} on {structure.family} includes the routed experts of {len(fused)} sparse layer(s) "
+        f"(layer {block.layer}: {tensors}), fused {block.num_experts}-expert tensors that moe_lora cannot adapt "
+        f"yet: target attention only (adapter.target_modules=[attention]){shared}{dense}"
+    )
+
+
+def _moe_hits(structure: Structure, entry: str, where: str) -> list[tuple[LinearInfo, tuple[str, ...] | None]]:
+    """``experts``, ``shared_experts``, ``router`` and the expert projections: only on MoE layers."""
+    if not structure.moe:
+        raise ConfigError(
+            f"{where}: {entry!r} targets mixture-of-experts layers, but {structure.family} has none (no module "
+            f"with routed experts and a router; layer 0 has: {structure.describe_layer(0)})"
+        )
+    if entry == "router":
+        block = structure.moe[0]
+        raise ConfigError(
+            f"{where}: no adapter variant adapts the base model's router yet ({block.router} "
+            f"{list(block.router_shape)} in {structure.family}): target attention or shared_experts"
+        )
+    if entry == "shared_experts":
+        hits = [li for li in structure.linears if li.part == "shared"]
+        missing = sorted(set(structure.sparse_layers) - {li.layer for li in hits})
+        if missing:
+            raise ConfigError(
+                f"{where}: {structure.family} has no shared experts in sparse layer {missing[0]} "
+                f"({structure.describe_layer(missing[0])})"
+            )
+        return [(li, None) for li in hits]
+    refuse_fused_experts(structure, entry, where)
+    hits = [li for li in structure.linears if li.part == "routed"]
+    if entry != "experts":  # a per-expert MLP's projection by its FFN role
+        role = {"expert_down": "ffn_out", "expert_gate": "ffn_gate", "expert_up": "ffn_up"}.get(entry, "ffn_in")
+        hits = [li for li in hits if role in li.roles]
+    missing = sorted(set(structure.sparse_layers) - {li.layer for li in hits})
+    if missing:
+        raise ConfigError(
+            f"{where}: {structure.family} has no {entry!r} in sparse layer {missing[0]} "
+            f"({structure.describe_layer(missing[0])})"
+        )
     return [(li, None) for li in hits]
 
 
@@ -145,11 +232,28 @@ def targets_summary(structure: Structure, sites: list[Site], slices: bool) -> di
             "sites": {k: v["site"] for k, v in row["modules"].items()},
             "found": structure.found.get(entry, "by name"),
         }
-    return {
+    summary = {
         "family": structure.family,
         "num_layers": structure.num_layers,
         "stacks": [list(s) for s in structure.stacks],
         "entries": out,
+    }
+    if structure.moe:
+        summary["moe"] = moe_summary(structure)
+    return summary
+
+
+def moe_summary(structure: Structure) -> dict[str, Any]:
+    """The MoE layers as the structure reader sees them (one description per distinct block shape)."""
+    block = structure.moe[0]
+    return {
+        "sparse_layers": structure.sparse_layers,
+        "dense_layers": structure.dense_layers,
+        "num_experts": block.num_experts,
+        "top_k": block.top_k,
+        "aux_loss_coef": block.aux_loss_coef,
+        "fused": block.fused,
+        "block": block.describe(),
     }
 
 
@@ -163,4 +267,13 @@ def format_targets(summary: dict[str, Any]) -> str:
     for entry, row in summary["entries"].items():
         mods = ", ".join(f"{m} ({row['sites'][m]})" for m in row["modules"])
         lines.append(f"  {entry:<12} {row['found']:<14} {row['per_layer']:>9} {row['layers']:>6}  {mods}")
+    moe = summary.get("moe")
+    if moe:
+        dense = f"; dense layers {moe['dense_layers']}" if moe["dense_layers"] else ""
+        how = "fused tensors, not adaptable yet" if moe["fused"] else "ModuleList of per-expert MLPs"
+        lines.append(
+            f"  MoE: sparse layers {moe['sparse_layers']}{dense}; {moe['num_experts']} routed experts "
+            f"({how}), top-{moe['top_k']}"
+        )
+        lines.append(f"    e.g. {moe['block']}")
     return "\n".join(lines)

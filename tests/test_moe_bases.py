@@ -1,0 +1,267 @@
+"""Mixture-of-experts bases: the structure reader finds routers, routed and shared experts and dense
+layers of six families (tests/fixtures/moe.py), and no target ever adapts a silent subset of an
+MoE layer's FFN: every registered variant either adapts exactly what it names or stops in one line
+before anything is written. LoRA on the routed experts themselves is not built yet: targets that
+include them are refused, naming the expert tensors."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from moe_lora.adapters.inject import plan_targets
+from moe_lora.compose import CONF_DIR, load_config
+from moe_lora.config import ModelConfig
+from moe_lora.errors import ConfigError
+from moe_lora.structure import read_structure
+from tests.fixtures.moe import MOE_FAMILIES, SPARSE_LAYERS, make_moe_checkpoint, moe_config
+
+# family -> (router, routed expert tensors with their axis order, shared experts, shared-expert gate)
+EXPECTED = {
+    "mixtral": ("gate", {"gate_up_proj": "[E, out, in]", "down_proj": "[E, out, in]"}, None, None),
+    "olmoe": ("gate", {"gate_up_proj": "[E, out, in]", "down_proj": "[E, out, in]"}, None, None),
+    "qwen2_moe": (
+        "gate",
+        {"gate_up_proj": "[E, out, in]", "down_proj": "[E, out, in]"},
+        "shared_expert",
+        "shared_expert_gate",
+    ),
+    "qwen3_moe": ("gate", {"gate_up_proj": "[E, out, in]", "down_proj": "[E, out, in]"}, None, None),
+    "deepseek_v2": ("gate", {"gate_up_proj": "[E, out, in]", "down_proj": "[E, out, in]"}, "shared_experts", None),
+    "gpt_oss": ("router", {"gate_up_proj": "[E, in, out]", "down_proj": "[E, in, out]"}, None, None),
+}
+VARIANTS = sorted(p.stem for p in (CONF_DIR / "adapter").glob("*.yaml") if p.stem not in ("none", "full"))
+
+
+@pytest.fixture(scope="session")
+def moe_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("moe_checkpoints")
+    return {family: make_moe_checkpoint(family, root / family) for family in MOE_FAMILIES}
+
+
+def meta(path: Path) -> nn.Module:
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_structure_reader_finds_the_moe_blocks(family, moe_checkpoints) -> None:
+    structure = read_structure(meta(moe_checkpoints[family]))
+    router, tensors, shared, shared_gate = EXPECTED[family]
+    assert structure.sparse_layers == list(SPARSE_LAYERS[family])
+    assert structure.dense_layers == [i for i in range(3) if i not in SPARSE_LAYERS[family]]
+    for block in structure.moe:
+        mlp = f"model.layers.{block.layer}.mlp"
+        assert (block.path, block.num_experts, block.top_k) == (mlp, 4, 2)
+        assert block.router == f"{mlp}.{router}" and block.router_shape == (4, 32)
+        assert block.router_bias == (family == "gpt_oss")
+        assert {t.name: t.order for t in block.tensors} == {f"{mlp}.experts.{n}": o for n, o in tensors.items()}
+        assert {t.role for t in block.tensors} == {"expert_gate_up", "expert_down"}
+        assert all((t.bias is not None) == (family == "gpt_oss") for t in block.tensors)
+        assert block.shared == (f"{mlp}.{shared}" if shared else None)
+        assert block.shared_gate == (f"{mlp}.{shared_gate}" if shared_gate else None)
+        parts = {li.local: li.part for li in structure.in_layer(block.layer) if li.part}
+        expected = {f"mlp.{shared}.{p}": "shared" for p in ("gate_proj", "up_proj", "down_proj")} if shared else {}
+        expected |= {f"mlp.{shared_gate}": "shared_gate"} if shared_gate else {}
+        assert parts == expected
+    for layer in structure.dense_layers:  # a dense layer's MLP is the plain FFN
+        assert {li.local: li.roles for li in structure.in_layer(layer) if li.block == "ffn"} == {
+            "mlp.gate_proj": ("ffn_in", "ffn_gate"),
+            "mlp.up_proj": ("ffn_in", "ffn_up"),
+            "mlp.down_proj": ("ffn_out",),
+        }
+
+
+def adapter_configs() -> dict:
+    """Every registered variant's default AdapterConfig (composed once, on the built-in model)."""
+    return {v: load_config([f"adapter={v}"], check_files=False).adapter for v in VARIANTS}
+
+
+@pytest.fixture(scope="module")
+def adapters() -> dict:
+    return adapter_configs()
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_no_variant_adapts_a_silent_subset(family, moe_checkpoints, adapters) -> None:
+    """Default targets: refused in one line naming the routed expert tensors, or attention only
+    (MELoRA's query/value). ``[attention]``: exactly the attention linears of every layer."""
+    model = meta(moe_checkpoints[family])
+    structure = read_structure(model)
+    attention = {li.name for li in structure.linears if li.block == "attention"}
+    assert {li.layer for li in structure.linears if li.name in attention} == {0, 1, 2}
+    model_cfg = ModelConfig(source="hub", name_or_path=str(moe_checkpoints[family]))
+    for name, adapter in adapters.items():
+        try:
+            _, sites = plan_targets(model, adapter, model_cfg)
+        except ConfigError as exc:
+            msg = str(exc)
+            assert "\n" not in msg
+            # a role the family lacks (DeepSeek's latent attention has no key) fails before the FFN
+            assert "experts.gate_up_proj [" in msg or "no role" in msg, (name, msg)
+            if "experts.gate_up_proj [" in msg:
+                assert "cannot adapt yet" in msg and "adapter.target_modules=[attention]" in msg
+        else:
+            assert {s.block for s in sites} == {"attention"}, (name, [s.name for s in sites])
+        try:
+            _, sites = plan_targets(model, replace(adapter, target_modules=["attention"]), model_cfg)
+        except ConfigError as exc:  # MELoRA's minis must divide DeepSeek's latent widths: said so
+            assert name == "melora" and "num_minis" in str(exc), str(exc)
+            continue
+        assert {s.name for s in sites} == attention, name
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v2"])
+def test_moe_targets(family, moe_checkpoints, adapters) -> None:
+    """``shared_experts`` is exact; ``experts``, the expert roles, ``router`` and a module name that
+    is also a fused expert tensor fail in one line; ``ffn`` names the dense layers too."""
+    model = meta(moe_checkpoints[family])
+    model_cfg = ModelConfig(source="hub", name_or_path=str(moe_checkpoints[family]))
+    lora = adapters["lora"]
+    _, sites = plan_targets(model, replace(lora, target_modules=["shared_experts"]), model_cfg)
+    shared = EXPECTED[family][2]
+    assert {s.name for s in sites} == {
+        f"model.layers.{i}.mlp.{shared}.{p}"
+        for i in SPARSE_LAYERS[family]
+        for p in ("gate_proj", "up_proj", "down_proj")
+    }
+    dense = [i for i in range(3) if i not in SPARSE_LAYERS[family]]
+    for targets, says in [
+        (["ffn"], f"layers {dense} are dense"),
+        (["experts"], "cannot adapt yet"),
+        (["expert_down"], "cannot adapt yet"),
+        (["router"], "no adapter variant adapts the base model's router"),
+        (["down_proj"], "names the fused routed-expert tensor"),
+        (["attention", "ffn_out"], "experts.down_proj ["),
+    ]:
+        with pytest.raises(ConfigError, match=None) as info:
+            plan_targets(model, replace(lora, target_modules=targets), model_cfg)
+        assert says in str(info.value) and "\n" not in str(info.value), (targets, str(info.value))
+
+
+def test_shared_experts_on_a_family_without_them(moe_checkpoints, adapters) -> None:
+    model = meta(moe_checkpoints["mixtral"])
+    model_cfg = ModelConfig(source="hub", name_or_path=str(moe_checkpoints["mixtral"]))
+    with pytest.raises(ConfigError, match="mixtral has no shared experts in sparse layer 0"):
+        plan_targets(model, replace(adapters["lora"], target_modules=["shared_experts"]), model_cfg)
+
+
+def test_dense_model_has_no_moe_targets(checkpoints, adapters) -> None:
+    model = meta(checkpoints["llama"])
+    model_cfg = ModelConfig(source="hub", name_or_path=str(checkpoints["llama"]))
+    assert read_structure(model).moe == ()
+    with pytest.raises(ConfigError, match="targets mixture-of-experts layers, but llama has none"):
+        plan_targets(model, replace(adapters["lora"], target_modules=["experts"]), model_cfg)
+
+
+class _Expert(nn.Module):
+    def __init__(self, hidden: int, inner: int) -> None:
+        super().__init__()
+        self.w1, self.w3, self.w2 = nn.Linear(hidden, inner), nn.Linear(hidden, inner), nn.Linear(inner, hidden)
+
+
+class _Layer(nn.Module):
+    def __init__(self, hidden: int, experts: int) -> None:
+        super().__init__()
+        self.self_attn = nn.Module()
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            setattr(self.self_attn, name, nn.Linear(hidden, hidden))
+        self.block_sparse_moe = nn.Module()
+        self.block_sparse_moe.gate = nn.Linear(hidden, experts, bias=False)
+        self.block_sparse_moe.experts = nn.ModuleList(_Expert(hidden, 2 * hidden) for _ in range(experts))
+
+
+class _ListMoE(nn.Module):
+    """Older checkpoints and remote code: a ModuleList of per-expert MLPs and a Linear router."""
+
+    _no_split_modules = ("_Layer",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.config = moe_config("mixtral", 100, num_hidden_layers=2)
+        self.layers = nn.ModuleList(_Layer(32, 4) for _ in range(2))
+
+
+def test_per_expert_module_list(adapters) -> None:
+    """Per-expert Linears are adaptable: ``ffn`` and ``experts`` select every one of them, never
+    the router; the router Linear is not an FFN projection."""
+    model = _ListMoE()
+    structure = read_structure(model)
+    assert structure.sparse_layers == [0, 1] and not structure.moe[0].fused
+    assert structure.moe[0].router == "layers.0.block_sparse_moe.gate"
+    experts = {
+        f"layers.{i}.block_sparse_moe.experts.{e}.{w}" for i in (0, 1) for e in range(4) for w in ("w1", "w2", "w3")
+    }
+    model_cfg = ModelConfig(source="hub", name_or_path="list_moe")
+    for targets in (["ffn"], ["experts"]):
+        _, sites = plan_targets(model, replace(adapters["lora"], target_modules=targets), model_cfg)
+        assert {s.name for s in sites} == experts, targets
+    _, sites = plan_targets(model, replace(adapters["lora"], target_modules=["expert_down"]), model_cfg)
+    assert {s.name for s in sites} == {n for n in experts if n.endswith("w2")}
+
+
+def test_latent_attention_with_fewer_kv_heads_fails_in_one_line(tmp_path) -> None:
+    """The DeepSeek-V2 traceback: latent attention expands keys to every head, so a config with
+    fewer key/value heads fails on the first forward inside transformers; here it is one line."""
+    moe_config("deepseek_v2", 100, num_key_value_heads=2).save_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match=r"set num_key_value_heads=4 in config\.json"):
+        load_config(["model.source=hub", f"model.name_or_path={tmp_path}"], check_files=False)
+
+
+def test_cli_refuses_default_lora_and_params_attention(moe_checkpoints, run_cli, tmp_path) -> None:
+    """``train`` with the default (``ffn``) targets: one line, nothing written; ``params`` with
+    ``[attention]`` prints the targets table with the MoE layers."""
+    path = moe_checkpoints["qwen2_moe"]
+    run = tmp_path / "run"
+    code, out, err = run_cli(
+        "train", "model.source=hub", f"model.name_or_path={path}", "adapter=lora", f"hydra.run.dir={run}", tiny=False
+    )
+    lines = err.strip().splitlines()
+    assert code != 0 and len(lines) == 1 and "Traceback" not in out + err, err[-2000:]
+    assert "model.layers.1.mlp.experts.gate_up_proj [4, 32, 32]" in lines[0] and "cannot adapt yet" in lines[0]
+    assert not run.exists()
+    code, out, err = run_cli(
+        "params", "model.source=hub", f"model.name_or_path={path}", "adapter=lora", "adapter.target_modules=[attention]"
+    )
+    assert code == 0, err[-2000:]
+    assert "MoE: sparse layers [1]; dense layers [0, 2]; 4 routed experts" in out
+    assert "router gate [4, 32], shared experts shared_expert (gate shared_expert_gate)" in out
+
+
+def test_deepseek_v2_trains_attention_only(moe_checkpoints, run_cli, data_root, tmp_path) -> None:
+    """The one real run: a smoke step on DeepSeek-V2 (latent attention, dense first layer, shared
+    experts), attention only; the adapted modules are every attention linear of every layer."""
+    run = tmp_path / "run"
+    code, _out, err = run_cli(
+        "train",
+        "model.source=hub",
+        f"model.name_or_path={moe_checkpoints['deepseek_v2']}",
+        "adapter=lora",
+        "adapter.target_modules=[attention]",
+        "data=triviaqa_alpaca",
+        f"data.root={data_root}",
+        "recipe=smoke",
+        "recipe.threads=1",
+        "recipe.max_steps=1",
+        "data.num_train=4",
+        "recipe.eval_limit=1",
+        "eval.max_new_tokens=2",
+        f"hydra.run.dir={run}",
+        tiny=False,
+    )
+    assert code == 0, err[-3000:]
+    targets = json.loads((run / "results.json").read_text())["targets"]
+    row = targets["entries"]["attention"]
+    assert row["layers"] == 3 and row["modules"] == [
+        "self_attn.kv_a_proj_with_mqa",
+        "self_attn.kv_b_proj",
+        "self_attn.o_proj",
+        "self_attn.q_proj",
+    ]
+    assert set(targets["entries"]) == {"attention"} and targets["moe"]["sparse_layers"] == [1, 2]
