@@ -44,6 +44,7 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import torch
 from torch import nn
 
 from moe_lora.config import module_overrides
@@ -398,17 +399,7 @@ def find_moe(layer: nn.Module, prefix: str, index: int, config: Any, hidden: int
         path = f"{prefix}.{local}" if local else prefix
         shared = next((n for n in children if _SHARED_CHILD.fullmatch(n)), None)
         shared_gate = next((n for n in children if _SHARED_GATE.fullmatch(n)), None)
-        router = next(
-            (
-                n
-                for n, c in children.items()
-                if n not in (ename, shared, shared_gate)
-                and getattr(c, "weight", None) is not None
-                and c.weight.ndim == 2
-                and c.weight.shape[0] == num
-            ),
-            None,
-        )
+        router, router_mod = _find_router(mod, (ename, shared, shared_gate), num)
         top_k = _first_attr(config, TOP_K_KEYS)
         return MoEBlock(
             layer=index,
@@ -418,13 +409,43 @@ def find_moe(layer: nn.Module, prefix: str, index: int, config: Any, hidden: int
             top_k=int(top_k) if top_k is not None else None,
             tensors=_expert_tensors(f"{path}.{ename}", experts, fused, hidden),
             router=f"{path}.{router}" if router else None,
-            router_shape=tuple(children[router].weight.shape) if router else (),
-            router_bias=router is not None and getattr(children[router], "bias", None) is not None,
+            router_shape=tuple(router_mod.weight.shape) if router_mod is not None else (),
+            router_bias=_router_bias(mod, router_mod),
             shared=f"{path}.{shared}" if shared else None,
             shared_gate=f"{path}.{shared_gate}" if shared_gate else None,
             aux_loss_coef=_first_attr(config, AUX_COEF_KEYS),
         )
     return None
+
+
+_ROUTER_CHILD = re.compile(r"gate|router|gating|wg|classifier|layer", re.IGNORECASE)
+_ROUTER_BIASES = ("e_score_correction_bias", "expert_bias")  # DeepSeek-V3's, AFMoE's selection bias
+
+
+def _find_router(block: nn.Module, skip: tuple[str | None, ...], num: int) -> tuple[str | None, nn.Module | None]:
+    """The router under an MoE block (outside its experts): a module whose 2-D weight has
+    ``num_experts`` rows (``gate``, gpt-oss's ``router``, or nested as AFMoE's ``router.gate`` and
+    HunYuan's ``gate.wg``); else one named like a router (LongCat's ``router.classifier`` also
+    scores its zero-computation experts)."""
+    found = [
+        (f"{child}.{n}" if n else child, m)
+        for child, c in block.named_children()
+        if child not in skip
+        for n, m in c.named_modules()
+        if isinstance(getattr(m, "weight", None), nn.Parameter | torch.Tensor) and m.weight.ndim == 2
+    ]
+    hit = next(((n, m) for n, m in found if m.weight.shape[0] == num), None)
+    if hit is None:
+        hit = next(((n, m) for n, m in found if all(_ROUTER_CHILD.fullmatch(p) for p in n.split("."))), None)
+    return hit if hit is not None else (None, None)
+
+
+def _router_bias(block: nn.Module, router: nn.Module | None) -> bool:
+    """Whether routing adds a bias: the router's own, or a per-expert selection bias."""
+    if router is not None and getattr(router, "bias", None) is not None:
+        return True
+    names = {n.rsplit(".", 1)[-1] for n, _ in [*block.named_parameters(), *block.named_buffers()]}
+    return any(b in names for b in _ROUTER_BIASES)
 
 
 def _expert_tensors(prefix: str, experts: nn.Module, fused: list, hidden: int) -> tuple[ExpertTensor, ...]:

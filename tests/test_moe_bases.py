@@ -265,3 +265,42 @@ def test_deepseek_v2_trains_attention_only(moe_checkpoints, run_cli, data_root, 
         "self_attn.q_proj",
     ]
     assert set(targets["entries"]) == {"attention"} and targets["moe"]["sparse_layers"] == [1, 2]
+
+
+# Families beyond the fixtures, read on the meta device only: another block name, a nested router
+# and shared experts under another name, and experts stored where no MoE block is recognised.
+OTHER = {"granitemoe": ("block_sparse_moe", "router", None), "hunyuan_v1_moe": ("mlp", "gate.wg", "shared_mlp")}
+
+
+@pytest.mark.parametrize("family", [*OTHER, "jetmoe"])
+def test_other_families_on_the_meta_device(family, adapters) -> None:
+    config = AutoConfig.for_model(
+        family,
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        head_dim=8,
+        num_experts=4,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        moe_topk=2,
+    )
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    structure = read_structure(model)
+    model_cfg = ModelConfig(source="hub", name_or_path=family)
+    if family == "jetmoe":  # 3-D expert weights outside any block read: the FFN is refused, not half-adapted
+        assert structure.moe == () and structure.unread_experts
+        with pytest.raises(ConfigError, match="would miss expert parameters"):
+            plan_targets(model, replace(adapters["lora"], target_modules=["ffn"]), model_cfg)
+        return
+    block_name, router, shared = OTHER[family]
+    assert structure.sparse_layers == [0, 1]
+    block = structure.moe[0]
+    assert block.path == f"model.layers.0.{block_name}" and block.router == f"{block.path}.{router}"
+    assert block.shared == (f"{block.path}.{shared}" if shared else None) and block.fused
+    with pytest.raises(ConfigError, match="cannot adapt yet"):
+        plan_targets(model, replace(adapters["lora"], target_modules=["all"]), model_cfg)
