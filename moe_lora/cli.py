@@ -36,6 +36,9 @@ examples:
   moe-lora train adapter=lora recipe=smoke
   moe-lora train -m adapter=lora,loramoe seed=0,1,2
   moe-lora params adapter=loramoe adapter.num_experts=4
+
+moe-lora COMMAND --help: a command's options; moe-lora train --help: the config groups and keys;
+moe-lora train --cfg job adapter=mola: the composed config, nothing trained
 """
 
 
@@ -45,9 +48,48 @@ def cmd_train(args: list[str]) -> int:
     return launch(args)
 
 
+PARAMS_HELP = """usage: moe-lora params [group=option ...] [key=value ...]
+
+The trainable / total parameter table of the config the overrides compose (the same overrides as
+`moe-lora train`), per adapted module, without loading data or training. A model.name_or_path
+checkpoint is read for its config.json only.
+
+examples:
+  moe-lora params adapter=loramoe adapter.num_experts=4
+  moe-lora params adapter=mola layout=inverted_triangle
+
+groups, their options and every key's default: moe-lora train --help
+"""
+
+EVAL_HELP = """usage: moe-lora eval run_dir=DIR [key=value ...]
+
+Re-evaluate a finished run: its saved config.yaml (with the overrides, e.g. eval.* keys) and its
+adapter on the base model; writes eval-<time>.json and its predictions beside the run.
+
+example:
+  moe-lora eval run_dir=outputs/<date>/<run> data.eval_per_task=50
+"""
+
+
+def wants_help(args: list[str], usage: str) -> bool:
+    """Print ``usage`` for -h/--help; a command taking overrides refuses other flags in one line
+    instead of ignoring them."""
+    from moe_lora.errors import ConfigError
+
+    if "-h" in args or "--help" in args:
+        print(usage, end="")
+        return True
+    flags = [a for a in args if a.startswith("-")]
+    if flags:
+        raise ConfigError(f"{flags[0]}: not an option of this command, which takes key=value overrides (--help)")
+    return False
+
+
 def cmd_params(args: list[str]) -> int:
     from moe_lora.params import print_params
 
+    if wants_help(args, PARAMS_HELP):
+        return 0
     _, overrides = split_args(args)
     print_params(load_config(overrides, check_files=False))  # reads a checkpoint's config.json if there is one
     return 0
@@ -56,6 +98,8 @@ def cmd_params(args: list[str]) -> int:
 def cmd_eval(args: list[str]) -> int:
     from moe_lora.train.reeval import reevaluate
 
+    if wants_help(args, EVAL_HELP):
+        return 0
     _, overrides = split_args(args)
     run_dirs = [o.split("=", 1)[1] for o in overrides if o.startswith("run_dir=")]
     if not run_dirs:

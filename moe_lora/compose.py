@@ -45,6 +45,10 @@ SKIP_PRECHECK = {
     "-i",
     "--experimental-rerun",
 }
+# flags that show (help, a config, Hydra's info) instead of running, and those that change where
+# the config comes from (then only Hydra composes it)
+SHOW_FLAGS = {"--help", "-h", "--cfg", "-c", "--info", "-i"}
+CONFIG_SOURCE_FLAGS = {"--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd", "--experimental-rerun"}
 
 register_resolvers()
 
@@ -94,6 +98,22 @@ def first_job(overrides: list[str]) -> list[str]:
 
 
 def compose(overrides: list[str], return_hydra_config: bool = False):
+    """The composed config; an override naming a key the config does not have is a one-line
+    ``ConfigError`` with a did-you-mean, the keys there, or the ``+key=value`` that adds it."""
+    from hydra.errors import ConfigCompositionException
+
+    from moe_lora.errors import ConfigError
+
+    try:
+        return _compose(overrides, return_hydra_config)
+    except ConfigCompositionException as exc:
+        message = unknown_key_message(exc, overrides)
+        if message is None:
+            raise
+    raise ConfigError(message)
+
+
+def _compose(overrides: list[str], return_hydra_config: bool = False):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
@@ -102,6 +122,54 @@ def compose(overrides: list[str], return_hydra_config: bool = False):
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="moe_lora"):
         return hydra_compose(config_name="train", overrides=overrides, return_hydra_config=return_hydra_config)
+
+
+def unknown_key_message(exc: Exception, overrides: list[str]) -> str | None:
+    """For Hydra's "Could not override 'KEY'" (a key, or a group, the config does not have): its
+    first lines and a hint from the config composed without that override. Hydra's own hint
+    (``+KEY=VALUE``) is kept only where adding makes sense: a group missing from the defaults list,
+    a free-form map (``data.sources``), or a new top-level key (a tag); a typo gets a did-you-mean,
+    a schema's unknown key the keys it has. None for any other error."""
+    import re
+
+    from moe_lora.errors import one_line
+
+    match = re.match(r"Could not override '([^']+)'\.", str(exc))
+    bad = [o for o in overrides if match and o.split("=", 1)[0] == match[1]]
+    if not bad:
+        return None
+    key, text = match[1], one_line(exc)
+    if "No match in the defaults list" in str(exc):
+        return f"{text.rstrip('.')}: {key!r} is a group not chosen by default; add it with +{bad[-1]}"
+    try:
+        cfg = _compose([o for o in overrides if o not in bad], return_hydra_config=key.startswith("hydra"))
+    except Exception:
+        return None
+    return f"{text}{key_hint(cfg, key, bad[-1])}"
+
+
+def key_hint(cfg, key: str, override: str) -> str:
+    """``; did you mean adapter.num_experts?``, ``; keys of adapter: ...`` or ``; add it with +...``
+    for a dotted ``key`` missing from ``cfg``."""
+    import difflib
+
+    from omegaconf import DictConfig, OmegaConf
+
+    parts, node, depth = key.split("."), cfg, 0
+    while depth < len(parts) and isinstance(node, DictConfig) and parts[depth] in node:
+        node, depth = node[parts[depth]], depth + 1
+    if not isinstance(node, DictConfig) or depth == len(parts):
+        return ""
+    keys = [str(k) for k in node]
+    close = difflib.get_close_matches(parts[depth], keys, n=1)
+    if close:
+        return f"; did you mean {'.'.join([*parts[:depth], close[0], *parts[depth + 1 :]])}?"
+    where = ".".join(parts[:depth])
+    if depth == 0 or OmegaConf.get_type(node) is dict:  # a new top-level key (a tag) or a map entry
+        return f"; to add a key the config does not have use +{override}" + (
+            " (moe-lora itself does not read it: e.g. a tag for folder names)" if depth == 0 else ""
+        )
+    return f"; keys of {where}: {', '.join(keys)}"
 
 
 def to_config(dcfg, check_files: bool = True):

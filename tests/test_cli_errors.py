@@ -48,6 +48,14 @@ CASES = [
     ),
     (["recipe.optimizer=sgd"], "recipe.optimizer"),
     (["recipe.optimizer=adafactor"], "recipe.scheduler"),
+    # keys the config does not have: a did-you-mean, the keys there, or the + that adds one
+    (["adapter.num_expert=4"], "did you mean adapter.num_experts?"),
+    (["eval.harnes.tasks=[a]"], "did you mean eval.harness.tasks?"),
+    (["adapterr=lora"], "did you mean adapter?"),
+    (["adapter=lora", "adapter.num_experts=4"], "keys of adapter: name, target_modules"),
+    (["foo=1"], "use +foo=1"),
+    (["arm=lora"], "add it with +arm=lora"),
+    (["data.sources.extra.name=x"], "use +data.sources.extra.name=x"),
 ]
 
 
