@@ -266,7 +266,7 @@ def merge(model: nn.Module) -> nn.Module:
     """Fold the adapter into the base weights in place and take the wrappers out (peft's
     ``merge_and_unload``); exact for LoRA, ALoRA, MELoRA and IA3. A routed variant is refused: its
     update depends on the input."""
-    from moe_lora.export import merge as fold
+    from moe_lora.merging import merge as fold
 
     hooks = _attached(model)
     fold(model, hooks.variant)
