@@ -656,7 +656,12 @@ def _kind(c: dict[str, Any]) -> str:
 def markdown(records: list[dict[str, Any]], warnings: list[str], bootstrap: int = 0) -> str:
     """claims.md from claims.json's records: the table, the rule under it, then notes and warnings."""
     if not records:
-        return "No claims: the runs' configs declare none (`claims:` in the experiment preset).\n"
+        return (
+            "No claims: the runs' configs declare none (`claims:` in an experiment preset). To judge your own "
+            "comparison, add one to the sweep's command line, e.g. `'claims=[{name: b_beats_a, metric: "
+            "metrics.instruction_em, arm: b, than: a}]'` with the runs' report labels as arm and than: "
+            'docs/claims.md, "Ad-hoc claims for your own comparison".\n'
+        )
     lines = [
         "| claim | metric | arm vs than | at | kind | n pairs | mean diff | 95% CI | margin | p | Holm p | "
         "seeds for 80% power | verdict |",
