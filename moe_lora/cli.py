@@ -97,6 +97,7 @@ def cmd_params(args: list[str]) -> int:
 
 def cmd_eval(args: list[str]) -> int:
     from moe_lora.train.reeval import reevaluate
+    from moe_lora.train.results import summary_table
 
     if wants_help(args, EVAL_HELP):
         return 0
@@ -104,9 +105,8 @@ def cmd_eval(args: list[str]) -> int:
     run_dirs = [o.split("=", 1)[1] for o in overrides if o.startswith("run_dir=")]
     if not run_dirs:
         return fail("run_dir is required: moe-lora eval run_dir=outputs/<date>/<run>")
-    out, metrics = reevaluate(Path(run_dirs[0]), [o for o in overrides if not o.startswith("run_dir=")])
-    for k, v in metrics.items():
-        print(f"{k:<24} {v}")
+    out, record = reevaluate(Path(run_dirs[0]), [o for o in overrides if not o.startswith("run_dir=")])
+    print(summary_table(record))  # what `train` prints
     print(f"written: {out}")
     return 0
 

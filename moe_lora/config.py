@@ -655,6 +655,8 @@ class RecipeConfig:
     # checkpoints/step-<n> every save_every steps (null: only at the end and on SIGTERM / SIGUSR2)
     save_every: Optional[int] = None
     keep_checkpoints: int = 2  # newest checkpoints kept
+    # keep the final checkpoint's optimizer state after a finished run (removed by default: results.json ends the run)
+    keep_final_state: bool = False
     on_nonfinite: str = "stop"  # stop: fail naming the step and module; skip: skip the step (counted)
     nproc_per_node: int = 1  # local worker processes a Hydra job starts itself (1 under torchrun/SLURM tasks)
     # token: cross-entropy summed over the global batch's label tokens / their count (every token

@@ -52,6 +52,7 @@ NOT_TRAINING = (
     "cache_dir",
     "recipe.save_every",
     "recipe.keep_checkpoints",
+    "recipe.keep_final_state",
     "recipe.threads",
     "recipe.device",
     "recipe.eval_limit",

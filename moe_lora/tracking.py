@@ -222,7 +222,17 @@ def _wandb_init(cfg: LoggerConfig, run_dir: Path, config: dict, name: str):
     )
 
 
+def offline_note(run) -> str | None:
+    """Where an offline W&B run went and the command that uploads it (W&B, kept silent, says
+    neither); ``None`` for an online run."""
+    if not getattr(run, "offline", False):
+        return None
+    folder = getattr(getattr(run, "settings", None), "sync_dir", None) or str(Path(run.dir).parent)
+    return f"W&B run saved offline in {folder}; upload it with: wandb sync {folder}"
+
+
 def _wandb_finish(run, results: dict | None) -> None:
+    note = offline_note(run)
     try:
         if results is not None:
             run.summary.update(
@@ -230,3 +240,5 @@ def _wandb_finish(run, results: dict | None) -> None:
             )
     finally:
         run.finish()
+    if note:
+        print(note, flush=True)

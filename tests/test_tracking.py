@@ -137,6 +137,28 @@ def test_real_wandb_with_an_unwritable_offline_folder(tmp_path, caplog, monkeypa
     assert len(warnings) == 1 and warnings[0].startswith("wandb.init failed"), warnings
 
 
+def test_offline_wandb_prints_its_folder_and_the_sync_command(tmp_path, capsys, monkeypatch) -> None:
+    """The real package, offline: the run's folder and `wandb sync <folder>` end the run's output."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    drive(tmp_path)
+    note = capsys.readouterr().out.strip().splitlines()[-1]
+    folder = re.fullmatch(r"W&B run saved offline in (\S+); upload it with: wandb sync (\S+)", note)
+    assert folder and folder.group(1) == folder.group(2), note
+    assert Path(folder.group(1)).parent == tmp_path / "wandb" and Path(folder.group(1)).name.startswith("offline-run-")
+    assert any(Path(folder.group(1)).glob("*.wandb"))  # what `wandb sync` uploads
+
+
+def test_online_and_fake_runs_print_no_offline_note() -> None:
+    from moe_lora.tracking import offline_note
+
+    assert offline_note(FakeRun(None)) is None
+    assert offline_note(types.SimpleNamespace(offline=False, dir="/r/wandb/run-1/files")) is None
+    offline = types.SimpleNamespace(offline=True, dir="/r/wandb/offline-run-1/files")  # no settings: dir's parent
+    assert offline_note(offline) == (
+        "W&B run saved offline in /r/wandb/offline-run-1; upload it with: wandb sync /r/wandb/offline-run-1"
+    )
+
+
 def test_training_goes_on_when_wandb_fails_mid_run(fake_wandb, run_cli, tmp_path) -> None:
     fake_wandb("log")
     run_dir = tmp_path / "run"

@@ -23,7 +23,7 @@ from torch import nn
 from moe_lora.adapters.base import ADAPTERS, LayerPlan
 from moe_lora.config import AdapterConfig, LayoutConfig, ModelConfig
 from moe_lora.errors import ConfigError
-from moe_lora.layouts import is_per_layer, resolve_layout
+from moe_lora.layouts import has_budget, is_per_layer, resolve_layout
 from moe_lora.routing.recorder import AuxLossConfig, RoutingRecorder
 from moe_lora.routing.router import Router
 from moe_lora.structure import CROSS_ATTENTION, Structure, is_adaptable, is_encoder_decoder, read_structure
@@ -115,12 +115,14 @@ def inject_adapter(
         return []
     structure, sites = planned or plan_targets(model, adapter, model_cfg)
     plans = resolve_layout(layout, adapter, structure.num_layers)
-    if (layout.experts is not None or layout.budget_first) and hasattr(adapter, "num_experts"):
+    if (layout.experts is not None or layout.budget_first or has_budget(layout)) and hasattr(adapter, "num_experts"):
+        spends = layout.experts is None and not has_budget(layout)  # every layout's default budget
         log.info(
-            "layout=%s sets experts per layer %s; adapter.num_experts=%s is not used",
+            "layout=%s sets experts per layer %s; adapter.num_experts=%s %s",
             layout.name,
             [p.num_experts for p in plans],
             adapter.num_experts,
+            "per layer on average (the default budget)" if spends else "is not used",
         )
     dtype = getattr(torch, adapter.dtype)
     adapter = for_model(adapter, model)

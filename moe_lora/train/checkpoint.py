@@ -198,6 +198,24 @@ def save(
     return final
 
 
+OPTIMIZER_REMOVED = "removed after the run finished (recipe.keep_final_state=false)"
+
+
+def drop_optimizer_state(path: Path) -> None:
+    """Remove the optimizer state of a finished run's final checkpoint (``recipe.keep_final_state``
+    false): most of a checkpoint's bytes, and never read again once results.json ends the run (a
+    finished run is skipped, not resumed). ``checkpoint.json`` is rewritten first, without the file
+    and saying so, so the folder stays moe-lora's and a resume from it is refused in one line."""
+    from moe_lora.tracking import write_text_atomic
+
+    meta = json.loads((path / "checkpoint.json").read_text())
+    for key in ("files", "sha256"):
+        meta.get(key, {}).pop("optimizer.pt", None)
+    meta["optimizer_state"] = OPTIMIZER_REMOVED
+    write_text_atomic(path / "checkpoint.json", json.dumps(meta) + "\n")
+    (path / "optimizer.pt").unlink(missing_ok=True)
+
+
 def _write(writer: Callable[[Any, Any], None], obj: Any, path: Path) -> None:
     """``torch.save`` / ``save_file`` whose failures are ``OSError`` s: torch reports a full disk as
     a ``RuntimeError`` ("unexpected pos ..."), safetensors as a ``SafetensorError``; a failure of
@@ -364,6 +382,19 @@ def _saved_config_diff(run_dir: Path, resolved: dict) -> list[str] | None:
     return changed_keys(OmegaConf.to_container(OmegaConf.load(path)), resolved)
 
 
+def resumable_meta(newest: Path, run_dir: Path) -> dict[str, Any]:
+    """:func:`read_meta` of the checkpoint a resume would continue from; a finished run's final
+    checkpoint whose optimizer state was removed (its results.json since deleted) is refused."""
+    meta = read_meta(newest)
+    if meta.get("optimizer_state") == OPTIMIZER_REMOVED:
+        raise ConfigError(
+            f"{newest} is the final checkpoint of a finished run, without its optimizer state "
+            f"(recipe.keep_final_state=false), and {run_dir / outputs.RESULTS} is missing: nothing to "
+            "resume; choose another hydra.run.dir"
+        )
+    return meta
+
+
 def plan(run_dir: Path, resume: str | None, resolved: dict, sweep: bool) -> Plan:
     """Decide before anything is written; conflicts are one-line errors naming ``resume``. In a
     sweep, ``resume=auto`` is implied: rerunning a sweep into its folder skips finished jobs,
@@ -399,7 +430,7 @@ def plan(run_dir: Path, resume: str | None, resolved: dict, sweep: bool) -> Plan
                 f"hydra.run.dir={str(run_dir)!r} holds checkpoints ({newest.name}): continue it with "
                 f"resume={run_dir} (or resume=auto), or choose another hydra.run.dir"
             )
-        saved_hash = read_meta(newest).get("config_hash")
+        saved_hash = resumable_meta(newest, run_dir).get("config_hash")
         if saved_hash != config_hash(resolved):
             diff = _saved_config_diff(run_dir, resolved)
             if not diff:  # no config.yaml to name the keys, or one that matches while the hash does not

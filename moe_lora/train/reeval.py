@@ -1,6 +1,11 @@
 """Re-evaluate a finished run (``moe-lora eval run_dir=...``): its saved config, with overrides, and
 its adapter on the base model; writes ``eval-<time>.json`` and its predictions beside the run.
 
+The base model is evaluated again before the adapter goes in, as ``train`` does, so the record
+compares base and tuned on the same (possibly overridden) evaluation: knowledge retained included.
+``eval-<time>.json`` has results.json's shape (metrics base -> tuned, params, evaluation timings,
+the config) without training's routing and throughput, and its summary is the one ``train`` prints.
+
 The run's two files are read before any model loads, so a damaged run (a missing, cut or foreign
 ``config.yaml`` or ``adapter_model.safetensors``) fails in one line naming the file."""
 
@@ -13,16 +18,20 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from moe_lora import outputs
-from moe_lora.adapters.inject import inject_adapter
+from moe_lora.adapters import ADAPTERS
+from moe_lora.adapters.inject import count_parameters, inject_adapter
 from moe_lora.compose import compose, to_config
 from moe_lora.errors import ConfigError, first_line
 from moe_lora.tracking import write_json_atomic, write_jsonl_atomic
 from moe_lora.train.checkpoint import set_adapter
-from moe_lora.train.runner import ADAPTER_FILE, run_eval, setup
+from moe_lora.train.results import build_results
+from moe_lora.train.runner import ADAPTER_FILE, EvalClock, prepare_trainable, resolved_config, run_eval, setup
 
 
 def reevaluate(run_dir: Path, overrides: list[str]) -> tuple[Path, dict]:
-    """(the written eval json, its metrics)."""
+    """(the written eval json, its record: what :func:`~moe_lora.train.results.summary_table`
+    prints)."""
+    start = time.time()
     for needed in (outputs.CONFIG, ADAPTER_FILE):
         if not (run_dir / needed).is_file():
             raise ConfigError(f"run_dir={str(run_dir)!r} has no {needed} (not a finished moe-lora run)")
@@ -31,16 +40,24 @@ def reevaluate(run_dir: Path, overrides: list[str]) -> tuple[Path, dict]:
     dcfg = compose([f"adapter={saved.adapter.name}"])
     cfg = to_config(OmegaConf.merge(dcfg, saved, OmegaConf.from_dotlist(overrides)))
     precision, model, tok, mixture = setup(cfg)
-    inject_adapter(model, cfg.adapter, cfg.model, cfg.layout)
+    prepare_trainable(model, cfg, ADAPTERS.get(cfg.adapter.name).trains_base)  # the dtype train evaluated in
+    clock = EvalClock()
+    with clock.phase("base", model):
+        base, base_predictions = run_eval(model, tok, mixture, cfg, precision, progress=True)
+    adapted = inject_adapter(model, cfg.adapter, cfg.model, cfg.layout)
     set_adapter(model, state, run_dir / ADAPTER_FILE)
-    metrics, predictions = run_eval(model, tok, mixture, cfg, precision, progress=True)
+    with clock.phase("tuned", model):
+        tuned, predictions = run_eval(model, tok, mixture, cfg, precision, progress=True)
+    wall = time.time() - start
+    record = build_results(cfg, resolved_config(cfg), base, tuned, count_parameters(model), adapted, {}, wall)
+    record = {"run_dir": str(run_dir), **record, "perf": {"eval": clock.summary(wall)}}
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = run_dir / f"eval-{stamp}.json"
     hint = "make the run folder writable"
-    rows = [{"model": "tuned", **r} for r in predictions]
+    rows = [{"model": "base", **r} for r in base_predictions] + [{"model": "tuned", **r} for r in predictions]
     write_jsonl_atomic(run_dir / f"eval-{stamp}-predictions.jsonl", rows, hint)
-    write_json_atomic(out, {"run_dir": str(run_dir), "metrics": metrics}, hint)
-    return out, metrics
+    write_json_atomic(out, record, hint)
+    return out, record
 
 
 def read_run_config(path: Path) -> DictConfig:

@@ -91,15 +91,18 @@ def _flat(nested: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 def metric_rows(m: dict[str, Any]) -> list[tuple[str, str]]:
-    """One row per declared column (base -> tuned; a ratio alone), and its breakdown where it has
-    more than one entry."""
+    """One row per declared column the run computed (base -> tuned; a ratio alone), and its
+    breakdown where it has more than one entry. A column with no value for either model (response
+    loss on the built-in world, a kind the run has no sets of) has no row: a row of dashes would
+    read as a metric that failed."""
     rows = []
     for c in COLUMNS.values():
         if c.ratio_of is not None:
-            rows.append((c.header, _f(m.get(c.key))))
+            if m.get(c.key) is not None:
+                rows.append((c.header, _f(m.get(c.key))))
             continue
-        if c.optional and m.get(c.key) is None and m.get(c.key + "_base") is None:
-            continue  # a kind this run has no sets of (rank classification)
+        if m.get(c.key) is None and m.get(c.key + "_base") is None:
+            continue
         rows.append((f"{c.header} (base -> tuned)", f"{_f(m.get(c.key + '_base'))} -> {_f(m.get(c.key))}"))
         by, by_base = (m.get(c.by) or {}, m.get(f"{c.by}_base") or {}) if c.by else ({}, {})
         if c.by_template:  # {set: {template: value}} -> one row per set/template
@@ -109,10 +112,10 @@ def metric_rows(m: dict[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
-def _eval_line(ev: dict | None) -> str:
+def _eval_line(ev: dict | None) -> str | None:
     """Evaluation's seconds per phase, share of the wall time and model-input tokens/s."""
     if not ev or not ev.get("seconds"):
-        return "-"
+        return None
     phases = " + ".join(f"{k} {v:.1f} s" for k, v in ev["seconds"].items())
     share = f", {ev['share_of_wall']:.0%} of wall" if ev.get("share_of_wall") is not None else ""
     rate = f", {ev['tokens_per_s']:,.0f} tokens/s" if ev.get("tokens_per_s") else ""
@@ -126,25 +129,26 @@ def _stack_rows(stacks: dict[str, dict]) -> list[tuple[str, str]]:
 
 
 def summary_table(results: dict) -> str:
-    m, p = results["metrics"], results["params"]
-    cvs = [r["cv"] for r in results["routing"].values()]
+    """What ``moe-lora train`` (and ``moe-lora eval``, from its own record) prints at the end: only
+    what the run computed, so a LoRA run has no routing row and a re-evaluation no throughput."""
+    m, p = results["metrics"], results.get("params")
+    cvs = [r["cv"] for r in (results.get("routing") or {}).values()]
     perf = results.get("perf") or {}
+    evaluation = _eval_line(perf.get("eval"))
     rows = [
         ("adapter", results["adapter"]),
         ("model", results["model"]),
         ("seed", str(results["seed"])),
-        ("trainable params", f"{p['trainable']:,} / {p['total']:,}"),
+        ("trainable params", f"{p['trainable']:,} / {p['total']:,}") if p else None,
         *metric_rows(m),
-        ("routing CV (mean over layers)", _f(sum(cvs) / len(cvs)) if cvs else "-"),
+        ("routing CV (mean over layers)", _f(sum(cvs) / len(cvs))) if cvs else None,
         *_stack_rows(results.get("routing_by_stack") or {}),
-        (
-            "tokens/s, peak memory",
-            f"{perf['tokens_per_s']:,.0f}, {perf['peak_mem_bytes'] / 2**20:,.0f} MiB"
-            if perf.get("tokens_per_s")
-            else "-",
-        ),
-        ("evaluation", _eval_line(perf.get("eval"))),
+        ("tokens/s, peak memory", f"{perf['tokens_per_s']:,.0f}, {perf['peak_mem_bytes'] / 2**20:,.0f} MiB")
+        if perf.get("tokens_per_s")
+        else None,
+        ("evaluation", evaluation) if evaluation else None,
         ("wall time", f"{results['wall_s']:.1f} s"),
     ]
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+    shown = [r for r in rows if r is not None]
+    width = max(len(k) for k, _ in shown)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in shown)

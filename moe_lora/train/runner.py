@@ -268,6 +268,9 @@ def run(
             if spec.report is not None:
                 results["adapter_report"] = spec.report(model)
             write_json_atomic(run_dir / outputs.RESULTS, results)
+            final = ckpt.latest(run_dir)
+            if final is not None and not cfg.recipe.keep_final_state:  # results.json ends the run
+                ckpt.drop_optimizer_state(final)
     finally:
         if tracker is not None:
             tracker.finish(results)
