@@ -108,10 +108,15 @@ def bench_tables(res: dict[str, Any]) -> list[str]:
         lines += [f"\n### {name} (tokens/s = batch x seq / median step)\n"]
         lines += ["| variant | step ms | tokens/s | x peft LoRA | memory MB |", "|---|---:|---:|---:|---:|"]
         for v, r in s["variants"].items():
-            lines.append(
-                f"| {v} | {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | {r['x_peft_lora']:.2f} | {r['memory_mb']:.0f} |"
+            ratio = (
+                "-" if r["x_peft_lora"] is None else f"{r['x_peft_lora']:.2f}" + ("*" if r.get("unreliable") else "")
             )
-        lines += [f"\ngrouped / dense ({k}): {r:.2f}x" for k, r in s["grouped_over_dense"].items()]
+            lines.append(f"| {v} | {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | {ratio} | {r['memory_mb']:.0f} |")
+        shown = s.get("ratios_shown", True)  # too few rounds: no step-time ratio (see the warning)
+        lines += [
+            f"\ngrouped / dense ({k}): {f'{r:.2f}x' if shown else '-'}" for k, r in s["grouped_over_dense"].items()
+        ]
+        lines += [f"\n{line.strip()}" for line in s.get("warnings", [])]
     return lines
 
 

@@ -167,6 +167,7 @@ def train_extra(mode: Mode) -> list[str]:
 
 
 def bench_stage(check: Check, label: str, args: list[str]) -> dict[str, Any]:
+    from moe_lora.bench import measure
     from moe_lora.bench.run import main as bench_main
 
     path = check.out / f"bench_{label}.json"
@@ -176,16 +177,24 @@ def bench_stage(check: Check, label: str, args: list[str]) -> dict[str, Any]:
     res = json.loads(path.read_text())
     s = res["settings"]
     tokens = s["batch"] * s["seq"]
+    shown, flags = res.get("ratios_shown", True), res.get("unreliable", {})
     per_variant = {
         v: {
             "step_ms": ms,
             "tokens_per_s": tokens / (ms / 1000),
             "memory_mb": res["memory_mb"][v],
-            "x_peft_lora": ms / res["median_step_ms"]["peft_lora"],
+            "x_peft_lora": ms / res["median_step_ms"]["peft_lora"] if shown else None,  # too few rounds
+            "unreliable": flags.get(v),
         }
         for v, ms in res["median_step_ms"].items()
     }
-    return {"json": str(path), "variants": per_variant, "grouped_over_dense": res.get("grouped_over_dense", {})}
+    return {
+        "json": str(path),
+        "variants": per_variant,
+        "grouped_over_dense": res.get("grouped_over_dense", {}),
+        "ratios_shown": shown,
+        "warnings": measure.ratio_warnings(res),
+    }
 
 
 def sweep_stage(check: Check) -> dict[str, Any]:

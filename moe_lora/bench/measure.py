@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import math
 import platform
 import statistics
 import time
@@ -24,6 +25,8 @@ from torch import nn
 from moe_lora.errors import ConfigError
 
 REFERENCE = ["base", "peft_lora"]  # frozen base, peft's LoRA: what every ratio is taken against
+MIN_ROUNDS = 5  # fewer rounds: no step-time ratio is printed without --force (then each is flagged)
+MAX_RANGE = 0.5  # (max - min) / median of a variant's per-round step times above this: its ratios flagged
 
 
 LOOPS = {"loop_loramoe": "loramoe", "loop_mola": "mola", "loop_hydralora": "hydralora", "loop_adamoe": "adamoe"}
@@ -284,10 +287,49 @@ def measure(variants: list[str], a: argparse.Namespace, progress: Callable[[str]
     flops = {v: flop_count(case, batch) for v, case in cases.items() if "_compiled" not in split_variant(v)[1]}
     return {
         "median_s": {v: statistics.median(t) for v, t in times.items()},
+        "round_s": times,
         "memory_bytes": memory,
         "flops": flops,
         "spread": {v: iqr(t) / statistics.median(t) for v, t in times.items()},
     }
+
+
+def median_interval(values: list[float], level: float = 0.95) -> tuple[float, float]:
+    """A distribution-free interval for the median: the order statistics k and n + 1 - k, k the
+    largest with P(Binomial(n, 1/2) < k) <= (1 - level) / 2; below 6 values, the whole range (which
+    then covers less than ``level``)."""
+    ordered, n = sorted(values), len(values)
+    k, tail = 0, 0.0
+    while k < n // 2 and tail + math.comb(n, k) / 2**n <= (1 - level) / 2:
+        tail += math.comb(n, k) / 2**n
+        k += 1
+    k = max(k, 1)
+    return ordered[k - 1], ordered[n - k]
+
+
+def time_range(times: list[float]) -> float:
+    """(max - min) / median of a variant's per-round step times: how far apart its rounds were."""
+    return (max(times) - min(times)) / statistics.median(times)
+
+
+def ratio_interval(num: list[float], den: list[float]) -> tuple[float, float]:
+    """95% interval of the median per-round ratio: rounds are interleaved, so round i of both
+    variants met the same machine state (pairs)."""
+    return median_interval([a / b for a, b in zip(num, den, strict=True)])
+
+
+def unreliable(rounds: dict[str, list[float]], num: str, den: str) -> str | None:
+    """Why the step-time ratio ``num / den`` cannot be trusted (None when it can): rounds too far
+    apart, or a 95% interval that holds 1 (no difference measured). Too few rounds is said once,
+    for every ratio (``ratios_shown``)."""
+    reasons = [
+        f"{v} {time_range(rounds[v]):.0%}" for v in dict.fromkeys((num, den)) if time_range(rounds[v]) > MAX_RANGE
+    ]
+    reasons = [f"(max-min)/median of the rounds {', '.join(reasons)} (> {MAX_RANGE:.0%})"] if reasons else []
+    lo, hi = ratio_interval(rounds[num], rounds[den])
+    if len(rounds[num]) >= 2 and lo <= 1 <= hi:
+        reasons.append(f"interval [{lo:.2f}, {hi:.2f}] holds 1")
+    return "; ".join(reasons) or None
 
 
 def iqr(values: list[float]) -> float:
@@ -316,6 +358,9 @@ def versions() -> dict[str, str]:
 
 
 def report(raw: dict, a: argparse.Namespace) -> dict:
+    """Medians, ratios against peft LoRA and the figures to judge them by: the per-round times,
+    each ratio's interval, and the step-time ratios that are unreliable (``unreliable``: label ->
+    why); with fewer than :data:`MIN_ROUNDS` rounds ``ratios_shown`` is false unless ``--force``."""
     t, mem = raw["median_s"], raw["memory_bytes"]
     ref_t, ref_m = t["peft_lora"], mem["peft_lora"]
 
@@ -349,7 +394,43 @@ def report(raw: dict, a: argparse.Namespace) -> dict:
         out["grouped_over_dense"] = grouped
     if "loramoe_no_telemetry" in t and "loramoe" in t:
         out["telemetry_overhead"] = t["loramoe"] / t["loramoe_no_telemetry"]
+    out.update(judged(raw["round_s"], ours, a))
     return out
+
+
+def judged(rounds: dict[str, list[float]], ours: list[str], a: argparse.Namespace) -> dict:
+    """The per-round times and what they say about the step-time ratios (see :func:`report`)."""
+    pairs = {v: (v, "peft_lora") for v in rounds if v != "peft_lora"}  # label -> (numerator, denominator)
+    pairs |= {f"loop {d}": (v, d) for v, d in LOOPS.items() if v in rounds and d in rounds}
+    pairs |= {f"grouped {split_variant(v)[0]}": (v, split_variant(v)[0]) for v in rounds if v.endswith("_grouped")}
+    pairs |= {"telemetry": ("loramoe", "loramoe_no_telemetry")} if "loramoe_no_telemetry" in rounds else {}
+    pairs = {k: p for k, p in pairs.items() if p[1] in rounds}
+    flags = {k: why for k, (num, den) in pairs.items() if (why := unreliable(rounds, num, den))}
+    return {
+        "rounds": len(rounds["peft_lora"]),
+        "ratios_shown": len(rounds["peft_lora"]) >= MIN_ROUNDS or bool(getattr(a, "force", False)),
+        "step_ms_per_round": {v: [1000 * x for x in ts] for v, ts in rounds.items()},
+        "step_time_range_over_median": {v: time_range(ts) for v, ts in rounds.items()},
+        "ratio_interval_vs_peft_lora": {v: list(ratio_interval(rounds[v], rounds["peft_lora"])) for v in ours},
+        "unreliable": flags,
+    }
+
+
+def ratio_warnings(res: dict) -> list[str]:
+    """Lines under the table saying which step-time ratios were left out or flagged, and why."""
+    if "unreliable" not in res:  # a result written before these checks
+        return []
+    if not res["ratios_shown"]:
+        return [
+            f"warning: step-time ratios not printed: {res['rounds']} rounds < {MIN_ROUNDS}, too few to judge their "
+            f"spread; rerun with --rounds {MIN_ROUNDS} or more (--force prints them flagged)"
+        ]
+    few = res["rounds"] < MIN_ROUNDS
+    if not res["unreliable"] and not few:
+        return []
+    head = f"only {res['rounds']} rounds (< {MIN_ROUNDS}, --force): every one, and " if few else ""
+    lines = [f"warning: step-time ratios marked * are unreliable: {head}those below (rerun with more --rounds):"]
+    return lines + [f"  {label}: {why}" for label, why in res["unreliable"].items()]
 
 
 def refuse_existing(path: Path | None, flag: str, overwrite: bool) -> None:

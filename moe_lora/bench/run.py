@@ -36,6 +36,7 @@ import torch
 
 from moe_lora.bench.measure import (  # adapter_config, build, make_batch: the variant tests build cases here
     LOOPS,
+    MIN_ROUNDS,
     REFERENCE,
     adapted_variants,
     adapter_config,
@@ -44,6 +45,7 @@ from moe_lora.bench.measure import (  # adapter_config, build, make_batch: the v
     grouped_variants,
     make_batch,
     measure,
+    ratio_warnings,
     refuse_existing,
     report,
 )
@@ -85,7 +87,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--top-k", dest="top_k", type=int, default=None, help="top_k of the top-k routed variants")
     p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--rounds", type=int, default=20, help="timed steps per variant, interleaved (default 20)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="print step-time ratios even below 5 rounds (flagged *); without it they are left out",
+    )
     p.add_argument(
         "--modules",
         default="all",
@@ -178,31 +185,44 @@ def large_args(a: argparse.Namespace) -> argparse.Namespace:
 
 
 def table(res: dict) -> str:
+    """The printed result. Step-time ratios are "-" below ``measure.MIN_ROUNDS`` rounds (unless
+    ``--force``) and marked ``*`` where ``res["unreliable"]`` says why they cannot be trusted."""
     ms, mb = res["median_step_ms"], res["memory_mb"]
     gf = res["gflops_per_step"]
+    flags, shown = res.get("unreliable", {}), res.get("ratios_shown", True)
+    few = res.get("rounds", MIN_ROUNDS) < MIN_ROUNDS  # shown only with --force: every one flagged
+
+    def timed(label: str, ratio: float, digits: int = 2, width: int = 7, unit: str = "") -> str:
+        text = f"{ratio:.{digits}f}{unit}" + ("*" if few or label in flags else "") if shown else "-"
+        return f"{text:>{width}}"
+
     rows = [f"{'variant':<30} {'step ms':>8} {'x peft':>7} {'memory MB':>10} {'x peft':>7} {'GFLOP':>7} {'x peft':>7}"]
     for v in ms:
         ratio = res["ratio_vs_peft_lora"].get(v, ms[v] / ms["peft_lora"])
         mratio = res["memory_ratio_vs_peft_lora"].get(v, mb[v] / mb["peft_lora"])
         flops = f"{gf[v]:>7.1f} {gf[v] / gf['peft_lora']:>7.2f}" if v in gf else f"{'-':>7} {'-':>7}"
-        rows.append(f"{v:<30} {ms[v]:>8.1f} {ratio:>7.2f} {mb[v]:>10.1f} {mratio:>7.2f} {flops}")
+        rows.append(f"{v:<30} {ms[v]:>8.1f} {timed(v, ratio)} {mb[v]:>10.1f} {mratio:>7.2f} {flops}")
     rows.append("")
     spread = res["step_time_iqr_over_median"]
     rows.append(
         f"step-time spread over rounds (IQR / median): {min(spread.values()):.1%} to {max(spread.values()):.1%}"
     )
-    rows += [f"loop reference / ours ({k}): {r:.2f}x" for k, r in res["loop_reference_over_ours"].items()]
     rows += [
-        f"compiled {k.removesuffix('_compiled')} / eager peft LoRA: {r:.2f}x"
+        f"loop reference / ours ({k}): {timed(f'loop {k}', r, width=0, unit='x')}"
+        for k, r in res["loop_reference_over_ours"].items()
+    ]
+    rows += [
+        f"compiled {k.removesuffix('_compiled')} / eager peft LoRA: {timed(k, r, width=0, unit='x')}"
         for k, r in res.get("compiled_vs_eager_peft_lora", {}).items()
     ]
     rows += [
-        f"top-k through grouped GEMMs / dense masked gate ({k}): {r:.2f}x"
+        f"top-k through grouped GEMMs / dense masked gate ({k}): {timed(f'grouped {k}', r, width=0, unit='x')}"
         for k, r in res.get("grouped_over_dense", {}).items()
     ]
     if "telemetry_overhead" in res:
-        rows.append(f"routing statistics + aux losses on / off (loramoe): {res['telemetry_overhead']:.3f}x")
-    return "\n".join(rows)
+        overhead = timed("telemetry", res["telemetry_overhead"], digits=3, width=0, unit="x")
+        rows.append(f"routing statistics + aux losses on / off (loramoe): {overhead}")
+    return "\n".join(rows + ratio_warnings(res))
 
 
 def main(argv: list[str]) -> int:

@@ -101,20 +101,34 @@ def sweep_table(res: dict) -> str:
     head += [f"{v} grouped/dense" for v in res["grouped_over_dense"]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
     for i, n in enumerate(res["experts"]):
+        at = res["by_experts"][str(n)]
+        shown, few = at.get("ratios_shown", True), at.get("rounds", measure.MIN_ROUNDS) < measure.MIN_ROUNDS
+
+        def timed(label: str, ratio: float, shown=shown, few=few, at=at) -> str:
+            return f"{ratio:.2f}" + ("*" if few or label in at.get("unreliable", {}) else "") if shown else "-"
+
         cells = [str(n), f"{s['peft_lora']['median_step_ms'][i]:.1f}"]
         for v in variants:
             flop = s[v]["flop_ratio_vs_peft_lora"][i]
             cells += [
                 f"{s[v]['median_step_ms'][i]:.1f}",
-                f"{s[v]['ratio_vs_peft_lora'][i]:.2f}",
+                timed(v, s[v]["ratio_vs_peft_lora"][i]),
                 f"{s[v]['memory_mb'][i]:.1f}",
                 "-" if flop is None else f"{flop:.2f}",
             ]
-        cells += [f"{r[i]:.2f}" for r in res["grouped_over_dense"].values()]
+        cells += [timed(f"grouped {v}", r[i]) for v, r in res["grouped_over_dense"].items()]
         lines.append("| " + " | ".join(cells) + " |")
     spread = [x for r in res["by_experts"].values() for x in r["step_time_iqr_over_median"].values()]
     lines.append(f"\nstep-time spread over rounds (IQR / median): {min(spread):.1%} to {max(spread):.1%}")
-    return "\n".join(lines)
+    return "\n".join(lines + sweep_warnings(res))
+
+
+def sweep_warnings(res: dict) -> list[str]:
+    """The single run's warnings (:func:`moe_lora.bench.measure.ratio_warnings`), per expert count."""
+    out = []
+    for n, at in res["by_experts"].items():
+        out += [f"experts={n}: {line.strip()}" for line in measure.ratio_warnings(at)]
+    return out
 
 
 def assemble(by_count: dict[int, dict], variants: list[str], a: argparse.Namespace) -> dict:
