@@ -59,7 +59,8 @@ def evaluate(
     """(metrics, prediction records) over every set of ``mixture.eval``, ``limit`` examples each,
     each set scored by the metric kind it names (``eval/kinds/``).
 
-    ``fast_em`` scores ``teacher_forced`` sets in one pass (exact for the world's tokenizer);
+    ``fast_em`` scores ``teacher_forced`` sets in one pass (exact for the world's tokenizer) and
+    generates only the wrong examples, so every record's prediction is still the greedy output;
     without it they are generated like ``generate`` sets, and candidate accuracy still comes from
     a teacher-forced pass. Records carry no ``model`` key: the runner adds base/tuned.
     """

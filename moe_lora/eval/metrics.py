@@ -53,7 +53,8 @@ def aligned_logits(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> tu
 class TeacherForced(NamedTuple):
     """Per example: exact match, candidate choice correct (None without single-token candidates),
     and the decoded arg-max tokens at the answer positions (equal to the greedy output whenever
-    ``em`` is true; after a first wrong token it is no longer what greedy decoding would write)."""
+    ``em`` is true; after a first wrong token it is no longer what greedy decoding would write, so
+    evaluation generates the wrong examples' predictions: ``eval/kinds/exact_match.py``)."""
 
     em: list[bool]
     candidate: list[bool | None]

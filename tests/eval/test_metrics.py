@@ -93,8 +93,11 @@ def test_evaluate_fast_and_generated_agree_and_records_match_metrics(trained) ->
     assert len(fast_records) == len(slow_records) == fast["n_cbqa"] + fast["n_instruction"]
     assert set(fast_records[0]) == {"task", "id", "prompt", "prediction", "answers", "correct"}
     assert [r["id"] for r in fast_records] == [r["id"] for r in slow_records] and cbqa[0]["id"] == "cbqa-0"
-    for f, s in zip(fast_records, slow_records, strict=True):
-        assert f["correct"] == s["correct"] and (not f["correct"] or f["prediction"] == s["prediction"].strip())
+    # every prediction is the greedy output: teacher-forced tokens where right, generated where wrong
+    assert [(r["correct"], r["prediction"]) for r in fast_records] == [
+        (r["correct"], r["prediction"]) for r in slow_records
+    ]
+    assert not all(r["correct"] for r in fast_records)
 
 
 def test_generate_sets_and_response_loss_sets(trained) -> None:
