@@ -49,12 +49,14 @@ def write_merged(model: nn.Module, tok: Any, variant: str, folder: Path) -> None
 
 # ---------------------------------------------------------------------------- peft
 def base_path(cfg: Any) -> str:
-    """What the base is called for another tool: the hub id or folder, or the cached world model."""
+    """What the base is called for another tool: the hub id, or an absolute folder (a local model
+    or the cached world model), so the export loads from any working directory."""
     if cfg.model.source == "hub":
-        return str(cfg.model.name_or_path)
+        local = Path(str(cfg.model.name_or_path)).expanduser()
+        return str(local.resolve()) if local.exists() else str(cfg.model.name_or_path)
     from moe_lora.models import cache_key
 
-    return str(Path(cfg.cache_dir) / f"world-model-{cache_key(cfg.data.world, cfg.model)}")
+    return str((Path(cfg.cache_dir) / f"world-model-{cache_key(cfg.data.world, cfg.model)}").resolve())
 
 
 def peft_lora(model: nn.Module, cfg: Any, task_type: str):
