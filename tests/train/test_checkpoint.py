@@ -176,10 +176,13 @@ def test_alora_killed_after_a_reallocation_resumes_to_the_same_ranks(references,
     ]
 
 
-def test_sigterm_checkpoints_and_exits_75_then_resumes(references, cache_dir, tmp_path) -> None:
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 75), (signal.SIGINT, 130)])
+def test_a_signal_checkpoints_then_resumes_bitwise(sig, code, references, cache_dir, tmp_path) -> None:
+    """SIGTERM (a scheduler) and ^C alike: the step finishes, a checkpoint is written, and the resumed
+    run ends bitwise where the uninterrupted one does."""
     run_dir = tmp_path / "run"
     args = ["adapter=loramoe", *RUN, f"hydra.run.dir={run_dir}"]
-    assert killed_at(args, cache_dir, kill_after_micro_batch(3, signal.SIGTERM)) == 75
+    assert killed_at(args, cache_dir, kill_after_micro_batch(3, sig)) == code
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step-3"]  # the step finished, then saved
     assert _main(["train", *args, f"resume={run_dir}"], cache_dir) == 0
     assert_same_end(run_dir, references("loramoe"))
