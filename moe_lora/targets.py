@@ -169,25 +169,25 @@ def _moe_hits(structure: Structure, entry: str, where: str) -> list[tuple[Linear
         )
     if entry == "shared_experts":
         hits = [li for li in structure.linears if li.part == "shared"]
-        missing = sorted(set(structure.sparse_layers) - {li.layer for li in hits})
-        if missing:
-            raise ConfigError(
-                f"{where}: {structure.family} has no shared experts in sparse layer {missing[0]} "
-                f"({structure.describe_layer(missing[0])})"
-            )
+        _require_sparse_layers(structure, hits, "shared experts", where)
         return [(li, None) for li in hits]
     refuse_fused_experts(structure, entry, where)
     hits = [li for li in structure.linears if li.part == "routed"]
     if entry != "experts":  # a per-expert MLP's projection by its FFN role
         role = {"expert_down": "ffn_out", "expert_gate": "ffn_gate", "expert_up": "ffn_up"}.get(entry, "ffn_in")
         hits = [li for li in hits if role in li.roles]
+    _require_sparse_layers(structure, hits, repr(entry), where)
+    return [(li, None) for li in hits]
+
+
+def _require_sparse_layers(structure: Structure, hits: list[LinearInfo], what: str, where: str) -> None:
+    """Never a silent subset: an MoE target must be found in every sparse layer."""
     missing = sorted(set(structure.sparse_layers) - {li.layer for li in hits})
     if missing:
         raise ConfigError(
-            f"{where}: {structure.family} has no {entry!r} in sparse layer {missing[0]} "
+            f"{where}: {structure.family} has no {what} in sparse layer {missing[0]} "
             f"({structure.describe_layer(missing[0])})"
         )
-    return [(li, None) for li in hits]
 
 
 def _require_every_layer(structure: Structure, hits: list[LinearInfo], entry: str, where: str, kind: str) -> None:

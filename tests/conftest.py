@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -98,3 +99,15 @@ def family_checkpoints(tmp_path_factory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("family_checkpoints")
     return {family: make_checkpoint(family, root / family) for family in FAMILIES}
+
+
+@pytest.fixture(autouse=True)
+def _no_log_handlers_on_closed_streams():
+    """Hydra's in-process commands leave logging handlers on a test's captured stream, closed after
+    that test: a later test's log record would print "--- Logging error ---" into its stderr."""
+    loggers = [logging.root, *(x for x in logging.Logger.manager.loggerDict.values() if isinstance(x, logging.Logger))]
+    for logger in loggers:
+        for handler in list(logger.handlers):
+            if getattr(getattr(handler, "stream", None), "closed", False):
+                logger.removeHandler(handler)
+    yield
