@@ -25,10 +25,6 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver(
             "moe_lora.uid", lambda: os.environ.setdefault("MOE_LORA_UID", secrets.token_hex(3))
         )
-    if not OmegaConf.has_resolver("moe_lora.unless"):
-        # ${moe_lora.unless:${.total},5}: 5 unless the other key is set (a budget's two forms: the one
-        # given on the command line replaces the preset's other one instead of clashing with it)
-        OmegaConf.register_new_resolver("moe_lora.unless", lambda other, value: value if other is None else None)
     if not OmegaConf.has_resolver("moe_lora.mkdir"):
         # a folder that must exist before Hydra creates it (an Optuna study's sqlite file in the sweep folder)
         OmegaConf.register_new_resolver("moe_lora.mkdir", _mkdir)

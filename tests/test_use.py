@@ -46,6 +46,14 @@ def cli(capsys, *args: str) -> tuple[int, str, str]:
     return code, out, err
 
 
+def generate_file(capsys, run: Path, rows: list[dict], prompts: Path, *flags: str) -> list[dict]:
+    """``moe-lora generate run --file prompts --jsonl`` over the rows' prompts: its JSON lines."""
+    prompts.write_text("".join(json.dumps({"prompt": r["prompt"]}) + "\n" for r in rows))
+    code, out, err = cli(capsys, "generate", str(run), "--file", str(prompts), "--jsonl", *flags)
+    assert code == 0, err
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+
 def logits(model, ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(input_ids=ids).logits
@@ -58,11 +66,7 @@ def test_generate_reproduces_the_stored_greedy_predictions(runs, capsys, tmp_pat
     for variant in ("lora", "loramoe"):
         rows = [r for r in read_jsonl(runs[variant] / "predictions.jsonl") if r["model"] == "tuned"]
         tuned = [r for r in rows if r["task"] == "cbqa"][:6] + [r for r in rows if r["task"] == "instruction"][:6]
-        prompts = tmp_path / f"{variant}.jsonl"
-        prompts.write_text("".join(json.dumps({"prompt": r["prompt"]}) + "\n" for r in tuned))
-        code, out, err = cli(capsys, "generate", str(runs[variant]), "--file", str(prompts), "--jsonl")
-        assert code == 0, err
-        got = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+        got = generate_file(capsys, runs[variant], tuned, tmp_path / f"{variant}.jsonl")
         assert [g["prompt"] for g in got] == [r["prompt"] for r in tuned]
         assert [g["completion"] for g in got] == [r["prediction"] for r in tuned]
         assert len({r["prediction"] for r in tuned}) > 1  # not one constant string
@@ -290,11 +294,7 @@ def test_on_the_built_in_world_generate_reproduces_every_stored_prediction(world
     run = world_runs[variant]
     rows = read_jsonl(run / "predictions.jsonl")
     tuned = [r for r in rows if r["model"] == "tuned"]
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": r["prompt"]}) + "\n" for r in tuned))
-    code, out, err = cli(capsys, "generate", str(run), "--file", str(prompts), "--jsonl")
-    assert code == 0, err
-    got = [json.loads(line)["completion"] for line in out.splitlines() if line.startswith("{")]
+    got = [g["completion"] for g in generate_file(capsys, run, tuned, tmp_path / "prompts.jsonl")]
     assert got == [r["prediction"] for r in tuned]
     assert {"cbqa", "instruction"} <= {r["task"] for r in tuned if not r["correct"]}  # generated in both sets
     assert len({r["prediction"] for r in tuned}) > 1
@@ -383,13 +383,10 @@ def test_generate_uses_the_chat_template_as_the_run_did(checkpoints, cache_dir, 
     assert cli(capsys, *args, f"cache_dir={cache_dir}", f"hydra.run.dir={run}")[0] == 0
     tuned = [r for r in read_jsonl(run / "predictions.jsonl") if r["model"] == "tuned"]
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": r["prompt"]}) + "\n" for r in tuned))
-    code, out, err = cli(capsys, "generate", str(run), "--file", str(prompts), "--jsonl")
-    assert code == 0, err
-    got = [json.loads(line)["completion"] for line in out.splitlines() if line.startswith("{")]
+    got = [g["completion"] for g in generate_file(capsys, run, tuned, prompts)]
     assert got == [r["prediction"] for r in tuned]
-    code, out, _ = cli(capsys, "generate", str(run), "--file", str(prompts), "--jsonl", "--no-chat-template")
-    assert [json.loads(line)["completion"] for line in out.splitlines() if line.startswith("{")] != got
+    plain = generate_file(capsys, run, tuned, prompts, "--no-chat-template")
+    assert [g["completion"] for g in plain] != got
 
 
 def test_stop_strings_typed_with_escapes_mean_the_characters() -> None:
