@@ -25,7 +25,7 @@ __all__ = ["add_adapter", "aux_loss", "load", "merge", "routing_stats"]
 
 def __getattr__(name: str) -> Any:
     if name in __all__:
-        from moe_lora import api
+        from moe_lora.recipes import api
 
         return getattr(api, name)
     raise AttributeError(f"module 'moe_lora' has no attribute {name!r}")

@@ -13,9 +13,9 @@ import signal
 import sys
 from pathlib import Path
 
-from moe_lora.compose import load_config, split_args
 from moe_lora.env import register_resolvers, set_environment
 from moe_lora.errors import fail, one_line
+from moe_lora.recipes.compose import load_config, split_args
 
 HELP = """usage: moe-lora COMMAND [hydra overrides...]
 
@@ -43,7 +43,7 @@ moe-lora train --cfg job adapter=mola: the composed config, nothing trained
 
 
 def cmd_train(args: list[str]) -> int:
-    from moe_lora.train.job import launch
+    from moe_lora.recipes.job import launch
 
     return launch(args)
 
@@ -86,7 +86,7 @@ def wants_help(args: list[str], usage: str) -> bool:
 
 
 def cmd_params(args: list[str]) -> int:
-    from moe_lora.params import print_params
+    from moe_lora.recipes.params import print_params
 
     if wants_help(args, PARAMS_HELP):
         return 0
@@ -96,8 +96,8 @@ def cmd_params(args: list[str]) -> int:
 
 
 def cmd_eval(args: list[str]) -> int:
-    from moe_lora.train.reeval import reevaluate
-    from moe_lora.train.results import summary_table
+    from moe_lora.recipes.reeval import reevaluate
+    from moe_lora.recipes.results import summary_table
 
     if wants_help(args, EVAL_HELP):
         return 0
@@ -124,13 +124,13 @@ def cmd_bench(args: list[str]) -> int:
 
 
 def cmd_layout_from_probe(args: list[str]) -> int:
-    from moe_lora.probe import main as probe_main
+    from moe_lora.recipes.probe import main as probe_main
 
     return probe_main(args)
 
 
 def cmd_search_confirm(args: list[str]) -> int:
-    from moe_lora.search_confirm import main as search_main
+    from moe_lora.recipes.search_confirm import main as search_main
 
     return search_main(args)
 
@@ -142,13 +142,13 @@ def cmd_pages(args: list[str]) -> int:
 
 
 def cmd_generate(args: list[str]) -> int:
-    from moe_lora.use import generate_main
+    from moe_lora.recipes.use import generate_main
 
     return generate_main(args)
 
 
 def cmd_export(args: list[str]) -> int:
-    from moe_lora.use import export_main
+    from moe_lora.recipes.use import export_main
 
     return export_main(args)
 

@@ -73,7 +73,7 @@ class PretrainConfig:
 
 @dataclass
 class ModulesConfig:
-    """Module-name patterns that override what :mod:`moe_lora.structure` detects, per role or
+    """Module-name patterns that override what :mod:`moe_lora.model.structure` detects, per role or
     block (null: detected). A pattern must match in every decoder layer."""
 
     query: Optional[List[str]] = None
@@ -98,7 +98,7 @@ def module_overrides(modules: Any) -> dict[str, list[str]]:
 class ModelConfig:
     """A base model. ``modules`` is empty by default: the roles (query, key, value, output, ffn_in,
     ffn_gate, ffn_up, ffn_out) and blocks (attention, ffn) are read from the model itself
-    (:mod:`moe_lora.structure`); a key set here overrides that key with module-name patterns.
+    (:mod:`moe_lora.model.structure`); a key set here overrides that key with module-name patterns.
 
     ``source=world`` builds the tiny Llama from the architecture fields and pretrains it on the
     built-in world (cached). ``source=hub`` loads ``name_or_path`` with transformers; the

@@ -4,7 +4,7 @@ resumed, and FSDP, on a CUDA machine with no internet (``--tiny``: the same on a
     python scripts/gpu_check.py                 # -> outputs/gpu_check/<time>/gpu_check.{json,md}
     python scripts/gpu_check.py --tiny --out /tmp/check
 
-The logic is in moe_lora/bench/gpu_check.py; exits non-zero if any stage failed.
+The logic is in moe_lora/checks/gpu_check.py; exits non-zero if any stage failed.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from moe_lora.env import set_environment
 
 if __name__ == "__main__":
     set_environment()  # offline, before transformers is imported
-    from moe_lora.bench.gpu_check import main
+    from moe_lora.checks.gpu_check import main
     from moe_lora.errors import ConfigError, fail
 
     try:

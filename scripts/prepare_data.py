@@ -47,7 +47,7 @@ def data_config(overrides: list[str]) -> Any:
     world) model: preparing files needs no model."""
     from omegaconf import OmegaConf
 
-    from moe_lora.compose import compose
+    from moe_lora.recipes.compose import compose
 
     return OmegaConf.to_object(compose(overrides)).data
 

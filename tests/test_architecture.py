@@ -10,7 +10,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from moe_lora.adapters import ADAPTERS
-from moe_lora.compose import CONF_DIR
+from moe_lora.recipes.compose import CONF_DIR
 
 
 def test_no_import_cycle_among_modules() -> None:

@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from moe_lora.compose import load_config
 from moe_lora.errors import ConfigError
+from moe_lora.recipes.compose import load_config
 from tests.fixtures.checkpoints import make_checkpoint
 
 FAMILY_CONFIGS = {"gpt2": "model=gpt2", "qwen2": "model=qwen2_5_0_5b", "llama": "model.source=hub"}
@@ -47,8 +47,8 @@ def test_architecture_comes_from_config_json(checkpoints) -> None:
 
 def test_mov_head_size_comes_from_the_model(tmp_path) -> None:
     """Qwen2 with a declared head_dim that is not hidden // heads: MoV routes k/v per real head."""
-    from moe_lora.adapters.mov import MoVLinear
-    from moe_lora.validate import base_meta_model
+    from moe_lora.adapters.variants.mov import MoVLinear
+    from moe_lora.recipes.validate import base_meta_model
 
     path = make_checkpoint("qwen2", tmp_path / "q", hidden=32, heads=2, kv_heads=1, head_dim=24)
     cfg = load_config(["model=qwen2_5_0_5b", f"model.name_or_path={path}", "adapter=mov"])

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from moe_lora.adapters import ADAPTERS
-from moe_lora.compose import CONF_DIR, load_config
+from moe_lora.recipes.compose import CONF_DIR, load_config
 
 GROUPS = ["model", "adapter", "layout", "data", "recipe", "logger"]
 CASES = [(g, p.stem) for g in GROUPS for p in sorted((CONF_DIR / g).glob("*.yaml"))]
@@ -42,7 +42,7 @@ def test_every_experiment_preset_and_each_of_its_jobs_composes(preset: str) -> N
     """Every job a preset's sweep would launch composes and validates (paper-scale twins too)."""
     from hydra import compose, initialize_config_dir
 
-    from moe_lora.compose import expand_sweeps
+    from moe_lora.recipes.compose import expand_sweeps
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=[f"experiment={preset}"], return_hydra_config=True)
@@ -115,10 +115,10 @@ def test_preset_claims_compare_arms_that_differ_only_where_declared(preset: str)
     the claim does not declare (`differs_in`): the report would warn about it on every seed pair."""
     from hydra import compose, initialize_config_dir
 
-    from moe_lora.compose import expand_sweeps
+    from moe_lora.recipes.compose import expand_sweeps
+    from moe_lora.recipes.runner import resolved_config
     from moe_lora.report import claims
     from moe_lora.report.collect import Run
-    from moe_lora.train.runner import resolved_config
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         hydra_cfg = compose("train", overrides=[f"experiment={preset}"], return_hydra_config=True)

@@ -126,7 +126,7 @@ def assert_parses(main, args: list[str]) -> None:
 
 def _diagonal(overrides: list[str]) -> list[list[str]]:
     """Combinations that hold every value of every sweep at least once (not the full product)."""
-    from moe_lora.compose import _axes
+    from moe_lora.recipes.compose import _axes
 
     axes = _axes(overrides)
     n = max((len(a) for a in axes), default=1)
@@ -136,7 +136,7 @@ def _diagonal(overrides: list[str]) -> list[list[str]]:
 @functools.cache
 def _composed(overrides: tuple[str, ...], hydra: bool = False) -> None:
     """One composition (and validation) per distinct command line: documents repeat some."""
-    from moe_lora.compose import compose, load_config
+    from moe_lora.recipes.compose import compose, load_config
 
     if hydra:
         compose(list(overrides), return_hydra_config=True)
@@ -145,7 +145,7 @@ def _composed(overrides: tuple[str, ...], hydra: bool = False) -> None:
 
 
 def check_train(args: list[str]) -> None:
-    from moe_lora.compose import first_job, split_args
+    from moe_lora.recipes.compose import first_job, split_args
 
     _, overrides = split_args(args)
     training = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]

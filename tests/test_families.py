@@ -2,7 +2,7 @@
 
 Ten families beyond llama / qwen2 / gpt2 (tests/fixtures/checkpoints.FAMILIES), each a tiny random
 checkpoint saved with ``save_pretrained``. The roles each family's linears play are written out by
-hand below (read from transformers' modelling code), so these tests check moe_lora.structure
+hand below (read from transformers' modelling code), so these tests check moe_lora.model.structure
 against an independent statement, not against itself.
 """
 
@@ -99,8 +99,8 @@ def hub(family_checkpoints, family: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def examples(data_root, family_checkpoints):
-    from moe_lora.compose import load_config
     from moe_lora.data.sources import first_examples
+    from moe_lora.recipes.compose import load_config
 
     cfg = load_config(
         [
@@ -121,9 +121,9 @@ def test_every_variant_adapts_the_methods_modules_in_every_layer_and_trains_a_st
 ) -> None:
     """Through the CLI's composition and validation (meta-device injection, peft cross-check), the
     checkpoint loaded as from the hub, then the adapter and one optimiser step on real-schema rows."""
-    from moe_lora.compose import load_config
     from moe_lora.data.collate import collate
-    from moe_lora.models import hub_model
+    from moe_lora.model.load import hub_model
+    from moe_lora.recipes.compose import load_config
 
     base_args = [*hub(family_checkpoints, family), "recipe=smoke", "data=triviaqa_alpaca", f"data.root={data_root}"]
     for name in ADAPTERS:

@@ -25,8 +25,8 @@ from omegaconf import OmegaConf
 
 from moe_lora import tracking
 from moe_lora.errors import ConfigError, OutputError
+from moe_lora.recipes.results import write_adapter
 from moe_lora.tracking import write_json_atomic, write_jsonl_atomic, write_text_atomic
-from moe_lora.train.results import write_adapter
 
 ENOSPC = OSError(errno.ENOSPC, "No space left on device")
 TENSORS = {"layer.lora_A": torch.arange(12.0).reshape(3, 4), "layer.lora_B": torch.zeros(4, 3)}
@@ -325,7 +325,7 @@ def test_an_invalid_model_folder_fails_in_the_precheck_naming_the_file(
 
 def test_a_damaged_tokenizer_past_the_precheck_is_one_line(checkpoints, tmp_path) -> None:
     from moe_lora.config import ModelConfig
-    from moe_lora.models import hub_model
+    from moe_lora.model.load import hub_model
 
     folder = broken_model(checkpoints, tmp_path, "none")
     text = (folder / "tokenizer.json").read_text()
@@ -357,9 +357,9 @@ def test_a_data_file_datasets_cannot_read_is_one_line_without_its_log(tmp_path, 
 
 # ------------------------------------------------------------------------------ resume messages
 def test_a_hash_mismatch_with_a_matching_config_yaml_is_not_called_missing(tmp_path) -> None:
-    from moe_lora.compose import load_config
+    from moe_lora.recipes.compose import load_config
+    from moe_lora.recipes.runner import resolved_config
     from moe_lora.train import checkpoint
-    from moe_lora.train.runner import resolved_config
 
     resolved = resolved_config(load_config([], check_files=False))
     run_dir = tmp_path / "run"
@@ -392,7 +392,7 @@ def test_a_cache_dir_that_cannot_be_written_is_one_line(run_cli, tmp_path, capsy
 def test_a_full_disk_while_caching_the_world_model_is_one_line(tmp_path) -> None:
     from safetensors import SafetensorError
 
-    from moe_lora.models import _cache_writes
+    from moe_lora.world.model import _cache_writes
 
     expected = re.escape(f"cannot write {tmp_path}: No space left on device")
     with pytest.raises(OutputError, match=expected), _cache_writes(tmp_path):

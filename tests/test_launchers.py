@@ -9,7 +9,7 @@ import signal
 import pytest
 from hydra import compose, initialize_config_dir
 
-from moe_lora.compose import CONF_DIR
+from moe_lora.recipes.compose import CONF_DIR
 
 
 def test_slurm_launcher_config_composes() -> None:
@@ -94,11 +94,11 @@ def test_slurm_requeue_resumes_in_the_same_folder() -> None:
     """submitit calls checkpoint() at the time limit (after the loop wrote its checkpoint): the
     requeued job gets resume=auto, so it continues instead of meeting 'holds checkpoints'."""
     import moe_lora.adapters  # noqa: F401
-    from moe_lora.launchers import RequeueSlurmLauncher
+    from moe_lora.recipes.launchers import RequeueSlurmLauncher
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
-    assert cfg.hydra.launcher._target_ == "moe_lora.launchers.RequeueSlurmLauncher"
+    assert cfg.hydra.launcher._target_ == "moe_lora.recipes.launchers.RequeueSlurmLauncher"
     assert cfg.hydra.launcher.max_num_timeout > 0
     delayed = RequeueSlurmLauncher().checkpoint(["seed=1", "resume=null"], "hydra.sweep.dir", 0, "id", {})
     assert delayed.args[0] == ["seed=1", "resume=auto"] and delayed.args[1:] == ("hydra.sweep.dir", 0, "id", {})
@@ -108,7 +108,7 @@ def _kill_at_trial(prefix: str):
     """Arm a forked launch: SIGKILL when the trial folder named ``prefix...`` starts training."""
 
     def arm() -> None:
-        from moe_lora.train import runner
+        from moe_lora.recipes import runner
 
         run = runner.run
 

@@ -8,10 +8,10 @@ import re
 
 import pytest
 
-from moe_lora.compose import load_config
 from moe_lora.config import BudgetConfig, LayoutConfig
 from moe_lora.errors import ConfigError
-from moe_lora.layouts import budget_experts, project, resolve_layout
+from moe_lora.model.layouts import budget_experts, project, resolve_layout
+from moe_lora.recipes.compose import load_config
 
 MOLA = {
     "triangle": [8, 6, 4, 2],
@@ -115,7 +115,7 @@ def test_slope_and_curvature_are_the_named_shapes_as_points(mola) -> None:
 
 
 def test_a_list_of_objectives_is_returned_as_a_tuple() -> None:
-    from moe_lora.train.job import objective_value
+    from moe_lora.recipes.job import objective_value
 
     results = {"metrics": {"a": 0.5, "b": 2}, "params": {"trainable": 10}}
     assert objective_value(results, "metrics.a") == 0.5
@@ -126,7 +126,7 @@ def test_a_list_of_objectives_is_returned_as_a_tuple() -> None:
 def test_search_confirm_writes_layouts_and_a_preset_of_claims(tmp_path) -> None:
     import json
 
-    from moe_lora.search_confirm import main as confirm
+    from moe_lora.recipes.search_confirm import main as confirm
 
     sweep = tmp_path / "layout_search" / "study"
     for i, (slope, curv, em) in enumerate([(0.5, -1.0, 0.40), (-0.3, 2.0, 0.70), (0.9, 0.0, 0.55)]):
@@ -172,7 +172,7 @@ def test_search_confirm_writes_layouts_and_a_preset_of_claims(tmp_path) -> None:
 def test_multirun_precheck_keeps_the_search_path(tmp_path) -> None:
     """Generated layouts and presets (search-confirm, layout-from-probe) live outside conf/: the
     precheck of every sweep job must compose with the command line's hydra.searchpath."""
-    from moe_lora.compose import expand_sweeps, precheck
+    from moe_lora.recipes.compose import expand_sweeps, precheck
 
     (tmp_path / "layout").mkdir()
     (tmp_path / "layout" / "mine.yaml").write_text(
@@ -186,7 +186,7 @@ def test_multirun_precheck_keeps_the_search_path(tmp_path) -> None:
 
 # ------------------------------------------------------------------ uniform spends a given budget
 def test_even_experts_spreads_the_remainder_over_the_depth() -> None:
-    from moe_lora.layouts import even_experts
+    from moe_lora.model.layouts import even_experts
 
     counts = even_experts(113, 22)
     assert sum(counts) == 113 and [i for i, c in enumerate(counts) if c == 6] == [3, 11, 18]
@@ -220,7 +220,7 @@ def test_uniform_and_named_shapes_spend_a_given_total_exactly(run_cli, layers, s
 
 @pytest.mark.parametrize("layers", [22, 28])
 def test_every_layout_preset_spends_a_command_line_total(mola, layers) -> None:
-    from moe_lora.compose import CONF_DIR
+    from moe_lora.recipes.compose import CONF_DIR
 
     for path in sorted((CONF_DIR / "layout").glob("*.yaml")):
         if path.stem == "custom":  # an explicit list: a budget beside it is refused (below)

@@ -8,8 +8,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from moe_lora.config import WorldConfig
-from moe_lora.data.tokenizer import word_tokenizer
-from moe_lora.data.world import World
+from moe_lora.world.generator import World
+from moe_lora.world.tokenizer import word_tokenizer
 
 
 def test_train_on_a_local_hub_style_model(run_cli, tmp_path) -> None:

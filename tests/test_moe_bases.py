@@ -16,10 +16,10 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from moe_lora.adapters.inject import plan_targets
-from moe_lora.compose import CONF_DIR, load_config
 from moe_lora.config import ModelConfig
 from moe_lora.errors import ConfigError
-from moe_lora.structure import read_structure
+from moe_lora.model.structure import read_structure
+from moe_lora.recipes.compose import CONF_DIR, load_config
 from tests.fixtures.moe import MOE_FAMILIES, SPARSE_LAYERS, make_moe_checkpoint, moe_config
 
 # family -> (router, routed expert tensors with their axis order, shared experts, shared-expert gate)

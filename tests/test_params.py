@@ -11,10 +11,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from moe_lora.adapters.inject import inject_adapter
-from moe_lora.adapters.lora import LoRAConfig
-from moe_lora.compose import CONF_DIR, load_config
+from moe_lora.adapters.variants.lora import LoRAConfig
 from moe_lora.config import LayoutConfig
-from moe_lora.models import arch_config
+from moe_lora.model.load import arch_config
+from moe_lora.recipes.compose import CONF_DIR, load_config
 
 
 def _numbers(out: str, key: str) -> int:

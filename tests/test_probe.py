@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from moe_lora.probe import pl_alpha_hill
+from moe_lora.recipes.probe import pl_alpha_hill
 from moe_lora.report.telemetry import statistic
 
 

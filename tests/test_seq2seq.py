@@ -78,9 +78,9 @@ def test_tiny_t5_checkpoints_adapt_both_stacks_and_cross_attention(run_cli, t5_c
 
 @pytest.mark.parametrize("size", ["large", "xl", "xxl"])
 def test_t5_model_configs_build_on_the_meta_device_with_both_stacks(size) -> None:
-    from moe_lora.compose import load_config
-    from moe_lora.models import meta_model
-    from moe_lora.structure import find_stacks
+    from moe_lora.model.load import meta_model
+    from moe_lora.model.structure import find_stacks
+    from moe_lora.recipes.compose import load_config
 
     cfg = load_config([f"model=t5_v1_1_lm_adapt_{size}"], check_files=False).model
     model = meta_model(cfg)
@@ -98,7 +98,7 @@ def test_every_variant_runs_a_t5_and_starts_as_the_base(t5_checkpoints, version,
     from transformers import T5ForConditionalGeneration
 
     from moe_lora.adapters.inject import inject_adapter
-    from moe_lora.compose import load_config
+    from moe_lora.recipes.compose import load_config
 
     path = t5_checkpoints[version]
     extra = [] if adapter in ("mov", "ia3") else ["adapter.target_modules=[all]"]
@@ -207,7 +207,7 @@ def test_routers_of_the_decoder_are_masked_with_the_target_tokens(t5_with_tokeni
     from transformers import T5ForConditionalGeneration
 
     from moe_lora.adapters.inject import inject_adapter
-    from moe_lora.compose import load_config
+    from moe_lora.recipes.compose import load_config
     from moe_lora.routing.recorder import RoutingRecorder
     from moe_lora.train.loss import batch_loss
 
@@ -241,7 +241,7 @@ def test_movs_ffn_site_equals_a_hand_written_router_on_the_activation(tmp_path, 
     from transformers import T5ForConditionalGeneration
 
     from moe_lora.adapters.inject import inject_adapter
-    from moe_lora.compose import load_config
+    from moe_lora.recipes.compose import load_config
     from tests.fixtures.checkpoints import make_t5_checkpoint
 
     path = make_t5_checkpoint(tmp_path / "t5", gated=gated)
@@ -280,8 +280,8 @@ def test_movs_ffn_site_equals_a_hand_written_router_on_the_activation(tmp_path, 
 
 
 def test_routing_layers_count_the_encoder_first_and_stacks_are_reported_apart() -> None:
+    from moe_lora.recipes.results import by_stack
     from moe_lora.report.telemetry import layer_indices
-    from moe_lora.train.results import by_stack
 
     modules = ["decoder.block.0.layer.0.SelfAttention.k", "encoder.block.1.layer.0.SelfAttention.k"]
     modules += ["encoder.block.0.layer.1.DenseReluDense.wo", "decoder.block.2.layer.2.DenseReluDense.wo", "lm_head"]

@@ -7,7 +7,7 @@ import optuna
 import pytest
 from omegaconf import OmegaConf
 
-from moe_lora.studies import OPTUNA, free_weights, resume_overrides
+from moe_lora.recipes.studies import OPTUNA, free_weights, resume_overrides
 
 
 def _hydra(storage: str, n_trials: int = 4, seed: int | None = 0):
@@ -75,7 +75,7 @@ def test_free_weights_suggests_one_weight_per_group() -> None:
 
 
 def test_first_job_keeps_hydra_overrides_and_takes_each_sweeps_first_value() -> None:
-    from moe_lora.compose import first_job
+    from moe_lora.recipes.compose import first_job
 
     line = ["adapter=lora,mola", "seed=range(3)", "layout.slope=interval(-1.0, 1.0)", "hydra.sweep.dir=/x"]
     assert first_job(line) == ["adapter=lora", "seed=0", "layout.slope=-1.0", "hydra.sweep.dir=/x"]

@@ -273,8 +273,8 @@ def world_runs(tmp_path_factory, cache_dir) -> dict[str, Path]:
     """Smoke runs on the built-in world model, one per variant (the runner without Hydra's job
     machinery: seconds less each). Evaluation scores exact match by teacher forcing there and
     generates the wrong examples' predictions."""
-    from moe_lora.compose import load_config
-    from moe_lora.train.runner import run
+    from moe_lora.recipes.compose import load_config
+    from moe_lora.recipes.runner import run
 
     root = tmp_path_factory.mktemp("world_runs")
     for adapter in WORLD_VARIANTS:
@@ -304,8 +304,8 @@ def test_on_the_built_in_world_generate_reproduces_every_stored_prediction(world
 def test_on_the_built_in_world_base_predictions_are_the_base_models_greedy_output(world_runs) -> None:
     """``moe-lora generate`` runs the adapted model only; the base's stored predictions are checked
     with evaluation's greedy generation on the run's base (the same for every variant)."""
-    from moe_lora.api import load_base, read_saved
     from moe_lora.eval.generate import greedy_generate
+    from moe_lora.recipes.api import load_base, read_saved
 
     run = world_runs["lora"]
     cfg = read_saved(run).cfg
@@ -339,7 +339,7 @@ def test_merge_and_peft_of_an_added_adapter(checkpoints, tmp_path, family, varia
 
     import moe_lora
     from moe_lora.errors import ConfigError
-    from moe_lora.export import write_peft
+    from moe_lora.recipes.export import write_peft
 
     path = checkpoints[family]
     targets = ["key", "value", "ffn_out"] if variant == "ia3" else ["attention", "ffn"]
@@ -390,7 +390,7 @@ def test_generate_uses_the_chat_template_as_the_run_did(checkpoints, cache_dir, 
 
 
 def test_stop_strings_typed_with_escapes_mean_the_characters() -> None:
-    from moe_lora.use import generate_parser, unescape
+    from moe_lora.recipes.use import generate_parser, unescape
 
     args = generate_parser().parse_args(["run", "--prompt", "p", "--stop", r"\n", "--stop", "."])
     assert [unescape(s) for s in args.stop] == ["\n", "."] and unescape(r"a\tb") == "a\tb"

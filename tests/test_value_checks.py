@@ -77,7 +77,7 @@ PROBES = [
 @pytest.fixture
 def memory_16gib(monkeypatch) -> None:
     """The memory check compares with this machine's RAM: pin it, so no machine ever runs a row."""
-    monkeypatch.setattr("moe_lora.validate.machine_memory", lambda: 16 * GIB)
+    monkeypatch.setattr("moe_lora.recipes.validate.machine_memory", lambda: 16 * GIB)
 
 
 @pytest.mark.parametrize(("args", "needle"), PROBES, ids=[" ".join(a) for a, _ in PROBES])
@@ -195,16 +195,16 @@ def test_the_memory_estimate_counts_weights_gradients_moments_and_buffers(monkey
     """MoLA on the tiny world's up projections (4 layers, 128 -> 512), E=8, r=8: per layer A (128 x 64),
     B (64 x 512) and the router (8 x 128), four times each in float32, plus the (8 x 64) float32
     gate_expand and the router's 8 int64 expert types."""
-    from moe_lora.compose import load_config
-    from moe_lora.validate import check_memory, check_targets
+    from moe_lora.recipes.compose import load_config
+    from moe_lora.recipes.validate import check_memory, check_targets
 
     args = ["adapter=mola", "layout=uniform", "adapter.target_modules=[ffn_up]", "adapter.num_experts=8"]
     cfg = load_config([*args, "adapter.rank=8"], check_files=False)
     per_layer = 4 * 4 * (128 * 64 + 64 * 512 + 8 * 128) + 4 * 8 * 64 + 8 * 8
     assert check_targets(cfg) == 4 * per_layer
-    monkeypatch.setattr("moe_lora.validate.machine_memory", lambda: 4 * per_layer)
+    monkeypatch.setattr("moe_lora.recipes.validate.machine_memory", lambda: 4 * per_layer)
     check_memory(cfg, check_targets(cfg))  # exactly fits
-    monkeypatch.setattr("moe_lora.validate.machine_memory", lambda: 4 * per_layer - 1)
+    monkeypatch.setattr("moe_lora.recipes.validate.machine_memory", lambda: 4 * per_layer - 1)
     with pytest.raises(ConfigError, match=r"^adapter\.num_experts=8 makes an adapter needing about 0\.0 GiB"):
         check_memory(cfg, check_targets(cfg))
     # gate_expand is E x E*r: 64 times the experts, 4,096 times its bytes

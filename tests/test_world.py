@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections import Counter
 
 from moe_lora.config import DataConfig, WorldConfig
-from moe_lora.data.mixture import world_mixture
-from moe_lora.data.world import World
+from moe_lora.world.generator import World
+from moe_lora.world.mixture import world_mixture
 
 
 def test_world_is_deterministic() -> None:

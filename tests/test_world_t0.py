@@ -8,8 +8,8 @@ import random
 import pytest
 
 from moe_lora.config import DataConfig, WorldConfig
-from moe_lora.data.mixture import world_t0_mixture
-from moe_lora.data.world import MC_CLUSTERS, MC_TEMPLATES, World, instruction_answer, mc_examples
+from moe_lora.world.generator import MC_CLUSTERS, MC_TEMPLATES, World, instruction_answer, mc_examples
+from moe_lora.world.mixture import world_t0_mixture
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,7 @@ def test_the_t5_twin_pretrains_on_the_world_and_runs_the_toy_t0(run_cli, tmp_pat
 
 def test_prefix_lm_batches_split_documents_and_questions_at_the_answer() -> None:
     from moe_lora.data.collate import IGNORE, collate_prefix_lm
-    from moe_lora.data.tokenizer import word_tokenizer
+    from moe_lora.world.tokenizer import word_tokenizer
 
     tok = word_tokenizer(["<pad>", "<eos>", "<unk>", "Q", ":", "who", "?", "A", "bob", "was", "here", "."])
     batch = collate_prefix_lm(["Q : who ? A : bob", "bob was here ."], tok, 16, random.Random(0))

@@ -10,7 +10,7 @@ from hydra.core.config_store import ConfigStore
 from torch import nn
 
 from moe_lora.config import AdapterConfig
-from moe_lora.layouts import LayerPlan
+from moe_lora.model.layouts import LayerPlan
 from moe_lora.registry import Registry
 
 

@@ -3,7 +3,7 @@
 Targets are roles (``query``, ``key``, ``value``, ``output``, ``ffn_in``, ``ffn_gate``, ``ffn_up``,
 ``ffn_out``), blocks (``attention``, ``ffn``, ``all``) or module names (matched as a suffix of the
 dotted path, so ``mlp.c_proj`` tells GPT-2's two ``c_proj`` apart). Roles and blocks come from
-:mod:`moe_lora.structure` (detected from the model, or ``model.modules``); every role or block a
+:mod:`moe_lora.model.structure` (detected from the model, or ``model.modules``); every role or block a
 target names must exist in every layer, and a module name must match in every layer it matches in
 any, so a setting never adapts silently less than it says. The rule for fused projections: a
 variant defined on roles (IA3, MoV) adapts only the targeted roles' columns of a fused linear; any
@@ -23,11 +23,11 @@ from torch import nn
 from moe_lora.adapters.base import ADAPTERS, LayerPlan
 from moe_lora.config import AdapterConfig, LayoutConfig, ModelConfig
 from moe_lora.errors import ConfigError
-from moe_lora.layouts import has_budget, is_per_layer, resolve_layout
+from moe_lora.model.layouts import has_budget, is_per_layer, resolve_layout
+from moe_lora.model.structure import CROSS_ATTENTION, Structure, is_adaptable, is_encoder_decoder, read_structure
+from moe_lora.model.targets import Site, resolve_targets, targets_summary
 from moe_lora.routing.recorder import AuxLossConfig, RoutingRecorder
 from moe_lora.routing.router import Router
-from moe_lora.structure import CROSS_ATTENTION, Structure, is_adaptable, is_encoder_decoder, read_structure
-from moe_lora.targets import Site, resolve_targets, targets_summary
 
 log = logging.getLogger(__name__)
 __all__ = ["count_parameters", "inject_adapter", "is_adaptable", "plan_targets"]

@@ -25,8 +25,8 @@ from torch import nn
 
 from moe_lora.adapters.csr import csr_update_
 from moe_lora.errors import ConfigError
+from moe_lora.model.structure import dims, is_adaptable
 from moe_lora.routing.router import Router
-from moe_lora.structure import dims, is_adaptable
 
 
 def linear_dims(base: nn.Module) -> tuple[int, int]:

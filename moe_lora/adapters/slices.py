@@ -3,7 +3,7 @@
 ``qkv_proj`` computes query, key and value at once. A method defined on roles (IA3 and MoV scale
 the key and value activations) acts on those roles' columns only and leaves the rest of the fused
 output untouched, so a fused checkpoint and its unfused twin train the same adapter. The columns
-come from :class:`moe_lora.structure.Fused` (the family's split, e.g. per head for GPT-NeoX).
+come from :class:`moe_lora.model.structure.Fused` (the family's split, e.g. per head for GPT-NeoX).
 """
 
 from __future__ import annotations

@@ -1,1 +1,1 @@
-"""Benchmarks: the loop reference the research code uses, `moe-lora bench` (and its expert sweep), and the GPU check."""
+"""Benchmarks: the loop reference the research code uses, `moe-lora bench` and its expert sweep."""

@@ -50,7 +50,7 @@ def target_modules(spec: str) -> list[str]:
 def base_model(a: argparse.Namespace) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
-    from moe_lora.models import arch_config
+    from moe_lora.model.load import arch_config
 
     torch.manual_seed(0)
     config = arch_config(a.model_cfg)
@@ -69,8 +69,8 @@ def shared_copy(base: nn.Module) -> nn.Module:
 
 def peft_targets(model: nn.Module, a: argparse.Namespace) -> list[str]:
     """The full names of the linears ``--modules`` selects on this model: peft adapts exactly those."""
-    from moe_lora.structure import read_structure
-    from moe_lora.targets import resolve_targets
+    from moe_lora.model.structure import read_structure
+    from moe_lora.model.targets import resolve_targets
 
     return [site.name for site in resolve_targets(read_structure(model), model, target_modules(a.modules))]
 

@@ -151,7 +151,7 @@ def expert_counts(text: str) -> list[int]:
 
 def model_shape(name: str):
     """The ModelConfig of ``conf/model/<name>.yaml`` (its architecture fields: no download)."""
-    from moe_lora.compose import load_config
+    from moe_lora.recipes.compose import load_config
 
     return load_config([f"model={name}"], check_files=False).model
 

@@ -1,1 +1,2 @@
-"""Data: the built-in world, tokenisation, the fine-tuning mixture and collation."""
+"""Data: examples, real sources (TriviaQA, Alpaca, P3 ... in their own schemas), prompt templates and
+collation. The built-in world's data is in ``moe_lora.world``."""

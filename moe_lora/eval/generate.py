@@ -23,7 +23,7 @@ from transformers import (
 )
 
 from moe_lora.data.collate import left_truncate, pad_id, prompt_ids, source_ids
-from moe_lora.structure import is_encoder_decoder
+from moe_lora.model.structure import is_encoder_decoder
 
 
 @contextmanager

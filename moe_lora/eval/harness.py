@@ -22,7 +22,7 @@ import torch
 
 from moe_lora.config import HarnessConfig
 from moe_lora.errors import ConfigError
-from moe_lora.structure import is_encoder_decoder
+from moe_lora.model.structure import is_encoder_decoder
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase

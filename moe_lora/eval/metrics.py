@@ -23,7 +23,7 @@ from moe_lora.data.collate import IGNORE, Lengths, collate, decoder_inputs
 from moe_lora.data.example import Example
 from moe_lora.eval.generate import eval_mode, greedy_generate
 from moe_lora.eval.normalize import MATCHERS
-from moe_lora.structure import is_encoder_decoder as is_seq2seq
+from moe_lora.model.structure import is_encoder_decoder as is_seq2seq
 
 
 def batches(examples: Sequence[Example], size: int) -> Iterator[Sequence[Example]]:

@@ -30,8 +30,8 @@ from transformers import PreTrainedModel
 from moe_lora.config import RecipeConfig
 from moe_lora.data.collate import IGNORE
 from moe_lora.errors import ConfigError
+from moe_lora.model.structure import is_encoder_decoder
 from moe_lora.routing.recorder import RoutingRecorder
-from moe_lora.structure import is_encoder_decoder
 from moe_lora.train import preempt
 from moe_lora.train.distributed import Dist, full_tensor, gradient_sync
 from moe_lora.train.loss import batch_loss, label_count

@@ -14,11 +14,11 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Phi3Config
 
-from moe_lora.adapters.ia3 import IA3Config
 from moe_lora.adapters.inject import inject_adapter
-from moe_lora.adapters.mov import MoVConfig
+from moe_lora.adapters.variants.ia3 import IA3Config
+from moe_lora.adapters.variants.mov import MoVConfig
 from moe_lora.config import LayoutConfig, ModelConfig
-from moe_lora.structure import FUSED_QKV, read_structure
+from moe_lora.model.structure import FUSED_QKV, read_structure
 
 CFG = ModelConfig(name="t", source="world")
 DIMS = dict(

@@ -10,12 +10,12 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from moe_lora.adapters.ia3 import IA3Config, IA3Linear
 from moe_lora.adapters.inject import inject_adapter
 from moe_lora.adapters.layer import LoRAExperts
-from moe_lora.adapters.lora import LoRAConfig
-from moe_lora.adapters.loramoe import LoRAMoEConfig
-from moe_lora.adapters.mola import MoLAConfig
+from moe_lora.adapters.variants.ia3 import IA3Config, IA3Linear
+from moe_lora.adapters.variants.lora import LoRAConfig
+from moe_lora.adapters.variants.loramoe import LoRAMoEConfig
+from moe_lora.adapters.variants.mola import MoLAConfig
 from moe_lora.config import LayoutConfig, ModelConfig
 from moe_lora.routing.recorder import RoutingRecorder
 

@@ -9,7 +9,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from moe_lora.adapters.inject import inject_adapter
-from moe_lora.adapters.mov import MoVConfig, MoVLinear
+from moe_lora.adapters.variants.mov import MoVConfig, MoVLinear
 from moe_lora.config import LayoutConfig
 from tests.adapters.test_lora_peft import MODEL_CFG
 

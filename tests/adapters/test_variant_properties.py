@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moe_lora.adapters.adamoe import AdaMoEConfig
-from moe_lora.adapters.alora import ALoRAConfig, ALoRALinear, alora_layers, reallocate
-from moe_lora.adapters.hydralora import HydraLoRAConfig
 from moe_lora.adapters.inject import inject_adapter
 from moe_lora.adapters.layer import LoRAExperts
-from moe_lora.adapters.melora import MELoRAConfig, MELoRALinear
-from moe_lora.adapters.mola import MoLAConfig
-from moe_lora.adapters.mov import MoVConfig, MoVLinear
+from moe_lora.adapters.variants.adamoe import AdaMoEConfig
+from moe_lora.adapters.variants.alora import ALoRAConfig, ALoRALinear, alora_layers, reallocate
+from moe_lora.adapters.variants.hydralora import HydraLoRAConfig
+from moe_lora.adapters.variants.melora import MELoRAConfig, MELoRALinear
+from moe_lora.adapters.variants.mola import MoLAConfig
+from moe_lora.adapters.variants.mov import MoVConfig, MoVLinear
 from moe_lora.config import LayoutConfig
 from moe_lora.errors import ConfigError
 from moe_lora.routing.recorder import RoutingRecorder
@@ -175,8 +175,8 @@ def test_alora_regranted_component_starts_without_stale_moments() -> None:
     gradients its fresh B row does not move on the next step (stale momentum would move it)."""
     from types import SimpleNamespace
 
-    from moe_lora.adapters.alora import make_alora_hook
     from moe_lora.adapters.base import HookContext
+    from moe_lora.adapters.variants.alora import make_alora_hook
 
     model = tiny_llama()
     inject_adapter(model, ALoRAConfig(target_modules=["ffn"], rank=2, max_rank=4), MODEL_CFG, LayoutConfig())
@@ -215,7 +215,7 @@ def test_alora_regranted_component_starts_without_stale_moments() -> None:
 
 def test_settings_a_variant_would_ignore_are_errors_naming_the_key() -> None:
     """Each of these used to be accepted and silently ignored (or silently changed)."""
-    from moe_lora.adapters.loramoe import LoRAMoEConfig
+    from moe_lora.adapters.variants.loramoe import LoRAMoEConfig
 
     two_four = LayoutConfig(name="custom", experts=[2, 4])
     with pytest.raises(ConfigError, match=r"adapter\.lbc_expert_types.*layer 1 has 4 experts"):
@@ -240,7 +240,7 @@ def test_settings_a_variant_would_ignore_are_errors_naming_the_key() -> None:
 
 
 def test_loramoe_expert_types_follow_each_layer() -> None:
-    from moe_lora.adapters.loramoe import LoRAMoEConfig
+    from moe_lora.adapters.variants.loramoe import LoRAMoEConfig
 
     model = tiny_llama()
     names = inject_adapter(model, LoRAMoEConfig(num_experts=3, lbc_expert_types=[1, 0, 1]), MODEL_CFG, LayoutConfig())
@@ -259,7 +259,7 @@ def _lbc_trained_cv(beta: float, delta: float = 0.1, steps: int = 8) -> tuple[fl
     """Mean over (module, task type) of the CV the LBC constrains, CV over experts of ``I * Q``
     (the task type's importance weighted by 1 + delta on its own group, 1 - delta on the other),
     at init and after ``steps`` AdamW steps on one fixed batch; everything seeded."""
-    from moe_lora.adapters.loramoe import LoRAMoEConfig
+    from moe_lora.adapters.variants.loramoe import LoRAMoEConfig
 
     model, rec = tiny_llama(), RoutingRecorder()
     torch.manual_seed(0)

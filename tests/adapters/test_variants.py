@@ -31,7 +31,7 @@ def default_config(name: str):
 
 def expected_targets(model, targets: list[str]) -> list[str]:
     """The Llama linears that role, block and module-name targets name (written out here, not asked
-    of moe_lora.structure)."""
+    of moe_lora.model.structure)."""
     names = [n for t in targets for n in (MODULES["attention"] + MODULES["ffn"] if t == "all" else MODULES.get(t, [t]))]
     return [
         n

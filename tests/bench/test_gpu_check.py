@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from moe_lora.bench import check_report, gpu_check, train_check
+from moe_lora.checks import check_report, gpu_check, train_check
 from moe_lora.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -112,7 +112,7 @@ def test_compare_tells_bitwise_from_close_from_different(tmp_path) -> None:
 
 
 def test_preset_memory_estimates_come_from_the_headers() -> None:
-    from moe_lora.compose import CONF_DIR
+    from moe_lora.recipes.compose import CONF_DIR
 
     rows = {r["preset"]: r for r in check_report.preset_estimates()}
     assert set(rows) == {p.stem for p in (CONF_DIR / "experiment").glob("*_paper.yaml")}

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from moe_lora.compose import CONF_DIR
 from moe_lora.config import DataConfig, SourceConfig
 from moe_lora.data.sources import check_sources, resolve_source, source_mixture, train_counts
 from moe_lora.data.templates import TEMPLATES, fewshot_prompt, get_template, render
 from moe_lora.errors import ConfigError
+from moe_lora.recipes.compose import CONF_DIR
 
 SOURCES = sorted(p.stem for p in (CONF_DIR / "source").glob("*.yaml"))
 
@@ -239,7 +239,7 @@ def test_prepare_data_saves_atomically_and_skips_existing(tmp_path: Path, capsys
 
 # ------------------------------------------------------------------------------------ through the CLI
 def test_data_configs_validate_against_a_prepared_root(data_root: Path, checkpoints) -> None:
-    from moe_lora.compose import load_config
+    from moe_lora.recipes.compose import load_config
 
     for name in ("cbqa_instruct_hub", "triviaqa_alpaca"):  # validate() runs check_sources
         cfg = load_config(
@@ -264,8 +264,8 @@ def test_cli_stops_with_one_line_naming_the_key(run_cli, data_root: Path, overri
 def test_disk_metadata_gives_the_same_columns_as_datasets(data_root) -> None:
     """check_sources reads save_to_disk folders from their JSON metadata (no datasets import):
     the columns must be exactly what datasets itself reports, for every fixture split."""
-    from moe_lora.compose import load_config
     from moe_lora.data.sources import column_paths, disk_columns, resolve_source, select_split
+    from moe_lora.recipes.compose import load_config
 
     cfg = load_config(["data=cbqa_instruct_hub", "model=gpt2"], check_files=False)
     for name, src in cfg.data.sources.items():

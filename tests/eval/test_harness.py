@@ -107,7 +107,7 @@ def test_run_harness_scores_an_adapted_t5_with_the_seq2seq_backend(task_dir, tmp
     from transformers import T5ForConditionalGeneration
 
     from moe_lora.adapters.inject import inject_adapter
-    from moe_lora.compose import load_config
+    from moe_lora.recipes.compose import load_config
     from tests.fixtures.checkpoints import make_t5_checkpoint
 
     # equal stacks: lm-eval's generate builds transformers' cache, which a T5 with more decoder than

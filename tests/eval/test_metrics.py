@@ -9,15 +9,15 @@ from dataclasses import replace
 import pytest
 import torch
 
-from moe_lora.compose import load_config
 from moe_lora.config import EvalConfig
 from moe_lora.data.collate import collate
 from moe_lora.data.example import EvalSet, Mixture
-from moe_lora.data.mixture import world_mixture
-from moe_lora.data.world import World
 from moe_lora.eval.evaluate import capped, evaluate, knowledge_retained
 from moe_lora.eval.metrics import generated_em, response_loss, teacher_forced
-from moe_lora.models import world_model
+from moe_lora.recipes.compose import load_config
+from moe_lora.world.generator import World
+from moe_lora.world.mixture import world_mixture
+from moe_lora.world.model import world_model
 from tests.conftest import TINY
 
 EVAL = EvalConfig(max_new_tokens=8, batch_size=16)

@@ -17,7 +17,7 @@ from moe_lora.data.collate import IGNORE, collate
 from moe_lora.data.example import EvalSet, Example, Mixture
 from moe_lora.eval.evaluate import evaluate
 from moe_lora.eval.metrics import choice_logprobs
-from moe_lora.train.results import metric_rows
+from moe_lora.recipes.results import metric_rows
 
 CHOICES = ("yes", "no", "maybe")
 

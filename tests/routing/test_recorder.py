@@ -70,7 +70,7 @@ def test_each_padding_switch_changes_only_its_own_loss(loss: str) -> None:
     """``lbc_mask_padding`` reaches the LBC only, ``aux_mask_padding`` load balance and z-loss only
     (through inject.aux_config, the way a config switches them)."""
     from moe_lora.adapters.inject import aux_config
-    from moe_lora.adapters.loramoe import LoRAMoEConfig
+    from moe_lora.adapters.variants.loramoe import LoRAMoEConfig
 
     weights = {
         "lbc": dict(lbc_beta=1.0),

@@ -109,7 +109,7 @@ def loss_lines(run_dir: Path) -> list[str]:
 
 
 def assert_same_end(run_dir: Path, reference: Path) -> None:
-    from moe_lora.train.runner import ADAPTER_FILE
+    from moe_lora.recipes.runner import ADAPTER_FILE
 
     assert (run_dir / ADAPTER_FILE).read_bytes() == (reference / ADAPTER_FILE).read_bytes()
     assert loss_lines(run_dir) == loss_lines(reference)

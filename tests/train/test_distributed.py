@@ -33,7 +33,7 @@ B = 4  # per-rank micro-batch; the reference runs 2B
 
 
 def _config(overrides: list[str], batch: int, cache_dir: str):
-    from moe_lora.compose import load_config
+    from moe_lora.recipes.compose import load_config
 
     common = [
         c for c in COMMON if "adapter=mov" not in overrides or not c.startswith("adapter.dropout")
@@ -43,8 +43,8 @@ def _config(overrides: list[str], batch: int, cache_dir: str):
 
 def _ranks_worker(cases: dict[str, list[str]], out: str, cache_dir: str) -> None:
     """Runs inside each spawned rank: every case, each into its own run directory."""
+    from moe_lora.recipes.runner import run
     from moe_lora.train import distributed
-    from moe_lora.train.runner import run
 
     d = distributed.init_distributed("cpu")
     for name, overrides in cases.items():
@@ -162,7 +162,7 @@ def two_ranks(tmp_path_factory, cache_dir, checkpoints, data_root, t5_p3) -> Pat
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_two_ranks_equal_one_process_with_the_global_batch(case, two_ranks, cache_dir, tmp_path) -> None:
-    from moe_lora.train.runner import ADAPTER_FILE, run
+    from moe_lora.recipes.runner import ADAPTER_FILE, run
 
     run(_config(CASES[case], 2 * B, str(cache_dir)), tmp_path, progress=False)
     ranked = two_ranks / case
@@ -174,7 +174,7 @@ def test_two_ranks_equal_one_process_with_the_global_batch(case, two_ranks, cach
 
 
 def assert_same_training(ranked: Path, single: Path, atol: float = 1e-5) -> None:
-    from moe_lora.train.runner import ADAPTER_FILE
+    from moe_lora.recipes.runner import ADAPTER_FILE
 
     loss = [r for r in _lines(ranked, "metrics.jsonl") if "loss" in r]
     ref = [r for r in _lines(single, "metrics.jsonl") if "loss" in r]
@@ -294,7 +294,7 @@ def test_global_aux_losses_equal_local_ones_in_one_process() -> None:
 
 def test_fsdp_shards_a_bf16_base_beside_float32_adapters(two_ranks) -> None:
     """One shard group per decoder layer holds the frozen bf16 base and the fp32 adapters."""
-    from moe_lora.train.runner import ADAPTER_FILE
+    from moe_lora.recipes.runner import ADAPTER_FILE
 
     run_dir = two_ranks / "fsdp_bf16_base"
     loss = [r["loss"] for r in _lines(run_dir, "metrics.jsonl") if "loss" in r]
@@ -307,7 +307,7 @@ def test_a_real_checkpoint_on_real_schema_data_matches_one_process(
 ) -> None:
     """The hub path (config.json, tokenizer, datasets.map cache filled by rank 0 first, generated
     CBQA answers gathered from both ranks) on a Llama checkpoint."""
-    from moe_lora.train.runner import run
+    from moe_lora.recipes.runner import run
 
     run(_config(real_case(checkpoints, data_root), 2 * B, str(cache_dir)), tmp_path, progress=False)
     assert_same_training(two_ranks / "llama_real_data", tmp_path)
@@ -321,7 +321,7 @@ def test_a_real_checkpoint_on_real_schema_data_matches_one_process(
 def test_an_encoder_decoder_on_two_ranks_matches_one_process(two_ranks, t5_p3, cache_dir, tmp_path) -> None:
     """A T5 on P3 files with per-sequence loss: sequences of the global batch, routers of both
     stacks (decoder masked by the targets), rank classification gathered from both ranks."""
-    from moe_lora.train.runner import run
+    from moe_lora.recipes.runner import run
 
     run(_config(t5_case(t5_p3[0], t5_p3[2]), 2 * B, str(cache_dir)), tmp_path, progress=False)
     # measured: router weights within 3e-5 (of 0.15) in one run, above 1e-4 in another, losses within

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from moe_lora.adapters.inject import inject_adapter
 from moe_lora.adapters.layer import LoRAExperts
-from moe_lora.adapters.loramoe import LoRAMoEConfig
+from moe_lora.adapters.variants.loramoe import LoRAMoEConfig
 from moe_lora.config import LayoutConfig, RecipeConfig
 from moe_lora.data.collate import encode_examples
 from moe_lora.data.example import Example

@@ -121,7 +121,7 @@ def test_ctrl_c_during_training_checkpoints_and_exits_130(cache_dir, tmp_path) -
 
 def _signal_in_base_evaluation(sig: int) -> Callable[[], None]:
     def arm() -> None:
-        from moe_lora.train import runner
+        from moe_lora.recipes import runner
 
         original = runner.run_eval
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from moe_lora.recipes.results import summary_table
 from moe_lora.train import checkpoint as ckpt
-from moe_lora.train.results import summary_table
 
 
 def _final(run_dir: Path) -> Path:

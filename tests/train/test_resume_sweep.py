@@ -16,7 +16,8 @@ pytestmark = pytest.mark.slow  # `make test-fast` leaves these out
 
 def _arm_failures() -> None:
     """In the first attempt: job1 fails (a transient error), job2 is killed after step-5."""
-    from moe_lora.train import checkpoint, runner
+    from moe_lora.recipes import runner
+    from moe_lora.train import checkpoint
 
     run, save = runner.run, checkpoint.save
 

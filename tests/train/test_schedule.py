@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers.optimization import Adafactor
 
-from moe_lora.adapters.alora import zero_state_slice
+from moe_lora.adapters.variants.alora import zero_state_slice
 from moe_lora.config import RecipeConfig
 from moe_lora.errors import ConfigError
 from moe_lora.train.loop import init_state

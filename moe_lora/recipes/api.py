@@ -61,8 +61,8 @@ def read_export_config(folder: Path) -> dict[str, Any]:
 def read_saved(folder: str | Path, overrides: list[str] | None = None) -> Saved:
     """The config and adapter of a run folder or a moe_lora export, read before any model loads,
     so that a folder without a finished adapter fails in one line naming the file."""
-    from moe_lora.compose import compose, to_config
-    from moe_lora.train.reeval import read_adapter, read_run_config
+    from moe_lora.recipes.compose import compose, to_config
+    from moe_lora.recipes.reeval import read_adapter, read_run_config
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -94,11 +94,11 @@ def read_saved(folder: str | Path, overrides: list[str] | None = None) -> Saved:
 def load_base(cfg: Any, progress: bool = False):
     """The run's base model and tokenizer: the cached world model, or a hub model that must be on
     disk or in the local cache (else one line naming ``model.name_or_path``)."""
-    from moe_lora.train.runner import load_base as runner_base
+    from moe_lora.recipes.runner import load_base as runner_base
 
     world = None
     if cfg.model.source == "world":
-        from moe_lora.data.world import World
+        from moe_lora.world.generator import World
 
         world = World(cfg.data.world)
     return runner_base(cfg, world, progress)
@@ -146,7 +146,7 @@ def load(
 def adapter_config(variant: str, layout: str | None = None, **overrides: Any):
     """(adapter config, layout config) of ``variant`` as ``conf/adapter/<variant>.yaml`` sets it,
     with ``overrides`` (``rank=8``, ``num_experts=4``, ``target_modules=["ffn"]``) validated."""
-    from moe_lora.compose import compose, to_config
+    from moe_lora.recipes.compose import compose, to_config
 
     groups = [f"adapter={variant}"] + ([f"layout={layout}"] if layout else [])
     dcfg = OmegaConf.merge(compose(groups), {"adapter": overrides})
@@ -266,7 +266,7 @@ def merge(model: nn.Module) -> nn.Module:
     """Fold the adapter into the base weights in place and take the wrappers out (peft's
     ``merge_and_unload``); exact for LoRA, ALoRA, MELoRA and IA3. A routed variant is refused: its
     update depends on the input."""
-    from moe_lora.merging import merge as fold
+    from moe_lora.adapters.merging import merge as fold
 
     hooks = _attached(model)
     fold(model, hooks.variant)

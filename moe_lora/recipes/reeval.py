@@ -20,16 +20,16 @@ from omegaconf import DictConfig, OmegaConf
 from moe_lora import outputs
 from moe_lora.adapters import ADAPTERS
 from moe_lora.adapters.inject import count_parameters, inject_adapter
-from moe_lora.compose import compose, to_config
 from moe_lora.errors import ConfigError, first_line
+from moe_lora.recipes.compose import compose, to_config
+from moe_lora.recipes.results import build_results
+from moe_lora.recipes.runner import ADAPTER_FILE, EvalClock, prepare_trainable, resolved_config, run_eval, setup
 from moe_lora.tracking import write_json_atomic, write_jsonl_atomic
 from moe_lora.train.checkpoint import set_adapter
-from moe_lora.train.results import build_results
-from moe_lora.train.runner import ADAPTER_FILE, EvalClock, prepare_trainable, resolved_config, run_eval, setup
 
 
 def reevaluate(run_dir: Path, overrides: list[str]) -> tuple[Path, dict]:
-    """(the written eval json, its record: what :func:`~moe_lora.train.results.summary_table`
+    """(the written eval json, its record: what :func:`~moe_lora.recipes.results.summary_table`
     prints)."""
     start = time.time()
     for needed in (outputs.CONFIG, ADAPTER_FILE):

@@ -22,7 +22,7 @@ import torch
 
 from moe_lora.config import PROFILES, AdapterConfig, LayoutConfig
 from moe_lora.errors import ConfigError
-from moe_lora.targets import Site
+from moe_lora.model.targets import Site
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class LayerPlan:
     top_k: int | None
     head_dim: int = 0  # the model's head size (config.json's head_dim, else hidden // heads), for MoV
     dtype: torch.dtype = torch.float32  # adapter weights, routers and buffers (adapter.dtype)
-    site: Site | None = None  # the linear's roles and fused layout (moe_lora.structure)
+    site: Site | None = None  # the linear's roles and fused layout (moe_lora.model.structure)
 
 
 def divisors(n: int) -> list[int]:

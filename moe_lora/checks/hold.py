@@ -1,4 +1,4 @@
-"""``python -m moe_lora.bench.hold STEP train ...``: ``moe-lora train`` that stops still right after
+"""``python -m moe_lora.checks.hold STEP train ...``: ``moe-lora train`` that stops still right after
 writing ``checkpoints/step-<STEP>``, until it is killed.
 
 The GPU check SIGKILLs a training subprocess once a checkpoint exists. A 7B step takes long enough

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from moe_lora.env import register_resolvers
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 _HYDRA_VALUE_FLAGS = {
     "--cfg",
     "-c",
@@ -177,7 +177,7 @@ def to_config(dcfg, check_files: bool = True):
     from omegaconf import OmegaConf
 
     from moe_lora.errors import ConfigError
-    from moe_lora.validate import validate
+    from moe_lora.recipes.validate import validate
 
     try:
         cfg = OmegaConf.to_object(dcfg)
@@ -208,8 +208,8 @@ def check_output_dir(overrides: list[str], multirun: bool, cfg) -> None:
     from omegaconf import OmegaConf
 
     from moe_lora.errors import ConfigError
+    from moe_lora.recipes.runner import resolved_config
     from moe_lora.train.checkpoint import plan
-    from moe_lora.train.runner import resolved_config
 
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     out = Path(OmegaConf.select(compose(overrides, return_hydra_config=True), key))

@@ -32,9 +32,17 @@ import torch
 from torch import nn
 
 from moe_lora import outputs
-from moe_lora.api import EXPORT_CONFIG, FORMAT, Saved, build, read_saved
+from moe_lora.adapters.merging import (
+    adapted_modules,
+    ia3_scales,
+    lora_factors,
+    merge,
+    refuse_routed,
+    routed_error,
+    transposed,
+)
 from moe_lora.errors import ConfigError
-from moe_lora.merging import adapted_modules, ia3_scales, lora_factors, merge, refuse_routed, routed_error, transposed
+from moe_lora.recipes.api import EXPORT_CONFIG, FORMAT, Saved, build, read_saved
 
 FORMATS = ("merged", "peft", "moe_lora")
 MARKER = ".moe_lora_export"  # in every folder `moe-lora export` writes: --overwrite replaces only those
@@ -54,7 +62,7 @@ def base_path(cfg: Any) -> str:
     if cfg.model.source == "hub":
         local = Path(str(cfg.model.name_or_path)).expanduser()
         return str(local.resolve()) if local.exists() else str(cfg.model.name_or_path)
-    from moe_lora.models import cache_key
+    from moe_lora.world.model import cache_key
 
     return str((Path(cfg.cache_dir) / f"world-model-{cache_key(cfg.data.world, cfg.model)}").resolve())
 
@@ -123,7 +131,7 @@ def peft_ia3(model: nn.Module, cfg: Any, task_type: str):
 def write_peft(model: nn.Module, cfg: Any, folder: Path) -> None:
     from safetensors.torch import save_file
 
-    from moe_lora.structure import is_encoder_decoder
+    from moe_lora.model.structure import is_encoder_decoder
 
     variant = cfg.adapter.name
     refuse_routed(model, variant, "peft")
@@ -145,7 +153,7 @@ def write_peft(model: nn.Module, cfg: Any, folder: Path) -> None:
 # ---------------------------------------------------------------------------- moe_lora
 def layout_plans(cfg: Any) -> list[dict[str, Any]]:
     """The layout resolved per layer (experts, rank, top-k), as injection resolved it."""
-    from moe_lora.layouts import resolve_layout
+    from moe_lora.model.layouts import resolve_layout
 
     try:
         plans = resolve_layout(cfg.layout, cfg.adapter, cfg.model.num_layers)
@@ -156,7 +164,7 @@ def layout_plans(cfg: Any) -> list[dict[str, Any]]:
 
 def export_config(saved: Saved, adapted: list[str]) -> dict[str, Any]:
     """``adapter_config.json`` of the moe_lora format (docs/export-format.md)."""
-    from moe_lora.train.runner import resolved_config
+    from moe_lora.recipes.runner import resolved_config
 
     cfg = saved.cfg
     resolved = resolved_config(cfg)
@@ -181,7 +189,7 @@ def export_config(saved: Saved, adapted: list[str]) -> dict[str, Any]:
 
 
 def write_moe_lora(saved: Saved, adapted: list[str], folder: Path) -> None:
-    from moe_lora.export_card import model_card
+    from moe_lora.recipes.export_card import model_card
 
     shutil.copyfile(saved.folder / outputs.ADAPTER, folder / outputs.ADAPTER)
     results = read_results(saved.folder)

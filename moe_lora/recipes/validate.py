@@ -15,12 +15,12 @@ from torch import nn
 from moe_lora.adapters import ADAPTERS
 from moe_lora.adapters.inject import inject_adapter
 from moe_lora.config import TrainConfig
-from moe_lora.data.world import INSTRUCTION_TASKS, World
 from moe_lora.errors import ConfigError
-from moe_lora.layouts import resolve_layout
-from moe_lora.models import check_attn_implementation, meta_model, read_architecture, resolve_hub_path
-from moe_lora.structure import cross_check_peft, read_structure
+from moe_lora.model.layouts import resolve_layout
+from moe_lora.model.load import check_attn_implementation, meta_model, read_architecture, resolve_hub_path
+from moe_lora.model.structure import cross_check_peft, read_structure
 from moe_lora.train.precision import check_precision, resolve_device, resolve_precision
+from moe_lora.world.generator import INSTRUCTION_TASKS, World
 
 
 def validate(cfg: TrainConfig, check_files: bool = True) -> None:
@@ -64,7 +64,7 @@ def validate(cfg: TrainConfig, check_files: bool = True) -> None:
 
 def check_world_t0(cfg: TrainConfig) -> None:
     """Known clusters, none both trained and held out."""
-    from moe_lora.data.world import MC_CLUSTERS
+    from moe_lora.world.generator import MC_CLUSTERS
 
     for key in ("mc_train_clusters", "mc_eval_clusters"):
         unknown = [c for c in getattr(cfg.data, key) if c not in MC_CLUSTERS]

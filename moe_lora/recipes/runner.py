@@ -27,12 +27,12 @@ from moe_lora.adapters.inject import budget_summary, count_parameters, inject_ad
 from moe_lora.config import TrainConfig
 from moe_lora.data.collate import collate
 from moe_lora.data.example import Mixture
-from moe_lora.data.world import World
 from moe_lora.errors import ConfigError
 from moe_lora.eval.evaluate import evaluate
-from moe_lora.models import hub_model, world_model
+from moe_lora.model.load import hub_model
+from moe_lora.model.structure import is_encoder_decoder
+from moe_lora.recipes.results import build_results, write_adapter, write_predictions
 from moe_lora.routing.recorder import RoutingRecorder
-from moe_lora.structure import is_encoder_decoder
 from moe_lora.tracking import Tracker, read_jsonl, write_json_atomic, write_text_atomic
 from moe_lora.train import checkpoint as ckpt
 from moe_lora.train.checkpoint import adapter_state
@@ -41,7 +41,8 @@ from moe_lora.train.loop import LoopIO, TrainState, init_state, train
 from moe_lora.train.loss import batch_loss
 from moe_lora.train.precision import Precision, make_precision
 from moe_lora.train.preempt import preemption
-from moe_lora.train.results import build_results, write_adapter, write_predictions
+from moe_lora.world.generator import World
+from moe_lora.world.model import world_model
 
 ADAPTER_FILE, INIT_ADAPTER_FILE, PREDICTIONS_FILE = outputs.ADAPTER, outputs.INIT_ADAPTER, outputs.PREDICTIONS
 log = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ def build_mixture(cfg: TrainConfig, world: World | None) -> Mixture:
         from moe_lora.data.sources import source_mixture
 
         return source_mixture(cfg.data, cfg.seed, num_fewshot=cfg.eval.num_fewshot, eval_limit=cfg.recipe.eval_limit)
-    from moe_lora.data.mixture import world_mixture, world_t0_mixture
+    from moe_lora.world.mixture import world_mixture, world_t0_mixture
 
     if cfg.data.mc_train_clusters:
         return world_t0_mixture(cfg.data, world, cfg.seed)
@@ -290,7 +291,7 @@ def add_adapter(model: nn.Module, cfg: TrainConfig, run_dir: Path, dist: Dist):
     targets = targets_table(model, cfg.adapter, cfg.model, planned) if planned else {}
     budget = budget_summary(cfg.adapter, cfg.layout, planned) if planned else {}
     if targets and dist.is_main:
-        from moe_lora.targets import format_targets
+        from moe_lora.model.targets import format_targets
 
         print(format_targets(targets), flush=True)
     adapted = inject_adapter(model, cfg.adapter, cfg.model, cfg.layout, recorder, planned)

@@ -28,7 +28,7 @@ import torch
 
 from moe_lora import outputs
 from moe_lora.errors import ConfigError
-from moe_lora.layouts import project
+from moe_lora.model.layouts import project
 from moe_lora.report.telemetry import ROUTER_RULES, layer_statistics
 from moe_lora.tracking import read_jsonl
 
@@ -58,10 +58,10 @@ def alpha_statistics(run_dir: Path) -> dict[int, float]:
     """Layer index -> mean PL_Alpha_Hill of its adaptable linears' weights, for the run's base model."""
     from omegaconf import OmegaConf
 
-    from moe_lora.compose import compose, to_config
-    from moe_lora.data.world import World
-    from moe_lora.structure import read_structure
-    from moe_lora.train.runner import load_base
+    from moe_lora.model.structure import read_structure
+    from moe_lora.recipes.compose import compose, to_config
+    from moe_lora.recipes.runner import load_base
+    from moe_lora.world.generator import World
 
     path = run_dir / outputs.CONFIG
     if not path.exists():
@@ -121,7 +121,7 @@ def main(argv: list[str]) -> int:
     a = p.parse_args(argv)
     name = a.name or f"probe_{a.rule}"
     experts, stats, total = probe_layout(a.run_dir, a.rule, a.beta, a.budget, a.lo, a.hi)
-    out = a.out or Path(__file__).resolve().parents[1] / "conf" / "layout" / f"{name}.yaml"
+    out = a.out or Path(__file__).resolve().parents[2] / "conf" / "layout" / f"{name}.yaml"
     header = (
         f"# Written by `moe-lora layout-from-probe {a.run_dir} --rule {a.rule} --beta {a.beta:g}`:\n"
         f"# per-layer {a.rule} of the probe's {'base weights' if a.rule == 'alpha' else 'routers'} "

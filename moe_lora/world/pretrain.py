@@ -10,7 +10,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from moe_lora.config import PretrainConfig
 from moe_lora.data.collate import collate_prefix_lm, collate_text
-from moe_lora.structure import is_encoder_decoder
+from moe_lora.model.structure import is_encoder_decoder
 from moe_lora.train.schedule import adamw_with_schedule
 
 

@@ -15,7 +15,7 @@ def lora_factors(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, float] 
     """``(A (d_in, r), B (r, d_out), scaling)`` with ``update = scaling * x A B`` for an unrouted
     LoRA-type layer (float32), else None."""
     from moe_lora.adapters.layer import LoRAExperts
-    from moe_lora.adapters.melora import MELoRALinear
+    from moe_lora.adapters.variants.melora import MELoRALinear
 
     if isinstance(module, MELoRALinear):  # blockdiag(B_i A_i) = blockdiag(A_i) blockdiag(B_i)
         return torch.block_diag(*module.lora_A.float()), torch.block_diag(*module.lora_B.float()), module.scaling
@@ -32,8 +32,8 @@ def lora_factors(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, float] 
 def ia3_scales(module: nn.Module) -> list[tuple[str, torch.Tensor, list[int] | None]] | None:
     """IA3's scalings of one wrapped linear: ``(site, vector, output columns or None)`` with site
     ``input`` or ``output``; None for any other module."""
-    from moe_lora.adapters.ia3 import IA3Linear, IA3Scale
     from moe_lora.adapters.slices import SlicedOutput
+    from moe_lora.adapters.variants.ia3 import IA3Linear, IA3Scale
 
     if isinstance(module, IA3Linear):
         return [("input" if module.scale_input else "output", module.ia3_l.float(), None)]

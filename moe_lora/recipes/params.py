@@ -8,9 +8,9 @@ from __future__ import annotations
 def print_params(cfg) -> None:
     from moe_lora.adapters import ADAPTERS
     from moe_lora.adapters.inject import budget_summary, count_parameters, inject_adapter, plan_targets
+    from moe_lora.model.targets import format_targets, targets_summary
+    from moe_lora.recipes.validate import base_meta_model
     from moe_lora.routing.router import Router
-    from moe_lora.targets import format_targets, targets_summary
-    from moe_lora.validate import base_meta_model
 
     model = base_meta_model(cfg)
     base_total = sum(p.numel() for p in model.parameters())

@@ -5,7 +5,7 @@ Entries are roles, blocks (``attention``, ``ffn``, ``all``) or module names. Rol
 exist in every decoder layer; a module name must match in every layer it matches in any (or only
 outside the layers, as ``lm_head``): a setting never selects silently less than it says.
 
-Mixture-of-experts layers (:class:`moe_lora.structure.MoEBlock`). On a sparse layer the FFN is the
+Mixture-of-experts layers (:class:`moe_lora.model.structure.MoEBlock`). On a sparse layer the FFN is the
 routed experts *and* the shared experts: ``ffn``, ``all`` and the FFN roles (``ffn_in``, ``ffn_gate``,
 ``ffn_up``, ``ffn_out``) mean both, and so do the targets ``experts`` (the routed experts) and
 their projections (``expert_gate_up``, ``expert_gate``, ``expert_up``, ``expert_down``). Routed
@@ -25,7 +25,7 @@ from typing import Any
 from torch import nn
 
 from moe_lora.errors import ConfigError
-from moe_lora.structure import (
+from moe_lora.model.structure import (
     BLOCKS,
     EXPERT_ROLES,
     FFN_ROLES,

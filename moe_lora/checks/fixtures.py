@@ -104,7 +104,7 @@ def save_llama_checkpoint(
     from transformers import AutoModelForCausalLM
 
     from moe_lora.bench.run import model_shape
-    from moe_lora.models import arch_config
+    from moe_lora.model.load import arch_config
 
     cfg = replace(model_shape(model_name), **shape)
     tok = llama_tokenizer()

@@ -45,7 +45,7 @@ from typing import Any
 
 import torch
 
-from moe_lora.bench.train_check import CheckFailure, TrainPlan
+from moe_lora.checks.train_check import CheckFailure, TrainPlan
 
 VARIANTS = "peft_lora,lora,loramoe,mola,mola_grouped,hydralora,adamoe"
 TINY_SHAPE = ["--hidden", "64", "--layers", "2", "--heads", "4", "--ffn", "128", "--vocab", "256"]
@@ -212,7 +212,7 @@ def sweep_stage(check: Check) -> dict[str, Any]:
 
 
 def checkpoint_stage(check: Check) -> dict[str, Any]:
-    from moe_lora.bench.fixtures import save_llama_checkpoint, write_sources
+    from moe_lora.checks.fixtures import save_llama_checkpoint, write_sources
 
     plan = check.plan()
     dtype = torch.bfloat16
@@ -225,7 +225,7 @@ def checkpoint_stage(check: Check) -> dict[str, Any]:
 
 
 def train_stages(check: Check) -> None:
-    from moe_lora.bench import fsdp_check, train_check
+    from moe_lora.checks import fsdp_check, train_check
 
     plan, runs = check.plan(), check.work / "runs"
     ref, kill = runs / "reference", runs / "killed"
@@ -244,7 +244,7 @@ def train_stages(check: Check) -> None:
 
 
 def resume_stage(plan: TrainPlan, kill: Path, ref: Path) -> dict[str, Any]:
-    from moe_lora.bench import train_check
+    from moe_lora.checks import train_check
 
     perf = train_check.resumed(plan, kill)
     cmp = train_check.compare(kill, ref)
@@ -257,7 +257,7 @@ def resume_stage(plan: TrainPlan, kill: Path, ref: Path) -> dict[str, Any]:
 
 
 def memory_stage(check: Check) -> dict[str, Any]:
-    from moe_lora.bench.check_report import compare_estimates
+    from moe_lora.checks.check_report import compare_estimates
 
     peak = check.stages["train_reference"]["peak_mem_bytes"]
     out = compare_estimates(peak, applies=check.mode.name == "gpu")
@@ -280,7 +280,7 @@ def run_check(check: Check) -> int:
 
 
 def finish(check: Check) -> int:
-    from moe_lora.bench.check_report import markdown, summary
+    from moe_lora.checks.check_report import markdown, summary
     from moe_lora.tracking import write_json_atomic
 
     res = summary(check.mode, check.stages, time.perf_counter() - check.start)

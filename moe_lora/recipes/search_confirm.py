@@ -20,8 +20,8 @@ from typing import Any
 
 from moe_lora import outputs
 from moe_lora.errors import ConfigError
+from moe_lora.recipes.job import objective_value
 from moe_lora.report.search import is_trial
-from moe_lora.train.job import objective_value
 
 NAMED = ("triangle", "inverted_triangle", "hourglass", "rectangle", "diamond")
 
@@ -133,7 +133,7 @@ def main(argv: list[str]) -> int:
         "layout-from-probe heuristics; each is also claimed to beat uniform",
     )
     p.add_argument("--preset", default=None, help="the preset's name (default <study>_confirm)")
-    p.add_argument("--conf-dir", type=Path, default=Path(__file__).resolve().parents[1] / "conf")
+    p.add_argument("--conf-dir", type=Path, default=Path(__file__).resolve().parents[2] / "conf")
     p.add_argument("--overwrite", action="store_true")
     a = p.parse_args(argv)
     trials, objective = top_trials(a.sweep, a.top)

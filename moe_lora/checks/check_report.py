@@ -17,7 +17,7 @@ ESTIMATE = re.compile(r"about (\d+(?:\.\d+)?)(?:-(\d+(?:\.\d+)?))? GB")
 def preset_estimates() -> list[dict[str, Any]]:
     """Per ``conf/experiment/*_paper.yaml``: the header's ``GPU`` paragraph and its first
     ``about A-B GB`` range (the adapter arms; a full fine-tuning note after it is kept in the text)."""
-    from moe_lora.compose import CONF_DIR
+    from moe_lora.recipes.compose import CONF_DIR
 
     out = []
     for path in sorted((CONF_DIR / "experiment").glob("*_paper.yaml")):

@@ -50,7 +50,7 @@ class TrainPlan:
     device: str
     extra: tuple[str, ...] = ()  # shape-specific overrides (data.max_length, eval limits, ...)
     threads: int | None = None
-    hold: bool = False  # kill through moe_lora.bench.hold (a run too fast to catch mid-way)
+    hold: bool = False  # kill through moe_lora.checks.hold (a run too fast to catch mid-way)
     fsdp_steps: int = 10
     fsdp_ranks: int = 1
     kill_timeout_s: float = 600.0
@@ -125,7 +125,7 @@ def checkpoints_in(run_dir: Path) -> list[str]:
 
 def killed(plan: TrainPlan, run_dir: Path, log: Path) -> dict[str, Any]:
     """Start the run as a subprocess, SIGKILL it as soon as ``checkpoints/step-<save_every>`` exists."""
-    wrapper = ["-m", "moe_lora.bench.hold", str(plan.save_every)] if plan.hold else ["-m", "moe_lora"]
+    wrapper = ["-m", "moe_lora.checks.hold", str(plan.save_every)] if plan.hold else ["-m", "moe_lora"]
     cmd = [sys.executable, *wrapper, "train", *plan.overrides(run_dir)]
     first = run_dir / outputs.CHECKPOINTS / f"step-{plan.save_every}"
     with open(log, "w") as out:

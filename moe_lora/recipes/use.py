@@ -73,7 +73,7 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 
 def generate_main(argv: list[str]) -> int:
-    from moe_lora.api import build, read_saved
+    from moe_lora.recipes.api import build, read_saved
 
     args = generate_parser().parse_args(argv)
     prompts = read_prompts(args)
@@ -149,7 +149,7 @@ def generate_routes(model, tok, saved, prompts: list[str], options: dict, folder
 
 
 def export_parser() -> argparse.ArgumentParser:
-    from moe_lora.export import FORMATS
+    from moe_lora.recipes.export import FORMATS
 
     p = argparse.ArgumentParser(prog="moe-lora export", description=EXPORT_HELP)
     p.add_argument("run_dir", help="a finished run folder (or a moe_lora export)")
@@ -162,7 +162,7 @@ def export_parser() -> argparse.ArgumentParser:
 
 
 def export_main(argv: list[str]) -> int:
-    from moe_lora.export import export
+    from moe_lora.recipes.export import export
 
     args = export_parser().parse_args(argv)
     out = export(args.run_dir, args.format, args.out, args.overwrite, args.push_to_hub, args.device)

@@ -15,9 +15,9 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 
 from moe_lora import outputs
-from moe_lora.compose import load_config, to_config
 from moe_lora.env import set_environment
 from moe_lora.errors import fail, one_line
+from moe_lora.recipes.compose import load_config, to_config
 
 
 def remove_fresh_run_dir(run_dir: Path) -> None:
@@ -40,7 +40,7 @@ def train_job(dcfg) -> float | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from moe_lora.train.results import summary_table
+    from moe_lora.recipes.results import summary_table
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
@@ -83,8 +83,8 @@ def start_job(dcfg, hydra_cfg, run_dir: Path, sweep: bool, held: contextlib.Exit
     from omegaconf import OmegaConf
 
     from moe_lora.errors import ConfigError
+    from moe_lora.recipes.runner import resolved_config
     from moe_lora.train import checkpoint, distributed
-    from moe_lora.train.runner import resolved_config
 
     n_jobs = (
         OmegaConf.select(hydra_cfg, "launcher.n_jobs") if "joblib" in str(hydra_cfg.launcher.get("_target_")) else 1
@@ -146,10 +146,10 @@ def run_or_record(cfg, run_dir: Path, dist, resume: Path | None, sweep: bool) ->
     ^C with 130; a ``ConfigError`` raised while running (non-finite loss, full disk) ends a single
     run with its one line, not a traceback."""
     from moe_lora.errors import ConfigError
+    from moe_lora.recipes.runner import run
     from moe_lora.tracking import write_json_atomic
     from moe_lora.train import distributed, preempt
     from moe_lora.train.loop import Preempted
-    from moe_lora.train.runner import run
 
     try:
         if cfg.recipe.nproc_per_node > 1:
@@ -187,9 +187,9 @@ def run_or_record(cfg, run_dir: Path, dist, resume: Path | None, sweep: bool) ->
 def rank_worker(cfg, run_dir: Path, resume: Path | None = None) -> None:
     """One of ``recipe.nproc_per_node`` local ranks (a fresh process: see distributed.spawn)."""
     set_environment()
+    from moe_lora.recipes.runner import run
     from moe_lora.train import distributed, preempt
     from moe_lora.train.loop import Preempted
-    from moe_lora.train.runner import run
 
     try:
         run(cfg, run_dir, progress=True, dist=distributed.init_distributed(cfg.recipe.device), resume=resume)
@@ -212,9 +212,9 @@ def check_launch(nproc_per_node: int) -> None:
 def torchrun_rank(args: list[str], overrides: list[str]) -> int:
     """A rank other than 0 under torchrun: no Hydra job (it would make a run directory of its
     own); it joins the group, takes rank 0's config and directory, and trains beside it."""
+    from moe_lora.recipes.runner import run
     from moe_lora.train import distributed, preempt
     from moe_lora.train.loop import Preempted
-    from moe_lora.train.runner import run
 
     cfg = load_config(overrides)
     dist = distributed.init_distributed(cfg.recipe.device)
@@ -237,7 +237,7 @@ def launch(args: list[str]) -> int:
     """``moe-lora train``: precheck every job's config, then hand over to Hydra (and torchrun ranks)."""
     import hydra
 
-    from moe_lora.compose import (
+    from moe_lora.recipes.compose import (
         CONF_DIR,
         CONFIG_SOURCE_FLAGS,
         SHOW_FLAGS,
@@ -247,7 +247,7 @@ def launch(args: list[str]) -> int:
         precheck,
         split_args,
     )
-    from moe_lora.studies import resume_overrides
+    from moe_lora.recipes.studies import resume_overrides
     from moe_lora.train.distributed import env_world_size
 
     flags, overrides = split_args(args)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from moe_lora.bench import measure
-from moe_lora.bench.train_check import EXPERIMENT, RTOL, CheckFailure
+from moe_lora.checks.train_check import EXPERIMENT, RTOL, CheckFailure
 
 
 def adapted_model(model_dir: Path, device: str, overrides: list[str]):
@@ -27,7 +27,7 @@ def adapted_model(model_dir: Path, device: str, overrides: list[str]):
     from transformers import AutoModelForCausalLM
 
     from moe_lora.adapters.inject import inject_adapter
-    from moe_lora.compose import load_config
+    from moe_lora.recipes.compose import load_config
     from moe_lora.routing.recorder import RoutingRecorder
 
     cfg = load_config([*EXPERIMENT, *overrides, f"model.name_or_path={model_dir}", f"recipe.device={device}"])
