@@ -14,8 +14,7 @@ import sys
 from pathlib import Path
 
 from moe_lora.env import register_resolvers, set_environment
-from moe_lora.errors import fail, one_line
-from moe_lora.recipes.compose import load_config, split_args
+from moe_lora.errors import ConfigError, fail, one_line
 
 HELP = """usage: moe-lora COMMAND [hydra overrides...]
 
@@ -74,8 +73,6 @@ example:
 def wants_help(args: list[str], usage: str) -> bool:
     """Print ``usage`` for -h/--help; a command taking overrides refuses other flags in one line
     instead of ignoring them."""
-    from moe_lora.errors import ConfigError
-
     if "-h" in args or "--help" in args:
         print(usage, end="")
         return True
@@ -86,6 +83,7 @@ def wants_help(args: list[str], usage: str) -> bool:
 
 
 def cmd_params(args: list[str]) -> int:
+    from moe_lora.recipes.compose import load_config, split_args
     from moe_lora.recipes.params import print_params
 
     if wants_help(args, PARAMS_HELP):
@@ -96,6 +94,7 @@ def cmd_params(args: list[str]) -> int:
 
 
 def cmd_eval(args: list[str]) -> int:
+    from moe_lora.recipes.compose import split_args
     from moe_lora.recipes.reeval import reevaluate
     from moe_lora.recipes.results import summary_table
 
@@ -185,7 +184,6 @@ def main(argv: list[str] | None = None) -> int:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from moe_lora.errors import ConfigError
     from moe_lora.train.preempt import interruptible
 
     try:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 from moe_lora.errors import require
 
@@ -906,3 +906,8 @@ def store_schemas() -> None:
 
 
 store_schemas()
+
+
+def resolved_config(cfg: TrainConfig) -> dict[str, Any]:
+    """The config as plain containers (config.yaml, results.json, the checkpoint's config hash)."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg))

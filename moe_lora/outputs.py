@@ -20,8 +20,11 @@ import socket
 import tempfile
 import time
 from collections.abc import Iterator
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from moe_lora.errors import ConfigError
 
@@ -149,8 +152,6 @@ def _has_keys(value: Any, *keys: str) -> bool:
 
 def _moe_lora_config(path: Path) -> bool:
     """A ``config.yaml`` holding the top-level sections of moe-lora's config."""
-    import yaml
-
     try:
         return _has_keys(yaml.safe_load(path.read_text()), "model", "adapter", "layout", "data", "recipe")
     except (OSError, ValueError, UnicodeDecodeError, yaml.YAMLError):
@@ -210,7 +211,6 @@ def write_run_marker(run_dir: Path) -> None:
     path = run_dir / RUN_MARKER
     if _has_keys(_json(path), "moe_lora"):
         return
-    from importlib.metadata import PackageNotFoundError, version
 
     try:
         ours = version("moe_lora")

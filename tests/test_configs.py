@@ -115,8 +115,8 @@ def test_preset_claims_compare_arms_that_differ_only_where_declared(preset: str)
     the claim does not declare (`differs_in`): the report would warn about it on every seed pair."""
     from hydra import compose, initialize_config_dir
 
+    from moe_lora.config import resolved_config
     from moe_lora.recipes.compose import expand_sweeps
-    from moe_lora.recipes.runner import resolved_config
     from moe_lora.report import claims
     from moe_lora.report.collect import Run
 

@@ -357,8 +357,8 @@ def test_a_data_file_datasets_cannot_read_is_one_line_without_its_log(tmp_path, 
 
 # ------------------------------------------------------------------------------ resume messages
 def test_a_hash_mismatch_with_a_matching_config_yaml_is_not_called_missing(tmp_path) -> None:
+    from moe_lora.config import resolved_config
     from moe_lora.recipes.compose import load_config
-    from moe_lora.recipes.runner import resolved_config
     from moe_lora.train import checkpoint
 
     resolved = resolved_config(load_config([], check_files=False))

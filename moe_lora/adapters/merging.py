@@ -7,16 +7,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from moe_lora.adapters.layer import LoRAExperts, WrapsLinear
+from moe_lora.adapters.slices import SlicedOutput
+from moe_lora.adapters.variants.ia3 import IA3Linear, IA3Scale
+from moe_lora.adapters.variants.melora import MELoRALinear
 from moe_lora.errors import ConfigError
+from moe_lora.routing.router import Router
 
 
 # ---------------------------------------------------------------------------- the updates
 def lora_factors(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, float] | None:
     """``(A (d_in, r), B (r, d_out), scaling)`` with ``update = scaling * x A B`` for an unrouted
     LoRA-type layer (float32), else None."""
-    from moe_lora.adapters.layer import LoRAExperts
-    from moe_lora.adapters.variants.melora import MELoRALinear
-
     if isinstance(module, MELoRALinear):  # blockdiag(B_i A_i) = blockdiag(A_i) blockdiag(B_i)
         return torch.block_diag(*module.lora_A.float()), torch.block_diag(*module.lora_B.float()), module.scaling
     if isinstance(module, LoRAExperts) and module.router is None and module.num_experts == 1:
@@ -32,9 +34,6 @@ def lora_factors(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, float] 
 def ia3_scales(module: nn.Module) -> list[tuple[str, torch.Tensor, list[int] | None]] | None:
     """IA3's scalings of one wrapped linear: ``(site, vector, output columns or None)`` with site
     ``input`` or ``output``; None for any other module."""
-    from moe_lora.adapters.slices import SlicedOutput
-    from moe_lora.adapters.variants.ia3 import IA3Linear, IA3Scale
-
     if isinstance(module, IA3Linear):
         return [("input" if module.scale_input else "output", module.ia3_l.float(), None)]
     if isinstance(module, SlicedOutput) and all(isinstance(p, IA3Scale) for p in module.parts.values()):
@@ -47,8 +46,6 @@ def ia3_scales(module: nn.Module) -> list[tuple[str, torch.Tensor, list[int] | N
 
 def adapted_modules(model: nn.Module) -> dict[str, nn.Module]:
     """The wrapper modules that injection put in place of base linears (outermost only)."""
-    from moe_lora.adapters.layer import WrapsLinear
-
     found: dict[str, nn.Module] = {}
     for name, mod in model.named_modules():
         if isinstance(mod, WrapsLinear) and not any(name.startswith(f"{n}.") for n in found):
@@ -57,8 +54,6 @@ def adapted_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def refuse_routed(model: nn.Module, variant: str, fmt: str) -> None:
-    from moe_lora.routing.router import Router
-
     if any(isinstance(m, Router) for m in model.modules()):
         routed_error(variant, fmt)
 

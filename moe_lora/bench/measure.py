@@ -20,9 +20,23 @@ from pathlib import Path
 import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
+from peft import LoraConfig, get_peft_model
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import AutoModelForCausalLM
 
+import moe_lora.adapters  # noqa: F401  (registers the variants)
+from moe_lora.adapters import ADAPTERS
+from moe_lora.adapters.inject import inject_adapter
+from moe_lora.adapters.layer import LoRAExperts
+from moe_lora.bench.reference import LoopMoELoRA
+from moe_lora.config import LayoutConfig
 from moe_lora.errors import ConfigError
+from moe_lora.model.load import arch_config
+from moe_lora.model.structure import read_structure
+from moe_lora.model.targets import resolve_targets
+from moe_lora.routing.recorder import RoutingRecorder
+from moe_lora.train.schedule import can_fuse
 
 REFERENCE = ["base", "peft_lora"]  # frozen base, peft's LoRA: what every ratio is taken against
 MIN_ROUNDS = 5  # fewer rounds: no step-time ratio is printed without --force (then each is flagged)
@@ -48,10 +62,6 @@ def target_modules(spec: str) -> list[str]:
 
 
 def base_model(a: argparse.Namespace) -> nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    from moe_lora.model.load import arch_config
-
     torch.manual_seed(0)
     config = arch_config(a.model_cfg)
     config.max_position_embeddings = max(getattr(config, "max_position_embeddings", 0) or 0, a.seq, 256)
@@ -69,9 +79,6 @@ def shared_copy(base: nn.Module) -> nn.Module:
 
 def peft_targets(model: nn.Module, a: argparse.Namespace) -> list[str]:
     """The full names of the linears ``--modules`` selects on this model: peft adapts exactly those."""
-    from moe_lora.model.structure import read_structure
-    from moe_lora.model.targets import resolve_targets
-
     return [site.name for site in resolve_targets(read_structure(model), model, target_modules(a.modules))]
 
 
@@ -97,8 +104,6 @@ SUFFIXES = ("_compiled", "_grouped", "_no_telemetry")
 def adapted_variants() -> list[str]:
     """Every registered variant that adapts modules (full fine-tuning and the frozen base replace
     none): the benchmark's default, so a new variant is measured without editing this file."""
-    from moe_lora.adapters import ADAPTERS
-
     return [name for name in ADAPTERS if ADAPTERS.get(name).wrap is not None]
 
 
@@ -115,14 +120,6 @@ def split_variant(variant: str) -> tuple[str, set[str]]:
 
 def build(variant: str, a: argparse.Namespace, base: nn.Module | None = None) -> Case:
     """One variant on ``base``'s weights (shared, see :func:`shared_copy`), or on a base of its own."""
-    import moe_lora.adapters  # noqa: F401  (registers the variants)
-    from moe_lora.adapters.inject import inject_adapter
-    from moe_lora.adapters.layer import LoRAExperts
-    from moe_lora.bench.reference import LoopMoELoRA
-    from moe_lora.config import LayoutConfig
-    from moe_lora.routing.recorder import RoutingRecorder
-    from moe_lora.train.schedule import can_fuse
-
     model = shared_copy(base) if base is not None else base_model(a)
     recorder = RoutingRecorder()
     variant, flags = split_variant(variant)
@@ -136,8 +133,6 @@ def build(variant: str, a: argparse.Namespace, base: nn.Module | None = None) ->
         if tied:
             head.weight = emb.weight
     elif variant == "peft_lora":
-        from peft import LoraConfig, get_peft_model
-
         model = get_peft_model(
             model, LoraConfig(r=a.rank, lora_alpha=a.rank, lora_dropout=0.0, target_modules=peft_targets(model, a))
         )
@@ -238,7 +233,6 @@ def flop_count(case: Case, batch: dict[str, torch.Tensor]) -> int:
     """Matmul FLOPs of one training step (forward and backward), torch's FLOP counter plus the
     in-place ``addmm_``, the grouped GEMM and the CSR kernels it does not know: the arithmetic a
     variant asks for."""
-    from torch.utils.flop_counter import FlopCounterMode
 
     def addmm_flop(out, a, b, *args, out_val=None, **kwargs) -> int:  # out (M,N) += a (M,K) @ b (K,N), a dense or CSR
         return 2 * nonzeros(a) * b.shape[1]

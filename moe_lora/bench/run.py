@@ -49,7 +49,10 @@ from moe_lora.bench.measure import (  # adapter_config, build, make_batch: the v
     refuse_existing,
     report,
 )
+from moe_lora.bench.sweep import run_sweep
 from moe_lora.errors import ConfigError
+from moe_lora.recipes.compose import load_config
+from moe_lora.tracking import write_json_atomic
 
 __all__ = ["adapted_variants", "adapter_config", "build", "large_args", "main", "make_batch", "parse", "table"]
 
@@ -151,8 +154,6 @@ def expert_counts(text: str) -> list[int]:
 
 def model_shape(name: str):
     """The ModelConfig of ``conf/model/<name>.yaml`` (its architecture fields: no download)."""
-    from moe_lora.recipes.compose import load_config
-
     return load_config([f"model={name}"], check_files=False).model
 
 
@@ -231,8 +232,6 @@ def main(argv: list[str]) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.sweep:
-        from moe_lora.bench.sweep import run_sweep
-
         return run_sweep(a)
     grouped = grouped_variants()
     default = [*REFERENCE, *adapted_variants(), "loramoe_no_telemetry", *grouped, "loramoe_compiled", *LOOPS]
@@ -246,8 +245,6 @@ def main(argv: list[str]) -> int:
         res["large"] = report(measure([v for v in LARGE_VARIANTS if v != "mola_grouped" or grouped], big), big)
         print(table(res["large"]))
     if a.out:
-        from moe_lora.tracking import write_json_atomic
-
         write_json_atomic(a.out, res)
         print(f"written: {a.out}")
     return 0

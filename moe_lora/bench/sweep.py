@@ -12,10 +12,17 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import fields
 from pathlib import Path
 
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+
+import moe_lora.adapters  # noqa: F401  (registers the variants)
 from moe_lora.bench import measure
+from moe_lora.bench.plot import expert_sweep_png
 from moe_lora.errors import ConfigError
+from moe_lora.tracking import write_json_atomic
 
 SERIES = ("median_step_ms", "ratio_vs_peft_lora", "memory_mb", "flop_ratio_vs_peft_lora")
 
@@ -23,12 +30,6 @@ SERIES = ("median_step_ms", "ratio_vs_peft_lora", "memory_mb", "flop_ratio_vs_pe
 def sweep_variants() -> list[str]:
     """The default of a sweep: every registered variant that has experts, and the grouped path;
     the loop references and compiled models only when named (each costs a full extra model)."""
-    from dataclasses import fields
-
-    from hydra.core.config_store import ConfigStore
-    from omegaconf import OmegaConf
-
-    import moe_lora.adapters  # noqa: F401  (registers the variants)
 
     def has_experts(name: str) -> bool:
         node = ConfigStore.instance().load(f"schema/adapter/{name}.yaml").node
@@ -144,9 +145,6 @@ def assemble(by_count: dict[int, dict], variants: list[str], a: argparse.Namespa
 
 
 def run_sweep(a: argparse.Namespace) -> int:
-    from moe_lora.bench.plot import expert_sweep_png
-    from moe_lora.tracking import write_json_atomic
-
     png = plot_path(a)  # before measuring: a run never ends in an "exists" error
     variants = measure.chosen_variants(a, sweep_variants())
     res = assemble(measure_counts(variants, a), variants, a)

@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from moe_lora.recipes.compose import CONF_DIR
+
 TARGET_S = 480  # the check should fit in 8 minutes on one H100 / H200
 ESTIMATE = re.compile(r"about (\d+(?:\.\d+)?)(?:-(\d+(?:\.\d+)?))? GB")
 
@@ -17,8 +19,6 @@ ESTIMATE = re.compile(r"about (\d+(?:\.\d+)?)(?:-(\d+(?:\.\d+)?))? GB")
 def preset_estimates() -> list[dict[str, Any]]:
     """Per ``conf/experiment/*_paper.yaml``: the header's ``GPU`` paragraph and its first
     ``about A-B GB`` range (the adapter arms; a full fine-tuning note after it is kept in the text)."""
-    from moe_lora.recipes.compose import CONF_DIR
-
     out = []
     for path in sorted((CONF_DIR / "experiment").glob("*_paper.yaml")):
         header = [line[1:].strip() for line in path.read_text().splitlines() if line.startswith("#")]

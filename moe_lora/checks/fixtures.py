@@ -10,9 +10,16 @@ tests/fixtures holds the test suite's richer copies; the package cannot import t
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+from moe_lora.bench.run import model_shape
+from moe_lora.data.sources import quiet
+from moe_lora.model.load import arch_config
 
 FACTS = [  # (question stem, answer, other aliases)
     ("What is the capital of France", "Paris", ["Paris, France"]),
@@ -71,9 +78,6 @@ LLAMA_SPECIALS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
 def llama_tokenizer(vocab_size: int = 400):
     """A SentencePiece-style BPE like Llama-2's tokenizer.json (``▁`` for spaces, BOS prepended),
     so prompts, stop strings and padding go through the same code as with the real one."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     tok.pre_tokenizer = pre_tokenizers.Sequence(
@@ -99,13 +103,6 @@ def save_llama_checkpoint(
     of its ModelConfig to change, e.g. ``num_layers=2``), with :func:`llama_tokenizer`, saved with
     ``save_pretrained`` in ``dtype``. Weights are drawn on ``device`` (a 7B shape: seconds on a GPU,
     minutes on a CPU); the embedding keeps the config's vocabulary, the tokenizer uses its first rows."""
-    from dataclasses import replace
-
-    from transformers import AutoModelForCausalLM
-
-    from moe_lora.bench.run import model_shape
-    from moe_lora.model.load import arch_config
-
     cfg = replace(model_shape(model_name), **shape)
     tok = llama_tokenizer()
     vocab = max(cfg.vocab_size or 0, len(tok))
@@ -164,8 +161,6 @@ def source_rows(long_words: int = 0, copies: int = 4) -> dict[str, dict[str, lis
 def write_sources(root: Path, long_words: int = 0) -> Path:
     """``<root>/<source>`` save_to_disk folders (a ``data.root``); returns ``root``."""
     from datasets import Dataset, DatasetDict
-
-    from moe_lora.data.sources import quiet
 
     with quiet():
         for name, splits in source_rows(long_words).items():

@@ -10,26 +10,28 @@ the arithmetic is the unsharded model's, so the losses must agree to rounding.
 
 from __future__ import annotations
 
+import argparse
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from transformers import AutoModelForCausalLM
 
+from moe_lora.adapters.inject import inject_adapter
 from moe_lora.bench import measure
 from moe_lora.checks.train_check import EXPERIMENT, RTOL, CheckFailure
+from moe_lora.recipes.compose import load_config
+from moe_lora.routing.recorder import RoutingRecorder
+from moe_lora.train.distributed import shard_fsdp
+from moe_lora.train.precision import peak_memory_bytes
 
 
 def adapted_model(model_dir: Path, device: str, overrides: list[str]):
     """The checkpoint with the preset's adapter (dropout off: both passes must draw nothing);
     ``overrides``: the check's other settings (data.root: the config is validated whole)."""
-    from transformers import AutoModelForCausalLM
-
-    from moe_lora.adapters.inject import inject_adapter
-    from moe_lora.recipes.compose import load_config
-    from moe_lora.routing.recorder import RoutingRecorder
-
     cfg = load_config([*EXPERIMENT, *overrides, f"model.name_or_path={model_dir}", f"recipe.device={device}"])
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, cfg.model.dtype)).to(device)
     model.requires_grad_(False)
@@ -47,8 +49,6 @@ def train_losses(model, recorder, batch: dict[str, torch.Tensor], steps: int, dt
 
 def one_rank_group(device: str) -> None:
     """A process group of this process alone (an in-memory store: no port, no environment)."""
-    import torch.distributed as dist
-
     if dist.is_initialized():
         raise CheckFailure("a process group is already initialised in this process")
     if device.startswith("cuda"):
@@ -61,11 +61,6 @@ def one_rank_group(device: str) -> None:
 def fsdp_one_rank(
     model_dir: Path, device: str, batch: int, seq: int, steps: int, overrides: list[str]
 ) -> dict[str, Any]:
-    import torch.distributed as dist
-
-    from moe_lora.train.distributed import shard_fsdp
-    from moe_lora.train.precision import peak_memory_bytes
-
     model, recorder, dtype = adapted_model(model_dir, device, overrides)
     data = measure.make_batch(run_args(batch, seq, model.config.vocab_size, device))
     init = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -104,6 +99,4 @@ def fsdp_one_rank(
 
 
 def run_args(batch: int, seq: int, vocab: int, device: str):
-    import argparse
-
     return argparse.Namespace(batch=batch, seq=seq, vocab=vocab, device=device)

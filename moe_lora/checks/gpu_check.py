@@ -45,7 +45,14 @@ from typing import Any
 
 import torch
 
+from moe_lora.bench import measure
+from moe_lora.bench.run import main as bench_main
+from moe_lora.checks import fsdp_check, train_check
+from moe_lora.checks.check_report import compare_estimates, markdown, summary
+from moe_lora.checks.fixtures import save_llama_checkpoint, write_sources
 from moe_lora.checks.train_check import CheckFailure, TrainPlan
+from moe_lora.errors import ConfigError, one_line
+from moe_lora.tracking import write_json_atomic
 
 VARIANTS = "peft_lora,lora,loramoe,mola,mola_grouped,hydralora,adamoe"
 TINY_SHAPE = ["--hidden", "64", "--layers", "2", "--heads", "4", "--ffn", "128", "--vocab", "256"]
@@ -133,8 +140,6 @@ class Check:
             try:
                 rec = {"ok": True, **fn()}
             except Exception as exc:  # a stage's failure is data; the next stages still run
-                from moe_lora.errors import one_line
-
                 rec = {"ok": False, "reason": one_line(exc), "traceback": traceback.format_exc()}
         rec["seconds"] = time.perf_counter() - t0
         self.stages[name] = rec
@@ -167,9 +172,6 @@ def train_extra(mode: Mode) -> list[str]:
 
 
 def bench_stage(check: Check, label: str, args: list[str]) -> dict[str, Any]:
-    from moe_lora.bench import measure
-    from moe_lora.bench.run import main as bench_main
-
     path = check.out / f"bench_{label}.json"
     threads = ["--threads", str(check.mode.threads)] if check.mode.threads else []
     if bench_main([*args, *threads, "--out", str(path)]) != 0:
@@ -198,8 +200,6 @@ def bench_stage(check: Check, label: str, args: list[str]) -> dict[str, Any]:
 
 
 def sweep_stage(check: Check) -> dict[str, Any]:
-    from moe_lora.bench.run import main as bench_main
-
     path = check.out / "sweep_0.5b.json"
     threads = ["--threads", str(check.mode.threads)] if check.mode.threads else []
     if bench_main([*check.mode.sweep, *threads, "--out", str(path)]) != 0:
@@ -212,8 +212,6 @@ def sweep_stage(check: Check) -> dict[str, Any]:
 
 
 def checkpoint_stage(check: Check) -> dict[str, Any]:
-    from moe_lora.checks.fixtures import save_llama_checkpoint, write_sources
-
     plan = check.plan()
     dtype = torch.bfloat16
     save_llama_checkpoint(plan.model_dir, "llama2_7b", dtype, check.mode.device, **check.mode.model_shape)
@@ -225,8 +223,6 @@ def checkpoint_stage(check: Check) -> dict[str, Any]:
 
 
 def train_stages(check: Check) -> None:
-    from moe_lora.checks import fsdp_check, train_check
-
     plan, runs = check.plan(), check.work / "runs"
     ref, kill = runs / "reference", runs / "killed"
     runs.mkdir(parents=True, exist_ok=True)
@@ -244,8 +240,6 @@ def train_stages(check: Check) -> None:
 
 
 def resume_stage(plan: TrainPlan, kill: Path, ref: Path) -> dict[str, Any]:
-    from moe_lora.checks import train_check
-
     perf = train_check.resumed(plan, kill)
     cmp = train_check.compare(kill, ref)
     if not cmp["within_tolerance"]:
@@ -257,8 +251,6 @@ def resume_stage(plan: TrainPlan, kill: Path, ref: Path) -> dict[str, Any]:
 
 
 def memory_stage(check: Check) -> dict[str, Any]:
-    from moe_lora.checks.check_report import compare_estimates
-
     peak = check.stages["train_reference"]["peak_mem_bytes"]
     out = compare_estimates(peak, applies=check.mode.name == "gpu")
     above = [r["preset"] for r in out["presets"] if r["verdict"] == "above"]
@@ -280,9 +272,6 @@ def run_check(check: Check) -> int:
 
 
 def finish(check: Check) -> int:
-    from moe_lora.checks.check_report import markdown, summary
-    from moe_lora.tracking import write_json_atomic
-
     res = summary(check.mode, check.stages, time.perf_counter() - check.start)
     write_json_atomic(check.out / "gpu_check.json", res)
     (check.out / "gpu_check.md").write_text(markdown(res))
@@ -306,8 +295,6 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str]) -> int:
-    from moe_lora.errors import ConfigError
-
     a = parse(argv)
     if a.out.exists():
         raise ConfigError(f"--out {a.out} exists; the check never writes into an earlier one: choose a new folder")

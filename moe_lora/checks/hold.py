@@ -13,13 +13,15 @@ import os
 import sys
 import time
 
+from moe_lora.cli import main as cli_main
+from moe_lora.env import set_environment
+from moe_lora.train import checkpoint
+
 HOLD_S = 600  # longer than any check waits; the parent kills well before
 
 
 def hold_after(step: int) -> None:
     """Wrap the runner's checkpoint writer: after ``step-<step>`` is in place, sleep until killed."""
-    from moe_lora.train import checkpoint
-
     original = checkpoint.save
 
     def save(run_dir, n, *args, **kwargs):
@@ -33,9 +35,6 @@ def hold_after(step: int) -> None:
 
 
 def main(argv: list[str]) -> int:
-    from moe_lora.cli import main as cli_main
-    from moe_lora.env import set_environment
-
     set_environment()
     hold_after(int(argv[0]))
     return cli_main(argv[1:])

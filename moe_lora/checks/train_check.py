@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from moe_lora import outputs
+from moe_lora.cli import main
 
 EXPERIMENT = ["experiment=loramoe_forgetting_paper", "+arm=loramoe_lbc"]
 # a resumed run on a GPU may differ from the uninterrupted one in rounding (attention backward
@@ -78,8 +79,6 @@ class TrainPlan:
 
 def train_in_process(args: list[str]) -> None:
     """``moe-lora train args`` here; a non-zero exit is a :class:`CheckFailure`."""
-    from moe_lora.cli import main
-
     try:
         code = main(["train", *args])
     except SystemExit as exc:

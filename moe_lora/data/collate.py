@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
@@ -345,8 +346,6 @@ def encode_examples(
 
 def _to_set(ds, pad: int, seq2seq: bool = False) -> EncodedSet:
     """Arrow columns -> flat tensors without a Python list per token."""
-    import numpy as np
-
     if len(ds) == 0:
         empty = torch.zeros(0, dtype=torch.long)
         return EncodedSet(empty, torch.zeros(1, dtype=torch.long), empty, empty, pad, 0, 0, seq2seq)

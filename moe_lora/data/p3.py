@@ -32,6 +32,7 @@ from typing import Any
 
 from moe_lora.config import DataConfig, P3Config
 from moe_lora.data.example import EvalSet, Example, Mixture
+from moe_lora.data.sources import _load, _local_kind
 from moe_lora.errors import ConfigError
 
 FIELDS = ("inputs_pretokenized", "targets_pretokenized")
@@ -100,8 +101,6 @@ def check_p3(cfg: DataConfig) -> None:
 
 
 def _split(root: str, config: str, split: str) -> Any:
-    from moe_lora.data.sources import _load, _local_kind
-
     path = Path(root) / config
     kind = _local_kind(path)
     if kind is None:

@@ -15,6 +15,8 @@ from contextlib import contextmanager
 import torch
 from tqdm.auto import tqdm
 from transformers import (
+    DynamicCache,
+    EncoderDecoderCache,
     GenerationConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -88,7 +90,6 @@ def _seq2seq_cache(seq2seq: bool) -> dict:
     a T5 with more decoder than encoder layers fails with an IndexError."""
     if not seq2seq:
         return {}
-    from transformers import DynamicCache, EncoderDecoderCache
 
     return {"cache": EncoderDecoderCache(DynamicCache(), DynamicCache())}
 

@@ -18,6 +18,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.modeling_outputs import BaseModelOutput
 
 from moe_lora.data.collate import IGNORE, Lengths, collate, decoder_inputs
 from moe_lora.data.example import Example
@@ -216,8 +217,6 @@ def _seq2seq_answer_logprobs(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`answer_logprobs` of an encoder-decoder whose rows repeat sources: each distinct source
     (consecutive rows of one ``owners`` entry) is encoded once and its states reused for every choice."""
-    from transformers.modeling_outputs import BaseModelOutput
-
     device = next(model.parameters()).device
     ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
     own = torch.as_tensor(owners, device=device)

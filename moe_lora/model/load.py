@@ -15,6 +15,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from huggingface_hub import try_to_load_from_cache
+from safetensors import SafetensorError, safe_open
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
+)
 
 from moe_lora.config import ModelConfig
 from moe_lora.errors import ConfigError, first_line
@@ -51,10 +58,6 @@ def is_seq2seq(cfg: ModelConfig, config=None) -> bool:
         return cfg.architecture == "seq2seq"
     if config is not None:
         return bool(getattr(config, "is_encoder_decoder", False))
-    from transformers.models.auto.modeling_auto import (
-        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-        MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
-    )
 
     return (
         cfg.family in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
@@ -64,11 +67,6 @@ def is_seq2seq(cfg: ModelConfig, config=None) -> bool:
 
 def check_causal(config, cfg: ModelConfig) -> None:
     """A causal LM or an encoder-decoder (seq2seq LM); any other head fails naming the model."""
-    from transformers.models.auto.modeling_auto import (
-        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-        MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
-    )
-
     kind = config.model_type
     if getattr(config, "is_encoder_decoder", False) and kind in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES:
         return
@@ -101,13 +99,11 @@ def checkpoint_config(cfg: ModelConfig):
     directory, or a hub id in the local Hugging Face cache), else None. Reads one small file."""
     if cfg.source != "hub" or not cfg.name_or_path:
         return None
-    from transformers import AutoConfig
 
     path = Path(str(cfg.name_or_path)).expanduser()
     if not (path / "config.json").is_file():
         if _looks_local(str(cfg.name_or_path)) or path.exists():
             return None  # a local path without config.json: not a hub id to look up in the cache
-        from huggingface_hub import try_to_load_from_cache
 
         if not isinstance(try_to_load_from_cache(str(cfg.name_or_path), "config.json"), str):
             return None
@@ -177,8 +173,6 @@ def read_architecture(cfg: ModelConfig) -> ModelConfig:
 
 def arch_config(cfg: ModelConfig, vocab_size: int | None = None, **overrides):
     """A transformers config from the architecture fields of ``conf/model/*`` (no download)."""
-    from transformers import AutoConfig
-
     vocab = vocab_size or cfg.vocab_size
     if vocab is None:
         raise ConfigError(
@@ -241,8 +235,6 @@ def meta_model(cfg: ModelConfig, vocab_size: int | None = None, **overrides) -> 
 
     A readable checkpoint builds from its own config.json (its real parameter count); otherwise the
     YAML's architecture fields are used."""
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
-
     config = None if overrides or cfg.source == "world" else checkpoint_config(cfg)
     if config is None:
         config = arch_config(cfg, vocab_size, **overrides)
@@ -266,14 +258,12 @@ def resolve_hub_path(cfg: ModelConfig) -> str:
         return str(local)
     if _looks_local(path) or local.exists():
         raise ConfigError(f"model.name_or_path={path!r}: no such directory")
-    if os.environ.get("HF_HUB_OFFLINE", "1") not in ("0", "false", "False"):
-        from huggingface_hub import try_to_load_from_cache
-
-        if not isinstance(try_to_load_from_cache(path, "config.json"), str):
-            raise ConfigError(
-                f"model.name_or_path={path!r} is not in the local Hugging Face cache and downloads "
-                f"are off; set HF_HUB_OFFLINE=0 to download it, or point to a local directory"
-            )
+    offline = os.environ.get("HF_HUB_OFFLINE", "1") not in ("0", "false", "False")
+    if offline and not isinstance(try_to_load_from_cache(path, "config.json"), str):
+        raise ConfigError(
+            f"model.name_or_path={path!r} is not in the local Hugging Face cache and downloads "
+            f"are off; set HF_HUB_OFFLINE=0 to download it, or point to a local directory"
+        )
     return path
 
 
@@ -292,8 +282,6 @@ def check_model_folder(folder: Path, key: str) -> None:
     """A local model folder has a tokenizer and whole safetensors weights (their headers parse and
     cover each file: no tensor is read), so a folder copied without its tokenizer or cut short fails
     in the precheck, naming the file, before any run folder exists."""
-    from safetensors import safe_open
-
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise ConfigError(
             f"model.name_or_path={key!r}: {folder} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
@@ -314,9 +302,6 @@ def hub_model(cfg: ModelConfig):
     ``model.dtype``) and its tokenizer (pad token set to EOS if missing). The architecture was read
     from the same config.json in ``validate``. T5 keeps its ``wo`` in float32 under a bf16 / fp16
     ``model.dtype`` (transformers' ``_keep_in_fp32_modules``: T5's FFN output overflows in fp16)."""
-    from safetensors import SafetensorError
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
-
     path = resolve_hub_path(cfg)
     auto = AutoModelForSeq2SeqLM if is_seq2seq(cfg, checkpoint_config(cfg)) else AutoModelForCausalLM
     try:

@@ -45,6 +45,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
+from peft.utils import constants as peft_tables
 from torch import nn
 
 from moe_lora.config import module_overrides
@@ -696,8 +697,6 @@ def cross_check_peft(structure: Structure) -> None:
     """Detected roles against peft's per-family tables (imported, never copied): every module peft
     targets for this family exists in layer 0, and peft's IA3 feed-forward modules are our
     ``ffn_out``. A disagreement means the detection is wrong for this family: fail, naming it."""
-    from peft.utils import constants as peft_tables
-
     family = structure.family
     layer0 = structure.in_layer(0)
     named = getattr(peft_tables, "TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING", {}).get(family, []) + getattr(

@@ -25,8 +25,17 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from moe_lora import outputs
-from moe_lora.config import TASK_TYPES
+from moe_lora.adapters import ADAPTERS
+from moe_lora.adapters.inject import inject_adapter
+from moe_lora.adapters.merging import merge as fold
+from moe_lora.config import TASK_TYPES, ModelConfig
 from moe_lora.errors import ConfigError, first_line
+from moe_lora.recipes.compose import compose, to_config
+from moe_lora.recipes.reeval import read_adapter, read_run_config
+from moe_lora.recipes.runner import load_base as runner_base
+from moe_lora.routing.recorder import RoutingRecorder
+from moe_lora.train.checkpoint import set_adapter
+from moe_lora.world.generator import World
 
 EXPORT_CONFIG = "adapter_config.json"  # an export folder's description (moe_lora and peft formats)
 FORMAT = "moe_lora"  # adapter_config.json["format"] of a moe_lora export
@@ -61,9 +70,6 @@ def read_export_config(folder: Path) -> dict[str, Any]:
 def read_saved(folder: str | Path, overrides: list[str] | None = None) -> Saved:
     """The config and adapter of a run folder or a moe_lora export, read before any model loads,
     so that a folder without a finished adapter fails in one line naming the file."""
-    from moe_lora.recipes.compose import compose, to_config
-    from moe_lora.recipes.reeval import read_adapter, read_run_config
-
     folder = Path(folder)
     if not folder.is_dir():
         raise ConfigError(f"{folder} is not a directory (a moe-lora run folder or a moe_lora export)")
@@ -94,23 +100,14 @@ def read_saved(folder: str | Path, overrides: list[str] | None = None) -> Saved:
 def load_base(cfg: Any, progress: bool = False):
     """The run's base model and tokenizer: the cached world model, or a hub model that must be on
     disk or in the local cache (else one line naming ``model.name_or_path``)."""
-    from moe_lora.recipes.runner import load_base as runner_base
-
     world = None
     if cfg.model.source == "world":
-        from moe_lora.world.generator import World
-
         world = World(cfg.data.world)
     return runner_base(cfg, world, progress)
 
 
 def build(saved: Saved, device: str | torch.device = "cpu", progress: bool = False):
     """(model, tokenizer, recorder): the base with the saved adapter, in eval mode, on ``device``."""
-    from moe_lora.adapters import ADAPTERS
-    from moe_lora.adapters.inject import inject_adapter
-    from moe_lora.routing.recorder import RoutingRecorder
-    from moe_lora.train.checkpoint import set_adapter
-
     cfg = saved.cfg
     model, tok = load_base(cfg, progress)
     model.to(device)
@@ -146,8 +143,6 @@ def load(
 def adapter_config(variant: str, layout: str | None = None, **overrides: Any):
     """(adapter config, layout config) of ``variant`` as ``conf/adapter/<variant>.yaml`` sets it,
     with ``overrides`` (``rank=8``, ``num_experts=4``, ``target_modules=["ffn"]``) validated."""
-    from moe_lora.recipes.compose import compose, to_config
-
     groups = [f"adapter={variant}"] + ([f"layout={layout}"] if layout else [])
     dcfg = OmegaConf.merge(compose(groups), {"adapter": overrides})
     cfg = to_config(dcfg, check_files=False)
@@ -160,10 +155,6 @@ def add_adapter(
     """Inject moe_lora's ``variant`` into ``model`` in place (base frozen, adapters trainable) and
     return it, ready for your own loop, HF ``Trainer`` or TRL; add :func:`aux_loss` to the loss.
     ``overrides`` are ``adapter.*`` keys (``rank=8``); ``layout``: a ``conf/layout`` name."""
-    from moe_lora.adapters.inject import inject_adapter
-    from moe_lora.config import ModelConfig
-    from moe_lora.routing.recorder import RoutingRecorder
-
     if hasattr(model, "_moe_lora"):
         raise ConfigError("the model already has a moe_lora adapter (one per model)")
     adapter, layout_cfg = adapter_config(variant, layout, **overrides)
@@ -266,8 +257,6 @@ def merge(model: nn.Module) -> nn.Module:
     """Fold the adapter into the base weights in place and take the wrappers out (peft's
     ``merge_and_unload``); exact for LoRA, ALoRA, MELoRA and IA3. A routed variant is refused: its
     update depends on the input."""
-    from moe_lora.adapters.merging import merge as fold
-
     hooks = _attached(model)
     fold(model, hooks.variant)
     for handle in hooks.handles:

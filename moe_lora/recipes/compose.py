@@ -7,11 +7,25 @@ directory behind; the output folder is checked before anything is created.
 
 from __future__ import annotations
 
+import difflib
 import itertools
 import os
+import re
 from pathlib import Path
 
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import ConfigCompositionException
+from omegaconf import DictConfig, OmegaConf
+
+import moe_lora.adapters
+import moe_lora.config  # noqa: F401
+from moe_lora.config import resolved_config
 from moe_lora.env import register_resolvers
+from moe_lora.errors import ConfigError, one_line
+from moe_lora.recipes.validate import validate
+from moe_lora.train.checkpoint import plan
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 _HYDRA_VALUE_FLAGS = {
@@ -70,8 +84,6 @@ def split_args(args: list[str]) -> tuple[list[str], list[str]]:
 def _axes(overrides: list[str]) -> list[list[str]]:
     """Per override, the values a basic multirun would take (``key=value`` each): a sweep's values,
     both ends of a search interval (Optuna), or the override itself."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     axes = []
     for o in OverridesParser.create().parse_overrides(overrides):
         key = o.get_key_element()
@@ -100,10 +112,6 @@ def first_job(overrides: list[str]) -> list[str]:
 def compose(overrides: list[str], return_hydra_config: bool = False):
     """The composed config; an override naming a key the config does not have is a one-line
     ``ConfigError`` with a did-you-mean, the keys there, or the ``+key=value`` that adds it."""
-    from hydra.errors import ConfigCompositionException
-
-    from moe_lora.errors import ConfigError
-
     try:
         return _compose(overrides, return_hydra_config)
     except ConfigCompositionException as exc:
@@ -114,12 +122,6 @@ def compose(overrides: list[str], return_hydra_config: bool = False):
 
 
 def _compose(overrides: list[str], return_hydra_config: bool = False):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    import moe_lora.adapters
-    import moe_lora.config  # noqa: F401
-
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="moe_lora"):
         return hydra_compose(config_name="train", overrides=overrides, return_hydra_config=return_hydra_config)
 
@@ -130,10 +132,6 @@ def unknown_key_message(exc: Exception, overrides: list[str]) -> str | None:
     (``+KEY=VALUE``) is kept only where adding makes sense: a group missing from the defaults list,
     a free-form map (``data.sources``), or a new top-level key (a tag); a typo gets a did-you-mean,
     a schema's unknown key the keys it has. None for any other error."""
-    import re
-
-    from moe_lora.errors import one_line
-
     match = re.match(r"Could not override '([^']+)'\.", str(exc))
     bad = [o for o in overrides if match and o.split("=", 1)[0] == match[1]]
     if not bad:
@@ -151,10 +149,6 @@ def unknown_key_message(exc: Exception, overrides: list[str]) -> str | None:
 def key_hint(cfg, key: str, override: str) -> str:
     """``; did you mean adapter.num_experts?``, ``; keys of adapter: ...`` or ``; add it with +...``
     for a dotted ``key`` missing from ``cfg``."""
-    import difflib
-
-    from omegaconf import DictConfig, OmegaConf
-
     parts, node, depth = key.split("."), cfg, 0
     while depth < len(parts) and isinstance(node, DictConfig) and parts[depth] in node:
         node, depth = node[parts[depth]], depth + 1
@@ -174,11 +168,6 @@ def key_hint(cfg, key: str, override: str) -> str:
 
 def to_config(dcfg, check_files: bool = True):
     """DictConfig -> validated TrainConfig (runs every ``__post_init__`` and the cross checks)."""
-    from omegaconf import OmegaConf
-
-    from moe_lora.errors import ConfigError
-    from moe_lora.recipes.validate import validate
-
     try:
         cfg = OmegaConf.to_object(dcfg)
     except Exception as exc:  # OmegaConf wraps errors raised in __post_init__
@@ -205,12 +194,6 @@ def precheck(overrides: list[str], multirun: bool):
 def check_output_dir(overrides: list[str], multirun: bool, cfg) -> None:
     """Before Hydra creates anything: the run (sweep) folder can be created, and a run folder holds
     no earlier run's results nor checkpoints unless ``resume`` says to continue it."""
-    from omegaconf import OmegaConf
-
-    from moe_lora.errors import ConfigError
-    from moe_lora.recipes.runner import resolved_config
-    from moe_lora.train.checkpoint import plan
-
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     out = Path(OmegaConf.select(compose(overrides, return_hydra_config=True), key))
     if not multirun:

@@ -29,6 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import HfApi
+from peft import IA3Config, LoraConfig
+from safetensors.torch import save_file
 from torch import nn
 
 from moe_lora import outputs
@@ -41,8 +44,14 @@ from moe_lora.adapters.merging import (
     routed_error,
     transposed,
 )
+from moe_lora.config import resolved_config
 from moe_lora.errors import ConfigError
+from moe_lora.model.layouts import resolve_layout
+from moe_lora.model.structure import is_encoder_decoder
+from moe_lora.outputs import atomic_dir
 from moe_lora.recipes.api import EXPORT_CONFIG, FORMAT, Saved, build, read_saved
+from moe_lora.recipes.export_card import model_card
+from moe_lora.world.model import cache_key
 
 FORMATS = ("merged", "peft", "moe_lora")
 MARKER = ".moe_lora_export"  # in every folder `moe-lora export` writes: --overwrite replaces only those
@@ -62,15 +71,12 @@ def base_path(cfg: Any) -> str:
     if cfg.model.source == "hub":
         local = Path(str(cfg.model.name_or_path)).expanduser()
         return str(local.resolve()) if local.exists() else str(cfg.model.name_or_path)
-    from moe_lora.world.model import cache_key
 
     return str((Path(cfg.cache_dir) / f"world-model-{cache_key(cfg.data.world, cfg.model)}").resolve())
 
 
 def peft_lora(model: nn.Module, cfg: Any, task_type: str):
     """(peft LoraConfig, tensors) of every unrouted LoRA-type layer."""
-    from peft import LoraConfig
-
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     alphas: dict[str, float] = {}
@@ -101,8 +107,6 @@ def peft_lora(model: nn.Module, cfg: Any, task_type: str):
 
 def peft_ia3(model: nn.Module, cfg: Any, task_type: str):
     """(peft IA3Config, tensors): output-site vectors as (d_out, 1), input-site as (1, d_in)."""
-    from peft import IA3Config
-
     tensors: dict[str, torch.Tensor] = {}
     targets, feedforward = [], []
     for name, mod in adapted_modules(model).items():
@@ -129,10 +133,6 @@ def peft_ia3(model: nn.Module, cfg: Any, task_type: str):
 
 
 def write_peft(model: nn.Module, cfg: Any, folder: Path) -> None:
-    from safetensors.torch import save_file
-
-    from moe_lora.model.structure import is_encoder_decoder
-
     variant = cfg.adapter.name
     refuse_routed(model, variant, "peft")
     modules = adapted_modules(model)
@@ -153,8 +153,6 @@ def write_peft(model: nn.Module, cfg: Any, folder: Path) -> None:
 # ---------------------------------------------------------------------------- moe_lora
 def layout_plans(cfg: Any) -> list[dict[str, Any]]:
     """The layout resolved per layer (experts, rank, top-k), as injection resolved it."""
-    from moe_lora.model.layouts import resolve_layout
-
     try:
         plans = resolve_layout(cfg.layout, cfg.adapter, cfg.model.num_layers)
     except ConfigError:
@@ -164,8 +162,6 @@ def layout_plans(cfg: Any) -> list[dict[str, Any]]:
 
 def export_config(saved: Saved, adapted: list[str]) -> dict[str, Any]:
     """``adapter_config.json`` of the moe_lora format (docs/export-format.md)."""
-    from moe_lora.recipes.runner import resolved_config
-
     cfg = saved.cfg
     resolved = resolved_config(cfg)
     return {
@@ -189,8 +185,6 @@ def export_config(saved: Saved, adapted: list[str]) -> dict[str, Any]:
 
 
 def write_moe_lora(saved: Saved, adapted: list[str], folder: Path) -> None:
-    from moe_lora.recipes.export_card import model_card
-
     shutil.copyfile(saved.folder / outputs.ADAPTER, folder / outputs.ADAPTER)
     results = read_results(saved.folder)
     if results is not None:
@@ -240,8 +234,6 @@ def export(
     device: str = "cpu",
 ) -> Path:
     """Write ``run_dir``'s adapter to ``out`` in ``fmt``; returns ``out``."""
-    from moe_lora.outputs import atomic_dir
-
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
     out = Path(out)
@@ -272,8 +264,6 @@ def _refuse_routed_early(saved: Saved, fmt: str) -> None:
 
 
 def upload(folder: Path, repo: str) -> None:
-    from huggingface_hub import HfApi
-
     api = HfApi()
     api.create_repo(repo, exist_ok=True)
     api.upload_folder(folder_path=str(folder), repo_id=repo, ignore_patterns=[MARKER])

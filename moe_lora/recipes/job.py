@@ -7,17 +7,43 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import shutil
 import sys
 import traceback
 from pathlib import Path
 
+import hydra
+from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import OmegaConf
 
+import moe_lora.adapters
+import moe_lora.config  # noqa: F401  (the schemas, for Hydra's own --help, --cfg and --info too)
 from moe_lora import outputs
+from moe_lora.config import resolved_config
 from moe_lora.env import set_environment
-from moe_lora.errors import fail, one_line
-from moe_lora.recipes.compose import load_config, to_config
+from moe_lora.errors import ConfigError, fail, one_line
+from moe_lora.recipes.compose import (
+    CONF_DIR,
+    CONFIG_SOURCE_FLAGS,
+    SHOW_FLAGS,
+    SKIP_PRECHECK,
+    compose,
+    first_job,
+    load_config,
+    precheck,
+    split_args,
+    to_config,
+)
+from moe_lora.recipes.results import summary_table
+from moe_lora.recipes.runner import run
+from moe_lora.recipes.studies import resume_overrides
+from moe_lora.tracking import write_json_atomic
+from moe_lora.train import checkpoint, distributed, preempt
+from moe_lora.train.distributed import destroy, env_world_size
+from moe_lora.train.loop import Preempted
 
 
 def remove_fresh_run_dir(run_dir: Path) -> None:
@@ -37,11 +63,6 @@ def train_job(dcfg) -> float | None:
     """The Hydra task function: the value `recipe.objective` (or the tuple `recipe.objectives`)
     names, for sweepers (rank 0). Rank 0 holds the run folder (its lock, see
     :func:`moe_lora.outputs.run_folder`) from before the plan to the end of the job."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    from moe_lora.recipes.results import summary_table
-
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     sweep = hydra_cfg.mode == RunMode.MULTIRUN
@@ -60,8 +81,6 @@ def train_job(dcfg) -> float | None:
 
 def report_line(folder: Path) -> str:
     """The command that turns a run (a sweep) folder into tables and plots, ready to paste."""
-    import shlex
-
     return f"report: moe-lora report {shlex.quote(str(folder))}"
 
 
@@ -80,12 +99,6 @@ def start_job(dcfg, hydra_cfg, run_dir: Path, sweep: bool, held: contextlib.Exit
     ``held``. A folder moe-lora did not make, or one a live job holds, is refused untouched; a
     config error undoes what Hydra made. Either ends a single run with one line, and a refused
     folder a sweep too (its jobs go on no further: the folder is someone else's, or in use)."""
-    from omegaconf import OmegaConf
-
-    from moe_lora.errors import ConfigError
-    from moe_lora.recipes.runner import resolved_config
-    from moe_lora.train import checkpoint, distributed
-
     n_jobs = (
         OmegaConf.select(hydra_cfg, "launcher.n_jobs") if "joblib" in str(hydra_cfg.launcher.get("_target_")) else 1
     )
@@ -111,8 +124,6 @@ def start_job(dcfg, hydra_cfg, run_dir: Path, sweep: bool, held: contextlib.Exit
 def run_planned(cfg, run_dir: Path, dist, job, sweep: bool) -> dict | None:
     """Carry out the plan: skip (the earlier results), rerun (after clearing the failed attempt),
     resume or start."""
-    from moe_lora.train import checkpoint
-
     if dist.is_main and job.action != "new":
         what = {
             "skip": "finished before with this config: skipped",
@@ -130,8 +141,6 @@ def run_planned(cfg, run_dir: Path, dist, job, sweep: bool) -> dict | None:
 def objective_value(results: dict, paths: str | list[str]) -> float | tuple[float, ...] | None:
     """The number (or, for a list of paths, the tuple: multi-objective Optuna) a sweeper optimises;
     a missing or non-numeric one is None (a tuple with one is None as a whole: the trial failed)."""
-    from omegaconf import OmegaConf
-
     tree = OmegaConf.create(results)
     values = [OmegaConf.select(tree, p) for p in ([paths] if isinstance(paths, str) else paths)]
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
@@ -145,12 +154,6 @@ def run_or_record(cfg, run_dir: Path, dist, resume: Path | None, sweep: bool) ->
     checkpoint, handing the signal to the handler installed before for it (submitit requeues), a
     ^C with 130; a ``ConfigError`` raised while running (non-finite loss, full disk) ends a single
     run with its one line, not a traceback."""
-    from moe_lora.errors import ConfigError
-    from moe_lora.recipes.runner import run
-    from moe_lora.tracking import write_json_atomic
-    from moe_lora.train import distributed, preempt
-    from moe_lora.train.loop import Preempted
-
     try:
         if cfg.recipe.nproc_per_node > 1:
             with preempt.preemption(forward=True) as stop:  # the workers checkpoint; this process waits
@@ -187,9 +190,6 @@ def run_or_record(cfg, run_dir: Path, dist, resume: Path | None, sweep: bool) ->
 def rank_worker(cfg, run_dir: Path, resume: Path | None = None) -> None:
     """One of ``recipe.nproc_per_node`` local ranks (a fresh process: see distributed.spawn)."""
     set_environment()
-    from moe_lora.recipes.runner import run
-    from moe_lora.train import distributed, preempt
-    from moe_lora.train.loop import Preempted
 
     try:
         run(cfg, run_dir, progress=True, dist=distributed.init_distributed(cfg.recipe.device), resume=resume)
@@ -199,9 +199,6 @@ def rank_worker(cfg, run_dir: Path, resume: Path | None = None) -> None:
 
 def check_launch(nproc_per_node: int) -> None:
     """``recipe.nproc_per_node`` starts ranks itself: not inside ranks that a launcher started."""
-    from moe_lora.errors import ConfigError
-    from moe_lora.train.distributed import env_world_size
-
     if nproc_per_node > 1 and env_world_size() > 1:
         raise ConfigError(
             f"recipe.nproc_per_node={nproc_per_node} under a launcher that already started "
@@ -212,10 +209,6 @@ def check_launch(nproc_per_node: int) -> None:
 def torchrun_rank(args: list[str], overrides: list[str]) -> int:
     """A rank other than 0 under torchrun: no Hydra job (it would make a run directory of its
     own); it joins the group, takes rank 0's config and directory, and trains beside it."""
-    from moe_lora.recipes.runner import run
-    from moe_lora.train import distributed, preempt
-    from moe_lora.train.loop import Preempted
-
     cfg = load_config(overrides)
     dist = distributed.init_distributed(cfg.recipe.device)
     cfg, run_dir, job = dist.broadcast(None)
@@ -235,21 +228,6 @@ _MODE_FLAGS |= {"--run": "--run", "-r": "--run", "--shell-completion": "-sc", "-
 
 def launch(args: list[str]) -> int:
     """``moe-lora train``: precheck every job's config, then hand over to Hydra (and torchrun ranks)."""
-    import hydra
-
-    from moe_lora.recipes.compose import (
-        CONF_DIR,
-        CONFIG_SOURCE_FLAGS,
-        SHOW_FLAGS,
-        SKIP_PRECHECK,
-        compose,
-        first_job,
-        precheck,
-        split_args,
-    )
-    from moe_lora.recipes.studies import resume_overrides
-    from moe_lora.train.distributed import env_world_size
-
     flags, overrides = split_args(args)
     multirun = "-m" in flags or "--multirun" in flags
     torchrun = "TORCHELASTIC_RUN_ID" in os.environ or (
@@ -275,13 +253,10 @@ def launch(args: list[str]) -> int:
             if resume.done:
                 return 0
             args = [*args, *resume.overrides]
-    import moe_lora.adapters
-    import moe_lora.config  # noqa: F401  (the schemas, for Hydra's own --help, --cfg and --info too)
 
     sys.argv = ["moe-lora train", *args]
     main_fn = hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")(train_job)
     main_fn()
-    from moe_lora.train.distributed import destroy
 
     destroy()
     return 0

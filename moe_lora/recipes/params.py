@@ -4,14 +4,14 @@ one)."""
 
 from __future__ import annotations
 
+from moe_lora.adapters import ADAPTERS
+from moe_lora.adapters.inject import budget_summary, count_parameters, inject_adapter, plan_targets
+from moe_lora.model.targets import format_targets, targets_summary
+from moe_lora.recipes.validate import base_meta_model
+from moe_lora.routing.router import Router
+
 
 def print_params(cfg) -> None:
-    from moe_lora.adapters import ADAPTERS
-    from moe_lora.adapters.inject import budget_summary, count_parameters, inject_adapter, plan_targets
-    from moe_lora.model.targets import format_targets, targets_summary
-    from moe_lora.recipes.validate import base_meta_model
-    from moe_lora.routing.router import Router
-
     model = base_meta_model(cfg)
     base_total = sum(p.numel() for p in model.parameters())
     spec, layers, budget = ADAPTERS.get(cfg.adapter.name), {}, None

@@ -25,12 +25,17 @@ import json
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 from moe_lora import outputs
 from moe_lora.errors import ConfigError
 from moe_lora.model.layouts import project
+from moe_lora.model.structure import read_structure
+from moe_lora.recipes.compose import compose, to_config
+from moe_lora.recipes.runner import load_base
 from moe_lora.report.telemetry import ROUTER_RULES, layer_statistics
 from moe_lora.tracking import read_jsonl
+from moe_lora.world.generator import World
 
 RULES = (*ROUTER_RULES, "alpha")
 
@@ -56,13 +61,6 @@ def pl_alpha_hill(weight: torch.Tensor) -> float:
 
 def alpha_statistics(run_dir: Path) -> dict[int, float]:
     """Layer index -> mean PL_Alpha_Hill of its adaptable linears' weights, for the run's base model."""
-    from omegaconf import OmegaConf
-
-    from moe_lora.model.structure import read_structure
-    from moe_lora.recipes.compose import compose, to_config
-    from moe_lora.recipes.runner import load_base
-    from moe_lora.world.generator import World
-
     path = run_dir / outputs.CONFIG
     if not path.exists():
         raise ConfigError(f"{run_dir} has no {outputs.CONFIG}: not a moe-lora run folder")

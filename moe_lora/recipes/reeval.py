@@ -16,14 +16,16 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import load_file
 
 from moe_lora import outputs
 from moe_lora.adapters import ADAPTERS
 from moe_lora.adapters.inject import count_parameters, inject_adapter
+from moe_lora.config import resolved_config
 from moe_lora.errors import ConfigError, first_line
 from moe_lora.recipes.compose import compose, to_config
 from moe_lora.recipes.results import build_results
-from moe_lora.recipes.runner import ADAPTER_FILE, EvalClock, prepare_trainable, resolved_config, run_eval, setup
+from moe_lora.recipes.runner import ADAPTER_FILE, EvalClock, prepare_trainable, run_eval, setup
 from moe_lora.tracking import write_json_atomic, write_jsonl_atomic
 from moe_lora.train.checkpoint import set_adapter
 
@@ -73,8 +75,6 @@ def read_run_config(path: Path) -> DictConfig:
 
 def read_adapter(path: Path) -> dict[str, torch.Tensor]:
     """The adapter tensors of a run; a cut or foreign file is one line naming it."""
-    from safetensors.torch import load_file
-
     try:
         return load_file(str(path))
     except Exception as exc:  # safetensors' SafetensorError (cut header, bad offsets), OSError

@@ -9,6 +9,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from safetensors.torch import save_file
+
 from moe_lora.eval.kinds import COLUMNS, compare
 from moe_lora.eval.kinds.base import declarations
 from moe_lora.tracking import atomic_path, write_jsonl_atomic
@@ -18,8 +20,6 @@ def write_adapter(path: Path, tensors: dict) -> None:
     """``adapter_model.safetensors`` (or the init adapter) through a temporary file and a rename of
     the project's own: whole or absent on every safetensors version (only 0.8 renames by itself),
     readable like the other run files, and a full disk is one line naming the file."""
-    from safetensors.torch import save_file
-
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp))
 

@@ -24,13 +24,17 @@ from moe_lora import outputs
 from moe_lora.adapters import ADAPTERS
 from moe_lora.adapters.base import HookContext
 from moe_lora.adapters.inject import budget_summary, count_parameters, inject_adapter, plan_targets, targets_table
-from moe_lora.config import TrainConfig
-from moe_lora.data.collate import collate
+from moe_lora.config import TrainConfig, resolved_config
+from moe_lora.data.collate import collate, encode_examples
 from moe_lora.data.example import Mixture
+from moe_lora.data.p3 import p3_mixture
+from moe_lora.data.sources import source_mixture
 from moe_lora.errors import ConfigError
 from moe_lora.eval.evaluate import evaluate
+from moe_lora.eval.harness import run_harness
 from moe_lora.model.load import hub_model
 from moe_lora.model.structure import is_encoder_decoder
+from moe_lora.model.targets import format_targets
 from moe_lora.recipes.results import build_results, write_adapter, write_predictions
 from moe_lora.routing.recorder import RoutingRecorder
 from moe_lora.tracking import Tracker, read_jsonl, write_json_atomic, write_text_atomic
@@ -42,15 +46,11 @@ from moe_lora.train.loss import batch_loss
 from moe_lora.train.precision import Precision, make_precision
 from moe_lora.train.preempt import preemption
 from moe_lora.world.generator import World
+from moe_lora.world.mixture import world_mixture, world_t0_mixture
 from moe_lora.world.model import world_model
 
 ADAPTER_FILE, INIT_ADAPTER_FILE, PREDICTIONS_FILE = outputs.ADAPTER, outputs.INIT_ADAPTER, outputs.PREDICTIONS
 log = logging.getLogger(__name__)
-
-
-def resolved_config(cfg: TrainConfig) -> dict[str, Any]:
-    """The config as plain containers (config.yaml, results.json, the checkpoint's config hash)."""
-    return OmegaConf.to_container(OmegaConf.structured(cfg))
 
 
 def load_base(cfg: TrainConfig, world: World | None, progress: bool = True):
@@ -61,14 +61,9 @@ def load_base(cfg: TrainConfig, world: World | None, progress: bool = True):
 
 def build_mixture(cfg: TrainConfig, world: World | None) -> Mixture:
     if cfg.data.p3.enabled:
-        from moe_lora.data.p3 import p3_mixture
-
         return p3_mixture(cfg.data, cfg.seed, eval_limit=cfg.recipe.eval_limit)
     if cfg.data.sources:
-        from moe_lora.data.sources import source_mixture
-
         return source_mixture(cfg.data, cfg.seed, num_fewshot=cfg.eval.num_fewshot, eval_limit=cfg.recipe.eval_limit)
-    from moe_lora.world.mixture import world_mixture, world_t0_mixture
 
     if cfg.data.mc_train_clusters:
         return world_t0_mixture(cfg.data, world, cfg.seed)
@@ -291,8 +286,6 @@ def add_adapter(model: nn.Module, cfg: TrainConfig, run_dir: Path, dist: Dist):
     targets = targets_table(model, cfg.adapter, cfg.model, planned) if planned else {}
     budget = budget_summary(cfg.adapter, cfg.layout, planned) if planned else {}
     if targets and dist.is_main:
-        from moe_lora.model.targets import format_targets
-
         print(format_targets(targets), flush=True)
     adapted = inject_adapter(model, cfg.adapter, cfg.model, cfg.layout, recorder, planned)
     if cfg.recipe.save_init_adapter and dist.is_main:
@@ -385,8 +378,6 @@ def evaluate_tuned(
     # FSDP's forward gathers shards collectively: every rank must run every batch (no sharded eval)
     tuned, predictions = run_eval(model, tok, mixture, cfg, precision, progress, None if sharded else dist)
     if cfg.eval.harness.tasks and dist.is_main:
-        from moe_lora.eval.harness import run_harness
-
         tuned["harness"] = run_harness(
             model, tok, cfg.eval.harness, device=precision.device, autocast=precision.autocast
         )
@@ -461,8 +452,6 @@ def length_keys(cfg: TrainConfig, model: nn.Module) -> str:
 
 def training_batches(mixture: Mixture, tok, cfg: TrainConfig, model: nn.Module):
     """The training examples tokenised once (``datasets.map``), batched by index in the loop."""
-    from moe_lora.data.collate import encode_examples
-
     return encode_examples(
         mixture.train,
         tok,

@@ -14,6 +14,10 @@ import sys
 from pathlib import Path
 
 from moe_lora.errors import ConfigError, first_line
+from moe_lora.eval.generate import eos_ids, greedy_generate
+from moe_lora.recipes.api import build, read_saved
+from moe_lora.recipes.export import FORMATS, export
+from moe_lora.routing.trace import routes_heatmap, routes_table, tracing
 
 GENERATE_HELP = """Greedy completions of prompts by a trained run (or a moe_lora export).
 
@@ -73,8 +77,6 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 
 def generate_main(argv: list[str]) -> int:
-    from moe_lora.recipes.api import build, read_saved
-
     args = generate_parser().parse_args(argv)
     prompts = read_prompts(args)
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
@@ -100,7 +102,6 @@ def generate_main(argv: list[str]) -> int:
     }
     if args.routes:
         return generate_routes(model, tok, saved, prompts, options, Path(args.routes_dir), args.jsonl)
-    from moe_lora.eval.generate import greedy_generate
 
     completions = greedy_generate(model, tok, prompts, batch_size=args.batch_size or cfg.eval.batch_size, **options)
     for prompt, completion in zip(prompts, completions, strict=True):
@@ -122,9 +123,6 @@ def show(prompt: str, completion: str, jsonl: bool) -> None:
 
 def generate_routes(model, tok, saved, prompts: list[str], options: dict, folder: Path, jsonl: bool) -> int:
     """One prompt at a time, every router traced: the completion, its routes table and heatmap."""
-    from moe_lora.eval.generate import eos_ids, greedy_generate
-    from moe_lora.routing.trace import routes_heatmap, routes_table, tracing
-
     if getattr(model.config, "is_encoder_decoder", False):
         raise ConfigError("--routes traces decoder-only models; this run's model is an encoder-decoder")
     eos = set(eos_ids(model, tok))
@@ -149,8 +147,6 @@ def generate_routes(model, tok, saved, prompts: list[str], options: dict, folder
 
 
 def export_parser() -> argparse.ArgumentParser:
-    from moe_lora.recipes.export import FORMATS
-
     p = argparse.ArgumentParser(prog="moe-lora export", description=EXPORT_HELP)
     p.add_argument("run_dir", help="a finished run folder (or a moe_lora export)")
     p.add_argument("--format", required=True, choices=FORMATS, help="merged | peft | moe_lora")
@@ -162,8 +158,6 @@ def export_parser() -> argparse.ArgumentParser:
 
 
 def export_main(argv: list[str]) -> int:
-    from moe_lora.recipes.export import export
-
     args = export_parser().parse_args(argv)
     out = export(args.run_dir, args.format, args.out, args.overwrite, args.push_to_hub, args.device)
     print(f"written: {out} ({args.format})")

@@ -11,16 +11,21 @@ from __future__ import annotations
 import os
 
 from torch import nn
+from transformers import AutoTokenizer
 
 from moe_lora.adapters import ADAPTERS
 from moe_lora.adapters.inject import inject_adapter
 from moe_lora.config import TrainConfig
+from moe_lora.data.collate import encode_example
+from moe_lora.data.p3 import check_p3
+from moe_lora.data.sources import check_sources, first_examples, train_counts
 from moe_lora.errors import ConfigError
+from moe_lora.eval.harness import check_harness
 from moe_lora.model.layouts import resolve_layout
 from moe_lora.model.load import check_attn_implementation, meta_model, read_architecture, resolve_hub_path
 from moe_lora.model.structure import cross_check_peft, read_structure
 from moe_lora.train.precision import check_precision, resolve_device, resolve_precision
-from moe_lora.world.generator import INSTRUCTION_TASKS, World
+from moe_lora.world.generator import INSTRUCTION_TASKS, MC_CLUSTERS, World
 
 
 def validate(cfg: TrainConfig, check_files: bool = True) -> None:
@@ -64,8 +69,6 @@ def validate(cfg: TrainConfig, check_files: bool = True) -> None:
 
 def check_world_t0(cfg: TrainConfig) -> None:
     """Known clusters, none both trained and held out."""
-    from moe_lora.world.generator import MC_CLUSTERS
-
     for key in ("mc_train_clusters", "mc_eval_clusters"):
         unknown = [c for c in getattr(cfg.data, key) if c not in MC_CLUSTERS]
         if unknown:
@@ -83,8 +86,6 @@ def check_world_t0(cfg: TrainConfig) -> None:
 
 def check_eval(cfg: TrainConfig) -> None:
     if cfg.eval.harness.tasks:
-        from moe_lora.eval.harness import check_harness
-
         if cfg.recipe.strategy == "fsdp":  # lm-eval runs on rank 0 only; an FSDP forward needs every rank
             raise ConfigError(
                 "eval.harness.tasks with recipe.strategy=fsdp is not supported: use ddp, or run "
@@ -108,19 +109,13 @@ def check_p3_model(cfg: TrainConfig) -> None:
 def check_data_files(cfg: TrainConfig) -> None:
     """The datasets are there and readable (one line naming the key otherwise)."""
     if cfg.data.sources:
-        from moe_lora.data.sources import check_sources
-
         check_sources(cfg.data)
     if cfg.data.p3.enabled:
-        from moe_lora.data.p3 import check_p3
-
         check_p3(cfg.data)
 
 
 def check_real_data(cfg: TrainConfig, trains: bool) -> None:
     """Real datasets need a real tokenizer, and a run that trains needs training examples."""
-    from moe_lora.data.sources import train_counts
-
     if cfg.model.source == "world":
         raise ConfigError(
             f"data={cfg.data.name!r} has real datasets (data.sources) but model.source=world: the "
@@ -138,11 +133,6 @@ def check_real_data(cfg: TrainConfig, trains: bool) -> None:
 def check_max_length(cfg: TrainConfig, n: int = 16) -> None:
     """A ``data.max_length`` that cuts every example would train on answers without their questions
     (a warning at step 0 today): fail here, from the first ``n`` training rows of each source."""
-    from transformers import AutoTokenizer
-
-    from moe_lora.data.collate import encode_example
-    from moe_lora.data.sources import first_examples
-
     examples = first_examples(cfg.data, n)
     tok = AutoTokenizer.from_pretrained(resolve_hub_path(cfg.model), trust_remote_code=cfg.model.trust_remote_code)
     seq2seq = cfg.model.architecture == "seq2seq"

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import random
 import re
 import shutil
@@ -34,13 +35,17 @@ from typing import Any
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
+from torch.distributed.tensor import distribute_tensor
 
 from moe_lora import outputs
 from moe_lora.errors import ConfigError, OutputError, first_line
 from moe_lora.outputs import atomic_dir
+from moe_lora.tracking import write_text_atomic
 from moe_lora.train.distributed import Dist, full_tensor
 
 CHECKPOINTS = outputs.CHECKPOINTS
@@ -120,8 +125,6 @@ def remove_stale(run_dir: Path) -> None:
 
 
 def _optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
     return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
@@ -206,8 +209,6 @@ def drop_optimizer_state(path: Path) -> None:
     false): most of a checkpoint's bytes, and never read again once results.json ends the run (a
     finished run is skipped, not resumed). ``checkpoint.json`` is rewritten first, without the file
     and saying so, so the folder stays moe-lora's and a resume from it is refused in one line."""
-    from moe_lora.tracking import write_text_atomic
-
     meta = json.loads((path / "checkpoint.json").read_text())
     for key in ("files", "sha256"):
         meta.get(key, {}).pop("optimizer.pt", None)
@@ -341,8 +342,6 @@ def read_trainer(path: Path) -> dict[str, Any]:
 
 def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, dist: Dist) -> dict[str, Any]:
     """Restore adapter tensors, optimizer state and this rank's RNG; returns ``trainer.pt``."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
     set_adapter(model, _read(path / "adapter.safetensors", "adapter"), f"checkpoint {path}")
     optim = _read(path / "optimizer.pt", "optimizer state")
     set_optimizer_state_dict(model, optimizer, optim, options=StateDictOptions(full_state_dict=True))
@@ -354,8 +353,6 @@ def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, dist: D
 def _copy_into(t: torch.Tensor, value: torch.Tensor) -> None:
     """Copy a whole tensor into a parameter or buffer (an FSDP shard takes its own slice)."""
     if hasattr(t, "full_tensor"):  # DTensor: distribute the full value the way the shard is laid out
-        from torch.distributed.tensor import distribute_tensor
-
         value = distribute_tensor(value.to(t.device, t.dtype), t.device_mesh, t.placements)
         t.to_local().copy_(value.to_local())
     else:
@@ -374,8 +371,6 @@ class Plan:
 
 def _saved_config_diff(run_dir: Path, resolved: dict) -> list[str] | None:
     """Training keys in which ``run_dir/config.yaml`` differs from ``resolved`` (None: no file)."""
-    from omegaconf import OmegaConf
-
     path = run_dir / outputs.CONFIG
     if not path.exists():
         return None
@@ -457,8 +452,6 @@ def plan(run_dir: Path, resume: str | None, resolved: dict, sweep: bool) -> Plan
 def _launching_process() -> bool:
     """Not a torchrun rank other than 0: those check the config beside rank 0, which may already
     hold the run folder's lock (only the planning process takes it)."""
-    import os
-
     return os.environ.get("RANK", "0") == "0"
 
 

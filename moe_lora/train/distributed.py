@@ -24,7 +24,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 from torch import nn
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.nn.functional import all_reduce
+from torch.nn.parallel import DistributedDataParallel
 
 from moe_lora.errors import ConfigError
 
@@ -62,8 +66,6 @@ class Dist:
     def all_reduce_grad(self, t: torch.Tensor) -> torch.Tensor:
         """Sum over ranks that autograd differentiates (its backward sums the gradients), on a
         group of its own so that it never interleaves with DDP's gradient buckets."""
-        from torch.distributed.nn.functional import all_reduce
-
         return all_reduce(t, group=self.aux_group) if self.enabled else t
 
     def broadcast(self, obj: Any) -> Any:
@@ -183,7 +185,6 @@ def wrap_model(model: nn.Module, strategy: str, d: Dist, device: torch.device) -
     if strategy == "fsdp":
         shard_fsdp(model)
         return model
-    from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False)  # buffers equal by construction
@@ -217,8 +218,6 @@ def shard_fsdp(model: nn.Module) -> None:
     """FSDP2: each decoder layer one shard group (frozen base and its adapters, which keep
     ``adapter.dtype``: FSDP2 asks one dtype of the trainable tensors of a group, not of the frozen
     ones), then the root (embeddings, head)."""
-    from torch.distributed.fsdp import fully_shard
-
     for layer in decoder_layers(model):
         fully_shard(layer)
     fully_shard(model)
@@ -256,7 +255,5 @@ def spawn(nproc: int, fn: Callable[..., Any], *args: Any) -> None:
     (``recipe.nproc_per_node``). A failing worker stops the others and raises here. Forked where
     CUDA is absent (no re-import of torch and transformers: ~10 s a worker on a laptop core);
     spawned fresh where it is present (CUDA does not survive a fork)."""
-    import torch.multiprocessing as mp
-
     method = "spawn" if torch.cuda.is_available() else "fork"
     mp.start_processes(_worker, args=(nproc, free_port(), fn, args), nprocs=nproc, join=True, start_method=method)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from transformers import get_scheduler
+from transformers.optimization import Adafactor
 
 Params = list[torch.nn.Parameter]
 
@@ -23,7 +24,6 @@ def t5x_adafactor(groups: list[dict], lr: float) -> torch.optim.Optimizer:
     constant rate (3e-4 in the paper, 1e-3 for full fine-tuning), with T5X's factoring rule
     (:class:`T5XAdafactor`). transformers' Adafactor has the same update otherwise (eps 1e-30 and
     1e-3 as T5X's epsilon1 / epsilon2)."""
-    from transformers.optimization import Adafactor
 
     class T5XAdafactor(Adafactor):
         """T5X factors a tensor's second moment only when its second-largest dimension is at least
@@ -68,8 +68,6 @@ def make_optimizer(
     if name == "adafactor_t5x":
         return t5x_adafactor(groups, lr)
     if name == "adafactor":
-        from transformers.optimization import Adafactor
-
         return Adafactor(groups, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False)
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, fused=fused and can_fuse(params))

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 from moe_lora.config import DataConfig
 from moe_lora.data.example import EvalSet, Mixture
-from moe_lora.world.generator import World, instruction_examples
+from moe_lora.world.generator import MC_CLUSTERS, World, instruction_examples, mc_examples
 
 
 def world_mixture(cfg: DataConfig, world: World, seed: int) -> Mixture:
@@ -60,8 +60,6 @@ def world_t0_mixture(cfg: DataConfig, world: World, seed: int) -> Mixture:
     per task of ``data.mc_eval_clusters`` (knowledge tasks about the held-out test people), its
     ``eval_per_task`` examples spread over the three templates. Evaluation sets depend on the world
     seed only, as in :func:`world_mixture`."""
-    from moe_lora.world.generator import MC_CLUSTERS, mc_examples
-
     rng = random.Random(seed)
     tasks = [(c, t) for c in cfg.mc_train_clusters for t in MC_CLUSTERS[c]]
     counts = [cfg.num_train // len(tasks) + (i < cfg.num_train % len(tasks)) for i in range(len(tasks))]

@@ -17,11 +17,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
 
 from moe_lora.config import ModelConfig, WorldConfig
 from moe_lora.errors import ConfigError
 from moe_lora.model.load import attn_implementation
 from moe_lora.outputs import atomic_dir
+from moe_lora.tracking import output_error, write_reason
+from moe_lora.world.generator import MC_WORDS, mc_filler
+from moe_lora.world.pretrain import pretrain
+from moe_lora.world.tokenizer import word_tokenizer
 
 if TYPE_CHECKING:  # transformers' modelling imports cost seconds: loaded when a model is built
     from transformers import LlamaConfig
@@ -32,8 +37,6 @@ CACHE_VERSION = 2  # bump when the world generator or pretraining changes meanin
 
 
 def world_model_config(cfg: ModelConfig, vocab_size: int) -> LlamaConfig:
-    from transformers import LlamaConfig
-
     return LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=cfg.hidden_size,
@@ -69,9 +72,6 @@ def world_model(cfg: ModelConfig, world: World, cache_dir: str | Path, progress:
     A file lock makes parallel sweep jobs wait for one pretraining instead of racing; the cache
     entry appears atomically (written to a temporary folder, then renamed).
     """
-    from moe_lora.world.pretrain import pretrain  # local: pretraining is only needed on a cache miss
-    from moe_lora.world.tokenizer import word_tokenizer
-
     t5 = cfg.family == "t5"
     vocab, corpus = world_t5_text(world) if t5 else (world.vocab, None)
     tok = word_tokenizer(vocab)
@@ -101,8 +101,6 @@ def world_model(cfg: ModelConfig, world: World, cache_dir: str | Path, progress:
 def _cache_writes(entry: Path) -> Iterator[None]:
     """A cache that cannot be written (a full disk, an unwritable ``cache_dir``) is one line naming
     the entry; errors that are not I/O pass through."""
-    from moe_lora.tracking import output_error, write_reason
-
     try:
         yield
     except Exception as exc:
@@ -112,8 +110,6 @@ def _cache_writes(entry: Path) -> Iterator[None]:
 
 
 def _world_class(cfg: ModelConfig):
-    from transformers import LlamaForCausalLM, T5ForConditionalGeneration
-
     if cfg.family not in ("llama", "t5"):
         raise ConfigError(f"model.family={cfg.family!r} with model.source=world: the built-in models are llama and t5")
     return T5ForConditionalGeneration if cfg.family == "t5" else LlamaForCausalLM
@@ -122,8 +118,6 @@ def _world_class(cfg: ModelConfig):
 def world_t5_text(world: World) -> tuple[list[str], list[str]]:
     """The T5 twin's vocabulary and pretraining corpus: the world's, plus the multiple-choice words
     (data=world_t0's templates) in filler lines that teach no task format."""
-    from moe_lora.world.generator import MC_WORDS, mc_filler
-
     vocab = [*world.vocab, *(w for w in MC_WORDS if w not in world.vocab)]
     return vocab, world.pretraining_corpus() + mc_filler(200, world.cfg.seed)
 
@@ -131,8 +125,6 @@ def world_t5_text(world: World) -> tuple[list[str], list[str]]:
 def world_t5_config(cfg: ModelConfig, vocab_size: int):
     """The T5 twin (v1.1 style: gated-GELU FFN, untied head), ids as the world tokenizer's:
     pad 0 (also the decoder start, as in T5), EOS 1."""
-    from transformers import T5Config
-
     return T5Config(
         vocab_size=vocab_size,
         d_model=cfg.hidden_size,
