@@ -1,0 +1,188 @@
+"""Per-expert LoRA on fused routed experts (moe_lora/adapters/experts.py) against peft's
+``target_parameters`` and a per-token reference: equal random weights give equal logits and
+gradients on every fused family of tests/fixtures/moe.py; equal trainable counts; only the adapter
+trains; the base's routing weights and choices are the ones used."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from moe_lora.adapters.experts import LoRAOnExperts, expert_rank, from_peft, merge_experts, to_peft
+from moe_lora.errors import ConfigError
+from tests.fixtures.moe import MOE_FAMILIES, moe_config
+
+PROJECTIONS = ["gate_up_proj", "down_proj"]
+KERNELS = ["csr", "grouped_mm"]
+
+
+def tiny(family: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(moe_config(family, 100)).eval()
+
+
+def experts_paths(model: torch.nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if n.endswith("mlp.experts") and hasattr(m, "gate_up_proj")]
+
+
+def peft_and_ours(family: str, rank: int = 4, alpha: float = 8.0) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """peft's ``target_parameters`` model (random A and B) and ours with the same weights."""
+    model = tiny(family)
+    ours = copy.deepcopy(model)
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha, target_modules=[], target_parameters=[f"experts.{p}" for p in PROJECTIONS]
+    )
+    torch.manual_seed(1)
+    peft_model = get_peft_model(model, config)
+    for p in ours.parameters():
+        p.requires_grad_(False)
+    for path in experts_paths(ours):
+        parent_path, _, child = path.rpartition(".")
+        wrapped = LoRAOnExperts(ours.get_submodule(path), PROJECTIONS, rank=rank, alpha=alpha)
+        layer = peft_model.base_model.model.get_submodule(path)
+        while hasattr(layer, "parameter_name"):  # peft nests one ParamWrapper per targeted parameter
+            with torch.no_grad():
+                layer.lora_B["default"].weight.normal_(0.0, 0.5)  # peft's B starts at 0: make it count
+                A, B = from_peft(layer.lora_A["default"].weight, layer.lora_B["default"].weight, wrapped.num_experts)
+                wrapped.lora[layer.parameter_name].lora_A.copy_(A)
+                wrapped.lora[layer.parameter_name].lora_B.copy_(B)
+            layer = layer.base_layer
+        setattr(ours.get_submodule(parent_path), child, wrapped)
+    return peft_model, ours
+
+
+def trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_equals_peft_target_parameters(family: str) -> None:
+    """Logits within float32 round-off of peft's, far from the base's; the same trainable count;
+    gradients equal peft's (mapped by from_peft) and reach the adapter only."""
+    peft_model, ours = peft_and_ours(family)
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(2))
+    with peft_model.disable_adapter(), torch.no_grad():
+        base = peft_model(ids).logits
+    theirs, mine = peft_model(ids).logits, ours(ids).logits
+    assert (theirs - base).abs().max() > 1e-2  # the adapters change the logits
+    torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=2e-6)
+    ours_trainable, peft_trainable = trainable(ours), trainable(peft_model)
+    assert sum(p.numel() for p in ours_trainable.values()) == sum(p.numel() for p in peft_trainable.values())
+    assert all(".lora." in n and n.rsplit(".", 1)[-1] in ("lora_A", "lora_B") for n in ours_trainable)
+    weights = torch.linspace(-1, 1, mine.numel()).view_as(mine)
+    (theirs * weights).sum().backward()
+    (mine * weights).sum().backward()
+    assert all(p.grad is None for n, p in ours.named_parameters() if n not in ours_trainable)
+    for path in experts_paths(peft_model.base_model.model):
+        layer, wrapped = peft_model.base_model.model.get_submodule(path), ours.get_submodule(path)
+        while hasattr(layer, "parameter_name"):
+            A, B = from_peft(layer.lora_A["default"].weight.grad, layer.lora_B["default"].weight.grad, 4)
+            own = wrapped.lora[layer.parameter_name]
+            torch.testing.assert_close(own.lora_A.grad, A, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(own.lora_B.grad, B, rtol=1e-4, atol=1e-6)
+            layer = layer.base_layer
+
+
+def reference(wrapped: LoRAOnExperts, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Token by token, choice by choice: ``sum_j w_j down_e(act(gate_up_e(x)))`` with each
+    projection ``W_e x + b_e + s B_e A_e x`` (weights read as [E, out, in] or [E, in, out])."""
+    base = wrapped.base
+
+    def project(name: str, e: int, v: torch.Tensor) -> torch.Tensor:
+        W = getattr(base, name)[e]
+        out = v @ W if base.is_transposed else W @ v
+        out = out + (getattr(base, f"{name}_bias")[e] if base.has_bias else 0)
+        lora = wrapped.lora[name]
+        r = lora.rank
+        A, B = lora.lora_A[:, e * r : (e + 1) * r], lora.lora_B[e * r : (e + 1) * r]
+        return out + lora.scaling * (v @ A) @ B
+
+    rows = []
+    for t in range(x.shape[0]):
+        total = torch.zeros(x.shape[1])
+        for j in range(index.shape[1]):
+            e = int(index[t, j])
+            h = base._apply_gate(project("gate_up_proj", e, x[t]))
+            total = total + weights[t, j] * project("down_proj", e, h)
+        rows.append(total)
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_uses_the_given_routing(family: str, kernel: str) -> None:
+    """Per-token reference with arbitrary (unnormalised, signed) routing weights and choices, both
+    kernels: a forward that ignored or reordered the weights or the choices would differ."""
+    _, ours = peft_and_ours(family)
+    wrapped = ours.get_submodule(experts_paths(ours)[0])
+    wrapped.kernel = kernel
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(9, 32, generator=g)
+    index = torch.stack([torch.randperm(4, generator=g)[:2] for _ in range(9)])
+    weights = torch.randn(9, 2, generator=g)
+    with torch.no_grad():
+        got = wrapped(x, index, weights)
+        torch.testing.assert_close(got, reference(wrapped, x, index, weights), rtol=1e-5, atol=1e-5)
+        assert (got - wrapped(x, index, weights.flip(-1))).abs().max() > 1e-3
+
+
+def test_kernels_agree_forward_and_backward() -> None:
+    """The CPU's CSR kernels and the grouped GEMM a GPU runs: equal outputs and adapter gradients."""
+    _, ours = peft_and_ours("olmoe")
+    wrapped = ours.get_submodule(experts_paths(ours)[0])
+    g = torch.Generator().manual_seed(4)
+    x, weights = torch.randn(40, 32, generator=g), torch.rand(40, 2, generator=g)
+    index = torch.stack([torch.randperm(4, generator=g)[:2] for _ in range(40)])
+    runs = []
+    for kernel in KERNELS:
+        wrapped.kernel = kernel
+        wrapped.zero_grad(set_to_none=True)
+        out = wrapped(x, index, weights)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        runs.append([out, *(p.grad for p in wrapped.lora.parameters())])
+    for a, b in zip(*runs, strict=True):  # gradients summed in another order: float32 round-off
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_weights_map_to_peft_and_back() -> None:
+    A, B = torch.randn(5, 3 * 2), torch.randn(3 * 2, 7)
+    torch.testing.assert_close(from_peft(*to_peft(A, B, 3), 3), (A, B))
+    pA, pB = to_peft(A, B, 3)
+    assert pA.shape == (6, 5) and pB.shape == (7, 6)
+    # expert 1's second rank column: our A column 1*2+1, peft's B column rank-major 1*3+1
+    torch.testing.assert_close(pB[:, 1 * 3 + 1], B[1 * 2 + 1])
+
+
+def test_expert_rank_settings() -> None:
+    assert expert_rank("rank", 8, 4) == 8 and expert_rank("rank/num_experts", 8, 4) == 2
+    assert expert_rank(3, 8, 4) == 3 and expert_rank("5", 8, 4) == 5
+    for bad, says in [("rank/num_experts", "not a multiple"), ("0", "positive integer"), ("r/E", "'rank'")]:
+        with pytest.raises(ConfigError, match=says):
+            expert_rank(bad, 6, 4)
+
+
+def test_refuses_what_is_not_a_transformers_experts_module() -> None:
+    fake = torch.nn.Module()
+    fake.gate_up_proj = torch.nn.Parameter(torch.zeros(4, 8, 4))
+    with pytest.raises(ConfigError, match=r"not a transformers experts module .* lacks has_gate"):
+        LoRAOnExperts(fake, PROJECTIONS, rank=2, alpha=2.0, where="layers.0.mlp.experts")
+    experts = tiny("mixtral").model.layers[0].mlp.experts
+    with pytest.raises(ConfigError, match="'w2' is not a fused expert projection of MixtralExperts"):
+        LoRAOnExperts(experts, ["w2"], rank=2, alpha=2.0)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_merged_equals_adapted(family: str) -> None:
+    """Folding every expert's update into the fused tensors (either axis order) keeps the logits."""
+    _, ours = peft_and_ours(family)
+    ids = torch.randint(0, 100, (2, 10), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        adapted = ours(ids).logits
+        assert merge_experts(ours) == experts_paths(ours) and not any(
+            isinstance(m, LoRAOnExperts) for m in ours.modules()
+        )
+        torch.testing.assert_close(ours(ids).logits, adapted, rtol=1e-5, atol=2e-6)
