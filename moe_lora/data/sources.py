@@ -29,8 +29,10 @@ from itertools import zip_longest
 from pathlib import Path
 from typing import Any
 
-from moe_lora.config import DataConfig, SourceConfig
+from moe_lora.config import DataConfig, SourceConfig, TrainConfig
+from moe_lora.data.collate import encode_example
 from moe_lora.data.example import EvalSet, Example, Mixture
+from moe_lora.data.kinds import DataEnv, DataKind, ModelChecks, register_kind
 from moe_lora.data.templates import Template, fewshot_prompt, get_template
 from moe_lora.errors import ConfigError, first_line
 
@@ -562,3 +564,56 @@ def source_mixture(cfg: DataConfig, seed: int, num_fewshot: int = 0, eval_limit:
         validation=validation,
         info={"train": by_type, "sources": {n: p.info for n, p in parts.items()}},
     )
+
+
+# --------------------------------------------------------------------------------------- the kind
+def check_real_data(cfg: TrainConfig, trains: bool) -> None:
+    """Real datasets need a real tokenizer, and a run that trains needs training examples."""
+    if cfg.model.source == "world":
+        raise ConfigError(
+            f"data={cfg.data.name!r} has real datasets (data.sources) but model.source=world: the "
+            "built-in model's word-level vocabulary only covers the built-in world; choose a hub model "
+            "(model=... model.name_or_path=...) or data=world_mix"
+        )
+    if trains and sum(train_counts(cfg.data).values()) == 0:
+        names = ", ".join(cfg.data.sources)
+        raise ConfigError(
+            f"data.sources ({names}) give no training examples: every split is null or every "
+            "num_examples / weight is 0 (data.sources.<name>.split, .num_examples, .weight)"
+        )
+
+
+def check_max_length(cfg: TrainConfig, tok, n: int = 16) -> None:
+    """A ``data.max_length`` that cuts every example would train on answers without their questions
+    (a warning at step 0 today): fail here, from the first ``n`` training rows of each source."""
+    examples = first_examples(cfg.data, n)
+    seq2seq = cfg.model.architecture == "seq2seq"
+    max_length, chat = cfg.data.lengths(seq2seq), cfg.data.chat_template
+    if examples and all(encode_example(tok, e.prompt, e.answer, max_length, chat).truncated for e in examples):
+        key = "data.max_source_length / data.max_target_length" if seq2seq else "data.max_length"
+        raise ConfigError(
+            f"{key}={max_length} is shorter than every training example checked (the first "
+            f"{n} of each source, {len(examples)} in all): their prompts would be cut; raise it"
+        )
+
+
+def _check_model(cfg: TrainConfig, checks: ModelChecks) -> None:
+    check_real_data(cfg, checks.trains)
+    if checks.files and checks.trains:
+        check_max_length(cfg, checks.tokenizer())
+
+
+def _build(cfg: TrainConfig, env: DataEnv) -> Mixture:
+    return source_mixture(cfg.data, cfg.seed, num_fewshot=cfg.eval.num_fewshot, eval_limit=cfg.recipe.eval_limit)
+
+
+SOURCES = register_kind(
+    DataKind(
+        "sources",
+        _build,
+        matches=lambda data: bool(data.sources),
+        key="data.sources",
+        check_files=lambda cfg: check_sources(cfg.data),
+        check_model=_check_model,
+    )
+)

@@ -27,14 +27,13 @@ from moe_lora.adapters.inject import budget_summary, count_parameters, inject_ad
 from moe_lora.config import TrainConfig, resolved_config
 from moe_lora.data.collate import collate, encode_examples
 from moe_lora.data.example import Mixture
-from moe_lora.data.p3 import p3_mixture
-from moe_lora.data.sources import source_mixture
 from moe_lora.errors import ConfigError
 from moe_lora.eval.evaluate import evaluate
 from moe_lora.eval.harness import run_harness
 from moe_lora.model.load import hub_model
 from moe_lora.model.structure import is_encoder_decoder
 from moe_lora.model.targets import format_targets
+from moe_lora.recipes.kinds import DataEnv, kind_of
 from moe_lora.recipes.results import build_results, write_adapter, write_predictions
 from moe_lora.routing.recorder import RoutingRecorder
 from moe_lora.tracking import Tracker, read_jsonl, write_json_atomic, write_text_atomic
@@ -46,7 +45,6 @@ from moe_lora.train.loss import batch_loss
 from moe_lora.train.precision import Precision, make_precision
 from moe_lora.train.preempt import preemption
 from moe_lora.world.generator import World
-from moe_lora.world.mixture import world_mixture, world_t0_mixture
 from moe_lora.world.model import world_model
 
 ADAPTER_FILE, INIT_ADAPTER_FILE, PREDICTIONS_FILE = outputs.ADAPTER, outputs.INIT_ADAPTER, outputs.PREDICTIONS
@@ -59,15 +57,11 @@ def load_base(cfg: TrainConfig, world: World | None, progress: bool = True):
     return hub_model(cfg.model)
 
 
-def build_mixture(cfg: TrainConfig, world: World | None) -> Mixture:
-    if cfg.data.p3.enabled:
-        return p3_mixture(cfg.data, cfg.seed, eval_limit=cfg.recipe.eval_limit)
-    if cfg.data.sources:
-        return source_mixture(cfg.data, cfg.seed, num_fewshot=cfg.eval.num_fewshot, eval_limit=cfg.recipe.eval_limit)
-
-    if cfg.data.mc_train_clusters:
-        return world_t0_mixture(cfg.data, world, cfg.seed)
-    return world_mixture(cfg.data, world, cfg.seed)
+def build_mixture(
+    cfg: TrainConfig, world: World | None, model=None, tok=None, precision: Precision | None = None, progress=True
+) -> Mixture:
+    """The mixture of the config's data kind (``moe_lora.recipes.kinds``)."""
+    return kind_of(cfg.data).build(cfg, DataEnv(world, model, tok, precision, progress))
 
 
 def setup(cfg: TrainConfig, progress: bool = True, dist: Dist | None = None):
@@ -77,7 +71,7 @@ def setup(cfg: TrainConfig, progress: bool = True, dist: Dist | None = None):
     torch.set_num_threads(cfg.recipe.threads or os.cpu_count() or 1)
     torch.manual_seed(cfg.seed)
     precision = make_precision(rank_device(cfg.recipe.device, dist), cfg.recipe.precision, cfg.model.dtype)
-    world = World(cfg.data.world) if cfg.model.source == "world" or cfg.data.source == "world" else None
+    world = World(cfg.data.world) if cfg.model.source == "world" or kind_of(cfg.data).needs_world else None
     with dist.main_first():
         model, tok = load_base(cfg, world, progress and dist.is_main)
     model.to(precision.device)

@@ -16,16 +16,14 @@ from transformers import AutoTokenizer
 from moe_lora.adapters import ADAPTERS
 from moe_lora.adapters.inject import inject_adapter
 from moe_lora.config import TrainConfig
-from moe_lora.data.collate import encode_example
-from moe_lora.data.p3 import check_p3
-from moe_lora.data.sources import check_sources, first_examples, train_counts
 from moe_lora.errors import ConfigError
 from moe_lora.eval.harness import check_harness
 from moe_lora.model.layouts import resolve_layout
 from moe_lora.model.load import check_attn_implementation, meta_model, read_architecture, resolve_hub_path
 from moe_lora.model.structure import cross_check_peft, read_structure
+from moe_lora.recipes.kinds import ModelChecks, kind_of
 from moe_lora.train.precision import check_precision, resolve_device, resolve_precision
-from moe_lora.world.generator import INSTRUCTION_TASKS, MC_CLUSTERS, World
+from moe_lora.world.generator import World
 
 
 def validate(cfg: TrainConfig, check_files: bool = True) -> None:
@@ -38,26 +36,21 @@ def validate(cfg: TrainConfig, check_files: bool = True) -> None:
             f"adapter.name={cfg.adapter.name!r} but conf/adapter uses the schema of "
             f"{type(cfg.adapter).__name__}; start the YAML with '- /schema/adapter/{spec.name}@_here_'"
         )
-    unknown = [t for t in cfg.data.instruction_tasks if t not in INSTRUCTION_TASKS]
-    if unknown:
-        raise ConfigError(
-            f"data.instruction_tasks={list(cfg.data.instruction_tasks)} has unknown tasks {unknown} "
-            f"(known: {', '.join(INSTRUCTION_TASKS)})"
-        )
-    check_world_t0(cfg)
+    kind = kind_of(cfg.data)  # two kinds asked for fail here
+    if kind.check is not None:
+        kind.check(cfg)
     check_precision(cfg.recipe.precision, cfg.model.dtype, cfg.adapter.dtype, spec.trains_base)
     check_eval(cfg)
-    check_p3_model(cfg)
     if check_files:
         if cfg.model.source == "hub":
             resolve_hub_path(cfg.model)  # a missing model fails here, in well under a second
         resolve_device(cfg.recipe.device)
-        check_data_files(cfg)
+        if kind.check_files is not None:
+            kind.check_files(cfg)
     cfg.model = read_architecture(cfg.model)
-    if cfg.data.sources:
-        check_real_data(cfg, spec.wrap is not None or spec.trains_base)
-        if check_files and (spec.wrap is not None or spec.trains_base):
-            check_max_length(cfg)
+    if kind.check_model is not None:
+        trains = spec.wrap is not None or spec.trains_base
+        kind.check_model(cfg, ModelChecks(check_files, trains, lambda: base_tokenizer(cfg)))
     if getattr(cfg.adapter, "expert_compute", "dense") == "grouped":
         check_grouped(cfg)
     if spec.wrap is not None:
@@ -65,23 +58,6 @@ def validate(cfg: TrainConfig, check_files: bool = True) -> None:
     state = check_targets(cfg, spec.wrap is not None)
     if check_files:
         check_memory(cfg, state)
-
-
-def check_world_t0(cfg: TrainConfig) -> None:
-    """Known clusters, none both trained and held out."""
-    for key in ("mc_train_clusters", "mc_eval_clusters"):
-        unknown = [c for c in getattr(cfg.data, key) if c not in MC_CLUSTERS]
-        if unknown:
-            raise ConfigError(f"data.{key} has unknown clusters {unknown} (known: {', '.join(MC_CLUSTERS)})")
-    both = sorted(set(cfg.data.mc_train_clusters) & set(cfg.data.mc_eval_clusters))
-    if both:
-        raise ConfigError(
-            f"data.mc_eval_clusters: {both} are trained too (data.mc_train_clusters); held out means not trained"
-        )
-    if cfg.data.mc_eval_clusters and not cfg.data.mc_train_clusters:
-        raise ConfigError(
-            "data.mc_train_clusters is empty: the toy T0 trains on some clusters and holds out the others"
-        )
 
 
 def check_eval(cfg: TrainConfig) -> None:
@@ -95,54 +71,9 @@ def check_eval(cfg: TrainConfig) -> None:
         check_harness(cfg.eval.harness)
 
 
-def check_p3_model(cfg: TrainConfig) -> None:
-    """P3 needs a real tokenizer and is a mixture of its own."""
-    if cfg.data.p3.enabled and cfg.model.source == "world":
-        raise ConfigError(
-            f"data={cfg.data.name!r} reads P3 (data.p3) but model.source=world: the built-in model's "
-            "vocabulary only covers the built-in world; choose a hub model (model=... model.name_or_path=...)"
-        )
-    if cfg.data.p3.enabled and cfg.data.sources:
-        raise ConfigError("data.p3 and data.sources are both set: a mixture is P3's or the sources', not both")
-
-
-def check_data_files(cfg: TrainConfig) -> None:
-    """The datasets are there and readable (one line naming the key otherwise)."""
-    if cfg.data.sources:
-        check_sources(cfg.data)
-    if cfg.data.p3.enabled:
-        check_p3(cfg.data)
-
-
-def check_real_data(cfg: TrainConfig, trains: bool) -> None:
-    """Real datasets need a real tokenizer, and a run that trains needs training examples."""
-    if cfg.model.source == "world":
-        raise ConfigError(
-            f"data={cfg.data.name!r} has real datasets (data.sources) but model.source=world: the "
-            "built-in model's word-level vocabulary only covers the built-in world; choose a hub model "
-            "(model=... model.name_or_path=...) or data=world_mix"
-        )
-    if trains and sum(train_counts(cfg.data).values()) == 0:
-        names = ", ".join(cfg.data.sources)
-        raise ConfigError(
-            f"data.sources ({names}) give no training examples: every split is null or every "
-            "num_examples / weight is 0 (data.sources.<name>.split, .num_examples, .weight)"
-        )
-
-
-def check_max_length(cfg: TrainConfig, n: int = 16) -> None:
-    """A ``data.max_length`` that cuts every example would train on answers without their questions
-    (a warning at step 0 today): fail here, from the first ``n`` training rows of each source."""
-    examples = first_examples(cfg.data, n)
-    tok = AutoTokenizer.from_pretrained(resolve_hub_path(cfg.model), trust_remote_code=cfg.model.trust_remote_code)
-    seq2seq = cfg.model.architecture == "seq2seq"
-    max_length, chat = cfg.data.lengths(seq2seq), cfg.data.chat_template
-    if examples and all(encode_example(tok, e.prompt, e.answer, max_length, chat).truncated for e in examples):
-        key = "data.max_source_length / data.max_target_length" if seq2seq else "data.max_length"
-        raise ConfigError(
-            f"{key}={max_length} is shorter than every training example checked (the first "
-            f"{n} of each source, {len(examples)} in all): their prompts would be cut; raise it"
-        )
+def base_tokenizer(cfg: TrainConfig):
+    """The base model's tokenizer, for the data kinds' checks that count tokens."""
+    return AutoTokenizer.from_pretrained(resolve_hub_path(cfg.model), trust_remote_code=cfg.model.trust_remote_code)
 
 
 def base_meta_model(cfg: TrainConfig) -> nn.Module:

@@ -1,13 +1,16 @@
-"""The fine-tuning mixture and the evaluation sets, with a task type on every example."""
+"""The built-in world's data kinds (``world``, the default, and ``world_t0``): the fine-tuning
+mixture and the evaluation sets, with a task type on every example, and their checks."""
 
 from __future__ import annotations
 
 import random
 from dataclasses import replace
 
-from moe_lora.config import DataConfig
+from moe_lora.config import DataConfig, TrainConfig
 from moe_lora.data.example import EvalSet, Mixture
-from moe_lora.world.generator import MC_CLUSTERS, World, instruction_examples, mc_examples
+from moe_lora.data.kinds import DataKind, register_kind
+from moe_lora.errors import ConfigError
+from moe_lora.world.generator import INSTRUCTION_TASKS, MC_CLUSTERS, World, instruction_examples, mc_examples
 
 
 def world_mixture(cfg: DataConfig, world: World, seed: int) -> Mixture:
@@ -76,3 +79,51 @@ def world_t0_mixture(cfg: DataConfig, world: World, seed: int) -> Mixture:
     validation = [e for c, t in tasks for e in mc_examples(world, t, c, 8, "validation", fixed)]
     by_type = {k: sum(e.task_type == k for e in train) for k in ("cbqa", "instruction")}
     return Mixture(train=train, eval=sets, validation=validation, info={"train": by_type})
+
+
+# -------------------------------------------------------------------------------------- the kinds
+def check_instruction_tasks(cfg: TrainConfig) -> None:
+    """Every ``data.instruction_tasks`` entry is a task the world generates."""
+    unknown = [t for t in cfg.data.instruction_tasks if t not in INSTRUCTION_TASKS]
+    if unknown:
+        raise ConfigError(
+            f"data.instruction_tasks={list(cfg.data.instruction_tasks)} has unknown tasks {unknown} "
+            f"(known: {', '.join(INSTRUCTION_TASKS)})"
+        )
+
+
+def check_world_t0(cfg: TrainConfig) -> None:
+    """Known clusters, none both trained and held out."""
+    for key in ("mc_train_clusters", "mc_eval_clusters"):
+        unknown = [c for c in getattr(cfg.data, key) if c not in MC_CLUSTERS]
+        if unknown:
+            raise ConfigError(f"data.{key} has unknown clusters {unknown} (known: {', '.join(MC_CLUSTERS)})")
+    both = sorted(set(cfg.data.mc_train_clusters) & set(cfg.data.mc_eval_clusters))
+    if both:
+        raise ConfigError(
+            f"data.mc_eval_clusters: {both} are trained too (data.mc_train_clusters); held out means not trained"
+        )
+    if cfg.data.mc_eval_clusters and not cfg.data.mc_train_clusters:
+        raise ConfigError(
+            "data.mc_train_clusters is empty: the toy T0 trains on some clusters and holds out the others"
+        )
+
+
+WORLD = register_kind(
+    DataKind(
+        "world",
+        lambda cfg, env: world_mixture(cfg.data, env.world, cfg.seed),
+        needs_world=True,
+        check=check_instruction_tasks,
+    )
+)
+WORLD_T0 = register_kind(
+    DataKind(
+        "world_t0",
+        lambda cfg, env: world_t0_mixture(cfg.data, env.world, cfg.seed),
+        matches=lambda data: bool(data.mc_train_clusters or data.mc_eval_clusters),
+        key="data.mc_train_clusters",
+        needs_world=True,
+        check=check_world_t0,
+    )
+)
