@@ -1,8 +1,9 @@
 """Mixture-of-experts bases: the structure reader finds routers, routed and shared experts and dense
 layers of six families (tests/fixtures/moe.py), and no target ever adapts a silent subset of an
 MoE layer's FFN: every registered variant either adapts exactly what it names or stops in one line
-before anything is written. LoRA on the routed experts themselves is not built yet: targets that
-include them are refused, naming the expert tensors."""
+before anything is written. LoRA adapts the fused routed experts (every expert of every sparse
+layer, with the counts peft's ``target_parameters`` gives); the other variants refuse targets that
+include them, naming the expert tensors."""
 
 from __future__ import annotations
 
@@ -12,14 +13,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from moe_lora.adapters.inject import plan_targets
+from moe_lora.adapters.inject import inject_adapter, plan_targets
 from moe_lora.config import ModelConfig
 from moe_lora.errors import ConfigError
 from moe_lora.model.structure import read_structure
 from moe_lora.recipes.compose import CONF_DIR, load_config
+from moe_lora.train.checkpoint import set_adapter
 from tests.fixtures.moe import MOE_FAMILIES, SPARSE_LAYERS, make_moe_checkpoint, moe_config
 
 # family -> (router, routed expert tensors with their axis order, shared experts, shared-expert gate)
@@ -88,10 +92,15 @@ def adapters() -> dict:
     return adapter_configs()
 
 
+def expert_tensors(family: str, names: tuple[str, ...] = ("gate_up_proj", "down_proj")) -> set[str]:
+    return {f"model.layers.{i}.mlp.experts.{n}" for i in SPARSE_LAYERS[family] for n in names}
+
+
 @pytest.mark.parametrize("family", MOE_FAMILIES)
 def test_no_variant_adapts_a_silent_subset(family, moe_checkpoints, adapters) -> None:
-    """Default targets: refused in one line naming the routed expert tensors, or attention only
-    (MELoRA's query/value). ``[attention]``: exactly the attention linears of every layer."""
+    """Default targets: LoRA's ``ffn`` is every FFN linear plus every routed expert tensor of every
+    sparse layer; the others are refused in one line naming the routed expert tensors, or adapt
+    attention only (MELoRA's query/value). ``[attention]``: exactly the attention linears of every layer."""
     model = meta(moe_checkpoints[family])
     structure = read_structure(model)
     attention = {li.name for li in structure.linears if li.block == "attention"}
@@ -102,12 +111,17 @@ def test_no_variant_adapts_a_silent_subset(family, moe_checkpoints, adapters) ->
             _, sites = plan_targets(model, adapter, model_cfg)
         except ConfigError as exc:
             msg = str(exc)
-            assert "\n" not in msg
+            assert "\n" not in msg and name != "lora", (name, msg)
             # a role the family lacks (DeepSeek's latent attention has no key) fails before the FFN
-            assert "experts.gate_up_proj [" in msg or "no role" in msg, (name, msg)
-            if "experts.gate_up_proj [" in msg:
-                assert "cannot adapt yet" in msg and "adapter.target_modules=[attention]" in msg
+            names_experts = "experts.gate_up_proj [" in msg or "experts.down_proj [" in msg
+            assert names_experts or "no role" in msg, (name, msg)
+            if names_experts:
+                assert f"adapter={name} cannot adapt" in msg and "adapter.target_modules=[attention]" in msg
         else:
+            if name == "lora":  # ffn: the dense FFNs, the shared experts and every routed expert tensor
+                ffn = {li.name for li in structure.linears if li.block == "ffn"}
+                assert {s.name for s in sites} == ffn | expert_tensors(family), [s.name for s in sites]
+                continue
             assert {s.block for s in sites} == {"attention"}, (name, [s.name for s in sites])
         try:
             _, sites = plan_targets(model, replace(adapter, target_modules=["attention"]), model_cfg)
@@ -119,30 +133,41 @@ def test_no_variant_adapts_a_silent_subset(family, moe_checkpoints, adapters) ->
 
 @pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v2"])
 def test_moe_targets(family, moe_checkpoints, adapters) -> None:
-    """``shared_experts`` is exact; ``experts``, the expert roles, ``router`` and a module name that
-    is also a fused expert tensor fail in one line; ``ffn`` names the dense layers too."""
+    """For LoRA: ``shared_experts`` is exact; ``experts``, the expert roles, the FFN roles and a
+    module name that is also a fused expert tensor select exactly the routed expert tensors they
+    name (plus the linears); ``router`` fails in one line. IA3 refuses every entry that includes a
+    routed expert tensor, naming it and the dense layers."""
     model = meta(moe_checkpoints[family])
     model_cfg = ModelConfig(source="hub", name_or_path=str(moe_checkpoints[family]))
     lora = adapters["lora"]
-    _, sites = plan_targets(model, replace(lora, target_modules=["shared_experts"]), model_cfg)
     shared = EXPECTED[family][2]
-    assert {s.name for s in sites} == {
+    shared_linears = {
         f"model.layers.{i}.mlp.{shared}.{p}"
         for i in SPARSE_LAYERS[family]
         for p in ("gate_proj", "up_proj", "down_proj")
     }
     dense = [i for i in range(3) if i not in SPARSE_LAYERS[family]]
-    for targets, says in [
-        (["ffn"], f"layers {dense} are dense"),
-        (["experts"], "cannot adapt yet"),
-        (["expert_down"], "cannot adapt yet"),
-        (["router"], "no adapter variant adapts the base model's router"),
-        (["down_proj"], "names the fused routed-expert tensor"),
-        (["attention", "ffn_out"], "experts.down_proj ["),
+    dense_down = {f"model.layers.{i}.mlp.down_proj" for i in dense}
+    shared_down = {n for n in shared_linears if n.endswith("down_proj")}
+    for targets, expected in [
+        (["shared_experts"], shared_linears),
+        (["experts"], expert_tensors(family)),
+        (["expert_down"], expert_tensors(family, ("down_proj",))),
+        (["expert_gate_up"], expert_tensors(family, ("gate_up_proj",))),
+        (["ffn_out"], dense_down | shared_down | expert_tensors(family, ("down_proj",))),
+        (["down_proj"], dense_down | shared_down | expert_tensors(family, ("down_proj",))),
     ]:
-        with pytest.raises(ConfigError, match=None) as info:
-            plan_targets(model, replace(lora, target_modules=targets), model_cfg)
-        assert says in str(info.value) and "\n" not in str(info.value), (targets, str(info.value))
+        _, sites = plan_targets(model, replace(lora, target_modules=targets), model_cfg)
+        assert {s.name for s in sites} == expected, targets
+        assert all((s.expert is not None) == (".experts." in s.name) for s in sites)
+    with pytest.raises(ConfigError, match="no adapter variant adapts the base model's router") as info:
+        plan_targets(model, replace(lora, target_modules=["router"]), model_cfg)
+    for targets in (["ffn"], ["experts"], ["expert_down"], ["down_proj"], ["attention", "ffn_out"]):
+        with pytest.raises(ConfigError) as info:
+            plan_targets(model, replace(adapters["ia3"], target_modules=targets), model_cfg)
+        msg = str(info.value)
+        assert "adapter=ia3 cannot adapt" in msg and "experts.down_proj [" in msg and "\n" not in msg, msg
+        assert f"layers {dense} are dense" in msg, msg
 
 
 def test_shared_experts_on_a_family_without_them(moe_checkpoints, adapters) -> None:
@@ -214,24 +239,76 @@ def test_latent_attention_with_fewer_kv_heads_fails_in_one_line(tmp_path) -> Non
         load_config(["model.source=hub", f"model.name_or_path={tmp_path}"], check_files=False)
 
 
-def test_cli_refuses_default_lora_and_params_attention(moe_checkpoints, run_cli, tmp_path) -> None:
-    """``train`` with the default (``ffn``) targets: one line, nothing written; ``params`` with
-    ``[attention]`` prints the targets table with the MoE layers."""
+def test_cli_refuses_ia3_and_params_counts_experts_as_peft(moe_checkpoints, run_cli, tmp_path) -> None:
+    """``train`` with IA3's default targets: one line naming the expert tensor, nothing written;
+    ``params`` with LoRA on ``[experts]`` prints the MoE layers and peft's trainable count for
+    ``target_parameters=[experts.gate_up_proj, experts.down_proj]`` at the same rank."""
     path = moe_checkpoints["qwen2_moe"]
     run = tmp_path / "run"
     code, out, err = run_cli(
-        "train", "model.source=hub", f"model.name_or_path={path}", "adapter=lora", f"hydra.run.dir={run}", tiny=False
+        "train", "model.source=hub", f"model.name_or_path={path}", "adapter=ia3", f"hydra.run.dir={run}", tiny=False
     )
     lines = err.strip().splitlines()
     assert code != 0 and len(lines) == 1 and "Traceback" not in out + err, err[-2000:]
-    assert "model.layers.1.mlp.experts.gate_up_proj [4, 32, 32]" in lines[0] and "cannot adapt yet" in lines[0]
+    assert "model.layers.1.mlp.experts.down_proj [4, 32, 16]" in lines[0] and "adapter=ia3 cannot adapt" in lines[0]
     assert not run.exists()
     code, out, err = run_cli(
-        "params", "model.source=hub", f"model.name_or_path={path}", "adapter=lora", "adapter.target_modules=[attention]"
+        "params", "model.source=hub", f"model.name_or_path={path}", "adapter=lora", "adapter.target_modules=[experts]"
     )
     assert code == 0, err[-2000:]
     assert "MoE: sparse layers [1]; dense layers [0, 2]; 4 routed experts" in out
     assert "router gate [4, 32], shared experts shared_expert (gate shared_expert_gate)" in out
+    peft_model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(path),
+        LoraConfig(
+            r=8, lora_alpha=8, target_modules=[], target_parameters=["experts.gate_up_proj", "experts.down_proj"]
+        ),
+    )
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    assert f"trainable: {trainable:,} (" in out, out[-600:]
+
+
+def test_lora_on_experts_trains_saves_and_loads(moe_checkpoints, run_cli, data_root, tmp_path) -> None:
+    """A smoke step of ``adapter=lora adapter.target_modules=[experts]`` on gpt-oss ([E, in, out]
+    experts with biases): every routed expert tensor of every sparse layer is adapted, the trained
+    per-expert factors are saved in adapter.safetensors and load back into a fresh injection."""
+    run, path = tmp_path / "run", moe_checkpoints["gpt_oss"]
+    overrides = ["model.source=hub", f"model.name_or_path={path}", "adapter=lora", "adapter.target_modules=[experts]"]
+    code, _out, err = run_cli(
+        "train",
+        *overrides,
+        "data=triviaqa_alpaca",
+        f"data.root={data_root}",
+        "recipe=smoke",
+        "recipe.threads=1",
+        "recipe.max_steps=1",
+        "data.num_train=4",
+        "recipe.eval_limit=1",
+        "eval.max_new_tokens=2",
+        f"hydra.run.dir={run}",
+        tiny=False,
+    )
+    assert code == 0, err[-3000:]
+    targets = json.loads((run / "results.json").read_text())["targets"]
+    row = targets["entries"]["experts"]
+    assert row["layers"] == 3 and row["modules"] == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]
+    saved = load_file(next(run.rglob("adapter.safetensors")))
+    assert set(saved) == {
+        f"model.layers.{i}.mlp.experts.lora.{p}.lora_{ab}"
+        for i in SPARSE_LAYERS["gpt_oss"]
+        for p in ("gate_up_proj", "down_proj")
+        for ab in "AB"
+    }
+    assert saved["model.layers.0.mlp.experts.lora.down_proj.lora_A"].shape == (64, 4 * 8)  # (d_in, E*r)
+    assert all(saved[n].abs().sum() > 0 for n in saved if n.endswith("lora_B"))  # B left 0 after a step
+    cfg = load_config(overrides, check_files=False)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    inject_adapter(model, cfg.adapter, cfg.model, cfg.layout)
+    set_adapter(model, saved, "adapter.safetensors")
+    torch.testing.assert_close(
+        model.model.layers[2].mlp.experts.lora["gate_up_proj"].lora_B.detach(),
+        saved["model.layers.2.mlp.experts.lora.gate_up_proj.lora_B"],
+    )
 
 
 def test_deepseek_v2_trains_attention_only(moe_checkpoints, run_cli, data_root, tmp_path) -> None:
@@ -302,5 +379,9 @@ def test_other_families_on_the_meta_device(family, adapters) -> None:
     block = structure.moe[0]
     assert block.path == f"model.layers.0.{block_name}" and block.router == f"{block.path}.{router}"
     assert block.shared == (f"{block.path}.{shared}" if shared else None) and block.fused
-    with pytest.raises(ConfigError, match="cannot adapt yet"):
-        plan_targets(model, replace(adapters["lora"], target_modules=["all"]), model_cfg)
+    _, sites = plan_targets(model, replace(adapters["lora"], target_modules=["all"]), model_cfg)
+    assert {s.name for s in sites if s.expert} == {
+        f"{b.experts}.{n}" for b in structure.moe for n in ("gate_up_proj", "down_proj")
+    }
+    with pytest.raises(ConfigError, match="adapter=ia3 cannot adapt"):
+        plan_targets(model, replace(adapters["ia3"], target_modules=["all"]), model_cfg)

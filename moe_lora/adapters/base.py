@@ -25,6 +25,8 @@ class HookContext:
 
 # (base linear, adapter config, plan) -> the module that replaces the base linear
 WrapFn = Callable[[nn.Module, AdapterConfig, LayerPlan], nn.Module]
+# (experts module, adapter config, plan, its fused tensors to adapt, its path) -> its replacement
+ExpertsWrapFn = Callable[[nn.Module, AdapterConfig, LayerPlan, list[str], str], nn.Module]
 # (model, adapter config, context) -> called with the TrainState after every optimiser step
 HookFn = Callable[[nn.Module, AdapterConfig, HookContext], Callable[[Any], None]]
 
@@ -43,6 +45,9 @@ class AdapterSpec:
     # the names (last segments) of the tensors the variant trains, as peft's per-method ``prefix``:
     # tests assert that nothing else trains, and the saved adapter holds exactly these
     prefixes: tuple[str, ...] = ()
+    # how the variant adapts an MoE layer's fused routed experts (LoRA: moe_lora.adapters.experts);
+    # None: targets that include them are refused in one line
+    wrap_experts: ExpertsWrapFn | None = None
 
 
 ADAPTERS: Registry[AdapterSpec] = Registry("adapter", "adapter")
@@ -57,13 +62,15 @@ def register_adapter(
     report: Callable[[nn.Module], dict] | None = None,
     slices_fused: bool = False,
     prefixes: tuple[str, ...] = (),
+    wrap_experts: ExpertsWrapFn | None = None,
 ):
     """Decorator for a variant's wrap function: registers it and stores its config schema as
     ``schema/adapter/<name>`` (the schema of ``conf/adapter/<name>.yaml``)."""
 
     def deco(wrap: WrapFn | None) -> WrapFn | None:
         ADAPTERS.register(
-            name, AdapterSpec(name, config_cls, wrap, trains_base, make_hook, report, slices_fused, prefixes)
+            name,
+            AdapterSpec(name, config_cls, wrap, trains_base, make_hook, report, slices_fused, prefixes, wrap_experts),
         )
         ConfigStore.instance().store(group="schema/adapter", name=name, node=config_cls)
         return wrap

@@ -55,10 +55,18 @@ from moe_lora.errors import ConfigError
 INTERFACE = ("has_gate", "has_bias", "is_transposed", "_apply_gate")
 
 
+def check_expert_rank(setting: str | int) -> None:
+    """``adapter.expert_rank`` is ``rank``, ``rank/num_experts`` or a positive integer."""
+    setting = str(setting).strip()
+    if setting not in ("rank", "rank/num_experts") and not (setting.isdigit() and int(setting) >= 1):
+        raise ConfigError(f"adapter.expert_rank={setting!r}: use 'rank', 'rank/num_experts' or a positive integer")
+
+
 def expert_rank(setting: str | int, rank: int, num_experts: int) -> int:
     """Each expert's rank from ``adapter.expert_rank``: ``rank`` (the adapter's r, the default),
     ``rank/num_experts`` (peft's advice: E experts of r/E keep the projection's total at r), or a
     number."""
+    check_expert_rank(setting)
     setting = str(setting).strip()
     if setting == "rank":
         return rank
@@ -69,9 +77,7 @@ def expert_rank(setting: str | int, rank: int, num_experts: int) -> int:
                 f"{num_experts} routed experts; set adapter.rank to one, or adapter.expert_rank to a number"
             )
         return rank // num_experts
-    if setting.isdigit() and int(setting) >= 1:
-        return int(setting)
-    raise ConfigError(f"adapter.expert_rank={setting!r}: use 'rank', 'rank/num_experts' or a positive integer")
+    return int(setting)
 
 
 class ExpertLoRA(nn.Module):
@@ -140,7 +146,7 @@ class LoRAOnExperts(nn.Module):
         super().__init__()
         check_interface(base, where)
         self.base = base
-        self.num_experts = base.num_experts
+        self.num_experts, self.rank = base.num_experts, rank
         self.lora = nn.ModuleDict()
         # how adapter pairs are computed: "csr" or "grouped_mm"; None: by the input's device (tests set it)
         self.kernel: str | None = None

@@ -9,6 +9,11 @@ any, so a setting never adapts silently less than it says. The rule for fused pr
 variant defined on roles (IA3, MoV) adapts only the targeted roles' columns of a fused linear; any
 other variant acts on the whole fused output, as peft does when it targets ``c_attn``. The base
 model is frozen; no modelling code is touched.
+
+Fused routed experts (an MoE layer's ``experts.gate_up_proj`` / ``down_proj``) are sites of their
+own: a variant registered with ``wrap_experts`` (LoRA: :mod:`moe_lora.adapters.experts`) replaces
+each experts module once, adapting the tensors the targets select in it; any other variant refuses
+them in one line before anything is built.
 """
 
 from __future__ import annotations
@@ -21,11 +26,12 @@ import torch
 from torch import nn
 
 from moe_lora.adapters.base import ADAPTERS, LayerPlan
+from moe_lora.adapters.experts import check_interface
 from moe_lora.config import AdapterConfig, LayoutConfig, ModelConfig
 from moe_lora.errors import ConfigError
 from moe_lora.model.layouts import has_budget, is_per_layer, resolve_layout
 from moe_lora.model.structure import CROSS_ATTENTION, Structure, is_adaptable, is_encoder_decoder, read_structure
-from moe_lora.model.targets import Site, resolve_targets, targets_summary
+from moe_lora.model.targets import Site, refuse_expert_tensors, resolve_targets, targets_summary
 from moe_lora.routing.recorder import AuxLossConfig, RoutingRecorder
 from moe_lora.routing.router import Router
 
@@ -42,6 +48,11 @@ def plan_targets(model: nn.Module, adapter: AdapterConfig, model_cfg: ModelConfi
     structure = read_structure(model, model_cfg.modules)
     sites = resolve_targets(structure, model, list(adapter.target_modules))
     spec = ADAPTERS.get(adapter.name)
+    if spec.wrap is not None and spec.wrap_experts is None:
+        refuse_expert_tensors(structure, sites, adapter.name, f"adapter.target_modules={list(adapter.target_modules)}")
+    if spec.wrap_experts is not None:
+        for path in dict.fromkeys(s.name.rpartition(".")[0] for s in sites if s.expert is not None):
+            check_interface(model.get_submodule(path), path)
     for site in sites:
         if site.partial and spec.slices_fused and site.fused is None:
             raise ConfigError(
@@ -106,7 +117,7 @@ def inject_adapter(
     """Freeze the base, wrap every target linear, attach routers to the recorder; ``planned``: what
     ``plan_targets`` returned for this model (read once for the targets table and the injection).
 
-    Returns the names of the adapted modules.
+    Returns the names of the adapted modules (an MoE layer's experts module for its fused tensors).
     """
     spec = ADAPTERS.get(adapter.name)
     for p in model.parameters():
@@ -126,7 +137,11 @@ def inject_adapter(
         )
     dtype = getattr(torch, adapter.dtype)
     adapter = for_model(adapter, model)
+    experts: dict[str, list[Site]] = {}  # experts module -> its fused tensors to adapt
     for site in sites:
+        if site.expert is not None:
+            experts.setdefault(site.name.rpartition(".")[0], []).append(site)
+            continue
         plan = replace(
             layer_plan(site.name, site.layer, plans, layout), head_dim=structure.head_dim, dtype=dtype, site=site
         )
@@ -136,13 +151,20 @@ def inject_adapter(
         setattr(parent, child, wrapped)
         if hasattr(wrapped, "on_inject"):  # a wrapper that reads a sibling module (MoV on the FFN activation)
             wrapped.on_inject(parent, site.name)
+    for path, tensors in experts.items():
+        plan = replace(layer_plan(path, tensors[0].layer, plans, layout), dtype=dtype)
+        parent_name, _, child = path.rpartition(".")
+        projections = [s.name.rpartition(".")[2] for s in tensors]
+        wrapped = spec.wrap_experts(model.get_submodule(path), adapter, plan, projections, path)
+        setattr(model.get_submodule(parent_name), child, wrapped.train(model.training))
     if getattr(adapter, "router_init", "kaiming") == "normal":
         for mod in model.modules():
             if isinstance(mod, Router) and mod.weight.device.type != "meta":
                 torch.nn.init.normal_(mod.weight, std=0.02)
     if recorder is not None:
         attach_routers(model, structure, sites, aux_config(adapter), recorder)
-    return [site.name for site in sites]
+    # module names: an experts module once for its fused tensors
+    return list(dict.fromkeys(s.name.rpartition(".")[0] if s.expert else s.name for s in sites))
 
 
 def for_model(adapter: AdapterConfig, model: nn.Module) -> AdapterConfig:

@@ -7,14 +7,16 @@ outside the layers, as ``lm_head``): a setting never selects silently less than 
 
 Mixture-of-experts layers (:class:`moe_lora.model.structure.MoEBlock`). On a sparse layer the FFN is the
 routed experts *and* the shared experts: ``ffn``, ``all`` and the FFN roles (``ffn_in``, ``ffn_gate``,
-``ffn_up``, ``ffn_out``) mean both, and so do the targets ``experts`` (the routed experts) and
-their projections (``expert_gate_up``, ``expert_gate``, ``expert_up``, ``expert_down``). Routed
-experts stored as fused 3-D parameters (transformers 5) cannot be adapted yet, so any of these
-entries fails in one line naming the layer and the expert tensors, as does a module name that
-matches one (``down_proj`` is also ``experts.down_proj``). Routed experts held as a ``ModuleList``
-of per-expert MLPs are Linears: every one of them is a site. ``shared_experts`` selects exactly
-the shared experts' linears of every sparse layer; ``router`` fails (no variant adapts a base
-router yet); ``attention`` is the attention of every layer, dense or sparse.
+``ffn_up``, ``ffn_out``) mean both. ``experts`` is the routed experts, and their projections are
+roles of their own (``expert_gate_up``, ``expert_gate``, ``expert_up``, ``expert_down``). Routed
+experts stored as fused 3-D parameters (transformers 5) are sites too (:attr:`Site.expert`): one per
+fused tensor, whole (``ffn_out`` selects ``experts.down_proj``; ``ffn_in``, ``ffn_gate`` and
+``ffn_up`` the fused ``gate_up_proj``, as a LoRA-type variant adapts a fused linear whole), and so
+is a module name that matches one (``down_proj`` is also ``experts.down_proj``). Injection refuses
+them, in one line, for a variant that cannot adapt expert tensors. Routed experts held as a
+``ModuleList`` of per-expert MLPs are Linears: every one of them is a site. ``shared_experts``
+selects exactly the shared experts' linears of every sparse layer; ``router`` fails (no variant
+adapts a base router yet); ``attention`` is the attention of every layer, dense or sparse.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from moe_lora.model.structure import (
     EXPERT_ROLES,
     FFN_ROLES,
     ROLES,
+    ExpertTensor,
     Fused,
     LinearInfo,
     Structure,
@@ -50,6 +53,7 @@ class Site:
     targeted: tuple[str, ...] | None  # roles the targets name on it; None: the whole linear by name or block
     fused: Fused | None
     entries: tuple[str, ...]  # the target_modules entries that chose it
+    expert: ExpertTensor | None = None  # a fused routed-expert tensor (then ``name`` is the parameter's)
 
     @property
     def partial(self) -> bool:
@@ -79,12 +83,38 @@ def resolve_targets(structure: Structure, model: nn.Module, targets: list[str]) 
             else:
                 site["roles"] |= set(roles)
     sites = []
+    tensors = {t.name: t for b in structure.moe for t in b.tensors}
     for name, s in chosen.items():
         li = s["li"]
-        targeted = None if s["whole"] else tuple(r for r in li.roles if r in s["roles"])
-        sites.append(Site(name, li.layer, li.block, li.roles, targeted, li.fused, tuple(s["entries"])))
+        targeted = None if s["whole"] or name in tensors else tuple(r for r in li.roles if r in s["roles"])
+        site = Site(name, li.layer, li.block, li.roles, targeted, li.fused, tuple(s["entries"]), tensors.get(name))
+        sites.append(site)
     order = {n: i for i, (n, _m) in enumerate(model.named_modules())}
-    return sorted(sites, key=lambda s: order[s.name])
+    params = {n: i for i, (n, _p) in enumerate(model.named_parameters())}
+    # an expert tensor sorts with its experts module, in the order of definition (gate_up, down)
+    return sorted(
+        sites, key=lambda s: (order[s.name.rpartition(".")[0]], params[s.name]) if s.expert else (order[s.name], -1)
+    )
+
+
+def expert_hits(structure: Structure, entry: str) -> list[LinearInfo]:
+    """The fused routed-expert tensors ``entry`` covers, as LinearInfos (name, layer, role): all of
+    them for ``experts``, ``ffn`` and ``all``; by projection for an expert role or an FFN role."""
+    wanted = {
+        "ffn_out": ("expert_down",),
+        "ffn_in": ("expert_gate_up", "expert_gate", "expert_up", "expert"),
+        "ffn_gate": ("expert_gate_up", "expert_gate"),
+        "ffn_up": ("expert_gate_up", "expert_up"),
+    }.get(entry, (entry,))
+    every = entry in ("experts", "ffn", "all")
+    return [
+        LinearInfo(
+            t.name, t.name.removeprefix(f"{b.path.rsplit('.', 1)[0]}."), b.layer, "ffn", (t.role,), part="experts"
+        )
+        for b in structure.moe
+        for t in b.tensors
+        if every or t.role in wanted
+    ]
 
 
 def _entry_hits(
@@ -93,26 +123,22 @@ def _entry_hits(
     where = f"adapter.target_modules={targets}"
     if entry in ("experts", "shared_experts", "router", *EXPERT_ROLES):
         return _moe_hits(structure, entry, where)
+    experts: list[LinearInfo] = []  # the fused routed experts an FFN entry covers on sparse layers
     if (structure.moe or structure.unread_experts) and entry in (*FFN_ROLES, "ffn", "all"):
-        refuse_fused_experts(structure, entry, where)
+        refuse_unread_experts(structure, entry, where)
+        experts = expert_hits(structure, entry)
     if entry in ROLES:
         hits = [li for li in structure.linears if entry in li.roles]
-        _require_every_layer(structure, hits, entry, where, "role")
-        return [(li, (entry,)) for li in hits]
+        _require_every_layer(structure, hits + experts, entry, where, "role")
+        return [(li, (entry,)) for li in hits] + [(li, None) for li in experts]
     if entry in BLOCKS or entry == "all":
         blocks = BLOCKS if entry == "all" else (entry,)
-        hits = [li for li in structure.linears if li.block in blocks]
+        hits = [li for li in structure.linears if li.block in blocks] + experts
         _require_every_layer(structure, hits, entry, where, "block")
         return [(li, None) for li in hits]
-    tensors = [t for b in structure.moe for t in b.tensors if name_matches(t.name, [entry])]
-    if tensors:
-        raise ConfigError(
-            f"{where}: {entry!r} names the fused routed-expert tensor {tensors[0].describe()} ({len(tensors)} "
-            f"in {structure.family}), which moe_lora cannot adapt yet: target attention, shared_experts or "
-            "linear module names instead"
-        )
     known = {li.name: li for li in structure.linears}
-    hits = []
+    # a name matching a fused expert tensor (``down_proj`` is also ``experts.down_proj``) selects it
+    hits = [li for li in expert_hits(structure, "experts") if name_matches(li.name, [entry])]
     for name, mod in model.named_modules():  # a linear outside the layers (lm_head) has no layer
         if is_adaptable(mod) and name_matches(name, [entry]):
             hits.append(known.get(name) or LinearInfo(name, name, None, None))
@@ -127,30 +153,36 @@ def _entry_hits(
     return [(li, None) for li in hits]
 
 
-def refuse_fused_experts(structure: Structure, entry: str, where: str) -> None:
-    """``entry`` covers the FFN of every sparse layer; fused routed experts cannot be adapted yet,
-    so adapting the rest (shared experts, dense layers) would be a silent subset: fail, naming them."""
+def refuse_unread_experts(structure: Structure, entry: str, where: str) -> None:
+    """``entry`` covers the FFN of every layer; expert parameters outside any MoE block read cannot
+    be adapted, so adapting the rest would be a silent subset: fail, naming them."""
     if structure.unread_experts:
         raise ConfigError(
             f"{where}: {entry!r} on {structure.family} would miss expert parameters moe_lora cannot read "
             f"({structure.unread_experts[0]}, {len(structure.unread_experts)} in all): target attention or "
             "linear module names"
         )
-    fused = [b for b in structure.moe if b.fused]
-    if not fused:
+
+
+def refuse_expert_tensors(structure: Structure, sites: list[Site], variant: str, where: str) -> None:
+    """For a variant that cannot adapt fused routed-expert tensors: fail in one line naming them,
+    rather than adapting the rest of the FFN (shared experts, dense layers) alone."""
+    tensors = [s.expert for s in sites if s.expert is not None]
+    if not tensors:
         return
-    block = fused[0]
-    tensors = ", ".join(t.describe() for t in block.tensors)
+    block = next(b for b in structure.moe if any(t.name == tensors[0].name for t in b.tensors))
     shared = (
         ", or attention and the shared experts (adapter.target_modules=[attention, shared_experts])"
         if all(b.shared for b in structure.moe)
         else ""
     )
     dense = f"; layers {structure.dense_layers} are dense" if structure.dense_layers else ""
+    names = ", ".join(t.describe() for t in tensors if t.name.startswith(f"{block.experts}."))
     raise ConfigError(
-        f"{where}: {entry!r} on {structure.family} includes the routed experts of {len(fused)} sparse layer(s) "
-        f"(layer {block.layer}: {tensors}), fused {block.num_experts}-expert tensors that moe_lora cannot adapt "
-        f"yet: target attention only (adapter.target_modules=[attention]){shared}{dense}"
+        f"{where} includes the routed experts of {len({t.name.rpartition('.')[0] for t in tensors})} sparse "
+        f"layer(s) of {structure.family} (layer {block.layer}: {names}), fused {block.num_experts}-expert tensors "
+        f"that adapter={variant} cannot adapt: use adapter=lora, or target attention only "
+        f"(adapter.target_modules=[attention]){shared}{dense}"
     )
 
 
@@ -171,11 +203,12 @@ def _moe_hits(structure: Structure, entry: str, where: str) -> list[tuple[Linear
         hits = [li for li in structure.linears if li.part == "shared"]
         _require_sparse_layers(structure, hits, "shared experts", where)
         return [(li, None) for li in hits]
-    refuse_fused_experts(structure, entry, where)
+    refuse_unread_experts(structure, entry, where)
     hits = [li for li in structure.linears if li.part == "routed"]
     if entry != "experts":  # a per-expert MLP's projection by its FFN role
         role = {"expert_down": "ffn_out", "expert_gate": "ffn_gate", "expert_up": "ffn_up"}.get(entry, "ffn_in")
         hits = [li for li in hits if role in li.roles]
+    hits += expert_hits(structure, entry)
     _require_sparse_layers(structure, hits, repr(entry), where)
     return [(li, None) for li in hits]
 
@@ -207,10 +240,13 @@ def _require_every_layer(structure: Structure, hits: list[LinearInfo], entry: st
 def targets_summary(structure: Structure, sites: list[Site], slices: bool) -> dict[str, Any]:
     """role/entry -> module names (inside a layer) and count per layer; stored in results.json."""
     rows: dict[str, dict[str, Any]] = {}
+    locals_ = {li.name: li.local for li in [*structure.linears, *expert_hits(structure, "experts")]}
     for s in sites:
-        local = next((li.local for li in structure.linears if li.name == s.name), s.name)
+        local = locals_.get(s.name, s.name)
         fused_roles = "|".join(r for r in s.roles if r != "ffn_in")
-        if s.partial and slices:
+        if s.expert is not None:
+            what = f"each of {s.expert.shape[0]} experts"
+        elif s.partial and slices:
             what = f"{'+'.join(s.targeted or ())} columns of fused {fused_roles}"
         elif slices:
             what = "input" if s.input_site else "output"
@@ -270,7 +306,7 @@ def format_targets(summary: dict[str, Any]) -> str:
     moe = summary.get("moe")
     if moe:
         dense = f"; dense layers {moe['dense_layers']}" if moe["dense_layers"] else ""
-        how = "fused tensors, not adaptable yet" if moe["fused"] else "ModuleList of per-expert MLPs"
+        how = "fused tensors" if moe["fused"] else "ModuleList of per-expert MLPs"
         lines.append(
             f"  MoE: sparse layers {moe['sparse_layers']}{dense}; {moe['num_experts']} routed experts "
             f"({how}), top-{moe['top_k']}"

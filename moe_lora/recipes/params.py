@@ -18,7 +18,7 @@ def print_params(cfg) -> None:
     if spec.wrap is not None:
         structure, sites = plan_targets(model, cfg.adapter, cfg.model)
         print(format_targets(targets_summary(structure, sites, spec.slices_fused)) + "\n")
-        layers = {site.name: site.layer for site in sites}
+        layers = {site.name.rpartition(".")[0] if site.expert else site.name: site.layer for site in sites}
         if hasattr(cfg.adapter, "num_experts"):
             budget = budget_summary(cfg.adapter, cfg.layout, (structure, sites))
     names = inject_adapter(model, cfg.adapter, cfg.model, cfg.layout)

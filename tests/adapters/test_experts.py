@@ -13,6 +13,10 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from moe_lora.adapters.experts import LoRAOnExperts, expert_rank, from_peft, merge_experts, to_peft
+from moe_lora.adapters.inject import inject_adapter
+from moe_lora.adapters.merging import merge, refuse_routed
+from moe_lora.adapters.variants.lora import LoRAConfig
+from moe_lora.config import LayoutConfig, ModelConfig
 from moe_lora.errors import ConfigError
 from tests.fixtures.moe import MOE_FAMILIES, moe_config
 
@@ -186,3 +190,29 @@ def test_merged_equals_adapted(family: str) -> None:
             isinstance(m, LoRAOnExperts) for m in ours.modules()
         )
         torch.testing.assert_close(ours(ids).logits, adapted, rtol=1e-5, atol=2e-6)
+
+
+def test_expert_rank_from_the_config_through_injection() -> None:
+    """``adapter.expert_rank=rank/num_experts`` (peft's advice) gives each of 4 experts rank 8/4 = 2
+    through injection: peft's count at r=2; a bad setting fails when the config is built."""
+    model = tiny("mixtral")
+    cfg = LoRAConfig(rank=8, expert_rank="rank/num_experts", target_modules=["experts"])
+    names = inject_adapter(model, cfg, ModelConfig(source="hub", name_or_path="mixtral"), LayoutConfig())
+    assert names == [f"model.layers.{i}.mlp.experts" for i in range(3)]
+    assert {m.rank for m in model.modules() if isinstance(m, LoRAOnExperts)} == {2}
+    peft_model = get_peft_model(
+        tiny("mixtral"), LoraConfig(r=2, target_modules=[], target_parameters=[f"experts.{p}" for p in PROJECTIONS])
+    )
+    assert sum(p.numel() for p in trainable(model).values()) == sum(p.numel() for p in trainable(peft_model).values())
+    with pytest.raises(ConfigError, match=r"adapter\.expert_rank='r/4'"):
+        LoRAConfig(expert_rank="r/4")
+
+
+def test_peft_export_refused_merged_allowed() -> None:
+    """peft's format for expert tensors (nested ParamWrappers) is not written: one line, not a silent
+    subset of the adapter; merging folds them."""
+    _, ours = peft_and_ours("qwen3_moe")
+    with pytest.raises(ConfigError, match="does not export in peft's format"):
+        refuse_routed(ours, "lora", "peft")
+    refuse_routed(ours, "lora", "merged")
+    assert merge(ours, "lora") == experts_paths(ours)
