@@ -5,7 +5,8 @@ a random-weight Llama saved with ``save_pretrained`` (its architecture from ``co
 Llama-style BPE tokenizer trained here with ``tokenizers``, and ``<root>/<source>`` folders in the
 hub schemas that ``data=cbqa_instruct_hub`` reads (TriviaQA ``rc.nocontext``, NQ-open,
 Alpaca-cleaned), written with ``save_to_disk`` as ``scripts/prepare_data.py`` writes them.
-tests/fixtures holds the test suite's richer copies; the package cannot import tests/.
+tests/fixtures builds the test suite's sources from the same facts and tasks (the package cannot
+import tests/).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ FACTS = [  # (question stem, answer, other aliases)
     ("Which animal says moo", "Cow", ["Cattle"]),
     ("Which animal barks", "Dog", ["Hound"]),
     ("What is frozen water called", "Ice", []),
-    ("Which planet do we live on", "Earth", ["The Earth"]),
+    ("Which planet do we live on", "Earth", ["The Earth", "Planet Earth"]),
     ("What is the largest ocean", "Pacific Ocean", ["Pacific"]),
     ("Who wrote Hamlet", "William Shakespeare", ["Shakespeare"]),
     ("What gas do plants take in", "Carbon dioxide", ["CO2"]),
@@ -41,29 +42,31 @@ FACTS = [  # (question stem, answer, other aliases)
     ("Which fruit is yellow and curved", "Banana", ["Bananas"]),
     ("What do bees make", "Honey", []),
     ("How many hours are in a day", "Twenty-four", ["24"]),
+    ("What is the first letter of the alphabet", "A", []),
     ("Which star is closest to the Earth", "The Sun", ["Sun"]),
     ("What is the capital of Germany", "Berlin", []),
-    ("Which river flows through London", "Thames", ["River Thames"]),
+    ("Which river flows through London", "Thames", ["The Thames", "River Thames"]),
     ("What is the capital of Egypt", "Cairo", []),
     ("Which month comes after January", "February", ["Feb"]),
     ("What is two plus two", "Four", ["4"]),
+    ("Which bird is a symbol of peace", "Dove", ["White dove"]),
     ("What is the capital of Canada", "Ottawa", []),
-    ("Which metal is liquid at room temperature", "Mercury", ["Hg"]),
+    ("Which metal is liquid at room temperature", "Mercury", ["Hg", "Quicksilver"]),
     ("How many continents are there", "Seven", ["7"]),
-    ("What is the capital of Kenya", "Nairobi", []),
-    ("Which ocean lies between Europe and America", "Atlantic Ocean", ["Atlantic"]),
 ]
 TASKS = [  # (instruction, input, output)
     ("Give the opposite of the word.", "up", "down"),
     ("Give the opposite of the word.", "big", "small"),
     ("Write the word in capital letters.", "cat", "CAT"),
+    ("Write the word in capital letters.", "sun", "SUN"),
     ("Name a colour.", "", "Red."),
     ("Name a fruit.", "", "An apple."),
     ("Count from one to three.", "", "One, two, three."),
     ("Reverse the letters.", "dog", "god"),
+    ("Reverse the letters.", "star", "rats"),
     ("Say hello politely.", "", "Hello, nice to meet you."),
     ("Add the two numbers.", "2 and 3", "5"),
-    ("Describe the weather in a few words.", "", "Sunny and warm, with a light breeze."),
+    ("Add the two numbers.", "4 and 4", "8"),
 ]
 CORPUS = [
     "Question: Who wrote the novel about the white whale?\nAnswer: Herman Melville",
@@ -145,16 +148,20 @@ def source_rows(long_words: int = 0, copies: int = 4) -> dict[str, dict[str, lis
     """The three sources of ``data=cbqa_instruct_hub`` as splits of rows in their hub schemas.
     ``long_words``: words appended to every Alpaca output, so that training batches reach
     ``data.max_length`` as real instruction data does (the memory the presets estimate)."""
-    trivia = [triviaqa_row(i, q, a, al) for i, (q, a, al) in enumerate(FACTS)]
-    nq = [{"question": q.lower(), "answer": [a.lower(), *(x.lower() for x in al)]} for q, a, al in FACTS]
     filler = " ".join(f"word{i % 97}" for i in range(long_words))
     alpaca = [
         {"instruction": ins, "input": inp, "output": f"{out} {filler}".strip()} for ins, inp, out in TASKS * copies
     ]
+    return qa_splits() | {"alpaca": {"train": alpaca}}  # data=cbqa_instruct_hub reads Alpaca-cleaned as sources.alpaca
+
+
+def qa_splits() -> dict[str, dict[str, list[dict]]]:
+    """TriviaQA ``rc.nocontext`` and NQ-open rows of :data:`FACTS`: the first 22 train, the rest validation."""
+    trivia = [triviaqa_row(i, q, a, al) for i, (q, a, al) in enumerate(FACTS)]
+    nq = [{"question": q.lower(), "answer": [a.lower(), *(x.lower() for x in al)]} for q, a, al in FACTS]
     return {
         "triviaqa": {"train": trivia[:22], "validation": trivia[22:]},
         "nq_open": {"train": nq[:22], "validation": nq[22:]},
-        "alpaca": {"train": alpaca},  # data=cbqa_instruct_hub reads Alpaca-cleaned as sources.alpaca
     }
 
 

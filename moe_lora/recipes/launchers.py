@@ -9,23 +9,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLauncher, SlurmLauncher
+from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher
 
 
 def resume_overrides(overrides: list[str]) -> list[str]:
     return [o for o in overrides if not o.lstrip("+~").startswith("resume=")] + ["resume=auto"]
 
 
-class _Requeue:
+class RequeueSlurmLauncher(SlurmLauncher):
+    """``hydra/launcher=slurm``."""
+
     def checkpoint(self, sweep_overrides: list[str], *args: Any, **kwargs: Any) -> Any:
         import submitit
 
         return submitit.helpers.DelayedSubmission(self, resume_overrides(list(sweep_overrides)), *args, **kwargs)
-
-
-class RequeueSlurmLauncher(_Requeue, SlurmLauncher):
-    """``hydra/launcher=slurm``."""
-
-
-class RequeueLocalLauncher(_Requeue, LocalLauncher):
-    """``hydra/launcher=submitit_local`` with the same requeue (local tests of the SLURM path)."""
