@@ -597,11 +597,6 @@ class DataConfig:
             return self.max_length
         return (self.max_source_length or self.max_length, self.max_target_length or self.max_length)
 
-    @property
-    def source(self) -> str:
-        """``world`` (built-in), ``hub`` (real datasets through ``datasets``) or ``p3``."""
-        return "p3" if self.p3.enabled else "hub" if self.sources else "world"
-
     def __post_init__(self) -> None:
         check_finite(self, "data")
         require(0.0 <= self.cbqa_ratio <= 1.0, "data.cbqa_ratio", self.cbqa_ratio, "must be in [0, 1]")
