@@ -658,6 +658,10 @@ class RecipeConfig:
     # weighs the same); sequence: each sequence's mean, averaged over sequences (T5X's per-sequence
     # average, the MoV paper's)
     loss_normalization: str = "token"
+    # validation loss (metrics.jsonl val_loss) every val_every steps and at the last step, on the
+    # mixture's held-out validation examples; 0: off. Never changes training (weights bitwise equal)
+    val_every: int = 0
+    val_batches: int = 0  # validation batches of batch_size x ranks examples scored each time; 0: all
 
     def __post_init__(self) -> None:
         check_finite(self, "recipe")
@@ -725,6 +729,8 @@ class RecipeConfig:
             self.loss_normalization,
             "must be token or sequence",
         )
+        require(self.val_every >= 0, "recipe.val_every", self.val_every, "must be >= 0 (0: no validation loss)")
+        require(self.val_batches >= 0, "recipe.val_batches", self.val_batches, "must be >= 0 (0: every example)")
 
 
 # ------------------------------------------------------------------------------------------------ eval

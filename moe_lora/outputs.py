@@ -60,6 +60,8 @@ NOT_TRAINING = (
     "recipe.device",
     "recipe.eval_limit",
     "recipe.on_nonfinite",
+    "recipe.val_every",  # validation never changes training (tests/train/test_val_loss.py)
+    "recipe.val_batches",
     "recipe.objective",
     "recipe.objectives",
     "recipe.nproc_per_node",

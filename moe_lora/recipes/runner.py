@@ -309,6 +309,7 @@ def fine_tune(
     hooks = variant_hooks(cfg, model, tok, mixture, precision, io)
     with dist.main_first():  # rank 0 fills the tokenisation cache
         batches = training_batches(mixture, tok, cfg, model)
+        validation = validation_examples(mixture, tok, cfg, model)
     if batches.truncated and dist.is_main:  # counted, never silent (also results.json["perf"]["truncated"])
         log.warning(
             "%d of %d training examples were cut to %s (%d of them inside the answer)",
@@ -334,7 +335,7 @@ def fine_tune(
             progress=progress,
             diagnose=lambda batch: first_nonfinite(model, adapted, batch, precision),
         )
-        perf = train(state, batches, recorder, cfg.recipe, precision, loop_io, hooks, net)
+        perf = train(state, batches, recorder, cfg.recipe, precision, loop_io, hooks, net, validation)
     return perf | {
         "nonfinite_skips": state.nonfinite_skips,
         "truncated": batches.truncated,
@@ -452,5 +453,19 @@ def training_batches(mixture: Mixture, tok, cfg: TrainConfig, model: nn.Module):
         lengths(cfg, model),
         chat_template=cfg.data.chat_template,
         num_proc=cfg.data.num_proc,
+        cache_dir=str(Path(cfg.cache_dir) / "tokenized"),
+    )
+
+
+def validation_examples(mixture: Mixture, tok, cfg: TrainConfig, model: nn.Module):
+    """The mixture's held-out validation examples, encoded as training's, for the validation loss
+    (``recipe.val_every``); ``None`` when it is off."""
+    if not cfg.recipe.val_every:
+        return None
+    return encode_examples(
+        mixture.validation,
+        tok,
+        lengths(cfg, model),
+        chat_template=cfg.data.chat_template,
         cache_dir=str(Path(cfg.cache_dir) / "tokenized"),
     )

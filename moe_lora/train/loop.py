@@ -13,6 +13,18 @@ of ``batch_size x ranks`` examples, rank r taking positions ``[rB, (r+1)B)``; th
 from the seed and the step alone, so any rank count sees the same global batches. Cross-entropy is
 summed and divided by the label tokens of the global batch, so the (averaged) gradient equals the
 one-process gradient; the logged loss, aux loss and token rate are global.
+
+Validation (``recipe.val_every`` > 0): every ``val_every`` steps and at the last step, the mean
+loss on held-out examples (the mixture's ``validation`` list, the first ``recipe.val_batches``
+batches of ``batch_size x ranks``; 0: all) is logged as ``val_loss`` on a line of its own, before
+that step's checkpoint (a resumed run validates at the same steps and its log keeps the line).
+Eval mode (no dropout, no router jitter), no grad, under the run's autocast, on the unwrapped
+model (FSDP's forward stays collective: every rank scores an equal share, never an empty one).
+It leaves training untouched: the recorder is never opened (routers record, and aux losses exist,
+only inside :meth:`RoutingRecorder.batch`), the global RNG is forked and restored and the data
+order's generator is not read, so weights, ``loss`` lines and routing.jsonl are bitwise those of a
+run without validation. Data parallel, each rank scores its slice of every global batch and the
+(loss, count) sums are all-reduced: the value is that of one process, whatever the rank count.
 """
 
 from __future__ import annotations
@@ -34,7 +46,7 @@ from moe_lora.model.structure import is_encoder_decoder
 from moe_lora.routing.recorder import RoutingRecorder
 from moe_lora.train import preempt
 from moe_lora.train.distributed import Dist, full_tensor, gradient_sync
-from moe_lora.train.loss import batch_loss, label_count
+from moe_lora.train.loss import batch_loss, label_count, loss_sums
 from moe_lora.train.precision import Precision, peak_memory_bytes, synchronize
 from moe_lora.train.schedule import optimizer_with_schedule
 
@@ -148,6 +160,15 @@ class Throughput:
     total_tokens: int = 0
     start: float = field(default_factory=time.perf_counter)
     window_start: float = field(default_factory=time.perf_counter)
+    val_s: float = 0.0  # validation's wall time, kept out of training's
+    val_runs: int = 0
+
+    def exclude(self, seconds: float) -> None:
+        """``seconds`` of validation: out of the token rate and ``train_s``, into ``val_s``."""
+        self.start += seconds
+        self.window_start += seconds
+        self.val_s += seconds
+        self.val_runs += 1
 
     def row(self, step: int, tokens: int) -> dict[str, Any]:
         """``{"step", "tokens_per_s", "peak_mem_bytes"}``: a line of its own in metrics.jsonl, never
@@ -166,12 +187,13 @@ class Throughput:
 
     def summary(self) -> dict[str, Any]:
         seconds = time.perf_counter() - self.start
+        validation = {"val_s": self.val_s, "val_runs": self.val_runs} if self.val_runs else {}
         return {
             "tokens": self.total_tokens,
             "train_s": seconds,
             "tokens_per_s": self.total_tokens / max(seconds, 1e-9),
             "peak_mem_bytes": peak_memory_bytes(self.device),
-        }
+        } | validation
 
 
 def _forward_backward(
@@ -255,7 +277,13 @@ def _apply_update(state: TrainState, scaler: Any, window: torch.Tensor, sums: to
 
 
 def _log_window(
-    state: TrainState, window: torch.Tensor, speed: Throughput, recorder: RoutingRecorder, io: LoopIO, bar: Any
+    state: TrainState,
+    window: torch.Tensor,
+    speed: Throughput,
+    recorder: RoutingRecorder,
+    io: LoopIO,
+    bar: Any,
+    postfix: dict[str, str],
 ) -> None:
     dist = io.dist
     window[3] = speed.tokens
@@ -271,8 +299,77 @@ def _log_window(
     io.log(speed.row(state.step, round(tokens)))
     io.log_routing(recorder.flush(state.step))
     if n:
-        bar.set_postfix(loss=f"{row['loss']:.3f}", aux=f"{row['aux_loss']:.4f}", refresh=False)
+        postfix |= {"loss": f"{row['loss']:.3f}", "aux": f"{row['aux_loss']:.4f}"}
+        bar.set_postfix(postfix, refresh=False)
     window.zero_()
+
+
+def validation_batches(size: int, recipe: RecipeConfig, dist: Dist) -> list[list[int]]:
+    """This rank's index lists over ``size`` validation examples: global batches of ``batch_size x
+    ranks`` (the first ``recipe.val_batches``; 0: all), rank r taking the r-th equal share of each
+    (positions ``[rB, (r+1)B)`` of a full one, as in training). The examples are cut to a multiple
+    of the ranks, so every rank runs the same number of non-empty forwards (FSDP's are collective)."""
+    width = recipe.batch_size * dist.world_size
+    n = size if recipe.val_batches == 0 else min(size, recipe.val_batches * width)
+    n -= n % dist.world_size
+    out = []
+    for start in range(0, n, width):
+        share = (min(start + width, n) - start) // dist.world_size
+        out.append(list(range(start + dist.rank * share, start + (dist.rank + 1) * share)))
+    return out
+
+
+@torch.no_grad()
+def validation_loss(
+    model: PreTrainedModel,
+    examples: Batches,
+    indices: list[list[int]],
+    recipe: RecipeConfig,
+    precision: Precision,
+    dist: Dist,
+) -> float | None:
+    """Mean loss (``recipe.loss_normalization``: per label token or per sequence) over the batches
+    of every rank, in eval mode; the recorder stays closed and the global RNG is restored (module
+    docstring). ``None`` when no example has a label."""
+    device = precision.device
+    seq2seq = is_encoder_decoder(model)
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    sums = torch.zeros(2, device=device)  # summed loss, labels (or sequences)
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=cuda):
+            for idx in indices:
+                batch = {k: v.to(device, non_blocking=True) for k, v in examples.batch(idx).items()}
+                with precision.autocast():
+                    sums += loss_sums(
+                        model, model.config, batch, seq2seq=seq2seq, normalization=recipe.loss_normalization
+                    )
+    finally:
+        model.train()
+    total, count = dist.all_reduce(sums).tolist()
+    return total / count if count else None
+
+
+def _validate(
+    state: TrainState,
+    examples: Batches,
+    indices: list[list[int]],
+    recipe: RecipeConfig,
+    precision: Precision,
+    io: LoopIO,
+    speed: Throughput,
+    bar: Any,
+    postfix: dict[str, str],
+) -> None:
+    """Log ``{"step", "val_loss"}`` (its own line: deterministic, so a resume keeps it byte for
+    byte); its wall time goes to ``val_s``, not to training's token rate."""
+    start = time.perf_counter()
+    loss = validation_loss(state.model, examples, indices, recipe, precision, io.dist)
+    io.log({"step": state.step, "val_loss": loss})
+    speed.exclude(time.perf_counter() - start)
+    if loss is not None:
+        postfix["val"] = f"{loss:.3f}"
+        bar.set_postfix(postfix, refresh=False)
 
 
 def train(
@@ -284,10 +381,12 @@ def train(
     io: LoopIO | None = None,
     hooks: Sequence[Callable[[TrainState], None]] = (),
     net: torch.nn.Module | None = None,
+    validation: Batches | None = None,
 ) -> dict[str, Any]:
     """Train from ``state.step`` until ``recipe.max_steps``; CE + auxiliary routing losses per
     micro-batch. ``hooks`` run after every optimiser step (ALoRA's rank reallocation). ``net`` is
-    the module the forward calls (DDP / FSDP-wrapped ``state.model``). ``io.checkpoint`` is called
+    the module the forward calls (DDP / FSDP-wrapped ``state.model``). ``validation``: held-out
+    examples scored every ``recipe.val_every`` steps (needed when it is > 0). ``io.checkpoint`` is called
     every ``recipe.save_every`` steps, at the end, and when ``io.stop()`` returns a signal number
     (then :class:`Preempted` is raised). Non-finite losses or gradients stop the run naming the
     step and ``io.diagnose(batch)``'s module, or skip the step (``recipe.on_nonfinite``). Returns
@@ -304,7 +403,14 @@ def train(
     model.train()
     if state.window is None:
         state.window = torch.zeros(4, device=precision.device)  # tokens: a host count, added at logging
+    val_indices = validation_batches(len(validation), recipe, dist) if validation is not None else []
+    if recipe.val_every and not val_indices:
+        raise ConfigError(
+            f"recipe.val_every={recipe.val_every}: no validation examples to score "
+            f"({len(validation) if validation is not None else 0} for {dist.world_size} ranks); set recipe.val_every=0"
+        )
     speed = Throughput(precision.device)
+    postfix: dict[str, str] = {}
     bar = tqdm(total=recipe.max_steps, initial=state.step, desc="fine-tune", disable=not io.progress, mininterval=1.0)
     while state.step < recipe.max_steps:
         sums, batch = _forward_backward(state, batches, recorder, recipe, precision, dist, net, forward, scaler, speed)
@@ -322,7 +428,9 @@ def train(
             model.train()
         bar.update(1)
         if state.step % recipe.log_every == 0 or state.step == recipe.max_steps:
-            _log_window(state, state.window, speed, recorder, io, bar)
+            _log_window(state, state.window, speed, recorder, io, bar, postfix)
+        if recipe.val_every and (state.step % recipe.val_every == 0 or state.step == recipe.max_steps):
+            _validate(state, validation, val_indices, recipe, precision, io, speed, bar, postfix)
         save_now = recipe.save_every is not None and state.step % recipe.save_every == 0
         if io.checkpoint is not None and (save_now or signal or state.step == recipe.max_steps):
             io.checkpoint(state)

@@ -9,6 +9,10 @@ under data parallelism: ``num_items``), so every token weighs the same; ``sequen
 sequence's mean over the sequences (``num_sequences`` of the global batch): T5X's per-sequence
 loss, which the MoV paper trains with. A causal LM under ``token`` keeps transformers' own loss
 (bitwise what earlier runs computed).
+
+:func:`loss_sums` gives the same loss as a (sum, count) pair, so the loss of many batches (the
+validation loss, over ranks too) is one division at the end: per label token under ``token``, per
+sequence under ``sequence``.
 """
 
 from __future__ import annotations
@@ -63,3 +67,17 @@ def batch_loss(
     else:
         logits, labels = net(input_ids=ids, attention_mask=mask).logits[:, :-1], labels[:, 1:]
     return normalized_ce(logits, labels, normalization, num_items, num_sequences)
+
+
+def loss_sums(
+    net: nn.Module, config, batch: dict[str, torch.Tensor], *, seq2seq: bool, normalization: str = "token"
+) -> torch.Tensor:
+    """``[summed loss, count]`` of a batch in float32: summed cross-entropy and label tokens
+    (``token``), or summed per-sequence means and sequences (``sequence``); sum / count is
+    :func:`batch_loss` of the batch, and of any number of batches whose pairs are added."""
+    labels = batch["labels"]
+    total = batch_loss(
+        net, config, batch, seq2seq=seq2seq, normalization=normalization, num_items=labels.new_ones(()), num_sequences=1
+    )
+    count = label_count(labels, seq2seq) if normalization == "token" else labels.new_tensor(labels.shape[0])
+    return torch.stack([total.float(), count.float()])
