@@ -94,6 +94,90 @@ def module_overrides(modules: Any) -> dict[str, list[str]]:
     return {k: list(v) for k, v in items if v is not None}
 
 
+NULL_INITS = ("copy", "neg_inf")
+WORLD_MOE_FAMILY = "qwen3_moe"  # the built-in toy MoE's architecture (model=tiny_world_moe)
+
+
+@dataclass
+class BaseMoEConfig:
+    """An MoE base's own routing (``model.moe``; :mod:`moe_lora.routing.base_router`). Its routers
+    are always watched (CV, load per task type and entropy per layer in routing.jsonl).
+
+    ``num_experts``, ``top_k``, ``expert_size`` and ``router_aux_loss_coef`` build the built-in toy
+    MoE (``model=tiny_world_moe``, :mod:`moe_lora.world.moe`); a hub MoE's come from its config.json.
+    ``train_router``: the base router's weights train (frozen by default, as LLaMA-Factory) and the
+    family's load-balance loss joins the loss, weighted by ``router_aux_weight`` (null: the
+    checkpoint's ``router_aux_loss_coef``). ``null_experts``: AdaMoE's null experts added to every
+    base router (output zero, no expert FLOPs), with top-k ``null_top_k`` (null: the base's) and the
+    new router rows initialised by ``null_init`` (``copy``: copies of the real rows, the authors'
+    setting; ``neg_inf``: never chosen, the base's output unchanged at the base's top-k)."""
+
+    num_experts: int = 8
+    top_k: int = 2
+    expert_size: int = 256
+    router_aux_loss_coef: float = 0.01
+    train_router: bool = False
+    router_aux_weight: Optional[float] = None
+    null_experts: int = 0
+    null_top_k: Optional[int] = None
+    null_init: str = "copy"
+
+    def __post_init__(self) -> None:
+        check_finite(self, "model.moe")
+        for key in ("num_experts", "top_k", "expert_size"):
+            require(getattr(self, key) >= 1, f"model.moe.{key}", getattr(self, key), "must be >= 1")
+        require(
+            self.top_k <= self.num_experts,
+            "model.moe.top_k",
+            self.top_k,
+            f"must be <= model.moe.num_experts={self.num_experts}",
+        )
+        require(
+            self.router_aux_loss_coef >= 0, "model.moe.router_aux_loss_coef", self.router_aux_loss_coef, "must be >= 0"
+        )
+        require(
+            self.router_aux_weight is None or self.router_aux_weight >= 0,
+            "model.moe.router_aux_weight",
+            self.router_aux_weight,
+            "must be >= 0 or null",
+        )
+        require(
+            self.router_aux_weight is None or self.train_router,
+            "model.moe.router_aux_weight",
+            self.router_aux_weight,
+            "weights the loss of a trained base router: set model.moe.train_router=true",
+        )
+        require(self.null_experts >= 0, "model.moe.null_experts", self.null_experts, "must be >= 0")
+        require(
+            self.null_top_k is None or self.null_experts > 0,
+            "model.moe.null_top_k",
+            self.null_top_k,
+            "needs model.moe.null_experts > 0",
+        )
+        require(
+            self.null_top_k is None or self.null_top_k >= 1, "model.moe.null_top_k", self.null_top_k, "must be >= 1"
+        )
+        require(
+            self.null_init in NULL_INITS,
+            "model.moe.null_init",
+            self.null_init,
+            f"must be one of {', '.join(NULL_INITS)}",
+        )
+
+    def architecture(self) -> dict[str, Any]:
+        """The toy MoE's fields of transformers' ``Qwen3MoeConfig``: every layer sparse, the top-k
+        weights renormalised (``norm_topk_prob``, as the released Qwen3-MoE and Mixtral)."""
+        return dict(
+            num_experts=self.num_experts,
+            num_experts_per_tok=self.top_k,
+            moe_intermediate_size=self.expert_size,
+            router_aux_loss_coef=self.router_aux_loss_coef,
+            norm_topk_prob=True,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+        )
+
+
 @dataclass
 class ModelConfig:
     """A base model. ``modules`` is empty by default: the roles (query, key, value, output, ffn_in,
@@ -138,6 +222,7 @@ class ModelConfig:
         require(self.source in ("world", "hub"), "model.source", self.source, "must be 'world' or 'hub'")
         if self.source == "hub":
             require(
+    moe: BaseMoEConfig = field(default_factory=BaseMoEConfig)  # an MoE base's own router (issue 32)
                 bool(self.name_or_path), "model.name_or_path", self.name_or_path, "is required for model.source=hub"
             )
         require(self.num_layers >= 1, "model.num_layers", self.num_layers, "must be >= 1")

@@ -23,7 +23,7 @@ from transformers.models.auto.modeling_auto import (
     MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
 )
 
-from moe_lora.config import ModelConfig
+from moe_lora.config import WORLD_MOE_FAMILY, ModelConfig
 from moe_lora.errors import ConfigError, first_line
 
 if TYPE_CHECKING:  # transformers' modelling imports cost seconds: loaded when a model is built
@@ -228,6 +228,8 @@ def arch_config(cfg: ModelConfig, vocab_size: int | None = None, **overrides):
         if isinstance(value, int) and value >= vocab:
             setattr(config, key, None)
     return config
+        if cfg.source == "world" and cfg.family == WORLD_MOE_FAMILY:  # the built-in toy MoE (model.moe)
+            kw |= cfg.moe.architecture()
 
 
 def meta_model(cfg: ModelConfig, vocab_size: int | None = None, **overrides) -> PreTrainedModel:

@@ -31,10 +31,11 @@ from moe_lora.errors import ConfigError
 from moe_lora.eval.evaluate import evaluate
 from moe_lora.eval.harness import run_harness
 from moe_lora.model.load import hub_model
-from moe_lora.model.structure import is_encoder_decoder
+from moe_lora.model.structure import is_encoder_decoder, read_structure
 from moe_lora.model.targets import format_targets
 from moe_lora.recipes.kinds import DataEnv, kind_of
 from moe_lora.recipes.results import build_results, write_adapter, write_predictions
+from moe_lora.routing.base_router import attach_base_routers
 from moe_lora.routing.recorder import RoutingRecorder
 from moe_lora.tracking import Tracker, read_jsonl, write_json_atomic, write_text_atomic
 from moe_lora.train import checkpoint as ckpt
@@ -281,7 +282,9 @@ def add_adapter(model: nn.Module, cfg: TrainConfig, run_dir: Path, dist: Dist):
     budget = budget_summary(cfg.adapter, cfg.layout, planned) if planned else {}
     if targets and dist.is_main:
         print(format_targets(targets), flush=True)
+    moe_blocks = (planned[0] if planned else read_structure(model)).moe  # read before expert adapters wrap them
     adapted = inject_adapter(model, cfg.adapter, cfg.model, cfg.layout, recorder, planned)
+    attach_base_routers(model, cfg.model.moe, recorder, moe_blocks)  # the base's routers: watched, trained, nulls
     if cfg.recipe.save_init_adapter and dist.is_main:
         write_adapter(run_dir / INIT_ADAPTER_FILE, adapter_state(model))
     return recorder, adapted, targets, budget

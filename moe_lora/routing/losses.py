@@ -30,6 +30,9 @@ class AuxLossConfig:
     lbc_mask_padding: bool = True  # the LBC over real tokens; LoRAMoE's released code counts padding (False)
     aux_mask_padding: bool = True  # the same for load balance and z-loss
     aux_scope: str = "local"  # local: each rank's own tokens; global: statistics summed over ranks
+    # load balance per router (switch: Switch / MoLA, f sums to 1) or pooled over an MoE base's
+    # layers (family: transformers' load_balancing_loss_func, f sums to k; routing/base_router.py)
+    lb_form: str = "switch"
 
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
@@ -116,6 +119,37 @@ def null_load_balance_loss(
 
         f, p = average_nulls(f), average_nulls(p)
     return probs.shape[-1] * (f * p).sum(-1)
+
+
+def family_load_balance_loss(
+    probs: torch.Tensor,
+    selected: torch.Tensor,
+    mask: torch.Tensor,
+    k: int,
+    num_null: int = 0,
+    reduce: Reduce | None = None,
+) -> torch.Tensor:
+    """An MoE base's own load balance, transformers' ``load_balancing_loss_func``: the routers of
+    all layers (``probs`` / ``selected`` ``(L, B, S, E')``) pooled, ``E' * sum_i f_i P_i`` with
+    ``f_i`` = top-k picks of output i per real token (summing to k) and ``P_i`` its mean
+    probability. With null experts, their f and P are replaced by their mean (AdaMoE's form, as
+    :func:`null_load_balance_loss`). One value for the whole stack."""
+    m = mask.to(probs.dtype).unsqueeze(-1)
+    width = probs.shape[-1]
+    counts, mass, tokens = _sums(
+        [
+            (selected.to(probs.dtype) * m).sum((-3, -2)).reshape(-1, width).sum(0),
+            (probs * m).sum((-3, -2)).reshape(-1, width).sum(0),
+            m.sum() * probs[..., 0, 0, 0].numel(),
+        ],
+        reduce,
+    )
+    tokens = tokens.clamp_min(1.0)
+    f, p = counts / tokens, mass / tokens
+    if num_null > 0:
+        n_real = width - num_null
+        f, p = (torch.cat([x[:n_real], x[n_real:].mean(-1, keepdim=True).expand(num_null)]) for x in (f, p))
+    return width * (f * p).sum()
 
 
 def z_loss(logits: torch.Tensor, mask: torch.Tensor, reduce: Reduce | None = None) -> torch.Tensor:

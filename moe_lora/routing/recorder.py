@@ -103,8 +103,8 @@ class RoutingRecorder:
         is deferred to the end of the micro-batch, where routers of one shape are stacked and their
         losses and statistics computed together: a few ops per layer stack instead of per router."""
         mask = self._masks.get(router.stream)
-        if mask is not None and probs.shape[:2] != mask.shape and probs.shape[0] == mask.numel():
-            # (B*S, ..., E): OPT flattens the tokens before its FFN
+        if mask is not None and probs.shape[0] == mask.numel() and (probs.dim() == 2 or probs.shape[:2] != mask.shape):
+            # (B*S, ..., E): OPT flattens the tokens before its FFN, MoE bases before their router
             logits, probs = logits.unflatten(0, mask.shape), probs.unflatten(0, mask.shape)
             selected = selected.unflatten(0, mask.shape) if selected is not None else None
         if probs.dim() > 3:
@@ -168,7 +168,11 @@ class RoutingRecorder:
             types = torch.stack([r.expert_type for r in routers])
             lbc = losses.lbc_loss(probs[..., :e], lbc_mask, self._task, types, aux.lbc_delta, red)
             terms.append(aux.lbc_beta * lbc.sum())
-        if aux.lb_weight > 0 and selected is not None:
+        if aux.lb_weight > 0 and selected is not None and aux.lb_form == "family":  # an MoE base's own
+            terms.append(
+                aux.lb_weight * losses.family_load_balance_loss(probs, selected, aux_mask, top_k, num_null, red)
+            )
+        elif aux.lb_weight > 0 and selected is not None:
             lb = losses.null_load_balance_loss(probs, selected, aux_mask, top_k, num_null, red)
             terms.append(aux.lb_weight * lb.sum())
         if aux.z_loss_weight > 0:

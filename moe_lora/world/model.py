@@ -17,14 +17,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen3MoeForCausalLM, T5Config, T5ForConditionalGeneration
 
-from moe_lora.config import ModelConfig, WorldConfig
+from moe_lora.config import WORLD_MOE_FAMILY, ModelConfig, WorldConfig
 from moe_lora.errors import ConfigError
 from moe_lora.model.load import attn_implementation
 from moe_lora.outputs import atomic_dir
 from moe_lora.tracking import output_error, write_reason
 from moe_lora.world.generator import MC_WORDS, mc_filler
+from moe_lora.world.moe import end_pretraining, is_world_moe, moe_arch, world_moe_config
 from moe_lora.world.pretrain import pretrain
 from moe_lora.world.tokenizer import word_tokenizer
 
@@ -60,6 +61,8 @@ def cache_key(world: WorldConfig, model: ModelConfig) -> str:
     }
     if model.family != "llama":  # the T5 twin (the Llama's key is unchanged, so its cache stays valid)
         arch |= {k: getattr(model, k) for k in ("family", "num_decoder_layers", "feed_forward_proj")}
+    if is_world_moe(model):  # the toy MoE: experts, top-k, widths
+        arch |= moe_arch(model)
     blob = json.dumps(
         {"v": CACHE_VERSION, "world": asdict(world), "arch": arch, "pretrain": asdict(model.pretrain)}, sort_keys=True
     )
@@ -86,9 +89,12 @@ def world_model(cfg: ModelConfig, world: World, cache_dir: str | Path, progress:
         if not (entry / "model.safetensors").exists():
             print(f"pretraining the world model (cached afterwards in {entry})", flush=True)
             torch.manual_seed(world.cfg.seed)
-            model = cls(world_t5_config(cfg, len(vocab)) if t5 else world_model_config(cfg, len(vocab)))
+            build = world_t5_config if t5 else world_moe_config if is_world_moe(cfg) else world_model_config
+            model = cls(build(cfg, len(vocab)))
             start = time.time()
             losses = pretrain(model, tok, corpus or world.pretraining_corpus(), cfg.pretrain, world.cfg.seed, progress)
+            if is_world_moe(cfg):
+                end_pretraining(model)  # the cached config adds no load-balance loss by itself
             with _cache_writes(entry), atomic_dir(entry) as tmp:
                 model.save_pretrained(tmp)
                 (tmp / "pretrain.json").write_text(json.dumps({"seconds": time.time() - start, "loss": losses}))
@@ -110,8 +116,13 @@ def _cache_writes(entry: Path) -> Iterator[None]:
 
 
 def _world_class(cfg: ModelConfig):
-    if cfg.family not in ("llama", "t5"):
-        raise ConfigError(f"model.family={cfg.family!r} with model.source=world: the built-in models are llama and t5")
+    if cfg.family not in ("llama", "t5", WORLD_MOE_FAMILY):
+        raise ConfigError(
+            f"model.family={cfg.family!r} with model.source=world: the built-in models are llama, t5 "
+            f"and {WORLD_MOE_FAMILY} (model=tiny_world_moe)"
+        )
+    if cfg.family == WORLD_MOE_FAMILY:
+        return Qwen3MoeForCausalLM
     return T5ForConditionalGeneration if cfg.family == "t5" else LlamaForCausalLM
 
 
