@@ -217,12 +217,12 @@ class ModelConfig:
     attn_implementation: str = "auto"
     gradient_checkpointing: bool = False  # non-reentrant activation checkpointing of the decoder layers
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    moe: BaseMoEConfig = field(default_factory=BaseMoEConfig)  # an MoE base's own router (issue 32)
 
     def __post_init__(self) -> None:
         require(self.source in ("world", "hub"), "model.source", self.source, "must be 'world' or 'hub'")
         if self.source == "hub":
             require(
-    moe: BaseMoEConfig = field(default_factory=BaseMoEConfig)  # an MoE base's own router (issue 32)
                 bool(self.name_or_path), "model.name_or_path", self.name_or_path, "is required for model.source=hub"
             )
         require(self.num_layers >= 1, "model.num_layers", self.num_layers, "must be >= 1")

@@ -219,6 +219,8 @@ def arch_config(cfg: ModelConfig, vocab_size: int | None = None, **overrides):
         )
         if fields["head_dim"] is not None and "hidden_size" not in overrides:
             kw["head_dim"] = fields["head_dim"]
+        if cfg.source == "world" and cfg.family == WORLD_MOE_FAMILY:  # the built-in toy MoE (model.moe)
+            kw |= cfg.moe.architecture()
     try:
         config = AutoConfig.for_model(cfg.family, **kw)
     except ValueError as exc:
@@ -228,8 +230,6 @@ def arch_config(cfg: ModelConfig, vocab_size: int | None = None, **overrides):
         if isinstance(value, int) and value >= vocab:
             setattr(config, key, None)
     return config
-        if cfg.source == "world" and cfg.family == WORLD_MOE_FAMILY:  # the built-in toy MoE (model.moe)
-            kw |= cfg.moe.architecture()
 
 
 def meta_model(cfg: ModelConfig, vocab_size: int | None = None, **overrides) -> PreTrainedModel:
