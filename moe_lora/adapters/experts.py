@@ -190,19 +190,23 @@ class LoRAOnExperts(nn.Module):
     def project(self, name: str, x: torch.Tensor, expert: torch.Tensor, offsets: torch.Tensor, kernel: str):
         """One projection of the sorted pairs: the base's grouped linear, plus the adapter's pairs."""
         base = self.base
-        bias = getattr(base, f"{name}_bias")[expert] if base.has_bias else None
+        bias = getattr(base, f"{name}_bias")[expert.clamp(max=self.num_experts - 1)] if base.has_bias else None
         out = hf_moe._grouped_linear(x, getattr(base, name), offsets, bias=bias, is_transposed=base.is_transposed)
         if name in self.lora:
             self.lora[name].update_(out, x, expert, offsets, kernel)
         return out
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        """Picks of index ``num_experts`` or more (null experts added to a base router, as the
+        eager forward skips them) sort last, past the grouped GEMMs' last offset: their rows are
+        masked to 0 on the way in (so no gradient leaves them) and on the way out."""
         base = self.base
         tokens, k = top_k_index.shape
         expert, order = top_k_index.reshape(-1).sort(stable=True)  # pairs grouped by expert
-        counts = torch.bincount(expert, minlength=self.num_experts)
+        counts = torch.bincount(expert, minlength=self.num_experts)[: self.num_experts]
         offsets = counts.cumsum(0, dtype=torch.int32)
-        x = hidden_states.index_select(0, order // k)
+        null = (expert >= self.num_experts).unsqueeze(-1)
+        x = hidden_states.index_select(0, order // k).masked_fill(null, 0.0)
         kernel = self.kernel_for(hidden_states)
         first, down = self.order()
         h = self.project(first, x, expert, offsets, kernel)
@@ -210,7 +214,7 @@ class LoRAOnExperts(nn.Module):
         y = self.project(down, h, expert, offsets, kernel)
         if getattr(base, "has_post_expert_norm", False):
             y = base.post_expert_norm(y)
-        y = y * top_k_weights.reshape(-1).index_select(0, order).unsqueeze(-1)
+        y = y.masked_fill(null, 0.0) * top_k_weights.reshape(-1).index_select(0, order).unsqueeze(-1)
         # back to (token, choice) order and summed over the k choices, as transformers does
         # (deterministic, unlike index_add_ on CUDA; accumulates in the weights' dtype)
         unsorted = torch.empty_like(y).index_copy_(0, order, y)

@@ -110,6 +110,8 @@ def reference(wrapped: LoRAOnExperts, x: torch.Tensor, index: torch.Tensor, weig
         total = torch.zeros(x.shape[1])
         for j in range(index.shape[1]):
             e = int(index[t, j])
+            if e >= wrapped.num_experts:  # a null expert's pick adds nothing
+                continue
             h = base._apply_gate(project("gate_up_proj", e, x[t]))
             total = total + weights[t, j] * project("down_proj", e, h)
         rows.append(total)
@@ -132,6 +134,24 @@ def test_uses_the_given_routing(family: str, kernel: str) -> None:
         got = wrapped(x, index, weights)
         torch.testing.assert_close(got, reference(wrapped, x, index, weights), rtol=1e-5, atol=1e-5)
         assert (got - wrapped(x, index, weights.flip(-1))).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_null_picks_add_nothing(kernel: str) -> None:
+    """Picks of index num_experts (null experts added to a base router) are skipped, as the eager
+    forward skips them, whatever their weight; no NaN reaches the output or the gradients."""
+    _, ours = peft_and_ours("gpt_oss")
+    wrapped = ours.get_submodule(experts_paths(ours)[1])
+    wrapped.kernel = kernel
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(12, 32, generator=g, requires_grad=True)
+    index = torch.stack([torch.randperm(5, generator=g)[:3] for _ in range(12)])  # 4: the null expert
+    assert (index == 4).any()
+    weights = torch.rand(12, 3, generator=g)
+    out = wrapped(x, index, weights)
+    torch.testing.assert_close(out, reference(wrapped, x.detach(), index, weights).detach(), rtol=1e-5, atol=1e-5)
+    out.sum().backward()
+    assert torch.isfinite(x.grad).all() and all(torch.isfinite(p.grad).all() for p in wrapped.lora.parameters())
 
 
 def test_kernels_agree_forward_and_backward() -> None:
