@@ -27,6 +27,8 @@ class HookContext:
 WrapFn = Callable[[nn.Module, AdapterConfig, LayerPlan], nn.Module]
 # (experts module, adapter config, plan, its fused tensors to adapt, its path) -> its replacement
 ExpertsWrapFn = Callable[[nn.Module, AdapterConfig, LayerPlan, list[str], str], nn.Module]
+# (adapter config, model) -> the config with its model-dependent settings resolved (MoV's FFN site)
+PrepareFn = Callable[[AdapterConfig, nn.Module], AdapterConfig]
 # (model, adapter config, context) -> called with the TrainState after every optimiser step
 HookFn = Callable[[nn.Module, AdapterConfig, HookContext], Callable[[Any], None]]
 
@@ -48,6 +50,8 @@ class AdapterSpec:
     # how the variant adapts an MoE layer's fused routed experts (LoRA: moe_lora.adapters.experts);
     # None: targets that include them are refused in one line
     wrap_experts: ExpertsWrapFn | None = None
+    # settings that depend on the model, resolved before anything is wrapped (MoV's ffn_route_on=auto)
+    prepare: PrepareFn | None = None
 
 
 ADAPTERS: Registry[AdapterSpec] = Registry("adapter", "adapter")
@@ -63,6 +67,7 @@ def register_adapter(
     slices_fused: bool = False,
     prefixes: tuple[str, ...] = (),
     wrap_experts: ExpertsWrapFn | None = None,
+    prepare: PrepareFn | None = None,
 ):
     """Decorator for a variant's wrap function: registers it and stores its config schema as
     ``schema/adapter/<name>`` (the schema of ``conf/adapter/<name>.yaml``)."""
@@ -70,7 +75,9 @@ def register_adapter(
     def deco(wrap: WrapFn | None) -> WrapFn | None:
         ADAPTERS.register(
             name,
-            AdapterSpec(name, config_cls, wrap, trains_base, make_hook, report, slices_fused, prefixes, wrap_experts),
+            AdapterSpec(
+                name, config_cls, wrap, trains_base, make_hook, report, slices_fused, prefixes, wrap_experts, prepare
+            ),
         )
         ConfigStore.instance().store(group="schema/adapter", name=name, node=config_cls)
         return wrap

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from moe_lora.adapters.base import ADAPTERS, LayerPlan
+from moe_lora.adapters.base import ADAPTERS, AdapterSpec, LayerPlan
 from moe_lora.adapters.experts import check_interface
 from moe_lora.config import AdapterConfig, LayoutConfig, ModelConfig
 from moe_lora.errors import ConfigError
@@ -136,7 +136,7 @@ def inject_adapter(
             "per layer on average (the default budget)" if spends else "is not used",
         )
     dtype = getattr(torch, adapter.dtype)
-    adapter = for_model(adapter, model)
+    adapter = spec.prepare(adapter, model) if spec.prepare else adapter
     experts: dict[str, list[Site]] = {}  # experts module -> its fused tensors to adapt
     for site in sites:
         if site.expert is not None:
@@ -157,22 +157,21 @@ def inject_adapter(
         projections = [s.name.rpartition(".")[2] for s in tensors]
         wrapped = spec.wrap_experts(model.get_submodule(path), adapter, plan, projections, path)
         setattr(model.get_submodule(parent_name), child, wrapped.train(model.training))
-    if getattr(adapter, "router_init", "kaiming") == "normal":
-        for mod in model.modules():
-            if isinstance(mod, Router) and mod.weight.device.type != "meta":
-                torch.nn.init.normal_(mod.weight, std=0.02)
+    check_prefixes(model, spec)
     if recorder is not None:
         attach_routers(model, structure, sites, aux_config(adapter), recorder)
     # module names: an experts module once for its fused tensors
     return list(dict.fromkeys(s.name.rpartition(".")[0] if s.expert else s.name for s in sites))
 
 
-def for_model(adapter: AdapterConfig, model: nn.Module) -> AdapterConfig:
-    """Settings that depend on the model: MoV's ``ffn_route_on=auto`` is the paper's T5 site
-    (``activation``) on an encoder-decoder, the causal-LM site (``input``) elsewhere."""
-    if getattr(adapter, "ffn_route_on", None) == "auto":
-        return replace(adapter, ffn_route_on="activation" if is_encoder_decoder(model) else "input")
-    return adapter
+def check_prefixes(model: nn.Module, spec: AdapterSpec) -> None:
+    """What a variant trains is exactly what it declares (``register_adapter(prefixes=...)``): the
+    saved adapter (every trainable tensor) then holds those tensors and nothing else."""
+    if spec.trains_base:
+        return
+    stray = [n for n, p in model.named_parameters() if p.requires_grad and not n.endswith(spec.prefixes)]
+    if stray:
+        raise RuntimeError(f"adapter={spec.name} trains {stray[:3]}, outside its declared prefixes {spec.prefixes}")
 
 
 def attach_routers(

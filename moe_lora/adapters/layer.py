@@ -70,6 +70,7 @@ def make_router(base: nn.Module, cfg, num_experts: int, top_k: int | None, dtype
         num_null=getattr(cfg, "num_null_experts", 0),
         jitter=cfg.router_jitter,
         fp32=cfg.router_fp32,
+        init=getattr(cfg, "router_init", "kaiming"),
         device=base.weight.device,
         dtype=dtype,
     )

@@ -81,6 +81,7 @@ class Router(nn.Module):
         num_null: int = 0,
         jitter: float = 0.0,
         fp32: bool = True,
+        init: str = "kaiming",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -90,7 +91,9 @@ class Router(nn.Module):
         self.weight = nn.Parameter(
             torch.empty(num_experts + num_null, d_in, device=device, dtype=torch.float32 if fp32 else dtype)
         )
-        if self.weight.device.type != "meta":
+        if self.weight.device.type != "meta" and init == "normal":
+            nn.init.normal_(self.weight, std=0.02)  # the MoV paper's T5X router (adapter.router_init=normal)
+        elif self.weight.device.type != "meta":
             nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's default, as in LoRAMoE
         # Expert group of each real expert (LoRAMoE: first half world knowledge, second half the rest).
         groups = (torch.arange(num_experts, device=device) >= num_experts / 2).long()

@@ -20,7 +20,6 @@ from moe_lora.train.checkpoint import adapter_state, load_adapter
 from tests.adapters.test_lora_peft import MODEL_CFG, MODULES, tiny_llama
 
 VARIANTS = list(ADAPTERS)
-ADAPTER_PARAMS = ("lora_A", "lora_B", "router.weight", "ia3_l", "ia3_v", "alora_gate")
 
 
 def default_config(name: str):
@@ -65,8 +64,8 @@ def test_injection_count_and_trainable_set(name: str) -> None:
     if spec.trains_base:
         assert len(trainable) == len(list(model.parameters()))
     else:
-        assert all(n.endswith(ADAPTER_PARAMS) for n in trainable), trainable
-        if spec.wrap is not None:  # the variant's declared tensor names: each one, and nothing else
+        assert spec.wrap is not None or not trainable, trainable
+        if spec.wrap is not None:  # the variant's declared tensor names (the saver's): each one, and nothing else
             assert {p for p in spec.prefixes if any(n.endswith(p) for n in trainable)} == set(spec.prefixes)
             assert all(n.endswith(spec.prefixes) for n in trainable), (spec.prefixes, trainable)
         assert all(any(n.startswith(a + ".") for a in adapted) for n in trainable)

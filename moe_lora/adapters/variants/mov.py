@@ -22,7 +22,7 @@ recipe.scheduler=constant`` (the MoV arms set it).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import List
 
 import torch
@@ -33,6 +33,7 @@ from moe_lora.adapters.layer import WrapsLinear, linear_dims
 from moe_lora.adapters.slices import SlicedOutput
 from moe_lora.config import RoutedConfig
 from moe_lora.errors import ConfigError
+from moe_lora.model.structure import is_encoder_decoder
 from moe_lora.routing.router import Router
 
 
@@ -155,12 +156,21 @@ def _router(cfg: MoVConfig, plan: LayerPlan, dim: int, device: torch.device) -> 
         top_k=plan.top_k,
         jitter=cfg.router_jitter,
         fp32=cfg.router_fp32,
+        init=cfg.router_init,
         device=device,
         dtype=plan.dtype,
     )
 
 
-@register_adapter("mov", MoVConfig, slices_fused=True, prefixes=("ia3_v", "router.weight"))
+def for_model(cfg: MoVConfig, model: nn.Module) -> MoVConfig:
+    """``ffn_route_on=auto`` is the paper's T5 site (``activation``) on an encoder-decoder, the
+    causal-LM site (``input``) elsewhere: resolved once per model, before any linear is wrapped."""
+    if cfg.ffn_route_on == "auto":
+        return replace(cfg, ffn_route_on="activation" if is_encoder_decoder(model) else "input")
+    return cfg
+
+
+@register_adapter("mov", MoVConfig, slices_fused=True, prefixes=("ia3_v", "router.weight"), prepare=for_model)
 def wrap_mov(base: nn.Module, cfg: MoVConfig, plan: LayerPlan) -> nn.Module:
     device = base.weight.device
     site = plan.site
