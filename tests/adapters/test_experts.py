@@ -30,7 +30,7 @@ def tiny(family: str) -> torch.nn.Module:
 
 
 def experts_paths(model: torch.nn.Module) -> list[str]:
-    return [n for n, m in model.named_modules() if n.endswith("mlp.experts") and hasattr(m, "gate_up_proj")]
+    return [n for n, m in model.named_modules() if n.endswith("mlp.experts") and hasattr(m, "down_proj")]
 
 
 def peft_and_ours(family: str, rank: int = 4, alpha: float = 8.0) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -57,6 +57,26 @@ def peft_and_ours(family: str, rank: int = 4, alpha: float = 8.0) -> tuple[torch
             layer = layer.base_layer
         setattr(ours.get_submodule(parent_path), child, wrapped)
     return peft_model, ours
+
+
+def ours_only(family: str) -> torch.nn.Module:
+    """A tiny ``family`` model with LoRA on every layer's routed experts, nonzero random A and B."""
+    model = tiny(family)
+    torch.manual_seed(1)
+    for path in experts_paths(model):
+        parent_path, _, child = path.rpartition(".")
+        wrapped = LoRAOnExperts(model.get_submodule(path), PROJECTIONS, rank=4, alpha=8.0)
+        with torch.no_grad():
+            for lora in wrapped.lora.values():  # A is kaiming-uniform already; B starts at 0
+                lora.lora_B.normal_(0.0, 0.5)
+        setattr(model.get_submodule(parent_path), child, wrapped)
+    return model
+
+
+def one_experts(family: str) -> LoRAOnExperts:
+    """The first sparse layer's adapted experts (:func:`ours_only`)."""
+    model = ours_only(family)
+    return model.get_submodule(experts_paths(model)[0])
 
 
 def trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
@@ -123,8 +143,7 @@ def reference(wrapped: LoRAOnExperts, x: torch.Tensor, index: torch.Tensor, weig
 def test_uses_the_given_routing(family: str, kernel: str) -> None:
     """Per-token reference with arbitrary (unnormalised, signed) routing weights and choices, both
     kernels: a forward that ignored or reordered the weights or the choices would differ."""
-    _, ours = peft_and_ours(family)
-    wrapped = ours.get_submodule(experts_paths(ours)[0])
+    wrapped = one_experts(family)
     wrapped.kernel = kernel
     g = torch.Generator().manual_seed(3)
     x = torch.randn(9, 32, generator=g)
@@ -140,8 +159,7 @@ def test_uses_the_given_routing(family: str, kernel: str) -> None:
 def test_null_picks_add_nothing(kernel: str) -> None:
     """Picks of index num_experts (null experts added to a base router) are skipped, as the eager
     forward skips them, whatever their weight; no NaN reaches the output or the gradients."""
-    _, ours = peft_and_ours("gpt_oss")
-    wrapped = ours.get_submodule(experts_paths(ours)[1])
+    wrapped = one_experts("gpt_oss")
     wrapped.kernel = kernel
     g = torch.Generator().manual_seed(6)
     x = torch.randn(12, 32, generator=g, requires_grad=True)
@@ -156,8 +174,7 @@ def test_null_picks_add_nothing(kernel: str) -> None:
 
 def test_kernels_agree_forward_and_backward() -> None:
     """The CPU's CSR kernels and the grouped GEMM a GPU runs: equal outputs and adapter gradients."""
-    _, ours = peft_and_ours("olmoe")
-    wrapped = ours.get_submodule(experts_paths(ours)[0])
+    wrapped = one_experts("olmoe")
     g = torch.Generator().manual_seed(4)
     x, weights = torch.randn(40, 32, generator=g), torch.rand(40, 2, generator=g)
     index = torch.stack([torch.randperm(4, generator=g)[:2] for _ in range(40)])
@@ -202,7 +219,7 @@ def test_refuses_what_is_not_a_transformers_experts_module() -> None:
 @pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
 def test_merged_equals_adapted(family: str) -> None:
     """Folding every expert's update into the fused tensors (either axis order) keeps the logits."""
-    _, ours = peft_and_ours(family)
+    ours = ours_only(family)
     ids = torch.randint(0, 100, (2, 10), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         adapted = ours(ids).logits
@@ -231,7 +248,7 @@ def test_expert_rank_from_the_config_through_injection() -> None:
 def test_peft_export_refused_merged_allowed() -> None:
     """peft's format for expert tensors (nested ParamWrappers) is not written: one line, not a silent
     subset of the adapter; merging folds them."""
-    _, ours = peft_and_ours("qwen3_moe")
+    ours = ours_only("qwen3_moe")
     with pytest.raises(ConfigError, match="does not export in peft's format"):
         refuse_routed(ours, "lora", "peft")
     refuse_routed(ours, "lora", "merged")
