@@ -221,13 +221,12 @@ def test_toy_moe_world_with_the_base_router_frozen_and_trained(run_cli, tmp_path
 
 
 def test_toy_moe_world_with_null_experts(run_cli, tmp_path) -> None:
-    """AdaMoE in the base router: 4 null experts, top-4; the null rate and the real experts per
-    token are recorded, and the null rows are saved with the adapter."""
+    """AdaMoE in the base router with LoRA on the experts: 4 null experts, top-4; the null rate and
+    the real experts per token are recorded, and the null rows are saved with the adapter."""
     res = train(
         run_cli,
         tmp_path / "null",
         "adapter=lora",
-        "adapter.target_modules=[attention]",
         "model.moe.train_router=true",
         "model.moe.null_experts=4",
         "model.moe.null_top_k=4",
@@ -238,3 +237,9 @@ def test_toy_moe_world_with_null_experts(run_cli, tmp_path) -> None:
         assert stats["real_experts_per_token"] == pytest.approx(4 * (1 - stats["null_rate"]))
     saved = load_file(str(tmp_path / "null" / "adapter_model.safetensors"))
     assert all(tuple(saved[f"{m}.weight"].shape) == (8, 64) for m in ROUTERS)  # 4 real + 4 null rows
+
+
+def test_moe_settings_on_a_dense_model_stop_in_one_line(run_cli, tmp_path) -> None:
+    code, _out, err = run_cli("train", "adapter=lora", "model.moe.train_router=true", f"hydra.run.dir={tmp_path / 'r'}")
+    assert code != 0 and "model.moe.train_router=True: llama has no MoE layer" in err
+    assert not (tmp_path / "r").exists()  # refused by the precheck, before any run folder

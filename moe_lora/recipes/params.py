@@ -6,8 +6,10 @@ from __future__ import annotations
 
 from moe_lora.adapters import ADAPTERS
 from moe_lora.adapters.inject import budget_summary, count_parameters, inject_adapter, plan_targets
+from moe_lora.model.structure import read_structure
 from moe_lora.model.targets import format_targets, targets_summary
 from moe_lora.recipes.validate import base_meta_model
+from moe_lora.routing.base_router import attach_base_routers
 from moe_lora.routing.router import Router
 
 
@@ -21,7 +23,9 @@ def print_params(cfg) -> None:
         layers = {site.name.rpartition(".")[0] if site.expert else site.name: site.layer for site in sites}
         if hasattr(cfg.adapter, "num_experts"):
             budget = budget_summary(cfg.adapter, cfg.layout, (structure, sites))
+    blocks = read_structure(model, cfg.model.modules).moe  # before an expert adapter wraps the experts
     names = inject_adapter(model, cfg.adapter, cfg.model, cfg.layout)
+    base_routers = attach_base_routers(model, cfg.model.moe, None, blocks)  # model.moe: null experts, training
     counts = count_parameters(model)
     if names:
         print(f"{'module':<44} {'layer':>5} {'experts':>7} {'rank':>5} {'top_k':>5} {'trainable':>12}")
@@ -40,12 +44,27 @@ def print_params(cfg) -> None:
         f"trainable: {t:,} ({100 * t / base_total:.4f}% of base) | without routers: {t - r:,} "
         f"({100 * (t - r) / base_total:.4f}%) | routers: {r:,} | total: {counts['total']:,}"
     )
+    if base_routers:
+        print(base_router_line(model, cfg.model.moe, base_routers))
     if budget is not None:
         per_layer = budget["experts_per_layer"]
         print(
             f"experts: {sum(per_layer)} over {len(per_layer)} layers ({experts_range(per_layer)} per layer) | "
             f"expert slots over adapted linears: {budget['expert_slots']:,}"
         )
+
+
+def base_router_line(model, moe, names: list[str]) -> str:
+    """The MoE base's routers: how many, their rows (null experts included), trained or frozen."""
+    first = model.get_submodule(names[0])
+    rows, width = first.weight.shape
+    n = moe.null_experts
+    nulls = f" ({rows - n} experts + {n} null, top-{first.top_k})" if n else ""
+    trained = sum(model.get_submodule(n).weight.numel() for n in names) if moe.train_router else 0
+    return (
+        f"base routers: {len(names)} of [{rows}, {width}]{nulls}, "
+        f"{'trained: ' + format(trained, ',') + ' parameters' if trained else 'frozen'}"
+    )
 
 
 def experts_range(per_layer: list[int]) -> str:

@@ -22,6 +22,7 @@ from moe_lora.model.layouts import resolve_layout
 from moe_lora.model.load import check_attn_implementation, meta_model, read_architecture, resolve_hub_path
 from moe_lora.model.structure import cross_check_peft, read_structure
 from moe_lora.recipes.kinds import ModelChecks, kind_of
+from moe_lora.routing.base_router import attach_base_routers
 from moe_lora.train.precision import check_precision, resolve_device, resolve_precision
 from moe_lora.world.generator import World
 
@@ -94,6 +95,8 @@ def check_targets(cfg: TrainConfig, inject: bool = True) -> int:
         check_attn_implementation(model, cfg.model)
         structure = read_structure(model, cfg.model.modules)
         names = inject_adapter(model, cfg.adapter, cfg.model, cfg.layout) if inject else []
+        if inject:  # model.moe on the base's routers (null experts, training): its one-line errors, before any run
+            attach_base_routers(model, cfg.model.moe, None, structure.moe)
         if cfg.model.source == "hub":  # after the fast checks: importing peft's tables takes seconds
             cross_check_peft(structure)
         _CHECKED_TARGETS[key] = adapter_state_bytes(model, names)

@@ -168,17 +168,19 @@ def add_null_experts(model: nn.Module, block: MoEBlock, num_null: int, top_k: in
     family = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
     null_router_check(family, block, router, num_null, top_k)
     experts = model.get_submodule(block.experts)
-    if "_is_expert_parallel" not in vars(experts):  # set by @use_experts_implementation's __init__
+    # transformers' experts module (its @use_experts_implementation __init__ sets the flag below), or
+    # moe_lora's LoRA on the experts wrapping one (adapters/experts.py: it skips picks >= E itself)
+    base = experts if "_is_expert_parallel" in vars(experts) else getattr(experts, "base", None)
+    if base is None or "_is_expert_parallel" not in vars(base):
         raise ConfigError(
             f"model.moe.null_experts={num_null}: the experts module {block.experts} is a "
             f"{type(experts).__name__}, not one of transformers' @use_experts_implementation modules that "
-            "skip the null experts' sentinel index (LoRA on the routed experts does not yet): adapt "
-            "attention only (adapter.target_modules=[attention]) or drop the null experts"
+            "skip the null experts' sentinel index"
         )
     # transformers' grouped_mm / batched_mm forwards mask the sentinel index E (rows left uninitialised
     # by the kernel: NaN * 0 otherwise) only under this flag; it changes nothing else (transformers
     # 5: integrations/moe.py, deepgemm.py, finegrained_fp8.py read it for the sentinel mask alone)
-    experts._is_expert_parallel = True
+    base._is_expert_parallel = True
     new = NullExpertRouter(router, num_null, top_k, init).train(router.training)
     parent, _, child = block.router.rpartition(".")
     setattr(model.get_submodule(parent), child, new)
