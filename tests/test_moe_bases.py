@@ -2,8 +2,8 @@
 layers of six families (tests/fixtures/moe.py), and no target ever adapts a silent subset of an
 MoE layer's FFN: every registered variant either adapts exactly what it names or stops in one line
 before anything is written. LoRA adapts the fused routed experts (every expert of every sparse
-layer, with the counts peft's ``target_parameters`` gives); the other variants refuse targets that
-include them, naming the expert tensors."""
+layer, with the counts peft's ``target_parameters`` gives), and so does IA3; the other variants
+refuse targets that include them, naming the expert tensors."""
 
 from __future__ import annotations
 
@@ -99,8 +99,9 @@ def expert_tensors(family: str, names: tuple[str, ...] = ("gate_up_proj", "down_
 @pytest.mark.parametrize("family", MOE_FAMILIES)
 def test_no_variant_adapts_a_silent_subset(family, moe_checkpoints, adapters) -> None:
     """Default targets: LoRA's ``ffn`` is every FFN linear plus every routed expert tensor of every
-    sparse layer; the others are refused in one line naming the routed expert tensors, or adapt
-    attention only (MELoRA's query/value). ``[attention]``: exactly the attention linears of every layer."""
+    sparse layer, IA3's ``ffn_out`` every expert ``down_proj`` too; the others are refused in one
+    line naming the routed expert tensors, or adapt attention only (MELoRA's query/value).
+    ``[attention]``: exactly the attention linears of every layer."""
     model = meta(moe_checkpoints[family])
     structure = read_structure(model)
     attention = {li.name for li in structure.linears if li.block == "attention"}
@@ -122,6 +123,9 @@ def test_no_variant_adapts_a_silent_subset(family, moe_checkpoints, adapters) ->
                 ffn = {li.name for li in structure.linears if li.block == "ffn"}
                 assert {s.name for s in sites} == ffn | expert_tensors(family), [s.name for s in sites]
                 continue
+            if name == "ia3":  # key, value, ffn_out: every expert down_proj among them
+                assert {s.name for s in sites if s.expert} == expert_tensors(family, ("down_proj",))
+                continue
             assert {s.block for s in sites} == {"attention"}, (name, [s.name for s in sites])
         try:
             _, sites = plan_targets(model, replace(adapter, target_modules=["attention"]), model_cfg)
@@ -135,8 +139,9 @@ def test_no_variant_adapts_a_silent_subset(family, moe_checkpoints, adapters) ->
 def test_moe_targets(family, moe_checkpoints, adapters) -> None:
     """For LoRA: ``shared_experts`` is exact; ``experts``, the expert roles, the FFN roles and a
     module name that is also a fused expert tensor select exactly the routed expert tensors they
-    name (plus the linears); ``router`` fails in one line. IA3 refuses every entry that includes a
-    routed expert tensor, naming it and the dense layers."""
+    name (plus the linears); ``router`` fails in one line. IA3 adapts them too, but not half of a
+    fused gate|up; LoRAMoE refuses every entry that includes a routed expert tensor, naming it and
+    the dense layers."""
     model = meta(moe_checkpoints[family])
     model_cfg = ModelConfig(source="hub", name_or_path=str(moe_checkpoints[family]))
     lora = adapters["lora"]
@@ -164,10 +169,14 @@ def test_moe_targets(family, moe_checkpoints, adapters) -> None:
         plan_targets(model, replace(lora, target_modules=["router"]), model_cfg)
     for targets in (["ffn"], ["experts"], ["expert_down"], ["down_proj"], ["attention", "ffn_out"]):
         with pytest.raises(ConfigError) as info:
-            plan_targets(model, replace(adapters["ia3"], target_modules=targets), model_cfg)
+            plan_targets(model, replace(adapters["loramoe"], target_modules=targets), model_cfg)
         msg = str(info.value)
-        assert "adapter=ia3 cannot adapt" in msg and "experts.down_proj [" in msg and "\n" not in msg, msg
+        assert "adapter=loramoe cannot adapt" in msg and "experts.down_proj [" in msg and "\n" not in msg, msg
         assert f"layers {dense} are dense" in msg, msg
+    _, sites = plan_targets(model, replace(adapters["ia3"], target_modules=["ffn_in"]), model_cfg)
+    assert {s.name for s in sites if s.expert} == expert_tensors(family, ("gate_up_proj",))
+    with pytest.raises(ConfigError, match=r"adapter=ia3 would scale the whole fused .*gate_up_proj"):
+        plan_targets(model, replace(adapters["ia3"], target_modules=["ffn_gate"]), model_cfg)
 
 
 def test_shared_experts_on_a_family_without_them(moe_checkpoints, adapters) -> None:
@@ -239,18 +248,18 @@ def test_latent_attention_with_fewer_kv_heads_fails_in_one_line(tmp_path) -> Non
         load_config(["model.source=hub", f"model.name_or_path={tmp_path}"], check_files=False)
 
 
-def test_cli_refuses_ia3_and_params_counts_experts_as_peft(moe_checkpoints, run_cli, tmp_path) -> None:
-    """``train`` with IA3's default targets: one line naming the expert tensor, nothing written;
+def test_cli_refuses_loramoe_and_params_counts_experts_as_peft(moe_checkpoints, run_cli, tmp_path) -> None:
+    """``train`` with LoRAMoE's default targets: one line naming the expert tensors, nothing written;
     ``params`` with LoRA on ``[experts]`` prints the MoE layers and peft's trainable count for
     ``target_parameters=[experts.gate_up_proj, experts.down_proj]`` at the same rank."""
     path = moe_checkpoints["qwen2_moe"]
     run = tmp_path / "run"
     code, out, err = run_cli(
-        "train", "model.source=hub", f"model.name_or_path={path}", "adapter=ia3", f"hydra.run.dir={run}", tiny=False
+        "train", "model.source=hub", f"model.name_or_path={path}", "adapter=loramoe", f"hydra.run.dir={run}", tiny=False
     )
     lines = err.strip().splitlines()
     assert code != 0 and len(lines) == 1 and "Traceback" not in out + err, err[-2000:]
-    assert "model.layers.1.mlp.experts.down_proj [4, 32, 16]" in lines[0] and "adapter=ia3 cannot adapt" in lines[0]
+    assert "model.layers.1.mlp.experts.down_proj [4, 32, 16]" in lines[0] and "adapter=loramoe cannot" in lines[0]
     assert not run.exists()
     code, out, err = run_cli(
         "params", "model.source=hub", f"model.name_or_path={path}", "adapter=lora", "adapter.target_modules=[experts]"
@@ -383,5 +392,5 @@ def test_other_families_on_the_meta_device(family, adapters) -> None:
     assert {s.name for s in sites if s.expert} == {
         f"{b.experts}.{n}" for b in structure.moe for n in ("gate_up_proj", "down_proj")
     }
-    with pytest.raises(ConfigError, match="adapter=ia3 cannot adapt"):
-        plan_targets(model, replace(adapters["ia3"], target_modules=["all"]), model_cfg)
+    with pytest.raises(ConfigError, match="adapter=loramoe cannot adapt"):
+        plan_targets(model, replace(adapters["loramoe"], target_modules=["all"]), model_cfg)

@@ -123,53 +123,87 @@ class ExpertLoRA(nn.Module):
         h = hf_moe._grouped_mm(x.to(dt), A, offsets) * self.scaling
         out.add_(hf_moe._grouped_mm(h, B, offsets).to(out.dtype))
 
+    def pre(self, x: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def post(self, out: torch.Tensor, x: torch.Tensor, expert: torch.Tensor, offsets: torch.Tensor, kernel: str):
+        self.update_(out, x, expert, offsets, kernel)
+        return out
+
+    def fold_(self, w: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> None:
+        """``W_e += s B_e A_e`` in the base's axis order (float32, then the weight's dtype)."""
+        A = self.lora_A.float().view(self.d_in, self.num_experts, self.rank).transpose(0, 1)  # (E, d_in, r)
+        B = self.lora_B.float().view(self.num_experts, self.rank, self.d_out)
+        delta = self.scaling * torch.bmm(A, B)  # (E, d_in, d_out): x @ delta_e is the update
+        delta = delta if transposed else delta.transpose(1, 2)
+        w.copy_((w.float() + delta.to(w.device)).to(w.dtype))
+
     def extra_repr(self) -> str:
         return f"experts={self.num_experts}, d_in={self.d_in}, d_out={self.d_out}, rank={self.rank}"
 
 
-class LoRAOnExperts(nn.Module):
-    """A transformers experts module (``self.base``, frozen) with per-expert LoRA on the projections
-    in ``self.lora`` (by the base's parameter name). Same call and result shape as the base."""
+class ExpertIA3(nn.Module):
+    """IA3 per expert: ``l_e`` (ones at init) scales expert e's projection output (``W_e x + b_e``),
+    or its input where the projection is the FFN output (``down``: peft's ``feedforward_modules``)."""
 
-    def __init__(
-        self,
-        base: nn.Module,
-        projections: Iterable[str],
-        *,
-        rank: int,
-        alpha: float,
-        dropout: float = 0.0,
-        init_A: str = "kaiming",
-        dtype: torch.dtype | None = None,
-        where: str = "",
-    ) -> None:
+    def __init__(self, num_experts: int, dim: int, *, scale_input: bool, dtype: torch.dtype, device=None) -> None:
+        super().__init__()
+        self.num_experts, self.scale_input = num_experts, scale_input
+        self.ia3_l = nn.Parameter(torch.ones(num_experts, dim, dtype=dtype, device=device))
+
+    def scales(self, expert: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return self.ia3_l.index_select(0, expert.clamp(max=self.num_experts - 1)).to(dtype)  # null picks: masked
+
+    def pre(self, x: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
+        return x * self.scales(expert, x.dtype) if self.scale_input else x
+
+    def post(self, out: torch.Tensor, x: torch.Tensor, expert: torch.Tensor, offsets: torch.Tensor, kernel: str):
+        return out if self.scale_input else out * self.scales(expert, out.dtype)
+
+    def fold_(self, w: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> None:
+        """Scale each expert's input columns or output rows (and its bias) in the base's axis order."""
+        l = self.ia3_l.float().to(w.device)  # noqa: E741 -- IA3's name for the vector
+        in_axis = 1 if transposed else 2
+        axis = in_axis if self.scale_input else 3 - in_axis
+        w.copy_((w.float() * l.unsqueeze(3 - axis)).to(w.dtype))
+        if bias is not None and not self.scale_input:
+            bias.copy_((bias.float() * l).to(bias.dtype))
+
+    def extra_repr(self) -> str:
+        return f"experts={self.num_experts}, {'input' if self.scale_input else 'output'}={self.ia3_l.shape[1]}"
+
+
+class AdaptedExperts(nn.Module):
+    """A transformers experts module (``self.base``, frozen) with a per-expert adapter on some of
+    its fused projections (:attr:`parts`, by the base's parameter name; stored under ``slot``).
+    Same call and result shape as the base. Each part may change a projection's input (``pre``)
+    and its output (``post``) for the chosen pairs, and fold itself into the base (``fold_``)."""
+
+    slot = "parts"
+
+    def __init__(self, base: nn.Module, where: str = "") -> None:
         super().__init__()
         check_interface(base, where)
         self.base = base
-        self.num_experts, self.rank = base.num_experts, rank
-        self.lora = nn.ModuleDict()
+        self.num_experts = base.num_experts
+        self.add_module(self.slot, nn.ModuleDict())
         # how adapter pairs are computed: "csr" or "grouped_mm"; None: by the input's device (tests set it)
         self.kernel: str | None = None
-        for name in projections:
-            weight = getattr(base, name, None)
-            if not isinstance(weight, torch.Tensor) or weight.ndim != 3 or name not in self.order():
-                raise ConfigError(
-                    f"{where or type(base).__name__}: {name!r} is not a fused expert projection of "
-                    f"{type(base).__name__} (its projections: {', '.join(self.order())})"
-                )
-            _e, a, b = weight.shape
-            d_in, d_out = (a, b) if base.is_transposed else (b, a)
-            self.lora[name] = ExpertLoRA(
-                self.num_experts,
-                d_in,
-                d_out,
-                rank=rank,
-                alpha=alpha,
-                dropout=dropout,
-                init_A=init_A,
-                dtype=dtype or weight.dtype,
-                device=weight.device,
+
+    @property
+    def parts(self) -> nn.ModuleDict:
+        return self._modules[self.slot]
+
+    def projection(self, name: str, where: str) -> tuple[int, int, torch.Tensor]:
+        """``(d_in, d_out, weight)`` of a fused projection, whichever axis order the base stores."""
+        base, weight = self.base, getattr(self.base, name, None)
+        if not isinstance(weight, torch.Tensor) or weight.ndim != 3 or name not in self.order():
+            raise ConfigError(
+                f"{where or type(base).__name__}: {name!r} is not a fused expert projection of "
+                f"{type(base).__name__} (its projections: {', '.join(self.order())})"
             )
+        _e, a, b = weight.shape
+        return (a, b, weight) if base.is_transposed else (b, a, weight)
 
     def order(self) -> tuple[str, str]:
         """The input projection (``gate_up_proj``, or ``up_proj`` without a gate) and ``down_proj``."""
@@ -191,10 +225,10 @@ class LoRAOnExperts(nn.Module):
         """One projection of the sorted pairs: the base's grouped linear, plus the adapter's pairs."""
         base = self.base
         bias = getattr(base, f"{name}_bias")[expert.clamp(max=self.num_experts - 1)] if base.has_bias else None
-        out = hf_moe._grouped_linear(x, getattr(base, name), offsets, bias=bias, is_transposed=base.is_transposed)
-        if name in self.lora:
-            self.lora[name].update_(out, x, expert, offsets, kernel)
-        return out
+        part = getattr(self.parts, name, None)
+        x_in = part.pre(x, expert) if part is not None else x
+        out = hf_moe._grouped_linear(x_in, getattr(base, name), offsets, bias=bias, is_transposed=base.is_transposed)
+        return part.post(out, x, expert, offsets, kernel) if part is not None else out
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         """Picks of index ``num_experts`` or more (null experts added to a base router, as the
@@ -222,19 +256,70 @@ class LoRAOnExperts(nn.Module):
 
     @torch.no_grad()
     def merged(self) -> nn.Module:
-        """The base with every expert's update folded into its fused tensor (peft's merge:
-        ``W_e += s B_e A_e`` in the base's axis order, computed in float32)."""
-        for name, lora in self.lora.items():
-            w = getattr(self.base, name)
-            A = lora.lora_A.float().view(lora.d_in, self.num_experts, lora.rank).transpose(0, 1)  # (E, d_in, r)
-            B = lora.lora_B.float().view(self.num_experts, lora.rank, lora.d_out)
-            delta = lora.scaling * torch.bmm(A, B)  # (E, d_in, d_out): x @ delta_e is the update
-            delta = delta if self.base.is_transposed else delta.transpose(1, 2)
-            w.copy_((w.float() + delta.to(w.device)).to(w.dtype))
-        return self.base
+        """The base with every expert's update folded into its fused tensors (peft's merge)."""
+        base = self.base
+        for name, part in self.parts.items():
+            part.fold_(getattr(base, name), getattr(base, f"{name}_bias", None), base.is_transposed)
+        return base
 
     def extra_repr(self) -> str:
-        return f"experts={self.num_experts}, adapted={list(self.lora)}"
+        return f"experts={self.num_experts}, adapted={list(self.parts)}"
+
+
+class LoRAOnExperts(AdaptedExperts):
+    """Per-expert LoRA (:class:`ExpertLoRA`) on the projections in ``self.lora``."""
+
+    slot = "lora"
+
+    def __init__(
+        self,
+        base: nn.Module,
+        projections: Iterable[str],
+        *,
+        rank: int,
+        alpha: float,
+        dropout: float = 0.0,
+        init_A: str = "kaiming",
+        dtype: torch.dtype | None = None,
+        where: str = "",
+    ) -> None:
+        super().__init__(base, where)
+        self.rank = rank
+        for name in projections:
+            d_in, d_out, weight = self.projection(name, where)
+            self.parts[name] = ExpertLoRA(
+                self.num_experts,
+                d_in,
+                d_out,
+                rank=rank,
+                alpha=alpha,
+                dropout=dropout,
+                init_A=init_A,
+                dtype=dtype or weight.dtype,
+                device=weight.device,
+            )
+
+
+class IA3OnExperts(AdaptedExperts):
+    """Per-expert IA3 (:class:`ExpertIA3`) on the projections in ``self.ia3``: the input of
+    ``down_proj``, the output of the others (a fused gate|up scaled whole)."""
+
+    slot = "ia3"
+
+    def __init__(
+        self, base: nn.Module, projections: Iterable[str], *, dtype: torch.dtype | None = None, where: str = ""
+    ) -> None:
+        super().__init__(base, where)
+        for name in projections:
+            d_in, d_out, weight = self.projection(name, where)
+            scale_input = name == "down_proj"
+            self.parts[name] = ExpertIA3(
+                self.num_experts,
+                d_in if scale_input else d_out,
+                scale_input=scale_input,
+                dtype=dtype or weight.dtype,
+                device=weight.device,
+            )
 
 
 def lora_on_experts(experts: nn.Module, cfg, plan, projections: list[str], where: str) -> LoRAOnExperts:
@@ -253,10 +338,15 @@ def lora_on_experts(experts: nn.Module, cfg, plan, projections: list[str], where
     )
 
 
+def ia3_on_experts(experts: nn.Module, cfg, plan, projections: list[str], where: str) -> IA3OnExperts:
+    """IA3's ``wrap_experts``: per-expert scaling vectors on ``projections`` of one sparse layer."""
+    return IA3OnExperts(experts, projections, dtype=plan.dtype, where=where)
+
+
 def merge_experts(model: nn.Module) -> list[str]:
-    """Fold every :class:`LoRAOnExperts` of ``model`` into its base and put the base back; returns
+    """Fold every :class:`AdaptedExperts` of ``model`` into its base and put the base back; returns
     their names."""
-    names = [n for n, m in model.named_modules() if isinstance(m, LoRAOnExperts)]
+    names = [n for n, m in model.named_modules() if isinstance(m, AdaptedExperts)]
     for name in names:
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, model.get_submodule(name).merged())
@@ -268,11 +358,11 @@ def check_interface(base: nn.Module, where: str = "") -> None:
     missing = [a for a in (*INTERFACE, "num_experts") if not hasattr(base, a)]
     if missing:
         raise ConfigError(
-            f"{where or 'experts'}: cannot put LoRA on the routed experts of {type(base).__name__}: it is not a "
+            f"{where or 'experts'}: cannot adapt the routed experts of {type(base).__name__}: it is not a "
             f"transformers experts module (@use_experts_implementation; lacks {', '.join(missing)})"
         )
     if getattr(base, "_is_expert_parallel", False):
-        raise ConfigError(f"{where or 'experts'}: LoRA on expert-parallel routed experts is not supported")
+        raise ConfigError(f"{where or 'experts'}: adapters on expert-parallel routed experts are not supported")
 
 
 def from_peft(lora_A: torch.Tensor, lora_B: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:

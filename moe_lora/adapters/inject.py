@@ -53,6 +53,12 @@ def plan_targets(model: nn.Module, adapter: AdapterConfig, model_cfg: ModelConfi
     if spec.wrap_experts is not None:
         for path in dict.fromkeys(s.name.rpartition(".")[0] for s in sites if s.expert is not None):
             check_interface(model.get_submodule(path), path)
+        half = next((s for s in sites if s.expert and set(s.entries) in ({"ffn_gate"}, {"ffn_up"})), None)
+        if spec.slices_fused and half is not None and half.expert.role == "expert_gate_up":
+            raise ConfigError(
+                f"adapter={adapter.name} would scale the whole fused {half.expert.describe()} (gate and up) for "
+                f"{half.entries[0]!r}: target ffn_in, expert_gate_up or experts to scale it whole"
+            )
     for site in sites:
         if site.partial and spec.slices_fused and site.fused is None:
             raise ConfigError(

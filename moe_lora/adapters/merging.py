@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moe_lora.adapters.experts import LoRAOnExperts, merge_experts
+from moe_lora.adapters.experts import AdaptedExperts, merge_experts
 from moe_lora.adapters.layer import LoRAExperts, WrapsLinear
 from moe_lora.adapters.slices import SlicedOutput
 from moe_lora.adapters.variants.ia3 import IA3Linear, IA3Scale
@@ -57,10 +57,10 @@ def adapted_modules(model: nn.Module) -> dict[str, nn.Module]:
 def refuse_routed(model: nn.Module, variant: str, fmt: str) -> None:
     if any(isinstance(m, Router) for m in model.modules()):
         routed_error(variant, fmt)
-    if fmt == "peft" and any(isinstance(m, LoRAOnExperts) for m in model.modules()):
+    if fmt == "peft" and any(isinstance(m, AdaptedExperts) for m in model.modules()):
         raise ConfigError(
             f"adapter={variant} adapts fused routed-expert tensors, which moe-lora does not export in peft's "
-            "format (target_parameters) yet; use --format merged or moe_lora"
+            "format (LoRA's target_parameters) yet; use --format merged or moe_lora"
         )
 
 
@@ -80,7 +80,7 @@ def merge(model: nn.Module, variant: str) -> list[str]:
     tied = (
         {id(p) for p in model.get_input_embeddings().parameters()} if hasattr(model, "get_input_embeddings") else set()
     )
-    merged = merge_experts(model)  # per-expert LoRA folded into the fused expert tensors
+    merged = merge_experts(model)  # per-expert LoRA / IA3 folded into the fused expert tensors
     for name, wrapper in adapted_modules(model).items():
         base = wrapper.base
         if id(base.weight) in tied:

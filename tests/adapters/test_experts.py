@@ -12,7 +12,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from moe_lora.adapters.experts import LoRAOnExperts, expert_rank, from_peft, merge_experts, to_peft
+from moe_lora.adapters.experts import IA3OnExperts, LoRAOnExperts, expert_rank, from_peft, merge_experts, to_peft
 from moe_lora.adapters.inject import inject_adapter
 from moe_lora.adapters.merging import merge, refuse_routed
 from moe_lora.adapters.variants.lora import LoRAConfig
@@ -253,3 +253,39 @@ def test_peft_export_refused_merged_allowed() -> None:
         refuse_routed(ours, "lora", "peft")
     refuse_routed(ours, "lora", "merged")
     assert merge(ours, "lora") == experts_paths(ours)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_ia3_on_experts(family: str) -> None:
+    """Per-expert IA3 against the per-token reference: expert e's gate_up output (bias included)
+    times its l_e, its down_proj input times its own l_e; ones at init give the base; merging folds
+    both into the fused tensors (either axis order, with biases)."""
+    model = tiny(family)
+    path = experts_paths(model)[0]
+    base = model.get_submodule(path)
+    wrapped = IA3OnExperts(base, PROJECTIONS)
+    g = torch.Generator().manual_seed(7)
+    x, weights = torch.randn(9, 32, generator=g), torch.rand(9, 2, generator=g)
+    index = torch.stack([torch.randperm(4, generator=g)[:2] for _ in range(9)])
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped(x, index, weights), base(x, index, weights), rtol=1e-5, atol=1e-6)
+        for part in wrapped.ia3.values():
+            part.ia3_l.uniform_(0.5, 1.5, generator=g)
+        up, down = wrapped.ia3["gate_up_proj"].ia3_l, wrapped.ia3["down_proj"].ia3_l
+        rows = []
+        for t in range(9):
+            total = torch.zeros(32)
+            for j in range(2):
+                e = int(index[t, j])
+                W, Wd = base.gate_up_proj[e], base.down_proj[e]
+                gu = (x[t] @ W if base.is_transposed else W @ x[t]) + (
+                    base.gate_up_proj_bias[e] if base.has_bias else 0
+                )
+                h = base._apply_gate(gu * up[e]) * down[e]
+                y = (h @ Wd if base.is_transposed else Wd @ h) + (base.down_proj_bias[e] if base.has_bias else 0)
+                total = total + weights[t, j] * y
+            rows.append(total)
+        got = wrapped(x, index, weights)
+        torch.testing.assert_close(got, torch.stack(rows), rtol=1e-5, atol=1e-5)
+        merged = wrapped.merged()
+        torch.testing.assert_close(merged(x, index, weights), got, rtol=1e-5, atol=1e-5)

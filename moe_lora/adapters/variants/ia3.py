@@ -3,7 +3,10 @@ output; on the FFN output projection (down_proj, fc2, ...) they scale its input,
 ``feedforward_modules`` (the ``ffn_out`` role). On a fused q|k|v linear targeted by role
 (``key``, ``value``) only those roles' columns are scaled (one vector per role, per the family's
 column layout), so a fused checkpoint trains exactly the parameters of its unfused twin; a fused
-linear targeted by name or block is scaled whole, as peft does."""
+linear targeted by name or block is scaled whole, as peft does. On an MoE base's fused routed
+experts each expert gets its own vectors (:class:`moe_lora.adapters.experts.IA3OnExperts`): the
+input of ``down_proj``, the whole output of ``gate_up_proj`` (targeting only ``ffn_gate`` or
+``ffn_up`` of it is refused)."""
 
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import torch
 from torch import nn
 
 from moe_lora.adapters.base import LayerPlan, register_adapter
+from moe_lora.adapters.experts import ia3_on_experts
 from moe_lora.adapters.layer import WrapsLinear, linear_dims
 from moe_lora.adapters.slices import SlicedOutput
 from moe_lora.config import AdapterConfig
@@ -53,7 +57,7 @@ class IA3Linear(WrapsLinear):
         return out * self.ia3_l.to(out.dtype)
 
 
-@register_adapter("ia3", IA3Config, slices_fused=True, prefixes=("ia3_l",))
+@register_adapter("ia3", IA3Config, slices_fused=True, prefixes=("ia3_l",), wrap_experts=ia3_on_experts)
 def wrap_ia3(base: nn.Module, cfg: IA3Config, plan: LayerPlan) -> nn.Module:
     site = plan.site
     if site.partial:
