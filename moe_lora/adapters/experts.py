@@ -37,6 +37,12 @@ ours) and ``lora_B.weight (d_out, r*E)`` with rank-major columns (column ``j*E +
 Rank per expert: ``adapter.expert_rank`` (:func:`expert_rank`); by default each expert gets the
 adapter's rank r, as peft's ``target_parameters`` does with ``r`` (E*r per projection in all);
 ``rank/num_experts`` is peft's advice to keep the total at r's.
+
+The same forward carries other per-expert parametrisations (:class:`AdaptedExperts`, one part per
+projection with ``pre``/``post``/``fold_``): IA3 (:class:`IA3OnExperts`) scales each expert's
+``down_proj`` input and ``gate_up_proj`` output (with its bias) by the expert's own vector, as
+peft's IA3 does per linear (peft has no IA3 on parameters to compare with). Picks of null experts
+(index ``num_experts``) add nothing. Merging folds every part into the fused tensors.
 """
 
 from __future__ import annotations

@@ -244,8 +244,9 @@ def targets_summary(structure: Structure, sites: list[Site], slices: bool) -> di
     for s in sites:
         local = locals_.get(s.name, s.name)
         fused_roles = "|".join(r for r in s.roles if r != "ffn_in")
-        if s.expert is not None:
+        if s.expert is not None:  # IA3 scales down_proj's input, the others' output
             what = f"each of {s.expert.shape[0]} experts"
+            what = f"{'input' if s.expert.role == 'expert_down' else 'output'} of {what}" if slices else what
         elif s.partial and slices:
             what = f"{'+'.join(s.targeted or ())} columns of fused {fused_roles}"
         elif slices:
