@@ -111,3 +111,10 @@ def _no_log_handlers_on_closed_streams():
             if getattr(getattr(handler, "stream", None), "closed", False):
                 logger.removeHandler(handler)
     yield
+
+
+@pytest.fixture
+def fresh_logging(monkeypatch) -> None:
+    """No root handlers left by earlier in-process commands (Hydra's, bound to a closed capture
+    stream): a command's warnings reach this test's stderr instead of a "Logging error" block."""
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
-import logging
 import os
 import re
 import resource
@@ -32,11 +31,7 @@ ENOSPC = OSError(errno.ENOSPC, "No space left on device")
 TENSORS = {"layer.lora_A": torch.arange(12.0).reshape(3, 4), "layer.lora_B": torch.zeros(4, 3)}
 
 
-@pytest.fixture(autouse=True)
-def fresh_logging(monkeypatch) -> None:
-    """No root handlers left by earlier in-process commands (Hydra's, bound to a closed capture
-    stream): a warning would otherwise add a "Logging error" block to the stderr checked here."""
-    monkeypatch.setattr(logging.getLogger(), "handlers", [])
+pytestmark = pytest.mark.usefixtures("fresh_logging")  # tests/conftest.py: stderr without "Logging error"
 
 
 def one_line(err: str) -> str:

@@ -50,13 +50,6 @@ def test_collect_lists_damaged_runs_as_unreadable_naming_the_file(damaged, caplo
     assert sum("unreadable run file" in r.message for r in caplog.records) == 3
 
 
-@pytest.fixture
-def fresh_logging(monkeypatch) -> None:
-    """No root handlers left by earlier in-process commands (Hydra's, bound to a closed capture
-    stream): the report's warnings reach this test's stderr instead of a "Logging error"."""
-    monkeypatch.setattr(logging.getLogger(), "handlers", [])
-
-
 def test_report_over_damaged_runs_writes_everything_else(damaged, capsys, fresh_logging) -> None:
     out = damaged.parent / f"{damaged.name}-report"
     code = main(["report", str(damaged), "--out", str(out)])
