@@ -24,6 +24,7 @@ from omegaconf import OmegaConf
 
 from moe_lora import tracking
 from moe_lora.errors import ConfigError, OutputError
+from moe_lora.recipes import results
 from moe_lora.recipes.results import write_adapter
 from moe_lora.tracking import write_json_atomic, write_jsonl_atomic, write_text_atomic
 
@@ -126,7 +127,6 @@ def test_a_full_disk_mid_write_is_one_line_and_keeps_the_previous_file(tmp_path,
     ],
 )
 def test_safetensors_running_out_of_space_is_one_line(tmp_path, monkeypatch, text: str) -> None:
-    import safetensors.torch
     from safetensors import SafetensorError
 
     path = tmp_path / "adapter_model.safetensors"
@@ -137,7 +137,7 @@ def test_safetensors_running_out_of_space_is_one_line(tmp_path, monkeypatch, tex
         Path(filename).write_bytes(b"\0" * 10)  # an older safetensors writes in place, then fails
         raise SafetensorError(text)
 
-    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    monkeypatch.setattr(results, "save_file", full)  # where write_adapter looks it up
     with pytest.raises(OutputError, match=re.escape(f"cannot write {path}: No space left on device (")):
         write_adapter(path, {"x": torch.ones(3)})
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == [path.name]
@@ -207,7 +207,7 @@ def test_a_full_disk_at_the_adapter_ends_training_in_one_line(run_cli, tmp_path,
             )
         real(tensors, filename, metadata)
 
-    monkeypatch.setattr(safetensors.torch, "save_file", full_at_the_adapter)
+    monkeypatch.setattr(results, "save_file", full_at_the_adapter)  # the runner's adapter writer
     with pytest.raises(SystemExit) as exit_info:  # a failed job exits with 1 (its line printed first)
         run_cli("train", "adapter=lora", f"hydra.run.dir={tmp_path / 'run'}")
     assert exit_info.value.code == 1
