@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 from moe_lora.eval.kinds import COLUMNS, compare
 from moe_lora.eval.kinds.base import declarations
 from moe_lora.tracking import atomic_path, write_jsonl_atomic
+from moe_lora.world.spread import load_spread, numerics, spread_rows
 
 
 def write_adapter(path: Path, tensors: dict) -> None:
@@ -59,6 +60,7 @@ def build_results(cfg, resolved, base, tuned, params, adapted, routing, wall) ->
         "routing": final,
         "routing_by_stack": by_stack(final),
         "wall_s": wall,
+        "numerics": numerics(),  # ISA kernels, MKL branch, threads, CPU: what makes machines differ
         "config": resolved,
         "adapter_config": dataclasses.asdict(cfg.adapter),
     }
@@ -148,7 +150,17 @@ def summary_table(results: dict) -> str:
         else None,
         ("evaluation", evaluation) if evaluation else None,
         ("wall time", f"{results['wall_s']:.1f} s"),
+        *_numerics_rows(results),
     ]
     shown = [r for r in rows if r is not None]
     width = max(len(k) for k, _ in shown)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in shown)
+
+
+def _numerics_rows(results: dict) -> list[tuple[str, str]]:
+    """The CPU numerics the run had, and where it sits against the measured cross-CPU spread."""
+    n = results.get("numerics")
+    if not n:
+        return []
+    line = f"{n['cpu']}, {n['capability']} kernels, MKL CNR {n['mkl_cbwr'] or 'off'}, {n['threads']} threads"
+    return [("numerics", line), *spread_rows(results, load_spread())]
