@@ -237,6 +237,11 @@ def test_toy_moe_world_with_null_experts(run_cli, tmp_path) -> None:
         assert stats["real_experts_per_token"] == pytest.approx(4 * (1 - stats["null_rate"]))
     saved = load_file(str(tmp_path / "null" / "adapter_model.safetensors"))
     assert all(tuple(saved[f"{m}.weight"].shape) == (8, 64) for m in ROUTERS)  # 4 real + 4 null rows
+    # moe-lora eval rebuilds the null experts and loads the trained rows: the same tuned metrics
+    code, _out, err = run_cli("eval", f"run_dir={tmp_path / 'null'}", tiny=False)
+    assert code == 0, err
+    again = json.loads(next((tmp_path / "null").glob("eval-*[0-9].json")).read_text())
+    assert again["metrics"]["instruction_em"] == res["metrics"]["instruction_em"]
 
 
 def test_moe_settings_on_a_dense_model_stop_in_one_line(run_cli, tmp_path) -> None:

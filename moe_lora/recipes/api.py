@@ -30,9 +30,11 @@ from moe_lora.adapters.inject import inject_adapter
 from moe_lora.adapters.merging import merge as fold
 from moe_lora.config import TASK_TYPES, ModelConfig
 from moe_lora.errors import ConfigError, first_line
+from moe_lora.model.structure import read_structure
 from moe_lora.recipes.compose import compose, to_config
 from moe_lora.recipes.reeval import read_adapter, read_run_config
 from moe_lora.recipes.runner import load_base as runner_base
+from moe_lora.routing.base_router import attach_base_routers
 from moe_lora.routing.recorder import RoutingRecorder
 from moe_lora.train.checkpoint import set_adapter
 from moe_lora.world.generator import World
@@ -114,7 +116,9 @@ def build(saved: Saved, device: str | torch.device = "cpu", progress: bool = Fal
     if ADAPTERS.get(cfg.adapter.name).trains_base:  # full fine-tuning trained (and saved) in adapter.dtype
         model.to(getattr(torch, cfg.adapter.dtype))
     recorder = RoutingRecorder()  # every adapter tensor is then overwritten: no seed needed (nor set)
+    blocks = read_structure(model).moe  # before an expert adapter wraps the experts
     adapted = inject_adapter(model, cfg.adapter, cfg.model, cfg.layout, recorder)
+    attach_base_routers(model, cfg.model.moe, recorder, blocks)  # the trained base router / null experts
     set_adapter(model, saved.state, saved.folder / outputs.ADAPTER)
     model.eval()
     attach(model, recorder, adapted, cfg.adapter.name)

@@ -23,9 +23,11 @@ from moe_lora.adapters import ADAPTERS
 from moe_lora.adapters.inject import count_parameters, inject_adapter
 from moe_lora.config import resolved_config
 from moe_lora.errors import ConfigError, first_line
+from moe_lora.model.structure import read_structure
 from moe_lora.recipes.compose import compose, to_config
 from moe_lora.recipes.results import build_results
 from moe_lora.recipes.runner import ADAPTER_FILE, EvalClock, prepare_trainable, run_eval, setup
+from moe_lora.routing.base_router import attach_base_routers
 from moe_lora.tracking import write_json_atomic, write_jsonl_atomic
 from moe_lora.train.checkpoint import set_adapter
 
@@ -46,7 +48,9 @@ def reevaluate(run_dir: Path, overrides: list[str]) -> tuple[Path, dict]:
     clock = EvalClock()
     with clock.phase("base", model):
         base, base_predictions = run_eval(model, tok, mixture, cfg, precision, progress=True)
+    blocks = read_structure(model).moe  # before an expert adapter wraps the experts
     adapted = inject_adapter(model, cfg.adapter, cfg.model, cfg.layout)
+    attach_base_routers(model, cfg.model.moe, None, blocks)  # the trained base router / null experts train saved
     set_adapter(model, state, run_dir / ADAPTER_FILE)
     with clock.phase("tuned", model):
         tuned, predictions = run_eval(model, tok, mixture, cfg, precision, progress=True)
