@@ -193,6 +193,11 @@ class ModelConfig:
     name: str = MISSING
     source: str = "hub"
     name_or_path: Optional[str] = None
+    # a GGUF file (llama.cpp's format) instead of name_or_path: dequantized to model.dtype once and
+    # cached (model/gguf.py); with gguf_package, the file ships inside that installed distribution
+    gguf_file: Optional[str] = None
+    gguf_package: Optional[str] = None
+    chat_template: bool = False  # an instruction-tuned model: data.chat_template=null follows this
     family: str = "llama"
     modules: ModulesConfig = field(default_factory=ModulesConfig)
     # Architecture fields: for source=world they define the model; for source=hub they are only a
@@ -223,8 +228,23 @@ class ModelConfig:
         require(self.source in ("world", "hub"), "model.source", self.source, "must be 'world' or 'hub'")
         if self.source == "hub":
             require(
-                bool(self.name_or_path), "model.name_or_path", self.name_or_path, "is required for model.source=hub"
+                bool(self.name_or_path or self.gguf_file),
+                "model.name_or_path",
+                self.name_or_path,
+                "is required for model.source=hub (or model.gguf_file)",
             )
+        require(
+            self.source == "hub" or not self.gguf_file,
+            "model.gguf_file",
+            self.gguf_file,
+            f"needs model.source=hub (model.source={self.source})",
+        )
+        require(
+            not self.gguf_package or bool(self.gguf_file),
+            "model.gguf_package",
+            self.gguf_package,
+            "names the distribution that ships model.gguf_file, which is not set",
+        )
         require(self.num_layers >= 1, "model.num_layers", self.num_layers, "must be >= 1")
         for key in ("hidden_size", "intermediate_size", "num_heads"):
             require(getattr(self, key) >= 1, f"model.{key}", getattr(self, key), "must be >= 1")
@@ -647,6 +667,53 @@ class P3Config:
             )
 
 
+FACT_RELATIONS = ("capital", "currency", "symbol", "element")
+
+
+@dataclass
+class FactsConfig:
+    """Real facts from installed packages (``data/facts.py``, ``data=facts_world``): closed-book
+    questions about countries and chemical elements, split once (by ``seed``, the same for every
+    run seed) into training facts and held-out facts, and the held-out ones into those the base
+    model knows (it answers their calibration question) and not. Knowledge retained is measured on
+    the known ones, asked with other templates; the instruction side is the world's tasks."""
+
+    relations: List[str] = field(default_factory=list)  # capital, currency, symbol, element; empty: off
+    per_relation: Optional[int] = None  # facts per relation (a sample fixed by seed); null: all
+    train_fraction: float = 0.3  # facts whose questions make the CBQA share of training
+    eval_examples: Optional[int] = None  # cap on the known held-out facts scored
+    seed: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.relations)
+
+    def __post_init__(self) -> None:
+        check_finite(self, "data.facts")
+        check_seed("data.facts.seed", self.seed)
+        for name in self.relations:
+            require(name in FACT_RELATIONS, "data.facts.relations", name, f"is not one of {', '.join(FACT_RELATIONS)}")
+        require(
+            len(set(self.relations)) == len(self.relations),
+            "data.facts.relations",
+            self.relations,
+            "lists a relation twice",
+        )
+        require(
+            self.per_relation is None or self.per_relation >= 1,
+            "data.facts.per_relation",
+            self.per_relation,
+            "must be >= 1 or null",
+        )
+        require(0.0 < self.train_fraction < 1.0, "data.facts.train_fraction", self.train_fraction, "must be in (0, 1)")
+        require(
+            self.eval_examples is None or self.eval_examples >= 1,
+            "data.facts.eval_examples",
+            self.eval_examples,
+            "must be >= 1 or null",
+        )
+
+
 @dataclass
 class DataConfig:
     """The fine-tuning mix. With ``sources`` empty it is the built-in world: instruction examples
@@ -658,7 +725,8 @@ class DataConfig:
     sources: Dict[str, SourceConfig] = field(default_factory=dict)
     p3: P3Config = field(default_factory=P3Config)  # the T0 mixture (data=p3_t0) instead of sources
     root: Optional[str] = None  # folder of prepared datasets (<root>/<source name>), checked first
-    chat_template: bool = False  # wrap prompts in the tokenizer's chat template
+    facts: FactsConfig = field(default_factory=FactsConfig)  # real facts (data=facts_world) instead of the world's
+    chat_template: Optional[bool] = None  # wrap prompts in the tokenizer's chat template; null: model.chat_template
     num_proc: Optional[int] = None  # datasets.map workers for tokenisation
     world: WorldConfig = field(default_factory=WorldConfig)
     num_train: int = 2000

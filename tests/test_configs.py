@@ -16,8 +16,9 @@ CASES = [(g, p.stem) for g in GROUPS for p in sorted((CONF_DIR / g).glob("*.yaml
 @pytest.mark.parametrize(("group", "name"), CASES, ids=[f"{g}={n}" for g, n in CASES])
 def test_every_yaml_composes_and_validates(group: str, name: str) -> None:
     text = (CONF_DIR / "data" / f"{name}.yaml").read_text() if group == "data" else ""
-    # real datasets need a hub model's tokenizer (P3: an encoder-decoder's)
-    extra = ["model=t5_v1_1_lm_adapt_large"] if "p3:" in text else ["model=gpt2"] if "sources" in text else []
+    # real datasets and real facts need a hub model's tokenizer (P3: an encoder-decoder's)
+    real = "sources" in text or "facts:" in text
+    extra = ["model=t5_v1_1_lm_adapt_large"] if "p3:" in text else ["model=gpt2"] if real else []
     if group == "model" and "\nmoe:" in (CONF_DIR / "model" / f"{name}.yaml").read_text():
         extra.append("adapter=lora")  # an MoE base: the default loramoe cannot adapt its fused experts (one line)
     cfg = load_config([f"{group}={name}", *extra], check_files=False)  # hub models are not downloaded here

@@ -1,4 +1,5 @@
-"""The one home of answer matching: lm-eval's ``triviaqa`` and ``nq_open`` rules, and exact equality.
+"""The one home of answer matching: lm-eval's ``triviaqa`` and ``nq_open`` rules, exact equality,
+and PopQA's ``contains`` (the real facts: instruction-tuned models answer in sentences).
 
 lm-eval scores a ``generate_until`` task in three steps, reproduced here so that our numbers are
 the harness's numbers: (1) the generation is cut at the first ``until`` stop string (done by
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import re
 import string
+import unicodedata
 from collections.abc import Callable, Sequence
 
 # nq_open.yaml, metric_list[0].regexes_to_ignore, verbatim (the duplicated "The " is lm-eval's).
@@ -61,8 +63,23 @@ def match_exact(prediction: str, answers: Sequence[str]) -> bool:
     return prediction.strip() in answers
 
 
+def words(text: str) -> str:
+    """Lower-case words without accents or punctuation, single-spaced ("Bogotá, D.C." -> "bogota d c")."""
+    folded = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+    return " ".join(re.sub(r"[^a-z0-9]+", " ", folded.lower()).split())
+
+
+def match_contains(prediction: str, answers: Sequence[str]) -> bool:
+    """PopQA's rule (Mallen et al. 2023) for instruction-tuned models that answer in sentences
+    ("The capital of Syria is Damascus."): correct if an answer occurs in the prediction as whole
+    words, case, accents and punctuation ignored. Used by the real facts (``data.facts``)."""
+    pred = f" {words(prediction)} "
+    return any(f" {a} " in pred for a in map(words, answers) if a)
+
+
 MATCHERS: dict[str, Callable[[str, Sequence[str]], bool]] = {
     "triviaqa": match_triviaqa,
     "nq_open": match_nq_open,
     "exact": match_exact,
+    "contains": match_contains,
 }

@@ -25,6 +25,7 @@ from transformers.models.auto.modeling_auto import (
 
 from moe_lora.config import WORLD_MOE_FAMILY, ModelConfig
 from moe_lora.errors import ConfigError, first_line
+from moe_lora.model.gguf import default_cache_dir, dequantized_folder, gguf_config, gguf_path, require_gguf
 
 if TYPE_CHECKING:  # transformers' modelling imports cost seconds: loaded when a model is built
     from transformers import PreTrainedModel
@@ -96,7 +97,13 @@ def check_latent_attention(config, cfg: ModelConfig) -> None:
 
 def checkpoint_config(cfg: ModelConfig):
     """The transformers config of a hub model when its ``config.json`` is readable here (a local
-    directory, or a hub id in the local Hugging Face cache), else None. Reads one small file."""
+    directory, or a hub id in the local Hugging Face cache), else None. Reads one small file; a
+    GGUF file's config comes from its metadata."""
+    if cfg.source == "hub" and cfg.gguf_file:
+        config = gguf_config(cfg)
+        if config is not None:
+            check_causal(config, cfg)
+        return config
     if cfg.source != "hub" or not cfg.name_or_path:
         return None
 
@@ -166,7 +173,9 @@ def read_architecture(cfg: ModelConfig) -> ModelConfig:
         vocab_size=config.vocab_size,
         tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
     )
-    if cfg.name == "tiny_world":
+    if cfg.gguf_file and cfg.name == "tiny_world":  # model.source=hub model.gguf_file=...: labelled by the file
+        fields["name"] = Path(str(cfg.gguf_file)).stem
+    elif cfg.name == "tiny_world":
         fields["name"] = Path(str(cfg.name_or_path).rstrip("/")).name or str(cfg.name_or_path)
     return replace(cfg, **fields)
 
@@ -250,7 +259,11 @@ def _looks_local(path: str) -> bool:
 
 
 def resolve_hub_path(cfg: ModelConfig) -> str:
-    """A local directory, or a hub id that is in the local cache (or downloads are allowed)."""
+    """A local directory, or a hub id that is in the local cache (or downloads are allowed); for
+    ``model.gguf_file``, the GGUF file (and the gguf package there to read it)."""
+    if cfg.gguf_file:
+        require_gguf()
+        return str(gguf_path(cfg))
     path = str(cfg.name_or_path)
     local = Path(path).expanduser()
     if local.is_dir():
@@ -299,13 +312,23 @@ def check_model_folder(folder: Path, key: str) -> None:
             ) from None
 
 
-def hub_model(cfg: ModelConfig):
+def model_folder(cfg: ModelConfig, cache_dir: str | Path | None = None, progress: bool = True) -> str:
+    """The folder (or hub id) transformers loads: ``model.name_or_path``, or for ``model.gguf_file``
+    its dequantized copy under ``cache_dir`` (made now on a cache miss)."""
+    if cfg.gguf_file:
+        return str(dequantized_folder(cfg, cache_dir or default_cache_dir(), progress))
+    return resolve_hub_path(cfg)
+
+
+def hub_model(cfg: ModelConfig, cache_dir: str | Path | None = None, progress: bool = True):
     """Any Hugging Face causal LM or encoder-decoder (``model.architecture``; weights in
     ``model.dtype``) and its tokenizer (pad token set to EOS if missing). The architecture was read
     from the same config.json in ``validate``. T5 keeps its ``wo`` in float32 under a bf16 / fp16
-    ``model.dtype`` (transformers' ``_keep_in_fp32_modules``: T5's FFN output overflows in fp16)."""
-    path = resolve_hub_path(cfg)
-    auto = AutoModelForSeq2SeqLM if is_seq2seq(cfg, checkpoint_config(cfg)) else AutoModelForCausalLM
+    ``model.dtype`` (transformers' ``_keep_in_fp32_modules``: T5's FFN output overflows in fp16).
+    A GGUF file loads from its dequantized copy in ``cache_dir`` (:mod:`moe_lora.model.gguf`)."""
+    path = model_folder(cfg, cache_dir, progress)
+    config = AutoConfig.from_pretrained(path) if cfg.gguf_file else checkpoint_config(cfg)
+    auto = AutoModelForSeq2SeqLM if is_seq2seq(cfg, config) else AutoModelForCausalLM
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     except Exception as exc:  # tokenizers raises a bare Exception for a damaged tokenizer.json

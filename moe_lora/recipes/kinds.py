@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from moe_lora.data import p3, sources
 from moe_lora.data.kinds import DATA_KINDS, DataEnv, DataKind, ModelChecks, kind_of, register_kind
+from moe_lora.recipes import facts
 from moe_lora.world import mixture
 
-KIND_MODULES = (p3, sources, mixture)  # imported for their registrations
+KIND_MODULES = (p3, sources, mixture, facts)  # imported for their registrations
 
 __all__ = ["DATA_KINDS", "KIND_MODULES", "DataEnv", "DataKind", "ModelChecks", "kind_of", "register_kind"]

@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 def load_base(cfg: TrainConfig, world: World | None, progress: bool = True):
     if cfg.model.source == "world":
         return world_model(cfg.model, world, cfg.cache_dir, progress)
-    return hub_model(cfg.model)
+    return hub_model(cfg.model, cfg.cache_dir, progress)
 
 
 def build_mixture(
@@ -78,7 +78,7 @@ def setup(cfg: TrainConfig, progress: bool = True, dist: Dist | None = None):
     model.to(precision.device)
     if cfg.model.gradient_checkpointing:
         enable_checkpointing(model)
-    mixture = build_mixture(cfg, world)
+    mixture = build_mixture(cfg, world, model, tok, precision, progress and dist.is_main)
     return precision, model, tok, mixture
 
 

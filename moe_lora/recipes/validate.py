@@ -18,8 +18,9 @@ from moe_lora.adapters.inject import inject_adapter
 from moe_lora.config import TrainConfig
 from moe_lora.errors import ConfigError
 from moe_lora.eval.harness import check_harness
+from moe_lora.model.gguf import check_gguf_file
 from moe_lora.model.layouts import resolve_layout
-from moe_lora.model.load import check_attn_implementation, meta_model, read_architecture, resolve_hub_path
+from moe_lora.model.load import check_attn_implementation, meta_model, model_folder, read_architecture, resolve_hub_path
 from moe_lora.model.structure import cross_check_peft, read_structure
 from moe_lora.recipes.kinds import ModelChecks, kind_of
 from moe_lora.routing.base_router import attach_base_routers
@@ -40,11 +41,15 @@ def validate(cfg: TrainConfig, check_files: bool = True) -> None:
     kind = kind_of(cfg.data)  # two kinds asked for fail here
     if kind.check is not None:
         kind.check(cfg)
+    if cfg.data.chat_template is None:  # null: the model says (an instruction-tuned model's YAML sets it)
+        cfg.data.chat_template = cfg.model.chat_template
     check_precision(cfg.recipe.precision, cfg.model.dtype, cfg.adapter.dtype, spec.trains_base)
     check_eval(cfg)
     if check_files:
         if cfg.model.source == "hub":
             resolve_hub_path(cfg.model)  # a missing model fails here, in well under a second
+            if cfg.model.gguf_file:
+                check_gguf_file(cfg.model, cfg.cache_dir)
         resolve_device(cfg.recipe.device)
         if kind.check_files is not None:
             kind.check_files(cfg)
@@ -74,7 +79,8 @@ def check_eval(cfg: TrainConfig) -> None:
 
 def base_tokenizer(cfg: TrainConfig):
     """The base model's tokenizer, for the data kinds' checks that count tokens."""
-    return AutoTokenizer.from_pretrained(resolve_hub_path(cfg.model), trust_remote_code=cfg.model.trust_remote_code)
+    folder = model_folder(cfg.model, cfg.cache_dir)  # a GGUF file: its dequantized copy (made once)
+    return AutoTokenizer.from_pretrained(folder, trust_remote_code=cfg.model.trust_remote_code)
 
 
 def base_meta_model(cfg: TrainConfig) -> nn.Module:

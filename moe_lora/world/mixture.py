@@ -7,7 +7,7 @@ import random
 from dataclasses import replace
 
 from moe_lora.config import DataConfig, TrainConfig
-from moe_lora.data.example import EvalSet, Mixture
+from moe_lora.data.example import EvalSet, Example, Mixture
 from moe_lora.data.kinds import DataKind, register_kind
 from moe_lora.errors import ConfigError
 from moe_lora.world.generator import INSTRUCTION_TASKS, MC_CLUSTERS, World, instruction_examples, mc_examples
@@ -25,26 +25,9 @@ def world_mixture(cfg: DataConfig, world: World, seed: int) -> Mixture:
     n_instr = cfg.num_train - n_cbqa
     pool = world.qa("train")
     cbqa = [pool[i % len(pool)] for i in range(n_cbqa)]  # cycles through every trained fact
-    tasks = list(cfg.instruction_tasks)
-    items = (cfg.min_items, cfg.max_items)
-    counts = [n_instr // len(tasks) + (i < n_instr % len(tasks)) for i in range(len(tasks))]
-    instr = [
-        e
-        for i, (t, n) in enumerate(zip(tasks, counts, strict=False))
-        for e in instruction_examples([t], n, seed=cfg.world.seed + 1000 + i, items=items)
-    ]
+    instr, eval_instr, val_instr = instruction_split(cfg, n_instr)
     train = cbqa + instr
     rng.shuffle(train)
-    seen = {e.prompt for e in instr}
-    held = [
-        e
-        for e in instruction_examples(tasks, cfg.eval_per_task * 3, seed=cfg.world.seed + 2000, items=items)
-        if e.prompt not in seen
-    ]
-    eval_instr = [e for t in tasks for e in [x for x in held if x.subtask == t][: cfg.eval_per_task]]
-    val_instr = [
-        e for t in tasks for e in [x for x in held if x.subtask == t][cfg.eval_per_task :][: cfg.eval_per_task]
-    ]
     validation = [e for pair in zip(world.qa("validation"), val_instr, strict=False) for e in pair]  # interleaved types
     test = [replace(e, id=f"cbqa-{i}") for i, e in enumerate(world.qa("test"))]
     eval_instr = [replace(e, id=f"instruction-{i}") for i, e in enumerate(eval_instr)]
@@ -55,6 +38,32 @@ def world_mixture(cfg: DataConfig, world: World, seed: int) -> Mixture:
     return Mixture(
         train=train, eval=sets, validation=validation, info={"train": {"cbqa": n_cbqa, "instruction": n_instr}}
     )
+
+
+def instruction_split(cfg: DataConfig, n_train: int) -> tuple[list[Example], list[Example], list[Example]]:
+    """The world's instruction examples: ``n_train`` for training split evenly over
+    ``data.instruction_tasks``, and ``eval_per_task`` per task for evaluation and again for
+    validation, none of whose prompts is trained on. Fixed by the world seed (identical across run
+    seeds); the real facts (``data.facts``) take their instruction side from here too."""
+    tasks = list(cfg.instruction_tasks)
+    items = (cfg.min_items, cfg.max_items)
+    counts = [n_train // len(tasks) + (i < n_train % len(tasks)) for i in range(len(tasks))]
+    train = [
+        e
+        for i, (t, n) in enumerate(zip(tasks, counts, strict=False))
+        for e in instruction_examples([t], n, seed=cfg.world.seed + 1000 + i, items=items)
+    ]
+    seen = {e.prompt for e in train}
+    held = [
+        e
+        for e in instruction_examples(tasks, cfg.eval_per_task * 3, seed=cfg.world.seed + 2000, items=items)
+        if e.prompt not in seen
+    ]
+    evaluation = [e for t in tasks for e in [x for x in held if x.subtask == t][: cfg.eval_per_task]]
+    validation = [
+        e for t in tasks for e in [x for x in held if x.subtask == t][cfg.eval_per_task :][: cfg.eval_per_task]
+    ]
+    return train, evaluation, validation
 
 
 def world_t0_mixture(cfg: DataConfig, world: World, seed: int) -> Mixture:

@@ -78,4 +78,4 @@ def test_rules_differ_where_the_tasks_do() -> None:
     assert not match_triviaqa("eiffel  tower", ["Eiffel Tower"])
     assert match_triviaqa("Melville", ["Herman Melville", "Melville"])
     assert match_exact(" b a ", ["b a"]) and not match_exact("B a", ["b a"]) and not match_exact("b  a", ["b a"])
-    assert set(MATCHERS) == {"triviaqa", "nq_open", "exact"}
+    assert set(MATCHERS) == {"triviaqa", "nq_open", "exact", "contains"}  # contains: tests/test_real_weights.py
