@@ -21,7 +21,7 @@ from moe_lora.routing.base_router import NullExpertRouter, add_null_experts, wat
 from moe_lora.routing.losses import family_load_balance_loss
 from moe_lora.routing.recorder import RoutingRecorder
 from tests.conftest import read_jsonl
-from tests.fixtures.moe import moe_config
+from tests.fixtures.moe import MOE_FAMILIES, SPARSE_LAYERS, moe_config
 
 NULL_FAMILIES = ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe")
 
@@ -168,6 +168,24 @@ def test_trained_router_adds_the_family_loss_and_learns() -> None:
     torch.testing.assert_close(aux, expected, rtol=1e-5, atol=0)
     aux.backward()
     assert all(model.get_submodule(b.router).weight.grad.abs().sum() > 0 for b in blocks)
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_every_family_router_is_watched_and_trained(family) -> None:
+    """The six fixture families' routers (fused experts in both axis orders, a router bias, shared
+    experts, dense layers) report the family's own choices and take the family loss."""
+    model = tiny_moe(family)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    recorder = RoutingRecorder()
+    blocks = read_structure(model).moe
+    names = watch_base_routers(model, blocks, recorder, train=True)
+    assert [b.layer for b in blocks] == list(SPARSE_LAYERS[family])
+    _, aux = record(model, recorder, ids(), torch.tensor([0, 1]))
+    aux.backward()
+    rows = [r for r in recorder.flush(1) if r["task_type"] == "all"]
+    assert [r["module"] for r in rows] == names and all(r["real_experts_per_token"] == 2 for r in rows)
+    assert all(model.get_submodule(n).weight.grad.abs().sum() > 0 for n in names)
 
 
 def test_null_rate_and_real_experts_per_token_are_recorded() -> None:
