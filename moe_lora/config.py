@@ -104,7 +104,8 @@ class BaseMoEConfig:
     are always watched (CV, load per task type and entropy per layer in routing.jsonl).
 
     ``num_experts``, ``top_k``, ``expert_size`` and ``router_aux_loss_coef`` build the built-in toy
-    MoE (``model=tiny_world_moe``, :mod:`moe_lora.world.moe`); a hub MoE's come from its config.json.
+    MoE (``model=tiny_world_moe``, :mod:`moe_lora.world.moe`) and are refused for any other model
+    (a hub MoE's come from its config.json: setting them there would change nothing).
     ``train_router``: the base router's weights train (frozen by default, as LLaMA-Factory) and the
     family's load-balance loss joins the loss, weighted by ``router_aux_weight`` (null: the
     checkpoint's ``router_aux_loss_coef``). ``null_experts``: AdaMoE's null experts added to every
@@ -112,10 +113,10 @@ class BaseMoEConfig:
     new router rows initialised by ``null_init`` (``copy``: copies of the real rows, the authors'
     setting; ``neg_inf``: never chosen, the base's output unchanged at the base's top-k)."""
 
-    num_experts: int = 8
-    top_k: int = 2
-    expert_size: int = 256
-    router_aux_loss_coef: float = 0.01
+    num_experts: Optional[int] = None
+    top_k: Optional[int] = None
+    expert_size: Optional[int] = None
+    router_aux_loss_coef: Optional[float] = None
     train_router: bool = False
     router_aux_weight: Optional[float] = None
     null_experts: int = 0
@@ -125,15 +126,19 @@ class BaseMoEConfig:
     def __post_init__(self) -> None:
         check_finite(self, "model.moe")
         for key in ("num_experts", "top_k", "expert_size"):
-            require(getattr(self, key) >= 1, f"model.moe.{key}", getattr(self, key), "must be >= 1")
+            value = getattr(self, key)
+            require(value is None or value >= 1, f"model.moe.{key}", value, "must be >= 1")
         require(
-            self.top_k <= self.num_experts,
+            self.top_k is None or self.num_experts is None or self.top_k <= self.num_experts,
             "model.moe.top_k",
             self.top_k,
             f"must be <= model.moe.num_experts={self.num_experts}",
         )
         require(
-            self.router_aux_loss_coef >= 0, "model.moe.router_aux_loss_coef", self.router_aux_loss_coef, "must be >= 0"
+            self.router_aux_loss_coef is None or self.router_aux_loss_coef >= 0,
+            "model.moe.router_aux_loss_coef",
+            self.router_aux_loss_coef,
+            "must be >= 0",
         )
         require(
             self.router_aux_weight is None or self.router_aux_weight >= 0,
@@ -258,6 +263,17 @@ class ModelConfig:
             "must be auto, causal or seq2seq",
         )
         require(self.dtype in DTYPES, "model.dtype", self.dtype, "must be float32, bfloat16 or float16")
+        world_moe = self.source == "world" and self.family == WORLD_MOE_FAMILY
+        for key in ("num_experts", "top_k", "expert_size", "router_aux_loss_coef"):  # the toy MoE's architecture
+            value = getattr(self.moe, key)
+            require(
+                (value is not None) == world_moe,
+                f"model.moe.{key}",
+                value,
+                f"is required by the built-in MoE (model.source=world, model.family={WORLD_MOE_FAMILY})"
+                if world_moe
+                else "builds the built-in MoE (model=tiny_world_moe) only; a hub MoE's is read from its config.json",
+            )
         require(
             self.attn_implementation in ATTN_IMPLEMENTATIONS,
             "model.attn_implementation",

@@ -15,6 +15,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
 
+from moe_lora.config import BaseMoEConfig, ModelConfig
 from moe_lora.errors import ConfigError
 from moe_lora.model.structure import read_structure
 from moe_lora.routing.base_router import NullExpertRouter, add_null_experts, watch_base_routers
@@ -266,3 +267,12 @@ def test_moe_settings_on_a_dense_model_stop_in_one_line(run_cli, tmp_path) -> No
     code, _out, err = run_cli("train", "adapter=lora", "model.moe.train_router=true", f"hydra.run.dir={tmp_path / 'r'}")
     assert code != 0 and "model.moe.train_router=True: llama has no MoE layer" in err
     assert not (tmp_path / "r").exists()  # refused by the precheck, before any run folder
+
+
+def test_model_moe_fields_that_would_change_nothing_are_refused() -> None:
+    with pytest.raises(ConfigError, match=r"model.moe.top_k=4 builds the built-in MoE .* only"):
+        ModelConfig(name="m", source="hub", name_or_path="some/moe", moe=BaseMoEConfig(top_k=4))
+    with pytest.raises(ConfigError, match=r"model.moe.router_aux_weight=0.1 weights the loss of a trained base router"):
+        BaseMoEConfig(router_aux_weight=0.1)
+    with pytest.raises(ConfigError, match=r"model.moe.null_top_k=4 needs model.moe.null_experts > 0"):
+        BaseMoEConfig(null_top_k=4)
