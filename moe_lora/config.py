@@ -221,6 +221,10 @@ class ModelConfig:
     architecture: str = "auto"
     num_decoder_layers: Optional[int] = None
     feed_forward_proj: Optional[str] = None
+    # further fields of the family's transformers config, in its own names (an MoE's experts, top-k,
+    # expert size, sparse/dense layers: Mixtral's num_local_experts, Qwen3-MoE's moe_intermediate_size):
+    # like the fields above, only a fallback for counting a hub model that is not on disk
+    config_fields: Dict[str, Any] = field(default_factory=dict)
     dtype: str = "float32"  # the frozen base weights; adapters have their own adapter.dtype
     trust_remote_code: bool = False
     # auto: sdpa where the architecture supports it, else what transformers picks (eager)
@@ -263,6 +267,12 @@ class ModelConfig:
             "must be auto, causal or seq2seq",
         )
         require(self.dtype in DTYPES, "model.dtype", self.dtype, "must be float32, bfloat16 or float16")
+        require(
+            self.source == "hub" or not self.config_fields,
+            "model.config_fields",
+            dict(self.config_fields),
+            "describes a hub model that is not on disk (model.source=hub); the built-in models use model.moe",
+        )
         world_moe = self.source == "world" and self.family == WORLD_MOE_FAMILY
         for key in ("num_experts", "top_k", "expert_size", "router_aux_loss_coef"):  # the toy MoE's architecture
             value = getattr(self.moe, key)

@@ -9,6 +9,8 @@ well under a second with a message that names ``model.name_or_path``.
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -18,6 +20,7 @@ import torch
 from huggingface_hub import try_to_load_from_cache
 from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import (
     MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
     MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
@@ -230,6 +233,7 @@ def arch_config(cfg: ModelConfig, vocab_size: int | None = None, **overrides):
             kw["head_dim"] = fields["head_dim"]
         if cfg.source == "world" and cfg.family == WORLD_MOE_FAMILY:  # the built-in toy MoE (model.moe)
             kw |= cfg.moe.architecture()
+    kw |= family_fields(cfg)
     try:
         config = AutoConfig.for_model(cfg.family, **kw)
     except ValueError as exc:
@@ -239,6 +243,27 @@ def arch_config(cfg: ModelConfig, vocab_size: int | None = None, **overrides):
         if isinstance(value, int) and value >= vocab:
             setattr(config, key, None)
     return config
+
+
+def family_fields(cfg: ModelConfig) -> dict:
+    """``model.config_fields``: the family's own config fields (an MoE's experts, top-k, expert size,
+    dense layers), checked against its transformers config class, which would otherwise keep a
+    misspelt key as an attribute nobody reads and count a model that does not exist."""
+    fields = dict(cfg.config_fields)
+    if not fields:
+        return fields
+    if cfg.family not in CONFIG_MAPPING:
+        raise ConfigError(f"model.family={cfg.family!r} is not a transformers model type")
+    config_class = CONFIG_MAPPING[cfg.family]
+    known = {f.name for f in dataclasses.fields(config_class)} if dataclasses.is_dataclass(config_class) else set()
+    known |= set(inspect.signature(config_class.__init__).parameters) | set(config_class.attribute_map)
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ConfigError(
+            f"model.config_fields.{unknown[0]} is not a field of transformers' {config_class.__name__} "
+            f"(model.family={cfg.family})"
+        )
+    return fields
 
 
 def meta_model(cfg: ModelConfig, vocab_size: int | None = None, **overrides) -> PreTrainedModel:
