@@ -21,20 +21,26 @@ is replaced by :class:`NullExpertRouter`: ``N`` new outputs that select a null e
 no FLOPs), top-k raised to ``model.moe.null_top_k``. A null pick is passed to the family's experts
 module as the sentinel index ``E`` with weight 0, which every transformers 5 experts
 implementation skips (eager: ``if expert_idx == num_experts: continue``; grouped_mm: sentinel rows
-sorted past the last group), so null slots cost no expert FLOPs. The chosen real experts' weights
-follow the family's own rule applied to the real picks only (renormalised among themselves where
-the family renormalises, ``norm_topk_prob`` / Mixtral; AdaMoE's authors' Mixtral code does the
-same); a token whose picks are all null gets a zero MoE output, so the layer passes the residual
-stream through (plus any shared expert). The load-balance loss covers real and null experts, with
-the null experts' load and probability averaged over the nulls (AdaMoE's form: the loss balances
-the real experts and the null *group*, rather than pushing tokens between identical nulls).
+sorted past the last group, masked under ``_is_expert_parallel``, which is set here; moe_lora's
+LoRA on the experts skips them too), so the expert FLOPs of a token are its real picks' (the
+recorded ``real_experts_per_token`` equals the rows the experts module computes, tested). The
+chosen real experts' weights follow the family's own rule applied to the real picks only
+(renormalised among themselves where the family renormalises, ``norm_topk_prob`` / Mixtral, as a
+public AdaMoE Mixtral patch does); a token whose picks are all null gets a zero MoE output, so the
+layer passes the residual stream through (plus any shared expert; tested). The load-balance loss
+covers real and null experts with the null experts' load and probability averaged over the nulls
+(the form of moe_lora's ``adamoe`` variant, our reading of the paper: the loss balances the real
+experts and the null *group*). That public patch differs: it does not average the nulls and
+counts their picks over padding too.
 
 Initialisation of the new rows (``model.moe.null_init``):
 
-- ``copy`` (the issue's account of the authors' code, whose released Mixtral patch adds a second
-  bias-free gate for the nulls): null row ``j`` copies real row ``j mod E``. Each null then ties
-  with a real expert, so routing changes at init wherever top-k breaks those ties (with
-  ``N = E`` and top-k doubled, the real picks stay the base's top-k up to tie order).
+- ``copy`` (the default; the issue's account of the authors' code; the public patch above adds
+  a second bias-free gate for the nulls instead): null row ``j`` copies real row ``j mod E``.
+  Each null then ties with a real expert, so routing changes at init wherever top-k breaks those
+  ties (with ``N = E`` and top-k doubled, the real picks stay the base's top-k: tested on Mixtral;
+  with the authors' ``N = 2E`` and top-4, a token's second real expert competes with the first's
+  two copies, so the output changes at init).
 - ``neg_inf``: zero rows plus a constant offset of -1e4 on the null logits, the float32
   equivalent of minus infinity (their softmax probability is exactly 0 against any real logit
   above -9900). With the base's top-k the model's output is the base's, bit for bit (tested).
