@@ -26,7 +26,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from moe_lora.world.spread import SPREAD_FILE, config_fingerprint, render_table, summarise
+from moe_lora.world.spread import SPREAD_FILE, render_table, run_overrides, summarise
 
 REPO = Path(__file__).resolve().parent.parent
 RUNS = REPO / "docs" / "reproducibility" / "runs"
@@ -67,12 +67,13 @@ def run_one(name: str, root: Path, threads: int, overrides: list[str]) -> Path:
 def record(name: str, results: Path) -> dict:
     full = json.loads(results.read_text())
     kept = {k: full[k] for k in KEPT if k in full}
-    return {"name": name, "env": EMULATED[name], "fingerprint": config_fingerprint(full["config"]), **kept}
+    overrides = run_overrides(results.parent)
+    return {"name": name, "env": EMULATED[name], "overrides": overrides, **kept}
 
 
 def write(records: list[dict]) -> None:
     spread = summarise(
-        [{k: r[k] for k in ("name", "env", "fingerprint", "metrics", "numerics", "wall_s")} for r in records]
+        [{k: r[k] for k in ("name", "env", "overrides", "metrics", "numerics", "wall_s", "config")} for r in records]
     )
     SPREAD_FILE.write_text(json.dumps(spread, indent=1, sort_keys=True) + "\n")
     page = PAGE.read_text()

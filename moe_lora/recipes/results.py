@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from moe_lora.eval.kinds import COLUMNS, compare
 from moe_lora.eval.kinds.base import declarations
 from moe_lora.tracking import atomic_path, write_jsonl_atomic
-from moe_lora.world.spread import load_spread, numerics, spread_rows
+from moe_lora.world.spread import hydra_overrides, load_spread, numerics, spread_rows
 
 
 def write_adapter(path: Path, tensors: dict) -> None:
@@ -61,6 +61,7 @@ def build_results(cfg, resolved, base, tuned, params, adapted, routing, wall) ->
         "routing_by_stack": by_stack(final),
         "wall_s": wall,
         "numerics": numerics(),  # ISA kernels, MKL branch, threads, CPU: what makes machines differ
+        "overrides": hydra_overrides(),  # the command line's, minus paths and threads: the spread's match
         "config": resolved,
         "adapter_config": dataclasses.asdict(cfg.adapter),
     }

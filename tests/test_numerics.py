@@ -1,0 +1,188 @@
+"""CPU numerics: why another machine lands elsewhere, and the measured spread the summary quotes.
+
+The cross-CPU facts are measured, not assumed: a world-model pretraining repeats bitwise in one
+configuration, and ATen's scalar kernels (what a CPU without AVX2 runs) give other weights from the
+initialisation on. The spread file, its run records and the docs table are checked to be one
+generation of each other, so none of them can be edited by hand without the suite noticing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from transformers import LlamaForCausalLM
+
+from moe_lora.config import resolved_config
+from moe_lora.recipes.compose import load_config
+from moe_lora.recipes.results import summary_table
+from moe_lora.world.generator import World
+from moe_lora.world.model import world_model_config
+from moe_lora.world.pretrain import pretrain
+from moe_lora.world.spread import (
+    SPREAD_FILE,
+    config_differences,
+    config_leaves,
+    hydra_overrides,
+    load_spread,
+    number_overrides,
+    numerics,
+    render_table,
+    run_overrides,
+    spread_rows,
+    summarise,
+)
+from moe_lora.world.tokenizer import word_tokenizer
+from tests.conftest import TINY
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def pretrained_hash(steps: int = 1) -> str:
+    """sha256 of a tiny world model's weights after ``steps`` pretraining steps (its init included)."""
+    cfg = load_config([*TINY, f"model.pretrain.steps={steps}"], check_files=False)
+    world = World(cfg.data.world)
+    torch.manual_seed(world.cfg.seed)
+    model = LlamaForCausalLM(world_model_config(cfg.model, len(world.vocab)))
+    pretrain(model, word_tokenizer(world.vocab), world.pretraining_corpus(), cfg.model.pretrain, world.cfg.seed, False)
+    return hashlib.sha256(b"".join(v.numpy().tobytes() for _, v in sorted(model.state_dict().items()))).hexdigest()
+
+
+def _hashes_in_subprocesses(*envs: dict[str, str]) -> list[str]:
+    """``pretrained_hash()`` in one fresh process per environment, run side by side."""
+    code = "from tests.test_numerics import pretrained_hash; print(pretrained_hash())"
+    base = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], env={**base, **env}, cwd=REPO, stdout=subprocess.PIPE, text=True)
+        for env in envs
+    ]
+    outs = [p.communicate()[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    return [out.strip().splitlines()[-1] for out in outs]
+
+
+def test_pretraining_repeats_bitwise_and_scalar_kernels_change_it():
+    """The premise of docs/reproducibility.md: one machine, one kernel set, one thread count gives
+    the same weights in every process; the same code under another CPU's kernels (ATen's scalar
+    ones, what a CPU without AVX2 runs) does not, from the initial weights on."""
+    if torch.backends.cpu.get_cpu_capability() == "DEFAULT":
+        pytest.skip("this CPU already runs ATen's scalar kernels: there is no other kernel set to compare")
+    again, scalar = _hashes_in_subprocesses({}, {"ATEN_CPU_CAPABILITY": "default"})
+    here = pretrained_hash()
+    assert again == here
+    assert scalar != here
+
+
+def _results(tmp_path: Path, *overrides: str, lr: float = 3e-3, **metrics) -> dict:
+    """A run's record whose run folder holds Hydra's overrides.yaml, as `moe-lora train` leaves it."""
+    run_dir = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides) or "[]\n")
+    cfg = {"recipe": {"lr": lr, "threads": None}, "run_dir": str(run_dir), "cache_dir": "/x", "seed": 0}
+    return {"config": cfg, "metrics": metrics}
+
+
+def _spread(tmp_path: Path, *values: float) -> dict:
+    runs = []
+    for i, v in enumerate(values):
+        run = _results(tmp_path, f"recipe.threads={i + 1}", f"cache_dir=/c{i}")
+        runs.append(
+            {
+                "name": f"cpu{i}",
+                "config": run["config"] | {"recipe": {"lr": 3e-3, "threads": i + 1}},
+                "overrides": run_overrides(run["config"]["run_dir"]),
+                "metrics": {"cbqa_em": v},
+                "numerics": {"capability": "AVX2", "mkl_cbwr": None, "threads": i + 1},
+            }
+        )
+    return summarise(runs)
+
+
+def test_overrides_that_change_no_number_are_not_a_configuration(tmp_path):
+    run = _results(tmp_path, "recipe.threads=4", "cache_dir=/c", "label=x", "hydra.run.dir=/r", "recipe.lr=1e-3")
+    assert run_overrides(run["config"]["run_dir"]) == ["recipe.lr=1e-3"]
+    assert run_overrides(tmp_path / "absent") is None
+
+
+def test_a_schema_change_is_not_a_config_difference():
+    """The drift check's rule: a field added since, or made null where it changes nothing."""
+    reference = config_leaves({"recipe": {"lr": 3e-3, "threads": 1}, "model": {"moe": {"top_k": 2}}})
+    now = {"recipe": {"lr": 3e-3, "threads": 8, "val_every": 0}, "model": {"moe": {"top_k": None}}}
+    assert config_differences(now, reference) == []
+    assert config_differences(now | {"recipe": {"lr": 1e-3}}, reference) == ["recipe.lr"]
+
+
+def test_spread_places_a_run_within_below_or_above(tmp_path):
+    spread = _spread(tmp_path, 0.80, 0.86, 0.83)
+    assert spread["overrides"] == []
+    assert spread["spread"]["cbqa_em"] == pytest.approx({"min": 0.80, "max": 0.86, "range": 0.06, "n": 3})
+    rows = dict(spread_rows(_results(tmp_path, "recipe.threads=2", cbqa_em=0.82), spread))
+    assert rows["cross-CPU spread"].startswith("3 emulated CPUs")
+    assert rows["  cbqa_em"] == "0.820 vs 0.800..0.860: within it"
+    assert dict(spread_rows(_results(tmp_path, cbqa_em=0.75), spread))["  cbqa_em"].endswith("0.050 below it")
+    assert dict(spread_rows(_results(tmp_path, cbqa_em=0.9), spread))["  cbqa_em"].endswith("0.040 above it")
+    other = dict(spread_rows(_results(tmp_path, "recipe.lr=1e-3", cbqa_em=0.82), spread))
+    assert other["cross-CPU spread"] == "not measured for this configuration (recipe.lr=1e-3; docs/reproducibility.md)"
+
+
+def test_a_train_run_is_matched_by_the_overrides_it_recorded(tmp_path):
+    """results.json's own ``overrides`` (recorded inside the Hydra job) decide before the folder's."""
+    spread = _spread(tmp_path, 0.80, 0.86)
+    run = _results(tmp_path, "recipe.lr=1e-3", cbqa_em=0.9)
+    assert dict(spread_rows(run | {"overrides": []}, spread))["  cbqa_em"].endswith("0.040 above it")
+    assert number_overrides(["recipe.threads=2", "seed=1", "+hydra.job.x=1", "adapter=lora"]) == [
+        "adapter=lora",
+        "seed=1",
+    ]
+    assert hydra_overrides() is None  # outside a Hydra job
+
+
+def test_runs_of_different_configurations_make_no_spread(tmp_path):
+    (first,) = _spread(tmp_path, 0.8)["runs"]
+    first |= {"config": _results(tmp_path)["config"], "overrides": []}
+    with pytest.raises(ValueError, match=r"one configuration; other differs in \['recipe.lr'\]"):
+        summarise([first, first | {"name": "other", "config": _results(tmp_path, lr=1e-3)["config"]}])
+    with pytest.raises(ValueError, match="share their overrides; other has"):
+        summarise([first, first | {"name": "other", "overrides": ["recipe.lr=1e-3"]}])
+
+
+def test_summary_prints_the_numerics_and_the_spread():
+    results = {
+        "adapter": "loramoe",
+        "model": "tiny_world",
+        "seed": 0,
+        "wall_s": 1.0,
+        "metrics": {"cbqa_em_base": 0.99, "cbqa_em": 0.8},
+        "numerics": numerics(),
+        "config": {"seed": 0},
+    }
+    OmegaConf.create(results)  # the sweep objective reads results through OmegaConf: primitives only
+    text = summary_table(results)
+    assert f"{numerics()['capability']} kernels" in text
+    assert f"{torch.get_num_threads()} threads" in text
+
+
+def test_spread_file_page_and_run_records_are_one_generation():
+    """spread.json is summarise() of docs/reproducibility/runs/*.json, and the page's table is
+    render_table() of spread.json: rerun ``python scripts/numerics_spread.py --write-only``."""
+    records = [json.loads(p.read_text()) for p in sorted((REPO / "docs/reproducibility/runs").glob("*.json"))]
+    assert len(records) >= 2, "the spread needs at least two emulated CPUs"
+    keys = ("name", "env", "overrides", "metrics", "numerics", "wall_s", "config")
+    spread = load_spread(SPREAD_FILE)
+    assert spread == json.loads(json.dumps(summarise([{k: r[k] for k in keys} for r in records])))
+    assert spread["overrides"] == [], "the spread is of the default run (`make run`, no overrides)"
+    assert render_table(spread) in (REPO / "docs/reproducibility.md").read_text()
+
+
+def test_the_default_run_is_the_configuration_the_spread_was_measured_on():
+    """`make run` (no overrides) gets the spread's rows: a changed default that changes numbers (a
+    learning rate, a world size) fails here, and the spread must be measured again."""
+    cfg = load_config([], check_files=False)
+    assert config_differences(resolved_config(cfg), load_spread(SPREAD_FILE)["config"]) == []
