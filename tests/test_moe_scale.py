@@ -6,6 +6,7 @@ docs/real-models.md ("MoE bases at scale") is read here and every number in it c
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -70,3 +71,26 @@ def test_a_misspelt_config_field_stops_in_one_line() -> None:
 def test_config_fields_describe_a_hub_model_only() -> None:
     with pytest.raises(ConfigError, match=r"model\.config_fields=.* describes a hub model"):
         load_config(["+model.config_fields.num_experts=4"], check_files=False)
+
+
+def test_bench_prints_lora_on_experts_against_peft(tmp_path, capsys) -> None:
+    """`moe-lora bench --experts-vs-peft COUNTS`: the rows of moe_lora.bench.experts_vs_peft, with the
+    bench flags that apply there (tiny here: one layer, one round)."""
+    from moe_lora.bench.run import main as bench_main
+
+    out = tmp_path / "experts.json"
+    small = ["--rounds", "1", "--layers", "1", "--seq", "8", "--batch", "1", "--vocab", "64", "--hidden", "32"]
+    assert bench_main(["--experts-vs-peft", "2,4", *small, "--ffn", "48", "--threads", "1", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "LoRA on experts vs peft target_parameters" in printed and "intermediate 48, 1 layers" in printed
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["experts"] for r in rows] == [2, 4]
+    assert rows[1]["trainable"] == 2 * rows[0]["trainable"]  # one rank-8 pair per expert, as peft's
+    assert all(r["memory_bytes"]["ours"] > 0 and r["memory_bytes"]["peft"] > 0 for r in rows)
+
+
+def test_bench_flags_that_do_not_apply_to_the_expert_comparison_stop(tmp_path) -> None:
+    from moe_lora.bench.run import main as bench_main
+
+    with pytest.raises(ConfigError, match=r"--size does not apply to --experts-vs-peft"):
+        bench_main(["--experts-vs-peft", "--size", "0.5b"])

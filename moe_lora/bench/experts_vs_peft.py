@@ -6,7 +6,9 @@ equal weights, timed over interleaved rounds (median), and the step's memory (:f
 peft adds ``B_e A_e`` to every expert's weight on every forward (an ``E x out x in`` tensor per
 projection, kept for the backward); :class:`moe_lora.adapters.experts.LoRAOnExperts` computes the
 adapters on the chosen (token, expert) pairs only. So peft's cost grows with E at a fixed top-k, ours
-follows top-k. ``python -m moe_lora.bench.experts_vs_peft --experts 8,64`` prints the table.
+follows top-k. ``python -m moe_lora.bench.experts_vs_peft --experts 8,64`` prints the table, and so
+does ``moe-lora bench --experts-vs-peft [COUNTS]`` (:func:`from_bench`: the bench's flags that apply
+here, everything else at this module's defaults).
 """
 
 from __future__ import annotations
@@ -24,8 +26,27 @@ from transformers import AutoModelForCausalLM, MixtralConfig
 
 from moe_lora.adapters.experts import LoRAOnExperts
 from moe_lora.bench.measure import Case, sync, train_step
+from moe_lora.errors import ConfigError
 
 PROJECTIONS = ("gate_up_proj", "down_proj")
+FLAG = "--experts-vs-peft"  # `moe-lora bench --experts-vs-peft [COUNTS]`
+DEFAULT_COUNTS = "8,64"
+# `moe-lora bench` flags that mean the same here (bench name -> this module's); the others would
+# silently not apply, so they are refused
+BENCH_FLAGS = {
+    "--rounds": "--rounds",
+    "--seq": "--seq",
+    "--batch": "--batch",
+    "--rank": "--rank",
+    "--top-k": "--top-k",
+    "--layers": "--layers",
+    "--vocab": "--vocab",
+    "--hidden": "--hidden",
+    "--ffn": "--intermediate",
+    "--device": "--device",
+    "--threads": "--threads",
+    "--out": "--json",
+}
 
 
 def moe_base(num_experts: int, a: argparse.Namespace) -> torch.nn.Module:
@@ -161,6 +182,29 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", default=None, help="also write the rows (per-round times included) here")
     return p.parse_args(argv)
+
+
+def from_bench(argv: list[str]) -> int:
+    """``moe-lora bench --experts-vs-peft [COUNTS] [flags]``: this benchmark at COUNTS (default 8,64)
+    with the bench flags that mean the same here (``--ffn`` is the expert size, ``--out`` the JSON);
+    flags not given keep this module's defaults (a small Mixtral shape), not the bench's."""
+    counts, args, i = DEFAULT_COUNTS, [], 0
+    while i < len(argv):
+        flag, eq, inline = argv[i].partition("=")
+        value = inline if eq else (argv[i + 1] if i + 1 < len(argv) else None)
+        given = eq or (value is not None and not value.startswith("-"))
+        i += 1 if eq or not given else 2
+        if flag == FLAG:
+            counts = value if given else DEFAULT_COUNTS
+        elif flag == "--large" and value == "none":  # nothing extra to measure: what this runs anyway
+            continue
+        elif flag == "--overwrite":  # moe-lora bench has let --out replace its file
+            i -= 1 if given else 0
+        elif flag in BENCH_FLAGS and given:
+            args += [BENCH_FLAGS[flag], value]
+        else:
+            raise ConfigError(f"{flag} does not apply to {FLAG} (it takes {', '.join(BENCH_FLAGS)})")
+    return main(["--experts", counts, *args])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from moe_lora.bench.experts_vs_peft import DEFAULT_COUNTS, from_bench
 from moe_lora.bench.measure import (  # adapter_config, build, make_batch: the variant tests build cases here
     LOOPS,
     MIN_ROUNDS,
@@ -117,6 +118,16 @@ def parse(argv: list[str]) -> argparse.Namespace:
         type=Path,
         default=None,
         help="expert sweep: write the PNG here (default: beside --out as <stem>.png, else outputs/bench/<time>_experts.png)",
+    )
+    p.add_argument(
+        "--experts-vs-peft",
+        dest="experts_vs_peft",
+        nargs="?",
+        const=DEFAULT_COUNTS,
+        default=None,
+        metavar="COUNTS",
+        help="instead: LoRA on the routed experts of a Mixtral-shaped MoE against peft's target_parameters "
+        f"at these expert counts (default {DEFAULT_COUNTS}; moe_lora/bench/experts_vs_peft.py, its own shape)",
     )
     p.add_argument(
         "--large",
@@ -231,6 +242,8 @@ def main(argv: list[str]) -> int:
     refuse_existing(a.out, "--out", a.overwrite)
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.experts_vs_peft:
+        return from_bench(argv)
     if a.sweep:
         return run_sweep(a)
     grouped = grouped_variants()
