@@ -21,10 +21,11 @@ from omegaconf import OmegaConf
 from transformers import LlamaForCausalLM
 
 from moe_lora.config import resolved_config
+from moe_lora.env import PORTABLE_NUMERICS, set_numerics
 from moe_lora.recipes.compose import load_config
 from moe_lora.recipes.results import summary_table
 from moe_lora.world.generator import World
-from moe_lora.world.model import world_model_config
+from moe_lora.world.model import cache_key, world_model_config
 from moe_lora.world.pretrain import pretrain
 from moe_lora.world.spread import (
     SPREAD_FILE,
@@ -45,8 +46,10 @@ from tests.conftest import TINY
 REPO = Path(__file__).resolve().parent.parent
 
 
-def pretrained_hash(steps: int = 1) -> str:
-    """sha256 of a tiny world model's weights after ``steps`` pretraining steps (its init included)."""
+def pretrained_hash(steps: int = 3) -> str:
+    """sha256 of a tiny world model's weights after ``steps`` pretraining steps (its init included;
+    more than one: Adam's first step moves every weight by about lr times the gradient's sign,
+    which hides differences in the gradients)."""
     cfg = load_config([*TINY, f"model.pretrain.steps={steps}"], check_files=False)
     world = World(cfg.data.world)
     torch.manual_seed(world.cfg.seed)
@@ -56,8 +59,12 @@ def pretrained_hash(steps: int = 1) -> str:
 
 
 def _hashes_in_subprocesses(*envs: dict[str, str]) -> list[str]:
-    """``pretrained_hash()`` in one fresh process per environment, run side by side."""
-    code = "from tests.test_numerics import pretrained_hash; print(pretrained_hash())"
+    """``pretrained_hash()`` in one fresh process per environment, run side by side; each process
+    sets the project's environment first, as ``moe-lora`` does before torch runs an op."""
+    code = (
+        "from moe_lora.env import set_environment; set_environment()\n"
+        "from tests.test_numerics import pretrained_hash; print(pretrained_hash())"
+    )
     base = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     procs = [
         subprocess.Popen([sys.executable, "-c", code], env={**base, **env}, cwd=REPO, stdout=subprocess.PIPE, text=True)
@@ -68,16 +75,36 @@ def _hashes_in_subprocesses(*envs: dict[str, str]) -> list[str]:
     return [out.strip().splitlines()[-1] for out in outs]
 
 
-def test_pretraining_repeats_bitwise_and_scalar_kernels_change_it():
+@pytest.mark.slow  # four fresh processes: about 40 CPU-seconds
+def test_one_cpu_repeats_bitwise_other_kernels_do_not_and_portable_numerics_pin_them():
     """The premise of docs/reproducibility.md: one machine, one kernel set, one thread count gives
     the same weights in every process; the same code under another CPU's kernels (ATen's scalar
-    ones, what a CPU without AVX2 runs) does not, from the initial weights on."""
+    ones, what a CPU without AVX2 picks) does not, from the initial weights on. Under
+    MOE_LORA_NUMERICS=portable the kernels the CPU would pick no longer count."""
     if torch.backends.cpu.get_cpu_capability() == "DEFAULT":
         pytest.skip("this CPU already runs ATen's scalar kernels: there is no other kernel set to compare")
-    again, scalar = _hashes_in_subprocesses({}, {"ATEN_CPU_CAPABILITY": "default"})
+    scalar = {"ATEN_CPU_CAPABILITY": "default"}
+    portable = {"MOE_LORA_NUMERICS": "portable"}
+    again, other, pinned, pinned_other = _hashes_in_subprocesses({}, scalar, portable, {**portable, **scalar})
     here = pretrained_hash()
     assert again == here
-    assert scalar != here
+    assert other != here
+    assert pinned == pinned_other
+    assert pinned != here  # MKL's COMPATIBLE branch is not this CPU's own: the pin did take effect
+
+
+def test_portable_numerics_set_the_pins_refuse_a_typo_and_key_their_own_world_model(monkeypatch):
+    cfg = load_config(TINY, check_files=False)
+    native_key = cache_key(cfg.data.world, cfg.model)
+    for name in PORTABLE_NUMERICS:  # restored after the test: later subprocesses inherit os.environ
+        monkeypatch.setenv(name, "unset")
+    monkeypatch.setenv("MOE_LORA_NUMERICS", "portable")
+    set_numerics()
+    assert {k: os.environ[k] for k in PORTABLE_NUMERICS} == PORTABLE_NUMERICS
+    assert cache_key(cfg.data.world, cfg.model) != native_key  # a native cache is not reused
+    monkeypatch.setenv("MOE_LORA_NUMERICS", "portabel")
+    with pytest.raises(SystemExit, match="MOE_LORA_NUMERICS='portabel': native \\(the default\\) or portable"):
+        set_numerics()
 
 
 def _results(tmp_path: Path, *overrides: str, lr: float = 3e-3, **metrics) -> dict:

@@ -164,4 +164,6 @@ def _numerics_rows(results: dict) -> list[tuple[str, str]]:
     if not n:
         return []
     line = f"{n['cpu']}, {n['capability']} kernels, MKL CNR {n['mkl_cbwr'] or 'off'}, {n['threads']} threads"
+    if n.get("mode") == "portable":
+        line += ", portable" if n["capability"] == "AVX2" else ", portable requested but this CPU has no AVX2"
     return [("numerics", line), *spread_rows(results, load_spread())]

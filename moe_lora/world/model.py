@@ -10,6 +10,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -63,9 +64,11 @@ def cache_key(world: WorldConfig, model: ModelConfig) -> str:
         arch |= {k: getattr(model, k) for k in ("family", "num_decoder_layers", "feed_forward_proj")}
     if is_world_moe(model):  # the toy MoE: experts, top-k, widths
         arch |= moe_arch(model)
-    blob = json.dumps(
-        {"v": CACHE_VERSION, "world": asdict(world), "arch": arch, "pretrain": asdict(model.pretrain)}, sort_keys=True
-    )
+    key = {"v": CACHE_VERSION, "world": asdict(world), "arch": arch, "pretrain": asdict(model.pretrain)}
+    numerics = os.environ.get("MOE_LORA_NUMERICS", "native")
+    if numerics != "native":  # pinned kernels pretrain other weights (moe_lora.env; native keys unchanged)
+        key["numerics"] = numerics
+    blob = json.dumps(key, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

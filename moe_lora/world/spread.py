@@ -38,6 +38,7 @@ def numerics() -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "cpu": _cpu_name(),
         "torch": str(torch.__version__),  # TorchVersion: not a primitive for OmegaConf
+        "mode": os.environ.get("MOE_LORA_NUMERICS", "native"),  # moe_lora.env.set_numerics
     }
 
 
