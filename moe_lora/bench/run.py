@@ -164,8 +164,9 @@ def expert_counts(text: str) -> list[int]:
 
 
 def model_shape(name: str):
-    """The ModelConfig of ``conf/model/<name>.yaml`` (its architecture fields: no download)."""
-    return load_config([f"model={name}"], check_files=False).model
+    """The ModelConfig of ``conf/model/<name>.yaml`` (its architecture fields: no download). No
+    adapter: the default one stops on an MoE base's fused experts, and the shape is all that is read."""
+    return load_config([f"model={name}", "adapter=none"], check_files=False).model
 
 
 def with_shape(a: argparse.Namespace, name: str, changes: dict[str, int]):

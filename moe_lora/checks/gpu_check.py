@@ -15,7 +15,11 @@ stage never stops the ones that do not need it; the exit code is non-zero if any
 5. ``fsdp_runner``: the recipe under ``recipe.strategy=fsdp``; ``fsdp_one_rank``: FSDP2 itself on
    a process group of one (:mod:`.fsdp_check`);
 6. ``memory_vs_presets``: the training peak against every ``conf/experiment/*_paper.yaml`` header's
-   GPU-memory estimate.
+   GPU-memory estimate;
+7. ``moe_experts``: LoRA on the attention and the routed experts of a random Mixtral-shaped
+   checkpoint (``conf/model/mixtral_8x7b.yaml`` narrowed: 8 experts, top-2, bf16 base, float32
+   adapters) trained through the CLI on the check's data; it passes when every layer's expert
+   adapters trained and the expert pairs ran through the grouped GEMMs on the GPU (CSR on the CPU).
 
 Written to ``--out DIR`` (a new folder; default ``outputs/gpu_check/<time>``): ``gpu_check.json``
 (every figure, settings, pass / fail), ``gpu_check.md`` (the tables), the bench JSONs and the sweep
@@ -38,19 +42,24 @@ import json
 import shutil
 import time
 import traceback
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 
+from moe_lora import outputs
+from moe_lora.adapters.experts import AdaptedExperts
 from moe_lora.bench import measure
 from moe_lora.bench.run import main as bench_main
 from moe_lora.checks import fsdp_check, train_check
 from moe_lora.checks.check_report import compare_estimates, markdown, summary
 from moe_lora.checks.fixtures import save_llama_checkpoint, write_sources
-from moe_lora.checks.train_check import CheckFailure, TrainPlan
+from moe_lora.checks.train_check import CheckFailure, TrainPlan, perf_summary, train_in_process
 from moe_lora.errors import ConfigError, one_line
 from moe_lora.tracking import write_json_atomic
 
@@ -72,6 +81,7 @@ class Mode:
     fsdp_one_rank: dict[str, int]  # batch, seq, steps
     threads: int | None = None
     notes: list[str] = field(default_factory=list)
+    moe: dict[str, Any] = field(default_factory=dict)  # moe_experts: "shape" (ModelConfig changes), run overrides
 
 
 def gpu_mode(threads: int | None) -> Mode:
@@ -94,6 +104,13 @@ def gpu_mode(threads: int | None) -> Mode:
         fsdp_one_rank=dict(batch=4, seq=512, steps=4),
         threads=threads,
         notes=[] if ranks > 1 else ["one GPU: fsdp_runner trains unsharded (one rank); fsdp_one_rank shards"],
+        moe=dict(
+            shape=dict(hidden_size=1024, num_layers=4, intermediate_size=2048, num_heads=16, num_kv_heads=8),
+            steps=20,
+            batch_size=8,
+            num_train=320,
+            max_length=512,
+        ),
     )
 
 
@@ -116,6 +133,7 @@ def tiny_mode(threads: int | None) -> Mode:
         fsdp_one_rank=dict(batch=2, seq=32, steps=3),
         threads=threads or 1,
         notes=["tiny shapes on the CPU: the figures check the script, not the hardware"],
+        moe=dict(shape=shape, steps=4, batch_size=4, num_train=48, max_length=128),
     )
 
 
@@ -259,6 +277,71 @@ def memory_stage(check: Check) -> dict[str, Any]:
     return out
 
 
+@contextmanager
+def kernels_seen(seen: Counter) -> Iterator[None]:
+    """Count the kernel every expert forward picks (``AdaptedExperts.kernel_for``), unchanged."""
+    original = AdaptedExperts.kernel_for
+
+    def spy(self: AdaptedExperts, x: torch.Tensor) -> str:
+        kernel = original(self, x)
+        seen[kernel] += 1
+        return kernel
+
+    AdaptedExperts.kernel_for = spy
+    try:
+        yield
+    finally:
+        AdaptedExperts.kernel_for = original
+
+
+def moe_stage(check: Check) -> dict[str, Any]:
+    """LoRA on a Mixtral-shaped MoE's attention and routed experts, bf16 base, through the CLI."""
+    plan, moe = check.plan(), check.mode.moe
+    model_dir, run_dir = check.work / "moe_model", check.work / "runs" / "moe_experts"
+    save_llama_checkpoint(model_dir, "mixtral_8x7b", torch.bfloat16, check.mode.device, **moe["shape"])
+    threads = [f"recipe.threads={check.mode.threads}"] if check.mode.threads else []
+    seen: Counter = Counter()
+    with kernels_seen(seen):
+        train_in_process(
+            [
+                "model.source=hub",
+                f"model.name_or_path={model_dir}",
+                "model.dtype=bfloat16",
+                "adapter=lora",
+                "adapter.target_modules=[attention,experts]",
+                "data=cbqa_instruct_hub",
+                f"data.root={plan.data_root}",
+                f"data.num_train={moe['num_train']}",
+                f"data.max_length={moe['max_length']}",
+                f"recipe.max_steps={moe['steps']}",
+                f"recipe.batch_size={moe['batch_size']}",
+                "recipe.log_every=1",
+                "recipe.eval_limit=8",
+                "eval.max_new_tokens=8",
+                f"recipe.device={check.mode.device}",
+                *threads,
+                f"cache_dir={plan.cache_dir}",
+                f"hydra.run.dir={run_dir}",
+            ]
+        )
+    expected = "grouped_mm" if check.mode.device.startswith("cuda") else "csr"
+    if set(seen) != {expected}:
+        raise CheckFailure(f"expert adapters ran through {dict(seen)}, not only {expected}")
+    tensors = load_file(str(run_dir / outputs.ADAPTER))
+    experts = {k: t for k, t in tensors.items() if ".experts." in k}
+    layers = {k.split(".layers.")[1].split(".")[0] for k in experts}
+    untrained = sorted(k for k, t in experts.items() if k.endswith("lora_B") and not t.count_nonzero())
+    if len(layers) != moe["shape"]["num_layers"] or untrained or {t.dtype for t in experts.values()} != {torch.float32}:
+        raise CheckFailure(f"expert adapters: layers {sorted(layers)}, still zero {untrained[:2]}")
+    return {
+        **perf_summary(run_dir),
+        "kernel": expected,
+        "expert_forwards": seen[expected],
+        "expert_adapter_tensors": len(experts),
+        "expert_adapter_parameters": sum(t.numel() for t in experts.values()),
+    }
+
+
 def run_check(check: Check) -> int:
     for label, args in check.mode.bench.items():
         check.stage(f"bench_{label}", lambda label=label, args=args: bench_stage(check, label, args))
@@ -266,8 +349,10 @@ def run_check(check: Check) -> int:
     check.stage("checkpoint", lambda: checkpoint_stage(check))
     train_stages(check)
     check.stage("memory_vs_presets", lambda: memory_stage(check), needs=("train_reference",))
+    check.stage("moe_experts", lambda: moe_stage(check), needs=("checkpoint",))
     if not check.keep_model:  # a 7B checkpoint is 13.5 GB of random weights
         shutil.rmtree(check.work / "model", ignore_errors=True)
+        shutil.rmtree(check.work / "moe_model", ignore_errors=True)
     return finish(check)
 
 

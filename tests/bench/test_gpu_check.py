@@ -28,6 +28,7 @@ STAGES = [
     "fsdp_runner",
     "fsdp_one_rank",
     "memory_vs_presets",
+    "moe_experts",
 ]
 
 
@@ -58,6 +59,7 @@ def test_tiny_check_passes_every_stage(tmp_path) -> None:
     assert st["bench_0.5b"]["grouped_over_dense"].keys() == {"mola"}
     assert Path(st["sweep_0.5b"]["plot"]).read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     assert all(r["verdict"].startswith("not comparable") for r in st["memory_vs_presets"]["presets"])
+    assert st["moe_experts"]["kernel"] == "csr" and st["moe_experts"]["expert_forwards"] > 0  # the GPU: grouped_mm
     md = (out / "gpu_check.md").read_text()
     assert all(f"| {name} | pass |" in md for name in STAGES)
     assert "- bitwise: yes" in md
