@@ -12,7 +12,7 @@ WORKERS ?= 2
 TORCH_SPEC  ?= torch==2.13.0
 TORCH_INDEX ?=
 
-PRESETS ?= loramoe_forgetting mola_layouts mov_molora mov_molora_t5 melora alora adamoe hydralora_matched hydralora_asymmetry
+PRESETS ?= loramoe_forgetting mola_layouts mov_molora mov_molora_t5 melora alora adamoe hydralora_matched hydralora_asymmetry moe_router adamoe_base
 
 .PHONY: help run test test-fast setup lint style bench tables pages layouts clean-cache
 
