@@ -213,3 +213,13 @@ def test_the_default_run_is_the_configuration_the_spread_was_measured_on():
     learning rate, a world size) fails here, and the spread must be measured again."""
     cfg = load_config([], check_files=False)
     assert config_differences(resolved_config(cfg), load_spread(SPREAD_FILE)["config"]) == []
+
+
+def test_the_readme_quotes_the_measured_spread() -> None:
+    """The quickstart's ranges are spread.json's, rounded as printed: a re-measured spread that
+    moves them fails here until the README says the new numbers."""
+    spread = json.loads((REPO / "moe_lora" / "world" / "spread.json").read_text())["spread"]
+    readme = " ".join((REPO / "README.md").read_text().split())
+    for metric, name in (("instruction_em", "instruction EM"), ("cbqa_em", "CBQA EM")):
+        s = spread[metric]
+        assert f"{name} {s['min']:.3f} to {s['max']:.3f}" in readme, (metric, s)
