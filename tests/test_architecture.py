@@ -112,3 +112,23 @@ def test_adapter_yaml_restates_its_dataclass_defaults(name: str) -> None:
     assert set(yaml) <= known, set(yaml) - known
     for key, value in yaml.items():
         assert getattr(defaults, key) == value, (name, key, value, getattr(defaults, key))
+
+
+def test_the_contributing_page_counts_the_tree() -> None:
+    """docs/contributing.md's size line is the tree's: modules, lines (to the thousand), test files
+    and each conf/ group."""
+    import re
+
+    root = PACKAGE.parent
+    text = " ".join((root / "docs" / "contributing.md").read_text().split())
+    line = text[text.index("Size on") :]
+    modules = list(PACKAGE.rglob("*.py"))
+    lines = sum(len(p.read_text().splitlines()) for p in modules)
+    assert f"{len(modules)} Python modules" in line
+    assert f"about {round(lines, -3):,} lines" in line
+    assert f"{len(list((root / 'tests').rglob('test_*.py')))} test files" in line
+    groups = {"adapters": "adapter", "arms": "arm", "data mixes": "data", "experiment presets": "experiment"}
+    groups |= {"layouts": "layout", "models": "model", "recipes": "recipe", "data sources": "source"}
+    for words, folder in groups.items():
+        count = len(list((root / "conf" / folder).glob("*.yaml")))
+        assert re.search(rf"\b{count} {words}\b", line), (words, count)
