@@ -277,15 +277,9 @@ def test_cli_refuses_loramoe_and_params_counts_experts_as_peft(moe_checkpoints, 
     assert f"trainable: {trainable:,} (" in out, out[-600:]
 
 
-def test_lora_on_experts_trains_saves_and_loads(moe_checkpoints, run_cli, data_root, tmp_path) -> None:
-    """A smoke step of ``adapter=lora adapter.target_modules=[experts]`` on gpt-oss ([E, in, out]
-    experts with biases): every routed expert tensor of every sparse layer is adapted, the trained
-    per-expert factors are saved in adapter.safetensors and load back into a fresh injection."""
-    run, path = tmp_path / "run", moe_checkpoints["gpt_oss"]
-    overrides = ["model.source=hub", f"model.name_or_path={path}", "adapter=lora", "adapter.target_modules=[experts]"]
-    code, _out, err = run_cli(
-        "train",
-        *overrides,
+def one_step(data_root, run) -> list[str]:
+    """One smoke training step on the tiny real-schema data, with a one-row evaluation."""
+    return [
         "data=triviaqa_alpaca",
         f"data.root={data_root}",
         "recipe=smoke",
@@ -295,8 +289,16 @@ def test_lora_on_experts_trains_saves_and_loads(moe_checkpoints, run_cli, data_r
         "recipe.eval_limit=1",
         "eval.max_new_tokens=2",
         f"hydra.run.dir={run}",
-        tiny=False,
-    )
+    ]
+
+
+def test_lora_on_experts_trains_saves_and_loads(moe_checkpoints, run_cli, data_root, tmp_path) -> None:
+    """A smoke step of ``adapter=lora adapter.target_modules=[experts]`` on gpt-oss ([E, in, out]
+    experts with biases): every routed expert tensor of every sparse layer is adapted, the trained
+    per-expert factors are saved in adapter.safetensors and load back into a fresh injection."""
+    run, path = tmp_path / "run", moe_checkpoints["gpt_oss"]
+    overrides = ["model.source=hub", f"model.name_or_path={path}", "adapter=lora", "adapter.target_modules=[experts]"]
+    code, _out, err = run_cli("train", *overrides, *one_step(data_root, run), tiny=False)
     assert code == 0, err[-3000:]
     targets = json.loads((run / "results.json").read_text())["targets"]
     row = targets["entries"]["experts"]
@@ -330,15 +332,7 @@ def test_deepseek_v2_trains_attention_only(moe_checkpoints, run_cli, data_root, 
         f"model.name_or_path={moe_checkpoints['deepseek_v2']}",
         "adapter=lora",
         "adapter.target_modules=[attention]",
-        "data=triviaqa_alpaca",
-        f"data.root={data_root}",
-        "recipe=smoke",
-        "recipe.threads=1",
-        "recipe.max_steps=1",
-        "data.num_train=4",
-        "recipe.eval_limit=1",
-        "eval.max_new_tokens=2",
-        f"hydra.run.dir={run}",
+        *one_step(data_root, run),
         tiny=False,
     )
     assert code == 0, err[-3000:]
