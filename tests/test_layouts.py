@@ -218,26 +218,26 @@ def test_uniform_and_named_shapes_spend_a_given_total_exactly(run_cli, layers, s
     assert seen["uniform"][1] == seen[shape][1]  # same budget, same trainable count
 
 
-@pytest.mark.parametrize("layers", [22, 28])
-def test_every_layout_preset_spends_a_command_line_total(mola, layers) -> None:
+def test_every_layout_preset_spends_a_command_line_total(mola) -> None:
+    """At 22 and 28 layers; each config is composed once and resolved at both depths."""
     from moe_lora.recipes.compose import CONF_DIR
 
-    for path in sorted((CONF_DIR / "layout").glob("*.yaml")):
-        if path.stem == "custom":  # an explicit list: a budget beside it is refused (below)
-            continue
-        cfg = load_config([f"layout={path.stem}", "adapter=mola", "layout.budget.total=113"], check_files=False)
-        assert cfg.layout.budget.per_layer_mean is None, path.stem
-        assert sum(p.num_experts for p in resolve_layout(cfg.layout, cfg.adapter, layers)) == 113, path.stem
+    presets = [p.stem for p in sorted((CONF_DIR / "layout").glob("*.yaml")) if p.stem != "custom"]
+    # custom: an explicit list; a budget beside it is refused (below), without one it spends what it lists
+    for stem in presets:
+        cfg = load_config([f"layout={stem}", "adapter=mola", "layout.budget.total=113"], check_files=False)
+        assert cfg.layout.budget.per_layer_mean is None, stem
+        for layers in (22, 28):
+            assert sum(p.num_experts for p in resolve_layout(cfg.layout, cfg.adapter, layers)) == 113, (stem, layers)
     mean = load_config(["layout=triangle", "adapter=mola", "layout.budget.per_layer_mean=3"], check_files=False)
     assert (mean.layout.budget.total, mean.layout.budget.per_layer_mean) == (None, 3.0)
     for adapter in ("mola", "loramoe", "hydralora"):  # no budget: every layout spends uniform's, E per layer
-        for path in sorted((CONF_DIR / "layout").glob("*.yaml")):
-            if path.stem == "custom":  # an explicit list spends what it lists
-                continue
-            cfg = load_config([f"layout={path.stem}", f"adapter={adapter}"], check_files=False)
-            assert cfg.layout.budget.per_layer_mean is None and cfg.layout.budget.total is None, path.stem
-            spent = sum(p.num_experts for p in resolve_layout(cfg.layout, cfg.adapter, layers))
-            assert spent == cfg.adapter.num_experts * layers, (adapter, path.stem)
+        for stem in presets:
+            cfg = load_config([f"layout={stem}", f"adapter={adapter}"], check_files=False)
+            assert cfg.layout.budget.per_layer_mean is None and cfg.layout.budget.total is None, stem
+            for layers in (22, 28):
+                spent = sum(p.num_experts for p in resolve_layout(cfg.layout, cfg.adapter, layers))
+                assert spent == cfg.adapter.num_experts * layers, (adapter, stem, layers)
     with pytest.raises(ConfigError, match=r"^layout\.budget\.total=113 give total or per_layer_mean, not both"):
         load_config(["layout=triangle", "layout.budget.total=113", "layout.budget.per_layer_mean=3"], check_files=False)
 
