@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import json
 
+import pytest
 import torch
 
 from moe_lora.bench.measure import LOOPS, REFERENCE, adapted_variants
@@ -17,6 +18,8 @@ from moe_lora.bench.run import parse
 CHEAP = ["--rounds", "1", "--seq", "8", "--batch", "1", "--threads", "1"]
 
 
+@pytest.mark.slow  # ~19 s CPU on one thread: 19 variants at the default width; tests/bench/test_reference.py and
+# test_sweep.py step the bench's variants on small shapes, tests/adapters/test_compile.py traces each one
 def test_bench_defaults_build_and_step_every_variant(tmp_path, monkeypatch, capsys) -> None:
     a = parse([])
     assert (a.hidden, a.ffn, a.modules, a.experts) == (256, 688, "all", 8)  # the shape that once crashed MoV
