@@ -16,10 +16,10 @@ pytestmark = pytest.mark.slow  # `make test-fast` leaves these out
 
 def _arm_failures() -> None:
     """In the first attempt: job1 fails (a transient error), job2 is killed after step-5."""
-    from moe_lora.recipes import runner
+    from moe_lora.recipes import job
     from moe_lora.train import checkpoint
 
-    run, save = runner.run, checkpoint.save
+    run, save = job.run, checkpoint.save  # job calls the runner's run by the name it imported
 
     def failing_run(cfg, run_dir, *args, **kwargs):
         if run_dir.name == "job1":
@@ -32,7 +32,7 @@ def _arm_failures() -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         return path
 
-    runner.run, checkpoint.save = failing_run, killing_save
+    job.run, checkpoint.save = failing_run, killing_save
 
 
 def test_rerun_of_a_sweep_completes_it_without_redoing_finished_jobs(cache_dir, tmp_path, capfd) -> None:
