@@ -41,7 +41,13 @@ TINY = [
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("cache")
+    """One cache for the whole run, pytest-xdist's workers included: each world model pretrains once
+    (a worker that needs it meanwhile waits on the cache entry's file lock, as parallel sweep jobs do)."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return tmp_path_factory.mktemp("cache")
+    shared = tmp_path_factory.getbasetemp().parent / "cache"  # the run's folder above popen-gw0, popen-gw1
+    shared.mkdir(exist_ok=True)
+    return shared
 
 
 @pytest.fixture
