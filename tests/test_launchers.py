@@ -108,16 +108,16 @@ def _kill_at_trial(prefix: str):
     """Arm a forked launch: SIGKILL when the trial folder named ``prefix...`` starts training."""
 
     def arm() -> None:
-        from moe_lora.recipes import runner
+        from moe_lora.recipes import job
 
-        run = runner.run
+        run = job.run  # job calls the runner's run by the name it imported
 
         def killing_run(cfg, run_dir, *args, **kwargs):
             if run_dir.name.startswith(prefix):
                 os.kill(os.getpid(), signal.SIGKILL)
             return run(cfg, run_dir, *args, **kwargs)
 
-        runner.run = killing_run
+        job.run = killing_run
 
     return arm
 
