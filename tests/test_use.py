@@ -355,7 +355,8 @@ def test_merge_and_peft_of_an_added_adapter(checkpoints, tmp_path, family, varia
     ids = IDS % model.config.vocab_size
     expected = logits(model, ids)
     cfg = SimpleNamespace(
-        adapter=SimpleNamespace(name=variant, dropout=0.0), model=SimpleNamespace(source="hub", name_or_path=str(path))
+        adapter=SimpleNamespace(name=variant, dropout=0.0),
+        model=SimpleNamespace(source="hub", name_or_path=str(path), gguf_file=None),
     )
     if (family, variant) == ("gpt2", "ia3"):
         with pytest.raises(ConfigError, match="fused linear"):

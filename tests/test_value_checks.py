@@ -22,9 +22,11 @@ from moe_lora import config as config_module
 from moe_lora.adapters import ADAPTERS
 from moe_lora.config import (
     SEED_MAX,
+    BaseMoEConfig,
     BudgetConfig,
     ClaimConfig,
     DataConfig,
+    FactsConfig,
     HarnessConfig,
     LayoutConfig,
     LowRankConfig,
@@ -135,6 +137,8 @@ GROUPS: dict[type, tuple[str, dict]] = {
     RecipeConfig: ("recipe", {}),
     HarnessConfig: ("eval.harness", {}),
     ClaimConfig: ("claims[]", {"name": "c", "metric": "metrics.x", "arm": "a", "than": "b"}),
+    BaseMoEConfig: ("model.moe", {}),
+    FactsConfig: ("data.facts", {}),
 }
 
 
