@@ -22,12 +22,7 @@ def data_of(*overrides: str):
 
 @pytest.mark.parametrize(
     ("overrides", "kind"),
-    [
-        ([], "world"),
-        (["data=world_t0"], "world_t0"),
-        (["data=triviaqa_alpaca"], "sources"),
-        (["data=p3_t0"], "p3"),
-    ],
+    [([], "world"), (["data=world_t0"], "world_t0"), (["data=triviaqa_alpaca"], "sources"), (["data=p3_t0"], "p3")],
 )
 def test_configs_select_the_kind_they_did_before(overrides, kind) -> None:
     assert kind_of(data_of(*overrides)).name == kind
