@@ -242,3 +242,15 @@ def _wandb_finish(run, results: dict | None) -> None:
         run.finish()
     if note:
         print(note, flush=True)
+
+
+@contextlib.contextmanager
+def cache_writes(entry: Path) -> Iterator[None]:
+    """A cache that cannot be written (a full disk, an unwritable ``cache_dir``) is one line naming
+    the entry; errors that are not I/O pass through. Shared by the world model's and the GGUF cache."""
+    try:
+        yield
+    except Exception as exc:
+        if write_reason(exc) is None:
+            raise
+        raise output_error(entry, exc, "choose a writable cache_dir") from exc

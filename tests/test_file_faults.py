@@ -387,10 +387,10 @@ def test_a_cache_dir_that_cannot_be_written_is_one_line(run_cli, tmp_path, capsy
 def test_a_full_disk_while_caching_the_world_model_is_one_line(tmp_path) -> None:
     from safetensors import SafetensorError
 
-    from moe_lora.world.model import _cache_writes
+    from moe_lora.tracking import cache_writes
 
     expected = re.escape(f"cannot write {tmp_path}: No space left on device")
-    with pytest.raises(OutputError, match=expected), _cache_writes(tmp_path):
+    with pytest.raises(OutputError, match=expected), cache_writes(tmp_path):
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
-    with pytest.raises(KeyError), _cache_writes(tmp_path):  # not I/O: passes through
+    with pytest.raises(KeyError), cache_writes(tmp_path):  # not I/O: passes through
         raise KeyError("a bug")

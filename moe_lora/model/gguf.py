@@ -26,7 +26,6 @@ import json
 import os
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -35,7 +34,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufCo
 from moe_lora.config import ModelConfig
 from moe_lora.errors import ConfigError, first_line
 from moe_lora.outputs import atomic_dir
-from moe_lora.tracking import atomic_path, output_error, write_reason
+from moe_lora.tracking import atomic_path, cache_writes
 
 CACHE_VERSION = 1  # bump when what a cache entry holds changes meaning
 EXTRA_HINT = "pip install -e '.[real]' (make setup installs it)"
@@ -179,7 +178,7 @@ def dequantized_folder(cfg: ModelConfig, cache_dir: str | Path, progress: bool =
     require_gguf()
     path = gguf_path(cfg)
     entry = cache_entry(cfg, cache_dir)
-    with _cache_writes(entry):
+    with cache_writes(entry):
         entry.parent.mkdir(parents=True, exist_ok=True)
         lock = open(entry.parent / f"{entry.name}.lock", "w")  # noqa: SIM115 (closed below)
     with lock:
@@ -189,7 +188,7 @@ def dequantized_folder(cfg: ModelConfig, cache_dir: str | Path, progress: bool =
                 print(f"dequantizing {path.name} (cached afterwards in {entry})", flush=True)
             start = time.time()
             model, tok = _read(cfg, path)
-            with _cache_writes(entry), atomic_dir(entry) as tmp:
+            with cache_writes(entry), atomic_dir(entry) as tmp:
                 model.save_pretrained(tmp)
                 tok.save_pretrained(tmp)
                 info = {"gguf_file": str(path), "quantization": quantization(path), "seconds": time.time() - start}
@@ -216,14 +215,3 @@ def _read(cfg: ModelConfig, path: Path):
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     return model, tok
-
-
-@contextlib.contextmanager
-def _cache_writes(entry: Path) -> Iterator[None]:
-    """A cache that cannot be written is one line naming the entry; other errors pass through."""
-    try:
-        yield
-    except Exception as exc:
-        if write_reason(exc) is None:
-            raise
-        raise output_error(entry, exc, "choose a writable cache_dir") from exc

@@ -6,13 +6,11 @@ atomically under a file lock, so concurrent runs pretrain once and never read a 
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import hashlib
 import json
 import os
 import time
-from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,7 +22,7 @@ from moe_lora.config import WORLD_MOE_FAMILY, ModelConfig, WorldConfig
 from moe_lora.errors import ConfigError
 from moe_lora.model.load import attn_implementation
 from moe_lora.outputs import atomic_dir
-from moe_lora.tracking import output_error, write_reason
+from moe_lora.tracking import cache_writes
 from moe_lora.world.generator import MC_WORDS, mc_filler
 from moe_lora.world.moe import end_pretraining, is_world_moe, moe_arch, world_moe_config
 from moe_lora.world.pretrain import pretrain
@@ -84,7 +82,7 @@ def world_model(cfg: ModelConfig, world: World, cache_dir: str | Path, progress:
     cls = _world_class(cfg)
     root = Path(cache_dir)
     entry = root / f"world-model-{cache_key(world.cfg, cfg)}"
-    with _cache_writes(entry):
+    with cache_writes(entry):
         root.mkdir(parents=True, exist_ok=True)
         lock = open(root / f"{entry.name}.lock", "w")  # noqa: SIM115 (closed below, outside the write guard)
     with lock:
@@ -98,24 +96,12 @@ def world_model(cfg: ModelConfig, world: World, cache_dir: str | Path, progress:
             losses = pretrain(model, tok, corpus or world.pretraining_corpus(), cfg.pretrain, world.cfg.seed, progress)
             if is_world_moe(cfg):
                 end_pretraining(model)  # the cached config adds no load-balance loss by itself
-            with _cache_writes(entry), atomic_dir(entry) as tmp:
+            with cache_writes(entry), atomic_dir(entry) as tmp:
                 model.save_pretrained(tmp)
                 (tmp / "pretrain.json").write_text(json.dumps({"seconds": time.time() - start, "loss": losses}))
     model = cls.from_pretrained(entry, dtype=getattr(torch, cfg.dtype), attn_implementation=attn_implementation(cfg))
     model.eval()
     return model, tok
-
-
-@contextlib.contextmanager
-def _cache_writes(entry: Path) -> Iterator[None]:
-    """A cache that cannot be written (a full disk, an unwritable ``cache_dir``) is one line naming
-    the entry; errors that are not I/O pass through."""
-    try:
-        yield
-    except Exception as exc:
-        if write_reason(exc) is None:
-            raise
-        raise output_error(entry, exc, "choose a writable cache_dir") from exc
 
 
 def _world_class(cfg: ModelConfig):
