@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from moe_lora.adapters import ADAPTERS
-from moe_lora.recipes.compose import CONF_DIR, load_config
+from moe_lora.recipes.compose import CONF_DIR, expand_sweeps, load_config
 
 GROUPS = ["model", "adapter", "layout", "data", "recipe", "logger"]
 CASES = [(g, p.stem) for g in GROUPS for p in sorted((CONF_DIR / g).glob("*.yaml"))]
@@ -38,22 +39,6 @@ def test_schemas_are_not_group_choices() -> None:
 
 
 PRESETS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
-
-
-@pytest.mark.parametrize("preset", PRESETS)
-def test_every_experiment_preset_and_each_of_its_jobs_composes(preset: str) -> None:
-    """Every job a preset's sweep would launch composes and validates (paper-scale twins too)."""
-    from hydra import compose, initialize_config_dir
-
-    from moe_lora.recipes.compose import expand_sweeps
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=[f"experiment={preset}"], return_hydra_config=True)
-    params = cfg.hydra.sweeper.get("params") or {}
-    jobs = expand_sweeps([f"{k}={v}" for k, v in params.items()])
-    assert len(jobs) >= 1
-    for job in jobs:
-        load_config([f"experiment={preset}", *job], check_files=False)
 
 
 @pytest.mark.parametrize("arm", sorted(p.stem for p in (CONF_DIR / "arm").glob("*.yaml")))
@@ -112,29 +97,42 @@ def test_paper_presets_declare_their_toy_twins_claims(preset: str) -> None:
     assert names[preset] - PAPER_ONLY.get(preset, set()) == names[toy] - TOY_ONLY.get(toy, set())
 
 
-@pytest.mark.parametrize("preset", CLAIM_PRESETS)
-def test_preset_claims_compare_arms_that_differ_only_where_declared(preset: str) -> None:
-    """Every claim's two arms, composed as the sweep composes them, differ in no training setting
-    the claim does not declare (`differs_in`): the report would warn about it on every seed pair."""
+def _sweep(preset: str) -> tuple[list[list[str]], list[str]]:
+    """A preset's sweep: its jobs without the seed axis, and that axis's overrides (``seed=0`` ...)."""
     from hydra import compose, initialize_config_dir
 
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=[f"experiment={preset}"], return_hydra_config=True)
+    params = dict(cfg.hydra.sweeper.get("params") or {})
+    seeds = [job[0] for job in expand_sweeps([f"seed={params.pop('seed')}"])] if "seed" in params else []
+    return expand_sweeps([f"{k}={v}" for k, v in params.items()]), seeds
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_job_composes_and_claims_compare_arms_that_differ_only_where_declared(preset: str) -> None:
+    """Every job a preset's sweep would launch composes and validates (paper-scale twins too), and
+    every claim's two arms differ in no training setting the claim does not declare (`differs_in`):
+    the report would warn about it on every seed pair. Each arm is composed at its first seed; the
+    other seeds are that config with ``seed`` replaced (all a ``seed=`` override changes), validated."""
     from moe_lora.config import resolved_config
-    from moe_lora.recipes.compose import expand_sweeps
+    from moe_lora.recipes.compose import compose, to_config
     from moe_lora.report import claims
     from moe_lora.report.collect import Run
 
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        hydra_cfg = compose("train", overrides=[f"experiment={preset}"], return_hydra_config=True)
-    params = {k: v for k, v in hydra_cfg.hydra.sweeper.params.items() if k != "seed"}
+    jobs, seeds = _sweep(preset)
+    assert len(jobs) >= 1
     runs = []
-    for job in expand_sweeps([f"{k}={v}" for k, v in params.items()]):
-        cfg = load_config([f"experiment={preset}", *job, "seed=0"], check_files=False)
-        runs.append(
-            Run(
-                Path(),
-                {"adapter": cfg.adapter.name, "layout": cfg.layout.name, "seed": 0, "config": resolved_config(cfg)},
+    for job in jobs:
+        first = compose([f"experiment={preset}", *job, *seeds[:1]])
+        cfg = to_config(first, check_files=False)
+        for seed in seeds[1:]:
+            assert to_config(OmegaConf.merge(first, OmegaConf.from_dotlist([seed])), check_files=False).seed == int(
+                seed.split("=")[1]
             )
-        )
+        run = {"adapter": cfg.adapter.name, "layout": cfg.layout.name, "seed": 0, "config": resolved_config(cfg)}
+        runs.append(Run(Path(), run))
+    if preset not in CLAIM_PRESETS:
+        return
     found, _ = claims.claims_in(runs)
     assert found
     for claim in found:

@@ -17,7 +17,7 @@ from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import ConfigCompositionException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 import moe_lora.adapters
 import moe_lora.config  # noqa: F401
@@ -184,19 +184,24 @@ def load_config(overrides: list[str], check_files: bool = True):
 
 
 def precheck(overrides: list[str], multirun: bool):
-    """Every job's config validated and the output folder checked; the first job's config."""
+    """Every job's config validated and the output folder checked; the first job's config. The
+    first job is composed once, with Hydra's node (its folder), as ``hydra.compose`` would give it
+    without: the same config with ``hydra`` deleted."""
     combos = expand_sweeps(overrides) if multirun else [overrides]
-    cfgs = [load_config(combo) for combo in combos]
-    check_output_dir(combos[0], multirun, cfgs[0])
+    first = compose(combos[0], return_hydra_config=True)
+    job = first.copy()  # shallow: deleting its hydra node leaves first's
+    with open_dict(job):
+        del job["hydra"]
+    cfgs = [to_config(job), *(load_config(combo) for combo in combos[1:])]
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    check_output_dir(key, Path(OmegaConf.select(first, key)), cfgs[0])
     return cfgs[0]
 
 
-def check_output_dir(overrides: list[str], multirun: bool, cfg) -> None:
+def check_output_dir(key: str, out: Path, cfg) -> None:
     """Before Hydra creates anything: the run (sweep) folder can be created, and a run folder holds
     no earlier run's results nor checkpoints unless ``resume`` says to continue it."""
-    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
-    out = Path(OmegaConf.select(compose(overrides, return_hydra_config=True), key))
-    if not multirun:
+    if key == "hydra.run.dir":
         plan(out, cfg.resume, resolved_config(cfg), sweep=False)
     probe = out
     while not probe.exists() and probe != probe.parent:
