@@ -93,6 +93,15 @@ def task_dir(tmp_path_factory) -> Path:
     return root
 
 
+def first_fast(values: list) -> list:
+    """A parametrization whose first case runs in `make test-fast` and the others only in the whole
+    suite (marked slow): the fast loop keeps one case of each code path, CI keeps every case."""
+    return [
+        v if i == 0 else pytest.param(*(v if isinstance(v, tuple) else (v,)), marks=pytest.mark.slow)
+        for i, v in enumerate(values)
+    ]
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 

@@ -139,3 +139,19 @@ def test_every_preset_job_composes_and_claims_compare_arms_that_differ_only_wher
         a, b = claims._arm_runs(claim, runs)
         assert len(a) == len(b) == 1, claim["name"]
         assert claims.confounders(claim, [(0, a[0], b[0])]) == [], claim["name"]
+
+
+def test_compositions_share_one_config_store_and_leave_its_schemas_alone() -> None:
+    """moe_lora.config makes a deep copy of Hydra's ConfigStore the store itself (Hydra copied it on
+    every compose): a composition still gets its own copy of each schema, so nothing leaks between two."""
+    import copy
+
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    assert copy.deepcopy(store) is store
+    before = copy.deepcopy(store.load("schema/adapter/mola.yaml").node)
+    first = load_config(["adapter=mola", "adapter.num_experts=3"], check_files=False)
+    again = load_config(["adapter=mola"], check_files=False)
+    assert (first.adapter.num_experts, again.adapter.num_experts) == (3, 8)
+    assert store.load("schema/adapter/mola.yaml").node == before

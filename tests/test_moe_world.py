@@ -217,6 +217,7 @@ def train(run_cli, run_dir, *args: str) -> dict:
     return json.loads((run_dir / "results.json").read_text())
 
 
+@pytest.mark.slow  # two toy MoE runs: ~6 s
 def test_toy_moe_world_with_the_base_router_frozen_and_trained(run_cli, tmp_path) -> None:
     """The toy Qwen3-MoE pretrains once (cached), fine-tunes with its router frozen or trained;
     routing.jsonl holds the base routers' CV, load and entropy per task type at every log step."""

@@ -12,6 +12,7 @@ import pytest
 
 from moe_lora.config import DataConfig, P3Config
 from moe_lora.data.p3 import allocate, capped_sizes, p3_mixture, templates_of
+from tests.conftest import first_fast
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +105,8 @@ def _train_args(root, model, adapter, tmp_path) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    ("version", "adapter"), [(v, a) for v in ("v1_1", "v1_0") for a in ("ia3", "mov", "lora", "molora", "full")]
+    ("version", "adapter"),
+    first_fast([(v, a) for v in ("v1_1", "v1_0") for a in ("ia3", "mov", "lora", "molora", "full")]),
 )
 def test_t5_trains_on_p3_and_predictions_reproduce_rank_accuracy(
     run_cli, p3_root, t5s, tmp_path, version, adapter

@@ -10,6 +10,8 @@ import re
 import pytest
 import torch
 
+from tests.conftest import first_fast
+
 
 @pytest.mark.parametrize(
     ("adapter", "trainable"),
@@ -90,7 +92,7 @@ def test_t5_model_configs_build_on_the_meta_device_with_both_stacks(size) -> Non
 
 @pytest.mark.parametrize("version", ["v1_1", "v1_0"])
 @pytest.mark.parametrize(
-    "adapter", ["mov", "ia3", "molora", "lora", "loramoe", "mola", "adamoe", "hydralora", "melora", "alora"]
+    "adapter", first_fast(["mov", "ia3", "molora", "lora", "loramoe", "mola", "adamoe", "hydralora", "melora", "alora"])
 )
 def test_every_variant_runs_a_t5_and_starts_as_the_base(t5_checkpoints, version, adapter) -> None:
     """T5's FFN reads ``wo.weight`` of whatever sits there: every wrapper exposes the base's weight.

@@ -55,6 +55,7 @@ def test_bad_clusters_fail_in_one_line(run_cli, tmp_path, overrides, message) ->
     assert code != 0 and message in out + err and not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow  # pretrains the T5 twin: ~8 s
 def test_the_t5_twin_pretrains_on_the_world_and_runs_the_toy_t0(run_cli, tmp_path) -> None:
     import json
 

@@ -12,6 +12,7 @@ import torch._dynamo as dynamo
 from moe_lora.adapters.inject import aux_config
 from moe_lora.bench.run import adapted_variants, adapter_config, build, make_batch, parse
 from moe_lora.routing.router import Router
+from tests.conftest import first_fast
 
 VARIANTS = adapted_variants()
 
@@ -22,7 +23,7 @@ def test_every_adapting_variant_is_traced() -> None:
     assert set(VARIANTS) == {n for n in ADAPTERS if n not in ("full", "none")}
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", first_fast(VARIANTS))
 def test_no_graph_breaks(variant: str) -> None:
     a = parse(
         [
