@@ -1,10 +1,11 @@
 """Data kinds by name: what a run fine-tunes and evaluates on (the built-in world, the toy T0, real
 sources, P3, ...), each with its checks and its builder, in one registry.
 
-A kind lives in its own module, which builds a :class:`DataKind` and calls :func:`register_kind`
-once at import; ``moe_lora.recipes.kinds`` imports every such module, so ``validate`` and the runner
-see the same registry. A kind may live in any layer that may import this one (the world's kinds
-live in ``moe_lora.world``, which this layer never imports).
+A kind is one file in ``moe_lora/recipes/kinds/``, which builds a :class:`DataKind` and calls
+:func:`register_kind` at import; importing that package imports every file in it, so ``validate``
+and the runner see the same registry. The kinds sit above what they draw on (this layer, the world,
+evaluation), so none of those imports a kind; a module elsewhere (a test, a user's code) may
+register one too.
 
 A config asks for a kind through its own settings (``matches``: ``data.p3`` lists datasets,
 ``data.sources`` is not empty, ...). At most one kind may be asked for: a config asking for two

@@ -32,7 +32,6 @@ from typing import Any
 
 from moe_lora.config import DataConfig, P3Config, TrainConfig
 from moe_lora.data.example import EvalSet, Example, Mixture
-from moe_lora.data.kinds import DataEnv, DataKind, register_kind
 from moe_lora.data.sources import _load, _local_kind
 from moe_lora.errors import ConfigError
 
@@ -203,19 +202,3 @@ def check_p3_model(cfg: TrainConfig) -> None:
             f"data={cfg.data.name!r} reads P3 (data.p3) but model.source=world: the built-in model's "
             "vocabulary only covers the built-in world; choose a hub model (model=... model.name_or_path=...)"
         )
-
-
-def _build(cfg: TrainConfig, env: DataEnv) -> Mixture:
-    return p3_mixture(cfg.data, cfg.seed, eval_limit=cfg.recipe.eval_limit)
-
-
-P3 = register_kind(
-    DataKind(
-        "p3",
-        _build,
-        matches=lambda data: data.p3.enabled,
-        key="data.p3",
-        check=check_p3_model,
-        check_files=lambda cfg: check_p3(cfg.data),
-    )
-)

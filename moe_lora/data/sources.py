@@ -32,7 +32,6 @@ from typing import Any
 from moe_lora.config import DataConfig, SourceConfig, TrainConfig
 from moe_lora.data.collate import encode_example
 from moe_lora.data.example import EvalSet, Example, Mixture
-from moe_lora.data.kinds import DataEnv, DataKind, ModelChecks, register_kind
 from moe_lora.data.templates import Template, fewshot_prompt, get_template
 from moe_lora.errors import ConfigError, first_line
 
@@ -595,25 +594,3 @@ def check_max_length(cfg: TrainConfig, tok, n: int = 16) -> None:
             f"{key}={max_length} is shorter than every training example checked (the first "
             f"{n} of each source, {len(examples)} in all): their prompts would be cut; raise it"
         )
-
-
-def _check_model(cfg: TrainConfig, checks: ModelChecks) -> None:
-    check_real_data(cfg, checks.trains)
-    if checks.files and checks.trains:
-        check_max_length(cfg, checks.tokenizer())
-
-
-def _build(cfg: TrainConfig, env: DataEnv) -> Mixture:
-    return source_mixture(cfg.data, cfg.seed, num_fewshot=cfg.eval.num_fewshot, eval_limit=cfg.recipe.eval_limit)
-
-
-SOURCES = register_kind(
-    DataKind(
-        "sources",
-        _build,
-        matches=lambda data: bool(data.sources),
-        key="data.sources",
-        check_files=lambda cfg: check_sources(cfg.data),
-        check_model=_check_model,
-    )
-)

@@ -8,7 +8,6 @@ from dataclasses import replace
 
 from moe_lora.config import DataConfig, TrainConfig
 from moe_lora.data.example import EvalSet, Example, Mixture
-from moe_lora.data.kinds import DataKind, register_kind
 from moe_lora.errors import ConfigError
 from moe_lora.world.generator import INSTRUCTION_TASKS, MC_CLUSTERS, World, instruction_examples, mc_examples
 
@@ -116,23 +115,3 @@ def check_world_t0(cfg: TrainConfig) -> None:
         raise ConfigError(
             "data.mc_train_clusters is empty: the toy T0 trains on some clusters and holds out the others"
         )
-
-
-WORLD = register_kind(
-    DataKind(
-        "world",
-        lambda cfg, env: world_mixture(cfg.data, env.world, cfg.seed),
-        needs_world=True,
-        check=check_instruction_tasks,
-    )
-)
-WORLD_T0 = register_kind(
-    DataKind(
-        "world_t0",
-        lambda cfg, env: world_t0_mixture(cfg.data, env.world, cfg.seed),
-        matches=lambda data: bool(data.mc_train_clusters or data.mc_eval_clusters),
-        key="data.mc_train_clusters",
-        needs_world=True,
-        check=check_world_t0,
-    )
-)

@@ -69,3 +69,19 @@ def test_a_new_kind_is_one_file(run_cli, tmp_path) -> None:
     predictions = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
     assert {p["task"] for p in predictions} == {"people"} and {p["model"] for p in predictions} == {"base", "tuned"}
     assert all(p["id"].startswith("people-") for p in predictions)
+
+
+def test_every_file_in_recipes_kinds_is_imported_and_registers_a_kind() -> None:
+    """A kind shipped with moe_lora is one file in moe_lora/recipes/kinds/: the package imports every
+    file there (no list to extend), and each registers at least one kind."""
+    import sys
+    from pathlib import Path
+
+    import moe_lora.recipes.kinds as package
+
+    files = sorted(p.stem for p in Path(package.__file__).parent.glob("*.py") if p.stem != "__init__")
+    assert {"facts", "p3", "sources", "world"} <= set(files)
+    for stem in files:
+        module = sys.modules[f"moe_lora.recipes.kinds.{stem}"]
+        registered = [v for v in vars(module).values() if isinstance(v, DataKind)]
+        assert registered and all(DATA_KINDS.get(k.name) is k for k in registered), stem
