@@ -98,12 +98,15 @@ def layer_plan(name: str, layer: int | None, plans: list[LayerPlan], layout: Lay
     return replace(plans[0], layer=None)
 
 
-def budget_summary(adapter: AdapterConfig, layout: LayoutConfig, planned: Planned) -> dict[str, Any]:
+def budget_summary(
+    adapter: AdapterConfig, layout: LayoutConfig, planned: Planned, plans: list[LayerPlan] | None = None
+) -> dict[str, Any]:
     """What the layout spends (results.json ``budget``; the report's fairness columns): experts
     per layer, expert slots (experts summed over adapted linears) and active expert-rank (sum of
-    top_k x rank, every expert for soft routing, over adapted linears)."""
+    top_k x rank, every expert for soft routing, over adapted linears). ``plans``: the layout as
+    resolved for the injection (resolved here when not given)."""
     structure, sites = planned
-    plans = resolve_layout(layout, adapter, structure.num_layers)
+    plans = plans or resolve_layout(layout, adapter, structure.num_layers)
     slots = active = 0
     for site in sites:
         plan = layer_plan(site.name, site.layer, plans, layout)
@@ -119,9 +122,11 @@ def inject_adapter(
     layout: LayoutConfig,
     recorder: RoutingRecorder | None = None,
     planned: Planned | None = None,
+    plans: list[LayerPlan] | None = None,
 ) -> list[str]:
     """Freeze the base, wrap every target linear, attach routers to the recorder; ``planned``: what
-    ``plan_targets`` returned for this model (read once for the targets table and the injection).
+    ``plan_targets`` returned for this model (read once for the targets table and the injection);
+    ``plans``: the layout resolved once for the budget summary and the injection.
 
     Returns the names of the adapted modules (an MoE layer's experts module for its fused tensors).
     """
@@ -131,7 +136,7 @@ def inject_adapter(
     if spec.wrap is None:
         return []
     structure, sites = planned or plan_targets(model, adapter, model_cfg)
-    plans = resolve_layout(layout, adapter, structure.num_layers)
+    plans = plans or resolve_layout(layout, adapter, structure.num_layers)
     if (layout.experts is not None or layout.budget_first or has_budget(layout)) and hasattr(adapter, "num_experts"):
         spends = layout.experts is None and not has_budget(layout)  # every layout's default budget
         log.info(

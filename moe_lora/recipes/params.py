@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from moe_lora.adapters import ADAPTERS
 from moe_lora.adapters.inject import budget_summary, count_parameters, inject_adapter, plan_targets
+from moe_lora.model.layouts import resolve_layout
 from moe_lora.model.structure import read_structure
 from moe_lora.model.targets import format_targets, targets_summary
 from moe_lora.recipes.validate import base_meta_model
@@ -16,15 +17,16 @@ from moe_lora.routing.router import Router
 def print_params(cfg) -> None:
     model = base_meta_model(cfg)
     base_total = sum(p.numel() for p in model.parameters())
-    spec, layers, budget = ADAPTERS.get(cfg.adapter.name), {}, None
+    spec, layers, budget, planned, plans = ADAPTERS.get(cfg.adapter.name), {}, None, None, None
     if spec.wrap is not None:
-        structure, sites = plan_targets(model, cfg.adapter, cfg.model)
+        structure, sites = planned = plan_targets(model, cfg.adapter, cfg.model)
+        plans = resolve_layout(cfg.layout, cfg.adapter, structure.num_layers)  # once: budget and injection
         print(format_targets(targets_summary(structure, sites, spec.slices_fused)) + "\n")
         layers = {site.name.rpartition(".")[0] if site.expert else site.name: site.layer for site in sites}
         if hasattr(cfg.adapter, "num_experts"):
-            budget = budget_summary(cfg.adapter, cfg.layout, (structure, sites))
+            budget = budget_summary(cfg.adapter, cfg.layout, planned, plans)
     blocks = read_structure(model, cfg.model.modules).moe  # before an expert adapter wraps the experts
-    names = inject_adapter(model, cfg.adapter, cfg.model, cfg.layout)
+    names = inject_adapter(model, cfg.adapter, cfg.model, cfg.layout, planned=planned, plans=plans)
     base_routers = attach_base_routers(model, cfg.model.moe, None, blocks)  # model.moe: null experts, training
     counts = count_parameters(model)
     if names:

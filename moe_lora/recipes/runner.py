@@ -30,6 +30,7 @@ from moe_lora.data.example import Mixture
 from moe_lora.errors import ConfigError
 from moe_lora.eval.evaluate import evaluate
 from moe_lora.eval.harness import run_harness
+from moe_lora.model.layouts import resolve_layout
 from moe_lora.model.load import hub_model
 from moe_lora.model.structure import is_encoder_decoder, read_structure
 from moe_lora.model.targets import format_targets
@@ -279,11 +280,12 @@ def add_adapter(model: nn.Module, cfg: TrainConfig, run_dir: Path, dist: Dist):
     )
     planned = plan_targets(model, cfg.adapter, cfg.model) if ADAPTERS.get(cfg.adapter.name).wrap is not None else None
     targets = targets_table(model, cfg.adapter, cfg.model, planned) if planned else {}
-    budget = budget_summary(cfg.adapter, cfg.layout, planned) if planned else {}
+    plans = resolve_layout(cfg.layout, cfg.adapter, planned[0].num_layers) if planned else None  # once
+    budget = budget_summary(cfg.adapter, cfg.layout, planned, plans) if planned else {}
     if targets and dist.is_main:
         print(format_targets(targets), flush=True)
     moe_blocks = (planned[0] if planned else read_structure(model)).moe  # read before expert adapters wrap them
-    adapted = inject_adapter(model, cfg.adapter, cfg.model, cfg.layout, recorder, planned)
+    adapted = inject_adapter(model, cfg.adapter, cfg.model, cfg.layout, recorder, planned, plans)
     attach_base_routers(model, cfg.model.moe, recorder, moe_blocks)  # the base's routers: watched, trained, nulls
     if cfg.recipe.save_init_adapter and dist.is_main:
         write_adapter(run_dir / INIT_ADAPTER_FILE, adapter_state(model))
