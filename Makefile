@@ -68,13 +68,15 @@ tables: $(STAMP)  ## the toy paper presets (3 seeds each) and their reports, end
 	done; echo; echo "Claims (paired by seed; the rule is under each report's claims.md):"; \
 	cat $$verdicts; rm -f $$verdicts; exit $$status
 
-# Each preset's newest report (from `make tables`) copied to docs/results/sources/<preset>/, then every
-# results page regenerated from the sources there; `moe-lora pages --check` only compares.
-pages: $(STAMP)  ## docs/results/<preset>.md from each preset's newest report, then every page regenerated
+# Each preset's newest report (from `make tables`) copied to docs/results/sources/<preset>/, and the newest
+# outputs/bench/*.json (from `make bench`) to sources/bench/, then every results page regenerated from the
+# sources there; `moe-lora pages --check` only compares.
+pages: $(STAMP)  ## docs/results/<preset>.md from each preset's newest report, bench.md from the newest bench JSON
 	@from=""; for p in $(PRESETS); do \
 		latest=$$(ls -td multirun/$$p/*/report 2>/dev/null | head -n 1); \
 		if [ -n "$$latest" ] && [ -f $$latest/claims.json ]; then from="$$from --from $$p=$$latest"; fi; \
-	done; $(BIN)/moe-lora pages $$from $(ARGS)
+	done; bench=$$(ls -t outputs/bench/*.json 2>/dev/null | head -n 1); \
+	if [ -n "$$bench" ]; then from="$$from --bench bench=$$bench"; fi; $(BIN)/moe-lora pages $$from $(ARGS)
 
 layouts: $(STAMP)  ## probe heuristics, a layout search and its confirmation against the named shapes (ARGS=trials)
 	BIN=$(BIN) scripts/compare_layouts.sh $(ARGS)

@@ -14,7 +14,7 @@ no scatter back), and none loops over experts. torch's CPU ``_grouped_mm`` does:
 select and a slice) per expert per GEMM, 10,696 kernel calls in a 64-expert training step of the
 benchmark's tiny model against 1,456 at 8 experts, which is what made the grouped step grow with E.
 Measured (``moe-lora bench``'s tiny shape, r=8, top-2, 2 threads): the grouped step grows
-1.10-1.26x from 8 to 64 experts (1.50x with ``_grouped_mm``); figures in docs/results/archive.md (benchmark).
+1.10-1.26x from 8 to 64 experts (1.50x with ``_grouped_mm``); pages: docs/results/index.md (Benchmarks).
 
 torch's sparse CPU kernels (MKL) take float32/float64 only: under bfloat16 autocast the expert
 update is computed in float32 and added in the base output's dtype (the adapter's weights are

@@ -402,6 +402,7 @@ def judged(rounds: dict[str, list[float]], ours: list[str], a: argparse.Namespac
     flags = {k: why for k, (num, den) in pairs.items() if (why := unreliable(rounds, num, den))}
     return {
         "rounds": len(rounds["peft_lora"]),
+        "min_rounds": MIN_ROUNDS,  # below it the ratios were withheld, or (--force) shown and all flagged
         "ratios_shown": len(rounds["peft_lora"]) >= MIN_ROUNDS or bool(getattr(a, "force", False)),
         "step_ms_per_round": {v: [1000 * x for x in ts] for v, ts in rounds.items()},
         "step_time_range_over_median": {v: time_range(ts) for v, ts in rounds.items()},

@@ -1,13 +1,16 @@
-"""`moe-lora pages`: results pages rendered from a report's files, and the check that fails when a
-page is out of date with its sources (run here on the repository's own docs/results)."""
+"""`moe-lora pages`: results pages rendered from a report's files or a bench JSON, and the check that
+fails when a page is out of date with its sources (run here on the repository's own docs/results)."""
 
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 import pytest
 
+from moe_lora.bench import measure, sweep
+from moe_lora.bench.run import parse as bench_args
 from moe_lora.report import pages
 from moe_lora.report.build import build_report
 from tests.report.test_claims import CLAIM, GAIN, B, make_runs
@@ -107,3 +110,121 @@ def test_item_intervals_get_a_column_only_when_the_report_has_them() -> None:
     head, rule, row = with_items.splitlines()[:3]
     assert "seeds x items" in head and head.count("|") == rule.count("|") == row.count("|")
     assert "| [+0.0500, +0.1500] | [+0.0200, +0.1800] |" in row and "| 4 | **held** |" in row
+
+
+# ------------------------------------------------------------------------------------ bench pages
+VARIANTS = ["peft_lora", "base", "lora", "loramoe", "loramoe_no_telemetry", "mola", "mola_grouped", "loop_loramoe"]
+
+
+def fake_raw(rounds: int, scale: float = 1.0) -> dict:
+    """What ``measure.measure`` returns, with made-up times: loop_loramoe's rounds spread > 50%."""
+    times = {v: [scale * (0.1 + 0.01 * i + 0.001 * r) for r in range(rounds)] for i, v in enumerate(VARIANTS)}
+    times["loop_loramoe"][0] *= 3
+    return {
+        "median_s": {v: statistics.median(t) for v, t in times.items()},
+        "round_s": times,
+        "memory_bytes": {v: (10 + i) * 2**20 for i, v in enumerate(VARIANTS)},
+        "flops": {v: (2 + i) * 10**9 for i, v in enumerate(VARIANTS) if v != "mola_grouped"},
+        "spread": {v: measure.iqr(t) / statistics.median(t) for v, t in times.items()},
+    }
+
+
+def bench_file(tmp_path: Path, rounds: int = 6, *flags: str) -> tuple[Path, dict]:
+    """A JSON as `moe-lora bench --out` writes it: the bench's own ``report`` over fabricated times."""
+    a = bench_args(["--rounds", str(rounds), "--device", "cpu", "--large", "none", *flags])
+    res = measure.report(fake_raw(rounds), a)
+    path = tmp_path / f"bench_{rounds}{''.join(flags)}.json"
+    path.write_text(json.dumps(res))
+    return path, res
+
+
+def sweep_file(tmp_path: Path) -> tuple[Path, dict]:
+    """An expert sweep's JSON, assembled by the sweep's own code from fabricated counts."""
+    a = bench_args(["--rounds", "6", "--device", "cpu", "--experts", "2,4", "--variants", ",".join(VARIANTS)])
+    by_count = {}
+    for n in a.experts:
+        res = measure.report(fake_raw(6, scale=n), sweep.at_count(a, n))
+        res.pop("settings"), res.pop("versions")
+        by_count[n] = res
+    res = sweep.assemble(by_count, VARIANTS, a)
+    path = tmp_path / "sweep.json"
+    path.write_text(json.dumps(res))
+    return path, res
+
+
+def test_a_bench_page_has_every_variant_its_settings_and_the_index_links_it(tmp_path, results_dir) -> None:
+    path, res = bench_file(tmp_path)
+    assert pages.main(["--dir", str(results_dir), "--bench", f"speed={path}"]) == 0
+    text = (results_dir / "speed.md").read_text()
+    for v in VARIANTS:
+        row = next(line for line in text.splitlines() if line.startswith(f"| {v} |"))
+        assert f"| {res['median_step_ms'][v]:.1f} | " in row and f"| {res['memory_mb'][v]:.1f} |" in row
+    lora = next(line for line in text.splitlines() if line.startswith("| lora |"))
+    low, high = res["ratio_interval_vs_peft_lora"]["lora"]
+    assert f"| {res['ratio_vs_peft_lora']['lora']:.2f} | [{low:.2f}, {high:.2f}] |" in lora
+    assert f"| {res['step_time_iqr_over_median']['lora']:.1%} |" in lora
+    loop = next(line for line in text.splitlines() if line.startswith("| loop_loramoe |"))
+    assert f"| {res['median_step_ms']['loop_loramoe'] / res['median_step_ms']['peft_lora']:.2f}* |" in loop
+    assert "- * loop_loramoe: (max-min)/median of the rounds loop_loramoe" in text  # the run's own reason
+    assert f"on / off (loramoe): {res['telemetry_overhead']:.3f}x" in text
+    assert f"| torch version | {res['versions']['torch']} |" in text and "| rounds | 6 |" in text
+    index = (results_dir / "index.md").read_text()
+    assert "| [speed](speed.md) | variant table | tiny_world | cpu, float32 | 6 |" in index
+    assert pages.main(["--check", "--dir", str(results_dir)]) == 0
+
+
+def test_a_sweep_page_has_a_row_per_count_and_variant(tmp_path, results_dir) -> None:
+    path, res = sweep_file(tmp_path)
+    assert pages.main(["--dir", str(results_dir), "--bench", f"experts={path}"]) == 0
+    text = (results_dir / "experts.md").read_text()
+    for i, n in enumerate(res["experts"]):
+        for v in VARIANTS:
+            assert f"| {n} | {v} | {res['series'][v]['median_step_ms'][i]:.1f} | " in text
+    grouped = res["grouped_over_dense"]["mola"]
+    assert f"| 2 | {grouped[0]:.2f} |" in text and f"| 4 | {grouped[1]:.2f} |" in text
+    assert "| [experts](experts.md) | expert sweep (experts 2, 4) |" in (results_dir / "index.md").read_text()
+
+
+def test_too_few_rounds_withhold_the_ratios_or_flag_every_one(tmp_path, results_dir) -> None:
+    path, res = bench_file(tmp_path, rounds=3)
+    assert not res["ratios_shown"]
+    pages.main(["--dir", str(results_dir), "--bench", f"few={path}"])
+    text = (results_dir / "few.md").read_text()
+    assert "| lora | " in text and "- step-time ratios withheld: 3 rounds" in text
+    lora = next(line for line in text.splitlines() if line.startswith("| lora |"))
+    assert lora.split(" | ")[2:4] == ["-", "-"]  # x peft LoRA and its interval
+    path, res = bench_file(tmp_path, 3, "--force")
+    pages.main(["--dir", str(results_dir), "--bench", f"forced={path}"])
+    text = (results_dir / "forced.md").read_text()
+    lora = next(line for line in text.splitlines() if line.startswith("| lora |"))
+    assert f"| {res['ratio_vs_peft_lora']['lora']:.2f}* |" in lora and "marked *: 3 rounds (forced)" in text
+
+
+def test_check_fails_when_the_bench_json_changes(tmp_path, results_dir, capsys) -> None:
+    path, res = bench_file(tmp_path)
+    pages.main(["--dir", str(results_dir), "--bench", f"speed={path}"])
+    source = results_dir / "sources" / "speed" / "bench.json"
+    res["median_step_ms"]["lora"] += 1.0  # a rerun copied in by hand, the page not regenerated
+    source.write_text(json.dumps(res))
+    assert pages.main(["--check", "--dir", str(results_dir)]) == 1
+    assert "speed.md: out of date" in capsys.readouterr().out
+    assert pages.main(["--dir", str(results_dir)]) == 0
+    assert pages.main(["--check", "--dir", str(results_dir)]) == 0
+
+
+def test_a_file_that_is_no_bench_json_fails_in_one_line(tmp_path, results_dir, report, capsys) -> None:
+    for bad, why in [
+        (report / "claims.json", "not a `moe-lora bench --out` JSON"),
+        (tmp_path / "rows.json", "a `--experts-vs-peft` JSON"),
+        (report / "results.csv", "not a readable JSON file"),
+    ]:
+        if bad.name == "rows.json":
+            bad.write_text(json.dumps({"settings": {}, "rows": []}))
+        assert pages.main(["--dir", str(results_dir), "--bench", f"x={bad}"]) == 2
+        out = capsys.readouterr().out.strip().splitlines()
+        assert len(out) == 1 and out[0].startswith(f"moe-lora: error: {bad}: {why}"), out
+    assert not (results_dir / "sources" / "x").exists()
+    path, _ = bench_file(tmp_path)
+    pages.main(["--dir", str(results_dir), "--from", f"demo={report}"])
+    assert pages.main(["--dir", str(results_dir), "--bench", f"demo={path}"]) == 2  # one page, one kind of source
+    assert "holds results.csv, claims.json" in capsys.readouterr().out
