@@ -9,6 +9,7 @@ from omegaconf import OmegaConf
 
 from moe_lora.adapters import ADAPTERS
 from moe_lora.recipes.compose import CONF_DIR, expand_sweeps, load_config
+from tests.conftest import first_fast
 
 GROUPS = ["model", "adapter", "layout", "data", "recipe", "logger"]
 CASES = [(g, p.stem) for g in GROUPS for p in sorted((CONF_DIR / g).glob("*.yaml"))]
@@ -108,7 +109,7 @@ def _sweep(preset: str) -> tuple[list[list[str]], list[str]]:
     return expand_sweeps([f"{k}={v}" for k, v in params.items()]), seeds
 
 
-@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("preset", first_fast(PRESETS))  # every preset in the whole suite
 def test_every_preset_job_composes_and_claims_compare_arms_that_differ_only_where_declared(preset: str) -> None:
     """Every job a preset's sweep would launch composes and validates (paper-scale twins too), and
     every claim's two arms differ in no training setting the claim does not declare (`differs_in`):

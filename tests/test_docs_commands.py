@@ -293,9 +293,10 @@ def exercise(command: Command, run_cli, tmp_path: Path) -> None:
 
 
 def _marks(command: Command) -> list:
-    """The default bench measures every variant, torch.compile included: ~25 s on one thread."""
+    """The default bench measures every variant, torch.compile included: ~25 s on one thread; a
+    run of the real SmolLM2 reads its 135M weights: ~5 s. Both run in the whole suite."""
     argv = command.argv
-    heavy = moe_lora_args(argv) == ["bench"]
+    heavy = moe_lora_args(argv) == ["bench"] or ("model=smollm2_135m" in argv and "train" in argv)
     return [pytest.mark.slow] if heavy else []
 
 

@@ -218,6 +218,7 @@ def test_uniform_and_named_shapes_spend_a_given_total_exactly(run_cli, layers, s
     assert seen["uniform"][1] == seen[shape][1]  # same budget, same trainable count
 
 
+@pytest.mark.slow  # composes every layout preset with and without a budget: ~9 s
 def test_every_layout_preset_spends_a_command_line_total(mola) -> None:
     """At 22 and 28 layers; each config is composed once and resolved at both depths."""
     from moe_lora.recipes.compose import CONF_DIR

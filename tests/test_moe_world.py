@@ -240,6 +240,7 @@ def test_toy_moe_world_with_the_base_router_frozen_and_trained(run_cli, tmp_path
     assert frozen["routing"][ROUTERS[0]]["importance"] != trained["routing"][ROUTERS[0]]["importance"]
 
 
+@pytest.mark.slow  # a toy MoE run: ~4 s
 def test_toy_moe_world_with_null_experts(run_cli, tmp_path) -> None:
     """AdaMoE in the base router with LoRA on the experts: 4 null experts, top-4; the null rate and
     the real experts per token are recorded, and the null rows are saved with the adapter."""

@@ -39,6 +39,7 @@ def _training_lines(run_dir: Path) -> list[str]:
     return [line for line in (run_dir / "metrics.jsonl").read_text().splitlines() if "tokens_per_s" not in line]
 
 
+@pytest.mark.slow  # three runs and a resume: ~5 s
 def test_val_loss_every_n_steps_leaves_training_bitwise_equal_and_survives_resume(run_cli, tmp_path) -> None:
     plain, validated = tmp_path / "plain", tmp_path / "validated"
     code, _, err = run_cli("train", *RUN, f"hydra.run.dir={plain}")
