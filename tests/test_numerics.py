@@ -159,7 +159,7 @@ def test_spread_places_a_run_within_below_or_above(tmp_path):
     assert other["cross-CPU spread"] == "not measured for this configuration (recipe.lr=1e-3; docs/reproducibility.md)"
 
 
-def test_a_train_run_is_matched_by_the_overrides_it_recorded(tmp_path):
+def test_a_train_run_is_matched_by_the_overrides_it_recorded(tmp_path, monkeypatch):
     """results.json's own ``overrides`` (recorded inside the Hydra job) decide before the folder's."""
     spread = _spread(tmp_path, 0.80, 0.86)
     run = _results(tmp_path, "recipe.lr=1e-3", cbqa_em=0.9)
@@ -168,6 +168,9 @@ def test_a_train_run_is_matched_by_the_overrides_it_recorded(tmp_path):
         "adapter=lora",
         "seed=1",
     ]
+    from hydra.core.hydra_config import HydraConfig
+
+    monkeypatch.setattr(HydraConfig.instance(), "cfg", None)  # an in-process CLI test before leaves it set
     assert hydra_overrides() is None  # outside a Hydra job
 
 
