@@ -4,8 +4,8 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 ARGS    ?=
-# pytest-xdist workers: 2 on 2 cores (on 2026-12-06 the whole suite took 746 s, test-fast 386 s, on a
-# fresh clone; 2 workers measured 1.4x faster than serial earlier); WORKERS=0 runs serially.
+# pytest-xdist workers: 2 on 2 cores (on 2026-12-06, a clean clone on a quiet 2-core machine: the whole
+# suite 517 s, test-fast 172 s; 2 workers measured 1.4x faster than serial earlier); WORKERS=0 runs serially.
 WORKERS ?= 2
 # CPU-only machines: the torch build to install first. Here `torch==2.13.0` is a local CPU wheel;
 # elsewhere use e.g. `make run TORCH_INDEX=https://download.pytorch.org/whl/cpu TORCH_SPEC=torch`.
