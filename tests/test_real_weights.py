@@ -249,3 +249,14 @@ def test_every_variant_takes_a_training_step_on_smollm2(smollm2, name: str) -> N
     assert torch.isfinite(loss) and trainable
     moved = [n for n, p in model.named_parameters() if n in trainable and not torch.equal(p, trainable[n])]
     assert moved, f"{name}: no trainable tensor changed"
+
+
+def test_the_bench_takes_the_real_models_shape() -> None:
+    """`moe-lora bench --model smollm2_135m` benchmarks SmolLM2-135M's shape (random weights): widths,
+    heads, grouped KV heads and vocabulary from its config; `--layers` shortens it."""
+    from moe_lora.bench import run as bench
+
+    a = bench.parse(["--model", "smollm2_135m", "--layers", "2"])
+    cfg = a.model_cfg
+    assert (a.model, cfg.family, cfg.hidden_size, cfg.intermediate_size) == ("smollm2_135m", "llama", 576, 1536)
+    assert (cfg.num_heads, cfg.num_kv_heads, cfg.num_layers, a.vocab) == (9, 3, 2, 49152)
