@@ -25,7 +25,7 @@ def print_params(cfg) -> None:
         layers = {site.name.rpartition(".")[0] if site.expert else site.name: site.layer for site in sites}
         if hasattr(cfg.adapter, "num_experts"):
             budget = budget_summary(cfg.adapter, cfg.layout, planned, plans)
-    blocks = read_structure(model, cfg.model.modules).moe  # before an expert adapter wraps the experts
+    blocks = (planned[0] if planned else read_structure(model, cfg.model.modules)).moe  # before experts are wrapped
     names = inject_adapter(model, cfg.adapter, cfg.model, cfg.layout, planned=planned, plans=plans)
     base_routers = attach_base_routers(model, cfg.model.moe, None, blocks)  # model.moe: null experts, training
     counts = count_parameters(model)
