@@ -30,7 +30,7 @@ def report(tmp_path) -> Path:
 def results_dir(tmp_path) -> Path:
     folder = tmp_path / "docs" / "results"
     folder.mkdir(parents=True)
-    (folder / "archive.md").write_text("# typed by hand\n")
+    (folder / "notes.md").write_text("# typed by hand\n")
     return folder
 
 
@@ -52,7 +52,7 @@ def test_a_page_shows_the_report_numbers_and_verdicts(report, results_dir, capsy
     index = (results_dir / "index.md").read_text()
     assert "| [demo](demo.md) | 1 | 1 | 0 | 0 |" in index
     assert pages.main(["--check", "--dir", str(results_dir)]) == 0
-    assert (results_dir / "archive.md").read_text() == "# typed by hand\n"  # hand-written pages are left alone
+    assert (results_dir / "notes.md").read_text() == "# typed by hand\n"  # hand-written pages are left alone
 
 
 def test_check_fails_on_an_edited_page_changed_sources_or_orphans(report, results_dir, capsys) -> None:
@@ -76,7 +76,7 @@ def test_check_fails_on_an_edited_page_changed_sources_or_orphans(report, result
     assert pages.main(["--check", "--dir", str(results_dir)]) == 1
     assert "demo.md: generated, but its sources are gone" in capsys.readouterr().out
     pages.main(["--dir", str(results_dir)])
-    assert not page.exists() and (results_dir / "archive.md").exists()
+    assert not page.exists() and (results_dir / "notes.md").exists()
     assert pages.main(["--check", "--dir", str(results_dir)]) == 0
 
 
