@@ -13,6 +13,8 @@ TORCH_SPEC  ?= torch==2.13.0
 TORCH_INDEX ?=
 
 PRESETS ?= loramoe_forgetting mola_layouts mov_molora mov_molora_t5 melora alora adamoe hydralora_matched hydralora_asymmetry moe_router adamoe_base
+# `make pages` also takes the newest report of these sweeps: layout_heuristics is what `make layouts` confirms.
+PAGES   ?= $(PRESETS) layout_heuristics
 
 .PHONY: help run test test-fast setup lint style bench tables pages layouts clean-cache
 
@@ -68,11 +70,11 @@ tables: $(STAMP)  ## the toy paper presets (3 seeds each) and their reports, end
 	done; echo; echo "Claims (paired by seed; the rule is under each report's claims.md):"; \
 	cat $$verdicts; rm -f $$verdicts; exit $$status
 
-# Each preset's newest report (from `make tables`) copied to docs/results/sources/<preset>/, and the newest
+# Each preset's newest report (from `make tables`, and `make layouts`'s layout_heuristics) copied to docs/results/sources/<preset>/, and the newest
 # outputs/bench/*.json (from `make bench`) to sources/bench/, then every results page regenerated from the
 # sources there; `moe-lora pages --check` only compares.
 pages: $(STAMP)  ## docs/results/<preset>.md from each preset's newest report, bench.md from the newest bench JSON
-	@from=""; for p in $(PRESETS); do \
+	@from=""; for p in $(PAGES); do \
 		latest=$$(ls -td multirun/$$p/*/report 2>/dev/null | head -n 1); \
 		if [ -n "$$latest" ] && [ -f $$latest/claims.json ]; then from="$$from --from $$p=$$latest"; fi; \
 	done; bench=$$(ls -t outputs/bench/*.json 2>/dev/null | head -n 1); \
