@@ -10,7 +10,9 @@ torch runs its first op, so that two x86 CPUs with AVX2 compute alike; with the 
 from __future__ import annotations
 
 import os
+import platform
 import secrets
+from pathlib import Path
 
 # MOE_LORA_NUMERICS=portable: what every CPU is made to run, over what it would pick for itself
 PORTABLE_NUMERICS = {
@@ -56,3 +58,15 @@ def register_resolvers() -> None:
 def _mkdir(path: str) -> str:
     os.makedirs(path, exist_ok=True)
     return path
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo, else what platform knows): step times and CPU
+    numerics belong to it, so results that depend on them record it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

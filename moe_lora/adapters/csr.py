@@ -13,8 +13,8 @@ Every kernel reads the activations once and writes the result once (no ``T*k x d
 no scatter back), and none loops over experts. torch's CPU ``_grouped_mm`` does: one ``mm`` (plus a
 select and a slice) per expert per GEMM, 10,696 kernel calls in a 64-expert training step of the
 benchmark's tiny model against 1,456 at 8 experts, which is what made the grouped step grow with E.
-Measured (``moe-lora bench``'s tiny shape, r=8, top-2, 2 threads): the grouped step grows
-1.10-1.26x from 8 to 64 experts (1.50x with ``_grouped_mm``); pages: docs/results/index.md (Benchmarks).
+How the grouped step's time grows with E against the dense gate's, measured by ``moe-lora bench
+--experts``: the generated page docs/results/experts.md.
 
 torch's sparse CPU kernels (MKL) take float32/float64 only: under bfloat16 autocast the expert
 update is computed in float32 and added in the base output's dtype (the adapter's weights are
@@ -24,8 +24,14 @@ picks (AdaMoE, index ``num_experts``) are dropped from it, so they cost nothing.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
+
+# torch warns once per process that CSR tensors are "in beta"; the kernels used here are tested
+# against the dense gate (tests/adapters/test_grouped.py), so it would only alarm users of the grouped path.
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state", category=UserWarning)
 
 
 def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:

@@ -31,6 +31,7 @@ from moe_lora.adapters.inject import inject_adapter
 from moe_lora.adapters.layer import LoRAExperts
 from moe_lora.bench.reference import LoopMoELoRA
 from moe_lora.config import LayoutConfig
+from moe_lora.env import cpu_name
 from moe_lora.errors import ConfigError
 from moe_lora.model.load import arch_config
 from moe_lora.model.structure import read_structure
@@ -40,7 +41,10 @@ from moe_lora.train.schedule import can_fuse
 
 REFERENCE = ["base", "peft_lora"]  # frozen base, peft's LoRA: what every ratio is taken against
 MIN_ROUNDS = 5  # fewer rounds: no step-time ratio is printed without --force (then each is flagged)
-MAX_RANGE = 0.5  # (max - min) / median of a variant's per-round step times above this: its ratios flagged
+# IQR / median of a variant's per-round step times above this: its ratios flagged. The IQR, not the
+# range: one slow round in twenty leaves the median alone, and a range only grows with more rounds,
+# so "rerun with more --rounds" could never clear a range-based flag.
+MAX_SPREAD = 0.25
 
 
 LOOPS = {"loop_loramoe": "loramoe", "loop_mola": "mola", "loop_hydralora": "hydralora", "loop_adamoe": "adamoe"}
@@ -313,13 +317,12 @@ def ratio_interval(num: list[float], den: list[float]) -> tuple[float, float]:
 
 
 def unreliable(rounds: dict[str, list[float]], num: str, den: str) -> str | None:
-    """Why the step-time ratio ``num / den`` cannot be trusted (None when it can): rounds too far
-    apart, or a 95% interval that holds 1 (no difference measured). Too few rounds is said once,
-    for every ratio (``ratios_shown``)."""
-    reasons = [
-        f"{v} {time_range(rounds[v]):.0%}" for v in dict.fromkeys((num, den)) if time_range(rounds[v]) > MAX_RANGE
-    ]
-    reasons = [f"(max-min)/median of the rounds {', '.join(reasons)} (> {MAX_RANGE:.0%})"] if reasons else []
+    """Why the step-time ratio ``num / den`` cannot be trusted (None when it can): the middle half of
+    either side's rounds spread wide, or a 95% interval that holds 1 (no difference measured). Too
+    few rounds is said once, for every ratio (``ratios_shown``)."""
+    wide = {v: iqr(rounds[v]) / statistics.median(rounds[v]) for v in dict.fromkeys((num, den))}
+    reasons = [f"{v} {s:.0%}" for v, s in wide.items() if s > MAX_SPREAD]
+    reasons = [f"IQR/median of the rounds {', '.join(reasons)} (> {MAX_SPREAD:.0%})"] if reasons else []
     lo, hi = ratio_interval(rounds[num], rounds[den])
     if len(rounds[num]) >= 2 and lo <= 1 <= hi:
         reasons.append(f"interval [{lo:.2f}, {hi:.2f}] holds 1")
@@ -340,7 +343,7 @@ def settings(a: argparse.Namespace) -> dict:
         **{k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items() if k != "model_cfg"},
         "threads": torch.get_num_threads(),
         "machine": platform.machine(),
-        "processor": platform.processor(),
+        "processor": cpu_name(),
     }
 
 

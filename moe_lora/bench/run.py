@@ -229,7 +229,7 @@ def table(res: dict) -> str:
         for k, r in res.get("compiled_vs_eager_peft_lora", {}).items()
     ]
     rows += [
-        f"top-k through grouped GEMMs / dense masked gate ({k}): {timed(f'grouped {k}', r, width=0, unit='x')}"
+        f"top-k through the grouped path / dense masked gate ({k}): {timed(f'grouped {k}', r, width=0, unit='x')}"
         for k, r in res.get("grouped_over_dense", {}).items()
     ]
     if "telemetry_overhead" in res:

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 from pathlib import Path
 from typing import Any
 
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
+
+from moe_lora.env import cpu_name
 
 SPREAD_FILE = Path(__file__).with_name("spread.json")
 # headline metrics whose spread the summary states (results.json "metrics" keys)
@@ -36,20 +37,10 @@ def numerics() -> dict[str, Any]:
         "capability": torch.backends.cpu.get_cpu_capability(),
         "mkl_cbwr": os.environ.get("MKL_CBWR"),
         "threads": torch.get_num_threads(),
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "torch": str(torch.__version__),  # TorchVersion: not a primitive for OmegaConf
         "mode": os.environ.get("MOE_LORA_NUMERICS", "native"),  # moe_lora.env.set_numerics
     }
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def config_leaves(config: dict[str, Any]) -> dict[str, Any]:

@@ -117,7 +117,7 @@ VARIANTS = ["peft_lora", "base", "lora", "loramoe", "loramoe_no_telemetry", "mol
 
 
 def fake_raw(rounds: int, scale: float = 1.0) -> dict:
-    """What ``measure.measure`` returns, with made-up times: loop_loramoe's rounds spread > 50%."""
+    """What ``measure.measure`` returns, with made-up times: loop_loramoe's rounds spread wide (IQR)."""
     times = {v: [scale * (0.1 + 0.01 * i + 0.001 * r) for r in range(rounds)] for i, v in enumerate(VARIANTS)}
     times["loop_loramoe"][0] *= 3
     return {
@@ -165,7 +165,7 @@ def test_a_bench_page_has_every_variant_its_settings_and_the_index_links_it(tmp_
     assert f"| {res['step_time_iqr_over_median']['lora']:.1%} |" in lora
     loop = next(line for line in text.splitlines() if line.startswith("| loop_loramoe |"))
     assert f"| {res['median_step_ms']['loop_loramoe'] / res['median_step_ms']['peft_lora']:.2f}* |" in loop
-    assert "- * loop_loramoe: (max-min)/median of the rounds loop_loramoe" in text  # the run's own reason
+    assert "- * loop_loramoe: IQR/median of the rounds loop_loramoe" in text  # the run's own reason
     assert f"on / off (loramoe): {res['telemetry_overhead']:.3f}x" in text
     assert f"| torch version | {res['versions']['torch']} |" in text and "| rounds | 6 |" in text
     index = (results_dir / "index.md").read_text()
