@@ -294,9 +294,12 @@ def exercise(command: Command, run_cli, tmp_path: Path) -> None:
 
 def _marks(command: Command) -> list:
     """The default bench measures every variant, torch.compile included: ~25 s on one thread; a
-    run of the real SmolLM2 reads its 135M weights: ~5 s. Both run in the whole suite."""
+    run of the real SmolLM2 reads its 135M weights: ~5 s; an expert sweep over more than two counts
+    ~5 s (a two-count sweep stays fast). All run in the whole suite."""
     argv = command.argv
-    heavy = moe_lora_args(argv) == ["bench"] or ("model=smollm2_135m" in argv and "train" in argv)
+    args = moe_lora_args(argv) or []
+    counts = args[args.index("--experts") + 1].split(",") if "--experts" in args[:-1] else []
+    heavy = args == ["bench"] or ("model=smollm2_135m" in argv and "train" in argv) or len(counts) > 2
     return [pytest.mark.slow] if heavy else []
 
 
