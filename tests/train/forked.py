@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import faulthandler
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +28,17 @@ def main(args: list[str], cache_dir: Path) -> int:
     return cli_main(["train", *args, *TINY, f"cache_dir={cache_dir}", "recipe.threads=1"])
 
 
+def fresh_signals() -> None:
+    """The signal state of a process started from a shell: whatever the test worker holds (a handler
+    or a blocked mask that a library, xdist or an earlier test left; the fork inherits both) is
+    not what `moe-lora` meets when a user runs it. Once, under xdist, a SIGINT sent to the child
+    was never delivered and its run ended 0."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGUSR2})
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    for s in (signal.SIGTERM, signal.SIGUSR2):
+        signal.signal(s, signal.SIG_DFL)
+
+
 def in_child(args: list[str], cache_dir: Path, arm: Callable[[], None] = lambda: None, err: Path | None = None) -> int:
     """:func:`main` in a forked child in which ``arm()`` ran (its stderr in ``err``); the child's
     exit status (negative: the signal that ended it)."""
@@ -41,6 +53,7 @@ def in_child(args: list[str], cache_dir: Path, arm: Callable[[], None] = lambda:
                 os.dup2(os.open(err, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 2)
                 sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115  (pytest replaced it)
             faulthandler.dump_traceback_later(WATCHDOG_S, exit=True, file=sys.__stderr__)
+            fresh_signals()
             arm()
             code = main(args, cache_dir)
         except SystemExit as exc:

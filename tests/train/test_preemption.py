@@ -137,7 +137,8 @@ def _signal_in_base_evaluation(sig: int) -> Callable[[], None]:
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_an_interrupt_outside_training_ends_in_one_line(sig, code, cache_dir, tmp_path) -> None:
     run_dir, err = tmp_path / "run", tmp_path / "err"
-    assert in_child([*RUN, f"hydra.run.dir={run_dir}"], cache_dir, _signal_in_base_evaluation(sig), err) == code
+    got = in_child([*RUN, f"hydra.run.dir={run_dir}"], cache_dir, _signal_in_base_evaluation(sig), err)
+    assert got == code, err.read_text()[-3000:]
     assert _line(err) == f"moe-lora: interrupted ({signal.Signals(sig).name})"
 
 
