@@ -183,6 +183,20 @@ def test_a_sweep_page_has_a_row_per_count_and_variant(tmp_path, results_dir) -> 
     grouped = res["grouped_over_dense"]["mola"]
     assert f"| 2 | {grouped[0]:.2f} |" in text and f"| 4 | {grouped[1]:.2f} |" in text
     assert "| [experts](experts.md) | expert sweep (experts 2, 4) |" in (results_dir / "index.md").read_text()
+    assert "plot.png" not in text  # this sweep drew no plot
+
+
+def test_a_sweep_plot_travels_with_its_json_and_leaves_with_it(tmp_path, results_dir) -> None:
+    path, _ = sweep_file(tmp_path)
+    path.with_suffix(".png").write_bytes(b"\x89PNG drawn")  # where bench puts it beside --out
+    assert pages.main(["--dir", str(results_dir), "--bench", f"experts={path}"]) == 0
+    plot = results_dir / "sources" / "experts" / "plot.png"
+    assert plot.read_bytes() == b"\x89PNG drawn"
+    assert "](sources/experts/plot.png)" in (results_dir / "experts.md").read_text()
+    assert pages.main(["--check", "--dir", str(results_dir)]) == 0
+    path.with_suffix(".png").unlink()  # the same name from a JSON without a plot: the old one goes
+    assert pages.main(["--dir", str(results_dir), "--bench", f"experts={path}"]) == 0
+    assert not plot.exists() and "plot.png" not in (results_dir / "experts.md").read_text()
 
 
 def test_too_few_rounds_withhold_the_ratios_or_flag_every_one(tmp_path, results_dir) -> None:
