@@ -288,7 +288,7 @@ def measure(variants: list[str], a: argparse.Namespace, progress: Callable[[str]
         "round_s": times,
         "memory_bytes": memory,
         "flops": flops,
-        "spread": {v: iqr(t) / statistics.median(t) for v, t in times.items()},
+        "spread": {v: time_spread(t) for v, t in times.items()},
     }
 
 
@@ -316,11 +316,16 @@ def ratio_interval(num: list[float], den: list[float]) -> tuple[float, float]:
     return median_interval([a / b for a, b in zip(num, den, strict=True)])
 
 
+def time_spread(times: list[float]) -> float:
+    """IQR / median of a variant's per-round step times: the spread the JSON reports and the flag judges."""
+    return iqr(times) / statistics.median(times)
+
+
 def unreliable(rounds: dict[str, list[float]], num: str, den: str) -> str | None:
     """Why the step-time ratio ``num / den`` cannot be trusted (None when it can): the middle half of
     either side's rounds spread wide, or a 95% interval that holds 1 (no difference measured). Too
     few rounds is said once, for every ratio (``ratios_shown``)."""
-    wide = {v: iqr(rounds[v]) / statistics.median(rounds[v]) for v in dict.fromkeys((num, den))}
+    wide = {v: time_spread(rounds[v]) for v in dict.fromkeys((num, den))}
     reasons = [f"{v} {s:.0%}" for v, s in wide.items() if s > MAX_SPREAD]
     reasons = [f"IQR/median of the rounds {', '.join(reasons)} (> {MAX_SPREAD:.0%})"] if reasons else []
     lo, hi = ratio_interval(rounds[num], rounds[den])

@@ -125,7 +125,7 @@ def fake_raw(rounds: int, scale: float = 1.0) -> dict:
         "round_s": times,
         "memory_bytes": {v: (10 + i) * 2**20 for i, v in enumerate(VARIANTS)},
         "flops": {v: (2 + i) * 10**9 for i, v in enumerate(VARIANTS) if v != "mola_grouped"},
-        "spread": {v: measure.iqr(t) / statistics.median(t) for v, t in times.items()},
+        "spread": {v: measure.time_spread(t) for v, t in times.items()},
     }
 
 
